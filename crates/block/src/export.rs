@@ -1,0 +1,1 @@
+//! Export policy (being written).

@@ -1,0 +1,19 @@
+//! sluice's block layer.
+//!
+//! It owns everything between "a client asked for these bytes" and "a backend produced them":
+//! the [`plugin::Plugin`]/[`plugin::Handle`] traits every backend implements, the [`export`]
+//! policy that turns a handle's capabilities into NBD behaviour (FUA, zero and cache emulation,
+//! thread-model locking, request checks), the [`extents`] rules, size parsing with nbdkit's
+//! syntax, and the built-in plugins. It knows nothing of sockets.
+
+pub mod error;
+pub mod export;
+pub mod extents;
+pub mod plugin;
+pub mod plugins;
+pub mod size;
+
+pub use error::{BlockError, Errno, Result};
+
+pub use extents::{Extent, Extents};
+pub use plugin::{BlockSize, ExportEntry, Flags, Handle, OpenContext, Plugin, Support, ThreadModel};

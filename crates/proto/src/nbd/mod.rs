@@ -1,0 +1,2 @@
+//! NBD protocol: constants, negotiation and transmission codecs.
+pub mod consts;

@@ -1,0 +1,1 @@
+//! sluice servers (being written).
