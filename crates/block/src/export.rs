@@ -1,1 +1,432 @@
-//! Export policy (being written).
+//! The export policy: one opened plugin handle as an NBD client sees it.
+//!
+//! [`Export::open`] asks the handle's capabilities once (in nbdkit's order) and caches them;
+//! every data call then goes through here, so the rules are written once for every kind of
+//! plugin (built-in, nbdkit C, Python):
+//!
+//! - requests are checked first: range inside the export, write/trim/zero only on a writable
+//!   export, FUA only when offered, FAST_ZERO only when offered (EINVAL/EPERM otherwise);
+//! - FUA: *Native* passes the flag to the plugin; *Emulate* clears it and flushes after a
+//!   successful write, zero or trim; *None* is refused (EINVAL);
+//! - zero: *Native* calls the plugin; if that fails with ENOTSUP, or the mode is *Emulate*, the
+//!   zeroes are written with pwrite in chunks, except for FAST_ZERO which fails at once with
+//!   ENOTSUP, as nbdkit does;
+//! - cache: *Native* calls the plugin, *Emulate* reads and discards;
+//! - extents: a plugin without extents reports everything as data; an answer with no extent or
+//!   one that breaks the ordering rules fails the request with EINVAL, never the server.
+//!
+//! Thread models are enforced here too: a lock shared by the whole plugin for
+//! SerializeConnections/SerializeAllRequests, one per handle for SerializeRequests, none for
+//! Parallel. (Serialising whole connections is the server's job: it holds
+//! [`Backend::connection_lock`] for the life of a connection.)
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sluice_proto::nbd::consts as nbd;
+
+use crate::error::{BlockError, Errno, Result};
+use crate::extents::Extents;
+use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support, ThreadModel};
+
+/// Size of the chunks in which zeroes are written when a plugin cannot zero natively.
+const ZERO_CHUNK: usize = 1024 * 1024;
+
+/// A loaded plugin plus the server-wide state its thread model needs.
+pub struct Backend {
+    plugin: Arc<dyn Plugin>,
+    thread_model: ThreadModel,
+    request_lock: Arc<Mutex<()>>,
+    connection_lock: Mutex<()>,
+}
+
+impl Backend {
+    pub fn new(plugin: Arc<dyn Plugin>) -> Backend {
+        let thread_model = plugin.thread_model();
+        Backend {
+            plugin,
+            thread_model,
+            request_lock: Arc::new(Mutex::new(())),
+            connection_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn plugin(&self) -> &Arc<dyn Plugin> {
+        &self.plugin
+    }
+
+    pub fn thread_model(&self) -> ThreadModel {
+        self.thread_model
+    }
+
+    /// Held by a connection for its whole life when the model is SerializeConnections.
+    pub fn connection_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        (self.thread_model == ThreadModel::SerializeConnections).then(|| {
+            self.connection_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        })
+    }
+}
+
+/// Capabilities of one open export, asked once when it was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caps {
+    pub size: u64,
+    pub writable: bool,
+    pub flush: bool,
+    pub rotational: bool,
+    pub trim: bool,
+    pub zero: Support,
+    pub fast_zero: bool,
+    pub fua: Support,
+    pub multi_conn: bool,
+    pub cache: Support,
+    pub extents: bool,
+    pub block_size: Option<BlockSize>,
+    pub description: Option<String>,
+}
+
+impl Caps {
+    /// NBD transmission flags for these capabilities (HAS_FLAGS included).
+    pub fn transmission_flags(&self) -> u16 {
+        let mut f = nbd::NBD_FLAG_HAS_FLAGS | nbd::NBD_FLAG_SEND_DF;
+        let set = |f: &mut u16, cond: bool, bit: u16| {
+            if cond {
+                *f |= bit
+            }
+        };
+        set(&mut f, !self.writable, nbd::NBD_FLAG_READ_ONLY);
+        set(&mut f, self.flush, nbd::NBD_FLAG_SEND_FLUSH);
+        set(&mut f, self.fua != Support::None, nbd::NBD_FLAG_SEND_FUA);
+        set(&mut f, self.rotational, nbd::NBD_FLAG_ROTATIONAL);
+        set(&mut f, self.trim, nbd::NBD_FLAG_SEND_TRIM);
+        set(
+            &mut f,
+            self.zero != Support::None,
+            nbd::NBD_FLAG_SEND_WRITE_ZEROES,
+        );
+        set(&mut f, self.fast_zero, nbd::NBD_FLAG_SEND_FAST_ZERO);
+        set(&mut f, self.multi_conn, nbd::NBD_FLAG_CAN_MULTI_CONN);
+        set(
+            &mut f,
+            self.cache != Support::None,
+            nbd::NBD_FLAG_SEND_CACHE,
+        );
+        f
+    }
+}
+
+/// One opened export: a plugin handle, its cached capabilities and its locking.
+pub struct Export {
+    handle: Box<dyn Handle>,
+    caps: Caps,
+    lock: Option<Arc<Mutex<()>>>,
+}
+
+impl Export {
+    /// Opens a handle and asks its capabilities, in nbdkit's order. `readonly` forces a
+    /// read-only export whatever the plugin could do.
+    pub fn open(backend: &Backend, ctx: &OpenContext<'_>) -> Result<Export> {
+        let lock = match backend.thread_model {
+            ThreadModel::SerializeConnections | ThreadModel::SerializeAllRequests => {
+                Some(backend.request_lock.clone())
+            }
+            ThreadModel::SerializeRequests => Some(Arc::new(Mutex::new(()))),
+            ThreadModel::Parallel => None,
+        };
+        let handle = {
+            let _g = lock
+                .as_ref()
+                .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+            backend.plugin.open(ctx)?
+        };
+        let caps = {
+            let _g = lock
+                .as_ref()
+                .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+            query_caps(handle.as_ref(), ctx.readonly)?
+        };
+        Ok(Export { handle, caps, lock })
+    }
+
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    pub fn size(&self) -> u64 {
+        self.caps.size
+    }
+
+    fn guard(&self) -> Option<MutexGuard<'_, ()>> {
+        self.lock
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn check_range(&self, what: &str, count: u64, offset: u64) -> Result<()> {
+        if count == 0 {
+            return Err(einval(format!("{what}: zero-length request")));
+        }
+        match offset.checked_add(count) {
+            Some(end) if end <= self.caps.size => Ok(()),
+            _ => Err(einval(format!(
+                "{what}: request beyond end of export (offset {offset}, count {count}, size {})",
+                self.caps.size
+            ))),
+        }
+    }
+
+    fn check_write(&self, what: &str, flags: Flags) -> Result<()> {
+        if !self.caps.writable {
+            return Err(BlockError::new(
+                Errno::EPERM,
+                format!("{what}: export is read-only"),
+            ));
+        }
+        if flags.contains(Flags::FUA) && self.caps.fua == Support::None {
+            return Err(einval(format!(
+                "{what}: FUA is not supported by this export"
+            )));
+        }
+        Ok(())
+    }
+
+    /// After a successful write/zero/trim: the flush that emulates FUA.
+    fn finish_fua(&self, flags: Flags) -> Result<()> {
+        if flags.contains(Flags::FUA) && self.caps.fua == Support::Emulate {
+            let _g = self.guard();
+            self.handle.flush(Flags::NONE)?;
+        }
+        Ok(())
+    }
+
+    /// The flags the plugin sees: FUA only when it handles FUA itself.
+    fn plugin_flags(&self, flags: Flags) -> Flags {
+        if self.caps.fua == Support::Native {
+            flags
+        } else {
+            flags.without(Flags::FUA)
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range("read", buf.len() as u64, offset)?;
+        let _g = self.guard();
+        self.handle.pread(buf, offset, Flags::NONE)
+    }
+
+    /// Writes `buf` at `offset`; `flags` may hold FUA.
+    pub fn write(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        self.check_range("write", buf.len() as u64, offset)?;
+        self.check_write("write", flags)?;
+        {
+            let _g = self.guard();
+            self.handle.pwrite(buf, offset, self.plugin_flags(flags))?;
+        }
+        self.finish_fua(flags)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        if !self.caps.flush {
+            return Err(einval("flush: not supported by this export"));
+        }
+        let _g = self.guard();
+        self.handle.flush(Flags::NONE)
+    }
+
+    /// Discards a range; `flags` may hold FUA.
+    pub fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.check_range("trim", count, offset)?;
+        self.check_write("trim", flags)?;
+        if !self.caps.trim {
+            return Err(einval("trim: not supported by this export"));
+        }
+        {
+            let _g = self.guard();
+            self.handle.trim(count, offset, self.plugin_flags(flags))?;
+        }
+        self.finish_fua(flags)
+    }
+
+    /// Writes zeroes; `flags` may hold MAY_TRIM, FUA and FAST_ZERO.
+    pub fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.check_range("zero", count, offset)?;
+        self.check_write("zero", flags)?;
+        let fast = flags.contains(Flags::FAST_ZERO);
+        if fast && !self.caps.fast_zero {
+            return Err(einval("zero: fast zero is not supported by this export"));
+        }
+        let native = match self.caps.zero {
+            Support::None => return Err(einval("zero: not supported by this export")),
+            Support::Native => {
+                let r = {
+                    let _g = self.guard();
+                    self.handle.zero(count, offset, self.plugin_flags(flags))
+                };
+                match r {
+                    Ok(()) => true,
+                    Err(e) if e.errno == Errno::ENOTSUP || e.errno.0 == libc::EOPNOTSUPP => {
+                        if fast {
+                            return Err(e);
+                        }
+                        false
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Support::Emulate => false,
+        };
+        if !native {
+            if fast {
+                return Err(BlockError::new(
+                    Errno::ENOTSUP,
+                    "zero: fast zero requested but zeroing would need writes",
+                ));
+            }
+            self.write_zeroes(
+                count,
+                offset,
+                self.plugin_flags(flags).without(Flags::MAY_TRIM),
+            )?;
+            // With native FUA the last chunk carried the flag; with emulation flush below.
+        }
+        self.finish_fua(flags)
+    }
+
+    fn write_zeroes(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        let zeroes = zero_buffer();
+        let mut done = 0u64;
+        while done < count {
+            let n = (count - done).min(ZERO_CHUNK as u64) as usize;
+            let last = done + n as u64 == count;
+            // FUA (when native) only on the last chunk: the earlier ones are made durable by
+            // it too, since the plugin must flush its whole state for FUA.
+            let f = if last {
+                flags
+            } else {
+                flags.without(Flags::FUA)
+            };
+            let _g = self.guard();
+            self.handle.pwrite(&zeroes[..n], offset + done, f)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// NBD_CMD_CACHE: prefetch a range.
+    pub fn cache(&self, count: u64, offset: u64) -> Result<()> {
+        self.check_range("cache", count, offset)?;
+        match self.caps.cache {
+            Support::None => Err(einval("cache: not supported by this export")),
+            Support::Native => {
+                let _g = self.guard();
+                self.handle.cache(count, offset, Flags::NONE)
+            }
+            Support::Emulate => {
+                let mut buf = vec![0u8; (count.min(ZERO_CHUNK as u64)) as usize];
+                let mut done = 0u64;
+                while done < count {
+                    let n = (count - done).min(buf.len() as u64) as usize;
+                    let _g = self.guard();
+                    self.handle
+                        .pread(&mut buf[..n], offset + done, Flags::NONE)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Block status of `[offset, offset+count)`, clipped to the export. `flags` may hold
+    /// REQ_ONE. The answer has at least one extent and starts at `offset`.
+    pub fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Extents> {
+        self.check_range("block status", count, offset)?;
+        let mut ext = Extents::new(offset, offset + count);
+        if self.caps.extents {
+            let r = {
+                let _g = self.guard();
+                self.handle.extents(count, offset, flags, &mut ext)
+            };
+            if let Err(e) = r {
+                // An ordering mistake is the plugin's bug: EINVAL for this request only.
+                return Err(if e.errno == Errno::ERANGE {
+                    einval(format!(
+                        "block status: plugin answered invalid extents: {e}"
+                    ))
+                } else {
+                    e
+                });
+            }
+            if ext.is_empty() {
+                return Err(einval("block status: plugin returned no extents"));
+            }
+        } else {
+            ext.add(offset, count, 0)?;
+        }
+        if flags.contains(Flags::REQ_ONE) {
+            ext.truncate_to_one();
+        }
+        Ok(ext)
+    }
+}
+
+fn einval(msg: impl Into<String>) -> BlockError {
+    BlockError::new(Errno::EINVAL, msg)
+}
+
+fn zero_buffer() -> &'static [u8] {
+    static ZEROES: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+    ZEROES.get_or_init(|| vec![0u8; ZERO_CHUNK].into_boxed_slice())
+}
+
+fn query_caps(h: &dyn Handle, readonly: bool) -> Result<Caps> {
+    let size = h.get_size()?;
+    if size > i64::MAX as u64 {
+        return Err(einval(format!("plugin size {size} is larger than 2^63-1")));
+    }
+    let writable = !readonly && h.can_write()?;
+    let zero = if writable {
+        h.can_zero()?
+    } else {
+        Support::None
+    };
+    let fast_zero = writable && zero != Support::None && h.can_fast_zero()?;
+    let trim = writable && h.can_trim()?;
+    let fua = if writable {
+        h.can_fua()?
+    } else {
+        Support::None
+    };
+    let flush = h.can_flush()?;
+    let rotational = h.is_rotational()?;
+    let multi_conn = h.can_multi_conn()?;
+    let cache = h.can_cache()?;
+    let extents = h.can_extents()?;
+    let block_size = match h.block_size()? {
+        Some(bs) => Some(bs.validate()?),
+        None => None,
+    };
+    let description = h.export_description()?;
+    // FUA emulation needs a flush; without one the plugin cannot promise durability.
+    let fua = if fua == Support::Emulate && !flush {
+        Support::None
+    } else {
+        fua
+    };
+    Ok(Caps {
+        size,
+        writable,
+        flush,
+        rotational,
+        trim,
+        zero,
+        fast_zero,
+        fua,
+        multi_conn,
+        cache,
+        extents,
+        block_size,
+        description,
+    })
+}

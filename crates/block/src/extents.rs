@@ -76,7 +76,10 @@ impl Extents {
             if offset > self.start {
                 return Err(BlockError::new(
                     Errno::ERANGE,
-                    format!("add_extent: first extent must not be > start ({})", self.start),
+                    format!(
+                        "add_extent: first extent must not be > start ({})",
+                        self.start
+                    ),
                 ));
             }
             let overlap = self.start - offset;
@@ -122,8 +125,16 @@ mod tests {
         assert_eq!(
             e.as_slice(),
             &[
-                Extent { offset: 0, length: 20, kind: 0 },
-                Extent { offset: 20, length: 10, kind: 3 }
+                Extent {
+                    offset: 0,
+                    length: 20,
+                    kind: 0
+                },
+                Extent {
+                    offset: 20,
+                    length: 10,
+                    kind: 3
+                }
             ]
         );
     }
@@ -151,8 +162,16 @@ mod tests {
         assert_eq!(
             e.as_slice(),
             &[
-                Extent { offset: 10, length: 15, kind: 0 },
-                Extent { offset: 25, length: 25, kind: 3 }
+                Extent {
+                    offset: 10,
+                    length: 15,
+                    kind: 0
+                },
+                Extent {
+                    offset: 25,
+                    length: 25,
+                    kind: 3
+                }
             ]
         );
     }

@@ -15,5 +15,8 @@ pub mod size;
 
 pub use error::{BlockError, Errno, Result};
 
+pub use export::{Backend, Caps, Export};
 pub use extents::{Extent, Extents};
-pub use plugin::{BlockSize, ExportEntry, Flags, Handle, OpenContext, Plugin, Support, ThreadModel};
+pub use plugin::{
+    BlockSize, ExportEntry, Flags, Handle, OpenContext, Plugin, Support, ThreadModel,
+};
