@@ -1,0 +1,551 @@
+//! The NBD transmission phase of one connection.
+//!
+//! Shape (nbdkit's, chosen for the request path): a connection has 1..=N worker threads in a
+//! [`std::thread::scope`]. A worker takes the reader lock, reads one request header and its
+//! payload straight into its own buffer, releases the lock, runs the request against the
+//! [`Export`], and writes the reply under the writer lock. Replies therefore go out in
+//! completion order. A second worker is started only when every existing one is busy and the
+//! plugin may run requests in parallel, so a client with one request in flight costs one
+//! thread, and a pipelining client gets up to N.
+//!
+//! Each worker owns one buffer, laid out as `[reply header room | data]`: a read is done
+//! into the data part and its reply header written just before it, so the reply leaves in a
+//! single `write` with no copy; in steady state the request path allocates nothing. Socket
+//! input is buffered so that small pipelined requests cost one `read` for many headers.
+//!
+//! Lengths are checked before anything is read into memory: a payload larger than the
+//! advertised maximum is refused (and skipped from the socket, or the connection closed if it
+//! is absurd), never allocated.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sluice_block::plugin::Flags;
+use sluice_block::{BlockError, Errno, Export, ThreadModel};
+use sluice_proto::nbd::consts::*;
+use sluice_proto::nbd::{decode_request, reply, RequestHeader};
+
+use super::negotiate::Session;
+use super::NbdServer;
+use crate::stream::Stream;
+
+/// Room in front of read data for the largest reply header (extended header + offset).
+const HEADROOM: usize = 64;
+/// Socket input buffer size.
+const READ_BUF: usize = 256 * 1024;
+/// Reads at least this long on a plugin that reports extents are checked for holes first, so
+/// a read of unallocated space goes out as one OFFSET_HOLE chunk instead of zeroes.
+const HOLE_CHECK_MIN: u64 = 64 * 1024;
+/// An oversized write payload up to this size is read and dropped (the connection survives);
+/// anything larger closes the connection.
+const MAX_DISCARD: u64 = 64 * 1024 * 1024;
+
+/// Buffered reader of requests.
+struct Reader {
+    stream: Stream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// Why a connection's input ended.
+enum InputEnd {
+    /// Clean end (EOF between requests, NBD_CMD_DISC, or server shutdown).
+    Closed,
+    /// The client broke the protocol or vanished mid-request: one log line, then close.
+    Broken(String),
+}
+
+impl Reader {
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Reads more input; Ok(false) at end of input.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > self.buf.len() / 2 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next request header, or why input ended.
+    fn header(&mut self, extended: bool) -> Result<RequestHeader, InputEnd> {
+        loop {
+            match decode_request(self.buffered(), extended) {
+                Ok(Some((h, used))) => {
+                    self.start += used;
+                    return Ok(h);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(InputEnd::Broken(format!("bad request: {e}"))),
+            }
+            let partial = self.start != self.end;
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) if !partial => return Err(InputEnd::Closed),
+                Ok(false) => {
+                    return Err(InputEnd::Broken(
+                        "client disconnected in the middle of a request header".into(),
+                    ))
+                }
+                Err(e) => return Err(InputEnd::Broken(format!("read error: {e}"))),
+            }
+        }
+    }
+
+    /// Fills `dst` from the buffer and then straight from the socket.
+    fn payload(&mut self, dst: &mut [u8]) -> Result<(), InputEnd> {
+        let have = (self.end - self.start).min(dst.len());
+        dst[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
+        self.start += have;
+        let mut got = have;
+        while got < dst.len() {
+            match self.stream.read(&mut dst[got..]) {
+                Ok(0) => {
+                    return Err(InputEnd::Broken(
+                        "client disconnected in the middle of a write payload".into(),
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(InputEnd::Broken(format!("read error: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Skips `n` payload bytes without keeping them.
+    fn discard(&mut self, mut n: u64) -> Result<(), InputEnd> {
+        while n > 0 {
+            if self.start == self.end {
+                match self.fill() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(InputEnd::Broken(
+                            "client disconnected in the middle of a write payload".into(),
+                        ))
+                    }
+                    Err(e) => return Err(InputEnd::Broken(format!("read error: {e}"))),
+                }
+            }
+            let take = ((self.end - self.start) as u64).min(n) as usize;
+            self.start += take;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Worker bookkeeping: how many exist, how many are busy, whether input has ended.
+struct Workers {
+    count: usize,
+    busy: usize,
+    closing: bool,
+}
+
+struct Conn<'a> {
+    server: &'a NbdServer,
+    id: u64,
+    export: Export,
+    structured: bool,
+    extended: bool,
+    base_allocation: Option<u32>,
+    max_workers: usize,
+    reader: Mutex<Reader>,
+    writer: Mutex<Stream>,
+    workers: Mutex<Workers>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the transmission phase until the client disconnects or the server shuts down.
+pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
+    let Session {
+        stream,
+        export,
+        negotiated,
+        leftover,
+    } = session;
+    let writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(conn = id, "cannot duplicate socket: {e}");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; READ_BUF.max(leftover.len())].into_boxed_slice();
+    buf[..leftover.len()].copy_from_slice(&leftover);
+    let backend = server.backend();
+    let max_workers = if backend.thread_model() < ThreadModel::Parallel {
+        1
+    } else if backend.plugin().may_block() {
+        server.config().threads.max(1)
+    } else {
+        // Pure-memory plugins only need a thread per core (plus one to cover a reply write
+        // that waits for the socket).
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        server.config().threads.clamp(1, cores + 1)
+    };
+    let base_allocation = negotiated
+        .meta_contexts
+        .iter()
+        .find(|(_, name)| name == "base:allocation")
+        .map(|(id, _)| *id);
+    let conn = Conn {
+        server,
+        id,
+        export,
+        structured: negotiated.structured_replies || negotiated.extended_headers,
+        extended: negotiated.extended_headers,
+        base_allocation,
+        max_workers,
+        reader: Mutex::new(Reader {
+            stream,
+            buf,
+            start: 0,
+            end: leftover.len(),
+        }),
+        writer: Mutex::new(writer),
+        workers: Mutex::new(Workers {
+            count: 1,
+            busy: 0,
+            closing: false,
+        }),
+    };
+    std::thread::scope(|scope| worker(&conn, scope));
+    // Workers are gone: dropping `conn` closes the plugin handle.
+}
+
+/// A parsed request ready to run, with its payload (for writes) in the worker's buffer.
+enum Next {
+    Request(RequestHeader),
+    /// A request refused before running (payload already skipped): reply with this error.
+    Refused(RequestHeader, BlockError),
+}
+
+fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>) {
+    let mut buf: Vec<u8> = vec![0u8; HEADROOM + 64 * 1024];
+    let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
+    loop {
+        let next = {
+            let mut reader = lock(&conn.reader);
+            if lock(&conn.workers).closing {
+                return;
+            }
+            match next_request(conn, &mut reader, &mut buf) {
+                Ok(n) => n,
+                Err(end) => {
+                    lock(&conn.workers).closing = true;
+                    if let InputEnd::Broken(why) = end {
+                        tracing::info!(conn = conn.id, "closing connection: {why}");
+                        let _ = reader.stream.shutdown(Shutdown::Both);
+                    }
+                    return;
+                }
+            }
+        };
+        {
+            let mut w = lock(&conn.workers);
+            w.busy += 1;
+            if w.busy == w.count && w.count < conn.max_workers && !w.closing {
+                w.count += 1;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("nbd-conn-{}", conn.id))
+                    .spawn_scoped(scope, move || worker(conn, scope));
+                if spawned.is_err() {
+                    w.count -= 1;
+                }
+            }
+        }
+        hdr.clear();
+        let reply_at = match next {
+            Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
+            Next::Refused(req, err) => {
+                error_reply(conn, &req, &err, &mut hdr);
+                None
+            }
+        };
+        let ok = {
+            let mut out = lock(&conn.writer);
+            match reply_at {
+                Some(len) => {
+                    let start = HEADROOM - hdr.len();
+                    buf[start..HEADROOM].copy_from_slice(&hdr);
+                    out.write_all(&buf[start..HEADROOM + len])
+                }
+                None => out.write_all(&hdr),
+            }
+        };
+        lock(&conn.workers).busy -= 1;
+        if let Err(e) = ok {
+            tracing::info!(conn = conn.id, "closing connection: cannot send reply: {e}");
+            lock(&conn.workers).closing = true;
+            let _ = lock(&conn.writer).shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// Flags each command accepts.
+fn allowed_flags(kind: u16) -> Option<u16> {
+    Some(match kind {
+        NBD_CMD_READ => NBD_CMD_FLAG_DF,
+        NBD_CMD_WRITE => NBD_CMD_FLAG_FUA,
+        NBD_CMD_DISC | NBD_CMD_FLUSH | NBD_CMD_CACHE => 0,
+        NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
+        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
+        _ => return None,
+    })
+}
+
+/// Reads the next request (and a write's payload into `buf[HEADROOM..]`).
+fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<Next, InputEnd> {
+    if conn.server.is_shutting_down() && reader.buffered().is_empty() {
+        return Err(InputEnd::Closed);
+    }
+    let req = reader.header(conn.extended)?;
+    let max = conn.server.config().max_payload as u64;
+    if req.kind == NBD_CMD_DISC {
+        return Err(InputEnd::Closed);
+    }
+    if req.kind == NBD_CMD_WRITE {
+        if req.length > max {
+            if req.length > MAX_DISCARD {
+                return Err(InputEnd::Broken(format!(
+                    "write payload of {} bytes is over the maximum of {max}",
+                    req.length
+                )));
+            }
+            reader.discard(req.length)?;
+            return Ok(Next::Refused(
+                req,
+                BlockError::new(
+                    Errno::EINVAL,
+                    format!("write of {} bytes is over the maximum of {max}", req.length),
+                ),
+            ));
+        }
+        let need = HEADROOM + req.length as usize;
+        if buf.len() < need {
+            buf.resize(need, 0);
+        }
+        reader.payload(&mut buf[HEADROOM..need])?;
+    }
+    Ok(Next::Request(req))
+}
+
+/// Runs one request. Returns Some(data length) when the reply is `hdr` followed by that many
+/// bytes at `buf[HEADROOM..]`, None when the reply is `hdr` alone.
+fn execute(
+    conn: &Conn,
+    req: &RequestHeader,
+    buf: &mut Vec<u8>,
+    hdr: &mut Vec<u8>,
+) -> Option<usize> {
+    match run_request(conn, req, buf, hdr) {
+        Ok(data) => data,
+        Err(err) => {
+            tracing::info!(
+                conn = conn.id,
+                "request {} at offset {} length {} failed: {}",
+                command_name(req.kind),
+                req.offset,
+                req.length,
+                err
+            );
+            hdr.clear();
+            error_reply(conn, req, &err, hdr);
+            None
+        }
+    }
+}
+
+fn run_request(
+    conn: &Conn,
+    req: &RequestHeader,
+    buf: &mut Vec<u8>,
+    hdr: &mut Vec<u8>,
+) -> Result<Option<usize>, BlockError> {
+    let einval = |msg: String| BlockError::new(Errno::EINVAL, msg);
+    let Some(allowed) = allowed_flags(req.kind) else {
+        return Err(einval(format!("unknown command {}", req.kind)));
+    };
+    if req.flags & !allowed != 0 {
+        return Err(einval(format!(
+            "invalid flags {:#x} for {}",
+            req.flags,
+            command_name(req.kind)
+        )));
+    }
+    if req.flags & NBD_CMD_FLAG_DF != 0 && !conn.structured {
+        return Err(einval("DF flag needs structured replies".into()));
+    }
+    let mut flags = Flags::NONE;
+    if req.flags & NBD_CMD_FLAG_FUA != 0 {
+        flags = flags | Flags::FUA;
+    }
+    let export = &conn.export;
+    let max = conn.server.config().max_payload as u64;
+    match req.kind {
+        NBD_CMD_READ => {
+            if req.length > max {
+                return Err(einval(format!(
+                    "read of {} bytes is over the maximum of {max}",
+                    req.length
+                )));
+            }
+            let len = req.length as usize;
+            if conn.structured && read_is_hole(conn, req)? {
+                reply::offset_hole(
+                    hdr,
+                    req.cookie,
+                    req.offset,
+                    req.offset,
+                    req.length,
+                    true,
+                    conn.extended,
+                );
+                return Ok(None);
+            }
+            if buf.len() < HEADROOM + len {
+                buf.resize(HEADROOM + len, 0);
+            }
+            export.read(&mut buf[HEADROOM..HEADROOM + len], req.offset)?;
+            if conn.structured {
+                reply::offset_data_header(
+                    hdr,
+                    req.cookie,
+                    req.offset,
+                    req.offset,
+                    req.length,
+                    true,
+                    conn.extended,
+                );
+            } else {
+                reply::simple_reply(hdr, req.cookie, NBD_OK);
+            }
+            return Ok(Some(len));
+        }
+        NBD_CMD_WRITE => {
+            let len = req.length as usize;
+            export.write(&buf[HEADROOM..HEADROOM + len], req.offset, flags)?;
+        }
+        NBD_CMD_FLUSH => export.flush()?,
+        NBD_CMD_TRIM => export.trim(req.length, req.offset, flags)?,
+        NBD_CMD_WRITE_ZEROES => {
+            if req.flags & NBD_CMD_FLAG_NO_HOLE == 0 {
+                flags = flags | Flags::MAY_TRIM;
+            }
+            if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 {
+                flags = flags | Flags::FAST_ZERO;
+            }
+            export.zero(req.length, req.offset, flags)?;
+        }
+        NBD_CMD_CACHE => export.cache(req.length, req.offset)?,
+        NBD_CMD_BLOCK_STATUS => {
+            let Some(context) = conn.base_allocation else {
+                return Err(einval(
+                    "block status without a negotiated meta context".into(),
+                ));
+            };
+            if req.flags & NBD_CMD_FLAG_REQ_ONE != 0 {
+                flags = flags | Flags::REQ_ONE;
+            }
+            let ext = export.extents(req.length, req.offset, flags)?;
+            let list: Vec<(u64, u32)> = ext.as_slice().iter().map(|e| (e.length, e.kind)).collect();
+            reply::block_status(
+                hdr,
+                req.cookie,
+                req.offset,
+                context,
+                &list,
+                true,
+                conn.extended,
+            );
+            return Ok(None);
+        }
+        _ => unreachable!("allowed_flags() accepted an unknown command"),
+    }
+    success_reply(conn, req, hdr);
+    Ok(None)
+}
+
+/// True if a read covers only space the plugin reports as reading zeroes.
+fn read_is_hole(conn: &Conn, req: &RequestHeader) -> Result<bool, BlockError> {
+    if req.length < HOLE_CHECK_MIN || !conn.export.caps().extents {
+        return Ok(false);
+    }
+    // A failed or odd answer only means we read normally.
+    let Ok(ext) = conn.export.extents(req.length, req.offset, Flags::REQ_ONE) else {
+        return Ok(false);
+    };
+    Ok(match ext.as_slice().first() {
+        Some(e) => e.kind & NBD_STATE_ZERO != 0 && e.length >= req.length,
+        None => false,
+    })
+}
+
+fn success_reply(conn: &Conn, req: &RequestHeader, hdr: &mut Vec<u8>) {
+    if conn.extended {
+        reply::none_chunk(hdr, req.cookie, req.offset, true);
+    } else {
+        reply::simple_reply(hdr, req.cookie, NBD_OK);
+    }
+}
+
+fn error_reply(conn: &Conn, req: &RequestHeader, err: &BlockError, hdr: &mut Vec<u8>) {
+    let code = err.nbd_error(
+        req.flags & NBD_CMD_FLAG_FAST_ZERO != 0,
+        req.flags & NBD_CMD_FLAG_DF != 0,
+    );
+    // Structured error chunks carry the message; simple replies only the code. Reads and
+    // block status must use structured replies when negotiated.
+    let use_chunk = conn.extended
+        || (conn.structured && matches!(req.kind, NBD_CMD_READ | NBD_CMD_BLOCK_STATUS));
+    if use_chunk {
+        reply::error_chunk(
+            hdr,
+            req.cookie,
+            req.offset,
+            code,
+            &err.message,
+            conn.extended,
+        );
+    } else {
+        reply::simple_reply(hdr, req.cookie, code);
+    }
+}
+
+fn command_name(kind: u16) -> &'static str {
+    match kind {
+        NBD_CMD_READ => "read",
+        NBD_CMD_WRITE => "write",
+        NBD_CMD_DISC => "disconnect",
+        NBD_CMD_FLUSH => "flush",
+        NBD_CMD_TRIM => "trim",
+        NBD_CMD_CACHE => "cache",
+        NBD_CMD_WRITE_ZEROES => "write-zeroes",
+        NBD_CMD_BLOCK_STATUS => "block-status",
+        _ => "unknown",
+    }
+}

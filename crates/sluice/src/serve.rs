@@ -1,0 +1,600 @@
+//! `sluice serve`: nbdkit's command line for one plugin exported over NBD.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sluice_block::export::Backend;
+use sluice_block::plugins::{self, ConfigArg};
+use sluice_server::{Listener, NbdServer, ServerConfig};
+
+const EXAMPLES: &str = "\
+Examples:
+  sluice serve -U - memory 1G --run 'qemu-img info \"$uri\"'
+                                   a private 1 GiB RAM disk for one command
+  sluice serve -f -U /tmp/disk.sock memory size=1G
+                                   serve a RAM disk on a Unix socket, in the foreground
+  sluice serve -f -p 10809 file disk.img
+                                   serve a file over TCP (nbd://localhost:10809/)
+  sluice serve -f -r file dir=/srv/images
+                                   serve each file of a directory as a read-only export
+
+Plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=).
+A bare value (`1G`, `disk.img`) sets the plugin's main parameter.";
+
+/// Arguments of `sluice serve`.
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct ServeArgs {
+    /// Listen on this Unix socket. `-U -` makes a private socket in a temporary directory
+    /// (for --run).
+    #[arg(short = 'U', long = "unix", value_name = "SOCKET")]
+    unix: Option<PathBuf>,
+
+    /// Listen on this TCP port (default 10809 when no -U is given).
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    port: Option<u16>,
+
+    /// Listen on this IP address only (default: all addresses).
+    #[arg(short = 'i', long = "ipaddr", value_name = "IPADDR")]
+    ipaddr: Option<IpAddr>,
+
+    /// Serve read-only: writes, trims and zeroes are refused with EPERM.
+    #[arg(short = 'r', long = "readonly")]
+    readonly: bool,
+
+    /// The export name put in the printed URI and in $exportname for --run.
+    #[arg(short = 'e', long = "exportname", value_name = "EXPORTNAME")]
+    exportname: Option<String>,
+
+    /// Stay in the foreground (otherwise sluice forks into the background once listening).
+    #[arg(short = 'f', long = "foreground")]
+    foreground: bool,
+
+    /// Write the server's process ID to this file once it is ready for clients.
+    #[arg(short = 'P', long = "pidfile", value_name = "PIDFILE")]
+    pidfile: Option<PathBuf>,
+
+    /// Exit when the parent process exits (implies --foreground).
+    #[arg(long = "exit-with-parent")]
+    exit_with_parent: bool,
+
+    /// Captive mode: run CMD once the server is ready, with $uri, $unixsocket, $port and
+    /// $exportname set, then exit with CMD's exit status (implies --foreground).
+    #[arg(long = "run", value_name = "CMD")]
+    run: Option<String>,
+
+    /// Most worker threads per connection for plugins that run requests in parallel.
+    #[arg(short = 't', long = "threads", value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
+
+    /// Debug messages on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+
+    /// The plugin: memory, file, null or pattern.
+    #[arg(value_name = "PLUGIN")]
+    plugin: String,
+
+    /// Plugin parameters, `key=value` or a bare value for the plugin's main parameter.
+    #[arg(value_name = "PARAMS")]
+    params: Vec<OsString>,
+}
+
+/// A user-facing failure: what to print and which exit code to use.
+struct Failure {
+    code: i32,
+    err: anyhow::Error,
+}
+
+fn usage(err: anyhow::Error) -> Failure {
+    Failure { code: 2, err }
+}
+
+pub fn main(args: ServeArgs) -> i32 {
+    init_logging(args.verbose);
+    match serve(args) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("sluice: {:#}", f.err);
+            f.code
+        }
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn parse_params(params: &[OsString]) -> Result<Vec<ConfigArg>, Failure> {
+    params
+        .iter()
+        .map(|p| {
+            let p = p
+                .to_str()
+                .ok_or_else(|| usage(anyhow::anyhow!("parameter {p:?} is not valid UTF-8")))?;
+            Ok(match p.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !k.contains('/') => ConfigArg {
+                    key: Some(k.to_string()),
+                    value: v.to_string(),
+                },
+                _ => ConfigArg {
+                    key: None,
+                    value: p.to_string(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Where the server listens, decided before any fork.
+struct Listening {
+    unix: Vec<(std::os::unix::net::UnixListener, PathBuf)>,
+    tcp: Vec<std::net::TcpListener>,
+    /// A private directory made for `-U -`, removed at exit.
+    tempdir: Option<PathBuf>,
+    /// Socket file to unlink at exit.
+    socket_path: Option<PathBuf>,
+    activated: bool,
+}
+
+fn serve(args: ServeArgs) -> Result<i32, Failure> {
+    let params = parse_params(&args.params)?;
+    let plugin = match plugins::open_builtin(&args.plugin, &params) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Err(usage(e.into())),
+        None => {
+            return Err(usage(anyhow::anyhow!(
+                "unknown plugin '{}' (built-in plugins: {})",
+                args.plugin,
+                plugins::builtin_names().join(", ")
+            )))
+        }
+    };
+    let listening = listen(&args).map_err(usage)?;
+    let foreground =
+        args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
+    let uri = uri_of(&args, &listening);
+
+    let ready_pipe = if foreground {
+        None
+    } else {
+        Some(daemonize().map_err(|e| Failure { code: 1, err: e })?)
+    };
+    if args.exit_with_parent {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    }
+
+    let backend = Arc::new(Backend::new(plugin));
+    let config = ServerConfig {
+        readonly: args.readonly,
+        threads: args.threads as usize,
+        ..ServerConfig::default()
+    };
+    let server = NbdServer::new(backend, config);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure {
+            code: 1,
+            err: anyhow::anyhow!("cannot start runtime: {e}"),
+        })?;
+    let code = rt.block_on(async {
+        let mut listeners = Vec::new();
+        for (l, path) in listening.unix {
+            listeners.push(
+                Listener::from_std_unix(l)
+                    .with_context(|| format!("listening on {}", path.display()))?,
+            );
+        }
+        for l in listening.tcp {
+            listeners.push(Listener::from_std_tcp(l).context("listening on TCP")?);
+        }
+        if let Some(pidfile) = &args.pidfile {
+            write_pidfile(pidfile)?;
+        }
+        match ready_pipe {
+            Some(fd) => signal_ready(fd),
+            None if args.run.is_none() => {
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "{uri}");
+                let _ = out.flush();
+            }
+            None => {}
+        }
+        tracing::debug!("serving {uri}");
+
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<i32>();
+        if let Some(cmd) = &args.run {
+            let child = captive_command(cmd, &uri, &args, &listening.socket_path)?;
+            tokio::spawn(async move {
+                let code = wait_captive(child).await;
+                let _ = done_tx.send(code);
+            });
+        } else {
+            drop(done_tx);
+        }
+        let run_code = Arc::new(std::sync::Mutex::new(0));
+        let rc = run_code.clone();
+        let stop = async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            let run_done = async {
+                match done_rx.await {
+                    Ok(code) => *rc.lock().unwrap_or_else(|e| e.into_inner()) = code,
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::debug!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::debug!("SIGTERM: shutting down"),
+                _ = run_done => tracing::debug!("--run command finished"),
+            }
+        };
+        server.serve(listeners, stop).await;
+        let s = server.clone();
+        let finished = tokio::task::spawn_blocking(move || s.wait_idle(Duration::from_secs(60)))
+            .await
+            .unwrap_or(false);
+        if !finished {
+            tracing::warn!("some connections did not finish within 60 s; exiting anyway");
+        }
+        let code = *run_code.lock().unwrap_or_else(|e| e.into_inner());
+        anyhow::Ok(code)
+    });
+    if let Some(p) = &listening.socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(d) = &listening.tempdir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    code.map_err(|e| Failure { code: 1, err: e })
+}
+
+/// Binds the sockets: systemd socket activation, `-U`, or TCP.
+fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
+    let mut l = Listening {
+        unix: Vec::new(),
+        tcp: Vec::new(),
+        tempdir: None,
+        socket_path: None,
+        activated: false,
+    };
+    if let Some(fds) = activation_fds()? {
+        if args.unix.is_some() || args.port.is_some() {
+            bail!("-U and -p cannot be used with socket activation (LISTEN_FDS)");
+        }
+        for fd in fds {
+            // SAFETY: systemd passes us these listening sockets (LISTEN_PID is our pid); we
+            // take ownership of each exactly once.
+            let sock = unsafe { socket2_kind(fd) };
+            match sock {
+                libc::AF_UNIX => l.unix.push((
+                    // SAFETY: as above; the fd is an AF_UNIX listening socket.
+                    unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) },
+                    PathBuf::from(format!("<fd {fd}>")),
+                )),
+                // SAFETY: as above; the fd is an inet listening socket.
+                _ => l
+                    .tcp
+                    .push(unsafe { std::net::TcpListener::from_raw_fd(fd) }),
+            }
+        }
+        l.activated = true;
+        return Ok(l);
+    }
+    if let Some(path) = &args.unix {
+        if args.port.is_some() {
+            bail!("-U and -p cannot be used together");
+        }
+        let path = if path.as_os_str() == "-" {
+            let dir = make_tempdir()?;
+            let p = dir.join("sluice.sock");
+            l.tempdir = Some(dir);
+            p
+        } else {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            path.clone()
+        };
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        l.socket_path = Some(path.clone());
+        l.unix.push((listener, path));
+        return Ok(l);
+    }
+    let port = args.port.unwrap_or(10809);
+    let addrs: Vec<SocketAddr> = match args.ipaddr {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => vec![
+            SocketAddr::new(IpAddr::from([0u16; 8]), port),
+            SocketAddr::new(IpAddr::from([0u8; 4]), port),
+        ],
+    };
+    let mut last_err = None;
+    for a in addrs {
+        match bind_tcp(a) {
+            Ok(t) => l.tcp.push(t),
+            Err(e) => last_err = Some(e.context(format!("cannot listen on {a}"))),
+        }
+    }
+    if l.tcp.is_empty() {
+        return Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no address to listen on")));
+    }
+    Ok(l)
+}
+
+fn bind_tcp(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    // IPv6 sockets are made v6-only so that the IPv4 wildcard can be bound beside them.
+    let domain = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain socket(2) call; the fd is owned by the TcpListener below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let setopt = |level, name| {
+        // SAFETY: valid fd and a c_int option value that lives across the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    setopt(libc::SOL_SOCKET, libc::SO_REUSEADDR);
+    if addr.is_ipv6() {
+        setopt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY);
+    }
+    let (storage, len) = sockaddr_of(addr);
+    // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
+    if unsafe { libc::bind(fd, &storage as *const _ as *const libc::sockaddr, len) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: listening on our own bound socket.
+    if unsafe { libc::listen(fd, 1024) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(listener)
+}
+
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// The address family of a socket fd.
+///
+/// # Safety
+/// `fd` must be an open socket.
+unsafe fn socket2_kind(fd: RawFd) -> libc::c_int {
+    // SAFETY: sockaddr_storage is plain old data.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the caller guarantees fd is a socket; ss/len describe a writable buffer.
+    unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) };
+    ss.ss_family as libc::c_int
+}
+
+/// systemd socket activation: fds 3.. when LISTEN_PID is us.
+fn activation_fds() -> anyhow::Result<Option<Vec<RawFd>>> {
+    let (Ok(pid), Ok(n)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let n: i32 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| anyhow::anyhow!("LISTEN_FDS={n:?} is not a number between 1 and 64"))?;
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    Ok(Some((3..3 + n).collect()))
+}
+
+fn make_tempdir() -> anyhow::Result<PathBuf> {
+    let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    for i in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!("sluice{}-{:x}{i}", std::process::id(), nanos));
+        match std::fs::DirBuilder::new().mode_private().create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    bail!("cannot create a temporary directory in {}", base.display())
+}
+
+trait PrivateDir {
+    fn mode_private(&mut self) -> &mut Self;
+}
+impl PrivateDir for std::fs::DirBuilder {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(0o700)
+    }
+}
+
+/// The NBD URI clients use to reach this server.
+fn uri_of(args: &ServeArgs, l: &Listening) -> String {
+    let export = args.exportname.clone().unwrap_or_default();
+    let export = uri_escape(&export);
+    if let Some(p) = &l.socket_path {
+        return format!("nbd+unix:///{export}?socket={}", p.display());
+    }
+    let port = l
+        .tcp
+        .first()
+        .and_then(|t| t.local_addr().ok())
+        .map_or(10809, |a| a.port());
+    let host = match args.ipaddr {
+        Some(IpAddr::V6(ip)) => format!("[{ip}]"),
+        Some(ip) => ip.to_string(),
+        None => "localhost".to_string(),
+    };
+    format!("nbd://{host}:{port}/{export}")
+}
+
+fn uri_escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn write_pidfile(path: &Path) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write pidfile {}", path.display()))
+}
+
+/// Forks into the background. The parent waits until the child says it is ready, then exits 0;
+/// the child returns the fd to signal readiness on.
+fn daemonize() -> anyhow::Result<RawFd> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: no threads exist yet (the runtime is started after this), so fork is safe.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("fork"),
+        0 => {
+            // SAFETY: closing our copy of the read end; setsid detaches from the terminal.
+            unsafe {
+                libc::close(fds[0]);
+                libc::setsid();
+            }
+            redirect_stdio();
+            Ok(fds[1])
+        }
+        _child => {
+            // SAFETY: closing our copy of the write end, then reading the child's signal.
+            unsafe { libc::close(fds[1]) };
+            let mut b = [0u8; 1];
+            // SAFETY: reading one byte into a one-byte buffer.
+            let n = unsafe { libc::read(fds[0], b.as_mut_ptr() as *mut libc::c_void, 1) };
+            std::process::exit(if n == 1 { 0 } else { 1 });
+        }
+    }
+}
+
+fn redirect_stdio() {
+    // SAFETY: opening /dev/null and duplicating it over fds 0..2, which we own.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+fn signal_ready(fd: RawFd) {
+    // SAFETY: writing one byte to the pipe the parent waits on, then closing it.
+    unsafe {
+        libc::write(fd, b"1".as_ptr() as *const libc::c_void, 1);
+        libc::close(fd);
+    }
+}
+
+fn captive_command(
+    cmd: &str,
+    uri: &str,
+    args: &ServeArgs,
+    socket: &Option<PathBuf>,
+) -> anyhow::Result<tokio::process::Child> {
+    let mut c = tokio::process::Command::new("/bin/sh");
+    c.arg("-c").arg(cmd);
+    c.env("uri", uri).env("nbd", uri);
+    c.env("exportname", args.exportname.clone().unwrap_or_default());
+    match socket {
+        Some(p) => {
+            c.env("unixsocket", p).env("port", "");
+        }
+        None => {
+            c.env("unixsocket", "")
+                .env("port", args.port.unwrap_or(10809).to_string());
+        }
+    }
+    c.spawn().with_context(|| format!("cannot run {cmd:?}"))
+}
+
+async fn wait_captive(mut child: tokio::process::Child) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match child.wait().await {
+        Ok(st) => st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)),
+        Err(e) => {
+            tracing::error!("waiting for --run command: {e}");
+            1
+        }
+    }
+}

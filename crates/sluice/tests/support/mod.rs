@@ -1,0 +1,181 @@
+//! Shared helpers for the integration tests: start the real `sluice` binary, wait until it
+//! serves, run the real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh/libnbd) and
+//! stop the server. Every test file includes this module with `mod support;`.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The python that can import Debian's libnbd bindings.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// A sluice server on a private Unix socket, stopped (SIGTERM) when dropped.
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts `sluice serve -f -U SOCKET ARGS...` and waits until it accepts NBD clients.
+    pub fn start(args: &[&str]) -> Server {
+        Self::try_start(args).unwrap_or_else(|e| panic!("sluice {args:?} did not start: {e}"))
+    }
+
+    pub fn try_start(args: &[&str]) -> Result<Server, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(sluice_bin())
+            .args(["serve", "-f", "-U"])
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut server = Server {
+            child: Some(child),
+            dir,
+            socket,
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&server.socket) {
+                // The greeting proves the server is serving.
+                let mut magic = [0u8; 8];
+                if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
+                    return Ok(server);
+                }
+            }
+            if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                return Err(format!("exited with {st}: {}", server.stderr()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out; stderr: {}", server.stderr()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// nbd+unix URI of the default export (or `export`).
+    pub fn uri(&self) -> String {
+        self.uri_for("")
+    }
+
+    pub fn uri_for(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// qemu's spelling of the same export.
+    pub fn qemu_uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server already stopped");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(30)).expect("server did not exit on SIGTERM")
+    }
+
+    /// Asserts the server process is still alive.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("server exited ({st}); stderr:\n{}", self.stderr());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command and returns its output, panicking with its stderr if it failed.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = output(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn output(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e} (run scripts/test.sh to install it)"))
+}
+
+/// Runs a Python script with Debian's python3 (libnbd importable as `nbd`), with `uri` set
+/// as a global, and returns its stdout. Panics if the script fails.
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    let full = format!("import nbd, sys, os, errno\nuri = {uri:?}\n{script}\n");
+    run(PYTHON, &["-c", &full])
+}
+
+/// A file of `len` bytes of a repeatable pseudo-random pattern.
+pub fn random_file(path: &Path, len: usize, seed: u64) {
+    std::fs::write(path, random_bytes(len, seed)).unwrap();
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
