@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what sluice's tests need (idempotent) and runs every test.
+# This is the README's test command; .ci/run calls it and nothing else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Peers the tests drive: nbdkit (and its plugin headers and python plugin), libnbd's tools
+# and Python bindings, fio, qemu's tools.
+debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc)
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace --release
