@@ -18,5 +18,6 @@ pub use error::{BlockError, Errno, Result};
 pub use export::{Backend, Caps, Export};
 pub use extents::{Extent, Extents};
 pub use plugin::{
-    BlockSize, ExportEntry, Flags, Handle, OpenContext, Plugin, Support, ThreadModel,
+    BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, Plugin, Support,
+    ThreadModel,
 };

@@ -162,6 +162,18 @@ pub struct OpenContext<'a> {
     pub is_tls: bool,
 }
 
+/// What the server knows about a client connection's peer, for plugins that ask
+/// (nbdkit's `nbdkit_peer_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Unix-socket peer credentials (SO_PEERCRED): pid, uid, gid.
+    pub peer_creds: Option<(i32, u32, u32)>,
+    /// The peer's raw `struct sockaddr` as `getpeername(2)` returned it.
+    pub peer_addr: Option<Vec<u8>>,
+    /// The connection is TLS-protected.
+    pub is_tls: bool,
+}
+
 /// A loaded plugin. One value serves every connection.
 pub trait Plugin: Send + Sync + 'static {
     /// Short name (`memory`, `file`, ...), as in `sluice serve NAME`.
@@ -200,6 +212,14 @@ pub trait Plugin: Send + Sync + 'static {
             name: self.default_export(readonly, is_tls)?,
             description: None,
         }])
+    }
+
+    /// Runs `f` (a whole client connection: negotiation and transmission) with the
+    /// connection's peer information available to the plugin. Plugin hosts that keep
+    /// per-connection state for foreign code (nbdkit's thread-local connection) install it
+    /// here; the default just runs `f`.
+    fn with_connection(&self, _info: &ConnectionInfo, f: &mut dyn FnMut()) {
+        f()
     }
 
     /// Opens a handle for one connection (may be called twice per connection: INFO then GO).

@@ -535,6 +535,19 @@ impl Plugin for LoadedPlugin {
         &self.0.name
     }
 
+    fn with_connection(&self, info: &sluice_block::ConnectionInfo, f: &mut dyn FnMut()) {
+        let conn = Connection::new(ConnInfo {
+            export_name: String::new(),
+            is_tls: info.is_tls,
+            peer: info
+                .peer_creds
+                .map(|(pid, uid, gid)| crate::context::PeerCreds { pid, uid, gid }),
+            peer_addr: info.peer_addr.clone(),
+        });
+        context::with_conn(&conn, f);
+        conn.mark_closed();
+    }
+
     fn version(&self) -> Option<&str> {
         self.0.version.as_deref()
     }

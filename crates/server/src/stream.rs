@@ -70,6 +70,42 @@ impl Stream {
         matches!(self, Stream::Unix(_))
     }
 
+    /// What a plugin may learn about the peer: credentials on Unix sockets, the address.
+    pub fn connection_info(&self) -> sluice_block::ConnectionInfo {
+        let fd = self.as_raw_fd();
+        let mut info = sluice_block::ConnectionInfo::default();
+        if self.is_unix() {
+            // SAFETY: ucred is plain old data; getsockopt writes at most `len` bytes into it.
+            let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            // SAFETY: fd is our open socket; cred/len describe a writable buffer.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERCRED,
+                    &mut cred as *mut _ as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            if r == 0 {
+                info.peer_creds = Some((cred.pid, cred.uid, cred.gid));
+            }
+        }
+        // SAFETY: sockaddr_storage is plain old data.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: fd is our open socket; ss/len describe a writable buffer.
+        if unsafe { libc::getpeername(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) } == 0
+        {
+            // SAFETY: getpeername wrote `len` bytes (at most the storage size) into `ss`.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(&ss as *const _ as *const u8, len as usize) };
+            info.peer_addr = Some(bytes.to_vec());
+        }
+        info
+    }
+
     /// A short description of the peer for log lines.
     pub fn peer(&self) -> String {
         match self {

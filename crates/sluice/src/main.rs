@@ -17,8 +17,12 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about, long_about, propagate_version = true)]
 struct Cli {
+    /// Print sluice's build configuration in nbdkit's key=value format and exit.
+    #[arg(long = "dump-config")]
+    dump_config: bool,
+
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,8 +33,37 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.dump_config {
+        print!("{}", dump_config());
+        std::process::exit(0);
+    }
     let code = match cli.command {
-        Command::Serve(args) => serve::main(args),
+        Some(Command::Serve(args)) => serve::main(args),
+        None => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            2
+        }
     };
     std::process::exit(code);
+}
+
+/// `--dump-config`: what scripts that parse `nbdkit --dump-config` look for.
+fn dump_config() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut parts = version.split('.');
+    let major = parts.next().unwrap_or("0");
+    let minor = parts.next().unwrap_or("0");
+    let binary = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "sluice".into());
+    format!(
+        "binary={binary}\nexit_with_parent=yes\nhost_cpu={}\nhost_os={}\nname=sluice\n\
+         nbdkit_api_version=2\nnbdkit_plugindir={}\nplugindir={}\ntls=no\nversion={version}\n\
+         version_major={major}\nversion_minor={minor}\n",
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        sluice_nbdkit::NBDKIT_PLUGIN_DIR,
+        serve::SLUICE_PLUGIN_DIR,
+    )
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use sluice_block::export::Backend;
 use sluice_block::plugins::{self, ConfigArg};
+use sluice_block::Plugin;
 use sluice_server::{Listener, NbdServer, ServerConfig};
 
 const EXAMPLES: &str = "\
@@ -25,8 +26,21 @@ Examples:
   sluice serve -f -r file dir=/srv/images
                                    serve each file of a directory as a read-only export
 
-Plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=).
+  sluice serve -f -U /tmp/d.sock data '1 2 3 @0x1000 4'
+                                   run nbdkit's data plugin (any nbdkit C plugin works)
+  sluice serve --dump-plugin memory
+                                   show a plugin's details, as nbdkit --dump-plugin
+
+Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=).
+Other names load nbdkit's C plugins unmodified (nbdkit-NAME-plugin.so from --plugin-dir,
+then /usr/local/lib/sluice/plugins, then nbdkit's plugin directory).
 A bare value (`1G`, `disk.img`) sets the plugin's main parameter.";
+
+/// sluice's own directory of nbdkit-ABI plugins, searched before nbdkit's.
+pub const SLUICE_PLUGIN_DIR: &str = match option_env!("SLUICE_PLUGINDIR") {
+    Some(d) => d,
+    None => "/usr/local/lib/sluice/plugins",
+};
 
 /// Arguments of `sluice serve`.
 #[derive(Debug, Args)]
@@ -79,7 +93,21 @@ pub struct ServeArgs {
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
 
-    /// The plugin: memory, file, null or pattern.
+    /// Print the plugin's details in nbdkit's key=value format and exit.
+    #[arg(long = "dump-plugin")]
+    dump_plugin: bool,
+
+    /// Set a plugin debug flag (the integer variable NAME_debug_FLAG), as nbdkit's -D.
+    #[arg(short = 'D', long = "debug", value_name = "NAME.FLAG=N")]
+    debug_flags: Vec<sluice_nbdkit::DebugFlag>,
+
+    /// Look for nbdkit-NAME-plugin.so in this directory first (repeatable); then sluice's
+    /// plugin directory, then nbdkit's.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+
+    /// The plugin: a built-in (memory, file, null, pattern), an nbdkit plugin's short name
+    /// (found as nbdkit-NAME-plugin.so), or the path of an nbdkit plugin .so file.
     #[arg(value_name = "PLUGIN")]
     plugin: String,
 
@@ -154,17 +182,13 @@ struct Listening {
 
 fn serve(args: ServeArgs) -> Result<i32, Failure> {
     let params = parse_params(&args.params)?;
-    let plugin = match plugins::open_builtin(&args.plugin, &params) {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => return Err(usage(e.into())),
-        None => {
-            return Err(usage(anyhow::anyhow!(
-                "unknown plugin '{}' (built-in plugins: {})",
-                args.plugin,
-                plugins::builtin_names().join(", ")
-            )))
-        }
-    };
+    if args.dump_plugin {
+        return dump_plugin(&args, &params);
+    }
+    let plugin = open_plugin(&args, &params)?;
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let hook = shutdown.clone();
+    sluice_nbdkit::set_shutdown_hook(Box::new(move || hook.notify_one()));
     let listening = listen(&args).map_err(usage)?;
     let foreground =
         args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
@@ -246,7 +270,10 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
                 _ = tokio::signal::ctrl_c() => tracing::debug!("SIGINT: shutting down"),
                 _ = term.recv() => tracing::debug!("SIGTERM: shutting down"),
                 _ = run_done => tracing::debug!("--run command finished"),
+                _ = shutdown.notified() => tracing::debug!("plugin asked for shutdown"),
             }
+            // Wakes plugins sleeping in nbdkit_nanosleep.
+            sluice_nbdkit::request_shutdown();
         };
         server.serve(listeners, stop).await;
         let s = server.clone();
@@ -259,6 +286,10 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         let code = *run_code.lock().unwrap_or_else(|e| e.into_inner());
         anyhow::Ok(code)
     });
+    // Runtime tasks hold the server: drop them, then the server, so the plugin is closed
+    // (nbdkit's cleanup and unload) before exit.
+    drop(rt);
+    drop(server);
     if let Some(p) = &listening.socket_path {
         let _ = std::fs::remove_file(p);
     }
@@ -269,6 +300,86 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         let _ = std::fs::remove_file(p);
     }
     code.map_err(|e| Failure { code: 1, err: e })
+}
+
+fn plugin_dirs(args: &ServeArgs) -> Vec<PathBuf> {
+    let mut dirs = args.plugin_dirs.clone();
+    dirs.push(PathBuf::from(SLUICE_PLUGIN_DIR));
+    dirs.push(PathBuf::from(sluice_nbdkit::NBDKIT_PLUGIN_DIR));
+    dirs
+}
+
+/// Loads the plugin the user named: built-in first, then an nbdkit C plugin.
+fn open_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>, Failure> {
+    if let Some(r) = plugins::open_builtin(&args.plugin, params) {
+        if !args.debug_flags.is_empty() {
+            tracing::warn!("-D flags are ignored by built-in plugins");
+        }
+        return r.map_err(|e| usage(e.into()));
+    }
+    let Some(path) = sluice_nbdkit::resolve(&args.plugin, &plugin_dirs(args)) else {
+        return Err(usage(anyhow::anyhow!(
+            "unknown plugin '{}': not a built-in ({}) and no nbdkit-{}-plugin.so found in {}",
+            args.plugin,
+            plugins::builtin_names().join(", "),
+            args.plugin,
+            plugin_dirs(args)
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    match sluice_nbdkit::load_with(&path, params, &args.debug_flags) {
+        Ok(p) => Ok(p),
+        Err(e) => Err(load_failure(e)),
+    }
+}
+
+/// Configuration mistakes are usage errors (exit 2); a plugin that cannot be loaded or
+/// started is a failure (exit 1), as with nbdkit.
+fn load_failure(e: sluice_nbdkit::LoadError) -> Failure {
+    use sluice_nbdkit::LoadError as L;
+    let code = match &e {
+        L::NoConfig { .. } | L::BareParameter { .. } | L::DebugFlag { .. } => 2,
+        L::Callback { callback, .. } if *callback == "config" || *callback == "config_complete" => {
+            2
+        }
+        _ => 1,
+    };
+    Failure {
+        code,
+        err: e.into(),
+    }
+}
+
+/// `--dump-plugin`: nbdkit's key=value description of a plugin.
+fn dump_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<i32, Failure> {
+    let text = if let Some(r) = plugins::open_builtin(&args.plugin, params) {
+        let p = r.map_err(|e| usage(e.into()))?;
+        let tm = p.thread_model().as_str();
+        let mut t = format!(
+            "name={}\nversion={}\napi_version=2\nmax_thread_model={tm}\nthread_model={tm}\n",
+            p.name(),
+            p.version().unwrap_or(env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(key) = plugins::builtin_magic_key(p.name()) {
+            t.push_str(&format!("magic_config_key={key}\n"));
+        }
+        for line in p.dump() {
+            t.push_str(&line);
+            t.push('\n');
+        }
+        t
+    } else {
+        let Some(path) = sluice_nbdkit::resolve(&args.plugin, &plugin_dirs(args)) else {
+            return Err(usage(anyhow::anyhow!("unknown plugin '{}'", args.plugin)));
+        };
+        sluice_nbdkit::dump_plugin(&path, params).map_err(load_failure)?
+    };
+    print!("{text}");
+    let _ = std::io::stdout().flush();
+    Ok(0)
 }
 
 /// Binds the sockets: systemd socket activation, `-U`, or TCP.

@@ -227,10 +227,10 @@ fn bad_file(path: &Path, problem: &'static str) -> ConfigError {
 
 /// nbdkit_realpath: the absolute, symlink-free path, which must exist, and what it is.
 fn resolve(value: &str) -> Result<(PathBuf, std::fs::Metadata), ConfigError> {
-    let not_found = |source| ConfigError::FileNotFound {
+    let not_found = |reason| ConfigError::FileNotFound {
         plugin: PLUGIN,
         path: value.to_owned(),
-        source,
+        reason,
     };
     let path = std::fs::canonicalize(value).map_err(not_found)?;
     let meta = std::fs::metadata(&path).map_err(not_found)?;

@@ -86,13 +86,12 @@ pub enum ConfigError {
         what: &'static str,
     },
 
-    #[error("{plugin}: {key}={value}: {source}")]
+    #[error("{plugin}: {key}={value}: {reason}")]
     BadSize {
         plugin: &'static str,
         key: &'static str,
         value: String,
-        #[source]
-        source: SizeError,
+        reason: SizeError,
     },
 
     #[error("{plugin}: unknown {key} '{value}' (expected {expected})")]
@@ -103,12 +102,11 @@ pub enum ConfigError {
         expected: &'static str,
     },
 
-    #[error("{plugin}: {path}: {source}")]
+    #[error("{plugin}: {path}: {reason}")]
     FileNotFound {
         plugin: &'static str,
         path: String,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 
     #[error("{plugin}: {path}: {problem}")]
@@ -187,11 +185,11 @@ pub(crate) fn size_arg(
     key: &'static str,
     value: &str,
 ) -> Result<u64, ConfigError> {
-    crate::size::parse_size(value).map_err(|source| ConfigError::BadSize {
+    crate::size::parse_size(value).map_err(|reason| ConfigError::BadSize {
         plugin,
         key,
         value: value.to_owned(),
-        source,
+        reason,
     })
 }
 

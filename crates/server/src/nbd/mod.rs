@@ -146,16 +146,20 @@ impl NbdServer {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
-        let readonly = self.config.readonly;
-        if let Err(e) = self.backend.plugin().preconnect(readonly) {
-            tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
-            return;
-        }
-        match negotiate::negotiate(self, stream) {
-            Ok(Some(session)) => transmit::run(self, id, session),
-            Ok(None) => tracing::debug!(conn = id, "client ended negotiation"),
-            Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
-        }
+        let info = stream.connection_info();
+        let mut stream = Some(stream);
+        self.backend.plugin().with_connection(&info, &mut || {
+            let Some(stream) = stream.take() else { return };
+            if let Err(e) = self.backend.plugin().preconnect(self.config.readonly) {
+                tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                return;
+            }
+            match negotiate::negotiate(self, stream) {
+                Ok(Some(session)) => transmit::run(self, id, session),
+                Ok(None) => tracing::debug!(conn = id, "client ended negotiation"),
+                Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
+            }
+        });
         tracing::debug!(conn = id, "connection closed");
     }
 
