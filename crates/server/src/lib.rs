@@ -12,5 +12,5 @@
 pub mod nbd;
 pub mod stream;
 
-pub use nbd::{NbdServer, ServerConfig};
+pub use nbd::{ExportTable, Exports, NamedExport, NbdServer, ServerConfig};
 pub use stream::{Listener, Stream};

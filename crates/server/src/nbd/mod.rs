@@ -10,6 +10,10 @@
 mod negotiate;
 mod transmit;
 
+pub use exports::{ExportTable, NamedExport};
+
+mod exports;
+
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,9 +47,17 @@ impl Default for ServerConfig {
     }
 }
 
-/// An NBD server for one backend.
+/// What a server exports: one plugin under every name (`sluice serve`, like nbdkit), or a
+/// table of named exports that can change while serving (`sluice daemon`, like qsd).
+#[derive(Clone)]
+pub enum Exports {
+    Single(Arc<Backend>),
+    Table(Arc<ExportTable>),
+}
+
+/// An NBD server.
 pub struct NbdServer {
-    backend: Arc<Backend>,
+    exports: Exports,
     config: ServerConfig,
     shutting_down: AtomicBool,
     next_id: AtomicU64,
@@ -54,9 +66,19 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
+    /// A server exporting one plugin (any export name reaches it, as with nbdkit).
     pub fn new(backend: Arc<Backend>, config: ServerConfig) -> Arc<NbdServer> {
+        Self::with_exports(Exports::Single(backend), config)
+    }
+
+    /// A server exporting the entries of `table` by name.
+    pub fn with_table(table: Arc<ExportTable>, config: ServerConfig) -> Arc<NbdServer> {
+        Self::with_exports(Exports::Table(table), config)
+    }
+
+    fn with_exports(exports: Exports, config: ServerConfig) -> Arc<NbdServer> {
         Arc::new(NbdServer {
-            backend,
+            exports,
             config,
             shutting_down: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -65,8 +87,8 @@ impl NbdServer {
         })
     }
 
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
+    pub fn exports(&self) -> &Exports {
+        &self.exports
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -142,24 +164,33 @@ impl NbdServer {
     fn run_connection(self: &Arc<Self>, id: u64, stream: Stream) {
         let peer = stream.peer();
         tracing::debug!(conn = id, "new connection from {peer}");
-        let _serial = self.backend.connection_lock();
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return;
-        }
         let info = stream.connection_info();
         let mut stream = Some(stream);
-        self.backend.plugin().with_connection(&info, &mut || {
+        let mut session = || {
             let Some(stream) = stream.take() else { return };
-            if let Err(e) = self.backend.plugin().preconnect(self.config.readonly) {
-                tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
-                return;
-            }
             match negotiate::negotiate(self, stream) {
                 Ok(Some(session)) => transmit::run(self, id, session),
                 Ok(None) => tracing::debug!(conn = id, "client ended negotiation"),
                 Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
             }
-        });
+        };
+        match &self.exports {
+            Exports::Single(backend) => {
+                let _serial = backend.connection_lock();
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                let plugin = backend.plugin();
+                plugin.with_connection(&info, &mut || {
+                    if let Err(e) = plugin.preconnect(self.config.readonly) {
+                        tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                        return;
+                    }
+                    session()
+                });
+            }
+            Exports::Table(_) => session(),
+        }
         tracing::debug!(conn = id, "connection closed");
     }
 

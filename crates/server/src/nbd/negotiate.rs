@@ -12,13 +12,20 @@ use sluice_proto::nbd::{
     Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, Negotiated, Purpose,
 };
 
-use super::NbdServer;
+use std::sync::Arc;
+
+use sluice_block::export::Backend;
+
+use super::{Exports, NamedExport, NbdServer};
 use crate::stream::Stream;
 
 /// What the transmission phase starts from.
 pub(super) struct Session {
     pub stream: Stream,
     pub export: Export,
+    pub backend: Arc<Backend>,
+    /// Keeps a daemon's table entry alive (and counted as in use) while connected.
+    pub _named: Option<Arc<NamedExport>>,
     pub negotiated: Negotiated,
     /// Bytes the client sent after the handshake's last message.
     pub leftover: Vec<u8>,
@@ -41,7 +48,7 @@ pub(super) fn negotiate(
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut kept: Option<Export> = None;
+    let mut kept: Option<Opened> = None;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // poll() may queue replies before it asks for input: send them first.
@@ -58,28 +65,12 @@ pub(super) fn negotiate(
                 }
                 hs.feed(&buf[..n]);
             }
-            Event::ListExports => {
-                let list = server
-                    .backend
-                    .plugin()
-                    .list_exports(server.config.readonly, false);
-                match list {
-                    Ok(list) => {
-                        let list: Vec<(String, Option<String>)> =
-                            list.into_iter().map(|e| (e.name, e.description)).collect();
-                        hs.answer_list(&list);
-                    }
-                    Err(e) => {
-                        tracing::warn!("list_exports failed: {e}");
-                        hs.answer_list(&[]);
-                    }
-                }
-            }
+            Event::ListExports => hs.answer_list(&list_exports(server)),
             Event::ExportQuery { name, purpose } => {
-                let answer = open_export(server, &name).map(|export| {
-                    let details = details(server, &name, &export);
+                let answer = open_export(server, &name).map(|opened| {
+                    let details = details(server, &name, &opened);
                     if matches!(purpose, Purpose::Go | Purpose::ExportName) {
-                        kept = Some(export);
+                        kept = Some(opened);
                     }
                     details
                 });
@@ -90,12 +81,14 @@ pub(super) fn negotiate(
                 hs.answer_export(answer);
             }
             Event::Ready(negotiated) => {
-                let export = kept.take().ok_or_else(|| {
+                let opened = kept.take().ok_or_else(|| {
                     io::Error::other("negotiation finished without an open export")
                 })?;
                 return Ok(Some(Session {
                     stream,
-                    export,
+                    export: opened.export,
+                    backend: opened.backend,
+                    _named: opened.named,
                     negotiated: *negotiated,
                     leftover: hs.take_leftover(),
                 }));
@@ -105,38 +98,81 @@ pub(super) fn negotiate(
     }
 }
 
+/// An export opened for a client.
+struct Opened {
+    export: Export,
+    backend: Arc<Backend>,
+    named: Option<Arc<NamedExport>>,
+}
+
+fn list_exports(server: &NbdServer) -> Vec<(String, Option<String>)> {
+    match &server.exports {
+        Exports::Single(backend) => {
+            match backend.plugin().list_exports(server.config.readonly, false) {
+                Ok(list) => list.into_iter().map(|e| (e.name, e.description)).collect(),
+                Err(e) => {
+                    tracing::warn!("list_exports failed: {e}");
+                    Vec::new()
+                }
+            }
+        }
+        Exports::Table(table) => table.list(),
+    }
+}
+
 /// Opens the export a client named ("" is the plugin's default export).
-fn open_export(server: &NbdServer, name: &str) -> Result<Export, BlockError> {
-    let plugin = server.backend.plugin();
-    let readonly = server.config.readonly;
-    let resolved;
-    let name = if name.is_empty() {
-        resolved = plugin.default_export(readonly, false)?;
-        resolved.as_str()
-    } else {
-        name
-    };
+fn open_export(server: &NbdServer, name: &str) -> Result<Opened, BlockError> {
     if name.len() > sluice_proto::nbd::consts::NBD_MAX_STRING {
         return Err(BlockError::new(Errno::EINVAL, "export name too long"));
     }
+    let (backend, named, readonly) = match &server.exports {
+        Exports::Single(backend) => (backend.clone(), None, server.config.readonly),
+        Exports::Table(table) => {
+            let named = table.get(name).ok_or_else(|| {
+                BlockError::new(Errno(libc::ENOENT), format!("no export named {name:?}"))
+            })?;
+            let readonly = server.config.readonly || !named.writable;
+            (named.backend.clone(), Some(named), readonly)
+        }
+    };
+    let plugin = backend.plugin();
+    let resolved;
+    let plugin_name = if name.is_empty() && named.is_none() {
+        resolved = plugin.default_export(readonly, false)?;
+        resolved.as_str()
+    } else if named.is_some() {
+        // A daemon's export name is its own; the node behind it has no export names.
+        ""
+    } else {
+        name
+    };
     let ctx = OpenContext {
         readonly,
-        export_name: name,
+        export_name: plugin_name,
         is_tls: false,
     };
-    Export::open(&server.backend, &ctx)
+    let export = Export::open(&backend, &ctx)?;
+    Ok(Opened {
+        export,
+        backend,
+        named,
+    })
 }
 
-fn details(server: &NbdServer, name: &str, export: &Export) -> ExportDetails {
-    let caps = export.caps();
+fn details(server: &NbdServer, name: &str, opened: &Opened) -> ExportDetails {
+    let caps = opened.export.caps();
     let max = server.config.max_payload;
     let block_size = match caps.block_size {
         Some(bs) => (bs.minimum, bs.preferred, bs.maximum.min(max)),
         None => (1, 4096, max),
     };
+    let description = match &opened.named {
+        Some(n) if n.description.is_some() => n.description.clone(),
+        _ => caps.description.clone(),
+    };
     ExportDetails {
         name: name.to_string(),
-        description: caps.description.clone(),
+        description,
         size: caps.size,
         transmission_flags: caps.transmission_flags(),
         block_size: Some(block_size),

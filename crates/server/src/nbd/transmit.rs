@@ -182,6 +182,8 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     let Session {
         stream,
         export,
+        backend,
+        _named,
         negotiated,
         leftover,
     } = session;
@@ -194,7 +196,6 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     };
     let mut buf = vec![0u8; READ_BUF.max(leftover.len())].into_boxed_slice();
     buf[..leftover.len()].copy_from_slice(&leftover);
-    let backend = server.backend();
     let max_workers = if backend.thread_model() < ThreadModel::Parallel {
         1
     } else if backend.plugin().may_block() {
@@ -328,24 +329,39 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
     if req.kind == NBD_CMD_DISC {
         return Err(InputEnd::Closed);
     }
-    if req.kind == NBD_CMD_WRITE {
-        if req.length > max {
-            if req.length > MAX_DISCARD {
-                return Err(InputEnd::Broken(format!(
-                    "write payload of {} bytes is over the maximum of {max}",
-                    req.length
-                )));
-            }
-            reader.discard(req.length)?;
+    // How many bytes follow the header is the wire format's business, not the command's: a
+    // compact WRITE carries `length` bytes, and with extended headers a payload follows exactly
+    // when NBD_CMD_FLAG_PAYLOAD_LEN is set, whatever the command.
+    let payload = req.payload_len(conn.extended);
+    let is_write = req.kind == NBD_CMD_WRITE;
+    if payload > 0 && (!is_write || payload > max) {
+        if payload > MAX_DISCARD {
+            return Err(InputEnd::Broken(format!(
+                "{} payload of {payload} bytes is over the maximum of {max}",
+                command_name(req.kind)
+            )));
+        }
+        reader.discard(payload)?;
+        let msg = if is_write {
+            format!("write of {payload} bytes is over the maximum of {max}")
+        } else {
+            format!("{} takes no payload", command_name(req.kind))
+        };
+        return Ok(Next::Refused(req, BlockError::new(Errno::EINVAL, msg)));
+    }
+    if is_write {
+        if conn.extended && req.flags & NBD_CMD_FLAG_PAYLOAD_LEN == 0 {
+            // The spec: with extended headers the flag MUST be set on writes. Without it the
+            // length is an effect length and no payload follows, so there is nothing to skip.
             return Ok(Next::Refused(
                 req,
                 BlockError::new(
                     Errno::EINVAL,
-                    format!("write of {} bytes is over the maximum of {max}", req.length),
+                    "write without NBD_CMD_FLAG_PAYLOAD_LEN under extended headers",
                 ),
             ));
         }
-        let need = HEADROOM + req.length as usize;
+        let need = HEADROOM + payload as usize;
         if buf.len() < need {
             buf.resize(need, 0);
         }
@@ -390,7 +406,13 @@ fn run_request(
     let Some(allowed) = allowed_flags(req.kind) else {
         return Err(einval(format!("unknown command {}", req.kind)));
     };
-    if req.flags & !allowed != 0 {
+    // PAYLOAD_LEN on an extended write only says how the payload was framed (next_request
+    // has read it); anywhere else it is a flag the command does not take.
+    let mut req_flags = req.flags;
+    if conn.extended && req.kind == NBD_CMD_WRITE {
+        req_flags &= !NBD_CMD_FLAG_PAYLOAD_LEN;
+    }
+    if req_flags & !allowed != 0 {
         return Err(einval(format!(
             "invalid flags {:#x} for {}",
             req.flags,
