@@ -325,15 +325,28 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
         return Err(InputEnd::Closed);
     }
     let req = reader.header(conn.extended)?;
+    tracing::trace!(
+        conn = conn.id,
+        "request {} flags {:#x} offset {} length {}",
+        command_name(req.kind),
+        req.flags,
+        req.offset,
+        req.length
+    );
     let max = conn.server.config().max_payload as u64;
     if req.kind == NBD_CMD_DISC {
         return Err(InputEnd::Closed);
     }
-    // How many bytes follow the header is the wire format's business, not the command's: a
-    // compact WRITE carries `length` bytes, and with extended headers a payload follows exactly
-    // when NBD_CMD_FLAG_PAYLOAD_LEN is set, whatever the command.
-    let payload = req.payload_len(conn.extended);
+    // A WRITE always carries `length` bytes (with extended headers too: qemu 10 sends them
+    // without NBD_CMD_FLAG_PAYLOAD_LEN, and qemu's own server reads them the same way). Any
+    // other command carries a payload only when it sets PAYLOAD_LEN under extended headers;
+    // none of ours takes one, so it is skipped and refused.
     let is_write = req.kind == NBD_CMD_WRITE;
+    let payload = if is_write {
+        req.length
+    } else {
+        req.payload_len(conn.extended)
+    };
     if payload > 0 && (!is_write || payload > max) {
         if payload > MAX_DISCARD {
             return Err(InputEnd::Broken(format!(
@@ -350,17 +363,6 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
         return Ok(Next::Refused(req, BlockError::new(Errno::EINVAL, msg)));
     }
     if is_write {
-        if conn.extended && req.flags & NBD_CMD_FLAG_PAYLOAD_LEN == 0 {
-            // The spec: with extended headers the flag MUST be set on writes. Without it the
-            // length is an effect length and no payload follows, so there is nothing to skip.
-            return Ok(Next::Refused(
-                req,
-                BlockError::new(
-                    Errno::EINVAL,
-                    "write without NBD_CMD_FLAG_PAYLOAD_LEN under extended headers",
-                ),
-            ));
-        }
         let need = HEADROOM + payload as usize;
         if buf.len() < need {
             buf.resize(need, 0);
