@@ -371,6 +371,32 @@ impl Export {
     }
 }
 
+impl Export {
+    /// `qemu:allocation-depth` of `[offset, offset+count)`: extents whose kind is a depth.
+    pub fn allocation_depth(&self, count: u64, offset: u64, flags: Flags) -> Result<Extents> {
+        self.check_range("block status", count, offset)?;
+        let mut ext = Extents::new(offset, offset + count);
+        let r = {
+            let _g = self.guard();
+            self.handle.allocation_depth(count, offset, &mut ext)
+        };
+        if let Err(e) = r {
+            return Err(if e.errno == Errno::ERANGE {
+                einval(format!("block status: plugin answered invalid depths: {e}"))
+            } else {
+                e
+            });
+        }
+        if ext.is_empty() {
+            return Err(einval("block status: plugin returned no allocation depth"));
+        }
+        if flags.contains(Flags::REQ_ONE) {
+            ext.truncate_to_one();
+        }
+        Ok(ext)
+    }
+}
+
 fn einval(msg: impl Into<String>) -> BlockError {
     BlockError::new(Errno::EINVAL, msg)
 }
@@ -429,4 +455,363 @@ fn query_caps(h: &dyn Handle, readonly: bool) -> Result<Caps> {
         block_size,
         description,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extents::{EXTENT_HOLE, EXTENT_ZERO};
+    use crate::plugin::Plugin;
+
+    /// A RAM disk that records every call with its flags, with selectable capabilities.
+    struct Recorder {
+        fua: Support,
+        zero: Support,
+        fast_zero: bool,
+        cache: Support,
+        extents: bool,
+        zero_fails_enotsup: bool,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Default for Recorder {
+        fn default() -> Self {
+            Recorder {
+                fua: Support::Native,
+                zero: Support::Native,
+                fast_zero: true,
+                cache: Support::Native,
+                extents: true,
+                zero_fails_enotsup: false,
+                log: Arc::default(),
+            }
+        }
+    }
+
+    struct RecHandle {
+        cfg: Arc<Recorder>,
+        data: Mutex<Vec<u8>>,
+    }
+
+    impl Plugin for Arc<Recorder> {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn open(&self, _ctx: &OpenContext<'_>) -> Result<Box<dyn Handle>> {
+            Ok(Box::new(RecHandle {
+                cfg: self.clone(),
+                data: Mutex::new(vec![0xff; 4 << 20]),
+            }))
+        }
+    }
+
+    impl RecHandle {
+        fn log(&self, s: String) {
+            self.cfg.log.lock().unwrap().push(s);
+        }
+    }
+
+    impl Handle for RecHandle {
+        fn get_size(&self) -> Result<u64> {
+            Ok(4 << 20)
+        }
+        fn can_write(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn can_flush(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn can_trim(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn can_zero(&self) -> Result<Support> {
+            Ok(self.cfg.zero)
+        }
+        fn can_fast_zero(&self) -> Result<bool> {
+            Ok(self.cfg.fast_zero)
+        }
+        fn can_fua(&self) -> Result<Support> {
+            Ok(self.cfg.fua)
+        }
+        fn can_cache(&self) -> Result<Support> {
+            Ok(self.cfg.cache)
+        }
+        fn can_extents(&self) -> Result<bool> {
+            Ok(self.cfg.extents)
+        }
+        fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+            self.log(format!("pread {} {offset} {:#x}", buf.len(), flags.0));
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+            self.log(format!("pwrite {} {offset} {:#x}", buf.len(), flags.0));
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self, flags: Flags) -> Result<()> {
+            self.log(format!("flush {:#x}", flags.0));
+            Ok(())
+        }
+        fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+            self.log(format!("trim {count} {offset} {:#x}", flags.0));
+            Ok(())
+        }
+        fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+            self.log(format!("zero {count} {offset} {:#x}", flags.0));
+            if self.cfg.zero_fails_enotsup {
+                return Err(BlockError::errno(Errno::ENOTSUP));
+            }
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..(offset + count) as usize].fill(0);
+            Ok(())
+        }
+        fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+            self.log(format!("cache {count} {offset} {:#x}", flags.0));
+            Ok(())
+        }
+        fn extents(&self, count: u64, offset: u64, _f: Flags, e: &mut Extents) -> Result<()> {
+            e.add(offset, count / 2, 0)?;
+            e.add(
+                offset + count / 2,
+                count - count / 2,
+                EXTENT_HOLE | EXTENT_ZERO,
+            )
+        }
+    }
+
+    fn open(cfg: Recorder, readonly: bool) -> (Export, Arc<Mutex<Vec<String>>>) {
+        let cfg = Arc::new(cfg);
+        let log = cfg.log.clone();
+        let backend = Backend::new(Arc::new(cfg));
+        let ctx = OpenContext {
+            readonly,
+            export_name: "",
+            is_tls: false,
+        };
+        (Export::open(&backend, &ctx).unwrap(), log)
+    }
+
+    fn calls(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[test]
+    fn write_fua_native_passes_flag_without_flush() {
+        let (e, log) = open(Recorder::default(), false);
+        e.write(&[1; 512], 0, Flags::FUA).unwrap();
+        assert_eq!(calls(&log), ["pwrite 512 0 0x2"]);
+    }
+
+    #[test]
+    fn write_fua_emulate_clears_flag_and_flushes_after() {
+        let (e, log) = open(
+            Recorder {
+                fua: Support::Emulate,
+                ..Recorder::default()
+            },
+            false,
+        );
+        e.write(&[1; 512], 0, Flags::FUA).unwrap();
+        e.zero(512, 0, Flags::FUA | Flags::MAY_TRIM).unwrap();
+        e.trim(512, 0, Flags::FUA).unwrap();
+        assert_eq!(
+            calls(&log),
+            [
+                "pwrite 512 0 0x0",
+                "flush 0x0",
+                "zero 512 0 0x1",
+                "flush 0x0",
+                "trim 512 0 0x0",
+                "flush 0x0"
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_native_passes_fua_and_may_trim_and_fast_zero() {
+        let (e, log) = open(Recorder::default(), false);
+        e.zero(512, 0, Flags::FUA | Flags::MAY_TRIM).unwrap();
+        e.zero(512, 0, Flags::FAST_ZERO | Flags::MAY_TRIM).unwrap();
+        assert_eq!(calls(&log), ["zero 512 0 0x3", "zero 512 0 0x9"]);
+    }
+
+    #[test]
+    fn write_fua_none_is_refused_with_einval() {
+        let (e, log) = open(
+            Recorder {
+                fua: Support::None,
+                ..Recorder::default()
+            },
+            false,
+        );
+        assert_eq!(e.caps().transmission_flags() & nbd::NBD_FLAG_SEND_FUA, 0);
+        let err = e.write(&[1; 512], 0, Flags::FUA).unwrap_err();
+        assert_eq!(err.errno, Errno::EINVAL);
+        assert!(calls(&log).is_empty());
+    }
+
+    #[test]
+    fn zero_emulate_writes_zeroes_in_chunks_and_fast_zero_fails_at_once() {
+        let (e, log) = open(
+            Recorder {
+                zero: Support::Emulate,
+                ..Recorder::default()
+            },
+            false,
+        );
+        let err = e.zero(4096, 0, Flags::FAST_ZERO).unwrap_err();
+        assert_eq!(err.errno, Errno::ENOTSUP);
+        assert_eq!(err.nbd_error(true, false), nbd::NBD_ENOTSUP);
+        assert!(calls(&log).is_empty());
+        let n = ZERO_CHUNK as u64 + 512;
+        e.zero(n, 1024, Flags::MAY_TRIM).unwrap();
+        assert_eq!(
+            calls(&log),
+            [
+                format!("pwrite {ZERO_CHUNK} 1024 0x0"),
+                format!("pwrite 512 {} 0x0", 1024 + ZERO_CHUNK)
+            ]
+        );
+        let mut buf = vec![1u8; n as usize];
+        e.read(&mut buf, 1024).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zero_native_enotsup_falls_back_to_writes_but_not_for_fast_zero() {
+        let (e, log) = open(
+            Recorder {
+                zero_fails_enotsup: true,
+                ..Recorder::default()
+            },
+            false,
+        );
+        e.zero(512, 0, Flags::MAY_TRIM | Flags::FUA).unwrap();
+        assert_eq!(calls(&log), ["zero 512 0 0x3", "pwrite 512 0 0x2"]);
+        let err = e.zero(512, 0, Flags::FAST_ZERO).unwrap_err();
+        assert_eq!(err.errno, Errno::ENOTSUP);
+        assert_eq!(calls(&log), ["zero 512 0 0x8"]);
+    }
+
+    #[test]
+    fn fast_zero_not_offered_is_einval() {
+        let (e, _log) = open(
+            Recorder {
+                fast_zero: false,
+                ..Recorder::default()
+            },
+            false,
+        );
+        assert_eq!(
+            e.caps().transmission_flags() & nbd::NBD_FLAG_SEND_FAST_ZERO,
+            0
+        );
+        let err = e.zero(512, 0, Flags::FAST_ZERO).unwrap_err();
+        assert_eq!(err.errno, Errno::EINVAL);
+    }
+
+    #[test]
+    fn cache_emulate_reads_and_native_calls_plugin() {
+        let (e, log) = open(
+            Recorder {
+                cache: Support::Emulate,
+                ..Recorder::default()
+            },
+            false,
+        );
+        e.cache(4096, 512).unwrap();
+        assert_eq!(calls(&log), ["pread 4096 512 0x0"]);
+        let (e, log) = open(Recorder::default(), false);
+        e.cache(4096, 512).unwrap();
+        assert_eq!(calls(&log), ["cache 4096 512 0x0"]);
+    }
+
+    #[test]
+    fn request_beyond_end_is_einval_without_calling_plugin() {
+        let (e, log) = open(Recorder::default(), false);
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            e.read(&mut buf, (4 << 20) - 511).unwrap_err().errno,
+            Errno::EINVAL
+        );
+        assert_eq!(
+            e.trim(1, u64::MAX, Flags::NONE).unwrap_err().errno,
+            Errno::EINVAL
+        );
+        assert_eq!(e.read(&mut [], 0).unwrap_err().errno, Errno::EINVAL);
+        assert!(calls(&log).is_empty());
+    }
+
+    #[test]
+    fn readonly_export_refuses_writes_with_eperm() {
+        let (e, log) = open(Recorder::default(), true);
+        let f = e.caps().transmission_flags();
+        assert_ne!(f & nbd::NBD_FLAG_READ_ONLY, 0);
+        assert_eq!(
+            f & (nbd::NBD_FLAG_SEND_TRIM | nbd::NBD_FLAG_SEND_WRITE_ZEROES),
+            0
+        );
+        assert_eq!(
+            e.write(&[0; 1], 0, Flags::NONE).unwrap_err().errno,
+            Errno::EPERM
+        );
+        assert_eq!(e.zero(1, 0, Flags::NONE).unwrap_err().errno, Errno::EPERM);
+        assert!(calls(&log).is_empty());
+    }
+
+    #[test]
+    fn extents_req_one_keeps_first_and_absent_extents_are_data() {
+        let (e, _log) = open(Recorder::default(), false);
+        let ext = e.extents(4096, 0, Flags::NONE).unwrap();
+        assert_eq!(ext.as_slice().len(), 2);
+        let ext = e.extents(4096, 0, Flags::REQ_ONE).unwrap();
+        assert_eq!(
+            ext.as_slice(),
+            &[crate::Extent {
+                offset: 0,
+                length: 2048,
+                kind: 0
+            }]
+        );
+        let (e, _log) = open(
+            Recorder {
+                extents: false,
+                ..Recorder::default()
+            },
+            false,
+        );
+        let ext = e.extents(4096, 512, Flags::NONE).unwrap();
+        assert_eq!(
+            ext.as_slice(),
+            &[crate::Extent {
+                offset: 512,
+                length: 4096,
+                kind: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn allocation_depth_default_derives_from_extents() {
+        let (e, _log) = open(Recorder::default(), false);
+        let ext = e.allocation_depth(4096, 0, Flags::NONE).unwrap();
+        assert_eq!(
+            ext.as_slice(),
+            &[
+                crate::Extent {
+                    offset: 0,
+                    length: 2048,
+                    kind: 1
+                },
+                crate::Extent {
+                    offset: 2048,
+                    length: 2048,
+                    kind: 0
+                }
+            ]
+        );
+    }
 }

@@ -225,6 +225,12 @@ pub trait Plugin: Send + Sync + 'static {
     /// Opens a handle for one connection (may be called twice per connection: INFO then GO).
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Box<dyn Handle>>;
 
+    /// True if the plugin's handles know which layer of an image holds data, so the server
+    /// should offer the `qemu:allocation-depth` meta context (as `qemu-nbd -A` does).
+    fn has_allocation_depth(&self) -> bool {
+        false
+    }
+
     /// Lines `key=value` for `--dump-plugin`, after the standard ones.
     fn dump(&self) -> Vec<String> {
         Vec::new()
@@ -307,5 +313,23 @@ pub trait Handle: Send + Sync {
     /// Adds extents describing `[offset, offset+count)` to `extents` (at least one).
     fn extents(&self, count: u64, offset: u64, _flags: Flags, extents: &mut Extents) -> Result<()> {
         extents.add(offset, count, 0)
+    }
+
+    /// `qemu:allocation-depth`: adds extents whose `kind` is the depth of the layer that
+    /// holds each range (0 unallocated, 1 this layer, 2 its backing file, ...). The default,
+    /// for plugins without layers, derives it from [`Handle::extents`]: holes are
+    /// unallocated, everything else is in this layer.
+    fn allocation_depth(&self, count: u64, offset: u64, out: &mut Extents) -> Result<()> {
+        let mut ext = Extents::new(offset, offset.saturating_add(count));
+        if self.can_extents()? {
+            self.extents(count, offset, Flags::NONE, &mut ext)?;
+        } else {
+            ext.add(offset, count, 0)?;
+        }
+        for e in ext.as_slice() {
+            let depth = u32::from(e.kind & crate::extents::EXTENT_HOLE == 0);
+            out.add(e.offset, e.length, depth)?;
+        }
+        Ok(())
     }
 }

@@ -204,12 +204,17 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
     }
 
-    let backend = Arc::new(Backend::new(plugin));
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         readonly: args.readonly,
         threads: args.threads as usize,
         ..ServerConfig::default()
     };
+    if plugin.has_allocation_depth() {
+        config
+            .meta_contexts
+            .push("qemu:allocation-depth".to_string());
+    }
+    let backend = Arc::new(Backend::new(plugin));
     let server = NbdServer::new(backend, config);
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -166,7 +166,8 @@ struct Conn<'a> {
     export: Export,
     structured: bool,
     extended: bool,
-    base_allocation: Option<u32>,
+    /// Negotiated meta contexts, in the order their block-status chunks are sent.
+    contexts: Vec<(u32, MetaContext)>,
     max_workers: usize,
     reader: Mutex<Reader>,
     writer: Mutex<Stream>,
@@ -206,18 +207,18 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         server.config().threads.clamp(1, cores + 1)
     };
-    let base_allocation = negotiated
+    let contexts = negotiated
         .meta_contexts
         .iter()
-        .find(|(_, name)| name == "base:allocation")
-        .map(|(id, _)| *id);
+        .filter_map(|(id, name)| MetaContext::from_name(name).map(|c| (*id, c)))
+        .collect();
     let conn = Conn {
         server,
         id,
         export,
         structured: negotiated.structured_replies || negotiated.extended_headers,
         extended: negotiated.extended_headers,
-        base_allocation,
+        contexts,
         max_workers,
         reader: Mutex::new(Reader {
             stream,
@@ -302,6 +303,23 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
             lock(&conn.workers).closing = true;
             let _ = lock(&conn.writer).shutdown(Shutdown::Both);
             return;
+        }
+    }
+}
+
+/// The meta contexts sluice can answer block status for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetaContext {
+    BaseAllocation,
+    AllocationDepth,
+}
+
+impl MetaContext {
+    fn from_name(name: &str) -> Option<MetaContext> {
+        match name {
+            "base:allocation" => Some(MetaContext::BaseAllocation),
+            "qemu:allocation-depth" => Some(MetaContext::AllocationDepth),
+            _ => None,
         }
     }
 }
@@ -487,25 +505,27 @@ fn run_request(
         }
         NBD_CMD_CACHE => export.cache(req.length, req.offset)?,
         NBD_CMD_BLOCK_STATUS => {
-            let Some(context) = conn.base_allocation else {
+            if conn.contexts.is_empty() {
                 return Err(einval(
                     "block status without a negotiated meta context".into(),
                 ));
-            };
+            }
             if req.flags & NBD_CMD_FLAG_REQ_ONE != 0 {
                 flags = flags | Flags::REQ_ONE;
             }
-            let ext = export.extents(req.length, req.offset, flags)?;
-            let list: Vec<(u64, u32)> = ext.as_slice().iter().map(|e| (e.length, e.kind)).collect();
-            reply::block_status(
-                hdr,
-                req.cookie,
-                req.offset,
-                context,
-                &list,
-                true,
-                conn.extended,
-            );
+            // One chunk per context; only the last one carries DONE.
+            for (i, (id, ctx)) in conn.contexts.iter().enumerate() {
+                let ext = match ctx {
+                    MetaContext::BaseAllocation => export.extents(req.length, req.offset, flags)?,
+                    MetaContext::AllocationDepth => {
+                        export.allocation_depth(req.length, req.offset, flags)?
+                    }
+                };
+                let list: Vec<(u64, u32)> =
+                    ext.as_slice().iter().map(|e| (e.length, e.kind)).collect();
+                let done = i + 1 == conn.contexts.len();
+                reply::block_status(hdr, req.cookie, req.offset, *id, &list, done, conn.extended);
+            }
             return Ok(None);
         }
         _ => unreachable!("allowed_flags() accepted an unknown command"),
