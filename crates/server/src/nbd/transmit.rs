@@ -4,9 +4,10 @@
 //! [`std::thread::scope`]. A worker takes the reader lock, reads one request header and its
 //! payload straight into its own buffer, releases the lock, runs the request against the
 //! [`Export`], and writes the reply under the writer lock. Replies therefore go out in
-//! completion order. A second worker is started only when every existing one is busy and the
-//! plugin may run requests in parallel, so a client with one request in flight costs one
-//! thread, and a pipelining client gets up to N.
+//! completion order. Another worker is started only when every existing one is busy, the
+//! plugin may run requests in parallel, and the client has already sent more (input is
+//! buffered or waiting in the socket): a client with one request in flight is served by one
+//! thread with no lock hand-offs, and a pipelining client gets up to N.
 //!
 //! Each worker owns one buffer, laid out as `[reply header room | data]`: a read is done
 //! into the data part and its reply header written just before it, so the reply leaves in a
@@ -19,6 +20,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_block::plugin::Flags;
@@ -60,6 +62,22 @@ enum InputEnd {
 impl Reader {
     fn buffered(&self) -> &[u8] {
         &self.buf[self.start..self.end]
+    }
+
+    /// True if a whole request header is buffered (so reading it will not block).
+    fn has_buffered_request(&self, extended: bool) -> bool {
+        !matches!(decode_request(self.buffered(), extended), Ok(None))
+    }
+
+    /// True if more client input is already here: buffered, or waiting in the socket.
+    fn has_more_input(&self) -> bool {
+        if self.start != self.end {
+            return true;
+        }
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on our open socket writes one int.
+        let r = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+        r == 0 && n > 0
     }
 
     /// Reads more input; Ok(false) at end of input.
@@ -168,10 +186,20 @@ struct Conn<'a> {
     extended: bool,
     /// Negotiated meta contexts, in the order their block-status chunks are sent.
     contexts: Vec<(u32, MetaContext)>,
+    /// Pure-memory plugin: one worker that coalesces replies (see [`batch_worker`]).
+    batch: bool,
     max_workers: usize,
     reader: Mutex<Reader>,
     writer: Mutex<Stream>,
     workers: Mutex<Workers>,
+}
+
+impl Conn<'_> {
+    /// True if every worker is busy and another may be started.
+    fn may_grow(&self) -> bool {
+        let w = lock(&self.workers);
+        w.busy + 1 >= w.count && w.count < self.max_workers
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -197,15 +225,11 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     };
     let mut buf = vec![0u8; READ_BUF.max(leftover.len())].into_boxed_slice();
     buf[..leftover.len()].copy_from_slice(&leftover);
-    let max_workers = if backend.thread_model() < ThreadModel::Parallel {
+    let batch = !backend.plugin().may_block();
+    let max_workers = if batch || backend.thread_model() < ThreadModel::Parallel {
         1
-    } else if backend.plugin().may_block() {
-        server.config().threads.max(1)
     } else {
-        // Pure-memory plugins only need a thread per core (plus one to cover a reply write
-        // that waits for the socket).
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        server.config().threads.clamp(1, cores + 1)
+        server.config().threads.max(1)
     };
     let contexts = negotiated
         .meta_contexts
@@ -219,6 +243,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         structured: negotiated.structured_replies || negotiated.extended_headers,
         extended: negotiated.extended_headers,
         contexts,
+        batch,
         max_workers,
         reader: Mutex::new(Reader {
             stream,
@@ -233,7 +258,11 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             closing: false,
         }),
     };
-    std::thread::scope(|scope| worker(&conn, scope));
+    if conn.batch {
+        batch_worker(&conn);
+    } else {
+        std::thread::scope(|scope| worker(&conn, scope));
+    }
     // Workers are gone: dropping `conn` closes the plugin handle.
 }
 
@@ -248,13 +277,13 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
     let mut buf: Vec<u8> = vec![0u8; HEADROOM + 64 * 1024];
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
     loop {
-        let next = {
+        let (next, backlog) = {
             let mut reader = lock(&conn.reader);
             if lock(&conn.workers).closing {
                 return;
             }
             match next_request(conn, &mut reader, &mut buf) {
-                Ok(n) => n,
+                Ok(n) => (n, conn.may_grow() && reader.has_more_input()),
                 Err(end) => {
                     lock(&conn.workers).closing = true;
                     if let InputEnd::Broken(why) = end {
@@ -268,7 +297,9 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
         {
             let mut w = lock(&conn.workers);
             w.busy += 1;
-            if w.busy == w.count && w.count < conn.max_workers && !w.closing {
+            // Another worker only pays off when the client has already sent more: a client
+            // with one request in flight is served best by one thread (no lock hand-offs).
+            if backlog && w.busy == w.count && w.count < conn.max_workers && !w.closing {
                 w.count += 1;
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-conn-{}", conn.id))
@@ -303,6 +334,72 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
             lock(&conn.workers).closing = true;
             let _ = lock(&conn.writer).shutdown(Shutdown::Both);
             return;
+        }
+    }
+}
+
+/// Replies up to this size are gathered and sent together by [`batch_worker`].
+const COALESCE_MAX: usize = 64 * 1024;
+
+/// The worker for plugins that never block (memory, null, pattern): requests cost a copy, so
+/// thread hand-offs would dominate. One thread runs every request the client has sent, in
+/// order, gathering small replies and sending them in one `write` before it waits for input
+/// again; a large read reply is sent straight from its buffer.
+fn batch_worker(conn: &Conn) {
+    let mut buf: Vec<u8> = vec![0u8; HEADROOM + 64 * 1024];
+    let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
+    let mut out: Vec<u8> = Vec::with_capacity(256 * 1024);
+    let mut reader = lock(&conn.reader);
+    let mut writer = lock(&conn.writer);
+    let end = loop {
+        // Before waiting for input, send what is gathered.
+        if !out.is_empty() && !reader.has_buffered_request(conn.extended) {
+            if let Err(e) = writer.write_all(&out) {
+                break Err(e);
+            }
+            out.clear();
+        }
+        let next = match next_request(conn, &mut reader, &mut buf) {
+            Ok(n) => n,
+            Err(end) => break Ok(end),
+        };
+        hdr.clear();
+        let data = match next {
+            Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
+            Next::Refused(req, err) => {
+                error_reply(conn, &req, &err, &mut hdr);
+                None
+            }
+        };
+        match data {
+            Some(len) if len > COALESCE_MAX => {
+                let start = HEADROOM - hdr.len();
+                buf[start..HEADROOM].copy_from_slice(&hdr);
+                let r = writer
+                    .write_all(&out)
+                    .and_then(|_| writer.write_all(&buf[start..HEADROOM + len]));
+                out.clear();
+                if let Err(e) = r {
+                    break Err(e);
+                }
+            }
+            Some(len) => {
+                out.extend_from_slice(&hdr);
+                out.extend_from_slice(&buf[HEADROOM..HEADROOM + len]);
+            }
+            None => out.extend_from_slice(&hdr),
+        }
+    };
+    // Replies to the requests before the end still go out, then a broken stream is cut.
+    match end.and_then(|end| writer.write_all(&out).map(|_| end)) {
+        Ok(InputEnd::Closed) => {}
+        Ok(InputEnd::Broken(why)) => {
+            tracing::info!(conn = conn.id, "closing connection: {why}");
+            let _ = reader.stream.shutdown(Shutdown::Both);
+        }
+        Err(e) => {
+            tracing::info!(conn = conn.id, "closing connection: cannot send reply: {e}");
+            let _ = writer.shutdown(Shutdown::Both);
         }
     }
 }

@@ -179,3 +179,112 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+pub mod raw;
+
+impl Server {
+    /// Asserts the server's stderr shows no Rust panic (on any thread, including ones that
+    /// did not take the process down).
+    pub fn assert_no_panic(&self) {
+        let err = self.stderr();
+        assert!(!err.contains("panicked"), "server panicked; stderr:\n{err}");
+    }
+
+    /// Asserts the server still serves new clients: nbdinfo completes a handshake on the
+    /// default export (or `export`) and the process is alive without having panicked.
+    pub fn assert_serving(&mut self, export: &str) {
+        run("nbdinfo", &["--size", &self.uri_for(export)]);
+        self.assert_alive();
+        self.assert_no_panic();
+    }
+}
+
+impl Server {
+    /// Starts nbdkit itself the way [`Server::start`] starts sluice (`nbdkit -f -U SOCKET
+    /// ARGS...`), for tests that compare the two servers.
+    pub fn try_start_nbdkit(args: &[&str]) -> Result<Server, String> {
+        Server::try_start_program("nbdkit", &["-f", "-U"], args)
+    }
+
+    /// Starts `PROGRAM LEADING... SOCKET ARGS...` and waits until it greets NBD clients on
+    /// SOCKET.
+    pub fn try_start_program(
+        program: &str,
+        leading: &[&str],
+        args: &[&str],
+    ) -> Result<Server, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(program)
+            .args(leading)
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        let mut server = Server {
+            child: Some(child),
+            dir,
+            socket,
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&server.socket) {
+                let mut magic = [0u8; 8];
+                if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
+                    return Ok(server);
+                }
+            }
+            if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                return Err(format!("exited with {st}: {}", server.stderr()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out; stderr: {}", server.stderr()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Compiles the C test plugin `NAME.c` with the system `cc` against Debian's nbdkit headers
+/// into `out_dir/NAME.so`. The source is this crate's `tests/plugins/NAME.c` if there is
+/// one, else sluice-nbdkit's `crates/nbdkit/tests/plugins/NAME.c` (whose `common.h` both
+/// may include).
+pub fn compile_c_plugin(name: &str, out_dir: &Path) -> PathBuf {
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plugins");
+    let nbdkit_tests = nbdkit_test_plugin_dir();
+    let src = [&ours, &nbdkit_tests]
+        .iter()
+        .map(|d| d.join(format!("{name}.c")))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no test plugin source {name}.c"));
+    let out = out_dir.join(format!("{name}.so"));
+    let status = Command::new("cc")
+        .args([
+            "-shared",
+            "-fPIC",
+            "-O1",
+            "-Wall",
+            "-Wno-unused-parameter",
+            "-Werror",
+        ])
+        .arg("-I")
+        .arg(&nbdkit_tests)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("run cc (install gcc and nbdkit-plugin-dev: scripts/test.sh)");
+    assert!(status.success(), "compiling {}", src.display());
+    out
+}
+
+/// sluice-nbdkit's C test plugins.
+pub fn nbdkit_test_plugin_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nbdkit/tests/plugins")
+}
