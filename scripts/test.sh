@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Peers the tests drive: nbdkit (and its plugin headers and python plugin), libnbd's tools
 # and Python bindings, fio, qemu's tools.
-debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc)
+debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc
+      libpython3.11-dev)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

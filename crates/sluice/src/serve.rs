@@ -31,7 +31,12 @@ Examples:
   sluice serve --dump-plugin memory
                                    show a plugin's details, as nbdkit --dump-plugin
 
+  sluice serve -f -U /tmp/p.sock python ./plugin.py size=1G
+                                   run an nbdkit Python plugin script, unmodified
+
 Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=).
+`python SCRIPT` runs nbdkit Python plugin scripts (API_VERSION 1 and 2); a script can
+start with `#!/usr/bin/env -S sluice serve python` to be run directly.
 Other names load nbdkit's C plugins unmodified (nbdkit-NAME-plugin.so from --plugin-dir,
 then /usr/local/lib/sluice/plugins, then nbdkit's plugin directory).
 A bare value (`1G`, `disk.img`) sets the plugin's main parameter.";
@@ -185,10 +190,19 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     if args.dump_plugin {
         return dump_plugin(&args, &params);
     }
-    let plugin = open_plugin(&args, &params)?;
+    let Loaded { plugin, python } = if args.plugin == "python" {
+        open_python(&params)?
+    } else {
+        Loaded {
+            plugin: open_plugin(&args, &params)?,
+            python: None,
+        }
+    };
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let hook = shutdown.clone();
     sluice_nbdkit::set_shutdown_hook(Box::new(move || hook.notify_one()));
+    let hook = shutdown.clone();
+    sluice_python::set_shutdown_hook(Box::new(move || hook.notify_one()));
     let listening = listen(&args).map_err(usage)?;
     let foreground =
         args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
@@ -199,6 +213,9 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     } else {
         Some(daemonize().map_err(|e| Failure { code: 1, err: e })?)
     };
+    if let Some(p) = &python {
+        p.after_fork().map_err(python_failure)?;
+    }
     if args.exit_with_parent {
         // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
@@ -277,8 +294,9 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
                 _ = run_done => tracing::debug!("--run command finished"),
                 _ = shutdown.notified() => tracing::debug!("plugin asked for shutdown"),
             }
-            // Wakes plugins sleeping in nbdkit_nanosleep.
+            // Wakes plugins sleeping in nbdkit_nanosleep / nbdkit.nanosleep.
             sluice_nbdkit::request_shutdown();
+            sluice_python::request_shutdown();
         };
         server.serve(listeners, stop).await;
         let s = server.clone();
@@ -312,6 +330,35 @@ fn plugin_dirs(args: &ServeArgs) -> Vec<PathBuf> {
     dirs.push(PathBuf::from(SLUICE_PLUGIN_DIR));
     dirs.push(PathBuf::from(sluice_nbdkit::NBDKIT_PLUGIN_DIR));
     dirs
+}
+
+/// A loaded plugin, and what must run in the process that serves it (after any fork).
+struct Loaded {
+    plugin: Arc<dyn Plugin>,
+    python: Option<Arc<sluice_python::PythonPlugin>>,
+}
+
+/// Loads a Python plugin script (`sluice serve python SCRIPT [key=value...]`). Its
+/// `after_fork` runs later, in the serving process, since script threads don't survive fork.
+fn open_python(params: &[ConfigArg]) -> Result<Loaded, Failure> {
+    let (script, rest) = sluice_python::split_script(params).map_err(|e| usage(e.into()))?;
+    let p = sluice_python::load_before_fork(&script, rest).map_err(python_failure)?;
+    Ok(Loaded {
+        plugin: p.clone(),
+        python: Some(p),
+    })
+}
+
+fn python_failure(e: sluice_python::LoadError) -> Failure {
+    let code = if e.to_string().contains("incompatible") {
+        1
+    } else {
+        2
+    };
+    Failure {
+        code,
+        err: e.into(),
+    }
 }
 
 /// Loads the plugin the user named: built-in first, then an nbdkit C plugin.
@@ -360,7 +407,16 @@ fn load_failure(e: sluice_nbdkit::LoadError) -> Failure {
 
 /// `--dump-plugin`: nbdkit's key=value description of a plugin.
 fn dump_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<i32, Failure> {
-    let text = if let Some(r) = plugins::open_builtin(&args.plugin, params) {
+    let text = if args.plugin == "python" {
+        let (script, rest) = match params.first() {
+            Some(_) => {
+                let (s, r) = sluice_python::split_script(params).map_err(|e| usage(e.into()))?;
+                (Some(s), r)
+            }
+            None => (None, params),
+        };
+        sluice_python::dump_plugin(script.as_deref(), rest).map_err(python_failure)?
+    } else if let Some(r) = plugins::open_builtin(&args.plugin, params) {
         let p = r.map_err(|e| usage(e.into()))?;
         let tm = p.thread_model().as_str();
         let mut t = format!(

@@ -1,0 +1,1 @@
+# Stand-in for botocore; see boto3/__init__.py.
