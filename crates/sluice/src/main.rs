@@ -32,7 +32,10 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     if cli.dump_config {
         print!("{}", dump_config());
         std::process::exit(0);
@@ -66,4 +69,34 @@ fn dump_config() -> String {
         sluice_nbdkit::NBDKIT_PLUGIN_DIR,
         serve::SLUICE_PLUGIN_DIR,
     )
+}
+
+/// Help and version go to stdout as clap prints them; any other command-line mistake is one
+/// line on stderr, `sluice: ...`, and exit status 2.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        std::process::exit(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                2
+            } else {
+                0
+            },
+        );
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid command line")
+        .trim()
+        .trim_start_matches("error: ");
+    eprintln!("sluice: {first} (see --help)");
+    std::process::exit(2);
 }

@@ -146,8 +146,10 @@ fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -182,6 +184,8 @@ struct Listening {
     tempdir: Option<PathBuf>,
     /// Socket file to unlink at exit.
     socket_path: Option<PathBuf>,
+    /// An inherited (socket-activated) Unix socket's path: in the URI, but not ours to unlink.
+    inherited_path: Option<PathBuf>,
     activated: bool,
 }
 
@@ -211,7 +215,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     let ready_pipe = if foreground {
         None
     } else {
-        Some(daemonize().map_err(|e| Failure { code: 1, err: e })?)
+        Some(daemonize(&uri).map_err(|e| Failure { code: 1, err: e })?)
     };
     if let Some(p) = &python {
         p.after_fork().map_err(python_failure)?;
@@ -450,6 +454,7 @@ fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
         tcp: Vec::new(),
         tempdir: None,
         socket_path: None,
+        inherited_path: None,
         activated: false,
     };
     if let Some(fds) = activation_fds()? {
@@ -472,6 +477,11 @@ fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
                     .push(unsafe { std::net::TcpListener::from_raw_fd(fd) }),
             }
         }
+        l.inherited_path = l
+            .unix
+            .first()
+            .and_then(|(u, _)| u.local_addr().ok())
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf));
         l.activated = true;
         return Ok(l);
     }
@@ -650,7 +660,7 @@ impl PrivateDir for std::fs::DirBuilder {
 fn uri_of(args: &ServeArgs, l: &Listening) -> String {
     let export = args.exportname.clone().unwrap_or_default();
     let export = uri_escape(&export);
-    if let Some(p) = &l.socket_path {
+    if let Some(p) = l.socket_path.as_ref().or(l.inherited_path.as_ref()) {
         return format!("nbd+unix:///{export}?socket={}", p.display());
     }
     let port = l
@@ -685,9 +695,10 @@ fn write_pidfile(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write pidfile {}", path.display()))
 }
 
-/// Forks into the background. The parent waits until the child says it is ready, then exits 0;
-/// the child returns the fd to signal readiness on.
-fn daemonize() -> anyhow::Result<RawFd> {
+/// Forks into the background. The parent waits until the child says it is ready, prints the
+/// URI and exits 0 (so `uri=$(sluice serve ...)` works); the child returns the fd to signal
+/// readiness on.
+fn daemonize(uri: &str) -> anyhow::Result<RawFd> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 fills the two-element array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -711,7 +722,12 @@ fn daemonize() -> anyhow::Result<RawFd> {
             let mut b = [0u8; 1];
             // SAFETY: reading one byte into a one-byte buffer.
             let n = unsafe { libc::read(fds[0], b.as_mut_ptr() as *mut libc::c_void, 1) };
-            std::process::exit(if n == 1 { 0 } else { 1 });
+            if n != 1 {
+                eprintln!("sluice: the server process failed to start");
+                std::process::exit(1);
+            }
+            println!("{uri}");
+            std::process::exit(0);
         }
     }
 }

@@ -55,7 +55,14 @@ pub(super) fn negotiate(
         let event = hs.poll()?;
         let out = hs.take_output();
         if !out.is_empty() {
-            stream.write_all(&out)?;
+            let sent = stream.write_all(&out);
+            // A client that sends NBD_OPT_ABORT may close without reading the
+            // acknowledgement (libnbd's nbd_opt_abort does, so every `nbdinfo --list`), so
+            // failing to send that last reply is the normal end, not an error to log.
+            if matches!(event, Event::Aborted) {
+                return Ok(None);
+            }
+            sent?;
         }
         match event {
             Event::NeedInput => {

@@ -288,3 +288,76 @@ pub fn compile_c_plugin(name: &str, out_dir: &Path) -> PathBuf {
 pub fn nbdkit_test_plugin_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nbdkit/tests/plugins")
 }
+
+/// Runs `qemu-io -f raw URI -c CMD...` and returns its stdout. qemu-io exits 0 even when a
+/// command fails or `read -P` finds other bytes, so this also panics if the output reports a
+/// pattern mismatch or any failed command.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    qemu_io_with(&[], uri, cmds)
+}
+
+/// [`qemu_io`] with extra qemu-io options before the image (`-r` for read-only exports).
+pub fn qemu_io_with(options: &[&str], uri: &str, cmds: &[&str]) -> String {
+    let mut args = options.to_vec();
+    args.extend(["-f", "raw", uri]);
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = output("qemu-io", &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success()
+            && !text.contains("Pattern verification failed")
+            && !text.contains("failed")
+            && !text.to_lowercase().contains("error"),
+        "qemu-io {cmds:?} on {uri} ({}):\n{text}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `qemu-io -f raw URI -c CMD...` without judging the result.
+pub fn qemu_io_unchecked(uri: &str, cmds: &[&str]) -> Output {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    output("qemu-io", &args)
+}
+
+/// `nbdinfo --json ARGS... URI`, parsed.
+pub fn nbdinfo_json(args: &[&str], uri: &str) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.push(uri);
+    let text = run("nbdinfo", &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("nbdinfo --json output: {e}\n{text}"))
+}
+
+/// The bytes of the whole export at `uri`, copied out with nbdcopy into `dir`.
+pub fn export_bytes(uri: &str, dir: &Path) -> Vec<u8> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = dir.join(format!("export-copy-{n}.bin"));
+    run("nbdcopy", &[uri, path_str(&out)]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+/// Asserts two byte strings are equal, reporting the first differing offset instead of
+/// dumping megabytes.
+#[track_caller]
+pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at offset {i}: {:#04x} != expected {:#04x}",
+            actual[i], expected[i]
+        );
+    }
+    assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
+}
