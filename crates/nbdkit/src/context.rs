@@ -15,6 +15,13 @@
 //! `nbdkit_error` message and the C `errno`; when the callback returns -1 the host reads them
 //! back (see `call_error`) to build the [`BlockError`] the client will see.
 //!
+//! Every `nbdkit_error` message is shown exactly once. A message reported during a call is
+//! held as the call's *pending* message: if the call fails, it becomes the message of the
+//! returned error (whose receiver shows it, as the server does for a failed request or
+//! `sluice` for a failed startup); otherwise it is logged when the call ends. A plugin that
+//! reports several messages in one call gets the earlier ones logged as the next arrives.
+//! Messages from threads that are in no call (a plugin's own threads) are logged at once.
+//!
 //! What outlives a single call lives in a [`Connection`]: the client's peer address and
 //! credentials, its TLS state, the export names it opened (interned, so the pointers that
 //! `nbdkit_export_name` returned stay valid) and the strings the plugin interned with
@@ -236,6 +243,8 @@ thread_local! {
     static CONN: RefCell<Option<Connection>> = const { RefCell::new(None) };
     static SET_ERROR: Cell<i32> = const { Cell::new(0) };
     static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// How many [`Scope`]s are open on this thread.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
 }
 
 /// The frame of the call in progress on this thread.
@@ -257,9 +266,11 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub(crate) fn enter(frame: Frame) -> Scope {
+        // A nested call: what the outer call reported so far is shown under its own name.
+        log_pending();
         let prev = FRAME.with(|f| f.replace(frame));
+        DEPTH.with(|d| d.set(d.get() + 1));
         SET_ERROR.with(|e| e.set(0));
-        LAST_ERROR.with(|m| m.borrow_mut().take());
         set_errno(0);
         Scope {
             prev,
@@ -270,6 +281,10 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        // Nobody took the message into an error (the call succeeded): show it now, while
+        // the frame still names the plugin.
+        log_pending();
+        DEPTH.with(|d| d.set(d.get() - 1));
         FRAME.with(|f| f.set(self.prev));
     }
 }
@@ -308,12 +323,28 @@ pub(crate) fn set_error(err: i32) {
     SET_ERROR.with(|e| e.set(err));
 }
 
-/// Remembers the message of an `nbdkit_error` for the failing call.
+/// Records the message of an `nbdkit_error`: pending for the call in progress (logging the
+/// one it replaces), or logged at once on a thread that is in no call.
 pub(crate) fn set_last_error(msg: String) {
+    if DEPTH.with(Cell::get) == 0 {
+        crate::api::log::log_error(&msg);
+        return;
+    }
+    log_pending();
     LAST_ERROR.with(|m| *m.borrow_mut() = Some(msg));
 }
 
-/// The message of the last `nbdkit_error` on this thread since the current scope began.
+/// Logs and clears the pending `nbdkit_error` message, if any. Preserves errno.
+fn log_pending() {
+    if let Some(msg) = LAST_ERROR.with(|m| m.borrow_mut().take()) {
+        let saved = errno();
+        crate::api::log::log_error(&msg);
+        set_errno(saved);
+    }
+}
+
+/// The pending `nbdkit_error` message of the call in progress; the caller now shows it (or
+/// hands it on in an error).
 pub(crate) fn take_last_error() -> Option<String> {
     LAST_ERROR.with(|m| m.borrow_mut().take())
 }
@@ -435,6 +466,37 @@ mod tests {
         );
         set_last_error("disk on fire".into());
         assert_eq!(call_error("pread", false, 0).message, "disk on fire");
+    }
+
+    #[test]
+    fn message_of_failed_call_is_taken_not_left_pending() {
+        let plugin = PluginScope::new("t".into());
+        {
+            let _s = Scope::enter(Frame::for_plugin(&plugin));
+            set_last_error("first".into());
+            // A second message replaces the first, which is logged instead of kept.
+            set_last_error("second".into());
+            assert_eq!(call_error("pwrite", false, 0).message, "second");
+            assert_eq!(take_last_error(), None);
+        }
+        assert_eq!(LAST_ERROR.with(|m| m.borrow().clone()), None);
+    }
+
+    #[test]
+    fn pending_message_is_cleared_when_call_ends() {
+        let plugin = PluginScope::new("t".into());
+        {
+            let _s = Scope::enter(Frame::for_plugin(&plugin));
+            set_last_error("logged at the end".into());
+        }
+        assert_eq!(DEPTH.with(Cell::get), 0);
+        assert_eq!(take_last_error(), None);
+    }
+
+    #[test]
+    fn message_outside_any_call_is_not_kept() {
+        set_last_error("from a plugin thread".into());
+        assert_eq!(take_last_error(), None);
     }
 
     #[test]

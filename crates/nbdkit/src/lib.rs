@@ -55,7 +55,9 @@ pub use api::paths::set_stdio_safe;
 pub use context::{with_conn, ConnInfo, Connection, PeerCreds};
 pub use debug_flags::{set_debug_flag, set_server_debug_flag, DebugFlag};
 pub use error::LoadError;
-pub use plugin::{dump_plugin, load, load_with, resolve, LoadedPlugin, NBDKIT_PLUGIN_DIR};
+pub use plugin::{
+    dump_plugin, dump_plugin_with, load, load_with, resolve, LoadedPlugin, NBDKIT_PLUGIN_DIR,
+};
 pub use shutdown::{request_shutdown, set_shutdown_hook, shutdown_requested};
 
 /// Makes sure the linker keeps every exported `nbdkit_*` definition (Rust and C shim) in

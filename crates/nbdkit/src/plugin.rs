@@ -92,7 +92,17 @@ pub fn load_with(
 /// errno_is_preserved, magic_config_key, `has_FIELD=1` per callback, then whatever the
 /// plugin's own `.dump_plugin` prints (captured from its stdout).
 pub fn dump_plugin(path: &Path, args: &[ConfigArg]) -> Result<String, LoadError> {
-    let mut shared = register(path, &[])?;
+    dump_plugin_with(path, args, &[])
+}
+
+/// [`dump_plugin`], also applying `-D NAME.FLAG=N` debug flags first, as [`load_with`] does
+/// (`nbdkit -D recorder.verbose=1 --dump-plugin ...` shows the flag to `.dump_plugin`).
+pub fn dump_plugin_with(
+    path: &Path,
+    args: &[ConfigArg],
+    debug_flags: &[DebugFlag],
+) -> Result<String, LoadError> {
+    let mut shared = register(path, debug_flags)?;
     shared.configure(args)?;
     shared.thread_model = shared.effective_thread_model()?;
     let p = &shared.p;
@@ -359,11 +369,13 @@ impl Shared {
             let scope = Scope::enter(Frame::for_plugin(&self.scope));
             // SAFETY: `.config` with two valid C strings, kept alive until after `.unload`.
             let r = unsafe { config(ckey.as_ptr(), cvalue.as_ptr()) };
+            // Taken inside the call's scope: its end would log the message instead.
+            let failed = (r == -1).then(|| self.lifecycle_error("config"));
             drop(scope);
             self.config_strings.push(ckey);
             self.config_strings.push(cvalue);
-            if r == -1 {
-                return Err(self.lifecycle_error("config"));
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         Ok(())

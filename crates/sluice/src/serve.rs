@@ -440,7 +440,7 @@ fn dump_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<i32, Failure> {
         let Some(path) = sluice_nbdkit::resolve(&args.plugin, &plugin_dirs(args)) else {
             return Err(usage(anyhow::anyhow!("unknown plugin '{}'", args.plugin)));
         };
-        sluice_nbdkit::dump_plugin(&path, params).map_err(load_failure)?
+        sluice_nbdkit::dump_plugin_with(&path, params, &args.debug_flags).map_err(load_failure)?
     };
     print!("{text}");
     let _ = std::io::stdout().flush();

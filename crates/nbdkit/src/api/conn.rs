@@ -179,10 +179,14 @@ pub extern "C" fn nbdkit_disconnect(force: c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{take_last_error, with_conn, ConnInfo, Connection, PeerCreds};
+    use crate::context::{
+        take_last_error, with_conn, ConnInfo, Connection, Frame, PeerCreds, PluginScope, Scope,
+    };
 
     #[test]
     fn export_name_outside_connection_is_null_with_error() {
+        let p = PluginScope::new("test".into());
+        let _s = Scope::enter(Frame::for_plugin(&p));
         assert!(nbdkit_export_name().is_null());
         assert_eq!(take_last_error().unwrap(), "no connection in this thread");
         assert_eq!(nbdkit_is_tls(), -1);
@@ -219,6 +223,8 @@ mod tests {
 
     #[test]
     fn peer_pid_without_creds_is_error() {
+        let p = PluginScope::new("test".into());
+        let _s = Scope::enter(Frame::for_plugin(&p));
         let conn = Connection::new(ConnInfo::default());
         with_conn(&conn, || {
             assert_eq!(nbdkit_peer_pid(), -1);

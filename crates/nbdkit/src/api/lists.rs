@@ -299,6 +299,8 @@ mod tests {
 
     #[test]
     fn add_extent_out_of_order_sets_erange_and_message() {
+        let plugin = context::PluginScope::new("test".into());
+        let _s = context::Scope::enter(context::Frame::for_plugin(&plugin));
         let mut ext = Extents::new(0, 100);
         let p = (&mut ext as *mut Extents).cast::<NbdkitExtentsOpaque>();
         // SAFETY: `ext` is alive and not otherwise borrowed during these calls.
@@ -346,6 +348,8 @@ mod tests {
 
     #[test]
     fn add_export_too_long_is_error() {
+        let plugin = context::PluginScope::new("test".into());
+        let _s = context::Scope::enter(context::Frame::for_plugin(&plugin));
         let mut list = ExportList::default();
         let long = CString::new(vec![b'x'; MAX_STRING + 1]).unwrap();
         // SAFETY: a live list and valid C strings.

@@ -1,17 +1,24 @@
 //! `nbdkit_error`, `nbdkit_debug` (formatted by the C shim, which calls in here) and
 //! `nbdkit_set_error`.
 //!
-//! An error message is logged at once (a plugin may report several, and nbdkit prints each)
-//! and also remembered thread-locally as the message of the callback in progress, so that
-//! the `BlockError` of a failed request carries the plugin's own words.
+//! An error message becomes the pending message of the callback in progress, so that the
+//! `BlockError` of a failed request carries the plugin's own words; a message that no error
+//! carries is logged when the callback returns (see [`crate::context`]). Either way each
+//! message is shown once, as nbdkit prints each.
 
 use std::ffi::{c_char, c_int, CStr};
 
 use crate::context;
 
-/// Logs one `nbdkit_error` and remembers it for the call in progress. Preserves errno.
+/// Reports one `nbdkit_error` for the call in progress. Preserves errno.
 pub(crate) fn report_error(msg: String) {
     let saved = context::errno();
+    context::set_last_error(msg);
+    context::set_errno(saved);
+}
+
+/// Writes an `nbdkit_error` message to the log, naming the plugin being called.
+pub(crate) fn log_error(msg: &str) {
     context::with_plugin_name(|plugin| {
         if plugin.is_empty() {
             tracing::error!(target: "nbdkit", "{msg}");
@@ -19,8 +26,6 @@ pub(crate) fn report_error(msg: String) {
             tracing::error!(target: "nbdkit", "{plugin}: {msg}");
         }
     });
-    context::set_last_error(msg);
-    context::set_errno(saved);
 }
 
 /// Called by the C shim with the formatted text of `nbdkit_error`/`nbdkit_verror`.

@@ -171,6 +171,9 @@ impl NbdServer {
             match negotiate::negotiate(self, stream) {
                 Ok(Some(session)) => transmit::run(self, id, session),
                 Ok(None) => tracing::debug!(conn = id, "client ended negotiation"),
+                Err(e) if e.is_disconnect() => {
+                    tracing::debug!(conn = id, "client left during negotiation: {e}")
+                }
                 Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
             }
         };

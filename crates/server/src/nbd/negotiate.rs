@@ -39,6 +39,16 @@ pub(super) enum NegotiateError {
     Protocol(#[from] sluice_proto::nbd::HandshakeError),
 }
 
+impl NegotiateError {
+    /// The client simply went away (closed or reset the socket): not worth an info line.
+    pub(super) fn is_disconnect(&self) -> bool {
+        matches!(self, NegotiateError::Io(e) if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+        ))
+    }
+}
+
 pub(super) fn negotiate(
     server: &NbdServer,
     mut stream: Stream,
@@ -75,7 +85,7 @@ pub(super) fn negotiate(
             Event::ListExports => hs.answer_list(&list_exports(server)),
             Event::ExportQuery { name, purpose } => {
                 let answer = open_export(server, &name).map(|opened| {
-                    let details = details(server, &name, &opened);
+                    let details = details(server, &opened);
                     if matches!(purpose, Purpose::Go | Purpose::ExportName) {
                         kept = Some(opened);
                     }
@@ -108,6 +118,8 @@ pub(super) fn negotiate(
 /// An export opened for a client.
 struct Opened {
     export: Export,
+    /// The export's name: the one asked for, or the plugin's default export for "".
+    name: String,
     backend: Arc<Backend>,
     named: Option<Arc<NamedExport>>,
 }
@@ -159,14 +171,16 @@ fn open_export(server: &NbdServer, name: &str) -> Result<Opened, BlockError> {
         is_tls: false,
     };
     let export = Export::open(&backend, &ctx)?;
+    let name = if named.is_some() { name } else { plugin_name };
     Ok(Opened {
         export,
+        name: name.to_string(),
         backend,
         named,
     })
 }
 
-fn details(server: &NbdServer, name: &str, opened: &Opened) -> ExportDetails {
+fn details(server: &NbdServer, opened: &Opened) -> ExportDetails {
     let caps = opened.export.caps();
     let max = server.config.max_payload;
     let block_size = match caps.block_size {
@@ -178,7 +192,7 @@ fn details(server: &NbdServer, name: &str, opened: &Opened) -> ExportDetails {
         _ => caps.description.clone(),
     };
     ExportDetails {
-        name: name.to_string(),
+        name: opened.name.clone(),
         description,
         size: caps.size,
         transmission_flags: caps.transmission_flags(),

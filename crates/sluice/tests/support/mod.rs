@@ -361,3 +361,31 @@ pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
     }
     assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
 }
+
+/// The C test plugin `NAME.so` (see [`compile_c_plugin`]), compiled once per test binary into
+/// [`c_plugin_build_dir`].
+pub fn c_plugin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, so)) = built.iter().find(|(n, _)| n == name) {
+        return so.clone();
+    }
+    let so = compile_c_plugin(name, c_plugin_build_dir());
+    built.push((name.to_string(), so.clone()));
+    so
+}
+
+/// Where this test binary compiles C test plugins: a directory of its own under cargo's
+/// target tmpdir.
+pub fn c_plugin_build_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("c-plugins")
+            .join(format!("{stem}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+}
