@@ -354,7 +354,7 @@ fn open_python(params: &[ConfigArg]) -> Result<Loaded, Failure> {
 }
 
 fn python_failure(e: sluice_python::LoadError) -> Failure {
-    let code = if e.to_string().contains("incompatible") {
+    let code = if matches!(e, sluice_python::LoadError::Incompatible { .. }) {
         1
     } else {
         2

@@ -83,6 +83,24 @@ pub(super) fn negotiate(
                 hs.feed(&buf[..n]);
             }
             Event::ListExports => hs.answer_list(&list_exports(server)),
+            Event::ExportQuery {
+                name,
+                purpose: Purpose::ListMetaContext | Purpose::SetMetaContext,
+            } => {
+                // Meta-context negotiation only needs to know the export exists: opening the
+                // plugin for it would run its open/close once more per client (nbdkit does not).
+                let answer = match export_exists(server, &name) {
+                    true => Ok(ExportDetails {
+                        name: name.clone(),
+                        description: None,
+                        size: 0,
+                        transmission_flags: 0,
+                        block_size: None,
+                    }),
+                    false => Err(ExportRefusal::Unknown(format!("no export named {name:?}"))),
+                };
+                hs.answer_export(answer);
+            }
             Event::ExportQuery { name, purpose } => {
                 let answer = open_export(server, &name).map(|opened| {
                     let details = details(server, &opened);
@@ -136,6 +154,15 @@ fn list_exports(server: &NbdServer) -> Vec<(String, Option<String>)> {
             }
         }
         Exports::Table(table) => table.list(),
+    }
+}
+
+/// True if a client may ask for `name`: a plugin answers to any name (as with nbdkit, it
+/// refuses unknown ones when opened), a daemon only to the names in its table.
+fn export_exists(server: &NbdServer, name: &str) -> bool {
+    match &server.exports {
+        Exports::Single(_) => name.len() <= sluice_proto::nbd::consts::NBD_MAX_STRING,
+        Exports::Table(table) => table.get(name).is_some(),
     }
 }
 

@@ -4,10 +4,11 @@
 //! [`std::thread::scope`]. A worker takes the reader lock, reads one request header and its
 //! payload straight into its own buffer, releases the lock, runs the request against the
 //! [`Export`], and writes the reply under the writer lock. Replies therefore go out in
-//! completion order. Another worker is started only when every existing one is busy, the
-//! plugin may run requests in parallel, and the client has already sent more (input is
-//! buffered or waiting in the socket): a client with one request in flight is served by one
-//! thread with no lock hand-offs, and a pipelining client gets up to N.
+//! completion order. When every worker is busy and the plugin may run requests in parallel,
+//! another is started (up to N): at once for plugins that may block (a request arriving
+//! behind a slow one must not wait for it), otherwise only when the client has already sent
+//! more (input buffered or waiting in the socket), so that a client with one request in
+//! flight is served by one thread with no lock hand-offs.
 //!
 //! Each worker owns one buffer, laid out as `[reply header room | data]`: a read is done
 //! into the data part and its reply header written just before it, so the reply leaves in a
@@ -188,6 +189,8 @@ struct Conn<'a> {
     contexts: Vec<(u32, MetaContext)>,
     /// Pure-memory plugin: one worker that coalesces replies (see [`batch_worker`]).
     batch: bool,
+    /// The plugin may block: start a spare worker whenever all are busy.
+    blocking: bool,
     max_workers: usize,
     reader: Mutex<Reader>,
     writer: Mutex<Stream>,
@@ -244,6 +247,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         extended: negotiated.extended_headers,
         contexts,
         batch,
+        blocking: backend.plugin().may_block(),
         max_workers,
         reader: Mutex::new(Reader {
             stream,
@@ -297,9 +301,14 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
         {
             let mut w = lock(&conn.workers);
             w.busy += 1;
-            // Another worker only pays off when the client has already sent more: a client
-            // with one request in flight is served best by one thread (no lock hand-offs).
-            if backlog && w.busy == w.count && w.count < conn.max_workers && !w.closing {
+            // A plugin that may block gets a spare worker as soon as every worker is busy, so
+            // a request arriving behind a slow one runs at once (PARALLEL means concurrent).
+            // Otherwise another worker only pays off when the client has already sent more.
+            if (backlog || conn.blocking)
+                && w.busy == w.count
+                && w.count < conn.max_workers
+                && !w.closing
+            {
                 w.count += 1;
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-conn-{}", conn.id))
