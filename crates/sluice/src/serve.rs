@@ -373,6 +373,20 @@ fn open_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>
         }
         return r.map_err(|e| usage(e.into()));
     }
+    if args.plugin == "image" {
+        let mut params = params.to_vec();
+        if args.readonly {
+            params.push(ConfigArg::kv("readonly", "true"));
+        }
+        return sluice_image::open_image_plugin(&params).map_err(|e| Failure {
+            code: if matches!(e, sluice_image::ImageError::InvalidOption(_)) {
+                2
+            } else {
+                1
+            },
+            err: e.into(),
+        });
+    }
     let Some(path) = sluice_nbdkit::resolve(&args.plugin, &plugin_dirs(args)) else {
         return Err(usage(anyhow::anyhow!(
             "unknown plugin '{}': not a built-in ({}) and no nbdkit-{}-plugin.so found in {}",

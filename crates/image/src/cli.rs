@@ -1,0 +1,315 @@
+//! `sluice serve image file=PATH [format=raw|qcow2] [backing=...]`: the command-line front
+//! end, turning `key=value` words into [`BlockdevOptions`] for [`crate::open_node`].
+//!
+//! The command line is stricter than `blockdev-add` about what it opens implicitly, because
+//! an image given on a command line is often not trusted: a backing chain is only followed
+//! from the image headers with `backing=auto`; otherwise every backing file is named
+//! (`backing=PATH`, repeated for each layer down) or refused (`backing=none` serves the top
+//! layer alone). An image whose header names a backing file the user did not account for is
+//! refused with a message saying so. A format that is not given is probed, with qemu's
+//! warning that probing is unsafe for untrusted images.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sluice_block::plugins::ConfigArg;
+use sluice_block::Plugin;
+
+use crate::error::ImageError;
+use crate::header::{Format, HeaderError, Qcow2Header};
+use crate::lock::Locking;
+use crate::node::{open_node, probe_file, Node};
+use crate::options::{BackingRef, BlockdevOptions, ChildRef, Driver};
+
+/// The key a bare value on the command line stands for.
+pub const MAGIC_KEY: &str = "file";
+
+/// Parameter help for `--help`.
+pub const HELP: &str = "[file=]<FILENAME>     The disk image to serve.\n\
+                        format=raw|qcow2      Its format (probed when not given: unsafe for untrusted images).\n\
+                        backing=auto          Open the backing chain the image headers name.\n\
+                        backing=<FILENAME>    Name the next backing file down (repeat for each layer).\n\
+                        backing=none          Serve the top layer alone (no backing).\n\
+                        readonly=true         Open the image read-only.\n\
+                        locking=auto|on|off   qemu-compatible image locking (default auto).";
+
+/// What the user said about backing files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BackingArg {
+    Path(PathBuf),
+    Auto,
+    None,
+}
+
+/// Parsed command-line parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ImageArgs {
+    file: PathBuf,
+    format: Option<Format>,
+    backing: Vec<BackingArg>,
+    readonly: Option<bool>,
+    locking: Locking,
+}
+
+fn invalid(msg: impl Into<String>) -> ImageError {
+    ImageError::InvalidOption(format!("image: {}", msg.into()))
+}
+
+fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
+    let mut file = None;
+    let mut format = None;
+    let mut backing = Vec::new();
+    let mut readonly = None;
+    let mut locking = Locking::Auto;
+    for arg in args {
+        let key = arg.key.as_deref().unwrap_or(MAGIC_KEY);
+        let value = arg.value.as_str();
+        match key {
+            "file" => {
+                if file.replace(PathBuf::from(value)).is_some() {
+                    return Err(invalid("file= given twice"));
+                }
+            }
+            "format" => {
+                format = Some(
+                    Format::from_name(value)
+                        .filter(|_| value != "file")
+                        .ok_or_else(|| {
+                            invalid(format!("unknown format '{value}' (expected raw or qcow2)"))
+                        })?,
+                )
+            }
+            "backing" => {
+                if matches!(backing.last(), Some(BackingArg::Auto | BackingArg::None)) {
+                    return Err(invalid(
+                        "backing=auto and backing=none must come last (after any backing=PATH)",
+                    ));
+                }
+                backing.push(match value {
+                    "auto" => BackingArg::Auto,
+                    "none" => BackingArg::None,
+                    "" => return Err(invalid("backing= needs auto, none or a file name")),
+                    p => BackingArg::Path(PathBuf::from(p)),
+                });
+            }
+            "readonly" | "read-only" => {
+                readonly = Some(match value {
+                    "true" | "on" | "yes" | "1" => true,
+                    "false" | "off" | "no" | "0" => false,
+                    _ => return Err(invalid(format!("readonly={value}: expected true or false"))),
+                })
+            }
+            "locking" => {
+                locking = Locking::from_name(value).ok_or_else(|| {
+                    invalid(format!(
+                        "unknown locking '{value}' (expected auto, on or off)"
+                    ))
+                })?
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unknown parameter '{key}' (see `--help` for this plugin's parameters)"
+                )))
+            }
+        }
+    }
+    let file =
+        file.ok_or_else(|| invalid("you must specify [file=]<FILENAME> on the command line"))?;
+    Ok(ImageArgs {
+        file,
+        format,
+        backing,
+        readonly,
+        locking,
+    })
+}
+
+fn driver_of(f: Format) -> Driver {
+    match f {
+        Format::Raw => Driver::Raw,
+        Format::Qcow2 => Driver::Qcow2,
+    }
+}
+
+fn probe_with_warning(path: &Path, what: &str) -> Result<Format, ImageError> {
+    let f = probe_file(path)?;
+    tracing::warn!(
+        "{}: no format given for {what}; probed {f}. Probing is unsafe for untrusted images \
+         (a guest can write a qcow2 header into a raw image): give format={f}",
+        path.display()
+    );
+    Ok(f)
+}
+
+/// The qcow2 header of `path`, read directly (to learn a backing format before opening).
+fn header_of(path: &Path) -> Result<Qcow2Header, ImageError> {
+    let f = std::fs::File::open(path).map_err(|e| ImageError::open(path, e))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = f
+            .read_at(&mut buf, 0)
+            .map_err(|e| ImageError::open(path, e))?;
+        match Qcow2Header::parse(&buf[..n]) {
+            Err(HeaderError::Incomplete { needed }) if n == buf.len() && needed <= 1 << 21 => {
+                buf.resize(needed, 0)
+            }
+            r => return r.map_err(|e| ImageError::bad_image(path, e)),
+        }
+    }
+}
+
+fn image_options(
+    format: Format,
+    path: &Path,
+    read_only: bool,
+    locking: Locking,
+) -> BlockdevOptions {
+    let mut o = BlockdevOptions::image(driver_of(format), path, read_only);
+    o.locking = locking;
+    if let Some(ChildRef::Options(f)) = &mut o.file {
+        f.locking = locking;
+    }
+    o.backing = BackingRef::Deny;
+    o
+}
+
+/// Builds the options of the image and the backing chain the user named.
+fn build_options(a: &ImageArgs, read_only: bool) -> Result<BlockdevOptions, ImageError> {
+    let top_format = match a.format {
+        Some(f) => f,
+        None => probe_with_warning(&a.file, "the image")?,
+    };
+    if top_format == Format::Raw && a.backing.iter().any(|b| *b != BackingArg::None) {
+        return Err(invalid("backing= only applies to qcow2 images"));
+    }
+    // Layers from the top: (format, path); then what the bottom does with its header.
+    let mut layers = vec![(top_format, a.file.clone())];
+    let mut seen = vec![file_id(&a.file)?];
+    let mut bottom = BackingRef::Deny;
+    for b in &a.backing {
+        match b {
+            BackingArg::Auto => bottom = BackingRef::FromHeader,
+            BackingArg::None => bottom = BackingRef::None,
+            BackingArg::Path(p) => {
+                let (above_format, above) = layers.last().expect("top layer");
+                if *above_format != Format::Qcow2 {
+                    return Err(invalid(format!(
+                        "backing={}: {} is raw and cannot have a backing file",
+                        p.display(),
+                        above.display()
+                    )));
+                }
+                let id = file_id(p)?;
+                if seen.contains(&id) {
+                    let mut names: Vec<String> = layers
+                        .iter()
+                        .map(|(_, p)| p.display().to_string())
+                        .collect();
+                    names.push(p.display().to_string());
+                    return Err(ImageError::BackingLoop {
+                        chain: names.join(" -> "),
+                    });
+                }
+                seen.push(id);
+                let hint = header_of(above)?
+                    .backing_format()
+                    .and_then(Format::from_name);
+                let format = match hint {
+                    Some(f) => f,
+                    None => probe_with_warning(p, "this backing file")?,
+                };
+                layers.push((format, p.clone()));
+            }
+        }
+    }
+    // Nest from the bottom up: every backing layer is read-only.
+    let mut below: Option<BlockdevOptions> = None;
+    for (i, (format, path)) in layers.iter().enumerate().rev() {
+        let mut o = image_options(*format, path, i > 0 || read_only, a.locking);
+        if *format == Format::Qcow2 {
+            o.backing = match below.take() {
+                Some(b) => BackingRef::Child(ChildRef::Options(Box::new(b))),
+                None => bottom.clone(),
+            };
+        }
+        below = Some(o);
+    }
+    Ok(below.expect("at least the top layer"))
+}
+
+fn file_id(path: &Path) -> Result<(u64, u64), ImageError> {
+    let m = std::fs::metadata(path).map_err(|e| ImageError::open(path, e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Opens the image the command line names (see the module doc) as one shared node.
+pub fn open_image_node(args: &[ConfigArg]) -> Result<Arc<Node>, ImageError> {
+    let a = parse_args(args)?;
+    let no_nodes = |_: &str| None;
+    let read_only = a.readonly.unwrap_or(false);
+    match open_node(&build_options(&a, read_only)?, &no_nodes) {
+        // Like the file plugin: an image we may not write is served read-only.
+        Err(ImageError::Open { source, path })
+            if a.readonly.is_none()
+                && path == a.file
+                && matches!(source.raw_os_error(), Some(libc::EACCES | libc::EROFS)) =>
+        {
+            tracing::info!("{}: {source}; serving read-only", path.display());
+            open_node(&build_options(&a, true)?, &no_nodes)
+        }
+        r => r,
+    }
+}
+
+/// `sluice serve image ...`: the plugin for the CLI (see [`open_image_node`]).
+pub fn open_image_plugin(args: &[ConfigArg]) -> Result<Arc<dyn Plugin>, ImageError> {
+    open_image_node(args).map(|n| n as Arc<dyn Plugin>)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<ConfigArg> {
+        words.iter().map(|w| ConfigArg::parse(w)).collect()
+    }
+
+    #[test]
+    fn parse_args_bare_value_is_file_and_backings_keep_order() {
+        let a = parse_args(&args(&[
+            "/x/top.qcow2",
+            "format=qcow2",
+            "backing=/x/b",
+            "backing=auto",
+        ]))
+        .unwrap();
+        assert_eq!(a.file, PathBuf::from("/x/top.qcow2"));
+        assert_eq!(a.format, Some(Format::Qcow2));
+        assert_eq!(
+            a.backing,
+            [BackingArg::Path("/x/b".into()), BackingArg::Auto]
+        );
+    }
+
+    #[test]
+    fn parse_args_rejects_bad_values() {
+        let err = |w: &[&str]| parse_args(&args(w)).unwrap_err().to_string();
+        assert_eq!(
+            err(&["format=vmdk", "file=a"]),
+            "image: unknown format 'vmdk' (expected raw or qcow2)"
+        );
+        assert_eq!(
+            err(&["format=raw"]),
+            "image: you must specify [file=]<FILENAME> on the command line"
+        );
+        assert_eq!(
+            err(&["a", "backing=none", "backing=b"]),
+            "image: backing=auto and backing=none must come last (after any backing=PATH)"
+        );
+        assert_eq!(
+            err(&["a", "size=1"]),
+            "image: unknown parameter 'size' (see `--help` for this plugin's parameters)"
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! The storage object under every node: imago's file driver, plus the one write-ordering rule
+//! imago 0.2 does not keep.
+//!
+//! imago caches L2 tables and refcount blocks and writes them back in dependency order
+//! (refcounts before the L2 entries that use them, L2 entries before the refcounts they
+//! free), but when it hooks a new L2 table into the L1 table it writes that L1 entry to the
+//! file at once, while the new table's refcount may still sit in its cache. A crash between
+//! the two (kill -9, power loss) leaves an L1 entry pointing at a cluster with refcount 0,
+//! which `qemu-img check` reports as corruption. qemu avoids that by writing the refcount
+//! cache before the L1 entry.
+//!
+//! [`OrderedFile`] restores the order from below: writes that fall inside the qcow2 node's
+//! L1 table are held back (imago itself reads its L1 table from memory) and written out at
+//! the next flush, which imago performs after writing back both caches. A crash before that
+//! flush leaves the new L2 table and its data unreferenced: leaked clusters, which
+//! `qemu-img check` reports as leaks, not errors. Reads of the L1 range (imago only reads it
+//! at open) first write out what is held back. Images with internal snapshots, where imago
+//! may free an old L2 table right after replacing its L1 entry, are not opened writable
+//! (see `node.rs`), so a held-back entry never points to a freed table.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::drivers::CommonStorageHelper;
+use imago::storage::PreallocateMode;
+use imago::Storage;
+use parking_lot::Mutex;
+
+/// imago's file storage, with L1 writes deferred to the next flush (see the module doc).
+#[derive(Debug)]
+pub struct OrderedFile {
+    inner: imago::file::File,
+    /// The L1 table's byte range, set once a writable qcow2 node uses this file.
+    l1: OnceLock<Range<u64>>,
+    /// L1 entries written by imago but not yet to the file, by file offset.
+    pending: Mutex<BTreeMap<u64, [u8; 8]>>,
+}
+
+impl OrderedFile {
+    pub fn new(inner: imago::file::File) -> OrderedFile {
+        OrderedFile {
+            inner,
+            l1: OnceLock::new(),
+            pending: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Starts holding back writes to `range` (the L1 table of the qcow2 image in this file).
+    pub fn defer_l1_writes(&self, range: Range<u64>) {
+        let _ = self.l1.set(range);
+    }
+
+    /// Writes out the held-back L1 entries, in file order.
+    fn write_pending(&self) -> std::io::Result<()> {
+        let mut pending = self.pending.lock();
+        while let Some((&offset, entry)) = pending.iter().next() {
+            let entry = *entry;
+            // SAFETY: the file is opened without O_DIRECT, so imago's buffered file driver
+            // has no alignment requirement (req_align and mem_align are 1).
+            unsafe { self.inner.pure_writev(IoVector::from(&entry[..]), offset)? };
+            pending.remove(&offset);
+        }
+        Ok(())
+    }
+
+    fn in_l1(&self, offset: u64, len: u64) -> Option<bool> {
+        let l1 = self.l1.get()?;
+        let end = offset.checked_add(len)?;
+        if end <= l1.start || offset >= l1.end {
+            return Some(false);
+        }
+        // Whole entries inside the table are held back; anything else goes through.
+        Some(
+            offset >= l1.start
+                && end <= l1.end
+                && offset.is_multiple_of(8)
+                && len.is_multiple_of(8),
+        )
+    }
+}
+
+impl std::fmt::Display for OrderedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Storage for OrderedFile {
+    fn mem_align(&self) -> usize {
+        self.inner.mem_align()
+    }
+    fn req_align(&self) -> usize {
+        self.inner.req_align()
+    }
+    fn zero_align(&self) -> usize {
+        self.inner.zero_align()
+    }
+    fn discard_align(&self) -> usize {
+        self.inner.discard_align()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> std::io::Result<PathBuf> {
+        self.inner.resolve_relative_path(relative)
+    }
+    fn get_filename(&self) -> Option<PathBuf> {
+        self.inner.get_filename()
+    }
+
+    unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> std::io::Result<()> {
+        let overlaps = self
+            .l1
+            .get()
+            .is_some_and(|l1| offset < l1.end && offset.saturating_add(bufv.len()) > l1.start);
+        if overlaps && !self.pending.lock().is_empty() {
+            self.write_pending()?;
+        }
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_readv(bufv, offset) }
+    }
+
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> std::io::Result<()> {
+        match self.in_l1(offset, bufv.len()) {
+            Some(true) => {
+                let mut bytes = vec![0u8; bufv.len() as usize];
+                bufv.copy_into_slice(&mut bytes);
+                let mut pending = self.pending.lock();
+                for (i, e) in bytes.chunks_exact(8).enumerate() {
+                    pending.insert(offset + 8 * i as u64, e.try_into().expect("8 bytes"));
+                }
+                Ok(())
+            }
+            Some(false) | None => {
+                // A write over part of the table (never done by imago for in-range L1
+                // indices) supersedes what is held back for it.
+                if let Some(l1) = self.l1.get() {
+                    let end = offset + bufv.len();
+                    if offset < l1.end && end > l1.start {
+                        self.pending
+                            .lock()
+                            .retain(|&o, _| o + 8 <= offset || o >= end);
+                    }
+                }
+                // SAFETY: the caller's alignment guarantee is passed on unchanged.
+                unsafe { self.inner.pure_writev(bufv, offset) }
+            }
+        }
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_write_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_discard(offset, length) }
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.write_pending()?;
+        self.inner.flush()
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.write_pending()?;
+        self.inner.sync()
+    }
+
+    fn settle_writes(&self) -> std::io::Result<()> {
+        self.inner.settle_writes()
+    }
+
+    unsafe fn invalidate_cache(&self) -> std::io::Result<()> {
+        // SAFETY: the caller's guarantee (on-disk state consistent) is passed on.
+        unsafe { self.inner.invalidate_cache() }
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        self.inner.get_storage_helper()
+    }
+
+    fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> std::io::Result<()> {
+        self.inner.resize(new_size, prealloc_mode)
+    }
+}
+
+impl Drop for OrderedFile {
+    fn drop(&mut self) {
+        if let Err(e) = self.write_pending() {
+            tracing::error!("{}: writing the L1 table at close: {e}", self.inner);
+        }
+    }
+}
