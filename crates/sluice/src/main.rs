@@ -4,6 +4,7 @@
 //! errors into one clear line and an exit code (2 for bad usage or configuration, 1 for
 //! failures at run time).
 
+mod daemon;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Export a plugin over NBD (like nbdkit).
     Serve(serve::ServeArgs),
+    /// Run a block-storage daemon managed over QMP (like qemu-storage-daemon).
+    Daemon(daemon::DaemonArgs),
 }
 
 fn main() {
@@ -42,6 +45,7 @@ fn main() {
     }
     let code = match cli.command {
         Some(Command::Serve(args)) => serve::main(args),
+        Some(Command::Daemon(args)) => daemon::main(args),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();

@@ -363,6 +363,8 @@ pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
 }
 
+pub mod qmp;
+
 /// The C test plugin `NAME.so` (see [`compile_c_plugin`]), compiled once per test binary into
 /// [`c_plugin_build_dir`].
 pub fn c_plugin(name: &str) -> PathBuf {

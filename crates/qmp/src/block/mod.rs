@@ -1,0 +1,616 @@
+//! The block-node graph: named nodes, their drivers, their children, who may delete them.
+//!
+//! A node is what `blockdev-add` creates: a driver's [`OpenedNode`] (a sluice
+//! [`Plugin`] — what an export serves and what a format node reads its child through —
+//! plus what `query-named-block-nodes` reports), its name, its read-only flag and its edges
+//! to child nodes. Nodes given inline (`"file": {"driver": "file", ...}`) become children
+//! named `#blockNNN` unless they carry a `node-name`; nodes given by name are shared.
+//!
+//! Drivers are looked up in a [`DriverRegistry`] by `BlockdevDriver`, so format drivers from
+//! `crates/image` (raw, qcow2) plug in with [`DriverRegistry::register`] without changes
+//! here; until then those drivers are declared in the schema but refused at `blockdev-add`.
+//! A driver opens children through [`OpenCtx::child`] (which records edges and undoes
+//! everything if the parent then fails, so a failed `blockdev-add` leaves no trace) or
+//! returns nodes it made itself in [`OpenedNode::implicit_children`].
+//!
+//! The rules and messages for deleting are qemu-storage-daemon's: a node must exist, must not
+//! be exported (`Node x is in use`), must have been added by the monitor (`... is not owned by
+//! the monitor`), and must not be a child of another node (`Block device x is in use`).
+//! Deleting a node deletes its inline children.
+//!
+//! The graph is plain data behind the daemon's state lock; nothing here blocks except the
+//! drivers' opens, which the daemon runs off its async threads.
+
+pub mod drivers;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sluice_block::plugins::ConfigArg;
+use sluice_block::{Handle, OpenContext, Plugin};
+
+use crate::generated::{
+    BlockDeviceInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions, BlockdevDriver,
+    BlockdevOptions, BlockdevRef, BlockdevRefOrNull, ImageInfo, ImageInfoSpecific,
+};
+use crate::qapi::{Output, ToQapi};
+use crate::QmpError;
+
+/// Longest node name (QEMU's limit: the name must fit 32 bytes with its NUL).
+pub const MAX_NODE_NAME: usize = 31;
+
+/// What `query-named-block-nodes` says about a node's image.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NodeInfo {
+    /// The `file` member and `image.filename` (a path, or `null-co://`).
+    pub filename: String,
+    /// `image.format` (the driver name as QEMU reports it).
+    pub format: String,
+    pub actual_size: Option<i64>,
+    pub dirty_flag: Option<bool>,
+    pub format_specific: Option<ImageInfoSpecific>,
+}
+
+/// A node as a driver opened it.
+pub struct OpenedNode {
+    /// What exports serve and parents read.
+    pub plugin: Arc<dyn Plugin>,
+    pub info: NodeInfo,
+    /// Driver data other drivers may downcast (crates/image keeps its own node here so that a
+    /// qcow2 node can use a child it opened earlier).
+    pub payload: Option<Arc<dyn Any + Send + Sync>>,
+    /// Children the driver created itself: role, name (None for a generated `#blockNNN`),
+    /// driver, node.
+    pub implicit_children: Vec<(String, Option<String>, BlockdevDriver, OpenedNode)>,
+}
+
+impl std::fmt::Debug for OpenedNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedNode")
+            .field("plugin", &self.plugin.name())
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenedNode {
+    pub fn new(plugin: Arc<dyn Plugin>, info: NodeInfo) -> OpenedNode {
+        OpenedNode {
+            plugin,
+            info,
+            payload: None,
+            implicit_children: Vec::new(),
+        }
+    }
+}
+
+/// Opens nodes of one driver.
+pub trait NodeDriver: Send + Sync {
+    /// Opens a node from its checked options. `json` is the same options in canonical JSON
+    /// (for drivers that read their own option types). The node is read-only if
+    /// `ctx.read_only()`.
+    fn open(
+        &self,
+        opts: &BlockdevOptions,
+        json: &Value,
+        ctx: &mut OpenCtx<'_>,
+    ) -> Result<OpenedNode, QmpError>;
+}
+
+/// How `sluice-plugin` nodes load plugins: built-in ones, nbdkit C plugins, Python scripts.
+/// The binary provides the full loader; [`BuiltinLoader`] knows the built-in plugins only.
+pub trait PluginLoader: Send + Sync {
+    fn load(&self, name: &str, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>, String>;
+}
+
+/// Loads sluice's built-in plugins (memory, file, null, pattern).
+#[derive(Debug, Default)]
+pub struct BuiltinLoader;
+
+impl PluginLoader for BuiltinLoader {
+    fn load(&self, name: &str, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>, String> {
+        match sluice_block::plugins::open_builtin(name, params) {
+            Some(r) => r.map_err(|e| e.to_string()),
+            None => Err(format!(
+                "unknown plugin '{name}' (built-in plugins: {})",
+                sluice_block::plugins::builtin_names().join(", ")
+            )),
+        }
+    }
+}
+
+/// The drivers `blockdev-add` can use.
+#[derive(Clone)]
+pub struct DriverRegistry {
+    drivers: HashMap<BlockdevDriver, Arc<dyn NodeDriver>>,
+}
+
+impl std::fmt::Debug for DriverRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.drivers.keys().map(|d| d.as_str()).collect();
+        names.sort_unstable();
+        f.debug_struct("DriverRegistry")
+            .field("drivers", &names)
+            .finish()
+    }
+}
+
+impl DriverRegistry {
+    /// The drivers sluice has today: file, null-co, null-aio, sluice-plugin.
+    pub fn builtin(loader: Arc<dyn PluginLoader>) -> DriverRegistry {
+        let mut r = DriverRegistry {
+            drivers: HashMap::new(),
+        };
+        r.register(BlockdevDriver::File, Arc::new(drivers::FileDriver));
+        r.register(BlockdevDriver::NullCo, Arc::new(drivers::NullDriver));
+        r.register(BlockdevDriver::NullAio, Arc::new(drivers::NullDriver));
+        r.register(
+            BlockdevDriver::SluicePlugin,
+            Arc::new(drivers::PluginDriver { loader }),
+        );
+        r
+    }
+
+    /// Adds or replaces the driver for `driver`.
+    pub fn register(&mut self, driver: BlockdevDriver, imp: Arc<dyn NodeDriver>) {
+        self.drivers.insert(driver, imp);
+    }
+
+    pub fn get(&self, driver: BlockdevDriver) -> Option<&Arc<dyn NodeDriver>> {
+        self.drivers.get(&driver)
+    }
+}
+
+/// A node in the graph.
+pub struct Node {
+    pub name: String,
+    pub driver: BlockdevDriver,
+    pub read_only: bool,
+    /// Added by `blockdev-add`/`--blockdev` at the top level (may be deleted by the user).
+    pub monitor_owned: bool,
+    /// Edges to children: (role, child name).
+    pub children: Vec<(String, String)>,
+    pub opened: OpenedNode,
+    pub cache: BlockdevCacheInfo,
+    pub detect_zeroes: BlockdevDetectZeroesOptions,
+    /// Number of exports of this node.
+    pub exports: usize,
+    /// A handle kept open for size queries (opening it also proved the node works).
+    probe: Box<dyn Handle>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver)
+            .field("read_only", &self.read_only)
+            .field("children", &self.children)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub fn plugin(&self) -> &Arc<dyn Plugin> {
+        &self.opened.plugin
+    }
+
+    /// The node's current size in bytes.
+    pub fn size(&self) -> Result<u64, QmpError> {
+        self.probe
+            .get_size()
+            .map_err(|e| QmpError::generic(format!("Cannot get size of node '{}': {e}", self.name)))
+    }
+}
+
+/// All nodes, by name, in the order they were added.
+pub struct Graph {
+    nodes: Vec<Node>,
+    drivers: DriverRegistry,
+    next_auto: u32,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graph").field("nodes", &self.nodes).finish()
+    }
+}
+
+/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
+pub fn id_wellformed(id: &str) -> bool {
+    let mut c = id.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphabetic())
+        && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// The message for a node name that is not found where a node or device was expected.
+pub fn not_found(device: &str, node: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{device}' nor node-name='{node}'"
+    ))
+}
+
+impl Graph {
+    pub fn new(drivers: DriverRegistry) -> Graph {
+        Graph {
+            nodes: Vec::new(),
+            drivers,
+            next_auto: 0,
+        }
+    }
+
+    pub fn drivers_mut(&mut self) -> &mut DriverRegistry {
+        &mut self.drivers
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.name == name)
+    }
+
+    /// Nodes, newest first (qemu-storage-daemon's order).
+    pub fn iter(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().rev()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `blockdev-add`: creates a node and its inline children, or nothing at all.
+    pub fn add(&mut self, opts: &BlockdevOptions) -> Result<(), QmpError> {
+        let Some(name) = &opts.node_name else {
+            return Err(QmpError::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        };
+        let name = name.clone();
+        let mut created = Vec::new();
+        let r = self.open_node(opts, Some(name), None, &mut created);
+        match r {
+            Ok(top) => {
+                if let Some(n) = self.get_mut(&top) {
+                    n.monitor_owned = true;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Undo: children made for this node, newest first.
+                for n in created.iter().rev() {
+                    self.nodes.retain(|x| &x.name != n);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<(), QmpError> {
+        if !id_wellformed(name) {
+            return Err(QmpError::generic(format!("Invalid node-name: '{name}'")));
+        }
+        if self.get(name).is_some() {
+            return Err(QmpError::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        if name.len() > MAX_NODE_NAME {
+            return Err(QmpError::generic("Node name too long"));
+        }
+        Ok(())
+    }
+
+    fn auto_name(&mut self) -> String {
+        loop {
+            let n = format!("#block{:03}", self.next_auto);
+            self.next_auto = self.next_auto.wrapping_add(1);
+            if self.get(&n).is_none() {
+                return n;
+            }
+        }
+    }
+
+    /// Opens one node (children first, through the driver) and inserts it. `inherit_ro` is the
+    /// parent's read-only flag for inline children. Names of inserted nodes go to `created`.
+    fn open_node(
+        &mut self,
+        opts: &BlockdevOptions,
+        name: Option<String>,
+        inherit_ro: Option<bool>,
+        created: &mut Vec<String>,
+    ) -> Result<String, QmpError> {
+        let name = match name.or_else(|| opts.node_name.clone()) {
+            Some(n) => {
+                self.check_new_name(&n)?;
+                n
+            }
+            None => self.auto_name(),
+        };
+        let read_only = opts.read_only.or(inherit_ro).unwrap_or(false);
+        if opts.force_share == Some(true) && !read_only {
+            return Err(QmpError::generic(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
+        if opts
+            .detect_zeroes
+            .is_some_and(|d| d != BlockdevDetectZeroesOptions::Off)
+        {
+            return Err(QmpError::generic(
+                "detect-zeroes is not supported by sluice yet (only 'off')",
+            ));
+        }
+        let direct = opts.cache.as_ref().and_then(|c| c.direct).unwrap_or(false);
+        if direct {
+            return Err(QmpError::generic(
+                "cache.direct=on is not supported by sluice yet",
+            ));
+        }
+        let no_flush = opts
+            .cache
+            .as_ref()
+            .and_then(|c| c.no_flush)
+            .unwrap_or(false);
+        let driver_kind = opts.u.tag();
+        let Some(driver) = self.drivers.get(driver_kind).cloned() else {
+            return Err(QmpError::generic(format!(
+                "Driver '{driver_kind}' is not supported by this build of sluice yet"
+            )));
+        };
+        let json = opts.to_qapi(&Output::default());
+        let mut ctx = OpenCtx {
+            graph: self,
+            node: name.clone(),
+            read_only,
+            edges: Vec::new(),
+            created: &mut *created,
+        };
+        let mut opened = driver.open(opts, &json, &mut ctx)?;
+        let mut edges = std::mem::take(&mut ctx.edges);
+        for (role, child_name, child_driver, child) in std::mem::take(&mut opened.implicit_children)
+        {
+            let child_name = match child_name {
+                Some(n) => {
+                    self.check_new_name(&n)?;
+                    n
+                }
+                None => self.auto_name(),
+            };
+            self.insert(
+                child_name.clone(),
+                child_driver,
+                read_only,
+                child,
+                no_flush,
+                created,
+            )?;
+            edges.push((role, child_name));
+        }
+        self.insert(
+            name.clone(),
+            driver_kind,
+            read_only,
+            opened,
+            no_flush,
+            created,
+        )?;
+        if let Some(n) = self.get_mut(&name) {
+            n.children = edges;
+        }
+        Ok(name)
+    }
+
+    fn insert(
+        &mut self,
+        name: String,
+        driver: BlockdevDriver,
+        read_only: bool,
+        opened: OpenedNode,
+        no_flush: bool,
+        created: &mut Vec<String>,
+    ) -> Result<(), QmpError> {
+        let probe = opened
+            .plugin
+            .open(&OpenContext {
+                readonly: read_only,
+                export_name: "",
+                is_tls: false,
+            })
+            .map_err(|e| QmpError::generic(format!("Could not open node '{name}': {e}")))?;
+        created.push(name.clone());
+        self.nodes.push(Node {
+            name,
+            driver,
+            read_only,
+            monitor_owned: false,
+            children: Vec::new(),
+            opened,
+            cache: BlockdevCacheInfo {
+                writeback: true,
+                direct: false,
+                no_flush,
+            },
+            detect_zeroes: BlockdevDetectZeroesOptions::Off,
+            exports: 0,
+            probe,
+        });
+        Ok(())
+    }
+
+    /// True if some node has `name` as a child.
+    pub fn has_parent(&self, name: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.children.iter().any(|(_, c)| c == name))
+    }
+
+    /// `blockdev-del`, with qemu-storage-daemon's checks in its order.
+    pub fn del(&mut self, name: &str) -> Result<(), QmpError> {
+        let Some(node) = self.get(name) else {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        };
+        if node.exports > 0 {
+            return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if !node.monitor_owned {
+            return Err(QmpError::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if self.has_parent(name) {
+            return Err(QmpError::generic(format!("Block device {name} is in use")));
+        }
+        self.remove_tree(name);
+        Ok(())
+    }
+
+    /// Removes `name` and, recursively, children no one else holds that the monitor does not own.
+    fn remove_tree(&mut self, name: &str) {
+        let Some(i) = self.nodes.iter().position(|n| n.name == name) else {
+            return;
+        };
+        let node = self.nodes.remove(i);
+        for (_, child) in &node.children {
+            let orphan = !self.has_parent(child)
+                && self
+                    .get(child)
+                    .is_some_and(|c| !c.monitor_owned && c.exports == 0);
+            if orphan {
+                self.remove_tree(child);
+            }
+        }
+    }
+
+    /// `query-named-block-nodes`, newest first.
+    pub fn query(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError> {
+        let _ = flat; // No backing chains yet: flat and non-flat answers are the same.
+        self.iter().map(|n| self.info(n)).collect()
+    }
+
+    fn info(&self, n: &Node) -> Result<BlockDeviceInfo, QmpError> {
+        let i = &n.opened.info;
+        Ok(BlockDeviceInfo {
+            file: i.filename.clone(),
+            node_name: Some(n.name.clone()),
+            ro: n.read_only,
+            drv: n.driver.as_str().to_string(),
+            backing_file: None,
+            backing_file_depth: 0,
+            active: true,
+            encrypted: false,
+            detect_zeroes: n.detect_zeroes,
+            bps: 0,
+            bps_rd: 0,
+            bps_wr: 0,
+            iops: 0,
+            iops_rd: 0,
+            iops_wr: 0,
+            image: ImageInfo {
+                filename: i.filename.clone(),
+                format: i.format.clone(),
+                dirty_flag: i.dirty_flag,
+                actual_size: i.actual_size,
+                virtual_size: n.size()? as i64,
+                cluster_size: None,
+                encrypted: None,
+                backing_filename: None,
+                full_backing_filename: None,
+                backing_filename_format: None,
+                format_specific: i.format_specific.clone(),
+                backing_image: None,
+            },
+            cache: n.cache.clone(),
+            write_threshold: 0,
+        })
+    }
+}
+
+/// What a driver may do while opening a node.
+pub struct OpenCtx<'g> {
+    graph: &'g mut Graph,
+    node: String,
+    read_only: bool,
+    edges: Vec<(String, String)>,
+    created: &'g mut Vec<String>,
+}
+
+impl std::fmt::Debug for OpenCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCtx")
+            .field("node", &self.node)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenCtx<'_> {
+    /// The name the node being opened will have.
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// True if the node being opened is read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opens (inline options) or looks up (a name) the child in role `role`, records the edge,
+    /// and returns its name. A writable node needs a writable child.
+    pub fn child(&mut self, role: &str, r: &BlockdevRef) -> Result<String, QmpError> {
+        let name = match r {
+            BlockdevRef::Reference(n) => {
+                let Some(c) = self.graph.get(n) else {
+                    return Err(not_found(n, n));
+                };
+                if c.read_only && !self.read_only {
+                    return Err(QmpError::generic(format!(
+                        "Block node '{n}' is read-only and cannot be the writable '{role}' child of '{}'",
+                        self.node
+                    )));
+                }
+                n.clone()
+            }
+            BlockdevRef::Definition(opts) => {
+                self.graph
+                    .open_node(opts, None, Some(self.read_only), self.created)?
+            }
+        };
+        self.edges.push((role.to_string(), name.clone()));
+        Ok(name)
+    }
+
+    /// Like [`OpenCtx::child`] for `backing`-style references that may be null.
+    pub fn child_or_null(
+        &mut self,
+        role: &str,
+        r: &BlockdevRefOrNull,
+    ) -> Result<Option<String>, QmpError> {
+        match r {
+            BlockdevRefOrNull::Null => Ok(None),
+            BlockdevRefOrNull::Reference(n) => self
+                .child(role, &BlockdevRef::Reference(n.clone()))
+                .map(Some),
+            BlockdevRefOrNull::Definition(o) => self
+                .child(role, &BlockdevRef::Definition(o.clone()))
+                .map(Some),
+        }
+    }
+
+    /// An existing node (for drivers that reach their children by name).
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.graph.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+//! The commands: one method of the generated [`Handlers`] trait each.
+//!
+//! Arguments arrive checked and typed (the generated dispatcher has already produced QEMU's
+//! errors for missing, unexpected and mistyped members), so each method is the command's
+//! meaning only: it runs with the daemon's state locked, changes it, and returns the typed
+//! result. `nbd-server-start` and `query-qmp-schema` are `'gen': false` in the schema and read
+//! their arguments here: the first to accept both address forms, the second to serve the
+//! prebuilt introspection table.
+
+use std::sync::{Arc, OnceLock};
+
+use serde_json::{Map, Value};
+
+use crate::daemon::{version, Daemon, MonitorState, State};
+use crate::generated::{
+    BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
+    BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
+    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, NbdServerAddOptions, NbdServerOptions,
+    NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs,
+    QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress, SocketAddressBranch,
+    SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+};
+use crate::qapi::Input;
+use crate::QmpError;
+
+/// One command's view of the daemon: its state (locked) and the issuing monitor.
+pub(crate) struct Session<'a> {
+    pub daemon: &'a Arc<Daemon>,
+    pub state: &'a mut State,
+    pub mon: &'a mut MonitorState,
+}
+
+/// The introspection table, parsed once.
+pub fn introspection() -> &'static Value {
+    static V: OnceLock<Value> = OnceLock::new();
+    V.get_or_init(|| serde_json::from_str(INTROSPECTION).expect("build.rs writes valid JSON"))
+}
+
+/// Converts `nbd-server-start`'s legacy address to the flat one.
+pub fn from_legacy(opts: NbdServerOptionsLegacy) -> NbdServerOptions {
+    let addr = SocketAddress {
+        u: match opts.addr.u {
+            SocketAddressLegacyBranch::Inet(w) => SocketAddressBranch::Inet(w.data),
+            SocketAddressLegacyBranch::Unix(w) => SocketAddressBranch::Unix(w.data),
+        },
+    };
+    NbdServerOptions {
+        handshake_max_seconds: opts.handshake_max_seconds,
+        tls_creds: opts.tls_creds,
+        tls_authz: opts.tls_authz,
+        max_connections: opts.max_connections,
+        addr,
+    }
+}
+
+/// True if `args.addr` is the flat form: no `data`, and some member besides `type`.
+fn is_flat_address(args: &Map<String, Value>) -> bool {
+    match args.get("addr") {
+        Some(Value::Object(a)) => !a.contains_key("data") && a.keys().any(|k| k != "type"),
+        _ => false,
+    }
+}
+
+impl Handlers for Session<'_> {
+    fn qmp_capabilities(&mut self, args: QmpCapabilitiesArgs) -> Result<(), QmpError> {
+        if self.mon.negotiated {
+            return Err(QmpError::command_not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            ));
+        }
+        for cap in args.enable.unwrap_or_default() {
+            match cap {
+                QMPCapability::Oob => self.mon.oob = true,
+            }
+        }
+        self.mon.negotiated = true;
+        Ok(())
+    }
+
+    fn query_version(&mut self) -> Result<VersionInfo, QmpError> {
+        Ok(version())
+    }
+
+    fn query_commands(&mut self) -> Result<Vec<CommandInfo>, QmpError> {
+        Ok(COMMANDS
+            .iter()
+            .map(|c| CommandInfo {
+                name: c.name.to_string(),
+            })
+            .collect())
+    }
+
+    fn quit(&mut self) -> Result<(), QmpError> {
+        self.daemon
+            .shutdown_locked(self.state, ShutdownCause::HostQmpQuit);
+        Ok(())
+    }
+
+    fn query_qmp_schema(
+        &mut self,
+        args: &Map<String, Value>,
+        inp: &mut Input<'_>,
+    ) -> Result<Value, QmpError> {
+        inp.check_unexpected(args, |_| false)?;
+        let mut v = introspection().clone();
+        if self.daemon.output().hide_deprecated {
+            // SchemaInfoEnum.values is a deprecated member of this command's output.
+            if let Value::Array(entries) = &mut v {
+                for e in entries {
+                    if e.get("meta-type").and_then(Value::as_str) == Some("enum") {
+                        if let Some(o) = e.as_object_mut() {
+                            o.shift_remove("values");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    fn blockdev_add(&mut self, args: BlockdevOptions) -> Result<(), QmpError> {
+        self.state.graph.add(&args)
+    }
+
+    fn blockdev_del(&mut self, args: BlockdevDelArgs) -> Result<(), QmpError> {
+        self.state.graph.del(&args.node_name)
+    }
+
+    fn query_named_block_nodes(
+        &mut self,
+        args: QueryNamedBlockNodesArgs,
+    ) -> Result<Vec<BlockDeviceInfo>, QmpError> {
+        self.state.graph.query(args.flat.unwrap_or(false))
+    }
+
+    fn nbd_server_start(
+        &mut self,
+        args: &Map<String, Value>,
+        inp: &mut Input<'_>,
+    ) -> Result<Value, QmpError> {
+        let opts = if is_flat_address(args) {
+            NbdServerOptions::from_args(inp, args)?
+        } else {
+            from_legacy(NbdServerOptionsLegacy::from_args(inp, args)?)
+        };
+        self.daemon.nbd_start_locked(self.state, &opts)?;
+        Ok(Value::Object(Map::new()))
+    }
+
+    fn nbd_server_stop(&mut self) -> Result<(), QmpError> {
+        self.daemon.nbd_stop_locked(self.state)
+    }
+
+    fn block_export_add(&mut self, args: BlockExportOptions) -> Result<(), QmpError> {
+        self.daemon.export_add_locked(self.state, &args)
+    }
+
+    fn block_export_del(&mut self, args: BlockExportDelArgs) -> Result<(), QmpError> {
+        self.daemon.export_del_locked(
+            self.state,
+            &args.id,
+            args.mode.unwrap_or(BlockExportRemoveMode::Safe),
+        )
+    }
+
+    fn query_block_exports(&mut self) -> Result<Vec<BlockExportInfo>, QmpError> {
+        Ok(self
+            .state
+            .exports
+            .iter()
+            .rev()
+            .map(|e| BlockExportInfo {
+                id: e.id.clone(),
+                r#type: BlockExportType::Nbd,
+                node_name: e.node.clone(),
+                shutting_down: e.shutting_down,
+            })
+            .collect())
+    }
+
+    fn nbd_server_add(&mut self, args: NbdServerAddOptions) -> Result<(), QmpError> {
+        // As QEMU: the export name defaults to the device, and is also the export's id.
+        let name = args.name.unwrap_or_else(|| args.device.clone());
+        let opts = BlockExportOptions {
+            id: name.clone(),
+            node_name: args.device,
+            writable: args.writable,
+            u: BlockExportOptionsBranch::Nbd(BlockExportOptionsNbd {
+                name: Some(name),
+                description: args.description,
+            }),
+        };
+        self.daemon.export_add_locked(self.state, &opts)
+    }
+
+    fn nbd_server_remove(&mut self, args: NbdServerRemoveArgs) -> Result<(), QmpError> {
+        let Some(id) = self
+            .state
+            .exports
+            .iter()
+            .find(|e| e.name == args.name && !e.shutting_down)
+            .map(|e| e.id.clone())
+        else {
+            return Err(QmpError::generic(format!(
+                "Export '{}' is not found",
+                args.name
+            )));
+        };
+        self.daemon.export_del_locked(
+            self.state,
+            &id,
+            args.mode.unwrap_or(BlockExportRemoveMode::Safe),
+        )
+    }
+}

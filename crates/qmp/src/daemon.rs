@@ -1,0 +1,540 @@
+//! The daemon: state shared by every monitor, command execution, and the daemon's life.
+//!
+//! # Concurrency
+//!
+//! All state (node graph, exports, NBD server) sits behind one mutex, and a command runs with
+//! it held from argument check to reply, so commands from different monitors run one at a
+//! time and each sees the effects of the previous one, as QEMU's main loop guarantees.
+//! Commands are synchronous and may block (opening files, loading plugins), so monitors run
+//! them on tokio's blocking pool, never on the async threads that read sockets; nothing
+//! awaits while the lock is held. The NBD server's connections run on their own threads and
+//! only touch the export table, which has its own lock.
+//!
+//! # Shutdown
+//!
+//! `quit`, SIGINT or SIGTERM call [`Daemon::shutdown`]: exports are removed
+//! (BLOCK_EXPORT_DELETED each), the NBD server stops, SHUTDOWN is emitted, and the shutdown
+//! watch fires. Monitors then write what they have (the `quit` reply included) and close;
+//! [`Daemon::finish`] waits for them and for NBD connections, with a time limit.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_proto::qmp::{ErrorClass, Request};
+use sluice_server::{ExportTable, ServerConfig};
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::block::{not_found, DriverRegistry, Graph};
+use crate::events::EventBus;
+use crate::exports::{named_export, Export, RunningNbd, NBD_MAX_STRING};
+use crate::generated::{
+    dispatch, BlockExportDeletedEvent, BlockExportOptions, BlockExportOptionsBranch,
+    BlockExportRemoveMode, BlockdevOptions, NbdServerOptions, ShutdownCause, ShutdownEvent,
+    VersionInfo, VersionTriple, COMMANDS,
+};
+use crate::qapi::{CompatPolicy, Input, Output, QapiEvent, ToQapi};
+use crate::QmpError;
+
+/// Most clients served at once on one monitor socket.
+pub const MAX_CLIENTS_PER_MONITOR: usize = 64;
+
+/// How the daemon is set up.
+pub struct DaemonConfig {
+    pub policy: CompatPolicy,
+    pub drivers: DriverRegistry,
+    /// Settings of the NBD server `nbd-server-start` creates.
+    pub nbd: ServerConfig,
+}
+
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("policy", &self.policy)
+            .field("drivers", &self.drivers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything commands change.
+pub struct State {
+    pub graph: Graph,
+    /// In the order they were added.
+    pub exports: Vec<Export>,
+    pub nbd: Option<RunningNbd>,
+    /// Stopped NBD servers whose connections may still be finishing a request.
+    retired: Vec<Arc<sluice_server::NbdServer>>,
+    shutting_down: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("graph", &self.graph)
+            .field("exports", &self.exports)
+            .field("nbd", &self.nbd)
+            .field("retired", &self.retired.len())
+            .finish()
+    }
+}
+
+/// Per-monitor protocol state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MonitorState {
+    /// `qmp_capabilities` succeeded: command mode.
+    pub negotiated: bool,
+    /// Out-of-band execution was enabled.
+    pub oob: bool,
+}
+
+/// The daemon.
+pub struct Daemon {
+    state: Mutex<State>,
+    events: EventBus,
+    policy: CompatPolicy,
+    output: Output,
+    table: Arc<ExportTable>,
+    nbd_config: ServerConfig,
+    shutdown_tx: watch::Sender<Option<ShutdownCause>>,
+    monitors: AtomicUsize,
+    monitors_idle: Notify,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+/// The version sluice reports (in QEMU's `VersionInfo` shape).
+pub fn version() -> VersionInfo {
+    let v = env!("CARGO_PKG_VERSION");
+    let mut parts = v.split('.').map(|p| p.parse::<i64>().unwrap_or(0));
+    VersionInfo {
+        qemu: VersionTriple {
+            major: parts.next().unwrap_or(0),
+            minor: parts.next().unwrap_or(0),
+            micro: parts.next().unwrap_or(0),
+        },
+        package: format!("sluice {v}"),
+    }
+}
+
+impl Daemon {
+    pub fn new(config: DaemonConfig) -> Arc<Daemon> {
+        let output = config.policy.output();
+        Arc::new(Daemon {
+            state: Mutex::new(State {
+                graph: Graph::new(config.drivers),
+                exports: Vec::new(),
+                nbd: None,
+                retired: Vec::new(),
+                shutting_down: false,
+            }),
+            events: EventBus::new(output),
+            policy: config.policy,
+            output,
+            table: Arc::new(ExportTable::new()),
+            nbd_config: config.nbd,
+            shutdown_tx: watch::channel(None).0,
+            monitors: AtomicUsize::new(0),
+            monitors_idle: Notify::new(),
+        })
+    }
+
+    pub fn policy(&self) -> &CompatPolicy {
+        &self.policy
+    }
+
+    pub fn output(&self) -> &Output {
+        &self.output
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// The state, locked.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The greeting's `version` value.
+    pub fn version_value(&self) -> Value {
+        static V: OnceLock<Value> = OnceLock::new();
+        V.get_or_init(|| version().to_qapi(&Output::default()))
+            .clone()
+    }
+
+    /// Runs one command for a monitor: QEMU's checks (negotiation mode, unknown command,
+    /// compatibility policy, out-of-band), then the typed handler with the state locked.
+    pub fn execute(
+        self: &Arc<Self>,
+        req: &Request,
+        mon: &mut MonitorState,
+    ) -> Result<Value, QmpError> {
+        if !mon.negotiated && req.command != "qmp_capabilities" {
+            return Err(QmpError::command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        let Some(def) = COMMANDS.iter().find(|c| c.name == req.command) else {
+            return Err(QmpError::command_not_found(format!(
+                "The command {} has not been found",
+                req.command
+            )));
+        };
+        self.policy.check_input(
+            def.features,
+            "command",
+            def.name,
+            ErrorClass::CommandNotFound,
+        )?;
+        if req.oob && !def.allow_oob {
+            return Err(QmpError::generic(format!(
+                "The command {} does not support OOB",
+                req.command
+            )));
+        }
+        let mut st = self.lock();
+        let mut inp = Input::json(&self.policy);
+        let mut session = crate::commands::Session {
+            daemon: self,
+            state: &mut st,
+            mon,
+        };
+        dispatch(
+            &mut session,
+            def.name,
+            &req.arguments,
+            &mut inp,
+            &self.output,
+        )
+        .expect("every command in COMMANDS has a dispatch arm")
+    }
+
+    /// Emits an event to every negotiated monitor.
+    pub fn emit<E: QapiEvent>(&self, event: &E) {
+        self.events.emit(event);
+    }
+
+    /// `blockdev-add` (also `--blockdev`).
+    pub fn blockdev_add(&self, opts: &BlockdevOptions) -> Result<(), QmpError> {
+        self.lock().graph.add(opts)
+    }
+
+    /// `nbd-server-start` with a flat address (also `--nbd-server`).
+    pub fn nbd_server_start(&self, opts: &NbdServerOptions) -> Result<(), QmpError> {
+        let mut st = self.lock();
+        self.nbd_start_locked(&mut st, opts)
+    }
+
+    pub(crate) fn nbd_start_locked(
+        &self,
+        st: &mut State,
+        opts: &NbdServerOptions,
+    ) -> Result<(), QmpError> {
+        if st.nbd.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        st.nbd = Some(RunningNbd::start(
+            opts,
+            self.table.clone(),
+            self.nbd_config.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: every NBD export goes, newest first.
+    pub(crate) fn nbd_stop_locked(&self, st: &mut State) -> Result<(), QmpError> {
+        let Some(mut nbd) = st.nbd.take() else {
+            return Err(QmpError::generic("NBD server not running"));
+        };
+        nbd.stop();
+        // Keep only servers that still have connections, for finish().
+        st.retired.retain(|s| !s.wait_idle(Duration::ZERO));
+        st.retired.push(nbd.server.clone());
+        self.close_all_exports(st);
+        Ok(())
+    }
+
+    /// `block-export-add` (also `--export`).
+    pub fn block_export_add(&self, opts: &BlockExportOptions) -> Result<(), QmpError> {
+        let mut st = self.lock();
+        self.export_add_locked(&mut st, opts)
+    }
+
+    /// qemu-storage-daemon's checks, in its order.
+    pub(crate) fn export_add_locked(
+        &self,
+        st: &mut State,
+        opts: &BlockExportOptions,
+    ) -> Result<(), QmpError> {
+        if !crate::block::id_wellformed(&opts.id) {
+            return Err(QmpError::generic("Invalid block export id"));
+        }
+        if st.exports.iter().any(|e| e.id == opts.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                opts.id
+            )));
+        }
+        let Some(node) = st.graph.get(&opts.node_name) else {
+            return Err(not_found("", &opts.node_name));
+        };
+        let writable = opts.writable.unwrap_or(false);
+        if writable && node.read_only {
+            return Err(QmpError::generic(
+                "Cannot export read-only node as writable",
+            ));
+        }
+        if st.nbd.is_none() {
+            return Err(QmpError::generic("NBD server not running"));
+        }
+        let BlockExportOptionsBranch::Nbd(nbd) = &opts.u;
+        let name = nbd.name.clone().unwrap_or_else(|| opts.node_name.clone());
+        if name.len() > NBD_MAX_STRING {
+            return Err(QmpError::generic(format!("export name '{name}' too long")));
+        }
+        if let Some(d) = &nbd.description {
+            if d.len() > NBD_MAX_STRING {
+                return Err(QmpError::generic(format!("description '{d}' too long")));
+            }
+        }
+        if self.table.get(&name).is_some() {
+            return Err(QmpError::generic(format!(
+                "NBD server already has export named '{name}'"
+            )));
+        }
+        let (entry, gate) = named_export(node.plugin().clone(), writable, nbd.description.clone());
+        if !self.table.insert(&name, entry) {
+            return Err(QmpError::generic(format!(
+                "NBD server already has export named '{name}'"
+            )));
+        }
+        let named = self.table.get(&name).expect("just inserted");
+        if let Some(n) = st.graph.get_mut(&opts.node_name) {
+            n.exports += 1;
+        }
+        st.exports.push(Export {
+            id: opts.id.clone(),
+            node: opts.node_name.clone(),
+            name,
+            named,
+            gate,
+            shutting_down: false,
+        });
+        Ok(())
+    }
+
+    /// `block-export-del`.
+    pub(crate) fn export_del_locked(
+        self: &Arc<Self>,
+        st: &mut State,
+        id: &str,
+        mode: BlockExportRemoveMode,
+    ) -> Result<(), QmpError> {
+        let Some(i) = st.exports.iter().position(|e| e.id == id) else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        let e = &mut st.exports[i];
+        if e.shutting_down {
+            return Err(QmpError::generic(format!(
+                "Export '{id}' is already shutting down"
+            )));
+        }
+        if e.in_use() && mode == BlockExportRemoveMode::Safe {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
+        }
+        self.table.remove(&e.name);
+        e.shutting_down = true;
+        if !e.in_use() {
+            self.finish_export(st, i);
+            return Ok(());
+        }
+        // Hard: clients still connected get errors from now on; the event waits for them.
+        e.gate.store(false, Ordering::Release);
+        let daemon = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut st = daemon.lock();
+                match st
+                    .exports
+                    .iter()
+                    .position(|e| e.id == id && e.shutting_down)
+                {
+                    Some(i) if !st.exports[i].in_use() => {
+                        daemon.finish_export(&mut st, i);
+                        return;
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// The export is gone: forget it and tell the monitors.
+    fn finish_export(&self, st: &mut State, i: usize) {
+        let e = st.exports.remove(i);
+        if let Some(n) = st.graph.get_mut(&e.node) {
+            n.exports = n.exports.saturating_sub(1);
+        }
+        self.emit(&BlockExportDeletedEvent { id: e.id });
+    }
+
+    /// Removes every export now, newest first (server stop, daemon shutdown).
+    fn close_all_exports(&self, st: &mut State) {
+        while let Some(i) = st.exports.len().checked_sub(1) {
+            let e = &st.exports[i];
+            e.gate.store(false, Ordering::Release);
+            self.table.remove(&e.name);
+            self.finish_export(st, i);
+        }
+    }
+
+    /// Begins shutdown (idempotent): exports, NBD server, SHUTDOWN event, then the watch.
+    pub fn shutdown(&self, cause: ShutdownCause) {
+        let mut st = self.lock();
+        self.shutdown_locked(&mut st, cause);
+    }
+
+    pub(crate) fn shutdown_locked(&self, st: &mut State, cause: ShutdownCause) {
+        if st.shutting_down {
+            return;
+        }
+        st.shutting_down = true;
+        if let Some(mut nbd) = st.nbd.take() {
+            nbd.stop();
+            st.retired.push(nbd.server.clone());
+        }
+        self.close_all_exports(st);
+        self.emit(&ShutdownEvent {
+            guest: false,
+            reason: cause,
+        });
+        tracing::debug!("shutting down: {cause}");
+        let _ = self.shutdown_tx.send(Some(cause));
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown_tx.borrow().is_some()
+    }
+
+    /// A receiver that changes when shutdown begins.
+    pub fn shutdown_watch(&self) -> watch::Receiver<Option<ShutdownCause>> {
+        self.shutdown_tx.subscribe()
+    }
+
+    /// Waits until shutdown begins and returns why.
+    pub async fn wait_shutdown(&self) -> ShutdownCause {
+        let mut rx = self.shutdown_watch();
+        loop {
+            if let Some(c) = *rx.borrow_and_update() {
+                return c;
+            }
+            if rx.changed().await.is_err() {
+                return ShutdownCause::HostError;
+            }
+        }
+    }
+
+    /// Serves QMP monitors on `listener` until shutdown (spawned on the current runtime).
+    pub fn spawn_monitor_listener(self: &Arc<Self>, listener: MonitorListener) {
+        let daemon = self.clone();
+        tokio::spawn(async move { daemon.accept_monitors(listener).await });
+    }
+
+    async fn accept_monitors(self: Arc<Self>, listener: MonitorListener) {
+        let limit = Arc::new(Semaphore::new(MAX_CLIENTS_PER_MONITOR));
+        let mut shutdown = self.shutdown_watch();
+        loop {
+            if self.is_shutting_down() {
+                break;
+            }
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(stream) => {
+                        self.monitors.fetch_add(1, Ordering::SeqCst);
+                        let daemon = self.clone();
+                        tokio::spawn(async move {
+                            match stream {
+                                MonitorStream::Unix(s) => crate::monitor::run(daemon.clone(), s).await,
+                                MonitorStream::Tcp(s) => crate::monitor::run(daemon.clone(), s).await,
+                            }
+                            drop(permit);
+                            if daemon.monitors.fetch_sub(1, Ordering::SeqCst) == 1 {
+                                daemon.monitors_idle.notify_waiters();
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("monitor accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => {}
+            }
+        }
+        if let MonitorListener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// After shutdown: waits up to `timeout` for monitors to send their last replies and
+    /// close, and for the connections of stopped NBD servers to end. True if everything
+    /// finished in time.
+    pub async fn finish(self: &Arc<Self>, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.monitors_idle.notified();
+            if self.monitors.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return false;
+            }
+        }
+        // NBD connections finish the request they are running (the servers were stopped).
+        let servers = std::mem::take(&mut self.lock().retired);
+        for s in servers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let idle = tokio::task::spawn_blocking(move || s.wait_idle(left)).await;
+            if !matches!(idle, Ok(true)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// A socket monitors are served on (`--chardev socket,...,server=on`).
+#[derive(Debug)]
+pub enum MonitorListener {
+    /// The path is unlinked when the daemon stops.
+    Unix(tokio::net::UnixListener, PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
+enum MonitorStream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl MonitorListener {
+    async fn accept(&self) -> std::io::Result<MonitorStream> {
+        Ok(match self {
+            MonitorListener::Unix(l, _) => MonitorStream::Unix(l.accept().await?.0),
+            MonitorListener::Tcp(l) => MonitorStream::Tcp(l.accept().await?.0),
+        })
+    }
+}

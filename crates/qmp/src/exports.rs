@@ -1,0 +1,369 @@
+//! Block exports and the NBD server they are served by.
+//!
+//! One [`ExportTable`] lives as long as the daemon; `nbd-server-start` creates an
+//! [`NbdServer`] over it and spawns its accept loop on the runtime, `nbd-server-stop` stops
+//! it and removes every NBD export. An export is a node's plugin wrapped in a [`GatedPlugin`]
+//! and a [`Backend`]; the gate is what makes `block-export-del` with `mode: hard` take effect
+//! for clients that are still connected: their further requests fail with ESHUTDOWN, and
+//! BLOCK_EXPORT_DELETED is sent once the last of them has disconnected (the server holds an
+//! `Arc` of the export per connection, which is how "in use" is known).
+//!
+//! Each export has its own `Backend`, so a plugin with a serializing thread model that is
+//! exported under two names is serialized per export, not across them.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use sluice_block::export::Backend;
+use sluice_block::{
+    BlockError, BlockSize, ConnectionInfo, Errno, ExportEntry, Extents, Flags, Handle, OpenContext,
+    Plugin, Support, ThreadModel,
+};
+use sluice_server::{Listener, NamedExport, NbdServer};
+
+use crate::block::drivers::strerror;
+use crate::generated::{NbdServerOptions, SocketAddress};
+use crate::QmpError;
+
+/// Longest export name or description (the NBD protocol's string limit).
+pub const NBD_MAX_STRING: usize = 4096;
+
+/// One export.
+pub struct Export {
+    pub id: String,
+    pub node: String,
+    /// The NBD export name.
+    pub name: String,
+    pub named: Arc<NamedExport>,
+    pub gate: Arc<AtomicBool>,
+    /// Removed with `mode: hard` while clients were connected.
+    pub shutting_down: bool,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("id", &self.id)
+            .field("node", &self.node)
+            .field("name", &self.name)
+            .field("shutting_down", &self.shutting_down)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Export {
+    /// True while a client connection holds the export.
+    pub fn in_use(&self) -> bool {
+        // Ours, plus the table's while it is listed.
+        Arc::strong_count(&self.named) > if self.shutting_down { 1 } else { 2 }
+    }
+}
+
+/// The running NBD server.
+pub struct RunningNbd {
+    pub server: Arc<NbdServer>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Unix socket to unlink when the server stops.
+    unix_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RunningNbd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningNbd")
+            .field("unix_path", &self.unix_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningNbd {
+    /// Binds `opts.addr` and starts accepting (must be called inside the tokio runtime).
+    pub fn start(
+        opts: &NbdServerOptions,
+        table: Arc<sluice_server::ExportTable>,
+        config: sluice_server::ServerConfig,
+    ) -> Result<RunningNbd, QmpError> {
+        if opts.tls_authz.is_some() && opts.tls_creds.is_none() {
+            return Err(QmpError::generic(
+                "'tls-authz' is only supported with 'tls-creds'",
+            ));
+        }
+        if let Some(id) = &opts.tls_creds {
+            // There are no credential objects (object-add) yet, so no id can name one.
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{id}'"
+            )));
+        }
+        let (listener, unix_path) = match &opts.addr.u {
+            crate::generated::SocketAddressBranch::Unix(u) => {
+                let l = std::os::unix::net::UnixListener::bind(&u.path).map_err(|e| {
+                    QmpError::generic(format!(
+                        "Failed to bind socket to {}: {}",
+                        u.path,
+                        strerror(&e)
+                    ))
+                })?;
+                let l = Listener::from_std_unix(l).map_err(|e| {
+                    QmpError::generic(format!("Failed to listen on {}: {}", u.path, strerror(&e)))
+                })?;
+                (l, Some(PathBuf::from(&u.path)))
+            }
+            crate::generated::SocketAddressBranch::Inet(i) => {
+                let port: u16 = i.port.parse().map_err(|_| {
+                    QmpError::generic(format!("Port '{}' is not a number from 0 to 65535", i.port))
+                })?;
+                let addr = (i.host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| {
+                        QmpError::generic(format!(
+                            "address resolution failed for {}:{}: {}",
+                            i.host,
+                            i.port,
+                            strerror(&e)
+                        ))
+                    })?
+                    .next()
+                    .ok_or_else(|| {
+                        QmpError::generic(format!(
+                            "address resolution failed for {}:{}",
+                            i.host, i.port
+                        ))
+                    })?;
+                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                    QmpError::generic(format!("Failed to bind socket: {}", strerror(&e)))
+                })?;
+                let l = Listener::from_std_tcp(l).map_err(|e| {
+                    QmpError::generic(format!("Failed to listen on {addr}: {}", strerror(&e)))
+                })?;
+                (l, None)
+            }
+        };
+        let server = NbdServer::with_table(table, config);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let s = server.clone();
+        tokio::spawn(async move {
+            s.serve(vec![listener], async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Ok(RunningNbd {
+            server,
+            stop: Some(tx),
+            unix_path,
+        })
+    }
+
+    /// Stops accepting and ends every connection after its current request.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.server.begin_shutdown();
+        if let Some(p) = self.unix_path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for RunningNbd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The address a `--nbd-server`/`nbd-server-start` listens on, for messages.
+pub fn describe(addr: &SocketAddress) -> String {
+    match &addr.u {
+        crate::generated::SocketAddressBranch::Unix(u) => u.path.clone(),
+        crate::generated::SocketAddressBranch::Inet(i) => format!("{}:{}", i.host, i.port),
+    }
+}
+
+/// A plugin whose handles stop working when its gate closes (`block-export-del` hard mode).
+pub struct GatedPlugin {
+    inner: Arc<dyn Plugin>,
+    open: Arc<AtomicBool>,
+}
+
+impl GatedPlugin {
+    /// Wraps `inner`; handles work while `open` is true.
+    pub fn new(inner: Arc<dyn Plugin>, open: Arc<AtomicBool>) -> GatedPlugin {
+        GatedPlugin { inner, open }
+    }
+
+    fn check(open: &AtomicBool) -> sluice_block::Result<()> {
+        if open.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(BlockError::new(Errno::ESHUTDOWN, "the export was removed"))
+        }
+    }
+}
+
+impl Plugin for GatedPlugin {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn version(&self) -> Option<&str> {
+        self.inner.version()
+    }
+    fn thread_model(&self) -> ThreadModel {
+        self.inner.thread_model()
+    }
+    fn may_block(&self) -> bool {
+        self.inner.may_block()
+    }
+    fn preconnect(&self, readonly: bool) -> sluice_block::Result<()> {
+        Self::check(&self.open)?;
+        self.inner.preconnect(readonly)
+    }
+    fn default_export(&self, readonly: bool, is_tls: bool) -> sluice_block::Result<String> {
+        self.inner.default_export(readonly, is_tls)
+    }
+    fn list_exports(&self, readonly: bool, is_tls: bool) -> sluice_block::Result<Vec<ExportEntry>> {
+        self.inner.list_exports(readonly, is_tls)
+    }
+    fn with_connection(&self, info: &ConnectionInfo, f: &mut dyn FnMut()) {
+        self.inner.with_connection(info, f)
+    }
+    fn open(&self, ctx: &OpenContext<'_>) -> sluice_block::Result<Box<dyn Handle>> {
+        Self::check(&self.open)?;
+        Ok(Box::new(GatedHandle {
+            inner: self.inner.open(ctx)?,
+            open: self.open.clone(),
+        }))
+    }
+    fn dump(&self) -> Vec<String> {
+        self.inner.dump()
+    }
+}
+
+struct GatedHandle {
+    inner: Box<dyn Handle>,
+    open: Arc<AtomicBool>,
+}
+
+impl Handle for GatedHandle {
+    fn get_size(&self) -> sluice_block::Result<u64> {
+        self.inner.get_size()
+    }
+    fn export_description(&self) -> sluice_block::Result<Option<String>> {
+        self.inner.export_description()
+    }
+    fn block_size(&self) -> sluice_block::Result<Option<BlockSize>> {
+        self.inner.block_size()
+    }
+    fn can_write(&self) -> sluice_block::Result<bool> {
+        self.inner.can_write()
+    }
+    fn can_flush(&self) -> sluice_block::Result<bool> {
+        self.inner.can_flush()
+    }
+    fn is_rotational(&self) -> sluice_block::Result<bool> {
+        self.inner.is_rotational()
+    }
+    fn can_trim(&self) -> sluice_block::Result<bool> {
+        self.inner.can_trim()
+    }
+    fn can_zero(&self) -> sluice_block::Result<Support> {
+        self.inner.can_zero()
+    }
+    fn can_fast_zero(&self) -> sluice_block::Result<bool> {
+        self.inner.can_fast_zero()
+    }
+    fn can_fua(&self) -> sluice_block::Result<Support> {
+        self.inner.can_fua()
+    }
+    fn can_multi_conn(&self) -> sluice_block::Result<bool> {
+        self.inner.can_multi_conn()
+    }
+    fn can_cache(&self) -> sluice_block::Result<Support> {
+        self.inner.can_cache()
+    }
+    fn can_extents(&self) -> sluice_block::Result<bool> {
+        self.inner.can_extents()
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.pread(buf, offset, flags)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.pwrite(buf, offset, flags)
+    }
+    fn flush(&self, flags: Flags) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.flush(flags)
+    }
+    fn trim(&self, count: u64, offset: u64, flags: Flags) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.trim(count, offset, flags)
+    }
+    fn zero(&self, count: u64, offset: u64, flags: Flags) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.zero(count, offset, flags)
+    }
+    fn cache(&self, count: u64, offset: u64, flags: Flags) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.cache(count, offset, flags)
+    }
+    fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        extents: &mut Extents,
+    ) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.extents(count, offset, flags, extents)
+    }
+}
+
+/// A new entry for the server's table: the node's plugin behind a gate, and the gate.
+pub fn named_export(
+    plugin: Arc<dyn Plugin>,
+    writable: bool,
+    description: Option<String>,
+) -> (NamedExport, Arc<AtomicBool>) {
+    let gate = Arc::new(AtomicBool::new(true));
+    let backend = Arc::new(Backend::new(Arc::new(GatedPlugin::new(
+        plugin,
+        gate.clone(),
+    ))));
+    (
+        NamedExport {
+            backend,
+            writable,
+            description,
+        },
+        gate,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_block::plugins::NullPlugin;
+
+    #[test]
+    fn gated_handle_fails_with_eshutdown_once_closed() {
+        let gate = Arc::new(AtomicBool::new(true));
+        let p = GatedPlugin::new(Arc::new(NullPlugin::new(4096)), gate.clone());
+        let h = p
+            .open(&OpenContext {
+                readonly: true,
+                export_name: "",
+                is_tls: false,
+            })
+            .unwrap();
+        let mut buf = [1u8; 512];
+        h.pread(&mut buf, 0, Flags::NONE).unwrap();
+        assert_eq!(buf, [0u8; 512]);
+        gate.store(false, Ordering::Release);
+        let e = h.pread(&mut buf, 0, Flags::NONE).unwrap_err();
+        assert_eq!(e.errno, Errno::ESHUTDOWN);
+        assert_eq!(h.get_size().unwrap(), 4096);
+    }
+}
