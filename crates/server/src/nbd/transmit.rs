@@ -357,13 +357,23 @@ const COALESCE_MAX: usize = 64 * 1024;
 fn batch_worker(conn: &Conn) {
     let mut buf: Vec<u8> = vec![0u8; HEADROOM + 64 * 1024];
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
-    let mut out: Vec<u8> = Vec::with_capacity(256 * 1024);
+    let mut out = Gather::default();
+    // Length of a successful read reply's header (the data follows it in `out`).
+    let read_hdr_len = {
+        let mut h = Vec::new();
+        if conn.structured {
+            reply::offset_data_header(&mut h, 0, 0, 0, 0, true, conn.extended);
+        } else {
+            reply::simple_reply(&mut h, 0, NBD_OK);
+        }
+        h.len()
+    };
     let mut reader = lock(&conn.reader);
     let mut writer = lock(&conn.writer);
     let end = loop {
         // Before waiting for input, send what is gathered.
         if !out.is_empty() && !reader.has_buffered_request(conn.extended) {
-            if let Err(e) = writer.write_all(&out) {
+            if let Err(e) = writer.write_all(out.as_slice()) {
                 break Err(e);
             }
             out.clear();
@@ -373,6 +383,24 @@ fn batch_worker(conn: &Conn) {
             Err(end) => break Ok(end),
         };
         hdr.clear();
+        // A small read goes straight into the gathered output, its header in front.
+        if let Next::Request(req) = &next {
+            if req.kind == NBD_CMD_READ && req.length > 0 && req.length < HOLE_CHECK_MIN {
+                let base = out.used;
+                let slot = out.slot(read_hdr_len + req.length as usize);
+                match small_read(conn, req, &mut slot[read_hdr_len..], &mut hdr) {
+                    Ok(()) => slot[..read_hdr_len].copy_from_slice(&hdr),
+                    Err(err) => {
+                        out.used = base;
+                        hdr.clear();
+                        log_failure(conn, req, &err);
+                        error_reply(conn, req, &err, &mut hdr);
+                        out.push(&hdr);
+                    }
+                }
+                continue;
+            }
+        }
         let data = match next {
             Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
             Next::Refused(req, err) => {
@@ -385,7 +413,7 @@ fn batch_worker(conn: &Conn) {
                 let start = HEADROOM - hdr.len();
                 buf[start..HEADROOM].copy_from_slice(&hdr);
                 let r = writer
-                    .write_all(&out)
+                    .write_all(out.as_slice())
                     .and_then(|_| writer.write_all(&buf[start..HEADROOM + len]));
                 out.clear();
                 if let Err(e) = r {
@@ -393,14 +421,14 @@ fn batch_worker(conn: &Conn) {
                 }
             }
             Some(len) => {
-                out.extend_from_slice(&hdr);
-                out.extend_from_slice(&buf[HEADROOM..HEADROOM + len]);
+                out.push(&hdr);
+                out.push(&buf[HEADROOM..HEADROOM + len]);
             }
-            None => out.extend_from_slice(&hdr),
+            None => out.push(&hdr),
         }
     };
     // Replies to the requests before the end still go out, then a broken stream is cut.
-    match end.and_then(|end| writer.write_all(&out).map(|_| end)) {
+    match end.and_then(|end| writer.write_all(out.as_slice()).map(|_| end)) {
         Ok(InputEnd::Closed) => {}
         Ok(InputEnd::Broken(why)) => {
             tracing::info!(conn = conn.id, "closing connection: {why}");
@@ -411,6 +439,65 @@ fn batch_worker(conn: &Conn) {
             let _ = writer.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Replies gathered for one `write`. The buffer keeps its initialised length, so filling a
+/// slot costs no zeroing; `used` says how much of it is output.
+#[derive(Default)]
+struct Gather {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl Gather {
+    fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+    fn clear(&mut self) {
+        self.used = 0;
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.used]
+    }
+    /// The next `n` bytes of output, to be filled in by the caller.
+    fn slot(&mut self, n: usize) -> &mut [u8] {
+        let end = self.used + n;
+        if self.buf.len() < end {
+            self.buf.resize(end.max(256 * 1024), 0);
+        }
+        let start = self.used;
+        self.used = end;
+        &mut self.buf[start..end]
+    }
+    fn push(&mut self, bytes: &[u8]) {
+        self.slot(bytes.len()).copy_from_slice(bytes);
+    }
+}
+
+/// A read short enough to need no hole check, into `dst`; `hdr` gets its reply header.
+fn small_read(
+    conn: &Conn,
+    req: &RequestHeader,
+    dst: &mut [u8],
+    hdr: &mut Vec<u8>,
+) -> Result<(), BlockError> {
+    check_flags(conn, req)?;
+    conn.export.read(dst, req.offset)?;
+    if conn.structured {
+        let len = req.length;
+        reply::offset_data_header(
+            hdr,
+            req.cookie,
+            req.offset,
+            req.offset,
+            len,
+            true,
+            conn.extended,
+        );
+    } else {
+        reply::simple_reply(hdr, req.cookie, NBD_OK);
+    }
+    Ok(())
 }
 
 /// The meta contexts sluice can answer block status for.
@@ -507,19 +594,23 @@ fn execute(
     match run_request(conn, req, buf, hdr) {
         Ok(data) => data,
         Err(err) => {
-            tracing::info!(
-                conn = conn.id,
-                "request {} at offset {} length {} failed: {}",
-                command_name(req.kind),
-                req.offset,
-                req.length,
-                err
-            );
+            log_failure(conn, req, &err);
             hdr.clear();
             error_reply(conn, req, &err, hdr);
             None
         }
     }
+}
+
+fn log_failure(conn: &Conn, req: &RequestHeader, err: &BlockError) {
+    tracing::info!(
+        conn = conn.id,
+        "request {} at offset {} length {} failed: {}",
+        command_name(req.kind),
+        req.offset,
+        req.length,
+        err
+    );
 }
 
 fn run_request(
@@ -528,26 +619,8 @@ fn run_request(
     buf: &mut Vec<u8>,
     hdr: &mut Vec<u8>,
 ) -> Result<Option<usize>, BlockError> {
+    check_flags(conn, req)?;
     let einval = |msg: String| BlockError::new(Errno::EINVAL, msg);
-    let Some(allowed) = allowed_flags(req.kind) else {
-        return Err(einval(format!("unknown command {}", req.kind)));
-    };
-    // PAYLOAD_LEN on an extended write only says how the payload was framed (next_request
-    // has read it); anywhere else it is a flag the command does not take.
-    let mut req_flags = req.flags;
-    if conn.extended && req.kind == NBD_CMD_WRITE {
-        req_flags &= !NBD_CMD_FLAG_PAYLOAD_LEN;
-    }
-    if req_flags & !allowed != 0 {
-        return Err(einval(format!(
-            "invalid flags {:#x} for {}",
-            req.flags,
-            command_name(req.kind)
-        )));
-    }
-    if req.flags & NBD_CMD_FLAG_DF != 0 && !conn.structured {
-        return Err(einval("DF flag needs structured replies".into()));
-    }
     let mut flags = Flags::NONE;
     if req.flags & NBD_CMD_FLAG_FUA != 0 {
         flags = flags | Flags::FUA;
@@ -638,6 +711,32 @@ fn run_request(
     }
     success_reply(conn, req, hdr);
     Ok(None)
+}
+
+/// The checks every request passes first: a known command, flags it accepts, DF only with
+/// structured replies.
+fn check_flags(conn: &Conn, req: &RequestHeader) -> Result<(), BlockError> {
+    let einval = |msg: String| BlockError::new(Errno::EINVAL, msg);
+    let Some(allowed) = allowed_flags(req.kind) else {
+        return Err(einval(format!("unknown command {}", req.kind)));
+    };
+    // PAYLOAD_LEN on an extended write only says how the payload was framed (next_request
+    // has read it); anywhere else it is a flag the command does not take.
+    let mut req_flags = req.flags;
+    if conn.extended && req.kind == NBD_CMD_WRITE {
+        req_flags &= !NBD_CMD_FLAG_PAYLOAD_LEN;
+    }
+    if req_flags & !allowed != 0 {
+        return Err(einval(format!(
+            "invalid flags {:#x} for {}",
+            req.flags,
+            command_name(req.kind)
+        )));
+    }
+    if req.flags & NBD_CMD_FLAG_DF != 0 && !conn.structured {
+        return Err(einval("DF flag needs structured replies".into()));
+    }
+    Ok(())
 }
 
 /// True if a read covers only space the plugin reports as reading zeroes.
