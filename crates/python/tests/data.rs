@@ -229,42 +229,6 @@ fn pread_exception_after_set_error_uses_that_errno() {
 }
 
 #[test]
-fn pread_exception_traceback_is_logged_once() {
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || Writer(sink.clone()))
-        .with_ansi(false)
-        .finish();
-    let p = load("pread_raises.py", &[]);
-    let h = open(&p);
-    tracing::subscriber::with_default(subscriber, || {
-        let mut buf = [0u8; 16];
-        h.pread(&mut buf, 0, Flags::NONE).unwrap_err();
-    });
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    assert_eq!(
-        text.matches("Traceback (most recent call last)").count(),
-        1,
-        "{text}"
-    );
-    assert!(text.contains("line 30, in pread"), "{text}");
-    assert!(text.contains("ERROR"), "{text}");
-}
-
-struct Writer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Writer {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[test]
 fn boolean_capabilities_must_be_the_true_object() {
     let p = load("bools.py", &[]);
     let h = open(&p);
