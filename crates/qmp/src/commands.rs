@@ -15,11 +15,16 @@ use crate::daemon::{version, Daemon, MonitorState, State};
 use crate::generated::{
     BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
     BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
-    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, NbdServerAddOptions, NbdServerOptions,
-    NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs,
-    QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress, SocketAddressBranch,
-    SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
+    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
+    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
+    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
+    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
+    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
+    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
+use crate::jobs::commands as jobs;
+use crate::jobs::stream;
 use crate::qapi::Input;
 use crate::QmpError;
 
@@ -188,6 +193,7 @@ impl Handlers for Session<'_> {
             u: BlockExportOptionsBranch::Nbd(BlockExportOptionsNbd {
                 name: Some(name),
                 description: args.description,
+                allocation_depth: None,
             }),
         };
         self.daemon.export_add_locked(self.state, &opts)
@@ -211,5 +217,71 @@ impl Handlers for Session<'_> {
             &id,
             args.mode.unwrap_or(BlockExportRemoveMode::Safe),
         )
+    }
+
+    // Jobs (crates/qmp/src/jobs): `true` selects the block-job-* flavour of errors.
+
+    fn query_jobs(&mut self) -> Result<Vec<JobInfo>, QmpError> {
+        Ok(jobs::query_jobs(self))
+    }
+
+    fn job_pause(&mut self, args: JobPauseArgs) -> Result<(), QmpError> {
+        jobs::pause(self, &args.id, false)
+    }
+
+    fn job_resume(&mut self, args: JobResumeArgs) -> Result<(), QmpError> {
+        jobs::resume(self, &args.id, false)
+    }
+
+    fn job_cancel(&mut self, args: JobCancelArgs) -> Result<(), QmpError> {
+        jobs::cancel(self, &args.id, false, true)
+    }
+
+    fn job_complete(&mut self, args: JobCompleteArgs) -> Result<(), QmpError> {
+        jobs::complete(self, &args.id, false)
+    }
+
+    fn job_dismiss(&mut self, args: JobDismissArgs) -> Result<(), QmpError> {
+        jobs::dismiss(self, &args.id, false)
+    }
+
+    fn job_finalize(&mut self, args: JobFinalizeArgs) -> Result<(), QmpError> {
+        jobs::finalize(self, &args.id, false)
+    }
+
+    fn query_block_jobs(&mut self) -> Result<Vec<BlockJobInfo>, QmpError> {
+        Ok(jobs::query_block_jobs(self))
+    }
+
+    fn block_job_set_speed(&mut self, args: BlockJobSetSpeedArgs) -> Result<(), QmpError> {
+        jobs::set_speed(self, &args.device, args.speed)
+    }
+
+    fn block_job_cancel(&mut self, args: BlockJobCancelArgs) -> Result<(), QmpError> {
+        jobs::cancel(self, &args.device, true, args.force.unwrap_or(false))
+    }
+
+    fn block_job_pause(&mut self, args: BlockJobPauseArgs) -> Result<(), QmpError> {
+        jobs::pause(self, &args.device, true)
+    }
+
+    fn block_job_resume(&mut self, args: BlockJobResumeArgs) -> Result<(), QmpError> {
+        jobs::resume(self, &args.device, true)
+    }
+
+    fn block_job_complete(&mut self, args: BlockJobCompleteArgs) -> Result<(), QmpError> {
+        jobs::complete(self, &args.device, true)
+    }
+
+    fn block_job_finalize(&mut self, args: BlockJobFinalizeArgs) -> Result<(), QmpError> {
+        jobs::finalize(self, &args.id, true)
+    }
+
+    fn block_job_dismiss(&mut self, args: BlockJobDismissArgs) -> Result<(), QmpError> {
+        jobs::dismiss(self, &args.id, true)
+    }
+
+    fn block_stream(&mut self, args: BlockStreamArgs) -> Result<(), QmpError> {
+        stream::block_stream(self, args)
     }
 }

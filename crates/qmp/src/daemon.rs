@@ -38,6 +38,10 @@ use crate::generated::{
 use crate::qapi::{CompatPolicy, Input, Output, QapiEvent, ToQapi};
 use crate::QmpError;
 
+/// How long a hard `block-export-del` waits for disconnected clients' connections to end
+/// before replying (they finish the request they are running first).
+const HARD_DEL_WAIT: Duration = Duration::from_secs(1);
+
 /// Most clients served at once on one monitor socket.
 pub const MAX_CLIENTS_PER_MONITOR: usize = 64;
 
@@ -64,6 +68,8 @@ pub struct State {
     /// In the order they were added.
     pub exports: Vec<Export>,
     pub nbd: Option<RunningNbd>,
+    /// Background jobs (block-stream, ...), including concluded ones not yet dismissed.
+    pub jobs: crate::jobs::Jobs,
     /// Stopped NBD servers whose connections may still be finishing a request.
     retired: Vec<Arc<sluice_server::NbdServer>>,
     shutting_down: bool,
@@ -87,6 +93,8 @@ pub struct MonitorState {
     pub negotiated: bool,
     /// Out-of-band execution was enabled.
     pub oob: bool,
+    /// The last event the last command caused: events up to it go before its reply.
+    pub events_before_reply: u64,
 }
 
 /// The daemon.
@@ -130,6 +138,7 @@ impl Daemon {
                 graph: Graph::new(config.drivers),
                 exports: Vec::new(),
                 nbd: None,
+                jobs: crate::jobs::Jobs::default(),
                 retired: Vec::new(),
                 shutting_down: false,
             }),
@@ -205,14 +214,18 @@ impl Daemon {
             state: &mut st,
             mon,
         };
-        dispatch(
+        let r = dispatch(
             &mut session,
             def.name,
             &req.arguments,
             &mut inp,
             &self.output,
         )
-        .expect("every command in COMMANDS has a dispatch arm")
+        .expect("every command in COMMANDS has a dispatch arm");
+        // Still locked: a job this command started has not emitted anything yet (job threads
+        // take the lock before they begin), so this is exactly the command's own events.
+        mon.events_before_reply = self.events.last_seq();
+        r
     }
 
     /// Emits an event to every negotiated monitor.
@@ -308,7 +321,12 @@ impl Daemon {
                 "NBD server already has export named '{name}'"
             )));
         }
-        let (entry, gate) = named_export(node.plugin().clone(), writable, nbd.description.clone());
+        let (entry, gate) = named_export(
+            node.plugin().clone(),
+            writable,
+            nbd.description.clone(),
+            nbd.allocation_depth.unwrap_or(false),
+        );
         if !self.table.insert(&name, entry) {
             return Err(QmpError::generic(format!(
                 "NBD server already has export named '{name}'"
@@ -354,8 +372,23 @@ impl Daemon {
             self.finish_export(st, i);
             return Ok(());
         }
-        // Hard: clients still connected get errors from now on; the event waits for them.
+        // Hard: as qemu-storage-daemon, clients still connected are disconnected (their
+        // requests in flight finish; any that follow fail). Connections usually end at once,
+        // and then BLOCK_EXPORT_DELETED comes before the reply, as with qsd; a request that
+        // takes longer is waited for in the background. (Commands run on blocking threads,
+        // and connections never take the state lock, so waiting here is safe.)
         e.gate.store(false, Ordering::Release);
+        if let Some(nbd) = &st.nbd {
+            nbd.server.disconnect_export(&st.exports[i].name);
+            let deadline = std::time::Instant::now() + HARD_DEL_WAIT;
+            while st.exports[i].in_use() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if !st.exports[i].in_use() {
+                self.finish_export(st, i);
+                return Ok(());
+            }
+        }
         let daemon = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {

@@ -7,11 +7,17 @@
 //! written by the issuing monitor before that command's reply (the monitor drains its
 //! subscription first), matching what qemu-storage-daemon does for `block-export-del`.
 //!
+//! Every event gets a sequence number, assigned in channel order. A command records the last
+//! number when it finishes (still holding the daemon's lock), and its monitor writes only
+//! events up to that number before the reply: so events a background job emits after the
+//! command (a fast stream's `waiting`, `pending`, ...) come after the `return`, as in qsd,
+//! even when they are already queued when the monitor writes.
+//!
 //! The channel holds [`CAPACITY`] events; a monitor whose client stops reading for that long
 //! loses the oldest ones (and the daemon logs it) rather than making the daemon buffer without
 //! limit.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use sluice_proto::qmp::{encode_event, Timestamp};
 use tokio::sync::broadcast;
@@ -26,6 +32,8 @@ pub const CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub struct EventMsg {
     pub name: &'static str,
+    /// Position in the daemon's event order (the first event is 1).
+    pub seq: u64,
     /// The whole line, CRLF included.
     pub bytes: Vec<u8>,
 }
@@ -35,12 +43,18 @@ pub struct EventMsg {
 pub struct EventBus {
     tx: broadcast::Sender<Arc<EventMsg>>,
     output: Output,
+    /// The last sequence number given; held while sending, so channel order is seq order.
+    seq: Mutex<u64>,
 }
 
 impl EventBus {
     pub fn new(output: Output) -> EventBus {
         let (tx, _) = broadcast::channel(CAPACITY);
-        EventBus { tx, output }
+        EventBus {
+            tx,
+            output,
+            seq: Mutex::new(0),
+        }
     }
 
     /// Sends `event` to every subscribed monitor (none is an error: events are not queued for
@@ -59,10 +73,18 @@ impl EventBus {
         let mut bytes = Vec::new();
         encode_event(E::NAME, data.as_ref(), now(), &mut bytes);
         tracing::debug!(event = E::NAME, "event");
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        *seq += 1;
         let _ = self.tx.send(Arc::new(EventMsg {
             name: E::NAME,
+            seq: *seq,
             bytes,
         }));
+    }
+
+    /// The sequence number of the last event emitted (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventMsg>> {

@@ -10,6 +10,12 @@
 //!
 //! Each export has its own `Backend`, so a plugin with a serializing thread model that is
 //! exported under two names is serialized per export, not across them.
+//!
+//! The server offers every meta context sluice knows ([`META_CONTEXTS`]); each export then
+//! offers `base:allocation` and, when added with `allocation-depth: true` (as with
+//! qemu-storage-daemon), `qemu:allocation-depth`. A hard `block-export-del` also closes the
+//! connections of clients still using the export ([`NbdServer::disconnect_export`]), as
+//! qemu-storage-daemon does.
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -29,6 +35,9 @@ use crate::QmpError;
 
 /// Longest export name or description (the NBD protocol's string limit).
 pub const NBD_MAX_STRING: usize = 4096;
+
+/// The meta contexts the daemon's NBD server knows, in the order that gives their ids.
+pub const META_CONTEXTS: [&str; 2] = ["base:allocation", "qemu:allocation-depth"];
 
 /// One export.
 pub struct Export {
@@ -139,6 +148,12 @@ impl RunningNbd {
                 (l, None)
             }
         };
+        let mut config = config;
+        for c in META_CONTEXTS {
+            if !config.meta_contexts.iter().any(|m| m == c) {
+                config.meta_contexts.push(c.to_string());
+            }
+        }
         let server = NbdServer::with_table(table, config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let s = server.clone();
@@ -227,6 +242,9 @@ impl Plugin for GatedPlugin {
     }
     fn with_connection(&self, info: &ConnectionInfo, f: &mut dyn FnMut()) {
         self.inner.with_connection(info, f)
+    }
+    fn has_allocation_depth(&self) -> bool {
+        self.inner.has_allocation_depth()
     }
     fn open(&self, ctx: &OpenContext<'_>) -> sluice_block::Result<Box<dyn Handle>> {
         Self::check(&self.open)?;
@@ -319,13 +337,24 @@ impl Handle for GatedHandle {
         GatedPlugin::check(&self.open)?;
         self.inner.extents(count, offset, flags, extents)
     }
+    fn allocation_depth(
+        &self,
+        count: u64,
+        offset: u64,
+        out: &mut Extents,
+    ) -> sluice_block::Result<()> {
+        GatedPlugin::check(&self.open)?;
+        self.inner.allocation_depth(count, offset, out)
+    }
 }
 
 /// A new entry for the server's table: the node's plugin behind a gate, and the gate.
+/// `allocation_depth`: offer `qemu:allocation-depth` besides `base:allocation`.
 pub fn named_export(
     plugin: Arc<dyn Plugin>,
     writable: bool,
     description: Option<String>,
+    allocation_depth: bool,
 ) -> (NamedExport, Arc<AtomicBool>) {
     let gate = Arc::new(AtomicBool::new(true));
     let backend = Arc::new(Backend::new(Arc::new(GatedPlugin::new(
@@ -337,6 +366,10 @@ pub fn named_export(
             backend,
             writable,
             description,
+            meta_contexts: META_CONTEXTS[..if allocation_depth { 2 } else { 1 }]
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
         },
         gate,
     )

@@ -4,11 +4,12 @@
 //!   generate [`generated`]: typed arguments and results, the [`generated::Handlers`] trait
 //!   with one method per command, dispatch, and the introspection table.
 //! - [`qapi`]: what generated code stands on (QEMU's argument checks and messages, `-compat`).
-//! - [`block`]: the graph of named block nodes and the driver registry (file, null-co,
-//!   sluice-plugin today; raw and qcow2 from `crates/image` register the same way).
+//! - [`block`]: the graph of named block nodes and the driver registry (file, raw and qcow2
+//!   from `crates/image`; null-co, null-aio, sluice-plugin).
 //! - [`exports`]: block exports and the NBD server behind them.
 //! - [`daemon`]: the state every monitor shares, command execution, shutdown.
 //! - [`commands`]: the commands; [`monitor`]: one client connection; [`events`]: delivery.
+//! - [`jobs`]: background jobs (the generic job state machine and verbs, block-stream).
 //! - [`keyval`]: QEMU's `key=value,a.b=c` option syntax for the command line.
 //! - [`abi`]: the schema ABI checker behind `sluice-schema-check`.
 //!
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod events;
 pub mod exports;
 pub mod generated;
+pub mod jobs;
 pub mod keyval;
 pub mod monitor;
 pub mod qapi;

@@ -5,7 +5,8 @@
 //! without an `id`, malformed commands with QEMU's top-level messages, commands through
 //! [`Daemon::execute`] on the blocking pool. Events reach it through the daemon's broadcast
 //! channel once it has negotiated; events a command caused are written before that command's
-//! reply. Replies are queued in one buffer and written when a command has run or the input is
+//! reply, and events emitted after the command (by a job it started) after it (see
+//! [`crate::events`] on sequence numbers). Replies are queued in one buffer and written when a command has run or the input is
 //! used up, so a flood of garbage costs one write per read, not one per error.
 //!
 //! Reading stops while a command runs and while a write is blocked, so a client that does not
@@ -37,6 +38,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(daemon: Arc<Daemon>, stream:
     out.clear();
     let mut mon = MonitorState::default();
     let mut events: Option<broadcast::Receiver<Arc<EventMsg>>> = None;
+    // An event received while flushing up to a command's mark, to be written after its reply.
+    let mut held: Option<Arc<EventMsg>> = None;
     let mut shutdown = daemon.shutdown_watch();
     let mut json = JsonStream::default();
     let mut buf = vec![0u8; READ_CHUNK];
@@ -79,7 +82,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(daemon: Arc<Daemon>, stream:
                                 if mon.negotiated && events.is_none() {
                                     events = Some(daemon.events().subscribe());
                                 }
-                                if !flush_events(&mut events, &mut out) {
+                                if !flush_events(
+                                    &mut events,
+                                    &mut out,
+                                    mon.events_before_reply,
+                                    &mut held,
+                                ) {
                                     return;
                                 }
                                 (r, req.id)
@@ -89,6 +97,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(daemon: Arc<Daemon>, stream:
                     match &result {
                         Ok(v) => encode_return(v, id.as_ref(), &mut out),
                         Err(e) => encode_error(e, id.as_ref(), &mut out),
+                    }
+                    if let Some(m) = held.take() {
+                        out.extend_from_slice(&m.bytes);
                     }
                     if daemon.is_shutting_down() {
                         // `quit` (from here or elsewhere): nothing after it runs.
@@ -125,20 +136,31 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(daemon: Arc<Daemon>, stream:
         }
     }
     // Shutting down or the client left: deliver what is pending (the SHUTDOWN event).
-    if flush_events(&mut events, &mut out) && !out.is_empty() {
+    if let Some(m) = held.take() {
+        out.extend_from_slice(&m.bytes);
+    }
+    if flush_events(&mut events, &mut out, u64::MAX, &mut held) && !out.is_empty() {
         let _ = wr.write_all(&out).await;
     }
     let _ = wr.shutdown().await;
 }
 
-/// Appends every event already waiting. False if the connection should end.
+/// Appends the events already waiting, up to sequence number `upto`; the first later one is
+/// put in `held` (the caller writes it after the reply; the rest stay in the channel). False
+/// if the connection should end.
 fn flush_events(
     events: &mut Option<broadcast::Receiver<Arc<EventMsg>>>,
     out: &mut Vec<u8>,
+    upto: u64,
+    held: &mut Option<Arc<EventMsg>>,
 ) -> bool {
     let Some(rx) = events else { return true };
     loop {
         match rx.try_recv() {
+            Ok(m) if m.seq > upto => {
+                *held = Some(m);
+                return true;
+            }
             Ok(m) => out.extend_from_slice(&m.bytes),
             Err(broadcast::error::TryRecvError::Lagged(n)) => {
                 tracing::warn!("a QMP monitor fell behind and lost {n} events");

@@ -46,8 +46,7 @@ Examples:
       --export nbd,id=e,node-name=ram,writable=on
                      any sluice plugin as a node (nbdkit C plugins and python scripts too)
 
-Block node drivers: file, null-co, null-aio, sluice-plugin (raw and qcow2 are declared but not
-available in this build yet). Options take the names and values of QMP's blockdev-add,
+Block node drivers: file, raw, qcow2, null-co, null-aio, sluice-plugin. Options take the names and values of QMP's blockdev-add,
 block-export-add and nbd-server-start; nested members are dotted (cache.direct=off), lists are
 numbered (params.0=...), and a literal comma is written ',,'. --blockdev also takes JSON.";
 

@@ -366,3 +366,40 @@ fn sluice_plugin_node_hosts_nbdkit_python_plugin() {
     );
     assert_eq!(out.trim(), "b'pypy' 2048");
 }
+
+#[test]
+fn sluice_plugin_export_runs_plugin_preconnect_once_export_known() {
+    let d = QmpDaemon::sluice(&["--nbd-server", "addr.type=unix,addr.path={dir}/nbd.sock"]);
+    let script = d.path("hooks.py");
+    // The plugin logs its preconnect and opens, and serves the log. (blockdev-add opens the
+    // node once, outside any connection.)
+    std::fs::write(
+        &script,
+        "log = []\n\
+         def preconnect(readonly):\n    log.append('preconnect %s' % readonly)\n\
+         def open(readonly):\n    log.append('open')\n    return 1\n\
+         def get_size(h):\n    return 512\n\
+         def pread(h, count, offset):\n    return ''.join(x + '\\n' for x in log).encode().ljust(512, b'.')[offset:offset+count]\n",
+    )
+    .unwrap();
+    let mut c = d.connect_negotiated();
+    let r = c.exec(
+        "blockdev-add",
+        json!({"driver": "sluice-plugin", "node-name": "py", "plugin": "python", "params": [path_str(&script)]}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.exec(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "py"}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let uri = format!("nbd+unix:///py?socket={}", path_str(&d.path("nbd.sock")));
+    let read_log = "h = nbd.NBD(); h.connect_uri(uri)\n\
+                    print(bytes(h.pread(512, 0)).rstrip(b'.').decode(), end='')";
+    assert_eq!(nbdsh(&uri, read_log), "open\npreconnect True\nopen\n");
+    // Each connection runs preconnect once, before its open.
+    assert_eq!(
+        nbdsh(&uri, read_log),
+        "open\npreconnect True\nopen\npreconnect True\nopen\n"
+    );
+}

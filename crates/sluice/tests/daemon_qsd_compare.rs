@@ -23,11 +23,13 @@ struct Step {
     received: Vec<Value>,
 }
 
-/// Runs the scenario; `nbd` is the NBD socket path, `img` the image file.
+/// Runs the scenario; `img` is a raw image file, and `top.qcow2` (over `base.qcow2`) is in
+/// the daemon's directory.
 fn scenario(d: &QmpDaemon, img: &Path, check_exports: &mut dyn FnMut(&str)) -> Vec<Step> {
     let nbd = d.path("nbd.sock");
     let nbd = path_str(&nbd);
     let img = path_str(img);
+    let dir = path_str(d.dir.path());
     let mut c = Qmp::connect(&d.qmp);
     let mut steps = vec![Step {
         sent: "<connect>".into(),
@@ -53,7 +55,10 @@ fn scenario(d: &QmpDaemon, img: &Path, check_exports: &mut dyn FnMut(&str)) -> V
         json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f0", "filename": img}, "id": "dup"}).to_string(),
         json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f1", "filename": format!("{img}.missing")}}).to_string(),
         json!({"execute": "blockdev-add", "arguments": {"driver": "null-co"}}).to_string(),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q0", "read-only": true, "file": {"driver": "file", "filename": format!("{dir}/top.qcow2")}}}).to_string(),
+        json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q1", "file": "f0"}}).to_string(),
         json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}).to_string(),
+        json!({"execute": "query-named-block-nodes"}).to_string(),
         json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "f0"}}).to_string(),
         json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": nbd}}}}).to_string(),
         json!({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": nbd}}}}).to_string(),
@@ -62,6 +67,7 @@ fn scenario(d: &QmpDaemon, img: &Path, check_exports: &mut dyn FnMut(&str)) -> V
         json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "n0"}}).to_string(),
         json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", "node-name": "n0"}}).to_string(),
         json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e3", "node-name": "nope"}}).to_string(),
+        json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "eq", "node-name": "q0", "allocation-depth": true}}).to_string(),
         json!({"execute": "query-block-exports", "id": "qbe"}).to_string(),
     ];
     for raw in cmds {
@@ -71,6 +77,7 @@ fn scenario(d: &QmpDaemon, img: &Path, check_exports: &mut dyn FnMut(&str)) -> V
     let cmds = [
         json!({"execute": "blockdev-del", "arguments": {"node-name": "f0"}}).to_string(),
         json!({"execute": "blockdev-del", "arguments": {"node-name": "nope"}}).to_string(),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "q0"}}).to_string(),
         json!({"execute": "block-export-del", "arguments": {"id": "e1"}, "id": "del"}).to_string(),
         json!({"execute": "block-export-del", "arguments": {"id": "nope"}}).to_string(),
         json!({"execute": "frobnicate", "id": {"any": ["json", 1, null]}}).to_string(),
@@ -150,14 +157,59 @@ fn transcript(steps: &[Step], dir: &Path) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
+/// Size and bytes of each export, and for the qcow2 one its block status in both contexts.
 fn read_exports(nbd: &str, out: &mut Vec<(String, Vec<u8>)>, tmp: &Path) {
-    for name in ["disk", "n0"] {
+    for name in ["disk", "n0", "q0"] {
         let uri = format!("nbd+unix:///{name}?socket={nbd}");
-        let size = run("nbdinfo", &["--size", &uri]).trim().to_string();
+        let mut size = run("nbdinfo", &["--size", &uri]).trim().to_string();
+        if name == "q0" {
+            size.push('\n');
+            for ctx in ["base:allocation", "qemu:allocation-depth"] {
+                size += &run("nbdinfo", &[&format!("--map={ctx}"), &uri]);
+            }
+        }
         let copy = tmp.join(format!("{name}.copy"));
         run("nbdcopy", &[&uri, path_str(&copy)]);
         out.push((size, std::fs::read(&copy).unwrap()));
     }
+}
+
+/// A small qcow2 chain: `top.qcow2` over `base.qcow2`, each with some data.
+fn make_chain(dir: &Path) {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path_str(&base), "4M"],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xaa 0 1M", path_str(&base)],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            path_str(&top),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 512k 64k",
+            path_str(&top),
+        ],
+    );
 }
 
 #[test]
@@ -171,6 +223,7 @@ fn same_scenario_gives_same_shapes_on_qemu_storage_daemon_and_sluice() {
         };
         let img = d.path("disk.img");
         random_file(&img, 1 << 20, 42);
+        make_chain(d.dir.path());
         let mut data = Vec::new();
         let tmp = work.path().join(if qsd { "qsd" } else { "sluice" });
         std::fs::create_dir(&tmp).unwrap();
@@ -196,8 +249,22 @@ fn same_scenario_gives_same_shapes_on_qemu_storage_daemon_and_sluice() {
     // Both exported the same bytes: the image, and 1 MiB of zeroes (compared without
     // printing megabytes on failure).
     let sizes = |d: &[(String, Vec<u8>)]| d.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>();
-    assert_eq!(sizes(&qsd_data), vec!["1048576", "1048576"]);
+    assert_eq!(&sizes(&qsd_data)[..2], ["1048576", "1048576"]);
+    assert_eq!(
+        qsd_data[2].0,
+        "4194304\n\
+         \x20        0     1048576    0  data\n\
+         \x20  1048576     3145728    3  hole,zero\n\
+         \x20        0      524288    2  backing depth 2\n\
+         \x20   524288       65536    1  local\n\
+         \x20   589824      458752    2  backing depth 2\n\
+         \x20  1048576     3145728    0  absent\n"
+    );
     assert_eq!(sizes(&sluice_data), sizes(&qsd_data));
+    assert!(
+        qsd_data[2].1 == sluice_data[2].1,
+        "the qcow2 exports served other bytes"
+    );
     assert!(qsd_img == sluice_img, "the two runs used different images");
     assert!(
         qsd_data[0].1 == qsd_img,

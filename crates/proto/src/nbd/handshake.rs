@@ -455,24 +455,60 @@ impl Handshake {
                     self.finish(query.name, details, query.want_block_size);
                 }
             }
-            Purpose::ListMetaContext | Purpose::SetMetaContext => {
-                let set = query.purpose == Purpose::SetMetaContext;
-                let contexts = self.matching_contexts(&query.meta_queries, set);
-                for (id, name) in &contexts {
-                    // The spec reserves the id in LIST replies and asks for zero.
-                    let id = if set { *id } else { 0 };
-                    self.reply_header(option, NBD_REP_META_CONTEXT, 4 + name.len());
-                    self.output.extend_from_slice(&id.to_be_bytes());
-                    self.output.extend_from_slice(name.as_bytes());
-                }
-                self.reply(option, NBD_REP_ACK, &[]);
-                if set {
-                    self.meta = Some(MetaSelection {
-                        export: query.name,
-                        contexts,
-                    });
-                }
+            Purpose::ListMetaContext | Purpose::SetMetaContext => self.meta_reply(query, None),
+        }
+    }
+
+    /// Answers an [`Event::ExportQuery`] with purpose `ListMetaContext` or `SetMetaContext`
+    /// for an export that offers only some of the configured meta contexts: `Ok(offered)`
+    /// lists or selects the configured contexts named in `offered` (the ids stay those of
+    /// [`HandshakeConfig::meta_contexts`], so every export agrees on them); `Err` sends the
+    /// error. For other purposes this is [`Handshake::answer_export`] refusing the export.
+    pub fn answer_meta_query(&mut self, answer: Result<&[String], ExportRefusal>) {
+        let State::AwaitingExport(query) = std::mem::replace(&mut self.state, State::Options)
+        else {
+            debug_assert!(false, "answer_meta_query without Event::ExportQuery");
+            return;
+        };
+        let is_meta = matches!(
+            query.purpose,
+            Purpose::ListMetaContext | Purpose::SetMetaContext
+        );
+        match answer {
+            Ok(offered) if is_meta => self.meta_reply(query, Some(offered)),
+            answer => {
+                debug_assert!(answer.is_err(), "answer_meta_query for an export query");
+                self.state = State::AwaitingExport(query);
+                let refusal = answer
+                    .err()
+                    .unwrap_or_else(|| ExportRefusal::Unknown("not a meta context query".into()));
+                self.answer_export(Err(refusal));
             }
+        }
+    }
+
+    /// Replies to LIST/SET_META_CONTEXT: one `NBD_REP_META_CONTEXT` per matching context
+    /// (among `offered`, if given), then `NBD_REP_ACK`.
+    fn meta_reply(&mut self, query: Query, offered: Option<&[String]>) {
+        let option = query.purpose.option();
+        let set = query.purpose == Purpose::SetMetaContext;
+        let mut contexts = self.matching_contexts(&query.meta_queries, set);
+        if let Some(offered) = offered {
+            contexts.retain(|(_, name)| offered.contains(name));
+        }
+        for (id, name) in &contexts {
+            // The spec reserves the id in LIST replies and asks for zero.
+            let id = if set { *id } else { 0 };
+            self.reply_header(option, NBD_REP_META_CONTEXT, 4 + name.len());
+            self.output.extend_from_slice(&id.to_be_bytes());
+            self.output.extend_from_slice(name.as_bytes());
+        }
+        self.reply(option, NBD_REP_ACK, &[]);
+        if set {
+            self.meta = Some(MetaSelection {
+                export: query.name,
+                contexts,
+            });
         }
     }
 
@@ -1461,6 +1497,61 @@ mod tests {
         assert_eq!(reps.last(), Some(&ack(NBD_OPT_SET_META_CONTEXT)));
         let n = go(&mut h, "disk");
         assert_eq!(n.meta_contexts, vec![(2, "base:allocation".to_owned())]);
+    }
+
+    #[test]
+    fn answer_meta_query_offered_subset_keeps_configured_ids() {
+        let mut h = started(
+            config_with(&["base:allocation", "qemu:allocation-depth"]),
+            FIXED,
+        );
+        exchange(&mut h, NBD_OPT_STRUCTURED_REPLY, &[]).unwrap();
+        h.take_output();
+        ask(
+            &mut h,
+            NBD_OPT_LIST_META_CONTEXT,
+            &meta_data("disk", &[]),
+            "disk",
+            Purpose::ListMetaContext,
+        );
+        h.answer_meta_query(Ok(&["qemu:allocation-depth".to_owned()]));
+        assert_eq!(
+            meta_replies(&replies(&h.take_output())),
+            vec![(0, "qemu:allocation-depth".to_owned())]
+        );
+        ask(
+            &mut h,
+            NBD_OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["base:allocation", "qemu:allocation-depth"]),
+            "disk",
+            Purpose::SetMetaContext,
+        );
+        h.answer_meta_query(Ok(&["qemu:allocation-depth".to_owned()]));
+        assert_eq!(
+            meta_replies(&replies(&h.take_output())),
+            vec![(2, "qemu:allocation-depth".to_owned())]
+        );
+        let n = go(&mut h, "disk");
+        assert_eq!(
+            n.meta_contexts,
+            vec![(2, "qemu:allocation-depth".to_owned())]
+        );
+    }
+
+    #[test]
+    fn answer_meta_query_refusal_sends_error() {
+        let mut h = started(HandshakeConfig::default(), FIXED);
+        exchange(&mut h, NBD_OPT_STRUCTURED_REPLY, &[]).unwrap();
+        h.take_output();
+        ask(
+            &mut h,
+            NBD_OPT_LIST_META_CONTEXT,
+            &meta_data("nope", &[]),
+            "nope",
+            Purpose::ListMetaContext,
+        );
+        h.answer_meta_query(Err(ExportRefusal::Unknown("no such export".into())));
+        assert_eq!(kinds(&replies(&h.take_output())), vec![NBD_REP_ERR_UNKNOWN]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The node drivers sluice has today: `file`, `null-co`/`null-aio` and `sluice-plugin`.
+//! The node drivers that are not images: `null-co`/`null-aio` and `sluice-plugin` (`file`,
+//! `raw` and `qcow2` are in [`super::image`]).
 //!
 //! Each turns its `blockdev-add` options into a plugin from `sluice-block` (or any plugin the
 //! daemon's [`PluginLoader`] can load) and the facts `query-named-block-nodes` reports.
@@ -7,17 +8,13 @@
 //! refused with a message saying so, rather than silently ignored, except pure performance
 //! hints (`aio`).
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use serde_json::Value;
-use sluice_block::plugins::{ConfigArg, FilePlugin, NullPlugin};
+use sluice_block::plugins::{ConfigArg, NullPlugin};
 
 use super::{NodeDriver, NodeInfo, OpenCtx, OpenedNode, PluginLoader};
-use crate::generated::{
-    BlockdevOptions, BlockdevOptionsBranch, ImageInfoSpecific, ImageInfoSpecificBranch,
-    ImageInfoSpecificFile, ImageInfoSpecificFileWrapper, OnOffAuto,
-};
+use crate::generated::{BlockdevOptions, BlockdevOptionsBranch};
 use crate::QmpError;
 
 /// An I/O error as QEMU prints it: the system's text without Rust's "(os error N)".
@@ -26,63 +23,6 @@ pub fn strerror(e: &std::io::Error) -> String {
     match s.find(" (os error ") {
         Some(i) => s[..i].to_string(),
         None => s,
-    }
-}
-
-/// `file`: a regular file or block device, served by sluice's file plugin.
-#[derive(Debug)]
-pub struct FileDriver;
-
-impl NodeDriver for FileDriver {
-    fn open(
-        &self,
-        opts: &BlockdevOptions,
-        _json: &Value,
-        ctx: &mut OpenCtx<'_>,
-    ) -> Result<OpenedNode, QmpError> {
-        let BlockdevOptionsBranch::File(f) = &opts.u else {
-            unreachable!("registered for driver file only");
-        };
-        if f.locking == Some(OnOffAuto::On) {
-            return Err(QmpError::generic(
-                "locking=on is not supported by sluice's file driver yet (use auto or off)",
-            ));
-        }
-        let path = &f.filename;
-        let could_not_open = |e: &std::io::Error| {
-            QmpError::generic(format!("Could not open '{path}': {}", strerror(e)))
-        };
-        let meta = std::fs::metadata(path).map_err(|e| could_not_open(&e))?;
-        if meta.is_dir() {
-            return Err(could_not_open(&std::io::Error::from_raw_os_error(
-                libc::EISDIR,
-            )));
-        }
-        // Open now, with the node's access mode, so that a missing permission is reported
-        // here rather than to the first client.
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(!ctx.read_only())
-            .open(path)
-            .map_err(|e| could_not_open(&e))?;
-        let plugin = FilePlugin::from_args(&[ConfigArg::kv("file", path)])
-            .map_err(|e| QmpError::generic(format!("Could not open '{path}': {e}")))?;
-        Ok(OpenedNode::new(
-            Arc::new(plugin),
-            NodeInfo {
-                filename: path.clone(),
-                format: "file".to_string(),
-                actual_size: Some((meta.blocks() * 512) as i64),
-                dirty_flag: Some(false),
-                format_specific: Some(ImageInfoSpecific {
-                    u: ImageInfoSpecificBranch::File(ImageInfoSpecificFileWrapper {
-                        data: ImageInfoSpecificFile {
-                            extent_size_hint: None,
-                        },
-                    }),
-                }),
-            },
-        ))
     }
 }
 
@@ -124,6 +64,7 @@ impl NodeDriver for NullDriver {
                 actual_size: Some(0),
                 dirty_flag: None,
                 format_specific: None,
+                ..NodeInfo::default()
             },
         ))
     }
@@ -168,6 +109,7 @@ impl NodeDriver for PluginDriver {
                 actual_size: None,
                 dirty_flag: None,
                 format_specific: None,
+                ..NodeInfo::default()
             },
         ))
     }

@@ -6,22 +6,26 @@
 //! to child nodes. Nodes given inline (`"file": {"driver": "file", ...}`) become children
 //! named `#blockNNN` unless they carry a `node-name`; nodes given by name are shared.
 //!
-//! Drivers are looked up in a [`DriverRegistry`] by `BlockdevDriver`, so format drivers from
-//! `crates/image` (raw, qcow2) plug in with [`DriverRegistry::register`] without changes
-//! here; until then those drivers are declared in the schema but refused at `blockdev-add`.
+//! Drivers are looked up in a [`DriverRegistry`] by `BlockdevDriver`: `file`, `raw` and
+//! `qcow2` come from `crates/image` ([`image`]), the others from [`drivers`].
 //! A driver opens children through [`OpenCtx::child`] (which records edges and undoes
 //! everything if the parent then fails, so a failed `blockdev-add` leaves no trace) or
-//! returns nodes it made itself in [`OpenedNode::implicit_children`].
+//! returns nodes it made itself in [`OpenedNode::implicit_children`] (a qcow2 backing chain
+//! opened from the image headers), which may have implicit children of their own. Nodes are
+//! inserted in qemu's order (file child, node, then its backing), so that
+//! `query-named-block-nodes` lists them as qemu-storage-daemon does.
 //!
 //! The rules and messages for deleting are qemu-storage-daemon's: a node must exist, must not
-//! be exported (`Node x is in use`), must have been added by the monitor (`... is not owned by
-//! the monitor`), and must not be a child of another node (`Block device x is in use`).
+//! be exported (`Node x is in use`), must not be another node's backing (`Node 'x' is busy:
+//! node is used as backing hd of 'y'`), must have been added by the monitor (`... is not owned
+//! by the monitor`), and must not be a child of another node (`Block device x is in use`).
 //! Deleting a node deletes its inline children.
 //!
 //! The graph is plain data behind the daemon's state lock; nothing here blocks except the
 //! drivers' opens, which the daemon runs off its async threads.
 
 pub mod drivers;
+pub mod image;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -51,6 +55,14 @@ pub struct NodeInfo {
     pub actual_size: Option<i64>,
     pub dirty_flag: Option<bool>,
     pub format_specific: Option<ImageInfoSpecific>,
+    /// `image.cluster-size` (qcow2).
+    pub cluster_size: Option<i64>,
+    /// `image.backing-filename`: the backing file name the image header records.
+    pub backing_filename: Option<String>,
+    /// `image.full-backing-filename`: that name resolved against the image's directory.
+    pub full_backing_filename: Option<String>,
+    /// `image.backing-filename-format`: the format the image header records for it.
+    pub backing_filename_format: Option<String>,
 }
 
 /// A node as a driver opened it.
@@ -138,12 +150,15 @@ impl std::fmt::Debug for DriverRegistry {
 }
 
 impl DriverRegistry {
-    /// The drivers sluice has today: file, null-co, null-aio, sluice-plugin.
+    /// The drivers sluice has: file, raw, qcow2 (images), null-co, null-aio, sluice-plugin.
     pub fn builtin(loader: Arc<dyn PluginLoader>) -> DriverRegistry {
         let mut r = DriverRegistry {
             drivers: HashMap::new(),
         };
-        r.register(BlockdevDriver::File, Arc::new(drivers::FileDriver));
+        let images: Arc<dyn NodeDriver> = Arc::new(image::ImageDriver);
+        r.register(BlockdevDriver::File, images.clone());
+        r.register(BlockdevDriver::Raw, images.clone());
+        r.register(BlockdevDriver::Qcow2, images);
         r.register(BlockdevDriver::NullCo, Arc::new(drivers::NullDriver));
         r.register(BlockdevDriver::NullAio, Arc::new(drivers::NullDriver));
         r.register(
@@ -371,10 +386,47 @@ impl Graph {
             node: name.clone(),
             read_only,
             edges: Vec::new(),
+            after: Vec::new(),
             created: &mut *created,
         };
-        let mut opened = driver.open(opts, &json, &mut ctx)?;
-        let mut edges = std::mem::take(&mut ctx.edges);
+        let opened = driver.open(opts, &json, &mut ctx)?;
+        let edges = std::mem::take(&mut ctx.edges);
+        let after = std::mem::take(&mut ctx.after);
+        self.insert_tree(
+            name.clone(),
+            driver_kind,
+            read_only,
+            opened,
+            edges,
+            no_flush,
+            created,
+        )?;
+        // Inline backing nodes were opened first (the driver needed them) but go after
+        // their parent, as in qemu.
+        if !after.is_empty() {
+            let (moved, kept): (Vec<Node>, Vec<Node>) = std::mem::take(&mut self.nodes)
+                .into_iter()
+                .partition(|n| after.contains(&n.name));
+            self.nodes = kept;
+            self.nodes.extend(moved);
+        }
+        Ok(name)
+    }
+
+    /// Inserts a node with its implicit children, recursively: children in role `backing`
+    /// after the node (they are read-only), the others before it (with its read-only flag).
+    #[allow(clippy::too_many_arguments)]
+    fn insert_tree(
+        &mut self,
+        name: String,
+        driver: BlockdevDriver,
+        read_only: bool,
+        mut opened: OpenedNode,
+        mut edges: Vec<(String, String)>,
+        no_flush: bool,
+        created: &mut Vec<String>,
+    ) -> Result<(), QmpError> {
+        let mut after = Vec::new();
         for (role, child_name, child_driver, child) in std::mem::take(&mut opened.implicit_children)
         {
             let child_name = match child_name {
@@ -384,28 +436,37 @@ impl Graph {
                 }
                 None => self.auto_name(),
             };
-            self.insert(
-                child_name.clone(),
-                child_driver,
-                read_only,
-                child,
-                no_flush,
-                created,
-            )?;
-            edges.push((role, child_name));
+            edges.push((role.clone(), child_name.clone()));
+            if role == "backing" {
+                after.push((child_name, child_driver, child));
+            } else {
+                self.insert_tree(
+                    child_name,
+                    child_driver,
+                    read_only,
+                    child,
+                    Vec::new(),
+                    no_flush,
+                    created,
+                )?;
+            }
         }
-        self.insert(
-            name.clone(),
-            driver_kind,
-            read_only,
-            opened,
-            no_flush,
-            created,
-        )?;
+        self.insert(name.clone(), driver, read_only, opened, no_flush, created)?;
         if let Some(n) = self.get_mut(&name) {
             n.children = edges;
         }
-        Ok(name)
+        for (child_name, child_driver, child) in after {
+            self.insert_tree(
+                child_name,
+                child_driver,
+                true,
+                child,
+                Vec::new(),
+                no_flush,
+                created,
+            )?;
+        }
+        Ok(())
     }
 
     fn insert(
@@ -452,6 +513,20 @@ impl Graph {
             .any(|n| n.children.iter().any(|(_, c)| c == name))
     }
 
+    /// The nodes that have `name` as a child in role `role`, oldest first.
+    pub fn parents(&self, name: &str, role: &str) -> impl Iterator<Item = &Node> {
+        let (name, role) = (name.to_string(), role.to_string());
+        self.nodes
+            .iter()
+            .filter(move |n| n.children.iter().any(|(r, c)| *r == role && *c == name))
+    }
+
+    /// The child of `node` in role `role`.
+    pub fn child(&self, node: &Node, role: &str) -> Option<&Node> {
+        let (_, c) = node.children.iter().find(|(r, _)| r == role)?;
+        self.get(c)
+    }
+
     /// `blockdev-del`, with qemu-storage-daemon's checks in its order.
     pub fn del(&mut self, name: &str) -> Result<(), QmpError> {
         let Some(node) = self.get(name) else {
@@ -461,6 +536,12 @@ impl Graph {
         };
         if node.exports > 0 {
             return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if let Some(p) = self.parents(name, "backing").next() {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                p.name
+            )));
         }
         if !node.monitor_owned {
             return Err(QmpError::generic(format!(
@@ -492,20 +573,30 @@ impl Graph {
     }
 
     /// `query-named-block-nodes`, newest first.
+    /// `flat`: without each node's backing chain (`backing-image`, and a depth of 0, as
+    /// QEMU does).
     pub fn query(&self, flat: bool) -> Result<Vec<BlockDeviceInfo>, QmpError> {
-        let _ = flat; // No backing chains yet: flat and non-flat answers are the same.
-        self.iter().map(|n| self.info(n)).collect()
+        self.iter().map(|n| self.info(n, flat)).collect()
     }
 
-    fn info(&self, n: &Node) -> Result<BlockDeviceInfo, QmpError> {
+    fn info(&self, n: &Node, flat: bool) -> Result<BlockDeviceInfo, QmpError> {
         let i = &n.opened.info;
+        let backing = self.child(n, "backing");
+        let mut depth = 0;
+        if !flat {
+            let mut b = backing;
+            while let Some(node) = b {
+                depth += 1;
+                b = self.child(node, "backing");
+            }
+        }
         Ok(BlockDeviceInfo {
             file: i.filename.clone(),
             node_name: Some(n.name.clone()),
             ro: n.read_only,
             drv: n.driver.as_str().to_string(),
-            backing_file: None,
-            backing_file_depth: 0,
+            backing_file: backing.map(|b| b.opened.info.filename.clone()),
+            backing_file_depth: depth,
             active: true,
             encrypted: false,
             detect_zeroes: n.detect_zeroes,
@@ -515,22 +606,32 @@ impl Graph {
             iops: 0,
             iops_rd: 0,
             iops_wr: 0,
-            image: ImageInfo {
-                filename: i.filename.clone(),
-                format: i.format.clone(),
-                dirty_flag: i.dirty_flag,
-                actual_size: i.actual_size,
-                virtual_size: n.size()? as i64,
-                cluster_size: None,
-                encrypted: None,
-                backing_filename: None,
-                full_backing_filename: None,
-                backing_filename_format: None,
-                format_specific: i.format_specific.clone(),
-                backing_image: None,
-            },
+            image: self.image_info(n, flat)?,
             cache: n.cache.clone(),
             write_threshold: 0,
+        })
+    }
+
+    /// A node's `ImageInfo`, with its backing chain's unless `flat`.
+    fn image_info(&self, n: &Node, flat: bool) -> Result<ImageInfo, QmpError> {
+        let i = &n.opened.info;
+        let backing_image = match self.child(n, "backing") {
+            Some(b) if !flat => Some(Box::new(self.image_info(b, false)?)),
+            _ => None,
+        };
+        Ok(ImageInfo {
+            filename: i.filename.clone(),
+            format: i.format.clone(),
+            dirty_flag: i.dirty_flag,
+            actual_size: i.actual_size,
+            virtual_size: n.size()? as i64,
+            cluster_size: i.cluster_size,
+            encrypted: None,
+            backing_filename: i.backing_filename.clone(),
+            full_backing_filename: i.full_backing_filename.clone(),
+            backing_filename_format: i.backing_filename_format.clone(),
+            format_specific: i.format_specific.clone(),
+            backing_image,
         })
     }
 }
@@ -541,6 +642,8 @@ pub struct OpenCtx<'g> {
     node: String,
     read_only: bool,
     edges: Vec<(String, String)>,
+    /// Nodes opened inline as a backing: listed after the node being opened.
+    after: Vec<String>,
     created: &'g mut Vec<String>,
 }
 
@@ -565,24 +668,33 @@ impl OpenCtx<'_> {
     }
 
     /// Opens (inline options) or looks up (a name) the child in role `role`, records the edge,
-    /// and returns its name. A writable node needs a writable child.
+    /// and returns its name. A writable node needs a writable child, except in role
+    /// `backing`, which is only read (inline backing nodes are read-only unless they say
+    /// otherwise).
     pub fn child(&mut self, role: &str, r: &BlockdevRef) -> Result<String, QmpError> {
+        let backing = role == "backing";
         let name = match r {
             BlockdevRef::Reference(n) => {
                 let Some(c) = self.graph.get(n) else {
                     return Err(not_found(n, n));
                 };
-                if c.read_only && !self.read_only {
-                    return Err(QmpError::generic(format!(
-                        "Block node '{n}' is read-only and cannot be the writable '{role}' child of '{}'",
-                        self.node
-                    )));
+                if c.read_only && !self.read_only && !backing {
+                    // qemu-storage-daemon's words.
+                    return Err(QmpError::generic("Block node is read-only"));
                 }
                 n.clone()
             }
             BlockdevRef::Definition(opts) => {
-                self.graph
-                    .open_node(opts, None, Some(self.read_only), self.created)?
+                let inherit = self.read_only || backing;
+                let start = self.graph.nodes.len();
+                let n = self
+                    .graph
+                    .open_node(opts, None, Some(inherit), self.created)?;
+                if backing {
+                    let new = self.graph.nodes[start..].iter().map(|n| n.name.clone());
+                    self.after.extend(new);
+                }
+                n
             }
         };
         self.edges.push((role.to_string(), name.clone()));
@@ -609,6 +721,14 @@ impl OpenCtx<'_> {
     /// An existing node (for drivers that reach their children by name).
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.graph.get(name)
+    }
+
+    /// The nodes using `name` in role `role`: (name, read-only, driver) each.
+    pub fn parents_by_role(&self, name: &str, role: &str) -> Vec<(String, bool, BlockdevDriver)> {
+        self.graph
+            .parents(name, role)
+            .map(|p| (p.name.clone(), p.read_only, p.driver))
+            .collect()
     }
 }
 

@@ -17,6 +17,10 @@ pub struct NamedExport {
     pub writable: bool,
     /// NBD_INFO_DESCRIPTION, overriding the plugin's own.
     pub description: Option<String>,
+    /// The meta contexts this export offers: a subset of the server's
+    /// [`ServerConfig::meta_contexts`](super::ServerConfig::meta_contexts), whose order gives
+    /// the context ids.
+    pub meta_contexts: Vec<String>,
 }
 
 /// Named exports, looked up by clients at negotiation.

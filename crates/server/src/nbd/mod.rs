@@ -6,6 +6,15 @@
 //! connection is registered so that shutdown can wake its blocked readers: on SIGINT/SIGTERM
 //! the server stops accepting, shuts the read side of every socket (workers see end of
 //! input), lets in-flight requests finish and reply, then returns.
+//!
+//! Plugin connection hooks ([`Plugin::with_connection`] and [`Plugin::preconnect`]): a
+//! server of one plugin runs the whole connection inside them, negotiation included, as
+//! nbdkit does. A daemon's table only knows the plugin once the client names an export, so
+//! there each open during negotiation (NBD_OPT_INFO) runs in a scope of its own, and the GO
+//! (or EXPORT_NAME) open runs in a scope that lasts until the connection ends; `preconnect`
+//! runs once per connection and export, before its first open, and a failure ends the
+//! connection as with nbdkit. SerializeConnections is honoured in the same scopes.
+//! [`NbdServer::disconnect_export`] closes the connections of one named export.
 
 mod negotiate;
 mod transmit;
@@ -20,6 +29,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use sluice_block::export::Backend;
+use sluice_block::{ConnectionInfo, Plugin};
+use sluice_proto::nbd::Purpose;
 
 use crate::stream::{Listener, Stream};
 
@@ -61,8 +72,16 @@ pub struct NbdServer {
     config: ServerConfig,
     shutting_down: AtomicBool,
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, Stream>>,
+    live: Mutex<HashMap<u64, Live>>,
     idle: Condvar,
+}
+
+/// A live connection, as shutdown and [`NbdServer::disconnect_export`] see it.
+struct Live {
+    /// A duplicate of the socket, to shut down.
+    stream: Stream,
+    /// The table export the client is using (after negotiation, in a daemon).
+    export: Option<String>,
 }
 
 impl NbdServer {
@@ -130,10 +149,13 @@ impl NbdServer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         match stream.try_clone() {
             Ok(c) => {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, c);
+                self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                    id,
+                    Live {
+                        stream: c,
+                        export: None,
+                    },
+                );
             }
             Err(e) => {
                 tracing::warn!("connection refused: cannot duplicate socket: {e}");
@@ -165,18 +187,6 @@ impl NbdServer {
         let peer = stream.peer();
         tracing::debug!(conn = id, "new connection from {peer}");
         let info = stream.connection_info();
-        let mut stream = Some(stream);
-        let mut session = || {
-            let Some(stream) = stream.take() else { return };
-            match negotiate::negotiate(self, stream) {
-                Ok(Some(session)) => transmit::run(self, id, session),
-                Ok(None) => tracing::debug!(conn = id, "client ended negotiation"),
-                Err(e) if e.is_disconnect() => {
-                    tracing::debug!(conn = id, "client left during negotiation: {e}")
-                }
-                Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
-            }
-        };
         match &self.exports {
             Exports::Single(backend) => {
                 let _serial = backend.connection_lock();
@@ -184,17 +194,139 @@ impl NbdServer {
                     return;
                 }
                 let plugin = backend.plugin();
+                let mut stream = Some(stream);
                 plugin.with_connection(&info, &mut || {
+                    let Some(stream) = stream.take() else { return };
                     if let Err(e) = plugin.preconnect(self.config.readonly) {
                         tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
                         return;
                     }
-                    session()
+                    let r = negotiate::negotiate(self, stream);
+                    self.after_negotiation(id, &peer, r);
                 });
             }
-            Exports::Table(_) => session(),
+            Exports::Table(table) => self.run_table_connection(id, &peer, &info, table, stream),
         }
         tracing::debug!(conn = id, "connection closed");
+    }
+
+    /// A daemon's connection: each export open runs inside that export's plugin hooks, and
+    /// after GO so does the rest of the connection (see the module doc).
+    fn run_table_connection(
+        self: &Arc<Self>,
+        id: u64,
+        peer: &str,
+        info: &ConnectionInfo,
+        table: &ExportTable,
+        stream: Stream,
+    ) {
+        let mut neg = negotiate::Negotiation::new(self, stream);
+        // Backends whose preconnect has run on this connection.
+        let mut preconnected: Vec<Arc<Backend>> = Vec::new();
+        loop {
+            let (name, purpose) = match neg.next() {
+                Ok(negotiate::Step::Open { name, purpose }) => (name, purpose),
+                Ok(negotiate::Step::Ready(_)) => {
+                    // Every GO/EXPORT_NAME goes through Step::Open, which finishes it.
+                    tracing::warn!(conn = id, "negotiation finished without an open export");
+                    return;
+                }
+                Ok(negotiate::Step::Ended) => return self.after_negotiation(id, peer, Ok(None)),
+                Err(e) => return self.after_negotiation(id, peer, Err(e)),
+            };
+            let Some(named) = table.get(&name) else {
+                neg.answer_open(&name, purpose, None);
+                continue;
+            };
+            let backend = named.backend.clone();
+            let plugin: &Arc<dyn Plugin> = backend.plugin();
+            let readonly = self.config.readonly || !named.writable;
+            let mut end = false;
+            plugin.with_connection(info, &mut || {
+                let _serial = backend.connection_lock();
+                if !preconnected.iter().any(|b| Arc::ptr_eq(b, &backend)) {
+                    if let Err(e) = plugin.preconnect(readonly) {
+                        tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                        end = true;
+                        return;
+                    }
+                    preconnected.push(backend.clone());
+                }
+                if !neg.answer_open(&name, purpose, Some(named.clone())) {
+                    if purpose == Purpose::ExportName {
+                        end = true;
+                    }
+                    return;
+                }
+                // A successful GO/EXPORT_NAME ends negotiation without reading more.
+                end = true;
+                let r = match neg.next() {
+                    Ok(negotiate::Step::Ready(n)) => neg.session(*n).map(Some),
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                self.after_negotiation(id, peer, r);
+            });
+            if end {
+                return;
+            }
+        }
+    }
+
+    /// Runs the transmission phase of a negotiated session, or logs why there is none. A
+    /// table export is recorded against the connection first, for
+    /// [`NbdServer::disconnect_export`].
+    fn after_negotiation(
+        self: &Arc<Self>,
+        id: u64,
+        peer: &str,
+        r: Result<Option<negotiate::Session>, negotiate::NegotiateError>,
+    ) {
+        match r {
+            Ok(Some(session)) => {
+                if let Some(named) = &session.named {
+                    self.attach(id, &session.name, named);
+                }
+                transmit::run(self, id, session)
+            }
+            Ok(None) => tracing::debug!(conn = id, "client ended negotiation"),
+            Err(e) if e.is_disconnect() => {
+                tracing::debug!(conn = id, "client left during negotiation: {e}")
+            }
+            Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
+        }
+    }
+
+    /// Records that connection `id` uses table export `name`. If the export has left the
+    /// table meanwhile (removed while this client negotiated), the connection is closed at
+    /// once, as [`NbdServer::disconnect_export`] would have.
+    fn attach(&self, id: u64, name: &str, named: &Arc<NamedExport>) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(l) = live.get_mut(&id) else { return };
+        l.export = Some(name.to_string());
+        let listed = match &self.exports {
+            Exports::Table(t) => t.get(name).is_some_and(|e| Arc::ptr_eq(&e, named)),
+            Exports::Single(_) => true,
+        };
+        if !listed {
+            let _ = l.stream.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// Closes the connections of clients using table export `name` (call it after removing
+    /// the export from the table): each connection's read side is shut, so it ends after the
+    /// requests it is running finish and reply, and then closes its socket. Returns how many
+    /// connections were told to close.
+    pub fn disconnect_export(&self, name: &str) -> usize {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for l in live.values() {
+            if l.export.as_deref() == Some(name) {
+                let _ = l.stream.shutdown(Shutdown::Read);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// True once shutdown has begun: workers finish what they have and stop.
@@ -207,8 +339,8 @@ impl NbdServer {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        for s in live.values() {
-            let _ = s.shutdown(Shutdown::Read);
+        for l in live.values() {
+            let _ = l.stream.shutdown(Shutdown::Read);
         }
     }
 

@@ -3,6 +3,12 @@
 //! which means opening it. An export opened for NBD_OPT_INFO is closed again (clients then
 //! send GO and it is reopened, as with nbdkit); the one opened for the final GO or
 //! EXPORT_NAME is kept for the transmission phase.
+//!
+//! [`Negotiation`] hands every export open back to its caller ([`Step::Open`]) so that the
+//! caller decides the scope it runs in: a one-plugin server answers at once (its plugin's
+//! connection hooks already wrap the whole connection); a daemon looks the name up in its
+//! table and runs the open, and after GO the rest of the connection, inside that export's
+//! plugin hooks (see `mod.rs`).
 
 use std::io::{self, Read, Write};
 
@@ -24,8 +30,10 @@ pub(super) struct Session {
     pub stream: Stream,
     pub export: Export,
     pub backend: Arc<Backend>,
+    /// The export's name (the one asked for, or the plugin's default export for "").
+    pub name: String,
     /// Keeps a daemon's table entry alive (and counted as in use) while connected.
-    pub _named: Option<Arc<NamedExport>>,
+    pub named: Option<Arc<NamedExport>>,
     pub negotiated: Negotiated,
     /// Bytes the client sent after the handshake's last message.
     pub leftover: Vec<u8>,
@@ -49,86 +57,176 @@ impl NegotiateError {
     }
 }
 
+/// What the handshake needs from the caller next (see [`Negotiation::next`]).
+pub(super) enum Step {
+    /// The client asked for export `name` (NBD_OPT_INFO, NBD_OPT_GO or NBD_OPT_EXPORT_NAME):
+    /// answer with [`Negotiation::answer_open`], inside the export's connection scope.
+    Open { name: String, purpose: Purpose },
+    /// Negotiation is over; [`Negotiation::session`] gives what transmission starts from.
+    Ready(Box<Negotiated>),
+    /// The client aborted or went away.
+    Ended,
+}
+
+/// One client's handshake in progress.
+///
+/// The caller drives it with [`Negotiation::next`] and opens exports when asked, so that it
+/// can run each open (and, after GO, the whole transmission phase) inside the plugin's
+/// connection hooks: for one plugin those wrap the whole connection, but a daemon's table
+/// only knows which plugin a client wants once the client names an export.
+pub(super) struct Negotiation<'s> {
+    server: &'s NbdServer,
+    stream: Option<Stream>,
+    hs: Handshake,
+    /// The export opened for the final GO or EXPORT_NAME, kept for transmission.
+    kept: Option<Opened>,
+    buf: Vec<u8>,
+}
+
+impl<'s> Negotiation<'s> {
+    pub(super) fn new(server: &'s NbdServer, stream: Stream) -> Negotiation<'s> {
+        let config = HandshakeConfig {
+            meta_contexts: server.config.meta_contexts.clone(),
+            ..HandshakeConfig::default()
+        };
+        Negotiation {
+            server,
+            stream: Some(stream),
+            hs: Handshake::new(config),
+            kept: None,
+            buf: vec![0u8; 16 * 1024],
+        }
+    }
+
+    /// Runs the handshake (sending replies, reading options, answering export lists and
+    /// meta-context queries itself) until it needs an export opened, ends, or the client
+    /// leaves.
+    pub(super) fn next(&mut self) -> Result<Step, NegotiateError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(Step::Ended);
+        };
+        loop {
+            // poll() may queue replies before it asks for input: send them first.
+            let event = self.hs.poll()?;
+            let out = self.hs.take_output();
+            if !out.is_empty() {
+                let sent = stream.write_all(&out);
+                // A client that sends NBD_OPT_ABORT may close without reading the
+                // acknowledgement (libnbd's nbd_opt_abort does, so every `nbdinfo --list`),
+                // so failing to send that last reply is the normal end, not an error to log.
+                if matches!(event, Event::Aborted) {
+                    return Ok(Step::Ended);
+                }
+                sent?;
+            }
+            match event {
+                Event::NeedInput => {
+                    let n = stream.read(&mut self.buf)?;
+                    if n == 0 {
+                        return Ok(Step::Ended);
+                    }
+                    self.hs.feed(&self.buf[..n]);
+                }
+                Event::ListExports => self.hs.answer_list(&list_exports(self.server)),
+                Event::ExportQuery {
+                    name,
+                    purpose: Purpose::ListMetaContext | Purpose::SetMetaContext,
+                } => {
+                    // Meta-context negotiation only needs to know the export exists (and, in
+                    // a table, which contexts it offers): opening the plugin for it would run
+                    // its open/close once more per client (nbdkit does not).
+                    match &self.server.exports {
+                        Exports::Single(_) => {
+                            let answer = match export_exists(self.server, &name) {
+                                true => Ok(ExportDetails {
+                                    name: name.clone(),
+                                    description: None,
+                                    size: 0,
+                                    transmission_flags: 0,
+                                    block_size: None,
+                                }),
+                                false => {
+                                    Err(ExportRefusal::Unknown(format!("no export named {name:?}")))
+                                }
+                            };
+                            self.hs.answer_export(answer);
+                        }
+                        Exports::Table(table) => match table.get(&name) {
+                            Some(named) => self.hs.answer_meta_query(Ok(&named.meta_contexts)),
+                            None => {
+                                self.hs
+                                    .answer_meta_query(Err(ExportRefusal::Unknown(format!(
+                                        "no export named {name:?}"
+                                    ))))
+                            }
+                        },
+                    }
+                }
+                Event::ExportQuery { name, purpose } => return Ok(Step::Open { name, purpose }),
+                Event::Ready(negotiated) => return Ok(Step::Ready(negotiated)),
+                Event::Aborted => return Ok(Step::Ended),
+            }
+        }
+    }
+
+    /// Answers [`Step::Open`]: opens the export (`named`, the table entry the caller looked
+    /// up, in a daemon; None there means there is no such export) and tells the client.
+    /// Returns true if the export was opened for transmission (a successful GO or
+    /// EXPORT_NAME): the next [`Negotiation::next`] then gives [`Step::Ready`] without
+    /// reading from the client.
+    pub(super) fn answer_open(
+        &mut self,
+        name: &str,
+        purpose: Purpose,
+        named: Option<Arc<NamedExport>>,
+    ) -> bool {
+        let server = self.server;
+        let answer = open_export(server, name, named).map(|opened| {
+            let details = details(server, &opened);
+            if matches!(purpose, Purpose::Go | Purpose::ExportName) {
+                self.kept = Some(opened);
+            }
+            details
+        });
+        let answer = answer.map_err(|e| {
+            tracing::info!("export {name:?} refused: {e}");
+            ExportRefusal::Unknown(format!("export {name:?}: {e}"))
+        });
+        self.hs.answer_export(answer);
+        self.kept.is_some()
+    }
+
+    /// What the transmission phase starts from, after [`Step::Ready`].
+    pub(super) fn session(&mut self, negotiated: Negotiated) -> Result<Session, NegotiateError> {
+        let (Some(opened), Some(stream)) = (self.kept.take(), self.stream.take()) else {
+            return Err(io::Error::other("negotiation finished without an open export").into());
+        };
+        Ok(Session {
+            stream,
+            export: opened.export,
+            backend: opened.backend,
+            name: opened.name,
+            named: opened.named,
+            negotiated,
+            leftover: self.hs.take_leftover(),
+        })
+    }
+}
+
+/// Negotiates with every export opened at once (a server of one plugin, whose connection
+/// hooks already wrap the whole connection).
 pub(super) fn negotiate(
     server: &NbdServer,
-    mut stream: Stream,
+    stream: Stream,
 ) -> Result<Option<Session>, NegotiateError> {
-    let config = HandshakeConfig {
-        meta_contexts: server.config.meta_contexts.clone(),
-        ..HandshakeConfig::default()
-    };
-    let mut hs = Handshake::new(config);
-    let mut kept: Option<Opened> = None;
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut neg = Negotiation::new(server, stream);
     loop {
-        // poll() may queue replies before it asks for input: send them first.
-        let event = hs.poll()?;
-        let out = hs.take_output();
-        if !out.is_empty() {
-            let sent = stream.write_all(&out);
-            // A client that sends NBD_OPT_ABORT may close without reading the
-            // acknowledgement (libnbd's nbd_opt_abort does, so every `nbdinfo --list`), so
-            // failing to send that last reply is the normal end, not an error to log.
-            if matches!(event, Event::Aborted) {
-                return Ok(None);
+        match neg.next()? {
+            Step::Open { name, purpose } => {
+                neg.answer_open(&name, purpose, None);
             }
-            sent?;
-        }
-        match event {
-            Event::NeedInput => {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(None);
-                }
-                hs.feed(&buf[..n]);
-            }
-            Event::ListExports => hs.answer_list(&list_exports(server)),
-            Event::ExportQuery {
-                name,
-                purpose: Purpose::ListMetaContext | Purpose::SetMetaContext,
-            } => {
-                // Meta-context negotiation only needs to know the export exists: opening the
-                // plugin for it would run its open/close once more per client (nbdkit does not).
-                let answer = match export_exists(server, &name) {
-                    true => Ok(ExportDetails {
-                        name: name.clone(),
-                        description: None,
-                        size: 0,
-                        transmission_flags: 0,
-                        block_size: None,
-                    }),
-                    false => Err(ExportRefusal::Unknown(format!("no export named {name:?}"))),
-                };
-                hs.answer_export(answer);
-            }
-            Event::ExportQuery { name, purpose } => {
-                let answer = open_export(server, &name).map(|opened| {
-                    let details = details(server, &opened);
-                    if matches!(purpose, Purpose::Go | Purpose::ExportName) {
-                        kept = Some(opened);
-                    }
-                    details
-                });
-                let answer = answer.map_err(|e| {
-                    tracing::info!("export {name:?} refused: {e}");
-                    ExportRefusal::Unknown(format!("export {name:?}: {e}"))
-                });
-                hs.answer_export(answer);
-            }
-            Event::Ready(negotiated) => {
-                let opened = kept.take().ok_or_else(|| {
-                    io::Error::other("negotiation finished without an open export")
-                })?;
-                return Ok(Some(Session {
-                    stream,
-                    export: opened.export,
-                    backend: opened.backend,
-                    _named: opened.named,
-                    negotiated: *negotiated,
-                    leftover: hs.take_leftover(),
-                }));
-            }
-            Event::Aborted => return Ok(None),
+            Step::Ready(negotiated) => return neg.session(*negotiated).map(Some),
+            Step::Ended => return Ok(None),
         }
     }
 }
@@ -166,15 +264,20 @@ fn export_exists(server: &NbdServer, name: &str) -> bool {
     }
 }
 
-/// Opens the export a client named ("" is the plugin's default export).
-fn open_export(server: &NbdServer, name: &str) -> Result<Opened, BlockError> {
+/// Opens the export a client named ("" is the plugin's default export). In a daemon,
+/// `named` is the table entry for `name` (None: there is none).
+fn open_export(
+    server: &NbdServer,
+    name: &str,
+    named: Option<Arc<NamedExport>>,
+) -> Result<Opened, BlockError> {
     if name.len() > sluice_proto::nbd::consts::NBD_MAX_STRING {
         return Err(BlockError::new(Errno::EINVAL, "export name too long"));
     }
     let (backend, named, readonly) = match &server.exports {
         Exports::Single(backend) => (backend.clone(), None, server.config.readonly),
-        Exports::Table(table) => {
-            let named = table.get(name).ok_or_else(|| {
+        Exports::Table(_) => {
+            let named = named.ok_or_else(|| {
                 BlockError::new(Errno(libc::ENOENT), format!("no export named {name:?}"))
             })?;
             let readonly = server.config.readonly || !named.writable;

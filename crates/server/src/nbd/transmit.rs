@@ -22,6 +22,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_block::plugin::Flags;
@@ -40,6 +41,15 @@ const READ_BUF: usize = 256 * 1024;
 /// Reads at least this long on a plugin that reports extents are checked for holes first, so
 /// a read of unallocated space goes out as one OFFSET_HOLE chunk instead of zeroes.
 const HOLE_CHECK_MIN: u64 = 64 * 1024;
+/// After this many hole checks in a row found data, a connection checks only one read in
+/// [`HOLE_RECHECK_EVERY`] (a check can cost the plugin syscalls, e.g. two lseeks for `file`);
+/// finding a hole makes it check every read again.
+const HOLE_MISS_LIMIT: u32 = 8;
+const HOLE_RECHECK_EVERY: u32 = 32;
+/// A write payload at least this large makes the next socket read small ([`Reader::fill_limit`]).
+const LARGE_PAYLOAD: u64 = 64 * 1024;
+/// The socket read size after a large payload: a header and a little more.
+const HEADER_FILL: usize = 4096;
 /// An oversized write payload up to this size is read and dropped (the connection survives);
 /// anything larger closes the connection.
 const MAX_DISCARD: u64 = 64 * 1024 * 1024;
@@ -50,6 +60,10 @@ struct Reader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Most bytes one `read` asks for. After a large write payload it is small, so the next
+    /// header is read without pulling much of the next payload into `buf` (which would then be
+    /// copied again); otherwise it is the whole buffer, so many small requests cost one `read`.
+    fill_limit: usize,
 }
 
 /// Why a connection's input ended.
@@ -91,8 +105,9 @@ impl Reader {
             self.end -= self.start;
             self.start = 0;
         }
+        let stop = (self.end + self.fill_limit).min(self.buf.len());
         loop {
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match self.stream.read(&mut self.buf[self.end..stop]) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
                     self.end += n;
@@ -191,6 +206,9 @@ struct Conn<'a> {
     batch: bool,
     /// The plugin may block: start a spare worker whenever all are busy.
     blocking: bool,
+    /// Hole checks in a row that found data, and reads since checking was thinned out.
+    hole_misses: AtomicU32,
+    hole_skips: AtomicU32,
     max_workers: usize,
     reader: Mutex<Reader>,
     writer: Mutex<Stream>,
@@ -215,7 +233,8 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         stream,
         export,
         backend,
-        _named,
+        name: _,
+        named: _named,
         negotiated,
         leftover,
     } = session;
@@ -248,12 +267,15 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         contexts,
         batch,
         blocking: backend.plugin().may_block(),
+        hole_misses: AtomicU32::new(0),
+        hole_skips: AtomicU32::new(0),
         max_workers,
         reader: Mutex::new(Reader {
             stream,
             buf,
             start: 0,
             end: leftover.len(),
+            fill_limit: READ_BUF,
         }),
         writer: Mutex::new(writer),
         workers: Mutex::new(Workers {
@@ -579,6 +601,11 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
             buf.resize(need, 0);
         }
         reader.payload(&mut buf[HEADROOM..need])?;
+        reader.fill_limit = if payload >= LARGE_PAYLOAD {
+            HEADER_FILL
+        } else {
+            READ_BUF
+        };
     }
     Ok(Next::Request(req))
 }
@@ -744,14 +771,30 @@ fn read_is_hole(conn: &Conn, req: &RequestHeader) -> Result<bool, BlockError> {
     if req.length < HOLE_CHECK_MIN || !conn.export.caps().extents {
         return Ok(false);
     }
+    if conn.hole_misses.load(Ordering::Relaxed) >= HOLE_MISS_LIMIT
+        && !conn
+            .hole_skips
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(HOLE_RECHECK_EVERY)
+    {
+        return Ok(false);
+    }
     // A failed or odd answer only means we read normally.
     let Ok(ext) = conn.export.extents(req.length, req.offset, Flags::REQ_ONE) else {
         return Ok(false);
     };
-    Ok(match ext.as_slice().first() {
+    let hole = match ext.as_slice().first() {
         Some(e) => e.kind & NBD_STATE_ZERO != 0 && e.length >= req.length,
         None => false,
-    })
+    };
+    if hole {
+        conn.hole_misses.store(0, Ordering::Relaxed);
+    } else {
+        let _ = conn
+            .hole_misses
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| m.checked_add(1));
+    }
+    Ok(hole)
 }
 
 fn success_reply(conn: &Conn, req: &RequestHeader, hdr: &mut Vec<u8>) {

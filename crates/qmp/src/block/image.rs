@@ -1,0 +1,437 @@
+//! The image drivers: `file`, `raw` and `qcow2` nodes from `sluice-image`.
+//!
+//! All three come from one crate on purpose: a format node reads its `file` child through
+//! that crate's own node type (its descriptor, its image lock, its metadata caches), so a
+//! `"file": "name"` reference only resolves to a node opened by the same crate. Each opened
+//! node keeps its `sluice_image::Node` in [`OpenedNode::payload`], where [`image_node`] finds
+//! it again when a later node names it as `file` or `backing`.
+//!
+//! Children are opened through the graph ([`OpenCtx::child`]) so that they get the graph's
+//! names, edges and rollback; the image crate then receives them by name. The one exception
+//! is a `backing` left out of the options: as qemu does, the chain the image headers name is
+//! opened (by the image crate, read-only) and its nodes come back as implicit children named
+//! `#blockNNN`.
+//!
+//! Errors are qemu-storage-daemon's words where it has the same case (`Could not open 'x':
+//! No such file or directory`, `Image is not in qcow2 format`, `Failed to get "write" lock`,
+//! `Block node is read-only`, its permission conflict); the rest are sluice-image's own
+//! one-line messages.
+
+use std::any::Any;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use sluice_image::header::HeaderError;
+use sluice_image::{BackingRef, ChildRef, Driver, ImageError, Locking};
+
+use super::drivers::strerror;
+use super::{not_found, NodeDriver, NodeInfo, OpenCtx, OpenedNode};
+use crate::generated::{
+    BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevRefOrNull, ImageInfoSpecific,
+    ImageInfoSpecificBranch, ImageInfoSpecificFile, ImageInfoSpecificFileWrapper,
+    ImageInfoSpecificQCow2, ImageInfoSpecificQCow2Wrapper, OnOffAuto, Qcow2CompressionType,
+};
+use crate::QmpError;
+
+/// `file`, `raw` and `qcow2` (register it for each of the three).
+#[derive(Debug, Default)]
+pub struct ImageDriver;
+
+/// The image node behind a graph node, if an image driver opened it.
+pub fn image_node(opened: &OpenedNode) -> Option<Arc<sluice_image::Node>> {
+    let payload: Arc<dyn Any + Send + Sync> = opened.payload.clone()?;
+    payload.downcast::<sluice_image::Node>().ok()
+}
+
+impl NodeDriver for ImageDriver {
+    fn open(
+        &self,
+        opts: &BlockdevOptions,
+        _json: &Value,
+        ctx: &mut OpenCtx<'_>,
+    ) -> Result<OpenedNode, QmpError> {
+        let read_only = ctx.read_only();
+        let name = ctx.node_name().to_string();
+        match &opts.u {
+            BlockdevOptionsBranch::File(f) => {
+                let path = Path::new(&f.filename);
+                // Checked here for qemu's wording: the image crate calls it "not a regular file".
+                if path.is_dir() {
+                    return Err(QmpError::generic(format!(
+                        "Could not open '{}': {}",
+                        f.filename,
+                        strerror(&std::io::Error::from_raw_os_error(libc::EISDIR))
+                    )));
+                }
+                let mut o = sluice_image::BlockdevOptions::file(path, read_only);
+                o.node_name = Some(name);
+                o.locking = match f.locking {
+                    None | Some(OnOffAuto::Auto) => Locking::Auto,
+                    Some(OnOffAuto::On) => Locking::On,
+                    Some(OnOffAuto::Off) => Locking::Off,
+                };
+                let node = sluice_image::open_node(&o, &|_| None).map_err(qmp_error)?;
+                Ok(opened(node, None))
+            }
+            BlockdevOptionsBranch::Raw(r) => {
+                if r.offset.unwrap_or(0) != 0 || r.size.is_some() {
+                    return Err(QmpError::generic(
+                        "offset and size are not supported by sluice's raw driver yet",
+                    ));
+                }
+                let file = self.file_child(ctx, &r.file, Driver::Raw)?;
+                let o = format_options(Driver::Raw, name, read_only, file, BackingRef::None);
+                let node = open_with_graph(ctx, &o)?;
+                Ok(opened(node, None))
+            }
+            BlockdevOptionsBranch::Qcow2(q) => {
+                let file = self.file_child(ctx, &q.file, Driver::Qcow2)?;
+                let backing = match &q.backing {
+                    None => BackingRef::FromHeader,
+                    Some(BlockdevRefOrNull::Null) => BackingRef::None,
+                    Some(r) => {
+                        if let BlockdevRefOrNull::Reference(n) = r {
+                            if ctx.node(n).is_none() {
+                                return Err(QmpError::generic(format!(
+                                    "Could not open backing file: {}",
+                                    not_found(n, n).desc
+                                )));
+                            }
+                        }
+                        let b = ctx
+                            .child_or_null("backing", r)?
+                            .expect("not null: matched above");
+                        check_image_child(ctx, &b, "backing", &name)?;
+                        BackingRef::Child(ChildRef::Node(b))
+                    }
+                };
+                let explicit_backing = !matches!(backing, BackingRef::FromHeader);
+                let o = format_options(Driver::Qcow2, name, read_only, file, backing);
+                let node = open_with_graph(ctx, &o)?;
+                Ok(opened(node, Some(explicit_backing)))
+            }
+            _ => unreachable!("registered for file, raw and qcow2 only"),
+        }
+    }
+}
+
+impl ImageDriver {
+    /// Opens or finds the `file` child and checks that it can serve a `driver` node: an
+    /// image `file` node, writable if the new node is, and not used by another format
+    /// node in a way qemu's permission system would refuse.
+    fn file_child(
+        &self,
+        ctx: &mut OpenCtx<'_>,
+        r: &crate::generated::BlockdevRef,
+        driver: Driver,
+    ) -> Result<String, QmpError> {
+        let file = ctx.child("file", r)?;
+        let me = ctx.node_name().to_string();
+        let node = check_image_child(ctx, &file, "file", &me)?;
+        if node.driver() != Driver::File {
+            return Err(QmpError::generic(format!(
+                "Node '{file}' cannot be the file child of '{me}': sluice's {} driver reads \
+                 'file' nodes only, not '{}'",
+                driver.as_str(),
+                node.driver().as_str()
+            )));
+        }
+        // qcow2 needs to write and resize its file and lets no one else do either: a second
+        // format node over the same file node conflicts unless both only read.
+        for (parent, parent_ro, parent_driver) in ctx.parents_by_role(&file, "file") {
+            let qcow2_involved = driver == Driver::Qcow2 || parent_driver == BlockdevDriver::Qcow2;
+            if !qcow2_involved || (parent_ro && ctx.read_only()) {
+                continue;
+            }
+            let (requires, unshares) = if parent_ro {
+                (me.as_str(), parent.as_str())
+            } else {
+                (parent.as_str(), me.as_str())
+            };
+            return Err(QmpError::generic(format!(
+                "Permission conflict on node '{file}': permissions 'write, resize' are both \
+                 required by node '{requires}' (uses node '{file}' as 'file' child) and \
+                 unshared by node '{unshares}' (uses node '{file}' as 'file' child)."
+            )));
+        }
+        Ok(file)
+    }
+}
+
+/// The image node of graph node `name`, or an error naming the role it was wanted for.
+fn check_image_child(
+    ctx: &OpenCtx<'_>,
+    name: &str,
+    role: &str,
+    parent: &str,
+) -> Result<Arc<sluice_image::Node>, QmpError> {
+    let node = ctx.node(name).ok_or_else(|| not_found(name, name))?;
+    image_node(&node.opened).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Node '{name}' (driver {}) cannot be the {role} child of '{parent}': sluice's raw and \
+             qcow2 drivers read file, raw and qcow2 nodes only",
+            node.driver.as_str()
+        ))
+    })
+}
+
+fn format_options(
+    driver: Driver,
+    name: String,
+    read_only: bool,
+    file: String,
+    backing: BackingRef,
+) -> sluice_image::BlockdevOptions {
+    sluice_image::BlockdevOptions {
+        driver,
+        node_name: Some(name),
+        read_only,
+        filename: None,
+        locking: Locking::Auto,
+        file: Some(ChildRef::Node(file)),
+        backing,
+    }
+}
+
+/// Opens a format node whose named children are graph nodes.
+fn open_with_graph(
+    ctx: &OpenCtx<'_>,
+    o: &sluice_image::BlockdevOptions,
+) -> Result<Arc<sluice_image::Node>, QmpError> {
+    let resolve = |n: &str| ctx.node(n).and_then(|n| image_node(&n.opened));
+    sluice_image::open_node(o, &resolve).map_err(qmp_error)
+}
+
+/// A graph node for `node`. `explicit_backing`: for qcow2, whether the options chose the
+/// backing (Some(false): the header's chain, whose nodes become implicit children).
+fn opened(node: Arc<sluice_image::Node>, explicit_backing: Option<bool>) -> OpenedNode {
+    let info = node_info(&node, explicit_backing.unwrap_or(false));
+    let mut o = OpenedNode::new(node.clone(), info);
+    if explicit_backing == Some(false) {
+        if let Some(b) = node.backing() {
+            o.implicit_children
+                .push(("backing".into(), None, driver_of(b), implicit(b)));
+        }
+    }
+    o.payload = Some(node);
+    o
+}
+
+/// A node of a chain opened from image headers, with its own file child and backing.
+fn implicit(node: &Arc<sluice_image::Node>) -> OpenedNode {
+    let mut o = OpenedNode::new(node.clone(), node_info(node, false));
+    for (role, child) in node.children() {
+        o.implicit_children
+            .push((role.into(), None, driver_of(&child), implicit(&child)));
+    }
+    o.payload = Some(node.clone());
+    o
+}
+
+fn driver_of(node: &sluice_image::Node) -> BlockdevDriver {
+    match node.driver() {
+        Driver::File => BlockdevDriver::File,
+        Driver::Raw => BlockdevDriver::Raw,
+        Driver::Qcow2 => BlockdevDriver::Qcow2,
+    }
+}
+
+/// What `query-named-block-nodes` reports, as qemu-storage-daemon does.
+fn node_info(node: &sluice_image::Node, explicit_backing: bool) -> NodeInfo {
+    let path = node.filename().display().to_string();
+    let actual_size = std::fs::metadata(node.filename())
+        .ok()
+        .map(|m| (m.blocks() * 512) as i64);
+    let mut info = NodeInfo {
+        filename: path.clone(),
+        format: node.driver().as_str().to_string(),
+        actual_size,
+        dirty_flag: Some(false),
+        ..NodeInfo::default()
+    };
+    match node.driver() {
+        Driver::File => {
+            info.format_specific = Some(ImageInfoSpecific {
+                u: ImageInfoSpecificBranch::File(ImageInfoSpecificFileWrapper {
+                    data: ImageInfoSpecificFile {
+                        extent_size_hint: None,
+                    },
+                }),
+            });
+        }
+        Driver::Raw => {}
+        Driver::Qcow2 => {
+            let Some(q) = node.qcow2() else { return info };
+            let h = &q.header;
+            let v3 = h.version >= 3;
+            let incompat = |bit: u64| h.incompatible_features & bit != 0;
+            info.cluster_size = Some(h.cluster_size() as i64);
+            info.dirty_flag = Some(incompat(sluice_image::header::INCOMPAT_DIRTY));
+            info.format_specific = Some(ImageInfoSpecific {
+                u: ImageInfoSpecificBranch::Qcow2(ImageInfoSpecificQCow2Wrapper {
+                    data: ImageInfoSpecificQCow2 {
+                        compat: if v3 { "1.1" } else { "0.10" }.to_string(),
+                        lazy_refcounts: v3.then_some(h.compatible_features & 1 != 0),
+                        corrupt: v3.then_some(incompat(sluice_image::header::INCOMPAT_CORRUPT)),
+                        refcount_bits: 1i64 << h.refcount_order,
+                        extended_l2: v3.then_some(incompat(sluice_image::header::INCOMPAT_EXTL2)),
+                        compression_type: Some(if h.compression_type == 1 {
+                            Qcow2CompressionType::Zstd
+                        } else {
+                            Qcow2CompressionType::Zlib
+                        }),
+                    },
+                }),
+            });
+            if let Some(b) = &h.backing_file {
+                info.backing_filename = Some(b.clone());
+                let full = match Path::new(b) {
+                    p if p.is_absolute() => p.to_owned(),
+                    p => node.filename().parent().unwrap_or(Path::new(".")).join(p),
+                };
+                info.full_backing_filename = Some(full.display().to_string());
+                info.backing_filename_format = h.backing_format().map(str::to_string);
+            }
+            if explicit_backing {
+                // The file name alone would not give this node back (its header decides the
+                // backing otherwise), so qemu names it by its options, as `json:{...}`.
+                info.filename = format!("json:{}", qemu_json(&spec(node)));
+            }
+        }
+    }
+    info
+}
+
+/// A node's options as qemu rebuilds them for a `json:` filename (keys sorted).
+fn spec(node: &sluice_image::Node) -> Value {
+    let mut m = Map::new();
+    match node.driver() {
+        Driver::File => {
+            m.insert("driver".into(), "file".into());
+            m.insert(
+                "filename".into(),
+                node.filename().display().to_string().into(),
+            );
+        }
+        Driver::Raw | Driver::Qcow2 => {
+            if node.driver() == Driver::Qcow2 {
+                let header_names_one = node
+                    .qcow2()
+                    .is_some_and(|q| q.header.backing_file.is_some());
+                match node.backing() {
+                    Some(b) => {
+                        m.insert("backing".into(), spec(b));
+                    }
+                    None if header_names_one => {
+                        m.insert("backing".into(), Value::Null);
+                    }
+                    None => {}
+                }
+            }
+            m.insert("driver".into(), node.driver().as_str().into());
+            if let Some(f) = node.file_child() {
+                m.insert("file".into(), spec(f));
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+/// JSON as QEMU prints it: `", "` and `": "` between items.
+fn qemu_json(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let items: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), qemu_json(v)))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(qemu_json).collect();
+            format!("[{}]", items.join(", "))
+        }
+        v => v.to_string(),
+    }
+}
+
+/// An image error as qemu-storage-daemon words the same failure.
+pub fn qmp_error(e: ImageError) -> QmpError {
+    QmpError::generic(describe(&e))
+}
+
+fn describe(e: &ImageError) -> String {
+    match e {
+        ImageError::Open { path, source } => {
+            format!("Could not open '{}': {}", path.display(), strerror(source))
+        }
+        ImageError::BadImage {
+            source: HeaderError::BadMagic,
+            ..
+        } => "Image is not in qcow2 format".to_string(),
+        ImageError::Locked { perm, shared, .. } => format!(
+            "Failed to get {}\"{perm}\" lock",
+            if *shared { "shared " } else { "" }
+        ),
+        ImageError::NodeNotFound(n) => not_found(n, n).desc,
+        ImageError::Backing { source, .. } => {
+            format!("Could not open backing file: {}", describe(source))
+        }
+        e => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn qemu_json_uses_qemu_separators() {
+        let v = json!({"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "/a \"b\""}});
+        assert_eq!(
+            qemu_json(&v),
+            r#"{"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "/a \"b\""}}"#
+        );
+    }
+
+    #[test]
+    fn image_errors_map_to_qsd_messages() {
+        let desc = |e: ImageError| qmp_error(e).desc;
+        assert_eq!(
+            desc(ImageError::Open {
+                path: "/x/y.qcow2".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            }),
+            "Could not open '/x/y.qcow2': No such file or directory"
+        );
+        assert_eq!(
+            desc(ImageError::BadImage {
+                path: "/x".into(),
+                source: HeaderError::BadMagic,
+            }),
+            "Image is not in qcow2 format"
+        );
+        assert_eq!(
+            desc(ImageError::Locked {
+                path: "/x".into(),
+                perm: "write",
+                shared: true,
+            }),
+            "Failed to get shared \"write\" lock"
+        );
+        assert_eq!(
+            desc(ImageError::Backing {
+                image: "/x/top".into(),
+                backing: "/x/base".into(),
+                source: Box::new(ImageError::Open {
+                    path: "/x/base".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOENT),
+                }),
+            }),
+            "Could not open backing file: Could not open '/x/base': No such file or directory"
+        );
+    }
+}

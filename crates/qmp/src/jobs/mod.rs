@@ -1,0 +1,762 @@
+//! Background jobs: one generic state machine, one set of verbs, QEMU's events.
+//!
+//! A job is what `block-stream` (and later `block-commit`) starts: long work that must not
+//! hold the monitor. Every kind shares [`Job`]: the status with QEMU's transition table
+//! ([`transition_allowed`]), the verbs with QEMU's table of which state accepts which
+//! ([`verb_allowed`]) and its refusal `Job 'x' in state 'y' cannot accept command verb 'z'`,
+//! auto-finalize / auto-dismiss, progress, the rate limit and the on-error policy. A kind
+//! only supplies a [`JobDriver`]: the work itself ([`JobDriver::run`]) and what happens to
+//! the node graph at the end (prepare, abort, clean, as in QEMU's `JobDriver`).
+//!
+//! # Threads and locks
+//!
+//! Each job's work runs on its own OS thread: image I/O is blocking (see `sluice-image`),
+//! and a job may run for minutes, so it must not sit on tokio's blocking pool that monitors
+//! use for commands. The thread never holds the daemon's state lock while it works; it
+//! shares a small [`Mutex`] + [`Condvar`] with the job's verbs:
+//!
+//! - Verbs (`job-pause`, `block-job-set-speed`, ...) run on a monitor's command thread with
+//!   the state lock held, change the job's state under its mutex, emit the events, and wake
+//!   the thread. Where QEMU's reply comes only after the effect, the verb waits on the
+//!   condvar: `job-pause` until the thread has parked (so progress is frozen from the reply
+//!   on), `job-cancel` until the work has stopped (so `aborting`, `BLOCK_JOB_CANCELLED`,
+//!   `concluded` come before the reply, as in qsd). The thread only blocks on the state lock
+//!   after it has published that its work is over, so these waits cannot deadlock.
+//! - The thread calls [`JobCtx::checkpoint`] / [`JobCtx::throttle`] between chunks: there it
+//!   parks while paused, sleeps for the rate limit (woken early by set-speed, pause or
+//!   cancel), and stops when cancelled.
+//! - The end of a job — prepare (graph and header changes), `BLOCK_JOB_COMPLETED`,
+//!   `concluded`, `null` — runs with the state lock held: on the job thread when
+//!   auto-finalize is on, else in `job-finalize`, or in the cancelling command. Whoever
+//!   gets there first does it; [`Job::finish`] does nothing for a job already over.
+//! - A new job's thread first takes the state lock once, so it starts only after the
+//!   command that created it has finished; with the event sequence numbers (see
+//!   [`crate::events`]) this puts `created`, `running` before the command's `return` and
+//!   everything else after it, as qsd does.
+//!
+//! Lock order: daemon state, then a job's state, then its driver.
+
+pub mod commands;
+pub mod stream;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use crate::daemon::{Daemon, State};
+use crate::generated::{
+    BlockDeviceIoStatus, BlockErrorAction, BlockJobCancelledEvent, BlockJobCompletedEvent,
+    BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent, BlockdevOnError, IoOperationType,
+    JobInfo, JobStatus, JobStatusChangeEvent, JobType, JobVerb,
+};
+use crate::QmpError;
+
+/// QEMU's `JobSTT`: may a job go from `from` to `to`?
+pub fn transition_allowed(from: JobStatus, to: JobStatus) -> bool {
+    use JobStatus::*;
+    matches!(
+        (from, to),
+        (Undefined, Created)
+            | (Created, Running | Aborting | Null)
+            | (Running, Paused | Ready | Waiting | Aborting)
+            | (Paused, Running)
+            | (Ready, Standby | Waiting | Aborting)
+            | (Standby, Ready)
+            | (Waiting, Pending | Aborting)
+            | (Pending, Aborting | Concluded)
+            | (Aborting, Aborting | Concluded)
+            | (Concluded, Null)
+    )
+}
+
+/// QEMU's `JobVerbTable`: does a job in `status` accept `verb`?
+pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
+    use JobStatus::*;
+    match verb {
+        JobVerb::Cancel => matches!(
+            status,
+            Created | Running | Paused | Ready | Standby | Waiting | Pending
+        ),
+        JobVerb::Pause | JobVerb::Resume | JobVerb::SetSpeed => {
+            matches!(status, Created | Running | Paused | Ready | Standby)
+        }
+        JobVerb::Complete => matches!(status, Ready | Standby),
+        JobVerb::Finalize => status == Pending,
+        JobVerb::Dismiss => status == Concluded,
+    }
+}
+
+/// Why a job's work stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkError {
+    /// Cancelled by the user.
+    Cancelled,
+    /// Failed; the message is what `query-jobs` and `BLOCK_JOB_COMPLETED` report.
+    Failed(String),
+}
+
+/// What a driver does after an I/O error, as the job's on-error policy decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    /// Fail the job with the error.
+    Report,
+    /// Skip the range and go on.
+    Ignore,
+    /// Retry the range (the job was stopped and has been resumed).
+    Retry,
+}
+
+/// The kind-specific part of a job.
+pub trait JobDriver: Send {
+    /// True if the job has no work at all: it then runs through its states inside the
+    /// creating command, before its reply, as QEMU's does when its coroutine returns
+    /// before the first yield (a stream of a node without backing).
+    fn nothing_to_do(&self) -> bool {
+        false
+    }
+
+    /// The work, on the job thread; calls `ctx` between chunks.
+    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError>;
+
+    /// At finalize, after success: make the job's changes (graph, image headers). An error
+    /// fails the job instead.
+    fn prepare(&mut self, _st: &mut State) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// After failure or cancel: undo what must be undone.
+    fn abort(&mut self, _st: &mut State) {}
+
+    /// In any case, at the end: release what the job held.
+    fn clean(&mut self, _st: &mut State) {}
+}
+
+/// Parameters of a new job.
+#[derive(Debug, Clone)]
+pub struct JobParams {
+    pub id: String,
+    pub job_type: JobType,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+    /// Bytes per second; 0: unlimited (negative is refused, after the id checks, as QEMU).
+    pub speed: i64,
+    pub on_error: BlockdevOnError,
+    /// Nodes the job uses: others may not start a job on them.
+    pub nodes: Vec<String>,
+}
+
+/// A job's mutable state (under [`Job::st`]).
+#[derive(Debug)]
+struct JobState {
+    status: JobStatus,
+    /// Paused by the user, or stopped by an error (QEMU's `user_paused`): resume needed.
+    user_paused: bool,
+    cancel: bool,
+    /// The thread is working a chunk (not parked, not sleeping, not done).
+    busy: bool,
+    /// The thread is past its start gate; before that, cancel ends the job without it.
+    started: bool,
+    /// Set when the driver's work has returned.
+    work_done: Option<Result<(), WorkError>>,
+    speed: u64,
+    /// The rate limiter must start a new window (speed changed, or the job was paused).
+    new_window: bool,
+    current: u64,
+    total: u64,
+    error: Option<String>,
+    io_status: BlockDeviceIoStatus,
+}
+
+/// One job (see the module doc).
+pub struct Job {
+    pub id: String,
+    pub job_type: JobType,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+    on_error: BlockdevOnError,
+    nodes: Vec<String>,
+    st: Mutex<JobState>,
+    cond: Condvar,
+    driver: Mutex<Box<dyn JobDriver>>,
+    daemon: Weak<Daemon>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .field("type", &self.job_type)
+            .field("state", &*self.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The jobs of a daemon (in the daemon's state), oldest first.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    list: Vec<Arc<Job>>,
+}
+
+impl Jobs {
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.list.iter().find(|j| j.id == id).cloned()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Job>> {
+        self.list.iter()
+    }
+
+    /// The job (not yet concluded) that uses `node`, if any.
+    pub fn using_node(&self, node: &str) -> Option<&Arc<Job>> {
+        self.list.iter().find(|j| {
+            j.nodes.iter().any(|n| n == node)
+                && !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
+        })
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.list.retain(|j| j.id != id);
+    }
+}
+
+/// The refusal of a verb in the wrong state (QEMU's words).
+fn verb_refused(id: &str, status: JobStatus, verb: JobVerb) -> QmpError {
+    QmpError::generic(format!(
+        "Job '{id}' in state '{status}' cannot accept command verb '{verb}'"
+    ))
+}
+
+impl Job {
+    /// Creates a job, registers it, emits `created` and `running`, and starts its thread.
+    /// Checks the id first: well-formed and unused daemon-wide.
+    pub fn start(
+        daemon: &Arc<Daemon>,
+        st: &mut State,
+        params: JobParams,
+        driver: Box<dyn JobDriver>,
+    ) -> Result<Arc<Job>, QmpError> {
+        if !crate::block::id_wellformed(&params.id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{}'", params.id)));
+        }
+        if st.jobs.get(&params.id).is_some() {
+            return Err(QmpError::generic(format!(
+                "Job ID '{}' already in use",
+                params.id
+            )));
+        }
+        if params.speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        let job = Arc::new(Job {
+            id: params.id,
+            job_type: params.job_type,
+            auto_finalize: params.auto_finalize,
+            auto_dismiss: params.auto_dismiss,
+            on_error: params.on_error,
+            nodes: params.nodes,
+            st: Mutex::new(JobState {
+                status: JobStatus::Undefined,
+                user_paused: false,
+                cancel: false,
+                busy: false,
+                started: false,
+                work_done: None,
+                speed: params.speed as u64,
+                new_window: true,
+                current: 0,
+                total: 0,
+                error: None,
+                io_status: BlockDeviceIoStatus::Ok,
+            }),
+            cond: Condvar::new(),
+            driver: Mutex::new(driver),
+            daemon: Arc::downgrade(daemon),
+        });
+        {
+            let mut s = job.lock();
+            job.set_status(&mut s, JobStatus::Created);
+            job.set_status(&mut s, JobStatus::Running);
+        }
+        st.jobs.list.push(job.clone());
+        let trivial = job
+            .driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nothing_to_do();
+        if trivial {
+            let mut s = job.lock();
+            s.work_done = Some(Ok(()));
+            job.set_status(&mut s, JobStatus::Waiting);
+            job.set_status(&mut s, JobStatus::Pending);
+            if job.auto_finalize {
+                drop(s);
+                job.finish(st);
+            } else {
+                job.emit(&BlockJobPendingEvent {
+                    r#type: job.job_type,
+                    id: job.id.clone(),
+                });
+                drop(s);
+            }
+            return Ok(job);
+        }
+        let j = job.clone();
+        let d = Arc::downgrade(daemon);
+        let spawned = std::thread::Builder::new()
+            .name(format!("job {}", job.id))
+            .spawn(move || j.thread_main(d));
+        if let Err(e) = spawned {
+            // No thread: the job fails at once, as if its work had.
+            job.lock().work_done = Some(Err(WorkError::Failed(format!(
+                "cannot start a thread: {e}"
+            ))));
+            job.finish(st);
+        }
+        Ok(job)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The job's status now.
+    pub fn status(&self) -> JobStatus {
+        self.lock().status
+    }
+
+    /// Moves to `to` and emits JOB_STATUS_CHANGE (QEMU's table must allow it).
+    fn set_status(&self, s: &mut JobState, to: JobStatus) {
+        debug_assert!(
+            transition_allowed(s.status, to),
+            "job {}: {} -> {to}",
+            self.id,
+            s.status
+        );
+        s.status = to;
+        self.emit(&JobStatusChangeEvent {
+            id: self.id.clone(),
+            status: to,
+        });
+    }
+
+    fn emit<E: crate::qapi::QapiEvent>(&self, e: &E) {
+        if let Some(d) = self.daemon.upgrade() {
+            d.emit(e);
+        }
+    }
+
+    fn check_verb(&self, s: &JobState, verb: JobVerb) -> Result<(), QmpError> {
+        if verb_allowed(verb, s.status) {
+            Ok(())
+        } else {
+            Err(verb_refused(&self.id, s.status, verb))
+        }
+    }
+
+    fn thread_main(self: Arc<Job>, daemon: Weak<Daemon>) {
+        // Start only once the creating command is over (see the module doc).
+        match daemon.upgrade() {
+            Some(d) => drop(d.lock()),
+            None => return,
+        }
+        {
+            let mut s = self.lock();
+            if s.work_done.is_some() {
+                return; // Cancelled before it began.
+            }
+            s.started = true;
+        }
+        let mut ctx = JobCtx {
+            job: &self,
+            window: None,
+        };
+        let r = {
+            let mut drv = self.driver.lock().unwrap_or_else(|e| e.into_inner());
+            // Pause points before and after: a job paused during its last chunk stays
+            // paused here.
+            ctx.checkpoint()
+                .and_then(|()| drv.run(&mut ctx))
+                .and_then(|()| ctx.checkpoint())
+        };
+        {
+            let mut s = self.lock();
+            s.busy = false;
+            let ok = r.is_ok();
+            s.work_done = Some(r);
+            self.cond.notify_all();
+            if s.cancel {
+                // The cancelling command is waiting for this and ends the job itself.
+                return;
+            }
+            if ok {
+                self.set_status(&mut s, JobStatus::Waiting);
+                self.set_status(&mut s, JobStatus::Pending);
+                if !self.auto_finalize {
+                    self.emit(&BlockJobPendingEvent {
+                        r#type: self.job_type,
+                        id: self.id.clone(),
+                    });
+                    return;
+                }
+            }
+        }
+        let Some(d) = daemon.upgrade() else { return };
+        let mut st = d.lock();
+        self.finish(&mut st);
+    }
+
+    /// Ends the job (with the state lock held): prepare/commit or abort, the completion
+    /// event, `concluded`, and `null` with auto-dismiss. Nothing if the job is already over
+    /// or its work is still running.
+    fn finish(&self, st: &mut State) {
+        let mut s = self.lock();
+        if s.work_done.is_none()
+            || matches!(
+                s.status,
+                JobStatus::Aborting | JobStatus::Concluded | JobStatus::Null
+            )
+        {
+            return;
+        }
+        let mut drv = self.driver.lock().unwrap_or_else(|e| e.into_inner());
+        let failure = match (&s.work_done, s.cancel) {
+            (_, true) => Some(WorkError::Cancelled),
+            (Some(Err(e)), false) => Some(e.clone()),
+            _ => match drv.prepare(st) {
+                Ok(()) => None,
+                Err(m) => Some(WorkError::Failed(m)),
+            },
+        };
+        let (len, offset, speed) = (s.total as i64, s.current as i64, s.speed as i64);
+        match failure {
+            None => {
+                self.emit(&BlockJobCompletedEvent {
+                    r#type: self.job_type,
+                    device: self.id.clone(),
+                    len,
+                    offset,
+                    speed,
+                    error: None,
+                });
+            }
+            Some(f) => {
+                self.set_status(&mut s, JobStatus::Aborting);
+                drv.abort(st);
+                match f {
+                    WorkError::Cancelled => {
+                        s.error = Some("Operation canceled".to_string());
+                        self.emit(&BlockJobCancelledEvent {
+                            r#type: self.job_type,
+                            device: self.id.clone(),
+                            len,
+                            offset,
+                            speed,
+                        });
+                    }
+                    WorkError::Failed(m) => {
+                        s.error = Some(m.clone());
+                        self.emit(&BlockJobCompletedEvent {
+                            r#type: self.job_type,
+                            device: self.id.clone(),
+                            len,
+                            offset,
+                            speed,
+                            error: Some(m),
+                        });
+                    }
+                }
+            }
+        }
+        drv.clean(st);
+        self.set_status(&mut s, JobStatus::Concluded);
+        if self.auto_dismiss {
+            self.set_status(&mut s, JobStatus::Null);
+            drop(s);
+            st.jobs.remove(&self.id);
+        }
+    }
+
+    /// `job-pause`: the reply comes once the job has stopped working.
+    pub fn pause(&self) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.check_verb(&s, JobVerb::Pause)?;
+        if s.user_paused {
+            return Err(QmpError::generic("Job is already paused"));
+        }
+        s.user_paused = true;
+        s.new_window = true;
+        match s.status {
+            JobStatus::Running => self.set_status(&mut s, JobStatus::Paused),
+            JobStatus::Ready => self.set_status(&mut s, JobStatus::Standby),
+            _ => {}
+        }
+        self.cond.notify_all();
+        let _s = self
+            .cond
+            .wait_while(s, |s| s.busy)
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(())
+    }
+
+    /// `job-resume` (also after an error stopped the job).
+    pub fn resume(&self) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.check_verb(&s, JobVerb::Resume)?;
+        if !s.user_paused {
+            return Err(QmpError::generic("Can't resume a job that was not paused"));
+        }
+        self.unpause(&mut s);
+        Ok(())
+    }
+
+    fn unpause(&self, s: &mut JobState) {
+        s.user_paused = false;
+        s.io_status = BlockDeviceIoStatus::Ok;
+        match s.status {
+            JobStatus::Paused => self.set_status(s, JobStatus::Running),
+            JobStatus::Standby => self.set_status(s, JobStatus::Ready),
+            _ => {}
+        }
+        self.cond.notify_all();
+    }
+
+    /// `block-job-set-speed`.
+    pub fn set_speed(&self, speed: i64) -> Result<(), QmpError> {
+        let mut s = self.lock();
+        self.check_verb(&s, JobVerb::SetSpeed)?;
+        if speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        s.speed = speed as u64;
+        s.new_window = true;
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// `job-cancel` / `block-job-cancel`: stops the work and ends the job before returning.
+    /// `force` false refuses a paused job (block-job-cancel's rule).
+    pub fn cancel(&self, st: &mut State, force: bool) -> Result<(), QmpError> {
+        {
+            let mut s = self.lock();
+            if s.user_paused && !force {
+                return Err(QmpError::generic(format!(
+                    "The block job for device '{}' is currently paused",
+                    self.id
+                )));
+            }
+            self.check_verb(&s, JobVerb::Cancel)?;
+            s.cancel = true;
+            if s.user_paused {
+                self.unpause(&mut s);
+            }
+            self.cond.notify_all();
+            if !s.started && s.work_done.is_none() {
+                s.work_done = Some(Err(WorkError::Cancelled));
+            }
+            let _s = self
+                .cond
+                .wait_while(s, |s| s.work_done.is_none())
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        self.finish(st);
+        Ok(())
+    }
+
+    /// `job-complete`: no job kind sluice has reaches `ready`, so the table refuses it.
+    pub fn complete(&self) -> Result<(), QmpError> {
+        let s = self.lock();
+        self.check_verb(&s, JobVerb::Complete)?;
+        Err(QmpError::generic(format!(
+            "Job '{}' does not support completion",
+            self.id
+        )))
+    }
+
+    /// `job-finalize`.
+    pub fn finalize(&self, st: &mut State) -> Result<(), QmpError> {
+        self.check_verb(&self.lock(), JobVerb::Finalize)?;
+        self.finish(st);
+        Ok(())
+    }
+
+    /// `job-dismiss`.
+    pub fn dismiss(&self, st: &mut State) -> Result<(), QmpError> {
+        {
+            let mut s = self.lock();
+            self.check_verb(&s, JobVerb::Dismiss)?;
+            self.set_status(&mut s, JobStatus::Null);
+        }
+        st.jobs.remove(&self.id);
+        Ok(())
+    }
+
+    /// What `query-jobs` says.
+    pub fn info(&self) -> JobInfo {
+        let s = self.lock();
+        JobInfo {
+            id: self.id.clone(),
+            r#type: self.job_type,
+            status: s.status,
+            current_progress: s.current as i64,
+            total_progress: s.total as i64,
+            error: s.error.clone(),
+        }
+    }
+
+    /// What `query-block-jobs` says.
+    pub fn block_info(&self) -> BlockJobInfo {
+        let s = self.lock();
+        BlockJobInfo {
+            r#type: self.job_type,
+            device: self.id.clone(),
+            len: s.total as i64,
+            offset: s.current as i64,
+            busy: s.busy && matches!(s.status, JobStatus::Running | JobStatus::Ready),
+            paused: s.user_paused,
+            speed: s.speed as i64,
+            io_status: s.io_status,
+            ready: matches!(s.status, JobStatus::Ready | JobStatus::Standby),
+            status: s.status,
+            auto_finalize: self.auto_finalize,
+            auto_dismiss: self.auto_dismiss,
+            error: s.error.clone(),
+        }
+    }
+}
+
+/// What a driver's work sees of its job: progress, pause points, the rate limit, errors.
+pub struct JobCtx<'a> {
+    job: &'a Job,
+    /// Start of the rate limiter's window and the bytes charged in it.
+    window: Option<(Instant, u64)>,
+}
+
+impl std::fmt::Debug for JobCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobCtx")
+            .field("job", &self.job.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobCtx<'_> {
+    /// Sets the total progress (bytes for block jobs).
+    pub fn set_total(&mut self, total: u64) {
+        self.job.lock().total = total;
+    }
+
+    /// Adds to the progress done.
+    pub fn progress(&mut self, n: u64) {
+        self.job.lock().current += n;
+    }
+
+    /// A pause point: parks while the job is paused; Err if it was cancelled.
+    pub fn checkpoint(&mut self) -> Result<(), WorkError> {
+        let s = self.job.lock();
+        let s = self.park(s);
+        if s.cancel {
+            return Err(WorkError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Parks while paused (busy false meanwhile; the window restarts after).
+    fn park<'g>(&self, mut s: MutexGuard<'g, JobState>) -> MutexGuard<'g, JobState> {
+        if s.user_paused && !s.cancel {
+            s.busy = false;
+            self.job.cond.notify_all();
+            s = self
+                .job
+                .cond
+                .wait_while(s, |s| s.user_paused && !s.cancel)
+                .unwrap_or_else(|e| e.into_inner());
+            s.new_window = true;
+        }
+        s.busy = true;
+        s
+    }
+
+    /// Charges `bytes` of I/O to the rate limit and sleeps until the average since the
+    /// window began is back under the speed; also a pause point. Err if cancelled. A new
+    /// speed, or a pause, starts a new window (what was charged before is forgiven).
+    pub fn throttle(&mut self, bytes: u64) -> Result<(), WorkError> {
+        let mut s = self.job.lock();
+        let mut charge = bytes;
+        loop {
+            s = self.park(s);
+            if s.cancel {
+                return Err(WorkError::Cancelled);
+            }
+            if s.speed == 0 {
+                self.window = None;
+                return Ok(());
+            }
+            if s.new_window || self.window.is_none() {
+                s.new_window = false;
+                self.window = Some((Instant::now(), 0));
+            }
+            let (start, charged) = self.window.as_mut().expect("set above");
+            *charged += std::mem::take(&mut charge);
+            let due = *start + Duration::from_secs_f64(*charged as f64 / s.speed as f64);
+            let now = Instant::now();
+            if now >= due {
+                return Ok(());
+            }
+            s.busy = false;
+            self.job.cond.notify_all();
+            s = self
+                .job
+                .cond
+                .wait_timeout(s, due - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Applies the on-error policy to a failed operation: emits BLOCK_JOB_ERROR and, for
+    /// stop (and enospc on ENOSPC), stops the job until resumed (then [`ErrorAction::Retry`])
+    /// or cancelled (then Err).
+    pub fn io_error(
+        &mut self,
+        op: IoOperationType,
+        enospc: bool,
+    ) -> Result<ErrorAction, WorkError> {
+        let action = match self.job.on_error {
+            BlockdevOnError::Report | BlockdevOnError::Auto => BlockErrorAction::Report,
+            BlockdevOnError::Ignore => BlockErrorAction::Ignore,
+            BlockdevOnError::Stop => BlockErrorAction::Stop,
+            BlockdevOnError::Enospc if enospc => BlockErrorAction::Stop,
+            BlockdevOnError::Enospc => BlockErrorAction::Report,
+        };
+        let mut s = self.job.lock();
+        self.job.emit(&BlockJobErrorEvent {
+            device: self.job.id.clone(),
+            operation: op,
+            action,
+        });
+        match action {
+            BlockErrorAction::Report => Ok(ErrorAction::Report),
+            BlockErrorAction::Ignore => Ok(ErrorAction::Ignore),
+            BlockErrorAction::Stop => {
+                s.user_paused = true;
+                s.io_status = if enospc {
+                    BlockDeviceIoStatus::Nospace
+                } else {
+                    BlockDeviceIoStatus::Failed
+                };
+                if s.status == JobStatus::Running {
+                    self.job.set_status(&mut s, JobStatus::Paused);
+                }
+                drop(s);
+                self.checkpoint()?;
+                Ok(ErrorAction::Retry)
+            }
+        }
+    }
+}
