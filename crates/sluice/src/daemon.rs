@@ -9,9 +9,7 @@
 //! monitor socket accepts clients, everything the command line asked for exists. Failures at
 //! that stage exit 1. The daemon runs until `quit`, SIGINT or SIGTERM, and exits 0.
 
-use std::io::Write;
-use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +18,8 @@ use clap::Args;
 use serde_json::Value;
 use sluice_block::plugins::{self, ConfigArg};
 use sluice_block::Plugin;
+
+use crate::process;
 use sluice_qmp::block::{DriverRegistry, PluginLoader};
 use sluice_qmp::generated::{
     BlockExportOptions, BlockdevOptions, CompatPolicy as CompatOptions, CompatPolicyInput,
@@ -120,7 +120,7 @@ struct Plan {
 }
 
 pub fn main(args: DaemonArgs) -> i32 {
-    init_logging(args.verbose);
+    process::init_logging(args.verbose);
     let plan = match plan(&args) {
         Ok(p) => p,
         Err(e) => {
@@ -128,8 +128,8 @@ pub fn main(args: DaemonArgs) -> i32 {
             return 2;
         }
     };
-    let ready = if args.daemonize {
-        match daemonize() {
+    let mut ready = if args.daemonize {
+        match process::daemonize("") {
             Ok(fd) => Some(fd),
             Err(e) => {
                 eprintln!("sluice daemon: {e:#}");
@@ -139,28 +139,17 @@ pub fn main(args: DaemonArgs) -> i32 {
     } else {
         None
     };
-    match run(&args, plan, ready) {
+    match run(&args, plan, &mut ready) {
         Ok(()) => 0,
         Err(e) => {
             let msg = format!("sluice daemon: {e:#}");
-            match ready {
-                Some(fd) => report_failure(fd, &msg),
+            match ready.take() {
+                Some(fd) => fd.failed(&msg),
                 None => eprintln!("{msg}"),
             }
             1
         }
     }
-}
-
-fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }
 
 /// Reads an option value: JSON if it starts with `{`, else keyval.
@@ -375,7 +364,11 @@ impl PluginLoader for CliLoader {
     }
 }
 
-fn run(args: &DaemonArgs, plan: Plan, ready: Option<RawFd>) -> anyhow::Result<()> {
+fn run(
+    args: &DaemonArgs,
+    plan: Plan,
+    ready: &mut Option<process::Readiness>,
+) -> anyhow::Result<()> {
     let mut dirs = args.plugin_dirs.clone();
     dirs.push(PathBuf::from(crate::serve::SLUICE_PLUGIN_DIR));
     dirs.push(PathBuf::from(sluice_nbdkit::NBDKIT_PLUGIN_DIR));
@@ -431,10 +424,10 @@ fn run(args: &DaemonArgs, plan: Plan, ready: Option<RawFd>) -> anyhow::Result<()
             daemon.spawn_monitor_listener(l);
         }
         if let Some(p) = &args.pidfile {
-            write_pidfile(p)?;
+            process::write_pidfile(p)?;
         }
-        if let Some(fd) = ready {
-            signal_ready(fd);
+        if let Some(fd) = ready.take() {
+            fd.ready();
         }
         tracing::debug!("daemon ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -464,86 +457,4 @@ fn run(args: &DaemonArgs, plan: Plan, ready: Option<RawFd>) -> anyhow::Result<()
         }
     }
     result
-}
-
-fn write_pidfile(path: &Path) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write pidfile {}", path.display()))
-}
-
-/// Forks; the parent waits for the child's first message on a pipe: `1` (ready, exit 0) or
-/// an error text (printed, exit 1). Called before any thread exists.
-fn daemonize() -> anyhow::Result<RawFd> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe");
-    }
-    // SAFETY: no threads exist yet (the runtime starts after this), so fork is safe.
-    match unsafe { libc::fork() } {
-        -1 => Err(std::io::Error::last_os_error()).context("fork"),
-        0 => {
-            // SAFETY: closing our copy of the read end; setsid detaches from the terminal.
-            unsafe {
-                libc::close(fds[0]);
-                libc::setsid();
-            }
-            Ok(fds[1])
-        }
-        _ => {
-            // SAFETY: closing our copy of the write end.
-            unsafe { libc::close(fds[1]) };
-            let mut msg = Vec::new();
-            let mut b = [0u8; 4096];
-            loop {
-                // SAFETY: reading into a buffer of the given length.
-                let n = unsafe { libc::read(fds[0], b.as_mut_ptr() as *mut libc::c_void, b.len()) };
-                if n <= 0 {
-                    break;
-                }
-                msg.extend_from_slice(&b[..n as usize]);
-            }
-            if msg == b"1" {
-                std::process::exit(0);
-            }
-            let text = String::from_utf8_lossy(&msg);
-            if text.is_empty() {
-                eprintln!("sluice daemon: the daemon exited during startup");
-            } else {
-                eprintln!("{text}");
-            }
-            std::process::exit(1);
-        }
-    }
-}
-
-/// Tells the waiting parent that startup succeeded; stdio goes to /dev/null from now on.
-fn signal_ready(fd: RawFd) {
-    // SAFETY: writing one byte to the pipe the parent waits on, closing it, then pointing fds
-    // 0..2, which we own, at /dev/null.
-    unsafe {
-        libc::write(fd, b"1".as_ptr() as *const libc::c_void, 1);
-        libc::close(fd);
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-            libc::dup2(null, 2);
-            if null > 2 {
-                libc::close(null);
-            }
-        }
-    }
-}
-
-/// Tells the waiting parent why startup failed.
-fn report_failure(fd: RawFd, msg: &str) {
-    // SAFETY: writing the message to the pipe the parent reads, then closing it.
-    unsafe {
-        libc::write(fd, msg.as_ptr() as *const libc::c_void, msg.len());
-        libc::close(fd);
-    }
-    let _ = std::io::stderr().flush();
 }

@@ -5,6 +5,7 @@
 //! failures at run time).
 
 mod daemon;
+mod process;
 mod serve;
 
 use clap::{Parser, Subcommand};

@@ -132,7 +132,7 @@ fn usage(err: anyhow::Error) -> Failure {
 }
 
 pub fn main(args: ServeArgs) -> i32 {
-    init_logging(args.verbose);
+    crate::process::init_logging(args.verbose);
     match serve(args) {
         Ok(code) => code,
         Err(f) => {
@@ -140,19 +140,6 @@ pub fn main(args: ServeArgs) -> i32 {
             f.code
         }
     }
-}
-
-fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
 }
 
 fn parse_params(params: &[OsString]) -> Result<Vec<ConfigArg>, Failure> {
@@ -215,7 +202,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     let ready_pipe = if foreground {
         None
     } else {
-        Some(daemonize(&uri).map_err(|e| Failure { code: 1, err: e })?)
+        Some(crate::process::daemonize(&uri).map_err(|e| Failure { code: 1, err: e })?)
     };
     if let Some(p) = &python {
         p.after_fork().map_err(python_failure)?;
@@ -257,10 +244,10 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
             listeners.push(Listener::from_std_tcp(l).context("listening on TCP")?);
         }
         if let Some(pidfile) = &args.pidfile {
-            write_pidfile(pidfile)?;
+            crate::process::write_pidfile(pidfile)?;
         }
         match ready_pipe {
-            Some(fd) => signal_ready(fd),
+            Some(fd) => fd.ready(),
             None if args.run.is_none() => {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "{uri}");
@@ -700,72 +687,6 @@ fn uri_escape(s: &str) -> String {
         }
     }
     out
-}
-
-fn write_pidfile(path: &Path) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write pidfile {}", path.display()))
-}
-
-/// Forks into the background. The parent waits until the child says it is ready, prints the
-/// URI and exits 0 (so `uri=$(sluice serve ...)` works); the child returns the fd to signal
-/// readiness on.
-fn daemonize(uri: &str) -> anyhow::Result<RawFd> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe");
-    }
-    // SAFETY: no threads exist yet (the runtime is started after this), so fork is safe.
-    match unsafe { libc::fork() } {
-        -1 => Err(std::io::Error::last_os_error()).context("fork"),
-        0 => {
-            // SAFETY: closing our copy of the read end; setsid detaches from the terminal.
-            unsafe {
-                libc::close(fds[0]);
-                libc::setsid();
-            }
-            redirect_stdio();
-            Ok(fds[1])
-        }
-        _child => {
-            // SAFETY: closing our copy of the write end, then reading the child's signal.
-            unsafe { libc::close(fds[1]) };
-            let mut b = [0u8; 1];
-            // SAFETY: reading one byte into a one-byte buffer.
-            let n = unsafe { libc::read(fds[0], b.as_mut_ptr() as *mut libc::c_void, 1) };
-            if n != 1 {
-                eprintln!("sluice: the server process failed to start");
-                std::process::exit(1);
-            }
-            println!("{uri}");
-            std::process::exit(0);
-        }
-    }
-}
-
-fn redirect_stdio() {
-    // SAFETY: opening /dev/null and duplicating it over fds 0..2, which we own.
-    unsafe {
-        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if fd >= 0 {
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            if fd > 2 {
-                libc::close(fd);
-            }
-        }
-    }
-}
-
-fn signal_ready(fd: RawFd) {
-    // SAFETY: writing one byte to the pipe the parent waits on, then closing it.
-    unsafe {
-        libc::write(fd, b"1".as_ptr() as *const libc::c_void, 1);
-        libc::close(fd);
-    }
 }
 
 fn captive_command(
