@@ -322,7 +322,13 @@ def fio_row(rw, depth):
         if not d.get("total_ios"):
             raise BenchError(f"fio did no I/O: {tail(err or out)}")
         clat = d.get("clat_ns", {})
+        cpu_s = (c1 - c0) / CLK_TCK
+        # The CPU sample spans the 1 s ramp too; IOPS x (runtime + ramp) estimates the
+        # operations it covers. Server CPU per operation is steadier than IOPS on a noisy
+        # machine (IOPS also depends on how the server paces the client).
+        ops = d["iops"] * (ctx.runtime + 1)
         return {"IOPS": d["iops"],
+                "CPU us/op": cpu_s / ops * 1e6 if ops else 0.0,
                 "clat_mean_us": clat.get("mean", 0) / 1000,
                 "clat_p99_us": clat.get("percentile", {}).get("99.000000", 0) / 1000,
                 "total_ios": d["total_ios"],
@@ -385,7 +391,7 @@ def connections(ctx, srv):
 
 
 SEQ = [Metric("MiB/s", True, fmt_int), Metric("CPU s/GiB", False, fmt_2)]
-IOPS = [Metric("IOPS", True, fmt_k)]
+IOPS = [Metric("IOPS", True, fmt_k), Metric("CPU us/op", False, fmt_2)]
 
 ROWS = [
     Row("seq-read", "Sequential", seq_read, SEQ),
