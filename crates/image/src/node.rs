@@ -38,11 +38,14 @@
 //! file into space the allocator considers free. imago's own consistency errors surface as
 //! EIO. Nothing panics on image content.
 //!
-//! **Header rewrites** (for streaming, later): imago keeps its own copy of the first 72
-//! header bytes, so a rewrite must take the node's `io` lock exclusively, flush, write the
-//! cluster encoded by [`crate::header::Qcow2Header::encode`], sync, and re-open the imago
-//! instance over the same file node; `Node` keeps the file child and the parsed header for
-//! that.
+//! **Streaming and backing switches** ([`Node::stream_range`], [`Node::switch_backing`]).
+//! The copy-on-read of a stream checks the allocation depth and copies under the exclusive
+//! `io` lock, so a client write can never be overwritten by older backing data. A backing
+//! switch also takes `io` exclusively: imago keeps its own copy of the header, so the node
+//! flushes, writes the first cluster encoded by [`crate::header::Qcow2Header::encode`] in
+//! one `pwrite` + `fdatasync`, reopens imago over the same file node with the new chain and
+//! swaps that view (backing, header, imago instance) in. Requests take the view after
+//! their `io` guard, so each sees one chain from start to end.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -96,6 +99,27 @@ pub struct Qcow2Info {
     pub header: Qcow2Header,
 }
 
+/// The part of a node that a backing switch replaces.
+struct View {
+    backing: Option<Arc<Node>>,
+    qcow2: Option<Qcow2Info>,
+    layer: Arc<Layer>,
+}
+
+impl View {
+    fn new(
+        backing: Option<Arc<Node>>,
+        qcow2: Option<Qcow2Info>,
+        layer: Layer,
+    ) -> RwLock<Arc<View>> {
+        RwLock::new(Arc::new(View {
+            backing,
+            qcow2,
+            layer: Arc::new(layer),
+        }))
+    }
+}
+
 /// One node of the block graph (see the module doc).
 pub struct Node {
     name: String,
@@ -104,10 +128,11 @@ pub struct Node {
     /// The image file's path (for a format node, its file child's).
     filename: PathBuf,
     file: Option<Arc<Node>>,
-    backing: Option<Arc<Node>>,
     file_state: Option<FileState>,
-    qcow2: Option<Qcow2Info>,
-    layer: Arc<Layer>,
+    /// The backing, header and imago instance: replaced together by
+    /// [`Node::switch_backing`], under the exclusive `io` lock, so a request that holds
+    /// `io` sees one view from start to end.
+    view: RwLock<Arc<View>>,
     /// The format was probed and found raw: like qemu, refuse writes that would make block 0
     /// probe as qcow2.
     probed_raw: bool,
@@ -127,7 +152,7 @@ impl std::fmt::Debug for Node {
             .field("read_only", &self.read_only)
             .field("filename", &self.filename)
             .field("file", &self.file.as_ref().map(|n| n.name()))
-            .field("backing", &self.backing.as_ref().map(|n| n.name()))
+            .field("backing", &self.backing().map(|n| n.name().to_string()))
             .finish()
     }
 }
@@ -232,7 +257,6 @@ fn open_file_node(
         read_only,
         filename: path.to_owned(),
         file: None,
-        backing: None,
         file_state: Some(FileState {
             os,
             ordered,
@@ -240,8 +264,7 @@ fn open_file_node(
             lock: Mutex::new(lock),
             writable: !read_only,
         }),
-        qcow2: None,
-        layer: Arc::new(FormatAccess::new(raw)),
+        view: View::new(None, None, FormatAccess::new(raw)),
         probed_raw: false,
         prealloc_guess: std::sync::OnceLock::new(),
         io: RwLock::new(()),
@@ -287,10 +310,8 @@ fn open_raw_node(
         read_only,
         filename,
         file: Some(file),
-        backing: None,
         file_state: None,
-        qcow2: None,
-        layer: Arc::new(FormatAccess::new(raw)),
+        view: View::new(None, None, FormatAccess::new(raw)),
         probed_raw: probed,
         prealloc_guess: std::sync::OnceLock::new(),
         io: RwLock::new(()),
@@ -443,17 +464,15 @@ fn open_qcow2_node(
     let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), !read_only)
         .map_err(|e| ImageError::open(&path, e))?;
     q.set_data_file(None);
-    q.set_backing(backing.as_ref().map(|b| b.layer.clone()));
+    q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
     Ok(Arc::new_cyclic(|weak_self| Node {
         name,
         driver: Driver::Qcow2,
         read_only,
         filename: path,
         file: Some(file),
-        backing,
         file_state: None,
-        qcow2: Some(Qcow2Info { header }),
-        layer: Arc::new(FormatAccess::new(q)),
+        view: View::new(backing, Some(Qcow2Info { header }), FormatAccess::new(q)),
         probed_raw: false,
         prealloc_guess: std::sync::OnceLock::new(),
         io: RwLock::new(()),
@@ -571,23 +590,23 @@ pub fn probe_file(path: &Path) -> Result<Format, ImageError> {
 }
 
 /// One stretch of the image as the chain resolves it (block status, depth, cache).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Segment<'a> {
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
     pub len: u64,
     /// 0: unallocated in every layer; 1: the node itself; 2: its backing; ... (the range past
     /// the end of a shorter backing counts as allocated in it, as in qemu).
     pub depth: u32,
-    pub kind: SegmentKind<'a>,
+    pub kind: SegmentKind,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum SegmentKind<'a> {
+#[derive(Debug, Clone)]
+pub(crate) enum SegmentKind {
     /// Stored in a data cluster of the qcow2 node `layer`, at `host` in its file: data (or,
     /// when qemu would guess the image metadata-preallocated, what the file says).
-    Cluster { host: u64, layer: &'a Node },
+    Cluster { host: u64, layer: Arc<Node> },
     /// Stored 1:1 in the file of a raw (or file) layer at `host`; the file's holes tell data
     /// from zeroes. `layer` is the node whose file holds it.
-    RawFile { host: u64, layer: &'a Node },
+    RawFile { host: u64, layer: Arc<Node> },
     /// Reads as zeroes (zero clusters, unallocated to the bottom, past a shorter backing).
     Zero,
     /// A compressed cluster: data.
@@ -612,9 +631,9 @@ impl Node {
     pub fn file_child(&self) -> Option<&Arc<Node>> {
         self.file.as_ref()
     }
-    /// The `backing` child (qcow2 nodes with a backing).
-    pub fn backing(&self) -> Option<&Arc<Node>> {
-        self.backing.as_ref()
+    /// The `backing` child (qcow2 nodes with a backing); it changes at a backing switch.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.view().backing.clone()
     }
     /// Children by role (`file`, `backing`), as qemu's `query-named-block-nodes` lists them.
     pub fn children(&self) -> Vec<(&'static str, Arc<Node>)> {
@@ -622,18 +641,18 @@ impl Node {
         if let Some(f) = &self.file {
             v.push(("file", f.clone()));
         }
-        if let Some(b) = &self.backing {
-            v.push(("backing", b.clone()));
+        if let Some(b) = self.backing() {
+            v.push(("backing", b));
         }
         v
     }
     /// The parsed qcow2 header (qcow2 nodes).
-    pub fn qcow2(&self) -> Option<&Qcow2Info> {
-        self.qcow2.as_ref()
+    pub fn qcow2(&self) -> Option<Qcow2Info> {
+        self.view().qcow2.clone()
     }
     /// The virtual disk size.
     pub fn size(&self) -> u64 {
-        self.layer.size()
+        self.view().layer.size()
     }
     /// This node as a shared pointer (it always lives in one).
     pub fn arc(&self) -> Arc<Node> {
@@ -641,9 +660,15 @@ impl Node {
     }
     /// The qcow2 cluster size, or 4096 for raw data.
     pub fn cluster_size(&self) -> u64 {
-        self.qcow2
+        self.view()
+            .qcow2
             .as_ref()
             .map_or(4096, |q| q.header.cluster_size())
+    }
+
+    /// The current view (see [`View`]); stable while the caller holds `io`.
+    fn view(&self) -> Arc<View> {
+        self.view.read().clone()
     }
 
     fn file_state(&self) -> &FileState {
@@ -665,17 +690,18 @@ impl Node {
     }
 
     /// The node of this chain whose file is `storage` (self if none matches).
-    fn owner_of(&self, storage: &Storage) -> &Node {
-        let mut node = self;
-        loop {
+    fn owner_of(&self, storage: &Storage) -> Arc<Node> {
+        if Arc::ptr_eq(&self.file_state().storage, storage) {
+            return self.arc();
+        }
+        let mut next = self.backing();
+        while let Some(node) = next {
             if Arc::ptr_eq(&node.file_state().storage, storage) {
                 return node;
             }
-            match &node.backing {
-                Some(b) => node = b,
-                None => return self,
-            }
+            next = node.backing();
         }
+        self.arc()
     }
 
     /// A qcow2 data cluster must begin inside the file and never in the header cluster.
@@ -709,11 +735,17 @@ impl Node {
     /// Reads `buf.len()` bytes at `offset` through the chain.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _g = self.io.read();
+        self.read_locked(buf, offset)
+    }
+
+    /// [`Node::read`] for a caller that holds the `io` lock.
+    fn read_locked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let v = self.view();
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
             let want = (buf.len() - done) as u64;
-            let (mapping, len) = self
+            let (mapping, len) = v
                 .layer
                 .get_mapping(at, want)
                 .map_err(|e| io_error(format_args!("read at {at}"), e))?;
@@ -756,11 +788,17 @@ impl Node {
             self.check_block0(buf, offset)?;
         }
         let _g = self.io.read();
+        self.write_locked(buf, offset)
+    }
+
+    /// [`Node::write`] for a caller that holds the `io` lock (and has checked the write).
+    fn write_locked(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let v = self.view();
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
             let rest = &buf[done..];
-            let mapping = self
+            let mapping = v
                 .layer
                 .prepare_data_mapping(at, rest.len() as u64, true)
                 .map_err(|e| io_error(format_args!("write at {at}"), e))?;
@@ -771,7 +809,7 @@ impl Node {
             storage
                 .writev(IoVector::from(&rest[..len]), host)
                 .map_err(|e| io_error(format_args!("write at {at}"), e))?;
-            self.layer
+            v.layer
                 .commit_data_mapping(mapping)
                 .map_err(|e| io_error(format_args!("write at {at}"), e))?;
             done += len;
@@ -825,9 +863,10 @@ impl Node {
     /// partial cluster whose rest already reads as zeroes is zeroed whole.
     fn zero_qcow2(&self, count: u64, offset: u64, may_unmap: bool, fast: bool) -> Result<()> {
         let ctx = || format!("zero at {offset} (+{count})");
-        let h = &self.qcow2.as_ref().expect("qcow2 node").header;
+        let view = self.view();
+        let h = &view.qcow2.as_ref().expect("qcow2 node").header;
         let v2 = h.version < 3;
-        if v2 && self.backing.is_some() {
+        if v2 && view.backing.is_some() {
             return Err(BlockError::new(
                 Errno::ENOTSUP,
                 format!("{}: a qcow2 v2 image cannot mark zero clusters", ctx()),
@@ -848,11 +887,12 @@ impl Node {
                 // SAFETY: the exclusive `io` lock keeps every other request of this node
                 // (and so every mapping) out, as imago requires; backing nodes are
                 // read-only and never discarded.
-                unsafe { self.layer.discard_to_zero_unsafe(offset, count) }
+                unsafe { self.view().layer.discard_to_zero_unsafe(offset, count) }
                     .map_err(|e| io_error(ctx(), e))
             } else {
                 let _g = self.io.read();
-                self.layer
+                self.view()
+                    .layer
                     .write_zeroes(offset, count)
                     .map_err(|e| io_error(ctx(), e))
             };
@@ -883,9 +923,9 @@ impl Node {
         if !v2 {
             let r = if may_unmap {
                 // SAFETY: as above, under the exclusive `io` lock.
-                unsafe { self.layer.discard_to_zero_unsafe(start, end - start) }
+                unsafe { self.view().layer.discard_to_zero_unsafe(start, end - start) }
             } else {
-                self.layer.write_zeroes(start, end - start)
+                self.view().layer.write_zeroes(start, end - start)
             };
             return r.map_err(|e| io_error(ctx(), e));
         }
@@ -906,10 +946,10 @@ impl Node {
     unsafe fn discard_clusters(&self, offset: u64, len: u64, full: bool) -> std::io::Result<()> {
         if full {
             // SAFETY: the caller's guarantee is imago's condition.
-            unsafe { self.layer.discard_to_backing_unsafe(offset, len) }
+            unsafe { self.view().layer.discard_to_backing_unsafe(offset, len) }
         } else {
             // SAFETY: the caller's guarantee is imago's condition.
-            unsafe { self.layer.discard_to_zero_unsafe(offset, len) }
+            unsafe { self.view().layer.discard_to_zero_unsafe(offset, len) }
         }
     }
 
@@ -933,10 +973,11 @@ impl Node {
         let ctx = || format!("trim at {offset} (+{count})");
         match self.driver {
             Driver::Qcow2 => {
-                let h = &self.qcow2.as_ref().expect("qcow2 node").header;
+                let view = self.view();
+                let h = &view.qcow2.as_ref().expect("qcow2 node").header;
                 // qemu: v2 images unmap when nothing can show through, else ignore it.
                 let full = h.version < 3;
-                if full && self.backing.is_some() {
+                if full && view.backing.is_some() {
                     return Ok(());
                 }
                 let cs = h.cluster_size();
@@ -951,10 +992,10 @@ impl Node {
                     return Ok(());
                 }
                 let _g = self.io.write();
+                let layer = self.view().layer.clone();
                 let mut at = start;
                 while at < end {
-                    let (m, len) = self
-                        .layer
+                    let (m, len) = layer
                         .get_shallow_mapping(at, end - at)
                         .map_err(|e| io_error(ctx(), e))?;
                     let len = len.min(end - at);
@@ -991,8 +1032,14 @@ impl Node {
     /// Writes back imago's metadata caches and syncs the image file.
     pub fn flush(&self) -> Result<()> {
         let _g = self.io.read();
-        self.layer.flush().map_err(|e| io_error("flush", e))?;
-        self.layer.sync().map_err(|e| io_error("sync", e))
+        self.flush_locked()
+    }
+
+    /// [`Node::flush`] for a caller that holds the `io` lock.
+    fn flush_locked(&self) -> Result<()> {
+        let v = self.view();
+        v.layer.flush().map_err(|e| io_error("flush", e))?;
+        v.layer.sync().map_err(|e| io_error("sync", e))
     }
 
     /// True if `[offset, offset+len)` reads as zeroes by block status (qemu's `is_zero`).
@@ -1017,14 +1064,15 @@ impl Node {
     }
 
     fn detect_metadata_preallocation(&self) -> std::io::Result<bool> {
-        let Some(q) = &self.qcow2 else {
+        let view = self.view();
+        let Some(q) = &view.qcow2 else {
             return Ok(false);
         };
         let h = &q.header;
         let fs = self.file_state();
         if !self.read_only {
             // The refcounts must be read from the file: write back imago's cache first.
-            self.layer.flush()?;
+            view.layer.flush()?;
         }
         let meta = fs.os.metadata()?;
         let cs = h.cluster_size();
@@ -1068,14 +1116,15 @@ impl Node {
     }
 
     /// Resolves the stretch starting at `offset` (at most `max` bytes) through the chain.
-    pub(crate) fn segment(&self, offset: u64, max: u64) -> Result<Segment<'_>> {
+    pub(crate) fn segment(&self, offset: u64, max: u64) -> Result<Segment> {
         let ctx = || format!("block status at {offset}");
-        let mut node = self;
+        let mut node = self.arc();
         let mut depth = 1u32;
         let mut at = offset;
         let mut max = max;
         loop {
-            let (m, len) = node
+            let view = node.view();
+            let (m, len) = view
                 .layer
                 .get_shallow_mapping(at, max)
                 .map_err(|e| io_error(ctx(), e))?;
@@ -1091,10 +1140,10 @@ impl Node {
                     return Ok(seg(len, depth, kind));
                 }
                 ShallowMapping::Indirect { layer, offset, .. } => {
-                    let b = node
+                    let b = view
                         .backing
-                        .as_deref()
-                        .filter(|b| std::ptr::eq(&*b.layer, layer))
+                        .clone()
+                        .filter(|b| std::ptr::eq(&*b.view().layer, layer))
                         .ok_or_else(|| {
                             BlockError::new(Errno::EIO, format!("{}: unknown backing layer", ctx()))
                         })?;
@@ -1162,13 +1211,13 @@ impl Node {
                 ));
             }
             match seg.kind {
-                SegmentKind::Cluster { host, layer } if layer.metadata_preallocated() => {
+                SegmentKind::Cluster { host, ref layer } if layer.metadata_preallocated() => {
                     // Holes in the file under a data cluster read as zeroes: data + zero.
                     raw_file_extents(layer.file_state(), at, host, seg.len, EXTENT_ZERO, out)?
                 }
                 SegmentKind::Cluster { .. } | SegmentKind::Compressed => out.add(at, seg.len, 0)?,
                 SegmentKind::Zero => out.add(at, seg.len, EXTENT_HOLE | EXTENT_ZERO)?,
-                SegmentKind::RawFile { host, layer } => {
+                SegmentKind::RawFile { host, ref layer } => {
                     let hole = EXTENT_HOLE | EXTENT_ZERO;
                     raw_file_extents(layer.file_state(), at, host, seg.len, hole, out)?;
                 }
@@ -1202,6 +1251,122 @@ impl Node {
         Ok(())
     }
 
+    /// Copy-on-read for `block-stream`: copies into this node the data of
+    /// `[offset, offset+count)` that this node does not hold and that a layer above `base`
+    /// holds (every layer below this node when `base` is None). Returns the bytes copied.
+    ///
+    /// The check and the copy happen under the exclusive `io` lock, so a client write
+    /// (which holds it shared) lands either before the check (and is then kept: the range is
+    /// allocated here) or after the copy (and overwrites it): older backing data never
+    /// overwrites a newer write.
+    pub fn stream_range(&self, offset: u64, count: u64, base: Option<&Node>) -> Result<u64> {
+        self.check_writable("stream")?;
+        let end = offset.saturating_add(count).min(self.size());
+        // Depth of the first layer not to copy from (qemu's base): 1 = self, 2 = backing...
+        let mut base_depth = u32::MAX;
+        if let Some(base) = base {
+            let mut depth = 1u32;
+            let mut next = self.backing();
+            while let Some(n) = next {
+                depth += 1;
+                if std::ptr::eq(&*n, base) {
+                    base_depth = depth;
+                    break;
+                }
+                next = n.backing();
+            }
+            if base_depth == u32::MAX {
+                return Err(BlockError::new(
+                    Errno::EINVAL,
+                    format!(
+                        "stream: '{}' is not a backing node of '{}'",
+                        base.name, self.name
+                    ),
+                ));
+            }
+        }
+        let _g = self.io.write();
+        let mut copied = 0u64;
+        let mut buf = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let seg = self.segment(at, end - at)?;
+            if seg.len == 0 {
+                return Err(BlockError::new(
+                    Errno::EIO,
+                    format!("stream at {at}: empty mapping"),
+                ));
+            }
+            if seg.depth >= 2 && seg.depth < base_depth {
+                buf.resize(seg.len as usize, 0);
+                self.read_locked(&mut buf, at)?;
+                self.write_locked(&buf, at)?;
+                copied += seg.len;
+            }
+            at += seg.len;
+        }
+        Ok(copied)
+    }
+
+    /// Makes `backing` this qcow2 node's backing, durably: writes back everything, writes
+    /// the first cluster with the new backing file `name` and `format` (None: no backing)
+    /// in one write and `fdatasync`s it, then reopens imago over the same file with the new
+    /// chain and swaps that in. All under the exclusive `io` lock: no request sees a mix.
+    /// The data the dropped layers held must already be in this node (see
+    /// [`Node::stream_range`]).
+    pub fn switch_backing(
+        &self,
+        backing: Option<Arc<Node>>,
+        name: Option<&str>,
+        format: Option<Format>,
+    ) -> std::result::Result<(), ImageError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.filename.clone();
+        let unsupported = |why: String| ImageError::bad_image(&path, HeaderError::Unsupported(why));
+        if self.driver != Driver::Qcow2 {
+            return Err(unsupported(format!(
+                "node '{}' is not qcow2: only qcow2 images have a backing file",
+                self.name
+            )));
+        }
+        self.check_writable("switch backing")
+            .map_err(|e| unsupported(e.to_string()))?;
+        if let Some(b) = &backing {
+            if !b.read_only {
+                return Err(ImageError::Permission(format!(
+                    "node '{}' cannot be the backing of '{}': backing nodes must be read-only",
+                    b.name, self.name
+                )));
+            }
+        }
+        let _g = self.io.write();
+        self.flush_locked()
+            .map_err(|e| unsupported(e.to_string()))?;
+        // Read back, not the copy from open: imago may have moved the refcount table since.
+        let file = self.file.as_ref().expect("format nodes have a file child");
+        let mut header = read_header(file)?;
+        header.set_backing(name, format);
+        let mut cluster = header
+            .encode()
+            .map_err(|e| ImageError::bad_image(&path, e))?;
+        cluster.resize(header.cluster_size() as usize, 0);
+        let fs = self.file_state();
+        fs.os
+            .write_all_at(&cluster, 0)
+            .and_then(|()| fs.os.sync_data())
+            .map_err(|e| ImageError::open(&path, e))?;
+        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), true)
+            .map_err(|e| ImageError::open(&path, e))?;
+        q.set_data_file(None);
+        q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
+        *self.view.write() = Arc::new(View {
+            backing,
+            qcow2: Some(Qcow2Info { header }),
+            layer: Arc::new(FormatAccess::new(q)),
+        });
+        Ok(())
+    }
+
     /// NBD_CMD_CACHE: asks the kernel to read ahead the file ranges that hold the data.
     pub fn cache(&self, count: u64, offset: u64) -> Result<()> {
         let _g = self.io.read();
@@ -1212,7 +1377,7 @@ impl Node {
             if seg.len == 0 {
                 break;
             }
-            if let SegmentKind::RawFile { host, layer } = seg.kind {
+            if let SegmentKind::RawFile { host, ref layer } = seg.kind {
                 fadvise_willneed(&layer.file_state().os, host, seg.len);
             }
             at += seg.len;
@@ -1393,7 +1558,7 @@ mod tests {
         let mut v = qcow2_opts(&top, false);
         v["backing"] = json!("base");
         let node = open_node(&BlockdevOptions::from_json(&v).unwrap(), &resolve).unwrap();
-        assert!(Arc::ptr_eq(node.backing().unwrap(), &base));
+        assert!(Arc::ptr_eq(&node.backing().unwrap(), &base));
         assert_eq!(read(&node, 1, 0), [0x11]);
         drop(node);
         v["backing"] = json!("nope");
@@ -1591,5 +1756,126 @@ mod tests {
         assert_eq!(err.errno, Errno::EPERM);
         node.write(b"QFI", 0).unwrap();
         assert_eq!(read(&node, 3, 0), b"QFI");
+    }
+
+    /// a.qcow2 <- b.qcow2 <- c.qcow2 (1 MiB, 64 KiB clusters), data at unaligned offsets in
+    /// every layer; returns the dir and c.
+    fn chain3() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = create(dir.path(), "a.qcow2", &["-f", "qcow2"], Some("1M"));
+        qemu_io("qcow2", &a, &["write -P 0x11 1000 300k"]);
+        let b = create(
+            dir.path(),
+            "b.qcow2",
+            &["-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2"],
+            None,
+        );
+        qemu_io(
+            "qcow2",
+            &b,
+            &["write -P 0x22 200k 5000", "write -z 600k 64k"],
+        );
+        let c = create(
+            dir.path(),
+            "c.qcow2",
+            &["-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2"],
+            None,
+        );
+        qemu_io("qcow2", &c, &["write -P 0x33 70000 1234"]);
+        (dir, c)
+    }
+
+    fn stream_all(node: &Node, base: Option<&Node>) -> u64 {
+        let mut copied = 0;
+        let mut at = 0;
+        while at < node.size() {
+            copied += node.stream_range(at, 256 << 10, base).unwrap();
+            at += 256 << 10;
+        }
+        copied
+    }
+
+    #[test]
+    fn stream_range_then_switch_backing_to_none_flattens() {
+        let (dir, c) = chain3();
+        let node = open_json(qcow2_opts(&c, false)).unwrap();
+        let before = read(&node, 1 << 20, 0);
+        assert!(stream_all(&node, None) > 0);
+        // Everything is in the top now: a second pass copies nothing.
+        assert_eq!(stream_all(&node, None), 0);
+        node.switch_backing(None, None, None).unwrap();
+        assert!(node.backing().is_none());
+        assert_eq!(read(&node, 1 << 20, 0), before);
+        node.write(&[0x44; 10], 5).unwrap();
+        node.flush().unwrap();
+        drop(node);
+        run("qemu-img", &["check", "-q", c.to_str().unwrap()]);
+        let info = run("qemu-img", &["info", "--output=json", c.to_str().unwrap()]);
+        assert!(!info.contains("backing-filename"), "{info}");
+        let mut want = before;
+        want[5..15].fill(0x44);
+        let flat = dir.path().join("flat.raw");
+        std::fs::write(&flat, &want).unwrap();
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                c.to_str().unwrap(),
+                flat.to_str().unwrap(),
+            ],
+        );
+    }
+
+    #[test]
+    fn stream_range_with_base_keeps_base_and_switches_to_it() {
+        let (dir, c) = chain3();
+        let node = open_json(qcow2_opts(&c, false)).unwrap();
+        let before = read(&node, 1 << 20, 0);
+        let b = node.backing().unwrap();
+        let a = b.backing().unwrap();
+        let copied = stream_all(&node, Some(&a));
+        // Only b's clusters: 200k+5000 spans 2 clusters of 64 KiB, the zero write one.
+        assert_eq!(copied, 3 * 65536);
+        node.switch_backing(Some(a.clone()), Some("a.qcow2"), Some(Format::Qcow2))
+            .unwrap();
+        assert!(Arc::ptr_eq(&node.backing().unwrap(), &a));
+        assert_eq!(read(&node, 1 << 20, 0), before);
+        drop((node, b, a));
+        run("qemu-img", &["check", "-q", c.to_str().unwrap()]);
+        let info = run("qemu-img", &["info", "--output=json", c.to_str().unwrap()]);
+        assert!(info.contains("\"backing-filename\": \"a.qcow2\""), "{info}");
+        assert!(
+            info.contains("\"backing-filename-format\": \"qcow2\""),
+            "{info}"
+        );
+        let flat = dir.path().join("flat.raw");
+        std::fs::write(&flat, &before).unwrap();
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-F",
+                "raw",
+                c.to_str().unwrap(),
+                flat.to_str().unwrap(),
+            ],
+        );
+    }
+
+    #[test]
+    fn stream_range_does_not_overwrite_top_data() {
+        let (_dir, c) = chain3();
+        let node = open_json(qcow2_opts(&c, false)).unwrap();
+        node.write(&[0x55; 100], 1100).unwrap();
+        stream_all(&node, None);
+        let got = read(&node, 2000, 0);
+        assert!(got[1100..1200].iter().all(|&x| x == 0x55));
+        assert!(got[1000..1100].iter().all(|&x| x == 0x11));
     }
 }

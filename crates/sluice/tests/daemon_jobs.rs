@@ -1,4 +1,5 @@
-//! Jobs over QMP: `block-stream` on a node with no backing chain (nothing to copy, so the
+//! Jobs over QMP: `block-stream` of a three-layer qcow2 chain (flattened, and down to a
+//! `base-node`; checked with qemu-img check/info/compare), on a node with no backing chain (nothing to copy, so the
 //! job runs through all its states before the command's reply, as in qsd), manual finalize and dismiss, the job-* and block-job-* commands' refusals, and the
 //! same scenario against qemu-storage-daemon compared in shape. The verbs on long-running
 //! jobs (pause, set-speed, cancel, on-error) are covered by the unit tests of
@@ -7,6 +8,8 @@
 mod support;
 
 use serde_json::{json, Value};
+use support::image::{qemu_img, qemu_img_check, three_layers, Images};
+use support::path_str;
 use support::qmp::{run_qmp_python, Qmp, QmpDaemon};
 
 /// A message as a short name: `return`, `error`, `EVENT` or `JOB_STATUS_CHANGE:status`.
@@ -322,4 +325,132 @@ fn stream_scenario_matches_qemu_storage_daemon_in_shape() {
     let sluice = compare_scenario(&QmpDaemon::sluice(&[]));
     let qsd = compare_scenario(&QmpDaemon::qsd(&[]));
     assert_eq!(sluice, qsd);
+}
+
+/// `file` options for an image in `path`.
+fn file(path: &std::path::Path, read_only: bool) -> Value {
+    json!({"driver": "file", "filename": path_str(path), "read-only": read_only})
+}
+
+/// The image's `qemu-img info --output=json` (`-U`: the header is read while the daemon
+/// may still hold the image, which is what shows that the switch is durable at once).
+fn image_info(path: &std::path::Path) -> Value {
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", path_str(path)])).unwrap()
+}
+
+/// Runs a `block-stream` that must succeed; returns the `BLOCK_JOB_COMPLETED` data after
+/// checking qsd's event order.
+fn stream_ok(c: &mut Qmp, args: Value) -> Value {
+    let msgs = run_until(
+        c,
+        json!({"execute": "block-stream", "arguments": args}),
+        "JOB_STATUS_CHANGE:null",
+    );
+    assert_eq!(
+        names(&msgs),
+        status(&[
+            "created",
+            "running",
+            "return",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]),
+        "{msgs:?}"
+    );
+    msgs[5]["data"].clone()
+}
+
+/// The chain flattened by qemu-img before any streaming, for `qemu-img compare`.
+fn flattened(imgs: &Images) -> std::path::PathBuf {
+    let flat = imgs.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", path_str(&imgs.top), path_str(&flat)]);
+    flat
+}
+
+#[test]
+fn stream_three_layer_chain_without_base_drops_the_backing() {
+    let imgs = three_layers();
+    let flat = flattened(&imgs);
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    let r = c.exec(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "file": file(&imgs.top, false)}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let done = stream_ok(&mut c, json!({"job-id": "s0", "device": "top"}));
+    assert_eq!(
+        done,
+        json!({"type": "stream", "device": "s0", "len": 3145728, "offset": 3145728, "speed": 0})
+    );
+    // The graph follows: no backing, and the streamed layers are gone.
+    let nodes = c.exec("query-named-block-nodes", json!({}));
+    let nodes = nodes["return"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(nodes[0]["backing_file"].is_null(), "{nodes:?}");
+    assert_eq!(
+        c.exec("blockdev-del", json!({"node-name": "top"})),
+        json!({"return": {}})
+    );
+    assert_eq!(qemu_img_check(&imgs.top).0, 0);
+    assert!(image_info(&imgs.top).get("backing-filename").is_none());
+    qemu_img(&["compare", "-F", "raw", path_str(&imgs.top), path_str(&flat)]);
+}
+
+#[test]
+fn stream_with_base_node_copies_the_layers_above_it_only() {
+    let imgs = three_layers();
+    let flat = flattened(&imgs);
+    let base = imgs.path("base.qcow2");
+    let mid = imgs.path("mid.qcow2");
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    for args in [
+        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+               "file": file(&base, true)}),
+        json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
+               "file": file(&mid, true)}),
+        json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
+               "file": file(&imgs.top, false)}),
+    ] {
+        assert_eq!(c.exec("blockdev-add", args), json!({"return": {}}));
+    }
+    // base-node = mid: nothing to copy, the header names mid (its path, as qsd writes).
+    stream_ok(
+        &mut c,
+        json!({"job-id": "s0", "device": "top", "base-node": "mid"}),
+    );
+    assert_eq!(
+        image_info(&imgs.top)["backing-filename"],
+        json!(path_str(&mid))
+    );
+    // base-node = base: mid's data moves into top, which then sits on base.
+    let done = stream_ok(
+        &mut c,
+        json!({"job-id": "s1", "device": "top", "base-node": "base"}),
+    );
+    assert_eq!(done["offset"], json!(3145728));
+    let nodes = c.exec("query-named-block-nodes", json!({}));
+    let top = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "top")
+        .unwrap()
+        .clone();
+    assert_eq!(top["backing_file"], json!(path_str(&base)), "{top}");
+    assert_eq!(
+        c.exec("blockdev-del", json!({"node-name": "top"})),
+        json!({"return": {}})
+    );
+    assert_eq!(qemu_img_check(&imgs.top).0, 0);
+    let info = image_info(&imgs.top);
+    assert_eq!(info["backing-filename"], json!(path_str(&base)));
+    assert_eq!(info["backing-filename-format"], json!("qcow2"));
+    // mid is no longer read: the content is still the whole chain's.
+    std::fs::remove_file(&mid).unwrap();
+    qemu_img(&["compare", "-F", "raw", path_str(&imgs.top), path_str(&flat)]);
 }

@@ -212,11 +212,20 @@ fn opened(node: Arc<sluice_image::Node>, explicit_backing: Option<bool>) -> Open
     if explicit_backing == Some(false) {
         if let Some(b) = node.backing() {
             o.implicit_children
-                .push(("backing".into(), None, driver_of(b), implicit(b)));
+                .push(("backing".into(), None, driver_of(&b), implicit(&b)));
         }
     }
     o.payload = Some(node);
     o
+}
+
+/// Recomputes what `query-named-block-nodes` says of an image node (after its backing
+/// changed); other nodes are left alone.
+pub fn refresh_info(opened: &mut OpenedNode) {
+    if let Some(node) = image_node(opened) {
+        let explicit_backing = opened.info.filename.starts_with("json:");
+        opened.info = node_info(&node, explicit_backing);
+    }
 }
 
 /// A node of a chain opened from image headers, with its own file child and backing.
@@ -322,7 +331,7 @@ fn spec(node: &sluice_image::Node) -> Value {
                     .is_some_and(|q| q.header.backing_file.is_some());
                 match node.backing() {
                     Some(b) => {
-                        m.insert("backing".into(), spec(b));
+                        m.insert("backing".into(), spec(&b));
                     }
                     None if header_names_one => {
                         m.insert("backing".into(), Value::Null);

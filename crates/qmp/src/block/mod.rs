@@ -555,6 +555,34 @@ impl Graph {
         Ok(())
     }
 
+    /// Points `parent`'s `role` edge at `child` (None: drops the edge), refreshes the
+    /// parent's image info, and removes the old child, recursively, if nothing else holds
+    /// it (the layers a `block-stream` dropped from a chain opened from image headers).
+    pub fn replace_child(&mut self, parent: &str, role: &str, child: Option<&str>) {
+        let Some(p) = self.get_mut(parent) else {
+            return;
+        };
+        let old = p
+            .children
+            .iter()
+            .position(|(r, _)| r == role)
+            .map(|i| p.children.remove(i).1);
+        if let Some(c) = child {
+            p.children.push((role.to_string(), c.to_string()));
+        }
+        image::refresh_info(&mut p.opened);
+        if let Some(old) = old {
+            let orphan = Some(old.as_str()) != child
+                && !self.has_parent(&old)
+                && self
+                    .get(&old)
+                    .is_some_and(|c| !c.monitor_owned && c.exports == 0);
+            if orphan {
+                self.remove_tree(&old);
+            }
+        }
+    }
+
     /// Removes `name` and, recursively, children no one else holds that the monitor does not own.
     fn remove_tree(&mut self, name: &str) {
         let Some(i) = self.nodes.iter().position(|n| n.name == name) else {

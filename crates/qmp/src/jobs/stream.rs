@@ -9,14 +9,28 @@
 //! hold but a layer above the base does, charges the copied bytes to the rate limit, and
 //! advances the progress by the step (so `offset` ends at `len`, as in QEMU).
 //!
-//! Nodes without a backing chain (every node kind the daemon has today: file, null,
-//! plugins) have nothing to copy: as in qsd, the job then runs through all its states inside
-//! the command, before the reply, with `len` and `offset` 0.
+//! The copy is [`sluice_image::Node::stream_range`] (copy-on-read under the node's
+//! exclusive io lock, so concurrent client writes win); at prepare,
+//! [`sluice_image::Node::switch_backing`] rewrites the top's header to name the base (or
+//! nothing) and the graph's `backing` edge follows, dropping the streamed layers that
+//! nothing else holds.
+//!
+//! Nodes without a backing chain (file, null, plugins, qcow2 without backing) have nothing
+//! to copy: as in qsd, the job then runs through all its states inside the command, before
+//! the reply, with `len` and `offset` 0.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice_block::Errno;
+use sluice_image::{Driver, Format};
+
+use crate::block::image::{image_node, qmp_error};
 use crate::block::not_found;
 use crate::commands::Session;
-use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
-use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::daemon::State;
+use crate::generated::{BlockStreamArgs, BlockdevOnError, IoOperationType, JobType};
+use crate::jobs::{ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::QmpError;
 
 /// Bytes the job looks at per step (QEMU's stream uses 512 KiB too).
@@ -25,8 +39,14 @@ pub const CHUNK: u64 = 512 * 1024;
 /// The stream job's work.
 #[derive(Debug)]
 pub struct StreamDriver {
-    /// The virtual size of the top node.
+    /// The virtual size of the top node (0: no backing, nothing to do).
     size: u64,
+    /// The top node (graph name, image node); None when it has no backing chain.
+    top: Option<(String, Arc<sluice_image::Node>)>,
+    /// The base (graph name, image node): the first layer not copied, the new backing.
+    base: Option<(String, Arc<sluice_image::Node>)>,
+    /// The name to write into the top's header (`backing-file`), else the base's path.
+    backing_file: Option<String>,
 }
 
 impl JobDriver for StreamDriver {
@@ -36,14 +56,55 @@ impl JobDriver for StreamDriver {
 
     fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
         ctx.set_total(self.size);
+        let base = self.base.as_ref().map(|(_, n)| &**n);
         let mut offset = 0;
         while offset < self.size {
             let n = CHUNK.min(self.size - offset);
-            // Nothing above a base in this chain: no copy, only a pause point per step.
-            ctx.throttle(0)?;
+            let copied = match &self.top {
+                None => Ok(0),
+                Some((_, top)) => top.stream_range(offset, n, base),
+            };
+            match copied {
+                Ok(copied) => ctx.throttle(copied)?,
+                Err(e) => {
+                    let enospc = e.errno == Errno(libc::ENOSPC);
+                    let op = if enospc || e.errno == Errno(libc::EROFS) {
+                        IoOperationType::Write
+                    } else {
+                        IoOperationType::Read
+                    };
+                    match ctx.io_error(op, enospc)? {
+                        ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
+                        ErrorAction::Retry => continue,
+                        ErrorAction::Ignore => {}
+                    }
+                }
+            }
             ctx.progress(n);
             offset += n;
         }
+        Ok(())
+    }
+
+    /// The backing switch, in the top's header and then in the graph.
+    fn prepare(&mut self, st: &mut State) -> Result<(), String> {
+        let Some((top_name, top)) = &self.top else {
+            return Ok(());
+        };
+        let name = self.backing_file.clone().or_else(|| {
+            self.base
+                .as_ref()
+                .map(|(_, b)| b.filename().display().to_string())
+        });
+        let format = self.base.as_ref().map(|(_, b)| match b.driver() {
+            Driver::Qcow2 => Format::Qcow2,
+            Driver::Raw | Driver::File => Format::Raw,
+        });
+        let base = self.base.as_ref().map(|(_, b)| b.clone());
+        top.switch_backing(base, name.as_deref(), format)
+            .map_err(|e| qmp_error(e).desc)?;
+        let base_name = self.base.as_ref().map(|(n, _)| n.as_str());
+        st.graph.replace_child(top_name, "backing", base_name);
         Ok(())
     }
 }
@@ -68,43 +129,90 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
     let Some(top) = s.state.graph.get(&args.device) else {
         return Err(not_found(&args.device, &args.device));
     };
-    let has_backing = top.children.iter().any(|(role, _)| role == "backing");
-    if let Some(base) = &args.base {
-        // No node of this daemon has a backing chain to look in yet.
-        return Err(QmpError::generic(format!(
-            "Can't find '{base}' in the backing chain"
-        )));
+    // The backing chain below the top, by graph name, top-down.
+    let mut chain = Vec::new();
+    let mut next = s.state.graph.child(top, "backing");
+    while let Some(n) = next {
+        chain.push(n);
+        next = s.state.graph.child(n, "backing");
     }
-    for (arg, name) in [("base-node", &args.base_node), ("bottom", &args.bottom)] {
-        if let Some(n) = name {
-            if s.state.graph.get(n).is_none() {
-                return Err(not_found("", n));
-            }
-            return Err(QmpError::generic(format!(
-                "Node '{n}' is not a backing image of '{}' ({arg})",
-                args.device
-            )));
+    // The index in `chain` of the base (the first layer not copied); chain.len(): none.
+    let base_at = if let Some(base) = &args.base {
+        chain
+            .iter()
+            .position(|n| {
+                n.opened.info.filename == *base
+                    || image_node(&n.opened).is_some_and(|i| i.filename() == Path::new(base))
+            })
+            .ok_or_else(|| QmpError::generic(format!("Can't find '{base}' in the backing chain")))?
+    } else if let Some(b) = &args.base_node {
+        if s.state.graph.get(b).is_none() {
+            return Err(not_found("", b));
         }
-    }
-    if args.backing_file.is_some() {
+        chain.iter().position(|n| n.name == *b).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Node '{b}' is not a backing image of '{}'",
+                args.device
+            ))
+        })?
+    } else if let Some(b) = &args.bottom {
+        if s.state.graph.get(b).is_none() {
+            return Err(not_found("", b));
+        }
+        1 + chain.iter().position(|n| n.name == *b).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Node '{b}' is not in the backing chain of '{}'",
+                args.device
+            ))
+        })?
+    } else {
+        chain.len()
+    };
+    if args.backing_file.is_some() && base_at == chain.len() {
         return Err(QmpError::generic(
             "backing file specified, but streaming the entire chain",
         ));
     }
-    if has_backing {
-        return Err(QmpError::generic(format!(
-            "block-stream of '{}': streaming from a backing chain is not supported by sluice yet",
-            args.device
-        )));
+    let mut nodes = vec![args.device.clone()];
+    nodes.extend(chain[..base_at].iter().map(|n| n.name.clone()));
+    for n in &nodes {
+        if let Some(j) = s.state.jobs.using_node(n) {
+            return Err(QmpError::generic(format!(
+                "Node '{n}' is busy: block device is in use by block job: {}",
+                j.job_type
+            )));
+        }
     }
-    if let Some(j) = s.state.jobs.using_node(&args.device) {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {}",
-            args.device, j.job_type
-        )));
-    }
-    // Only a backing chain gives work; none: QEMU's stream ends at once, reporting len 0.
-    let size = if has_backing { top.size()? } else { 0 };
+    let image = |n: &crate::block::Node| {
+        image_node(&n.opened).ok_or_else(|| {
+            QmpError::generic(format!(
+                "block-stream of '{}': node '{}' is not an image node",
+                args.device, n.name
+            ))
+        })
+    };
+    let driver = if chain.is_empty() {
+        StreamDriver {
+            size: 0,
+            top: None,
+            base: None,
+            backing_file: None,
+        }
+    } else {
+        if top.read_only {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+        let base = match chain.get(base_at) {
+            Some(b) => Some((b.name.clone(), image(b)?)),
+            None => None,
+        };
+        StreamDriver {
+            size: top.size()?,
+            top: Some((args.device.clone(), image(top)?)),
+            base,
+            backing_file: args.backing_file.clone(),
+        }
+    };
     let params = JobParams {
         // QEMU's default is the device's name, and qsd's nodes have none: '' (refused).
         id: args.job_id.unwrap_or_default(),
@@ -113,8 +221,8 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
         auto_dismiss: args.auto_dismiss.unwrap_or(true),
         speed: args.speed.unwrap_or(0),
         on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
-        nodes: vec![args.device.clone()],
+        nodes,
     };
-    Job::start(s.daemon, s.state, params, Box::new(StreamDriver { size }))?;
+    Job::start(s.daemon, s.state, params, Box::new(driver))?;
     Ok(())
 }
