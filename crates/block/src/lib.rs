@@ -4,11 +4,13 @@
 //! the [`plugin::Plugin`]/[`plugin::Handle`] traits every backend implements, the [`export`]
 //! policy that turns a handle's capabilities into NBD behaviour (FUA, zero and cache emulation,
 //! thread-model locking, request checks), the [`extents`] rules, size parsing with nbdkit's
-//! syntax, and the built-in plugins. It knows nothing of sockets.
+//! syntax, the built-in plugins, and the [`host`] state shared by the hosts of foreign plugins
+//! (nbdkit's C plugins, Python scripts). It knows nothing of sockets.
 
 pub mod error;
 pub mod export;
 pub mod extents;
+pub mod host;
 pub mod plugin;
 pub mod plugins;
 pub mod size;
@@ -18,6 +20,6 @@ pub use error::{BlockError, Errno, Result};
 pub use export::{Backend, Caps, Export};
 pub use extents::{Extent, Extents};
 pub use plugin::{
-    BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, Plugin, Support,
+    BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, PeerCreds, Plugin, Support,
     ThreadModel,
 };

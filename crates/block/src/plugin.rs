@@ -162,12 +162,21 @@ pub struct OpenContext<'a> {
     pub is_tls: bool,
 }
 
+/// Credentials of a client connected over a Unix domain socket (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCreds {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// What the server knows about a client connection's peer, for plugins that ask
-/// (nbdkit's `nbdkit_peer_*`).
+/// (nbdkit's `nbdkit_peer_*`). Plugin hosts keep it for the connection's lifetime in a
+/// [`crate::host::ConnectionState`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionInfo {
-    /// Unix-socket peer credentials (SO_PEERCRED): pid, uid, gid.
-    pub peer_creds: Option<(i32, u32, u32)>,
+    /// Unix-socket peer credentials; `None` for TCP or unknown.
+    pub peer_creds: Option<PeerCreds>,
     /// The peer's raw `struct sockaddr` as `getpeername(2)` returned it.
     pub peer_addr: Option<Vec<u8>>,
     /// The connection is TLS-protected.

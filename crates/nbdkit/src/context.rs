@@ -22,10 +22,11 @@
 //! reports several messages in one call gets the earlier ones logged as the next arrives.
 //! Messages from threads that are in no call (a plugin's own threads) are logged at once.
 //!
-//! What outlives a single call lives in a [`Connection`]: the client's peer address and
-//! credentials, its TLS state, the export names it opened (interned, so the pointers that
-//! `nbdkit_export_name` returned stay valid) and the strings the plugin interned with
-//! `nbdkit_strdup_intern` during the connection. A connection is shared (`Arc`) by the server
+//! What outlives a single call lives in a [`Connection`]: the state every plugin host shares
+//! ([`ConnectionState`]: the client's peer address and credentials, its TLS state, whether it
+//! has gone or is to be dropped), plus what only C needs: the export names it opened
+//! (interned, so the pointers that `nbdkit_export_name` returned stay valid) and the strings
+//! the plugin interned with `nbdkit_strdup_intern` during the connection. A connection is shared (`Arc`) by the server
 //! and by every handle opened on it, and is freed with the last of them, which is nbdkit's
 //! "lifetime of the connection". Strings interned outside any connection belong to the
 //! plugin (freed after `unload`) or, from a thread sluice knows nothing of, to the process.
@@ -33,33 +34,11 @@
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sluice_block::{BlockError, Errno};
-
-/// Credentials of a client connected over a Unix domain socket (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCreds {
-    pub pid: i32,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-/// What the server knows about a client connection, for `nbdkit_peer_*`, `nbdkit_is_tls` and
-/// `nbdkit_export_name`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConnInfo {
-    /// The export name, if already negotiated ("" before). `Plugin::open` replaces it with
-    /// the name in its `OpenContext` for the handle it opens.
-    pub export_name: String,
-    /// The connection is TLS-protected (update with [`Connection::set_tls`] after STARTTLS).
-    pub is_tls: bool,
-    /// Peer credentials for Unix-socket clients; `None` for TCP or unknown.
-    pub peer: Option<PeerCreds>,
-    /// The raw `struct sockaddr` of the peer as `getpeername(2)` returned it.
-    pub peer_addr: Option<Vec<u8>>,
-}
+use sluice_block::host::ConnectionState;
+use sluice_block::{BlockError, ConnectionInfo, Errno};
 
 /// One client connection as nbdkit plugins see it. Cheap to clone (an `Arc`).
 ///
@@ -73,43 +52,36 @@ pub struct Connection(Arc<ConnShared>);
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("peer", &self.0.peer)
-            .field("is_tls", &self.0.is_tls.load(Ordering::Relaxed))
+            .field("peer", &self.0.state.peer_creds())
+            .field("is_tls", &self.0.state.is_tls())
             .finish_non_exhaustive()
     }
 }
 
 pub(crate) struct ConnShared {
-    peer: Option<PeerCreds>,
-    peer_addr: Option<Vec<u8>>,
-    is_tls: AtomicBool,
+    state: ConnectionState,
     /// Points into `interned`; never NULL.
     export_name: AtomicPtr<c_char>,
     interned: Mutex<Vec<CString>>,
-    closed: AtomicBool,
-    /// 0: none, 1: after current requests, 2: at once (`nbdkit_disconnect(force)`).
-    disconnect: AtomicU8,
 }
 
 impl Connection {
-    pub fn new(info: ConnInfo) -> Connection {
+    /// A connection with the export name "" (set it with [`Connection::set_export_name`]
+    /// once negotiated).
+    pub fn new(info: ConnectionInfo) -> Connection {
         let shared = ConnShared {
-            peer: info.peer,
-            peer_addr: info.peer_addr,
-            is_tls: AtomicBool::new(info.is_tls),
+            state: ConnectionState::new(info),
             export_name: AtomicPtr::new(ptr::null_mut()),
             interned: Mutex::new(Vec::new()),
-            closed: AtomicBool::new(false),
-            disconnect: AtomicU8::new(0),
         };
-        let name = shared.intern(lossless_cstring(info.export_name.as_bytes()));
+        let name = shared.intern(c"".into());
         shared.export_name.store(name.cast_mut(), Ordering::Release);
         Connection(Arc::new(shared))
     }
 
     /// Records that the connection now runs over TLS (after NBD_OPT_STARTTLS).
     pub fn set_tls(&self, is_tls: bool) {
-        self.0.is_tls.store(is_tls, Ordering::Release);
+        self.0.state.set_tls(is_tls);
     }
 
     /// Records the export name negotiated so far (seen by calls made inside [`with_conn`]).
@@ -121,19 +93,14 @@ impl Connection {
     /// Tells plugins sleeping in `nbdkit_nanosleep` on this connection that the client has
     /// gone, so they return early.
     pub fn mark_closed(&self) {
-        self.0.closed.store(true, Ordering::Release);
-        crate::shutdown::wake_sleepers();
+        self.0.state.mark_closed();
     }
 
     /// `Some(force)` once the plugin called `nbdkit_disconnect(force)` on this connection:
     /// the server should drop the client (at once if `force`, else after the requests in
     /// flight).
     pub fn disconnect_requested(&self) -> Option<bool> {
-        match self.0.disconnect.load(Ordering::Acquire) {
-            0 => None,
-            1 => Some(false),
-            _ => Some(true),
-        }
+        self.0.state.disconnect_requested()
     }
 
     pub(crate) fn shared(&self) -> &ConnShared {
@@ -151,34 +118,13 @@ impl ConnShared {
         p
     }
 
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn request_disconnect(&self, force: bool) {
-        let v = if force { 2 } else { 1 };
-        self.disconnect.fetch_max(v, Ordering::AcqRel);
-        crate::shutdown::wake_sleepers();
-    }
-
-    pub(crate) fn disconnect_pending(&self) -> bool {
-        self.disconnect.load(Ordering::Acquire) != 0
-    }
-
-    pub(crate) fn peer(&self) -> Option<PeerCreds> {
-        self.peer
-    }
-
-    pub(crate) fn peer_addr(&self) -> Option<&[u8]> {
-        self.peer_addr.as_deref()
+    /// Peer, TLS, closed and disconnect state, as every plugin host keeps it.
+    pub(crate) fn state(&self) -> &ConnectionState {
+        &self.state
     }
 
     pub(crate) fn export_name(&self) -> *const c_char {
         self.export_name.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn is_tls(&self) -> bool {
-        self.is_tls.load(Ordering::Acquire)
     }
 }
 
@@ -311,7 +257,7 @@ pub fn with_conn<R>(conn: &Connection, f: impl FnOnce() -> R) -> R {
             plugin: f.get().plugin,
             conn: shared,
             export_name: shared.export_name(),
-            is_tls: shared.is_tls(),
+            is_tls: shared.state().is_tls(),
         })
     });
     let _restore = Restore(prev_conn, prev_frame);
@@ -501,11 +447,11 @@ mod tests {
 
     #[test]
     fn with_conn_installs_and_restores() {
-        let conn = Connection::new(ConnInfo {
-            export_name: "exp".into(),
+        let conn = Connection::new(ConnectionInfo {
             is_tls: true,
-            ..ConnInfo::default()
+            ..ConnectionInfo::default()
         });
+        conn.set_export_name("exp");
         assert!(current().conn.is_null());
         with_conn(&conn, || {
             let f = current();

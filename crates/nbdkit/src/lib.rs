@@ -20,8 +20,8 @@
 //!
 //! # What the server does per connection
 //!
-//! Create a [`Connection`] from a [`ConnInfo`] (peer credentials/address, TLS) when the
-//! client is accepted, and wrap the calls it makes on the plugin outside handles
+//! Create a [`Connection`] from a [`ConnInfo`] (the block layer's `ConnectionInfo`: peer
+//! credentials/address, TLS) when the client is accepted, and wrap the calls it makes on the plugin outside handles
 //! (`preconnect`, `list_exports`, `default_export`, `open`) in [`with_conn`]. Handles
 //! remember their connection. Optionally: [`Connection::set_tls`] after STARTTLS,
 //! [`Connection::mark_closed`] when the client goes (wakes plugins in `nbdkit_nanosleep`),
@@ -40,7 +40,9 @@
 //! # Shutdown
 //!
 //! [`request_shutdown`] when the server begins to stop (sleeping plugins wake up);
-//! [`set_shutdown_hook`] to learn that a plugin called `nbdkit_shutdown()`.
+//! [`set_shutdown_hook`] to learn that a plugin called `nbdkit_shutdown()`. Both are
+//! [`sluice_block::host`]'s, re-exported: one flag and one hook serve every plugin host, so
+//! they cover Python scripts too.
 
 pub mod abi;
 pub mod api;
@@ -49,16 +51,19 @@ pub mod debug_flags;
 pub mod error;
 mod handle;
 pub mod plugin;
-pub mod shutdown;
 
 pub use api::paths::set_stdio_safe;
-pub use context::{with_conn, ConnInfo, Connection, PeerCreds};
+pub use context::{with_conn, Connection};
 pub use debug_flags::{set_debug_flag, set_server_debug_flag, DebugFlag};
 pub use error::LoadError;
 pub use plugin::{
     dump_plugin, dump_plugin_with, load, load_with, resolve, LoadedPlugin, NBDKIT_PLUGIN_DIR,
 };
-pub use shutdown::{request_shutdown, set_shutdown_hook, shutdown_requested};
+pub use sluice_block::host::{request_shutdown, set_shutdown_hook, shutdown_requested};
+/// What the server knows about a client: the block layer's
+/// [`ConnectionInfo`](sluice_block::ConnectionInfo), under this crate's name for it.
+pub use sluice_block::ConnectionInfo as ConnInfo;
+pub use sluice_block::PeerCreds;
 
 /// Makes sure the linker keeps every exported `nbdkit_*` definition (Rust and C shim) in
 /// the executable, by taking their addresses. Cheap; called by [`load`] and [`dump_plugin`],

@@ -29,7 +29,7 @@ use sluice_block::{ExportEntry, Handle, OpenContext, Plugin, Result, ThreadModel
 use crate::abi::{NbdkitPlugin, PLUGIN_STRUCT_SIZE};
 use crate::api::lists::ExportList;
 use crate::context::{
-    self, call_error, errno, lock, lossless_cstring, take_last_error, ConnInfo, Connection, Frame,
+    self, call_error, errno, lock, lossless_cstring, take_last_error, Connection, Frame,
     PluginScope, Scope,
 };
 use crate::debug_flags::{set_debug_flag, set_server_debug_flag, DebugFlag};
@@ -548,14 +548,7 @@ impl Plugin for LoadedPlugin {
     }
 
     fn with_connection(&self, info: &sluice_block::ConnectionInfo, f: &mut dyn FnMut()) {
-        let conn = Connection::new(ConnInfo {
-            export_name: String::new(),
-            is_tls: info.is_tls,
-            peer: info
-                .peer_creds
-                .map(|(pid, uid, gid)| crate::context::PeerCreds { pid, uid, gid }),
-            peer_addr: info.peer_addr.clone(),
-        });
+        let conn = Connection::new(info.clone());
         context::with_conn(&conn, f);
         conn.mark_closed();
     }
@@ -635,11 +628,12 @@ impl Plugin for LoadedPlugin {
     }
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Box<dyn Handle>> {
+        // Outside any `with_conn` (a direct caller, not the server): a connection of the
+        // handle's own. Its export name stays "": the handle's frames carry `ctx`'s.
         let conn = context::current_connection().unwrap_or_else(|| {
-            Connection::new(ConnInfo {
-                export_name: ctx.export_name.to_string(),
+            Connection::new(sluice_block::ConnectionInfo {
                 is_tls: ctx.is_tls,
-                ..ConnInfo::default()
+                ..Default::default()
             })
         });
         let export_name = conn

@@ -402,7 +402,7 @@ fn open_sees_export_name_and_tls() {
 fn connection_info_reaches_plugin_through_with_conn() {
     let (plugin, log) = recorder(&[]);
     let conn = Connection::new(ConnInfo {
-        peer: Some(PeerCreds {
+        peer_creds: Some(PeerCreds {
             pid: 4242,
             uid: 1000,
             gid: 1000,

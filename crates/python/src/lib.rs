@@ -32,13 +32,14 @@
 //!   [`PythonPlugin::after_fork`] in the child, as nbdkit orders it. `--dump-plugin`:
 //!   [`dump_plugin`].
 //! - Per connection, like `sluice-nbdkit`: create a [`Connection`] from a [`ConnInfo`] (peer
-//!   credentials, TLS) when the client is accepted, and wrap the plugin-level calls
+//!   credentials, TLS; the block layer's `ConnectionInfo`) when the client is accepted, and wrap the plugin-level calls
 //!   (`preconnect`, `list_exports`, `default_export`, `open`) in [`with_conn`]; handles
 //!   remember their connection. Optionally [`Connection::set_tls`] after STARTTLS,
 //!   [`Connection::mark_closed`] when the client goes (wakes `nbdkit.nanosleep`), and check
 //!   [`Connection::disconnect_requested`] after requests (`nbdkit.disconnect`).
 //! - Shutdown: [`request_shutdown`] when the server begins to stop; [`set_shutdown_hook`] to
-//!   learn that a script called `nbdkit.shutdown()`.
+//!   learn that a script called `nbdkit.shutdown()`. Both are [`sluice_block::host`]'s,
+//!   re-exported: one flag and one hook serve every plugin host, C plugins included.
 
 mod context;
 pub mod error;
@@ -47,11 +48,13 @@ mod interp;
 pub mod module;
 mod plugin;
 
-pub use context::{
-    request_shutdown, set_shutdown_hook, shutdown_requested, with_conn, ConnInfo, Connection,
-    PeerCreds,
-};
+pub use context::{with_conn, Connection};
 pub use error::LoadError;
 pub use plugin::{
     dump_plugin, load, load_before_fork, split_script, PythonPlugin, MAX_API_VERSION,
 };
+pub use sluice_block::host::{request_shutdown, set_shutdown_hook, shutdown_requested};
+/// What the server knows about a client: the block layer's
+/// [`ConnectionInfo`](sluice_block::ConnectionInfo), under the name `sluice-nbdkit` uses too.
+pub use sluice_block::ConnectionInfo as ConnInfo;
+pub use sluice_block::PeerCreds;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use sluice_block::{host, PeerCreds};
 
 use crate::context::{self, Connection};
 
@@ -93,7 +94,10 @@ fn parse_size(s: &str) -> PyResult<u64> {
 /// `nbdkit.shutdown()`: asks the server to shut down, asynchronously.
 #[pyfunction]
 fn shutdown(py: Python<'_>) {
-    py.detach(context::script_requested_shutdown);
+    py.detach(|| {
+        tracing::info!("python plugin requested server shutdown");
+        host::plugin_requested_shutdown();
+    });
 }
 
 /// `nbdkit.disconnect(force)`: asks the server to drop the current client.
@@ -101,7 +105,7 @@ fn shutdown(py: Python<'_>) {
 #[pyo3(signature = (force = false))]
 fn disconnect(force: bool) {
     match current_conn() {
-        Some(c) => c.request_disconnect(force),
+        Some(c) => c.state().request_disconnect(force),
         None => tracing::debug!("nbdkit.disconnect: no connection in this thread"),
     }
 }
@@ -125,7 +129,7 @@ fn nanosleep(py: Python<'_>, sec: u32, nsec: u32) -> PyResult<()> {
     }
     let duration = Duration::from_secs(u64::from(sec)) + Duration::from_nanos(u64::from(nsec));
     let conn = current_conn();
-    if py.detach(move || context::sleep(duration, conn.as_ref())) {
+    if py.detach(move || host::sleep(duration, conn.as_ref().map(Connection::state))) {
         Ok(())
     } else {
         context::set_error(libc::ESHUTDOWN);
@@ -158,10 +162,10 @@ fn current_conn() -> Option<Connection> {
     context::with_frame(|f| f.and_then(|f| f.conn.clone()))
 }
 
-fn peer(what: &str, pick: impl Fn(context::PeerCreds) -> i64) -> PyResult<i64> {
+fn peer(what: &str, pick: impl Fn(PeerCreds) -> i64) -> PyResult<i64> {
     let conn = current_conn()
         .ok_or_else(|| PyRuntimeError::new_err(format!("{what}: no connection in this thread")))?;
-    conn.peer().map(pick).ok_or_else(|| {
+    conn.state().peer_creds().map(pick).ok_or_else(|| {
         PyRuntimeError::new_err(format!(
             "{what}: the client is not connected over a Unix domain socket"
         ))

@@ -24,7 +24,7 @@ use sluice_block::{
     BlockError, Errno, ExportEntry, Handle, OpenContext, Plugin, Result, ThreadModel,
 };
 
-use crate::context::{self, ConnInfo, Connection, Frame, Scope};
+use crate::context::{self, Connection, Frame, Scope};
 use crate::error::LoadError;
 use crate::handle::PythonHandle;
 use crate::interp::{self, Failure};
@@ -420,14 +420,8 @@ impl Plugin for PythonPlugin {
     }
 
     fn with_connection(&self, info: &sluice_block::ConnectionInfo, f: &mut dyn FnMut()) {
-        let conn = crate::context::Connection::new(crate::context::ConnInfo {
-            export_name: String::new(),
-            is_tls: info.is_tls,
-            peer: info
-                .peer_creds
-                .map(|(pid, uid, gid)| crate::context::PeerCreds { pid, uid, gid }),
-        });
-        crate::context::with_conn(&conn, f);
+        let conn = Connection::new(info.clone());
+        context::with_conn(&conn, f);
         conn.mark_closed();
     }
 
@@ -499,11 +493,12 @@ impl Plugin for PythonPlugin {
     }
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Box<dyn Handle>> {
+        // Outside any `with_conn` (a direct caller, not the server): a connection of the
+        // handle's own. Its export name stays "": the handle's frames carry `ctx`'s.
         let conn = context::current_connection().unwrap_or_else(|| {
-            Connection::new(ConnInfo {
-                export_name: ctx.export_name.to_owned(),
+            Connection::new(sluice_block::ConnectionInfo {
                 is_tls: ctx.is_tls,
-                ..ConnInfo::default()
+                ..Default::default()
             })
         });
         PythonHandle::open(self.shared.clone(), conn, ctx).map(|h| Box::new(h) as Box<dyn Handle>)

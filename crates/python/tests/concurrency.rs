@@ -64,14 +64,15 @@ fn report(h: &dyn sluice_block::Handle) -> serde_json::Value {
 fn module_functions_see_the_connection() {
     let p = load("api.py", &[]);
     let conn = Connection::new(ConnInfo {
-        export_name: "ignored".into(),
         is_tls: true,
-        peer: Some(PeerCreds {
+        peer_creds: Some(PeerCreds {
             pid: 4242,
             uid: 1000,
             gid: 100,
         }),
+        ..ConnInfo::default()
     });
+    conn.set_export_name("ignored");
     let h = with_conn(&conn, || {
         p.open(&OpenContext {
             readonly: false,

@@ -89,7 +89,11 @@ impl Stream {
                 )
             };
             if r == 0 {
-                info.peer_creds = Some((cred.pid, cred.uid, cred.gid));
+                info.peer_creds = Some(sluice_block::PeerCreds {
+                    pid: cred.pid,
+                    uid: cred.uid,
+                    gid: cred.gid,
+                });
             }
         }
         // SAFETY: sockaddr_storage is plain old data.

@@ -191,9 +191,8 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     };
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let hook = shutdown.clone();
-    sluice_nbdkit::set_shutdown_hook(Box::new(move || hook.notify_one()));
-    let hook = shutdown.clone();
-    sluice_python::set_shutdown_hook(Box::new(move || hook.notify_one()));
+    // One hook for every plugin host (nbdkit_shutdown and nbdkit.shutdown alike).
+    sluice_block::host::set_shutdown_hook(Box::new(move || hook.notify_one()));
     let listening = listen(&args).map_err(usage)?;
     let foreground =
         args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
@@ -286,8 +285,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
                 _ = shutdown.notified() => tracing::debug!("plugin asked for shutdown"),
             }
             // Wakes plugins sleeping in nbdkit_nanosleep / nbdkit.nanosleep.
-            sluice_nbdkit::request_shutdown();
-            sluice_python::request_shutdown();
+            sluice_block::host::request_shutdown();
         };
         server.serve(listeners, stop).await;
         let s = server.clone();

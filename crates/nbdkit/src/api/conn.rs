@@ -6,8 +6,9 @@ use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::time::Duration;
 
 use crate::api::log::report_error;
+use sluice_block::{host, PeerCreds};
+
 use crate::context::{self, lossless_cstring, ConnShared};
-use crate::shutdown;
 
 /// The connection of the call in progress, or an `nbdkit_error` like nbdkit's.
 fn conn() -> Option<&'static ConnShared> {
@@ -53,7 +54,7 @@ pub unsafe extern "C" fn nbdkit_peer_name(
     addrlen: *mut libc::socklen_t,
 ) -> c_int {
     let Some(c) = conn() else { return -1 };
-    let Some(peer) = c.peer_addr() else {
+    let Some(peer) = c.state().peer_addr() else {
         report_error("socket not open".into());
         return -1;
     };
@@ -72,9 +73,9 @@ pub unsafe extern "C" fn nbdkit_peer_name(
     0
 }
 
-fn peer_cred(what: &str, pick: impl Fn(context::PeerCreds) -> i64) -> i64 {
+fn peer_cred(what: &str, pick: impl Fn(PeerCreds) -> i64) -> i64 {
     let Some(c) = conn() else { return -1 };
-    match c.peer() {
+    match c.state().peer_creds() {
         Some(p) => pick(p),
         None => {
             report_error(format!(
@@ -148,7 +149,7 @@ pub extern "C" fn nbdkit_nanosleep(sec: c_uint, nsec: c_uint) -> c_int {
     let frame = context::current();
     // SAFETY: see `conn`.
     let conn = (!frame.conn.is_null()).then(|| unsafe { &*frame.conn });
-    if shutdown::sleep(duration, conn) {
+    if host::sleep(duration, conn.map(ConnShared::state)) {
         0
     } else {
         report_error("aborting sleep to shut down".into());
@@ -160,7 +161,8 @@ pub extern "C" fn nbdkit_nanosleep(sec: c_uint, nsec: c_uint) -> c_int {
 /// `void nbdkit_shutdown (void)`: asks the server to shut down, asynchronously.
 #[no_mangle]
 pub extern "C" fn nbdkit_shutdown() {
-    shutdown::plugin_requested_shutdown();
+    tracing::info!("plugin requested server shutdown");
+    host::plugin_requested_shutdown();
 }
 
 /// `void nbdkit_disconnect (int force)` (nbdkit 1.34): asks the server to drop the current
@@ -173,15 +175,16 @@ pub extern "C" fn nbdkit_disconnect(force: c_int) {
         return;
     }
     // SAFETY: see `conn`.
-    unsafe { &*frame.conn }.request_disconnect(force != 0);
+    unsafe { &*frame.conn }
+        .state()
+        .request_disconnect(force != 0);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{
-        take_last_error, with_conn, ConnInfo, Connection, Frame, PeerCreds, PluginScope, Scope,
-    };
+    use crate::context::{take_last_error, with_conn, Connection, Frame, PluginScope, Scope};
+    use sluice_block::ConnectionInfo;
 
     #[test]
     fn export_name_outside_connection_is_null_with_error() {
@@ -195,14 +198,14 @@ mod tests {
     #[test]
     fn peer_functions_read_connection() {
         let addr = vec![1u8, 0, b'/', b's'];
-        let conn = Connection::new(ConnInfo {
-            peer: Some(PeerCreds {
+        let conn = Connection::new(ConnectionInfo {
+            peer_creds: Some(PeerCreds {
                 pid: 42,
                 uid: 1000,
                 gid: 100,
             }),
             peer_addr: Some(addr.clone()),
-            ..ConnInfo::default()
+            ..ConnectionInfo::default()
         });
         with_conn(&conn, || {
             assert_eq!(nbdkit_peer_pid(), 42);
@@ -225,7 +228,7 @@ mod tests {
     fn peer_pid_without_creds_is_error() {
         let p = PluginScope::new("test".into());
         let _s = Scope::enter(Frame::for_plugin(&p));
-        let conn = Connection::new(ConnInfo::default());
+        let conn = Connection::new(ConnectionInfo::default());
         with_conn(&conn, || {
             assert_eq!(nbdkit_peer_pid(), -1);
             assert!(take_last_error().unwrap().contains("Unix domain socket"));
@@ -234,7 +237,7 @@ mod tests {
 
     #[test]
     fn strndup_intern_limits_length() {
-        let conn = Connection::new(ConnInfo::default());
+        let conn = Connection::new(ConnectionInfo::default());
         with_conn(&conn, || {
             // SAFETY: valid string of 6 bytes.
             let p = unsafe { nbdkit_strndup_intern(c"abcdef".as_ptr(), 3) };
@@ -256,7 +259,7 @@ mod tests {
 
     #[test]
     fn nanosleep_ends_when_connection_closes() {
-        let conn = Connection::new(ConnInfo::default());
+        let conn = Connection::new(ConnectionInfo::default());
         let closer = conn.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
@@ -271,7 +274,7 @@ mod tests {
 
     #[test]
     fn disconnect_is_recorded_on_connection() {
-        let conn = Connection::new(ConnInfo::default());
+        let conn = Connection::new(ConnectionInfo::default());
         assert_eq!(conn.disconnect_requested(), None);
         with_conn(&conn, || nbdkit_disconnect(0));
         assert_eq!(conn.disconnect_requested(), Some(false));
