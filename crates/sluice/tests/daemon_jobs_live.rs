@@ -1,0 +1,498 @@
+//! Long-running `block-stream` jobs over QMP: a throttled stream of a 32 MiB qcow2 chain
+//! (the backing fully allocated by qemu-io, so the stream copies for seconds at a few
+//! MiB/s) paused and resumed, re-throttled with `block-job-set-speed`, cancelled, finalized
+//! by hand, and streamed while an NBD client writes to the top. Event sequences are
+//! qemu-storage-daemon's (see the reference transcript); images are judged with qemu-img
+//! check/info/compare. Timing bounds are generous: the machine may be slow and busy.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::image::{qemu_img, qemu_img_check, qemu_io, Images};
+use support::path_str;
+use support::qmp::{Qmp, QmpDaemon};
+
+const MIB: u64 = 1024 * 1024;
+/// The chain's virtual size.
+const SIZE: u64 = 32 * MIB;
+/// The stream job's step (`sluice_qmp::jobs::stream::CHUNK`).
+const CHUNK: u64 = 512 * 1024;
+
+/// A chain `top.qcow2` (a few ranges of its own) over `base.qcow2` (every MiB written with
+/// its own pattern), both [`SIZE`] bytes.
+fn big_chain() -> Images {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "32M"]);
+    let cmds: Vec<String> = (0..SIZE / MIB)
+        .map(|i| format!("write -P {} {}M 1M", i + 1, i))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io("qcow2", path_str(&base), &cmds);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    qemu_io(
+        "qcow2",
+        path_str(&top),
+        &["write -P 0xee 3M 512k", "write -P 0xdd 20M 64k"],
+    );
+    Images { dir, top }
+}
+
+/// The chain flattened to raw by qemu-img, before anything else touches it.
+fn flattened(imgs: &Images) -> PathBuf {
+    let flat = imgs.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", path_str(&imgs.top), path_str(&flat)]);
+    flat
+}
+
+fn image_info(path: &Path) -> Value {
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", path_str(path)])).unwrap()
+}
+
+/// A daemon with the chain's top opened as node `top` (its backing from the header).
+fn daemon_with_chain(imgs: &Images) -> (QmpDaemon, Qmp) {
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    let r = c.exec(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top",
+               "file": {"driver": "file", "filename": path_str(&imgs.top)}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    (d, c)
+}
+
+fn ok(c: &mut Qmp, cmd: &str, args: Value) {
+    let r = c.exec(cmd, args.clone());
+    assert_eq!(r, json!({"return": {}}), "{cmd} {args}");
+}
+
+/// An event as a short name: `JOB_STATUS_CHANGE:status` or the event's name.
+fn short(v: &Value) -> String {
+    let e = v["event"].as_str().unwrap();
+    match v["data"]["status"].as_str() {
+        Some(s) if e == "JOB_STATUS_CHANGE" => s.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// The names of the events read so far (kept in `c.events`), in order.
+fn seen(c: &Qmp) -> Vec<String> {
+    c.events.iter().map(short).collect()
+}
+
+/// Reads events into `c.events` until one named `name` (short name) has arrived, for up to
+/// 60 s; returns it.
+fn wait_for(c: &mut Qmp, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    if let Some(v) = c.events.iter().find(|v| short(v) == name) {
+        return v.clone();
+    }
+    while Instant::now() < deadline {
+        if let Some(line) = c.try_read_line(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            c.events.push(v.clone());
+            if short(&v) == name {
+                return v;
+            }
+        }
+    }
+    panic!("no {name} within 60 s; saw {:?}", seen(c));
+}
+
+/// The job's only `query-jobs` entry.
+fn query_job(c: &mut Qmp) -> Value {
+    let r = c.exec("query-jobs", json!({}));
+    let jobs = r["return"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(jobs.len(), 1, "{r}");
+    jobs[0].clone()
+}
+
+fn progress(c: &mut Qmp) -> u64 {
+    query_job(c)["current-progress"].as_u64().unwrap()
+}
+
+/// Closes the node, then checks the image: qemu-img check clean, no backing left, and the
+/// same guest-visible content as `expected` (raw).
+fn assert_streamed(c: &mut Qmp, top: &Path, expected: &Path) {
+    ok(c, "blockdev-del", json!({"node-name": "top"}));
+    let (rc, out) = qemu_img_check(top);
+    assert_eq!(rc, 0, "{out}");
+    let info = image_info(top);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    qemu_img(&["compare", "-F", "raw", path_str(top), path_str(expected)]);
+}
+
+fn start_stream(c: &mut Qmp, args: Value) {
+    let r = c.exec("block-stream", args.clone());
+    assert_eq!(r, json!({"return": {}}), "{args}");
+    assert_eq!(seen(c), ["created", "running"]);
+}
+
+#[test]
+fn stream_pause_freezes_progress_and_resume_continues() {
+    let imgs = big_chain();
+    let flat = flattened(&imgs);
+    let (_d, mut c) = daemon_with_chain(&imgs);
+    start_stream(
+        &mut c,
+        json!({"job-id": "j", "device": "top", "speed": 8 * MIB}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&mut c, "job-pause", json!({"id": "j"}));
+    // As in qsd, `paused` comes before the reply.
+    assert_eq!(seen(&c), ["created", "running", "paused"]);
+    let at_pause = query_job(&mut c);
+    assert_eq!(at_pause["status"], "paused", "{at_pause}");
+    assert_eq!(at_pause["total-progress"], SIZE, "{at_pause}");
+    let paused_at = at_pause["current-progress"].as_u64().unwrap();
+    assert!(paused_at < SIZE, "{at_pause}");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(progress(&mut c), paused_at, "progress moved while paused");
+    let bj = c.exec("query-block-jobs", json!({}));
+    let bj = &bj["return"][0];
+    assert_eq!(bj["paused"], true, "{bj}");
+    assert_eq!(bj["busy"], false, "{bj}");
+    assert_eq!(bj["status"], "paused", "{bj}");
+    assert_eq!(bj["offset"], paused_at, "{bj}");
+    let r = c.exec("block-job-pause", json!({"device": "j"}));
+    assert_eq!(
+        Qmp::error(&r),
+        ("GenericError".into(), "Job is already paused".into())
+    );
+
+    ok(&mut c, "job-resume", json!({"id": "j"}));
+    assert_eq!(seen(&c), ["created", "running", "paused", "running"]);
+    let r = c.exec("block-job-resume", json!({"device": "j"}));
+    assert_eq!(
+        Qmp::error(&r),
+        (
+            "GenericError".into(),
+            "Can't resume a job that was not paused".into()
+        )
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while progress(&mut c) == paused_at {
+        assert!(Instant::now() < deadline, "no progress after resume");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let the rest go at full speed.
+    ok(
+        &mut c,
+        "block-job-set-speed",
+        json!({"device": "j", "speed": 0}),
+    );
+    wait_for(&mut c, "null");
+    assert_eq!(
+        seen(&c),
+        [
+            "created",
+            "running",
+            "paused",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    let completed = &c.events[6]["data"];
+    assert_eq!(
+        *completed,
+        json!({"type": "stream", "device": "j", "len": SIZE, "offset": SIZE, "speed": 0})
+    );
+    assert_eq!(c.exec("query-jobs", json!({})), json!({"return": []}));
+    assert_streamed(&mut c, &imgs.top, &flat);
+}
+
+#[test]
+fn stream_speed_limits_progress_and_set_speed_raises_it() {
+    let imgs = big_chain();
+    let flat = flattened(&imgs);
+    let (_d, mut c) = daemon_with_chain(&imgs);
+    let speed = 8 * MIB;
+    let t0 = Instant::now();
+    start_stream(
+        &mut c,
+        json!({"job-id": "j", "device": "top", "speed": speed}),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let off = progress(&mut c);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let bound = 2.0 * speed as f64 * elapsed + CHUNK as f64;
+    assert!(
+        (off as f64) <= bound,
+        "offset {off} after {elapsed:.2} s at {speed} B/s (bound {bound})"
+    );
+    assert!(off > 0, "no progress in {elapsed:.2} s");
+    assert!(
+        off < SIZE,
+        "finished in {elapsed:.2} s despite the speed limit"
+    );
+    let bj = c.exec("query-block-jobs", json!({}));
+    assert_eq!(bj["return"][0]["speed"], speed, "{bj}");
+
+    let r = c.exec("block-job-set-speed", json!({"device": "j", "speed": -1}));
+    assert_eq!(
+        Qmp::error(&r),
+        (
+            "GenericError".into(),
+            "Parameter 'speed' expects a non-negative value".into()
+        )
+    );
+    let fast = 1024 * MIB;
+    ok(
+        &mut c,
+        "block-job-set-speed",
+        json!({"device": "j", "speed": fast}),
+    );
+    let bj = c.exec("query-block-jobs", json!({}));
+    if let Some(j) = bj["return"].as_array().unwrap().first() {
+        assert_eq!(j["speed"], fast, "{bj}");
+    }
+    let t1 = Instant::now();
+    let done = wait_for(&mut c, "BLOCK_JOB_COMPLETED");
+    // The rest (at most 32 MiB) at 1 GiB/s: well under the 3 s it would take at 8 MiB/s.
+    assert!(
+        t1.elapsed() < Duration::from_millis(2500),
+        "took {:?} after raising the speed",
+        t1.elapsed()
+    );
+    assert_eq!(
+        done["data"],
+        json!({"type": "stream", "device": "j", "len": SIZE, "offset": SIZE, "speed": fast})
+    );
+    wait_for(&mut c, "null");
+    assert_eq!(
+        seen(&c),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    assert_streamed(&mut c, &imgs.top, &flat);
+}
+
+#[test]
+fn stream_cancel_keeps_backing_and_content() {
+    let imgs = big_chain();
+    let flat = flattened(&imgs);
+    let base = imgs.path("base.qcow2");
+    let (_d, mut c) = daemon_with_chain(&imgs);
+    let speed = 4 * MIB;
+    start_stream(
+        &mut c,
+        json!({"job-id": "j", "device": "top", "speed": speed}),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let r = c.exec("block-job-cancel", json!({"device": "j"}));
+    assert_eq!(r, json!({"return": {}}));
+    // As in qsd with auto-dismiss: all of it before the reply.
+    assert_eq!(
+        seen(&c),
+        [
+            "created",
+            "running",
+            "aborting",
+            "BLOCK_JOB_CANCELLED",
+            "concluded",
+            "null"
+        ]
+    );
+    let cancelled = &c.events[3]["data"];
+    let mut keys: Vec<&String> = cancelled.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["device", "len", "offset", "speed", "type"],
+        "{cancelled}"
+    );
+    assert_eq!(cancelled["device"], "j");
+    assert_eq!(cancelled["type"], "stream");
+    assert_eq!(cancelled["len"], SIZE);
+    assert_eq!(cancelled["speed"], speed);
+    let off = cancelled["offset"].as_u64().unwrap();
+    assert!(off > 0 && off < SIZE, "{cancelled}");
+    assert_eq!(c.exec("query-jobs", json!({})), json!({"return": []}));
+    // The node still reads through its backing, and a new job may start on it.
+    let nodes = c.exec("query-named-block-nodes", json!({}));
+    let top = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "top")
+        .unwrap()
+        .clone();
+    // The full path, as qsd reports a backing opened from the header's relative name.
+    assert_eq!(top["backing_file"], json!(path_str(&base)), "{top}");
+
+    ok(&mut c, "blockdev-del", json!({"node-name": "top"}));
+    let (rc, out) = qemu_img_check(&imgs.top);
+    assert_eq!(rc, 0, "{out}");
+    let info = image_info(&imgs.top);
+    assert_eq!(info["backing-filename"], json!("base.qcow2"), "{info}");
+    assert_eq!(
+        info["full-backing-filename"],
+        json!(path_str(&base)),
+        "{info}"
+    );
+    qemu_img(&["compare", "-F", "raw", path_str(&imgs.top), path_str(&flat)]);
+}
+
+#[test]
+fn stream_auto_finalize_false_stops_at_pending_and_auto_dismiss_false_at_concluded() {
+    let imgs = big_chain();
+    let flat = flattened(&imgs);
+    let (_d, mut c) = daemon_with_chain(&imgs);
+    start_stream(
+        &mut c,
+        json!({"job-id": "j", "device": "top", "speed": 16 * MIB,
+               "auto-finalize": false, "auto-dismiss": false}),
+    );
+    let r = c.exec("job-finalize", json!({"id": "j"}));
+    assert_eq!(
+        Qmp::error(&r),
+        (
+            "GenericError".into(),
+            "Job 'j' in state 'running' cannot accept command verb 'finalize'".into()
+        )
+    );
+    let pending = wait_for(&mut c, "BLOCK_JOB_PENDING");
+    assert_eq!(pending["data"], json!({"type": "stream", "id": "j"}));
+    assert_eq!(
+        seen(&c),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_PENDING"
+        ]
+    );
+    // Nothing more comes by itself; the graph has not changed yet.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c.try_read_line(Duration::from_millis(200)).is_none());
+    assert_eq!(
+        query_job(&mut c),
+        json!({"id": "j", "type": "stream", "status": "pending",
+               "current-progress": SIZE, "total-progress": SIZE})
+    );
+    let info = image_info(&imgs.top);
+    assert_eq!(info["backing-filename"], json!("base.qcow2"), "{info}");
+
+    ok(&mut c, "job-finalize", json!({"id": "j"}));
+    assert_eq!(
+        seen(&c)[5..],
+        ["BLOCK_JOB_COMPLETED", "concluded"],
+        "{:?}",
+        seen(&c)
+    );
+    assert_eq!(
+        c.events[5]["data"],
+        json!({"type": "stream", "device": "j", "len": SIZE, "offset": SIZE, "speed": 16 * MIB})
+    );
+    // Finalized: the header no longer names a backing, even before dismiss.
+    assert!(image_info(&imgs.top).get("backing-filename").is_none());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c.try_read_line(Duration::from_millis(200)).is_none());
+    assert_eq!(query_job(&mut c)["status"], "concluded");
+    ok(&mut c, "job-dismiss", json!({"id": "j"}));
+    assert_eq!(seen(&c)[7..], ["null"]);
+    assert_eq!(c.exec("query-jobs", json!({})), json!({"return": []}));
+    assert_streamed(&mut c, &imgs.top, &flat);
+}
+
+#[test]
+fn stream_while_nbd_client_writes_keeps_the_client_writes() {
+    let imgs = big_chain();
+    let expected = imgs.path("expected.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path_str(&imgs.top),
+        path_str(&expected),
+    ]);
+    let (d, mut c) = daemon_with_chain(&imgs);
+    let sock = d.path("nbd.sock");
+    ok(
+        &mut c,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": path_str(&sock)}}}),
+    );
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "top", "name": "top", "writable": true}),
+    );
+    let uri = format!("nbd+unix:///top?socket={}", path_str(&sock));
+    start_stream(
+        &mut c,
+        json!({"job-id": "j", "device": "top", "speed": 8 * MIB}),
+    );
+    // Writes in ranges held by the backing (ahead of and behind the stream), straddling
+    // MiB and chunk boundaries, over the top's own data, and unaligned.
+    let batches: [&[&str]; 3] = [
+        &["write -P 0xa1 30M 1M", "write -P 0xa2 1536k 1M"],
+        &[
+            "write -P 0xa3 3M 4k",
+            "write -P 0xa4 12345 777",
+            "write -P 0xa5 25M 3M",
+        ],
+        &["write -P 0xa6 511k 2k", "write -P 0xa7 31M 1M"],
+    ];
+    for cmds in batches {
+        support::qemu_io(&uri, cmds);
+        qemu_io("raw", path_str(&expected), cmds);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let before_end = progress(&mut c);
+    assert!(
+        before_end < SIZE,
+        "the stream ended before the writes were done"
+    );
+    ok(
+        &mut c,
+        "block-job-set-speed",
+        json!({"device": "j", "speed": 0}),
+    );
+    wait_for(&mut c, "null");
+    assert_eq!(
+        seen(&c),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    // The export serves the streamed image, and it reads as expected.
+    support::qemu_io(&uri, &["read -P 0xa1 30M 1M", "read -P 0xa4 12345 777"]);
+    ok(&mut c, "block-export-del", json!({"id": "e0"}));
+    wait_for(&mut c, "BLOCK_EXPORT_DELETED");
+    assert_streamed(&mut c, &imgs.top, &expected);
+}
