@@ -722,7 +722,12 @@ impl Node {
             )));
         }
         if existing {
-            let len = storage.size().map_err(|e| io_error(what, e))?;
+            let mut len = storage.size().map_err(|e| io_error(what, e))?;
+            if host >= len && owner.read_only {
+                // imago remembers the size from open; a read-only node's image may have
+                // grown since through a writer of the daemon's own (see `open_writer`).
+                len = owner.file_state().os.metadata().map_or(len, |m| m.len());
+            }
             if host >= len {
                 return Err(eio(format!(
                     "data cluster at {host:#x} lies past the end of the file ({len} bytes)"
@@ -1358,6 +1363,64 @@ impl Node {
         let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), true)
             .map_err(|e| ImageError::open(&path, e))?;
         q.set_data_file(None);
+        q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
+        *self.view.write() = Arc::new(View {
+            backing,
+            qcow2: Some(Qcow2Info { header }),
+            layer: Arc::new(FormatAccess::new(q)),
+        });
+        Ok(())
+    }
+
+    /// A writable node over this (read-only) node's image, for `block-commit`, which writes
+    /// into a read-only base. It has this node's backing as its backing (so partial-cluster
+    /// writes fill in from the same chain) and takes no image locks: the locks this node
+    /// already holds keep other processes out, and the writer is the daemon's own. While
+    /// the writer lives, this node must not read the ranges written through it; once done,
+    /// flush and drop the writer, then [`Node::reload`] this node.
+    pub fn open_writer(&self) -> std::result::Result<Arc<Node>, ImageError> {
+        let backing = self.backing();
+        let mut opts = BlockdevOptions::image(self.driver_of_image(), &self.filename, false);
+        opts.locking = Locking::Off;
+        if let Some(ChildRef::Options(f)) = &mut opts.file {
+            f.locking = Locking::Off;
+        }
+        opts.backing = match &backing {
+            Some(b) => BackingRef::Child(ChildRef::Node(b.name.clone())),
+            None => BackingRef::None,
+        };
+        let resolve = |n: &str| backing.clone().filter(|b| b.name == n);
+        open_node(&opts, &resolve)
+    }
+
+    /// The format driver of this node's image (a `file` node is a raw image).
+    fn driver_of_image(&self) -> Driver {
+        match self.driver {
+            Driver::Qcow2 => Driver::Qcow2,
+            Driver::Raw | Driver::File => Driver::Raw,
+        }
+    }
+
+    /// Drops what this qcow2 node cached of its image (header, L1/L2 tables), reopening
+    /// imago over the same file with the same backing: after another writer (see
+    /// [`Node::open_writer`]) changed the image. Nothing to do for raw and file nodes.
+    pub fn reload(&self) -> std::result::Result<(), ImageError> {
+        if self.driver != Driver::Qcow2 {
+            return Ok(());
+        }
+        let path = self.filename.clone();
+        let _g = self.io.write();
+        if !self.read_only {
+            self.flush_locked()
+                .map_err(|e| ImageError::open(&path, std::io::Error::other(e.to_string())))?;
+        }
+        let file = self.file.as_ref().expect("format nodes have a file child");
+        let header = read_header(file)?;
+        let fs = self.file_state();
+        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), !self.read_only)
+            .map_err(|e| ImageError::open(&path, e))?;
+        q.set_data_file(None);
+        let backing = self.backing();
         q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
         *self.view.write() = Arc::new(View {
             backing,

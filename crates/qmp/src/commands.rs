@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::daemon::{version, Daemon, MonitorState, State};
 use crate::generated::{
-    BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
+    BlockCommitArgs, BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
     BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
     BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
     BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
@@ -24,7 +24,7 @@ use crate::generated::{
     SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
-use crate::jobs::stream;
+use crate::jobs::{commit, stream};
 use crate::qapi::Input;
 use crate::QmpError;
 
@@ -283,5 +283,9 @@ impl Handlers for Session<'_> {
 
     fn block_stream(&mut self, args: BlockStreamArgs) -> Result<(), QmpError> {
         stream::block_stream(self, args)
+    }
+
+    fn block_commit(&mut self, args: BlockCommitArgs) -> Result<(), QmpError> {
+        commit::block_commit(self, args)
     }
 }

@@ -9,7 +9,8 @@
 //! - [`exports`]: block exports and the NBD server behind them.
 //! - [`daemon`]: the state every monitor shares, command execution, shutdown.
 //! - [`commands`]: the commands; [`monitor`]: one client connection; [`events`]: delivery.
-//! - [`jobs`]: background jobs (the generic job state machine and verbs, block-stream).
+//! - [`jobs`]: background jobs (the generic job state machine and verbs, block-stream,
+//!   intermediate block-commit).
 //! - [`keyval`]: QEMU's `key=value,a.b=c` option syntax for the command line.
 //! - [`abi`]: the schema ABI checker behind `sluice-schema-check`.
 //!

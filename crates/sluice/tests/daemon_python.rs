@@ -96,6 +96,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
     let got: Value = serde_json::from_str(out.trim()).unwrap();
     let generic = |e: &str| json!(["GenericError", e]);
     let commands = json!([
+        "block-commit",
         "block-export-add",
         "block-export-del",
         "block-job-cancel",

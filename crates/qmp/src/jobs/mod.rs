@@ -1,6 +1,6 @@
 //! Background jobs: one generic state machine, one set of verbs, QEMU's events.
 //!
-//! A job is what `block-stream` (and later `block-commit`) starts: long work that must not
+//! A job is what `block-stream` and `block-commit` start: long work that must not
 //! hold the monitor. Every kind shares [`Job`]: the status with QEMU's transition table
 //! ([`transition_allowed`]), the verbs with QEMU's table of which state accepts which
 //! ([`verb_allowed`]) and its refusal `Job 'x' in state 'y' cannot accept command verb 'z'`,
@@ -37,6 +37,7 @@
 //! Lock order: daemon state, then a job's state, then its driver.
 
 pub mod commands;
+pub mod commit;
 pub mod stream;
 
 #[cfg(test)]

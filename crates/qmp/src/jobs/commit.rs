@@ -1,0 +1,301 @@
+//! `block-commit` of an intermediate layer: copy what the layers `top` down to (not
+//! including) `base` hold into `base`, then drop those layers from the chain.
+//!
+//! The command checks its arguments in qemu-storage-daemon's order and with its messages,
+//! resolves the top and the base, and starts a [`Job`] whose [`CommitDriver`] walks the
+//! image in [`CHUNK`]-sized steps: each step finds (by allocation depth, seen from `top`)
+//! the ranges that a layer from `top` down to above `base` holds, reads them through `top`
+//! (the newest of those layers wins) and writes them into `base`, charges the copied bytes
+//! to the rate limit and advances the progress by the step.
+//!
+//! `base` is a read-only backing node; as qsd reopens it read-write for the job, the driver
+//! writes through a writable node over the same image ([`sluice_image::Node::open_writer`]),
+//! which is flushed and closed at the end, after which the base node drops its caches
+//! ([`sluice_image::Node::reload`]). Nothing reads those ranges through `base` meanwhile:
+//! they are all held by a layer above it. At prepare, the layer above `top` (the overlay)
+//! gets `base` as its backing in its header ([`sluice_image::Node::switch_backing`]) and in
+//! the graph, which drops the committed layers that nothing else holds.
+//!
+//! Active commit (`top` is the device itself) needs a mirror-like `ready` phase that sluice
+//! does not have: it is refused. The overlay must be writable (its header is rewritten).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice_block::extents::Extents;
+use sluice_block::Errno;
+use sluice_image::{Driver, Format};
+
+use crate::block::image::{image_node, qmp_error};
+use crate::commands::Session;
+use crate::daemon::State;
+use crate::generated::{BlockCommitArgs, BlockdevOnError, IoOperationType, JobType};
+use crate::jobs::{ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::{ErrorClass, QmpError};
+
+/// Bytes the job looks at per step (QEMU's commit buffer is 512 KiB too).
+pub const CHUNK: u64 = 512 * 1024;
+
+/// The commit job's work.
+#[derive(Debug)]
+pub struct CommitDriver {
+    /// The virtual size of the top node.
+    size: u64,
+    /// The top node (image): the first layer committed.
+    top: Arc<sluice_image::Node>,
+    /// Depth (seen from `top`, 1 = top) of the base: ranges at depth 1..base_depth are copied.
+    base_depth: u32,
+    /// The base (graph name, image node): the commit's target and the new backing.
+    base: (String, Arc<sluice_image::Node>),
+    /// The layer above `top` (graph name, image node): its backing becomes `base`.
+    overlay: (String, Arc<sluice_image::Node>),
+    /// The name to write into the overlay's header (`backing-file`), else the base's path.
+    backing_file: Option<String>,
+    /// The writable node over the base's image while the job writes into it.
+    writer: Option<Arc<sluice_image::Node>>,
+}
+
+impl CommitDriver {
+    /// Copies the ranges of `[offset, offset+n)` held above the base; returns the bytes.
+    fn commit_range(&self, offset: u64, n: u64) -> sluice_block::Result<u64> {
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| sluice_block::BlockError::new(Errno::EROFS, "base not writable"))?;
+        let mut depths = Extents::new(offset, offset + n);
+        self.top.allocation_depth(n, offset, &mut depths)?;
+        let mut copied = 0;
+        let mut buf = Vec::new();
+        for e in depths.as_slice() {
+            if e.kind >= 1 && e.kind < self.base_depth {
+                buf.resize(e.length as usize, 0);
+                self.top.read(&mut buf, e.offset)?;
+                writer.write(&buf, e.offset)?;
+                copied += e.length;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Flushes and closes the writer, then makes the base node forget its stale caches.
+    fn close_writer(&mut self) -> Result<(), String> {
+        let flushed = match self.writer.take() {
+            Some(w) => w.flush().map_err(|e| e.errno.describe()),
+            None => Ok(()),
+        };
+        let reloaded = self.base.1.reload().map_err(|e| qmp_error(e).desc);
+        flushed.and(reloaded)
+    }
+}
+
+impl JobDriver for CommitDriver {
+    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
+        ctx.set_total(self.size);
+        let mut offset = 0;
+        while offset < self.size {
+            let n = CHUNK.min(self.size - offset);
+            match self.commit_range(offset, n) {
+                Ok(copied) => ctx.throttle(copied)?,
+                Err(e) => {
+                    let enospc = e.errno == Errno(libc::ENOSPC);
+                    let op = if enospc || e.errno == Errno(libc::EROFS) {
+                        IoOperationType::Write
+                    } else {
+                        IoOperationType::Read
+                    };
+                    match ctx.io_error(op, enospc)? {
+                        ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
+                        ErrorAction::Retry => continue,
+                        ErrorAction::Ignore => {}
+                    }
+                }
+            }
+            ctx.progress(n);
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Closes the base's writer, then switches the overlay's backing to the base, in its
+    /// header and then in the graph.
+    fn prepare(&mut self, st: &mut State) -> Result<(), String> {
+        self.close_writer()?;
+        let (base_name, base) = &self.base;
+        let (overlay_name, overlay) = &self.overlay;
+        let name = self
+            .backing_file
+            .clone()
+            .unwrap_or_else(|| base.filename().display().to_string());
+        let format = match base.driver() {
+            Driver::Qcow2 => Format::Qcow2,
+            Driver::Raw | Driver::File => Format::Raw,
+        };
+        overlay
+            .switch_backing(Some(base.clone()), Some(&name), Some(format))
+            .map_err(|e| qmp_error(e).desc)?;
+        st.graph
+            .replace_child(overlay_name, "backing", Some(base_name.as_str()));
+        Ok(())
+    }
+
+    /// The base keeps what was written (as in QEMU); its node must see it.
+    fn abort(&mut self, _st: &mut State) {
+        if let Err(e) = self.close_writer() {
+            tracing::warn!("block-commit: closing the base '{}': {e}", self.base.0);
+        }
+    }
+
+    fn clean(&mut self, _st: &mut State) {
+        self.writer = None;
+    }
+}
+
+/// The `block-commit` command.
+pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result<(), QmpError> {
+    if args.base.is_some() && args.base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if args.top.is_some() && args.top_node.is_some() {
+        return Err(QmpError::generic(
+            "'top' and 'top-node' cannot be specified at the same time",
+        ));
+    }
+    let Some(device) = s.state.graph.get(&args.device) else {
+        return Err(QmpError::new(
+            ErrorClass::DeviceNotFound,
+            format!("Device '{}' not found", args.device),
+        ));
+    };
+    // The chain from the device down, by graph name: chain[0] is the device.
+    let mut chain = vec![device];
+    let mut next = s.state.graph.child(device, "backing");
+    while let Some(n) = next {
+        chain.push(n);
+        next = s.state.graph.child(n, "backing");
+    }
+    let matches_file = |n: &crate::block::Node, f: &str| {
+        n.opened.info.filename == f
+            || image_node(&n.opened).is_some_and(|i| i.filename() == Path::new(f))
+    };
+    let top_at = if let Some(t) = &args.top_node {
+        if s.state.graph.get(t).is_none() {
+            return Err(crate::block::not_found("", t));
+        }
+        chain
+            .iter()
+            .position(|n| n.name == *t)
+            .ok_or_else(|| QmpError::generic(format!("'{t}' is not in this backing file chain")))?
+    } else if let Some(t) = &args.top {
+        chain
+            .iter()
+            .skip(1)
+            .position(|n| matches_file(n, t))
+            .map(|i| i + 1)
+            .ok_or_else(|| QmpError::generic(format!("Top image file {t} not found")))?
+    } else {
+        0
+    };
+    let base_at = if let Some(b) = &args.base_node {
+        if s.state.graph.get(b).is_none() {
+            return Err(crate::block::not_found("", b));
+        }
+        chain
+            .iter()
+            .position(|n| n.name == *b)
+            .ok_or_else(|| QmpError::generic(format!("'{b}' is not in this backing file chain")))?
+    } else if let Some(b) = &args.base {
+        chain
+            .iter()
+            .position(|n| matches_file(n, b))
+            .ok_or_else(|| QmpError::generic(format!("Can't find '{b}' in the backing chain")))?
+    } else if chain.len() > 1 {
+        chain.len() - 1
+    } else {
+        0
+    };
+    if base_at == top_at {
+        return Err(QmpError::generic("cannot commit an image into itself"));
+    }
+    if base_at < top_at {
+        return Err(QmpError::generic(format!(
+            "'{}' is not in this backing file chain",
+            chain[base_at].name
+        )));
+    }
+    if top_at == 0 {
+        return Err(QmpError::generic(
+            "active commit is not supported by sluice yet",
+        ));
+    }
+    let mut nodes: Vec<String> = chain[top_at - 1..=base_at]
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
+    nodes.dedup();
+    for n in &nodes {
+        if let Some(j) = s.state.jobs.using_node(n) {
+            return Err(QmpError::generic(format!(
+                "Node '{n}' is busy: block device is in use by block job: {}",
+                j.job_type
+            )));
+        }
+    }
+    let image = |n: &crate::block::Node| {
+        image_node(&n.opened).ok_or_else(|| {
+            QmpError::generic(format!(
+                "block-commit of '{}': node '{}' is not an image node",
+                args.device, n.name
+            ))
+        })
+    };
+    let overlay = chain[top_at - 1];
+    if overlay.read_only {
+        return Err(QmpError::generic(format!(
+            "block-commit: node '{}' above the top is read-only (sluice rewrites its backing \
+             file only in writable nodes)",
+            overlay.name
+        )));
+    }
+    let top = chain[top_at];
+    let base = chain[base_at];
+    let top_image = image(top)?;
+    let base_image = image(base)?;
+    let size = top.size()?;
+    if base.size()? < size {
+        return Err(QmpError::generic(format!(
+            "block-commit: base '{}' is smaller than top '{}' (growing the base is not \
+             supported by sluice yet)",
+            base.name, top.name
+        )));
+    }
+    let writer = base_image.open_writer().map_err(|e| {
+        let e = qmp_error(e);
+        QmpError::generic(format!(
+            "Could not reopen '{}' read-write: {}",
+            base.name, e.desc
+        ))
+    })?;
+    let driver = CommitDriver {
+        size,
+        top: top_image,
+        base_depth: (base_at - top_at + 1) as u32,
+        base: (base.name.clone(), base_image),
+        overlay: (overlay.name.clone(), image(overlay)?),
+        backing_file: args.backing_file.clone(),
+        writer: Some(writer),
+    };
+    let params = JobParams {
+        // QEMU's default is the device's name, and qsd's nodes have none: '' (refused).
+        id: args.job_id.unwrap_or_default(),
+        job_type: JobType::Commit,
+        auto_finalize: args.auto_finalize.unwrap_or(true),
+        auto_dismiss: args.auto_dismiss.unwrap_or(true),
+        speed: args.speed.unwrap_or(0),
+        on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
+        nodes,
+    };
+    Job::start(s.daemon, s.state, params, Box::new(driver))?;
+    Ok(())
+}
