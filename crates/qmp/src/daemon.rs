@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_proto::qmp::{ErrorClass, Request};
@@ -363,7 +363,7 @@ impl Daemon {
                 "Export '{id}' is already shutting down"
             )));
         }
-        if e.in_use() && mode == BlockExportRemoveMode::Safe {
+        if mode == BlockExportRemoveMode::Safe && !wait_until_idle(e) {
             return Err(QmpError::generic(format!("export '{id}' still in use")));
         }
         self.table.remove(&e.name);
@@ -570,4 +570,21 @@ impl MonitorListener {
             MonitorListener::Tcp(l) => MonitorStream::Tcp(l.accept().await?.0),
         })
     }
+}
+
+/// How long a safe `block-export-del` lets connections that are already ending finish.
+const EXPORT_IDLE_GRACE: Duration = Duration::from_millis(200);
+
+/// True once no client uses the export. A client that has hung up is not "in use", but its
+/// connection thread may need a moment to notice and let go (`nbdinfo ...; block-export-del`
+/// in a script would otherwise race it), so this waits briefly before answering no.
+fn wait_until_idle(e: &crate::exports::Export) -> bool {
+    let deadline = Instant::now() + EXPORT_IDLE_GRACE;
+    while e.in_use() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
