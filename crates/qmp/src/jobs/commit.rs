@@ -3,7 +3,7 @@
 //!
 //! The command checks its arguments in qemu-storage-daemon's order and with its messages,
 //! resolves the top and the base, and starts a [`Job`] whose [`CommitDriver`] walks the
-//! image in [`CHUNK`]-sized steps: each step finds (by allocation depth, seen from `top`)
+//! image in [`COPY_CHUNK`](crate::jobs::COPY_CHUNK)-sized steps: each step finds (by allocation depth, seen from `top`)
 //! the ranges that a layer from `top` down to above `base` holds, reads them through `top`
 //! (the newest of those layers wins) and writes them into `base`, charges the copied bytes
 //! to the rate limit and advances the progress by the step.
@@ -29,12 +29,9 @@ use sluice_image::{Driver, Format};
 use crate::block::image::{image_node, qmp_error};
 use crate::commands::Session;
 use crate::daemon::State;
-use crate::generated::{BlockCommitArgs, BlockdevOnError, IoOperationType, JobType};
-use crate::jobs::{ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
+use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::{ErrorClass, QmpError};
-
-/// Bytes the job looks at per step (QEMU's commit buffer is 512 KiB too).
-pub const CHUNK: u64 = 512 * 1024;
 
 /// The commit job's work.
 #[derive(Debug)]
@@ -90,30 +87,8 @@ impl CommitDriver {
 
 impl JobDriver for CommitDriver {
     fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
-        ctx.set_total(self.size);
-        let mut offset = 0;
-        while offset < self.size {
-            let n = CHUNK.min(self.size - offset);
-            match self.commit_range(offset, n) {
-                Ok(copied) => ctx.throttle(copied)?,
-                Err(e) => {
-                    let enospc = e.errno == Errno(libc::ENOSPC);
-                    let op = if enospc || e.errno == Errno(libc::EROFS) {
-                        IoOperationType::Write
-                    } else {
-                        IoOperationType::Read
-                    };
-                    match ctx.io_error(op, enospc)? {
-                        ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
-                        ErrorAction::Retry => continue,
-                        ErrorAction::Ignore => {}
-                    }
-                }
-            }
-            ctx.progress(n);
-            offset += n;
-        }
-        Ok(())
+        let size = self.size;
+        ctx.copy_in_chunks(size, |offset, n| self.commit_range(offset, n))
     }
 
     /// Closes the base's writer, then switches the overlay's backing to the base, in its

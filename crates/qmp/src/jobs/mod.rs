@@ -89,6 +89,10 @@ pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
     }
 }
 
+/// The step of copying jobs ([`JobCtx::copy_in_chunks`]): progress and pause/cancel points
+/// come at least this often (QEMU's stream and commit buffers are 512 KiB too).
+pub const COPY_CHUNK: u64 = 512 * 1024;
+
 /// Why a job's work stopped early.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkError {
@@ -718,6 +722,41 @@ impl JobCtx<'_> {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// The loop of a copying job (stream, commit): walks `[0, size)` in [`COPY_CHUNK`] steps,
+    /// calling `copy(offset, len)` (which returns the bytes it really copied, what the rate
+    /// limit charges), reporting progress, and applying the on-error policy to failures: a
+    /// write-side errno (ENOSPC, EROFS) is a write error, anything else a read error.
+    pub fn copy_in_chunks(
+        &mut self,
+        size: u64,
+        mut copy: impl FnMut(u64, u64) -> sluice_block::Result<u64>,
+    ) -> Result<(), WorkError> {
+        self.set_total(size);
+        let mut offset = 0;
+        while offset < size {
+            let n = COPY_CHUNK.min(size - offset);
+            match copy(offset, n) {
+                Ok(copied) => self.throttle(copied)?,
+                Err(e) => {
+                    let enospc = e.errno.0 == libc::ENOSPC;
+                    let op = if enospc || e.errno.0 == libc::EROFS {
+                        IoOperationType::Write
+                    } else {
+                        IoOperationType::Read
+                    };
+                    match self.io_error(op, enospc)? {
+                        ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
+                        ErrorAction::Retry => continue,
+                        ErrorAction::Ignore => {}
+                    }
+                }
+            }
+            self.progress(n);
+            offset += n;
+        }
+        Ok(())
     }
 
     /// Applies the on-error policy to a failed operation: emits BLOCK_JOB_ERROR and, for

@@ -5,7 +5,7 @@
 //! (`'base' and 'base-node' cannot be specified at the same time`, `Cannot find device=...`,
 //! `Node 'x' is busy: block device is in use by block job: stream`, ...), resolves the top
 //! node and the base, and starts a [`Job`] whose [`StreamDriver`] walks the image in
-//! [`CHUNK`]-sized steps: each step copies the ranges of the step that the top does not
+//! [`COPY_CHUNK`](crate::jobs::COPY_CHUNK)-sized steps: each step copies the ranges of the step that the top does not
 //! hold but a layer above the base does, charges the copied bytes to the rate limit, and
 //! advances the progress by the step (so `offset` ends at `len`, as in QEMU).
 //!
@@ -22,19 +22,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice_block::Errno;
 use sluice_image::{Driver, Format};
 
 use crate::block::image::{image_node, qmp_error};
 use crate::block::not_found;
 use crate::commands::Session;
 use crate::daemon::State;
-use crate::generated::{BlockStreamArgs, BlockdevOnError, IoOperationType, JobType};
-use crate::jobs::{ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
+use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::QmpError;
-
-/// Bytes the job looks at per step (QEMU's stream uses 512 KiB too).
-pub const CHUNK: u64 = 512 * 1024;
 
 /// The stream job's work.
 #[derive(Debug)]
@@ -55,35 +51,12 @@ impl JobDriver for StreamDriver {
     }
 
     fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
-        ctx.set_total(self.size);
         let base = self.base.as_ref().map(|(_, n)| &**n);
-        let mut offset = 0;
-        while offset < self.size {
-            let n = CHUNK.min(self.size - offset);
-            let copied = match &self.top {
-                None => Ok(0),
-                Some((_, top)) => top.stream_range(offset, n, base),
-            };
-            match copied {
-                Ok(copied) => ctx.throttle(copied)?,
-                Err(e) => {
-                    let enospc = e.errno == Errno(libc::ENOSPC);
-                    let op = if enospc || e.errno == Errno(libc::EROFS) {
-                        IoOperationType::Write
-                    } else {
-                        IoOperationType::Read
-                    };
-                    match ctx.io_error(op, enospc)? {
-                        ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
-                        ErrorAction::Retry => continue,
-                        ErrorAction::Ignore => {}
-                    }
-                }
-            }
-            ctx.progress(n);
-            offset += n;
-        }
-        Ok(())
+        let top = self.top.as_ref().map(|(_, n)| n);
+        ctx.copy_in_chunks(self.size, |offset, n| match top {
+            None => Ok(0),
+            Some(top) => top.stream_range(offset, n, base),
+        })
     }
 
     /// The backing switch, in the top's header and then in the graph.
