@@ -50,20 +50,22 @@ pub struct NodeHandle {
 }
 
 impl Handle for NodeHandle {
+    // After an active commit, the node serving the export is the base it was pivoted to.
     fn get_size(&self) -> Result<u64> {
-        Ok(self.node.size())
+        Ok(self.node.active().size())
     }
     fn export_description(&self) -> Result<Option<String>> {
+        let node = self.node.active();
         Ok(Some(format!(
             "{} {}",
-            self.node.driver().as_str(),
-            self.node.filename().display()
+            node.driver().as_str(),
+            node.filename().display()
         )))
     }
     fn block_size(&self) -> Result<Option<BlockSize>> {
         Ok(Some(BlockSize {
             minimum: 1,
-            preferred: self.node.cluster_size().clamp(4096, 2 << 20) as u32,
+            preferred: self.node.active().cluster_size().clamp(4096, 2 << 20) as u32,
             maximum: u32::MAX,
         }))
     }

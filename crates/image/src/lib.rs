@@ -44,6 +44,7 @@
 //! [`cli`] for the backing policy).
 
 pub mod cli;
+pub mod dirty;
 pub mod error;
 pub mod handle;
 pub mod header;
@@ -53,6 +54,7 @@ pub mod options;
 pub mod storage;
 
 pub use cli::{open_image_node, open_image_plugin};
+pub use dirty::DirtyMap;
 pub use error::ImageError;
 pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};

@@ -64,6 +64,7 @@ use parking_lot::{Mutex, RwLock};
 use sluice_block::extents::{Extents, EXTENT_HOLE, EXTENT_ZERO};
 use sluice_block::{BlockError, Errno, Result};
 
+use crate::dirty::DirtyMap;
 use crate::error::{io_error, ImageError};
 use crate::header::{self, Format, HeaderError, Qcow2Header};
 use crate::lock::{ImageLock, Locking, Perms};
@@ -141,7 +142,32 @@ pub struct Node {
     prealloc_guess: std::sync::OnceLock<bool>,
     /// Shared by every request, exclusive for discards (see the module doc).
     io: RwLock<()>,
+    /// Write tracking and the pivot of an active commit (see [`Node::track_writes`]).
+    tracking: RwLock<Tracking>,
     weak_self: Weak<Node>,
+}
+
+/// What an active commit installs on its node: every public I/O method holds this shared
+/// for its whole run (marking what it changed before it lets go), and [`Node::pivot`] holds
+/// it exclusively, so the pivot sees every completed write and no request straddles it.
+#[derive(Debug, Default)]
+struct Tracking {
+    /// Ranges written since tracking began.
+    dirty: Option<Arc<DirtyMap>>,
+    /// Set by the pivot: this node's requests go to that node from now on.
+    redirect: Option<Arc<Node>>,
+}
+
+/// The shared hold of a node's [`Tracking`] during one request.
+struct Gate<'a>(parking_lot::RwLockReadGuard<'a, Tracking>);
+
+impl Gate<'_> {
+    /// Records that `[offset, offset+len)` changed (if someone is tracking).
+    fn mark(&self, offset: u64, len: u64) {
+        if let Some(d) = &self.0.dirty {
+            d.mark(offset, len);
+        }
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -268,6 +294,7 @@ fn open_file_node(
         probed_raw: false,
         prealloc_guess: std::sync::OnceLock::new(),
         io: RwLock::new(()),
+        tracking: RwLock::new(Tracking::default()),
         weak_self: weak_self.clone(),
     }))
 }
@@ -315,6 +342,7 @@ fn open_raw_node(
         probed_raw: probed,
         prealloc_guess: std::sync::OnceLock::new(),
         io: RwLock::new(()),
+        tracking: RwLock::new(Tracking::default()),
         weak_self: weak_self.clone(),
     }))
 }
@@ -476,6 +504,7 @@ fn open_qcow2_node(
         probed_raw: false,
         prealloc_guess: std::sync::OnceLock::new(),
         io: RwLock::new(()),
+        tracking: RwLock::new(Tracking::default()),
         weak_self: weak_self.clone(),
     }))
 }
@@ -705,7 +734,16 @@ impl Node {
     }
 
     /// A qcow2 data cluster must begin inside the file and never in the header cluster.
-    fn check_host(&self, storage: &Storage, host: u64, existing: bool, what: &str) -> Result<()> {
+    /// `len`: the bytes used from `host` on (a run of clusters): every cluster of the run
+    /// is checked, so a run that starts inside the file and runs past its end fails too.
+    fn check_host(
+        &self,
+        storage: &Storage,
+        host: u64,
+        len: u64,
+        existing: bool,
+        what: &str,
+    ) -> Result<()> {
         let owner = self.owner_of(storage);
         if owner.driver != Driver::Qcow2 {
             return Ok(());
@@ -722,23 +760,53 @@ impl Node {
             )));
         }
         if existing {
-            let mut len = storage.size().map_err(|e| io_error(what, e))?;
-            if host >= len && owner.read_only {
+            let cs = owner.cluster_size();
+            let last = (host + len.max(1) - 1) / cs * cs;
+            let mut size = storage.size().map_err(|e| io_error(what, e))?;
+            if last >= size && owner.read_only {
                 // imago remembers the size from open; a read-only node's image may have
-                // grown since through a writer of the daemon's own (see `open_writer`).
-                len = owner.file_state().os.metadata().map_or(len, |m| m.len());
+                // grown since (a writer of the daemon's own, see `open_writer`, or the file
+                // was restored).
+                size = owner.file_state().os.metadata().map_or(size, |m| m.len());
             }
-            if host >= len {
+            if last >= size {
                 return Err(eio(format!(
-                    "data cluster at {host:#x} lies past the end of the file ({len} bytes)"
+                    "data cluster at {last:#x} lies past the end of the file ({size} bytes)"
                 )));
             }
         }
         Ok(())
     }
 
+    /// Holds this node's [`Tracking`] shared for one request; Err(node) if the node was
+    /// pivoted away (an active commit completed): the request goes to that node.
+    fn gate(&self) -> std::result::Result<Gate<'_>, Arc<Node>> {
+        let t = self.tracking.read();
+        match &t.redirect {
+            Some(n) => Err(n.clone()),
+            None => Ok(Gate(t)),
+        }
+    }
+
+    /// The node that serves this node's requests now: itself, or the one an active commit
+    /// pivoted it to.
+    pub fn active(&self) -> Arc<Node> {
+        match &self.tracking.read_recursive().redirect {
+            Some(n) => n.active(),
+            None => self.arc(),
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` through the chain.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let _t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.read(buf, offset),
+        };
+        self.read_ungated(buf, offset)
+    }
+
+    fn read_ungated(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _g = self.io.read();
         self.read_locked(buf, offset)
     }
@@ -760,7 +828,7 @@ impl Node {
                 Mapping::Raw {
                     storage, offset, ..
                 } => {
-                    self.check_host(storage, offset, true, "read")?;
+                    self.check_host(storage, offset, len as u64, true, "read")?;
                     storage
                         .readv(IoVectorMut::from(chunk), offset)
                         .map_err(|e| io_error(format_args!("read at {at}"), e))?;
@@ -788,6 +856,16 @@ impl Node {
     /// Writes `buf` at `offset`, allocating (with copy-on-write from the backing for partial
     /// clusters) as needed.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.write(buf, offset),
+        };
+        let r = self.write_ungated(buf, offset);
+        t.mark(offset, buf.len() as u64);
+        r
+    }
+
+    fn write_ungated(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable("write")?;
         if self.probed_raw && offset < 8 {
             self.check_block0(buf, offset)?;
@@ -810,7 +888,7 @@ impl Node {
             let storage = mapping.storage();
             let host = mapping.offset();
             let len = (mapping.length() as usize).min(rest.len());
-            self.check_host(storage, host, mapping.is_nonblocking(), "write")?;
+            self.check_host(storage, host, len as u64, mapping.is_nonblocking(), "write")?;
             storage
                 .writev(IoVector::from(&rest[..len]), host)
                 .map_err(|e| io_error(format_args!("write at {at}"), e))?;
@@ -825,7 +903,7 @@ impl Node {
     /// qemu's protection of probed raw images: block 0 must not start to look like qcow2.
     fn check_block0(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut first = [0u8; 8];
-        self.read(&mut first, 0)?;
+        self.read_ungated(&mut first, 0)?;
         let start = offset as usize;
         let n = buf.len().min(8 - start);
         first[start..start + n].copy_from_slice(&buf[..n]);
@@ -845,6 +923,16 @@ impl Node {
     /// Makes `[offset, offset+count)` read as zeroes. `may_unmap`: clusters may be
     /// deallocated (NBD without NO_HOLE); `fast`: fail with ENOTSUP rather than write data.
     pub fn zero(&self, count: u64, offset: u64, may_unmap: bool, fast: bool) -> Result<()> {
+        let t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.zero(count, offset, may_unmap, fast),
+        };
+        let r = self.zero_ungated(count, offset, may_unmap, fast);
+        t.mark(offset, count);
+        r
+    }
+
+    fn zero_ungated(&self, count: u64, offset: u64, may_unmap: bool, fast: bool) -> Result<()> {
         self.check_writable("zero")?;
         let ctx = || format!("zero at {offset} (+{count})");
         match self.driver {
@@ -964,7 +1052,7 @@ impl Node {
         let mut at = from;
         while at < to {
             let n = (to - at).min(ZEROES.len() as u64) as usize;
-            self.write(&ZEROES[..n], at)?;
+            self.write_ungated(&ZEROES[..n], at)?;
             at += n as u64;
         }
         Ok(())
@@ -974,6 +1062,16 @@ impl Node {
     /// whole clusters, which then read as zeroes (v3) or are left alone (v2); unallocated
     /// clusters of an image without backing stay unallocated. Raw files get a hole punched.
     pub fn trim(&self, count: u64, offset: u64) -> Result<()> {
+        let t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.trim(count, offset),
+        };
+        let r = self.trim_ungated(count, offset);
+        t.mark(offset, count);
+        r
+    }
+
+    fn trim_ungated(&self, count: u64, offset: u64) -> Result<()> {
         self.check_writable("trim")?;
         let ctx = || format!("trim at {offset} (+{count})");
         match self.driver {
@@ -1036,6 +1134,10 @@ impl Node {
 
     /// Writes back imago's metadata caches and syncs the image file.
     pub fn flush(&self) -> Result<()> {
+        let _t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.flush(),
+        };
         let _g = self.io.read();
         self.flush_locked()
     }
@@ -1193,6 +1295,10 @@ impl Node {
         one: bool,
         out: &mut Extents,
     ) -> Result<()> {
+        let _t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.block_status(count, offset, one, out),
+        };
         let _g = self.io.read();
         self.block_status_locked(count, offset, one, out)
     }
@@ -1239,6 +1345,10 @@ impl Node {
     /// `qemu:allocation-depth` of `[offset, offset+count)`: each extent's kind is the layer
     /// that holds it (1 = this node, 2 = its backing, ...; 0 = unallocated).
     pub fn allocation_depth(&self, count: u64, offset: u64, out: &mut Extents) -> Result<()> {
+        let _t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.allocation_depth(count, offset, out),
+        };
         let _g = self.io.read();
         let end = offset + count;
         let mut at = offset;
@@ -1372,6 +1482,39 @@ impl Node {
         Ok(())
     }
 
+    /// Starts (Some) or stops (None) recording in `map` the ranges that writes, zeroes and
+    /// trims of this node change (see [`crate::dirty`]). Waits for the requests in flight,
+    /// so every request that completes after this returns is recorded.
+    pub fn track_writes(&self, map: Option<Arc<DirtyMap>>) {
+        self.tracking.write().dirty = map;
+    }
+
+    /// The end of an active commit: with every request of this node held off, copies what
+    /// `dirty` still marks from this node into `target`, flushes `target`, and from then on
+    /// sends every request of this node to `target` (which holds the same data, and whose
+    /// backing must be what remains of this node's chain below it). Returns the bytes
+    /// copied. On error nothing is redirected and this node is unchanged.
+    pub fn pivot(&self, dirty: &DirtyMap, target: Arc<Node>) -> Result<u64> {
+        let mut t = self.tracking.write();
+        let mut copied = 0;
+        let mut buf = Vec::new();
+        while let Some((offset, len)) = dirty.take(0, 4 << 20) {
+            buf.resize(len as usize, 0);
+            let r = self
+                .read_ungated(&mut buf, offset)
+                .and_then(|()| target.write(&buf, offset));
+            if let Err(e) = r {
+                dirty.mark(offset, len);
+                return Err(e);
+            }
+            copied += len;
+        }
+        target.flush()?;
+        t.dirty = None;
+        t.redirect = Some(target);
+        Ok(copied)
+    }
+
     /// A writable node over this (read-only) node's image, for `block-commit`, which writes
     /// into a read-only base. It has this node's backing as its backing (so partial-cluster
     /// writes fill in from the same chain) and takes no image locks: the locks this node
@@ -1401,9 +1544,11 @@ impl Node {
         }
     }
 
-    /// Drops what this qcow2 node cached of its image (header, L1/L2 tables), reopening
-    /// imago over the same file with the same backing: after another writer (see
-    /// [`Node::open_writer`]) changed the image. Nothing to do for raw and file nodes.
+    /// Drops what this qcow2 node cached of its image (header, L1/L2 tables, refcounts)
+    /// after another writer (see [`Node::open_writer`]) changed the image: imago reloads
+    /// them from the file on the next access. The imago instance itself stays, because the
+    /// nodes above this one read through it as their backing (and find this node by it).
+    /// Nothing to do for raw and file nodes.
     pub fn reload(&self) -> std::result::Result<(), ImageError> {
         if self.driver != Driver::Qcow2 {
             return Ok(());
@@ -1416,22 +1561,25 @@ impl Node {
         }
         let file = self.file.as_ref().expect("format nodes have a file child");
         let header = read_header(file)?;
-        let fs = self.file_state();
-        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), !self.read_only)
-            .map_err(|e| ImageError::open(&path, e))?;
-        q.set_data_file(None);
-        let backing = self.backing();
-        q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
+        let old = self.view();
+        // SAFETY: the exclusive `io` lock keeps this node's requests out, what this node had
+        // to write back was flushed above (a read-only node has nothing), and the other
+        // writer flushed before this is called, so the file is consistent.
+        unsafe { old.layer.invalidate_cache() }.map_err(|e| ImageError::open(&path, e))?;
         *self.view.write() = Arc::new(View {
-            backing,
+            backing: old.backing.clone(),
             qcow2: Some(Qcow2Info { header }),
-            layer: Arc::new(FormatAccess::new(q)),
+            layer: old.layer.clone(),
         });
         Ok(())
     }
 
     /// NBD_CMD_CACHE: asks the kernel to read ahead the file ranges that hold the data.
     pub fn cache(&self, count: u64, offset: u64) -> Result<()> {
+        let _t = match self.gate() {
+            Ok(t) => t,
+            Err(n) => return n.cache(count, offset),
+        };
         let _g = self.io.read();
         let end = offset + count;
         let mut at = offset;
@@ -1940,5 +2088,65 @@ mod tests {
         let got = read(&node, 2000, 0);
         assert!(got[1100..1200].iter().all(|&x| x == 0x55));
         assert!(got[1000..1100].iter().all(|&x| x == 0x11));
+    }
+
+    /// Active commit at the node level: writes during tracking are marked (also those
+    /// between the copy and the pivot), the pivot copies what is left and redirects.
+    #[test]
+    fn track_writes_then_pivot_moves_every_write_to_the_target() {
+        let (dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let a = top.backing().unwrap().backing().unwrap();
+        let size = top.size();
+        let dirty = Arc::new(DirtyMap::new(size, 65536));
+        top.track_writes(Some(dirty.clone()));
+        // What an active commit copies first: everything above a.
+        let mut depth = Extents::new(0, size);
+        top.allocation_depth(size, 0, &mut depth).unwrap();
+        for e in depth.as_slice() {
+            if e.kind == 1 || e.kind == 2 {
+                dirty.mark(e.offset, e.length);
+            }
+        }
+        let writer = a.open_writer().unwrap();
+        while let Some((o, l)) = dirty.take(0, 1 << 20) {
+            let mut buf = vec![0; l as usize];
+            top.read(&mut buf, o).unwrap();
+            writer.write(&buf, o).unwrap();
+        }
+        assert!(dirty.is_clean());
+        // Client I/O after the copy: marked, so the pivot copies it.
+        top.write(&[0x44; 3000], 500_000).unwrap();
+        top.zero(65536, 0, true, false).unwrap();
+        assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+        let before = read(&top, 1 << 20, 0);
+        let copied = top.pivot(&dirty, writer.clone()).unwrap();
+        assert_eq!(copied, 2 * 65536);
+        assert!(Arc::ptr_eq(&top.active(), &writer));
+        assert_eq!(read(&top, 1 << 20, 0), before);
+        // From now on the top's requests land in a.
+        top.write(&[0x66; 100], 900_000).unwrap();
+        top.flush().unwrap();
+        let mut want = before;
+        want[900_000..900_100].fill(0x66);
+        drop((top, writer, a));
+        run(
+            "qemu-img",
+            &["check", "-q", dir.path().join("a.qcow2").to_str().unwrap()],
+        );
+        let flat = dir.path().join("flat.raw");
+        std::fs::write(&flat, &want).unwrap();
+        let a = dir.path().join("a.qcow2");
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-F",
+                "raw",
+                a.to_str().unwrap(),
+                flat.to_str().unwrap(),
+            ],
+        );
     }
 }
