@@ -41,7 +41,12 @@ impl Errno {
 
     /// The system's text for this errno ("Input/output error").
     pub fn describe(self) -> String {
-        std::io::Error::from_raw_os_error(self.0).to_string()
+        let text = std::io::Error::from_raw_os_error(self.0).to_string();
+        // std appends " (os error N)"; QEMU's messages are strerror's text alone.
+        match text.rfind(" (os error ") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        }
     }
 }
 
@@ -89,6 +94,12 @@ pub type Result<T, E = BlockError> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_is_strerror_text_without_the_os_error_suffix() {
+        assert_eq!(Errno::EIO.describe(), "Input/output error");
+        assert_eq!(Errno(libc::ENOSPC).describe(), "No space left on device");
+    }
 
     #[test]
     fn errno_enotsup_maps_to_einval_unless_fast_zero() {
