@@ -128,7 +128,14 @@ impl Handlers for Session<'_> {
     }
 
     fn blockdev_del(&mut self, args: BlockdevDelArgs) -> Result<(), QmpError> {
-        self.state.graph.del(&args.node_name)
+        let name = &args.node_name;
+        if let (Some(_), Some(j)) = (self.state.graph.get(name), self.state.jobs.using_node(name)) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: block device is in use by block job: {}",
+                j.job_type
+            )));
+        }
+        self.state.graph.del(name)
     }
 
     fn query_named_block_nodes(

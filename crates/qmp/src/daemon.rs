@@ -13,7 +13,8 @@
 //! # Shutdown
 //!
 //! `quit`, SIGINT or SIGTERM call [`Daemon::shutdown`]: exports are removed
-//! (BLOCK_EXPORT_DELETED each), the NBD server stops, SHUTDOWN is emitted, and the shutdown
+//! (BLOCK_EXPORT_DELETED each), the NBD server stops, running jobs are cancelled (as qsd
+//! does; an image stream left half done is still a valid chain), SHUTDOWN is emitted, and the shutdown
 //! watch fires. Monitors then write what they have (the `quit` reply included) and close;
 //! [`Daemon::finish`] waits for them and for NBD connections, with a time limit.
 
@@ -447,6 +448,12 @@ impl Daemon {
             st.retired.push(nbd.server.clone());
         }
         self.close_all_exports(st);
+        // As qsd: running jobs are cancelled (their events come before the reply).
+        let jobs: Vec<_> = st.jobs.iter().cloned().collect();
+        for job in jobs {
+            // Jobs already over refuse the verb; nothing to do for them.
+            let _ = job.cancel(st, true);
+        }
         self.emit(&ShutdownEvent {
             guest: false,
             reason: cause,
@@ -546,6 +553,9 @@ impl Daemon {
                 return false;
             }
         }
+        // As qsd at exit: what clients wrote without a flush reaches the images.
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.lock().graph.flush_all()).await;
         true
     }
 }

@@ -1,6 +1,6 @@
 //! `block-commit` over QMP: an intermediate commit of a three-layer qcow2 chain (mid into
 //! base, with unaligned data in every layer), checked with qsd's event order and then with
-//! qemu-img info/check/compare; and the refusals (active commit, unknown device, arguments
+//! qemu-img info/check/compare; and the refusals (bad job id, unknown or non-root device, arguments
 //! that conflict or name nodes outside the chain).
 
 mod support;
@@ -263,31 +263,25 @@ fn commit_refusals() {
             ("DeviceNotFound", "Device 'nope' not found"),
         ),
         (
-            json!({"job-id": "c0", "device": "top"}),
-            (
-                "GenericError",
-                "active commit is not supported by sluice yet",
-            ),
+            json!({"job-id": "1c", "device": "top"}),
+            ("GenericError", "Invalid job ID '1c'"),
         ),
         (
-            json!({"job-id": "c0", "device": "top", "top-node": "top", "base-node": "base"}),
-            (
-                "GenericError",
-                "active commit is not supported by sluice yet",
-            ),
+            json!({"job-id": "c0", "device": "top", "top-node": "top", "base-node": "top"}),
+            ("GenericError", "cannot commit an image into itself"),
         ),
         (
             json!({"job-id": "c0", "device": "top", "base": "x", "base-node": "base"}),
             (
                 "GenericError",
-                "'base' and 'base-node' cannot be specified at the same time",
+                "'base-node' and 'base' are mutually exclusive",
             ),
         ),
         (
             json!({"job-id": "c0", "device": "top", "top": "x", "top-node": "mid"}),
             (
                 "GenericError",
-                "'top' and 'top-node' cannot be specified at the same time",
+                "'top-node' and 'top' are mutually exclusive",
             ),
         ),
         (
@@ -296,7 +290,7 @@ fn commit_refusals() {
         ),
         (
             json!({"job-id": "c0", "device": "mid", "top-node": "top", "base-node": "base"}),
-            ("GenericError", "'top' is not in this backing file chain"),
+            ("GenericError", "Need a root block node"),
         ),
         (
             json!({"job-id": "c0", "device": "top", "top-node": "base", "base-node": "mid"}),

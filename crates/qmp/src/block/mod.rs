@@ -527,6 +527,18 @@ impl Graph {
         self.get(c)
     }
 
+    /// Writes back what the writable image nodes cache (at daemon exit). Errors are logged:
+    /// there is no one left to report them to.
+    pub fn flush_all(&self) {
+        for n in self.nodes.iter().filter(|n| !n.read_only) {
+            if let Some(img) = image::image_node(&n.opened) {
+                if let Err(e) = img.flush() {
+                    tracing::error!("flushing node '{}' at exit: {e}", n.name);
+                }
+            }
+        }
+    }
+
     /// `blockdev-del`, with qemu-storage-daemon's checks in its order.
     pub fn del(&mut self, name: &str) -> Result<(), QmpError> {
         let Some(node) = self.get(name) else {

@@ -30,6 +30,7 @@ use crate::block::image::{image_node, qmp_error};
 use crate::commands::Session;
 use crate::daemon::State;
 use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
+use crate::jobs::active_commit::ActiveCommitDriver;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::{ErrorClass, QmpError};
 
@@ -129,12 +130,12 @@ impl JobDriver for CommitDriver {
 pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result<(), QmpError> {
     if args.base.is_some() && args.base_node.is_some() {
         return Err(QmpError::generic(
-            "'base' and 'base-node' cannot be specified at the same time",
+            "'base-node' and 'base' are mutually exclusive",
         ));
     }
     if args.top.is_some() && args.top_node.is_some() {
         return Err(QmpError::generic(
-            "'top' and 'top-node' cannot be specified at the same time",
+            "'top-node' and 'top' are mutually exclusive",
         ));
     }
     let Some(device) = s.state.graph.get(&args.device) else {
@@ -143,6 +144,10 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
             format!("Device '{}' not found", args.device),
         ));
     };
+    // QEMU commits from a root node only: not one another node (or a job) uses.
+    if s.state.graph.has_parent(&device.name) || s.state.jobs.using_node(&device.name).is_some() {
+        return Err(QmpError::generic("Need a root block node"));
+    }
     // The chain from the device down, by graph name: chain[0] is the device.
     let mut chain = vec![device];
     let mut next = s.state.graph.child(device, "backing");
@@ -199,12 +204,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
             chain[base_at].name
         )));
     }
-    if top_at == 0 {
-        return Err(QmpError::generic(
-            "active commit is not supported by sluice yet",
-        ));
-    }
-    let mut nodes: Vec<String> = chain[top_at - 1..=base_at]
+    let mut nodes: Vec<String> = chain[top_at.saturating_sub(1)..=base_at]
         .iter()
         .map(|n| n.name.clone())
         .collect();
@@ -225,6 +225,18 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
             ))
         })
     };
+    if top_at == 0 {
+        let (driver, params) = active_job(args, &chain, base_at, nodes)?;
+        // Tracking starts before the job exists: every write from now on is seen. If
+        // the job does not start, nothing tracks.
+        let device = driver.device.1.clone();
+        device.track_writes(Some(driver.dirty.clone()));
+        let started = Job::start(s.daemon, s.state, params, Box::new(driver));
+        if started.is_err() {
+            device.track_writes(None);
+        }
+        return started.map(|_| ());
+    }
     let overlay = chain[top_at - 1];
     if overlay.read_only {
         return Err(QmpError::generic(format!(
@@ -270,7 +282,75 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
         speed: args.speed.unwrap_or(0),
         on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
         nodes,
+        total: size,
+        completable: false,
     };
     Job::start(s.daemon, s.state, params, Box::new(driver))?;
     Ok(())
+}
+
+/// The job of an active `block-commit` (the top is the device): see
+/// [`super::active_commit`].
+fn active_job(
+    args: BlockCommitArgs,
+    chain: &[&crate::block::Node],
+    base_at: usize,
+    nodes: Vec<String>,
+) -> Result<(ActiveCommitDriver, JobParams), QmpError> {
+    let (device, base) = (chain[0], chain[base_at]);
+    if device.read_only {
+        return Err(QmpError::generic(format!(
+            "Block node '{}' is read-only: an active commit writes to it",
+            device.name
+        )));
+    }
+    let image = |n: &crate::block::Node| {
+        image_node(&n.opened).ok_or_else(|| {
+            QmpError::generic(format!(
+                "block-commit of '{}': node '{}' is not an image node",
+                args.device, n.name
+            ))
+        })
+    };
+    let (device_image, base_image) = (image(device)?, image(base)?);
+    let size = device.size()?;
+    if base.size()? < size {
+        return Err(QmpError::generic(format!(
+            "block-commit: base '{}' is smaller than top '{}' (growing the base is not \
+             supported by sluice yet)",
+            base.name, device.name
+        )));
+    }
+    let writer = base_image.open_writer().map_err(|e| {
+        let e = qmp_error(e);
+        QmpError::generic(format!(
+            "Could not reopen '{}' read-write: {}",
+            base.name, e.desc
+        ))
+    })?;
+    let dirty = Arc::new(sluice_image::DirtyMap::new(
+        size,
+        sluice_image::dirty::DIRTY_GRANULARITY,
+    ));
+    let driver = ActiveCommitDriver {
+        device: (device.name.clone(), device_image.clone()),
+        base_depth: (base_at + 1) as u32,
+        base: (base.name.clone(), base_image),
+        writer,
+        dirty: dirty.clone(),
+        pivot: false,
+        closed: false,
+    };
+    let params = JobParams {
+        id: args.job_id.unwrap_or_default(),
+        job_type: JobType::Commit,
+        auto_finalize: args.auto_finalize.unwrap_or(true),
+        auto_dismiss: args.auto_dismiss.unwrap_or(true),
+        speed: args.speed.unwrap_or(0),
+        on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
+        nodes,
+        total: 0,
+        completable: true,
+    };
+    Ok((driver, params))
 }

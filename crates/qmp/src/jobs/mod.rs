@@ -36,6 +36,7 @@
 //!
 //! Lock order: daemon state, then a job's state, then its driver.
 
+pub mod active_commit;
 pub mod commands;
 pub mod commit;
 pub mod stream;
@@ -49,8 +50,8 @@ use std::time::{Duration, Instant};
 use crate::daemon::{Daemon, State};
 use crate::generated::{
     BlockDeviceIoStatus, BlockErrorAction, BlockJobCancelledEvent, BlockJobCompletedEvent,
-    BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent, BlockdevOnError, IoOperationType,
-    JobInfo, JobStatus, JobStatusChangeEvent, JobType, JobVerb,
+    BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent, BlockJobReadyEvent, BlockdevOnError,
+    IoOperationType, JobInfo, JobStatus, JobStatusChangeEvent, JobType, JobVerb,
 };
 use crate::QmpError;
 
@@ -150,6 +151,21 @@ pub struct JobParams {
     pub on_error: BlockdevOnError,
     /// Nodes the job uses: others may not start a job on them.
     pub nodes: Vec<String>,
+    /// The progress total known at the start (a stream's or commit's size), so that
+    /// queries right after the command see it, as in QEMU.
+    pub total: u64,
+    /// The kind has a `ready` phase that `job-complete` ends (active commit); a
+    /// `block-job-cancel` without force then completes it without its final switch.
+    pub completable: bool,
+}
+
+/// How a job in `ready` was asked to end (see [`JobCtx::completion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// `job-complete` / `block-job-complete`: finish with the switch (the pivot).
+    Complete,
+    /// `block-job-cancel` without force: finish without it (QEMU's soft cancel).
+    SoftCancel,
 }
 
 /// A job's mutable state (under [`Job::st`]).
@@ -165,6 +181,8 @@ struct JobState {
     started: bool,
     /// Set when the driver's work has returned.
     work_done: Option<Result<(), WorkError>>,
+    /// Asked to end its `ready` phase.
+    completion: Option<Completion>,
     speed: u64,
     /// The rate limiter must start a new window (speed changed, or the job was paused).
     new_window: bool,
@@ -182,6 +200,7 @@ pub struct Job {
     pub auto_dismiss: bool,
     on_error: BlockdevOnError,
     nodes: Vec<String>,
+    completable: bool,
     st: Mutex<JobState>,
     cond: Condvar,
     driver: Mutex<Box<dyn JobDriver>>,
@@ -263,6 +282,7 @@ impl Job {
             auto_dismiss: params.auto_dismiss,
             on_error: params.on_error,
             nodes: params.nodes,
+            completable: params.completable,
             st: Mutex::new(JobState {
                 status: JobStatus::Undefined,
                 user_paused: false,
@@ -270,10 +290,11 @@ impl Job {
                 busy: false,
                 started: false,
                 work_done: None,
+                completion: None,
                 speed: params.speed as u64,
                 new_window: true,
                 current: 0,
-                total: 0,
+                total: params.total,
                 error: None,
                 io_status: BlockDeviceIoStatus::Ok,
             }),
@@ -345,6 +366,8 @@ impl Job {
         self.emit(&JobStatusChangeEvent {
             id: self.id.clone(),
             status: to,
+            // sluice's addition: the outcome, on the event every job ends with.
+            error: s.error.clone().filter(|_| to == JobStatus::Concluded),
         });
     }
 
@@ -387,15 +410,37 @@ impl Job {
                 .and_then(|()| drv.run(&mut ctx))
                 .and_then(|()| ctx.checkpoint())
         };
+        let ok = r.is_ok();
         {
             let mut s = self.lock();
             s.busy = false;
-            let ok = r.is_ok();
             s.work_done = Some(r);
             self.cond.notify_all();
             if s.cancel {
                 // The cancelling command is waiting for this and ends the job itself.
                 return;
+            }
+        }
+        // What follows happens under the state lock, so that a command that let the job
+        // finish (job-resume, set-speed, job-complete) has its reply before these events,
+        // as in qsd, whose jobs only run when the monitor is idle.
+        let Some(d) = daemon.upgrade() else { return };
+        loop {
+            let mut st = d.lock();
+            let mut s = self.lock();
+            if s.user_paused && !s.cancel {
+                // Paused after its work was done: it stays paused until resumed (or
+                // cancelled), without holding the state lock the verbs need.
+                drop(st);
+                drop(
+                    self.cond
+                        .wait_while(s, |s| s.user_paused && !s.cancel)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+                continue;
+            }
+            if s.cancel || !matches!(s.status, JobStatus::Running | JobStatus::Ready) {
+                return; // A cancel got the state lock first and ended the job.
             }
             if ok {
                 self.set_status(&mut s, JobStatus::Waiting);
@@ -408,10 +453,10 @@ impl Job {
                     return;
                 }
             }
+            drop(s);
+            self.finish(&mut st);
+            return;
         }
-        let Some(d) = daemon.upgrade() else { return };
-        let mut st = d.lock();
-        self.finish(&mut st);
     }
 
     /// Ends the job (with the state lock held): prepare/commit or abort, the completion
@@ -510,10 +555,10 @@ impl Job {
     /// `job-resume` (also after an error stopped the job).
     pub fn resume(&self) -> Result<(), QmpError> {
         let mut s = self.lock();
-        self.check_verb(&s, JobVerb::Resume)?;
         if !s.user_paused {
             return Err(QmpError::generic("Can't resume a job that was not paused"));
         }
+        self.check_verb(&s, JobVerb::Resume)?;
         self.unpause(&mut s);
         Ok(())
     }
@@ -556,6 +601,15 @@ impl Job {
                 )));
             }
             self.check_verb(&s, JobVerb::Cancel)?;
+            if !force
+                && self.completable
+                && matches!(s.status, JobStatus::Ready | JobStatus::Standby)
+            {
+                // QEMU's soft cancel of a ready job: it completes, without its switch.
+                s.completion = Some(Completion::SoftCancel);
+                self.cond.notify_all();
+                return Ok(());
+            }
             s.cancel = true;
             if s.user_paused {
                 self.unpause(&mut s);
@@ -573,14 +627,20 @@ impl Job {
         Ok(())
     }
 
-    /// `job-complete`: no job kind sluice has reaches `ready`, so the table refuses it.
+    /// `job-complete`: ends the `ready` phase (also while paused in `standby`: the job
+    /// completes once resumed, as in QEMU).
     pub fn complete(&self) -> Result<(), QmpError> {
-        let s = self.lock();
+        let mut s = self.lock();
         self.check_verb(&s, JobVerb::Complete)?;
-        Err(QmpError::generic(format!(
-            "Job '{}' does not support completion",
-            self.id
-        )))
+        if !self.completable || s.cancel {
+            return Err(QmpError::generic(format!(
+                "The active block job '{}' cannot be completed",
+                self.id
+            )));
+        }
+        s.completion = Some(Completion::Complete);
+        self.cond.notify_all();
+        Ok(())
     }
 
     /// `job-finalize`.
@@ -622,7 +682,9 @@ impl Job {
             device: self.id.clone(),
             len: s.total as i64,
             offset: s.current as i64,
-            busy: s.busy && matches!(s.status, JobStatus::Running | JobStatus::Ready),
+            // A job whose thread has not started yet is about to work (QEMU: busy).
+            busy: (s.busy || (!s.started && s.work_done.is_none()))
+                && matches!(s.status, JobStatus::Running | JobStatus::Ready),
             paused: s.user_paused,
             speed: s.speed as i64,
             io_status: s.io_status,
@@ -659,6 +721,58 @@ impl JobCtx<'_> {
     /// Adds to the progress done.
     pub fn progress(&mut self, n: u64) {
         self.job.lock().current += n;
+    }
+
+    /// Sets the work still to do: the total becomes what is done plus `remaining` (a job
+    /// whose work grows, like QEMU's mirror: its `len` follows new writes).
+    pub fn set_remaining(&mut self, remaining: u64) {
+        let mut s = self.job.lock();
+        s.total = s.current + remaining;
+    }
+
+    /// Enters `ready` and emits BLOCK_JOB_READY (after a pause point: a paused job gets
+    /// there once resumed). Err if cancelled.
+    pub fn set_ready(&mut self) -> Result<(), WorkError> {
+        let s = self.job.lock();
+        let mut s = self.park(s);
+        if s.cancel {
+            return Err(WorkError::Cancelled);
+        }
+        self.job.set_status(&mut s, JobStatus::Ready);
+        self.job.emit(&BlockJobReadyEvent {
+            r#type: self.job.job_type,
+            device: self.job.id.clone(),
+            len: s.total as i64,
+            offset: s.current as i64,
+            speed: s.speed as i64,
+        });
+        Ok(())
+    }
+
+    /// How the job was asked to end its `ready` phase, if it was.
+    pub fn completion(&self) -> Option<Completion> {
+        self.job.lock().completion
+    }
+
+    /// Waits, not busy, up to `timeout` or until a verb wakes the job; also a pause
+    /// point. Err if cancelled.
+    pub fn idle(&mut self, timeout: Duration) -> Result<(), WorkError> {
+        let mut s = self.job.lock();
+        if s.completion.is_none() && !s.cancel && !s.user_paused {
+            s.busy = false;
+            self.job.cond.notify_all();
+            s = self
+                .job
+                .cond
+                .wait_timeout(s, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let s = self.park(s);
+        if s.cancel {
+            return Err(WorkError::Cancelled);
+        }
+        Ok(())
     }
 
     /// A pause point: parks while the job is paused; Err if it was cancelled.
@@ -727,7 +841,9 @@ impl JobCtx<'_> {
     /// The loop of a copying job (stream, commit): walks `[0, size)` in [`COPY_CHUNK`] steps,
     /// calling `copy(offset, len)` (which returns the bytes it really copied, what the rate
     /// limit charges), reporting progress, and applying the on-error policy to failures: a
-    /// write-side errno (ENOSPC, EROFS) is a write error, anything else a read error.
+    /// write-side errno (ENOSPC, EROFS) is a write error, anything else a read error. A
+    /// range skipped under `ignore` was not copied, so the job then fails at the end (its
+    /// graph change would lose that data), as QEMU's stream does.
     pub fn copy_in_chunks(
         &mut self,
         size: u64,
@@ -735,11 +851,13 @@ impl JobCtx<'_> {
     ) -> Result<(), WorkError> {
         self.set_total(size);
         let mut offset = 0;
+        let mut skipped = None;
         while offset < size {
             let n = COPY_CHUNK.min(size - offset);
             match copy(offset, n) {
                 Ok(copied) => self.throttle(copied)?,
                 Err(e) => {
+                    tracing::warn!("job '{}': {e}", self.job.id);
                     let enospc = e.errno.0 == libc::ENOSPC;
                     let op = if enospc || e.errno.0 == libc::EROFS {
                         IoOperationType::Write
@@ -749,14 +867,17 @@ impl JobCtx<'_> {
                     match self.io_error(op, enospc)? {
                         ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
                         ErrorAction::Retry => continue,
-                        ErrorAction::Ignore => {}
+                        ErrorAction::Ignore => skipped = Some(e.errno.describe()),
                     }
                 }
             }
             self.progress(n);
             offset += n;
         }
-        Ok(())
+        match skipped {
+            Some(m) => Err(WorkError::Failed(m)),
+            None => Ok(()),
+        }
     }
 
     /// Applies the on-error policy to a failed operation: emits BLOCK_JOB_ERROR and, for

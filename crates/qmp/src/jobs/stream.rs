@@ -10,7 +10,8 @@
 //! advances the progress by the step (so `offset` ends at `len`, as in QEMU).
 //!
 //! The copy is [`sluice_image::Node::stream_range`] (copy-on-read under the node's
-//! exclusive io lock, so concurrent client writes win); at prepare,
+//! exclusive io lock, so concurrent client writes win), with a flush every
+//! [`FLUSH_EVERY`] bytes so that a crash loses little of the work; at prepare,
 //! [`sluice_image::Node::switch_backing`] rewrites the top's header to name the base (or
 //! nothing) and the graph's `backing` edge follows, dropping the streamed layers that
 //! nothing else holds.
@@ -31,6 +32,12 @@ use crate::daemon::State;
 use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::QmpError;
+
+/// How often (in bytes of the image walked) the stream flushes the top: what was copied
+/// before a crash then stays copied, and the clusters a crash can leak (allocated, not yet
+/// referenced from the L1 table, see `sluice_image::storage`) are bounded by what was
+/// copied since. A multiple of [`COPY_CHUNK`](crate::jobs::COPY_CHUNK).
+const FLUSH_EVERY: u64 = 256 << 20;
 
 /// The stream job's work.
 #[derive(Debug)]
@@ -55,7 +62,13 @@ impl JobDriver for StreamDriver {
         let top = self.top.as_ref().map(|(_, n)| n);
         ctx.copy_in_chunks(self.size, |offset, n| match top {
             None => Ok(0),
-            Some(top) => top.stream_range(offset, n, base),
+            Some(top) => {
+                let copied = top.stream_range(offset, n, base)?;
+                if (offset + n) % FLUSH_EVERY == 0 {
+                    top.flush()?;
+                }
+                Ok(copied)
+            }
         })
     }
 
@@ -195,6 +208,8 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
         speed: args.speed.unwrap_or(0),
         on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
         nodes,
+        total: driver.size,
+        completable: false,
     };
     Job::start(s.daemon, s.state, params, Box::new(driver))?;
     Ok(())

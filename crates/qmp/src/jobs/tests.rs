@@ -68,6 +68,8 @@ fn params(id: &str) -> JobParams {
         speed: 0,
         on_error: BlockdevOnError::Report,
         nodes: vec![format!("{id}-node")],
+        total: 0,
+        completable: false,
     }
 }
 
@@ -227,6 +229,8 @@ fn job_completed_event_has_qsd_payload() {
         data,
         json!({"type": "stream", "device": "j0", "len": 8192, "offset": 8192, "speed": 0})
     );
+    // Success: the concluded event has no `error`.
+    assert_eq!(f.event().1, json!({"id": "j0", "status": "concluded"}));
 }
 
 #[test]
@@ -552,6 +556,11 @@ fn job_on_error_report_fails_with_error_in_completed() {
         ])
     );
     assert_eq!(names[2].1["action"], "report");
+    // sluice's addition: the outcome on the concluded event (only on failure).
+    assert_eq!(
+        names[5].1,
+        json!({"id": "e1", "status": "concluded", "error": "Input/output error"})
+    );
     assert_eq!(
         names[4].1,
         json!({"type": "stream", "device": "e1", "len": 12288, "offset": 0, "speed": 0,
