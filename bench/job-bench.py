@@ -1,0 +1,613 @@
+#!/usr/bin/python3
+"""Block-job benchmark: sluice daemon vs qemu-storage-daemon, interleaved in one run.
+
+Each row builds a qcow2 chain once (a template), then, for every round and every
+daemon (order rotated each round), copies the chain into a fresh directory,
+starts the daemon with a QMP socket, adds the chain with blockdev-add, starts the
+job and times it from the command to BLOCK_JOB_COMPLETED.  Server CPU is
+utime+stime of the daemon from /proc/PID/stat over the same span.  Tables report
+medians over rounds and the ratio sluice/qsd.
+
+Standard library only (QMP is spoken as raw JSON lines).  See bench/README.md.
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A measurement or setup step failed (reported as a cell, never a crash)."""
+
+
+# ---------------------------------------------------------------------------
+# Process bookkeeping (as in nbd-bench.py): every child is ended by pid.
+# ---------------------------------------------------------------------------
+
+_children = []
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover
+    _libc = None
+
+
+def _child_setup():
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with this script
+
+
+def spawn(argv, **kw):
+    p = subprocess.Popen(argv, start_new_session=True, preexec_fn=_child_setup, **kw)
+    _children.append(p)
+    return p
+
+
+def stop(p, grace=5.0):
+    if p.poll() is None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    if p in _children:
+        _children.remove(p)
+
+
+def stop_all():
+    for p in list(_children):
+        try:
+            stop(p, grace=3.0)
+        except Exception:
+            pass
+
+
+def tail(text, n=3):
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return " | ".join(lines[-n:]) if lines else "(no output)"
+
+
+def run(argv, timeout=600):
+    """Run a tool to completion; return stdout."""
+    p = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(p, grace=1.0)
+        raise BenchError(f"timeout after {timeout:.0f}s: {' '.join(argv)}")
+    finally:
+        stop(p)
+    out, err = out.decode(errors="replace"), err.decode(errors="replace")
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:2])} exited {p.returncode}: {tail(err or out)}")
+    return out
+
+
+def cpu_ticks(pid):
+    """utime+stime (clock ticks) of a process (all threads) and its descendants."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return total
+
+
+def note(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# A minimal QMP client: JSON lines over a Unix socket.
+# ---------------------------------------------------------------------------
+
+
+class Qmp:
+    def __init__(self, path, timeout):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.events = []
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise BenchError(f"no QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+
+    def _read(self, deadline=None):
+        while b"\n" not in self.buf:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError("QMP: timed out waiting for a message")
+                self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise BenchError("QMP: timed out waiting for a message")
+            if not chunk:
+                raise BenchError("QMP: connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def send(self, cmd, args=None):
+        msg = {"execute": cmd}
+        if args is not None:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def execute(self, cmd, args=None):
+        """Send a command; return its reply's "return" (events are queued)."""
+        self.send(cmd, args)
+        while True:
+            v = self._read()
+            if "event" in v:
+                self.events.append(v)
+                continue
+            if "error" in v:
+                raise BenchError(f"{cmd}: {v['error'].get('class')}: {v['error'].get('desc')}")
+            return v.get("return")
+
+    def wait_event(self, names, timeout):
+        """The first queued or coming event whose name is in `names`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev["event"] in names:
+                    return self.events.pop(i)
+            self.events.append(self._read(deadline))
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Daemons
+# ---------------------------------------------------------------------------
+
+DAEMONS = {
+    "sluice": lambda ctx, sock: [ctx.sluice, "daemon", "--qmp", sock],
+    "qsd": lambda ctx, sock: ["qemu-storage-daemon", "--chardev",
+                              f"socket,id=m,path={sock},server=on,wait=off",
+                              "--monitor", "chardev=m"],
+}
+
+
+def start_daemon(ctx, name, rundir):
+    sock = os.path.join(rundir, "qmp.sock")
+    log = os.path.join(rundir, "daemon.log")
+    argv = DAEMONS[name](ctx, sock)
+    with open(log, "wb") as f:
+        proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                     cwd=rundir)
+    deadline = time.monotonic() + ctx.start_timeout
+    last = None
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited {proc.returncode}: {tail(read_log(log))}")
+        if os.path.exists(sock):
+            try:
+                return proc, Qmp(sock, ctx.job_timeout), log
+            except (OSError, BenchError) as e:
+                last = e
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise BenchError(f"{name}: no QMP after {ctx.start_timeout}s: {last}")
+        time.sleep(0.05)
+
+
+def read_log(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-4000:]
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------
+# Chains.  Templates are built once in the work dir; each run gets a copy.
+# Backing names in the headers are relative, so a copied chain is self-contained.
+# ---------------------------------------------------------------------------
+
+
+def qemu_img_create(path, size, backing=None):
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        argv += ["-b", backing, "-F", "qcow2"]
+    run(argv + [path, str(size)])
+
+
+def qemu_io_write(path, cmds):
+    argv = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        argv += ["-c", c]
+    run(argv + [path], timeout=1800)
+
+
+def writes(pattern, offset, length):
+    """qemu-io write commands for a range (qemu-io takes at most 2 GiB - 512 per write)."""
+    return [f"write -P {pattern} {o} {min(GiB, offset + length - o)}"
+            for o in range(offset, offset + length, GiB)]
+
+
+def stripes(size, parity, pattern):
+    """qemu-io writes of every other 1/16th of the image (parity 0 or 1)."""
+    n = 16
+    step = size // n
+    return [w for i in range(parity, n, 2) for w in writes(pattern, i * step, step)]
+
+
+def build_chain2(ctx, d):
+    """base (fully allocated, 0x5a) <- top (empty)."""
+    base, top = os.path.join(d, "base.qcow2"), os.path.join(d, "top.qcow2")
+    qemu_img_create(base, ctx.size)
+    qemu_io_write(base, writes("0x5a", 0, ctx.size))
+    qemu_img_create(top, ctx.size, "base.qcow2")
+    return ["base.qcow2", "top.qcow2"]
+
+
+def build_chain3(ctx, d):
+    """base (even 1/16th stripes, 0x11) <- mid (odd stripes, 0x22) <- top (empty)."""
+    base, mid, top = (os.path.join(d, n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    qemu_img_create(base, ctx.size)
+    qemu_io_write(base, stripes(ctx.size, 0, "0x11"))
+    qemu_img_create(mid, ctx.size, "base.qcow2")
+    qemu_io_write(mid, stripes(ctx.size, 1, "0x22"))
+    qemu_img_create(top, ctx.size, "mid.qcow2")
+    return ["base.qcow2", "mid.qcow2", "top.qcow2"]
+
+
+CHAINS = {"chain2": build_chain2, "chain3": build_chain3}
+
+
+def qcow2(name, path, backing=None, read_only=False):
+    """blockdev-add arguments; backing=None: from the image header."""
+    a = {"driver": "qcow2", "node-name": name,
+         "file": {"driver": "file", "filename": path}}
+    if read_only:
+        a["read-only"] = True  # the file child inherits it; qsd reopens both for a commit
+    if backing is not None:
+        a["backing"] = backing
+    return a
+
+
+def img_info(path):
+    return json.loads(run(["qemu-img", "info", "--output=json", path]))
+
+
+# ---------------------------------------------------------------------------
+# Rows: chain, nodes to add, the job command, bytes copied, post-run check.
+# ---------------------------------------------------------------------------
+
+
+def stream_setup(d):
+    return [qcow2("top", os.path.join(d, "top.qcow2"))]
+
+
+def commit_setup(d):
+    p = lambda n: os.path.join(d, n + ".qcow2")
+    return [qcow2("base", p("base"), read_only=True),
+            qcow2("mid", p("mid"), backing="base", read_only=True),
+            qcow2("top", p("top"), backing="mid")]
+
+
+def check_no_backing(d):
+    info = img_info(os.path.join(d, "top.qcow2"))
+    if "backing-filename" in info:
+        raise BenchError(f"top still has a backing file: {info['backing-filename']}")
+
+
+def check_backing_base(d):
+    info = img_info(os.path.join(d, "top.qcow2"))
+    if os.path.basename(info.get("backing-filename", "")) != "base.qcow2":
+        raise BenchError(f"top's backing is {info.get('backing-filename')!r}, not base.qcow2")
+
+
+class Row:
+    def __init__(self, name, chain, setup, job, copied, check, what):
+        self.name, self.chain, self.setup, self.job = name, chain, setup, job
+        self.copied, self.check, self.what = copied, check, what
+
+
+ROWS = [
+    Row("stream-2", "chain2", stream_setup,
+        ("block-stream", {"job-id": "s0", "device": "top"}),
+        lambda size: size, check_no_backing,
+        "block-stream of top, base (fully allocated) <- top (empty)"),
+    Row("stream-3", "chain3", stream_setup,
+        ("block-stream", {"job-id": "s0", "device": "top"}),
+        lambda size: size, check_no_backing,
+        "block-stream of top, base (even stripes) <- mid (odd stripes) <- top (empty)"),
+    Row("commit-3", "chain3", commit_setup,
+        ("block-commit", {"job-id": "c0", "device": "top", "top-node": "mid",
+                          "base-node": "base"}),
+        lambda size: size // 2, check_backing_base,
+        "block-commit of mid into base, same chain as stream-3 (moves half the size)"),
+]
+
+
+def fresh_copy(ctx, row, rundir):
+    os.makedirs(rundir)
+    tdir = ctx.templates[row.chain][0]
+    for n in ctx.templates[row.chain][1]:
+        subprocess.run(["cp", "--sparse=always", os.path.join(tdir, n),
+                        os.path.join(rundir, n)], check=True)
+    os.sync()  # untimed: the copy's dirty pages are written back before the job
+    # The copy stays in the page cache (warm, as the job's input); the templates leave it,
+    # so that the job's writes need not evict pages (reclaim is charged to the writer).
+    for n in ctx.templates[row.chain][1]:
+        drop_cache(os.path.join(tdir, n))
+
+
+def drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def measure(ctx, row, name, rnd):
+    rundir = os.path.join(ctx.work, f"run-{row.name}-{name}-{rnd}")
+    fresh_copy(ctx, row, rundir)
+    proc = qmp = None
+    try:
+        proc, qmp, log = start_daemon(ctx, name, rundir)
+        for args in row.setup(rundir):
+            qmp.execute("blockdev-add", args)
+        cmd, args = row.job
+        c0, t0 = cpu_ticks(proc.pid), time.perf_counter()
+        qmp.execute(cmd, args)
+        ev = qmp.wait_event({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, ctx.job_timeout)
+        secs, c1 = time.perf_counter() - t0, cpu_ticks(proc.pid)
+        if ev["event"] != "BLOCK_JOB_COMPLETED":
+            raise BenchError(f"job ended with {ev['event']}: {ev['data']}")
+        if ev["data"].get("error"):
+            raise BenchError(f"job failed: {ev['data']['error']}")
+        try:
+            qmp.execute("quit")
+        except BenchError:
+            pass  # the daemon may close the socket before or after its reply
+        qmp.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{name} did not exit after quit")
+        if proc.returncode != 0:
+            raise BenchError(f"{name} exited {proc.returncode} after quit: "
+                             f"{tail(read_log(log))}")
+        cpu = (c1 - c0) / CLK_TCK
+        rec = {"MiB/s": row.copied(ctx.size) / MiB / secs, "CPU s": cpu,
+               "secs": secs, "cpu_s": cpu, "copied": row.copied(ctx.size)}
+        if rnd == 0 or ctx.check_all:
+            row.check(rundir)
+            run(["qemu-img", "check", "-q", os.path.join(rundir, "top.qcow2")])
+            tdir = ctx.templates[row.chain][0]
+            run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
+                 os.path.join(rundir, "top.qcow2"), os.path.join(tdir, "top.qcow2")],
+                timeout=1800)
+            rec["checked"] = True
+        return rec
+    finally:
+        if qmp:
+            qmp.close()
+        if proc:
+            stop(proc)
+        shutil.rmtree(rundir, ignore_errors=True)
+        os.sync()
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+METRICS = [("MiB/s", True, lambda v: f"{v:.0f}"), ("CPU s", False, lambda v: f"{v:.2f}")]
+
+
+def report(ctx, results):
+    names = ctx.daemons
+    ratio = "sluice" in names and "qsd" in names
+    lines = [f"# sluice job bench: {human(ctx.size)} chains, {ctx.rounds} rounds",
+             "",
+             f"{ctx.started} · {platform.node()} · {os.cpu_count()} CPUs · kernel "
+             f"{platform.release()} · load {ctx.load0} -> {ctx.load1}"]
+    if ctx.interrupted:
+        lines.append("**INTERRUPTED: partial results.**")
+    lines += ["Medians over rounds; MiB/s = bytes the job copies / seconds from the "
+              "command to BLOCK_JOB_COMPLETED; CPU s = daemon utime+stime over that span.",
+              "", "| row | metric | " + " | ".join(names)
+              + (" | sluice/qsd |" if ratio else " |"),
+              "|---|---|" + "---:|" * (len(names) + ratio)]
+    errs = []
+    for row in ctx.rows:
+        for key, higher, fmt in METRICS:
+            cells = [row.name, key + ("" if higher else " (lower better)")]
+            med = {}
+            for n in names:
+                rs = results.get(row.name, {}).get(n, [])
+                vals = [r[key] for r in rs if key in r]
+                med[n] = statistics.median(vals) if vals else None
+                if med[n] is None:
+                    cells.append("err" if rs else "-")
+                else:
+                    cells.append(fmt(med[n]) + ("" if len(vals) == len(rs)
+                                                else f" ({len(vals)}/{len(rs)})"))
+            if ratio:
+                a, b = med["sluice"], med["qsd"]
+                cells.append(f"{a / b:.2f}" if a is not None and b else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        for n in names:
+            for r in results.get(row.name, {}).get(n, []):
+                if "error" in r:
+                    errs.append(f"- {row.name} / {n} round {r['round'] + 1}: {r['error']}")
+    lines += ["", "Rows:"] + [f"- {r.name}: {r.what}" for r in ctx.rows]
+    if errs:
+        lines += ["", "Errors:"] + errs
+    return "\n".join(lines) + "\n"
+
+
+def parse_size(s):
+    mult = {"K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+    s = s.strip()
+    n = int(float(s[:-1]) * mult[s[-1].upper()]) if s[-1:].upper() in mult else int(s)
+    if n <= 0 or n % (16 * MiB):
+        raise argparse.ArgumentTypeError("size must be a positive multiple of 16 MiB")
+    return n
+
+
+def human(n):
+    for unit, m in (("T", 1 << 40), ("G", GiB), ("M", MiB)):
+        if n % m == 0:
+            return f"{n // m}{unit}"
+    return str(n)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description="Block-job benchmark: sluice daemon vs qemu-storage-daemon.")
+    ap.add_argument("--sluice", default="target/release/sluice", help="sluice binary")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=parse_size, default=GiB, help="virtual size (1G)")
+    ap.add_argument("--only", help="comma-separated rows: "
+                    + ",".join(r.name for r in ROWS))
+    ap.add_argument("--daemons", default="sluice,qsd", help="sluice,qsd")
+    ap.add_argument("--workdir", help="work dir (kept; templates reused). Default: temp")
+    ap.add_argument("--out", help="write results.json and results.md here")
+    ap.add_argument("--check-all", action="store_true",
+                    help="check every run's result (default: round 1 only)")
+    ap.add_argument("--job-timeout", type=float, default=600.0)
+    ap.add_argument("--start-timeout", type=float, default=30.0)
+    a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    a.rows = ROWS
+    if a.only:
+        want = [x.strip() for x in a.only.split(",") if x.strip()]
+        bad = [x for x in want if x not in {r.name for r in ROWS}]
+        if bad:
+            ap.error(f"unknown rows {bad}")
+        a.rows = [r for r in ROWS if r.name in want]
+    a.daemons = [x.strip() for x in a.daemons.split(",") if x.strip()]
+    if any(d not in DAEMONS for d in a.daemons):
+        ap.error(f"daemons: {', '.join(DAEMONS)}")
+    a.sluice = os.path.abspath(a.sluice)
+    if "sluice" in a.daemons and not os.access(a.sluice, os.X_OK):
+        ap.error(f"{a.sluice} is not an executable file (build it or pass --sluice)")
+    return a
+
+
+def bench(ctx):
+    ctx.templates = {}
+    for chain in dict.fromkeys(r.chain for r in ctx.rows):
+        d = os.path.join(ctx.work, f"template-{chain}-{human(ctx.size)}")
+        if os.path.exists(os.path.join(d, "done")):
+            note(f"reusing {d}")
+            names = json.load(open(os.path.join(d, "done")))
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+            note(f"building {chain} in {d}")
+            names = CHAINS[chain](ctx, d)
+            with open(os.path.join(d, "done"), "w") as f:
+                json.dump(names, f)
+        ctx.templates[chain] = (d, names)
+    os.sync()
+    results = ctx.results
+    for rnd in range(ctx.rounds):
+        for row in ctx.rows:
+            k = rnd % len(ctx.daemons)
+            for n in ctx.daemons[k:] + ctx.daemons[:k]:
+                rec = {"round": rnd}
+                try:
+                    rec.update(measure(ctx, row, n, rnd))
+                    shown = (f"{rec['secs']:.2f} s, {rec['MiB/s']:.0f} MiB/s, "
+                             f"CPU {rec['CPU s']:.2f} s"
+                             + (", checked" if rec.get("checked") else ""))
+                except BenchError as e:
+                    rec["error"] = str(e)
+                    shown = f"ERROR {e}"
+                results.setdefault(row.name, {}).setdefault(n, []).append(rec)
+                note(f"round {rnd + 1}/{ctx.rounds} {row.name:9} {n:7} {shown}")
+
+
+def main(argv=None):
+    ctx = parse_args(argv if argv is not None else sys.argv[1:])
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    temp = ctx.workdir is None
+    ctx.work = tempfile.mkdtemp(prefix="job-bench-") if temp else os.path.abspath(ctx.workdir)
+    os.makedirs(ctx.work, exist_ok=True)
+    ctx.started = datetime.datetime.now().isoformat(timespec="seconds")
+    ctx.load0 = "%.2f" % os.getloadavg()[0]
+    ctx.results, ctx.interrupted, rc = {}, False, 0
+    try:
+        bench(ctx)
+    except KeyboardInterrupt as e:
+        note(f"interrupted ({str(e) or 'SIGINT'}); cleaning up")
+        ctx.interrupted, rc = True, 130
+    except (BenchError, subprocess.CalledProcessError) as e:
+        note(f"ERROR: {e}")
+        rc = 1
+    finally:
+        stop_all()
+        ctx.load1 = "%.2f" % os.getloadavg()[0]
+        if temp:
+            shutil.rmtree(ctx.work, ignore_errors=True)
+    if ctx.results:
+        md = report(ctx, ctx.results)
+        print(md)
+        if ctx.out:
+            os.makedirs(ctx.out, exist_ok=True)
+            with open(os.path.join(ctx.out, "results.md"), "w") as f:
+                f.write(md)
+            with open(os.path.join(ctx.out, "results.json"), "w") as f:
+                json.dump({"started": ctx.started, "host": platform.node(),
+                           "cpus": os.cpu_count(), "load": [ctx.load0, ctx.load1],
+                           "size": ctx.size, "rounds": ctx.rounds,
+                           "daemons": ctx.daemons, "results": ctx.results}, f, indent=1)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
