@@ -20,6 +20,16 @@ use support::qmp::{Qmp, QmpDaemon};
 
 const MIB: u64 = 1 << 20;
 
+/// A job that ends successfully after the command's reply (job-complete, soft cancel).
+const COMPLETED_AFTER_REPLY: [&str; 6] = [
+    "return",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+];
+
 /// A message as a short name: `return`, `error:...`, `EVENT` or the JOB_STATUS_CHANGE status.
 fn short(v: &Value) -> String {
     if let Some(e) = v["event"].as_str() {
@@ -306,17 +316,7 @@ fn active_commit_mirrors_writes_and_pivots_the_export_to_the_base() {
         json!({"execute": "job-complete", "arguments": {"id": "c0"}}),
         "null",
     );
-    assert_eq!(
-        got,
-        [
-            "return",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(got, COMPLETED_AFTER_REPLY);
     let exports = c.exec("query-block-exports", json!({}));
     assert_eq!(exports["return"][0]["node-name"], "base", "{exports}");
     let nodes = c.exec("query-named-block-nodes", json!({"flat": true}));
@@ -419,17 +419,7 @@ fn active_commit_soft_cancel_forced_cancel_and_complete_while_paused() {
         json!({"execute": "block-job-cancel", "arguments": {"device": "c0"}}),
         "null",
     );
-    assert_eq!(
-        got,
-        [
-            "return",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(got, COMPLETED_AFTER_REPLY);
     let exports = c.exec("query-block-exports", json!({}));
     assert_eq!(exports["return"][0]["node-name"], "top", "{exports}");
     // The export still writes the top, and the base holds what the top held.

@@ -30,9 +30,9 @@ use sluice_block::extents::Extents;
 use sluice_block::Plugin;
 use sluice_image::DirtyMap;
 
-use crate::block::image::{qmp_error, refresh_info};
+use crate::block::image::refresh_info;
 use crate::daemon::State;
-use crate::generated::IoOperationType;
+use crate::jobs::commit::close_writer;
 use crate::jobs::{Completion, ErrorAction, JobCtx, JobDriver, WorkError, COPY_CHUNK};
 
 /// How long a ready job waits for new writes before it looks again (also the longest a
@@ -111,13 +111,7 @@ impl ActiveCommitDriver {
             Err(e) => {
                 tracing::warn!("block-commit of '{}': {e}", self.device.0);
                 self.dirty.mark(offset, len);
-                let enospc = e.errno.0 == libc::ENOSPC;
-                let op = if enospc || e.errno.0 == libc::EROFS {
-                    IoOperationType::Write
-                } else {
-                    IoOperationType::Read
-                };
-                match ctx.io_error(op, enospc)? {
+                match ctx.block_error(&e)? {
                     ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
                     // Ignored ranges stay dirty: the pivot copies them or fails.
                     ErrorAction::Retry | ErrorAction::Ignore => {}
@@ -135,9 +129,7 @@ impl ActiveCommitDriver {
             return Ok(());
         }
         self.closed = true;
-        let flushed = self.writer.flush().map_err(|e| e.errno.describe());
-        let reloaded = self.base.1.reload().map_err(|e| qmp_error(e).desc);
-        flushed.and(reloaded)
+        close_writer(Some(&self.writer), &self.base.1)
     }
 }
 

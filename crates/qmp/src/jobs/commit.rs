@@ -77,13 +77,53 @@ impl CommitDriver {
 
     /// Flushes and closes the writer, then makes the base node forget its stale caches.
     fn close_writer(&mut self) -> Result<(), String> {
-        let flushed = match self.writer.take() {
-            Some(w) => w.flush().map_err(|e| e.errno.describe()),
-            None => Ok(()),
-        };
-        let reloaded = self.base.1.reload().map_err(|e| qmp_error(e).desc);
-        flushed.and(reloaded)
+        close_writer(self.writer.take().as_ref(), &self.base.1)
     }
+}
+
+/// The end of a commit's writes into a read-only base: flushes the writer (if still
+/// open), then makes the base node drop the caches the writer made stale.
+pub(crate) fn close_writer(
+    writer: Option<&Arc<sluice_image::Node>>,
+    base: &sluice_image::Node,
+) -> Result<(), String> {
+    let flushed = writer.map_or(Ok(()), |w| w.flush().map_err(|e| e.errno.describe()));
+    let reloaded = base.reload().map_err(|e| qmp_error(e).desc);
+    flushed.and(reloaded)
+}
+
+/// The image node behind `n`, which a commit of `device` needs.
+fn image_of(device: &str, n: &crate::block::Node) -> Result<Arc<sluice_image::Node>, QmpError> {
+    image_node(&n.opened).ok_or_else(|| {
+        QmpError::generic(format!(
+            "block-commit of '{device}': node '{}' is not an image node",
+            n.name
+        ))
+    })
+}
+
+/// Checks that `base` can take `top`'s data and opens the writable node over its image.
+fn base_writer(
+    top: &crate::block::Node,
+    base: &crate::block::Node,
+    base_image: &sluice_image::Node,
+) -> Result<(u64, Arc<sluice_image::Node>), QmpError> {
+    let size = top.size()?;
+    if base.size()? < size {
+        return Err(QmpError::generic(format!(
+            "block-commit: base '{}' is smaller than top '{}' (growing the base is not \
+             supported by sluice yet)",
+            base.name, top.name
+        )));
+    }
+    let writer = base_image.open_writer().map_err(|e| {
+        let e = qmp_error(e);
+        QmpError::generic(format!(
+            "Could not reopen '{}' read-write: {}",
+            base.name, e.desc
+        ))
+    })?;
+    Ok((size, writer))
 }
 
 impl JobDriver for CommitDriver {
@@ -217,14 +257,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
             )));
         }
     }
-    let image = |n: &crate::block::Node| {
-        image_node(&n.opened).ok_or_else(|| {
-            QmpError::generic(format!(
-                "block-commit of '{}': node '{}' is not an image node",
-                args.device, n.name
-            ))
-        })
-    };
+    let image = |n: &crate::block::Node| image_of(&args.device, n);
     if top_at == 0 {
         let (driver, params) = active_job(args, &chain, base_at, nodes)?;
         // Tracking starts before the job exists: every write from now on is seen. If
@@ -249,21 +282,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
     let base = chain[base_at];
     let top_image = image(top)?;
     let base_image = image(base)?;
-    let size = top.size()?;
-    if base.size()? < size {
-        return Err(QmpError::generic(format!(
-            "block-commit: base '{}' is smaller than top '{}' (growing the base is not \
-             supported by sluice yet)",
-            base.name, top.name
-        )));
-    }
-    let writer = base_image.open_writer().map_err(|e| {
-        let e = qmp_error(e);
-        QmpError::generic(format!(
-            "Could not reopen '{}' read-write: {}",
-            base.name, e.desc
-        ))
-    })?;
+    let (size, writer) = base_writer(top, base, &base_image)?;
     let driver = CommitDriver {
         size,
         top: top_image,
@@ -304,30 +323,9 @@ fn active_job(
             device.name
         )));
     }
-    let image = |n: &crate::block::Node| {
-        image_node(&n.opened).ok_or_else(|| {
-            QmpError::generic(format!(
-                "block-commit of '{}': node '{}' is not an image node",
-                args.device, n.name
-            ))
-        })
-    };
+    let image = |n: &crate::block::Node| image_of(&args.device, n);
     let (device_image, base_image) = (image(device)?, image(base)?);
-    let size = device.size()?;
-    if base.size()? < size {
-        return Err(QmpError::generic(format!(
-            "block-commit: base '{}' is smaller than top '{}' (growing the base is not \
-             supported by sluice yet)",
-            base.name, device.name
-        )));
-    }
-    let writer = base_image.open_writer().map_err(|e| {
-        let e = qmp_error(e);
-        QmpError::generic(format!(
-            "Could not reopen '{}' read-write: {}",
-            base.name, e.desc
-        ))
-    })?;
+    let (size, writer) = base_writer(device, base, &base_image)?;
     let dirty = Arc::new(sluice_image::DirtyMap::new(
         size,
         sluice_image::dirty::DIRTY_GRANULARITY,

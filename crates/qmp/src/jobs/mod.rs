@@ -858,13 +858,7 @@ impl JobCtx<'_> {
                 Ok(copied) => self.throttle(copied)?,
                 Err(e) => {
                     tracing::warn!("job '{}': {e}", self.job.id);
-                    let enospc = e.errno.0 == libc::ENOSPC;
-                    let op = if enospc || e.errno.0 == libc::EROFS {
-                        IoOperationType::Write
-                    } else {
-                        IoOperationType::Read
-                    };
-                    match self.io_error(op, enospc)? {
+                    match self.block_error(&e)? {
                         ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
                         ErrorAction::Retry => continue,
                         ErrorAction::Ignore => skipped = Some(e.errno.describe()),
@@ -878,6 +872,18 @@ impl JobCtx<'_> {
             Some(m) => Err(WorkError::Failed(m)),
             None => Ok(()),
         }
+    }
+
+    /// [`JobCtx::io_error`] for a failed copy: a write-side errno (ENOSPC, EROFS) is a write
+    /// error, anything else a read error.
+    pub fn block_error(&mut self, e: &sluice_block::BlockError) -> Result<ErrorAction, WorkError> {
+        let enospc = e.errno.0 == libc::ENOSPC;
+        let op = if enospc || e.errno.0 == libc::EROFS {
+            IoOperationType::Write
+        } else {
+            IoOperationType::Read
+        };
+        self.io_error(op, enospc)
     }
 
     /// Applies the on-error policy to a failed operation: emits BLOCK_JOB_ERROR and, for
