@@ -20,13 +20,13 @@ use sluice_block::plugins::{self, ConfigArg};
 use sluice_block::Plugin;
 
 use crate::process;
-use sluice_qmp::block::{DriverRegistry, PluginLoader};
-use sluice_qmp::generated::{
+use sluice_daemon::generated::{
     BlockExportOptions, BlockdevOptions, CompatPolicy as CompatOptions, CompatPolicyInput,
     CompatPolicyOutput, NbdServerOptions, ShutdownCause,
 };
-use sluice_qmp::qapi::{CompatPolicy, Input, InputPolicy, OutputPolicy};
-use sluice_qmp::{Daemon, DaemonConfig, MonitorListener};
+use sluice_daemon::graph::{DriverRegistry, PluginLoader};
+use sluice_daemon::{Daemon, DaemonConfig, MonitorListener};
+use sluice_qapi::runtime::{CompatPolicy, Input, InputPolicy, OutputPolicy};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -159,7 +159,7 @@ fn option_value(opt: &str, text: &str, implied: Option<&str>) -> anyhow::Result<
             serde_json::from_str(text).with_context(|| format!("{opt} {text}: not valid JSON"))?;
         return Ok((v, false));
     }
-    let v = sluice_qmp::keyval::parse(text, implied).map_err(|e| anyhow!("{opt} {text}: {e}"))?;
+    let v = sluice_qapi::keyval::parse(text, implied).map_err(|e| anyhow!("{opt} {text}: {e}"))?;
     Ok((v, true))
 }
 
@@ -172,7 +172,7 @@ fn typed<T>(
     read: impl FnOnce(
         &mut Input<'_>,
         &serde_json::Map<String, Value>,
-    ) -> Result<T, sluice_qmp::QmpError>,
+    ) -> Result<T, sluice_daemon::QmpError>,
 ) -> anyhow::Result<T> {
     let (v, keyval) = option_value(opt, text, implied)?;
     let Value::Object(obj) = v else {
@@ -278,7 +278,7 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
 
 /// `--chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off`.
 fn chardev(text: &str) -> anyhow::Result<(String, Chardev)> {
-    let v = sluice_qmp::keyval::parse(text, Some("backend"))
+    let v = sluice_qapi::keyval::parse(text, Some("backend"))
         .map_err(|e| anyhow!("--chardev {text}: {e}"))?;
     let Value::Object(m) = v else {
         unreachable!("keyval gives an object")
@@ -316,7 +316,7 @@ fn chardev(text: &str) -> anyhow::Result<(String, Chardev)> {
 
 /// `--monitor [chardev=]ID[,mode=control][,pretty=off]`: the chardev id.
 fn monitor(text: &str) -> anyhow::Result<String> {
-    let v = sluice_qmp::keyval::parse(text, Some("chardev"))
+    let v = sluice_qapi::keyval::parse(text, Some("chardev"))
         .map_err(|e| anyhow!("--monitor {text}: {e}"))?;
     let Value::Object(m) = v else {
         unreachable!("keyval gives an object")
@@ -397,7 +397,7 @@ fn run(
             daemon.nbd_server_start(n).map_err(|e| {
                 anyhow!(
                     "--nbd-server {}: {}",
-                    sluice_qmp::exports::describe(&n.addr),
+                    sluice_daemon::exports::describe(&n.addr),
                     e.desc
                 )
             })?;

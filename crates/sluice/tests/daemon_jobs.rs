@@ -3,7 +3,7 @@
 //! job runs through all its states before the command's reply, as in qsd), manual finalize and dismiss, the job-* and block-job-* commands' refusals, and the
 //! same scenario against qemu-storage-daemon compared in shape. The verbs on long-running
 //! jobs (pause, set-speed, cancel, on-error) are covered by the unit tests of
-//! `sluice_qmp::jobs` with a scripted job, and on real throttled streams (plus a stream
+//! `sluice_daemon::jobs` with a scripted job, and on real throttled streams (plus a stream
 //! under NBD client writes) in `daemon_jobs_live.rs`.
 
 mod support;

@@ -18,7 +18,7 @@ use support::qmp::{Qmp, QmpDaemon};
 const MIB: u64 = 1024 * 1024;
 /// The chain's virtual size.
 const SIZE: u64 = 32 * MIB;
-/// The stream job's step (`sluice_qmp::jobs::stream::CHUNK`).
+/// The stream job's step (`sluice_daemon::jobs::stream::CHUNK`).
 const CHUNK: u64 = 512 * 1024;
 
 /// A chain `top.qcow2` (a few ranges of its own) over `base.qcow2` (every MiB written with

@@ -30,8 +30,8 @@ use sluice_block::extents::Extents;
 use sluice_block::Plugin;
 use sluice_image::DirtyMap;
 
-use crate::block::image::refresh_info;
 use crate::daemon::State;
+use crate::graph::image::refresh_info;
 use crate::jobs::commit::close_writer;
 use crate::jobs::{Completion, ErrorAction, JobCtx, JobDriver, WorkError, COPY_CHUNK};
 

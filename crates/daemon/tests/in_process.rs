@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sluice_qmp::block::{BuiltinLoader, DriverRegistry};
-use sluice_qmp::qapi::CompatPolicy;
-use sluice_qmp::{Daemon, DaemonConfig, MonitorListener};
+use sluice_daemon::graph::{BuiltinLoader, DriverRegistry};
+use sluice_daemon::{Daemon, DaemonConfig, MonitorListener};
+use sluice_qapi::runtime::CompatPolicy;
 
 struct Client {
     w: UnixStream,

@@ -1,10 +1,10 @@
 //! The QAPI schema language: reading, checking and introspecting `schema/*.json`.
 //!
-//! This module is compiled twice: into the build script, which generates the Rust types,
-//! argument parsers, command dispatch and introspection table from the schema, and into the
-//! library, where the ABI checker reads the schema at run time. Keeping one implementation
-//! for both is what makes the checker's view of the schema the daemon's view. It uses only
-//! `std` and `serde_json` so that the build script stays small.
+//! It serves two users: the daemon's build script, which generates the Rust types, argument
+//! parsers, command dispatch and introspection table from the schema (with [`crate::codegen`]),
+//! and the ABI checker, which reads the schema at run time. Keeping one implementation for
+//! both is what makes the checker's view of the schema the daemon's view. It uses only `std`
+//! and `serde_json` so that the build script stays small.
 //!
 //! [`parse`] reads the syntax, [`model`] applies QAPI's rules and resolves definitions,
 //! [`introspect`] produces `query-qmp-schema`'s table.

@@ -23,7 +23,7 @@ use sluice_proto::qmp::{encode_event, Timestamp};
 use tokio::sync::broadcast;
 
 use crate::generated::EVENTS;
-use crate::qapi::{Output, QapiEvent};
+use sluice_qapi::runtime::{Output, QapiEvent};
 
 /// Events buffered per monitor before the oldest are dropped.
 pub const CAPACITY: usize = 1024;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::qapi::{CompatPolicy, Input};
+use sluice_qapi::runtime::{CompatPolicy, Input};
 
 fn graph() -> Graph {
     Graph::new(DriverRegistry::builtin(Arc::new(BuiltinLoader)))

@@ -39,8 +39,8 @@ use crate::generated::{
     BlockDeviceInfo, BlockdevCacheInfo, BlockdevDetectZeroesOptions, BlockdevDriver,
     BlockdevOptions, BlockdevRef, BlockdevRefOrNull, ImageInfo, ImageInfoSpecific,
 };
-use crate::qapi::{Output, ToQapi};
 use crate::QmpError;
+use sluice_qapi::runtime::{Output, ToQapi};
 
 /// Longest node name (QEMU's limit: the name must fit 32 bytes with its NUL).
 pub const MAX_NODE_NAME: usize = 31;

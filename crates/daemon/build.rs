@@ -1,18 +1,13 @@
 //! Generates the QMP layer from the QAPI schema in the workspace's `schema/` directory:
 //! Rust types, argument parsers, the command dispatch trait (`$OUT_DIR/qapi.rs`) and the
-//! introspection table (`$OUT_DIR/introspection.json`). The schema reader is the library's
-//! own `src/schema` module, compiled in here too, so build and run time agree on the schema.
+//! introspection table (`$OUT_DIR/introspection.json`), with the QAPI toolchain in
+//! `sluice-qapi` (a build-dependency). `sluice-schema-check` reads the schema with the same
+//! code, so the ABI checker and the daemon agree on it.
 //!
 //! `'if'` conditions in the schema hold for `CONFIG_LINUX` on Linux and for
 //! `CONFIG_<FEATURE>` for every enabled cargo feature of this crate.
 
-#[allow(dead_code, unused_imports)]
-#[path = "src/schema/mod.rs"]
-mod schema;
-
-#[path = "build/codegen.rs"]
-mod codegen;
-
+use sluice_qapi::{codegen, schema};
 use std::path::PathBuf;
 
 fn main() {
@@ -21,8 +16,6 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dir = manifest.join("../../schema");
     println!("cargo:rerun-if-changed={}", dir.display());
-    println!("cargo:rerun-if-changed=build");
-    println!("cargo:rerun-if-changed=src/schema");
 
     let mut config: Vec<String> = std::env::vars()
         .filter_map(|(k, _)| {

@@ -26,10 +26,10 @@ use sluice_block::extents::Extents;
 use sluice_block::Errno;
 use sluice_image::{Driver, Format};
 
-use crate::block::image::{image_node, qmp_error};
 use crate::commands::Session;
 use crate::daemon::State;
 use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
+use crate::graph::image::{image_node, qmp_error};
 use crate::jobs::active_commit::ActiveCommitDriver;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::{ErrorClass, QmpError};
@@ -93,7 +93,7 @@ pub(crate) fn close_writer(
 }
 
 /// The image node behind `n`, which a commit of `device` needs.
-fn image_of(device: &str, n: &crate::block::Node) -> Result<Arc<sluice_image::Node>, QmpError> {
+fn image_of(device: &str, n: &crate::graph::Node) -> Result<Arc<sluice_image::Node>, QmpError> {
     image_node(&n.opened).ok_or_else(|| {
         QmpError::generic(format!(
             "block-commit of '{device}': node '{}' is not an image node",
@@ -104,8 +104,8 @@ fn image_of(device: &str, n: &crate::block::Node) -> Result<Arc<sluice_image::No
 
 /// Checks that `base` can take `top`'s data and opens the writable node over its image.
 fn base_writer(
-    top: &crate::block::Node,
-    base: &crate::block::Node,
+    top: &crate::graph::Node,
+    base: &crate::graph::Node,
     base_image: &sluice_image::Node,
 ) -> Result<(u64, Arc<sluice_image::Node>), QmpError> {
     let size = top.size()?;
@@ -195,13 +195,13 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
         chain.push(n);
         next = s.state.graph.child(n, "backing");
     }
-    let matches_file = |n: &crate::block::Node, f: &str| {
+    let matches_file = |n: &crate::graph::Node, f: &str| {
         n.opened.info.filename == f
             || image_node(&n.opened).is_some_and(|i| i.filename() == Path::new(f))
     };
     let top_at = if let Some(t) = &args.top_node {
         if s.state.graph.get(t).is_none() {
-            return Err(crate::block::not_found("", t));
+            return Err(crate::graph::not_found("", t));
         }
         chain
             .iter()
@@ -219,7 +219,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
     };
     let base_at = if let Some(b) = &args.base_node {
         if s.state.graph.get(b).is_none() {
-            return Err(crate::block::not_found("", b));
+            return Err(crate::graph::not_found("", b));
         }
         chain
             .iter()
@@ -257,7 +257,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
             )));
         }
     }
-    let image = |n: &crate::block::Node| image_of(&args.device, n);
+    let image = |n: &crate::graph::Node| image_of(&args.device, n);
     if top_at == 0 {
         let (driver, params) = active_job(args, &chain, base_at, nodes)?;
         // Tracking starts before the job exists: every write from now on is seen. If
@@ -312,7 +312,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
 /// [`super::active_commit`].
 fn active_job(
     args: BlockCommitArgs,
-    chain: &[&crate::block::Node],
+    chain: &[&crate::graph::Node],
     base_at: usize,
     nodes: Vec<String>,
 ) -> Result<(ActiveCommitDriver, JobParams), QmpError> {
@@ -323,7 +323,7 @@ fn active_job(
             device.name
         )));
     }
-    let image = |n: &crate::block::Node| image_of(&args.device, n);
+    let image = |n: &crate::graph::Node| image_of(&args.device, n);
     let (device_image, base_image) = (image(device)?, image(base)?);
     let (size, writer) = base_writer(device, base, &base_image)?;
     let dirty = Arc::new(sluice_image::DirtyMap::new(

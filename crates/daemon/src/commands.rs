@@ -25,8 +25,8 @@ use crate::generated::{
 };
 use crate::jobs::commands as jobs;
 use crate::jobs::{commit, stream};
-use crate::qapi::Input;
 use crate::QmpError;
+use sluice_qapi::runtime::Input;
 
 /// One command's view of the daemon: its state (locked) and the issuing monitor.
 pub(crate) struct Session<'a> {
@@ -226,7 +226,7 @@ impl Handlers for Session<'_> {
         )
     }
 
-    // Jobs (crates/qmp/src/jobs): `true` selects the block-job-* flavour of errors.
+    // Jobs (crates/daemon/src/jobs): `true` selects the block-job-* flavour of errors.
 
     fn query_jobs(&mut self) -> Result<Vec<JobInfo>, QmpError> {
         Ok(jobs::query_jobs(self))

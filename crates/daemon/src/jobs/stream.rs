@@ -25,11 +25,11 @@ use std::sync::Arc;
 
 use sluice_image::{Driver, Format};
 
-use crate::block::image::{image_node, qmp_error};
-use crate::block::not_found;
 use crate::commands::Session;
 use crate::daemon::State;
 use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
+use crate::graph::image::{image_node, qmp_error};
+use crate::graph::not_found;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::QmpError;
 
@@ -169,7 +169,7 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
             )));
         }
     }
-    let image = |n: &crate::block::Node| {
+    let image = |n: &crate::graph::Node| {
         image_node(&n.opened).ok_or_else(|| {
             QmpError::generic(format!(
                 "block-stream of '{}': node '{}' is not an image node",

@@ -450,16 +450,28 @@ impl Report {
     }
 }
 
-/// The introspection of the schema in `schema_dir`, with this build's configuration.
-pub fn current(schema_dir: &Path) -> Result<Vec<Value>, String> {
-    let cfg = |c: &str| crate::generated::CONFIG.contains(&c);
+/// The `'if'` names that hold for a build on this host with no cargo features: what a daemon
+/// built without features enables (`CONFIG_LINUX` on Linux).
+pub fn host_config() -> Vec<String> {
+    let mut config = Vec::new();
+    if cfg!(target_os = "linux") {
+        config.push("CONFIG_LINUX".to_string());
+    }
+    config
+}
+
+/// The introspection of the schema in `schema_dir`, with the `'if'` names in `config`
+/// enabled (a daemon passes the names its build enabled).
+pub fn current(schema_dir: &Path, config: &[String]) -> Result<Vec<Value>, String> {
+    let cfg = |c: &str| config.iter().any(|x| x == c);
     let schema = crate::schema::load_dir(schema_dir, &cfg).map_err(|e| e.to_string())?;
     Ok(crate::schema::introspect(&schema))
 }
 
-/// Compares the schema in `schema_dir` with `baseline_dir/introspection.json`.
-pub fn check(schema_dir: &Path, baseline_dir: &Path) -> Result<Report, String> {
-    let now = current(schema_dir)?;
+/// Compares the schema in `schema_dir`, with the `'if'` names in `config` enabled, with
+/// `baseline_dir/introspection.json`.
+pub fn check(schema_dir: &Path, baseline_dir: &Path, config: &[String]) -> Result<Report, String> {
+    let now = current(schema_dir, config)?;
     let path = baseline_dir.join(BASELINE_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let old: Vec<Value> =
@@ -470,8 +482,12 @@ pub fn check(schema_dir: &Path, baseline_dir: &Path) -> Result<Report, String> {
 }
 
 /// Writes the current introspection as the new baseline (at release time).
-pub fn update(schema_dir: &Path, baseline_dir: &Path) -> Result<PathBuf, String> {
-    let now = current(schema_dir)?;
+pub fn update(
+    schema_dir: &Path,
+    baseline_dir: &Path,
+    config: &[String],
+) -> Result<PathBuf, String> {
+    let now = current(schema_dir, config)?;
     let path = baseline_dir.join(BASELINE_FILE);
     let mut text = serde_json::to_string_pretty(&now).map_err(|e| e.to_string())?;
     text.push('\n');

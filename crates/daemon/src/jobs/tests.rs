@@ -9,10 +9,10 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::*;
-use crate::block::{BuiltinLoader, DriverRegistry};
 use crate::daemon::DaemonConfig;
 use crate::events::EventMsg;
-use crate::qapi::CompatPolicy;
+use crate::graph::{BuiltinLoader, DriverRegistry};
+use sluice_qapi::runtime::CompatPolicy;
 
 /// A driver of `steps` steps of `step` bytes; step `fail_at` fails (once) with EIO.
 struct Script {

@@ -29,8 +29,8 @@ use sluice_block::{
 };
 use sluice_server::{Listener, NamedExport, NbdServer};
 
-use crate::block::drivers::strerror;
 use crate::generated::{NbdServerOptions, SocketAddress};
+use crate::graph::drivers::strerror;
 use crate::QmpError;
 
 /// Longest export name or description (the NBD protocol's string limit).

@@ -261,7 +261,7 @@ impl Job {
         params: JobParams,
         driver: Box<dyn JobDriver>,
     ) -> Result<Arc<Job>, QmpError> {
-        if !crate::block::id_wellformed(&params.id) {
+        if !crate::graph::id_wellformed(&params.id) {
             return Err(QmpError::generic(format!("Invalid job ID '{}'", params.id)));
         }
         if st.jobs.get(&params.id).is_some() {
@@ -371,7 +371,7 @@ impl Job {
         });
     }
 
-    fn emit<E: crate::qapi::QapiEvent>(&self, e: &E) {
+    fn emit<E: sluice_qapi::runtime::QapiEvent>(&self, e: &E) {
         if let Some(d) = self.daemon.upgrade() {
             d.emit(e);
         }

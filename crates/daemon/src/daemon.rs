@@ -28,7 +28,6 @@ use sluice_proto::qmp::{ErrorClass, Request};
 use sluice_server::{ExportTable, ServerConfig};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::block::{not_found, DriverRegistry, Graph};
 use crate::events::EventBus;
 use crate::exports::{named_export, Export, RunningNbd, NBD_MAX_STRING};
 use crate::generated::{
@@ -36,8 +35,9 @@ use crate::generated::{
     BlockExportRemoveMode, BlockdevOptions, NbdServerOptions, ShutdownCause, ShutdownEvent,
     VersionInfo, VersionTriple, COMMANDS,
 };
-use crate::qapi::{CompatPolicy, Input, Output, QapiEvent, ToQapi};
+use crate::graph::{not_found, DriverRegistry, Graph};
 use crate::QmpError;
+use sluice_qapi::runtime::{CompatPolicy, Input, Output, QapiEvent, ToQapi};
 
 /// How long a hard `block-export-del` waits for disconnected clients' connections to end
 /// before replying (they finish the request they are running first).
@@ -286,7 +286,7 @@ impl Daemon {
         st: &mut State,
         opts: &BlockExportOptions,
     ) -> Result<(), QmpError> {
-        if !crate::block::id_wellformed(&opts.id) {
+        if !crate::graph::id_wellformed(&opts.id) {
             return Err(QmpError::generic("Invalid block export id"));
         }
         if st.exports.iter().any(|e| e.id == opts.id) {
