@@ -11,22 +11,88 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
-use crate::daemon::{version, Daemon, MonitorState, State};
 use crate::generated::{
-    BlockCommitArgs, BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
-    BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
-    BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
-    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
-    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
-    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
-    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
-    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
-    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    dispatch, BlockCommitArgs, BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo,
+    BlockExportOptions, BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode,
+    BlockExportType, BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs,
+    BlockJobFinalizeArgs, BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs,
+    BlockJobSetSpeedArgs, BlockStreamArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
+    JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
+    JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
+    NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs, QueryNamedBlockNodesArgs,
+    ShutdownCause, SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo,
+    COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
 use crate::jobs::{commit, stream};
+use crate::state::{version, Daemon, State};
 use crate::QmpError;
+use sluice_proto::qmp::{ErrorClass, Request};
 use sluice_qapi::runtime::Input;
+
+/// Per-monitor protocol state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MonitorState {
+    /// `qmp_capabilities` succeeded: command mode.
+    pub negotiated: bool,
+    /// Out-of-band execution was enabled.
+    pub oob: bool,
+    /// The last event the last command caused: events up to it go before its reply.
+    pub events_before_reply: u64,
+}
+
+impl Daemon {
+    /// Runs one command for a monitor: QEMU's checks (negotiation mode, unknown command,
+    /// compatibility policy, out-of-band), then the typed handler with the state locked.
+    pub fn execute(
+        self: &Arc<Self>,
+        req: &Request,
+        mon: &mut MonitorState,
+    ) -> Result<Value, QmpError> {
+        if !mon.negotiated && req.command != "qmp_capabilities" {
+            return Err(QmpError::command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        let Some(def) = COMMANDS.iter().find(|c| c.name == req.command) else {
+            return Err(QmpError::command_not_found(format!(
+                "The command {} has not been found",
+                req.command
+            )));
+        };
+        self.policy().check_input(
+            def.features,
+            "command",
+            def.name,
+            ErrorClass::CommandNotFound,
+        )?;
+        if req.oob && !def.allow_oob {
+            return Err(QmpError::generic(format!(
+                "The command {} does not support OOB",
+                req.command
+            )));
+        }
+        let mut st = self.lock();
+        let mut inp = Input::json(self.policy());
+        let mut session = Session {
+            daemon: self,
+            state: &mut st,
+            mon,
+        };
+        let r = dispatch(
+            &mut session,
+            def.name,
+            &req.arguments,
+            &mut inp,
+            self.output(),
+        )
+        .expect("every command in COMMANDS has a dispatch arm");
+        // Still locked: a job this command started has not emitted anything yet (job threads
+        // take the lock before they begin), so this is exactly the command's own events.
+        mon.events_before_reply = self.events().last_seq();
+        r
+    }
+}
 
 /// One command's view of the daemon: its state (locked) and the issuing monitor.
 pub(crate) struct Session<'a> {
@@ -229,70 +295,70 @@ impl Handlers for Session<'_> {
     // Jobs (crates/daemon/src/jobs): `true` selects the block-job-* flavour of errors.
 
     fn query_jobs(&mut self) -> Result<Vec<JobInfo>, QmpError> {
-        Ok(jobs::query_jobs(self))
+        Ok(jobs::query_jobs(self.state))
     }
 
     fn job_pause(&mut self, args: JobPauseArgs) -> Result<(), QmpError> {
-        jobs::pause(self, &args.id, false)
+        jobs::pause(self.state, &args.id, false)
     }
 
     fn job_resume(&mut self, args: JobResumeArgs) -> Result<(), QmpError> {
-        jobs::resume(self, &args.id, false)
+        jobs::resume(self.state, &args.id, false)
     }
 
     fn job_cancel(&mut self, args: JobCancelArgs) -> Result<(), QmpError> {
-        jobs::cancel(self, &args.id, false, true)
+        jobs::cancel(self.state, &args.id, false, true)
     }
 
     fn job_complete(&mut self, args: JobCompleteArgs) -> Result<(), QmpError> {
-        jobs::complete(self, &args.id, false)
+        jobs::complete(self.state, &args.id, false)
     }
 
     fn job_dismiss(&mut self, args: JobDismissArgs) -> Result<(), QmpError> {
-        jobs::dismiss(self, &args.id, false)
+        jobs::dismiss(self.state, &args.id, false)
     }
 
     fn job_finalize(&mut self, args: JobFinalizeArgs) -> Result<(), QmpError> {
-        jobs::finalize(self, &args.id, false)
+        jobs::finalize(self.state, &args.id, false)
     }
 
     fn query_block_jobs(&mut self) -> Result<Vec<BlockJobInfo>, QmpError> {
-        Ok(jobs::query_block_jobs(self))
+        Ok(jobs::query_block_jobs(self.state))
     }
 
     fn block_job_set_speed(&mut self, args: BlockJobSetSpeedArgs) -> Result<(), QmpError> {
-        jobs::set_speed(self, &args.device, args.speed)
+        jobs::set_speed(self.state, &args.device, args.speed)
     }
 
     fn block_job_cancel(&mut self, args: BlockJobCancelArgs) -> Result<(), QmpError> {
-        jobs::cancel(self, &args.device, true, args.force.unwrap_or(false))
+        jobs::cancel(self.state, &args.device, true, args.force.unwrap_or(false))
     }
 
     fn block_job_pause(&mut self, args: BlockJobPauseArgs) -> Result<(), QmpError> {
-        jobs::pause(self, &args.device, true)
+        jobs::pause(self.state, &args.device, true)
     }
 
     fn block_job_resume(&mut self, args: BlockJobResumeArgs) -> Result<(), QmpError> {
-        jobs::resume(self, &args.device, true)
+        jobs::resume(self.state, &args.device, true)
     }
 
     fn block_job_complete(&mut self, args: BlockJobCompleteArgs) -> Result<(), QmpError> {
-        jobs::complete(self, &args.device, true)
+        jobs::complete(self.state, &args.device, true)
     }
 
     fn block_job_finalize(&mut self, args: BlockJobFinalizeArgs) -> Result<(), QmpError> {
-        jobs::finalize(self, &args.id, true)
+        jobs::finalize(self.state, &args.id, true)
     }
 
     fn block_job_dismiss(&mut self, args: BlockJobDismissArgs) -> Result<(), QmpError> {
-        jobs::dismiss(self, &args.id, true)
+        jobs::dismiss(self.state, &args.id, true)
     }
 
     fn block_stream(&mut self, args: BlockStreamArgs) -> Result<(), QmpError> {
-        stream::block_stream(self, args)
+        stream::block_stream(self.daemon, self.state, args)
     }
 
     fn block_commit(&mut self, args: BlockCommitArgs) -> Result<(), QmpError> {
-        commit::block_commit(self, args)
+        commit::block_commit(self.daemon, self.state, args)
     }
 }

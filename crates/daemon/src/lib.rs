@@ -7,23 +7,45 @@
 //! - [`graph`]: the graph of named block nodes and the driver registry (file, raw and qcow2
 //!   from `crates/image`; null-co, null-aio, sluice-plugin).
 //! - [`exports`]: block exports and the NBD server behind them.
-//! - [`daemon`]: the state every monitor shares, command execution, shutdown.
-//! - [`commands`]: the commands; [`monitor`]: one client connection; [`events`]: delivery.
-//! - [`jobs`]: background jobs (the generic job state machine and verbs, block-stream,
-//!   block-commit).
+//! - [`events`]: event delivery to monitors, in order with command replies.
+//! - [`jobs`]: background jobs: the generic job state machine and verbs (generic over the
+//!   daemon's state), and one file per kind (block-stream, block-commit, active commit) and
+//!   the job commands on top.
+//! - [`state`]: the state every monitor shares (graph, exports, NBD server, jobs) behind one
+//!   lock, and [`Daemon`], the handle to it (lock, emit, shutdown).
+//! - [`commands`]: the commands (one method of the generated `Handlers` each) and
+//!   [`Daemon::execute`]; [`monitor`]: one client connection, and the listener.
+//!
+//! # Layers
+//!
+//! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
+//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
+//! `jobs::active_commit`, `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
+//! `tests/layering.rs` reads the sources and fails on an import that goes up.
+//!
+//! # Where things go
+//!
+//! - A QMP command: its definition in `schema/*.json`; the build then asks for a method of
+//!   `Handlers`, which goes in [`commands`] (or, for job verbs, `jobs/commands.rs`).
+//! - A job kind: one file in `jobs/` with a [`jobs::JobDriver`] (`run`, and `prepare` /
+//!   `abort` / `clean` for the graph at the end) and a function that checks the command's
+//!   arguments and calls [`jobs::Job::start`]; copy `jobs/stream.rs`.
+//! - A block driver (`blockdev-add driver=...`): a `NodeDriver` in [`graph`].
 //!
 //! The wire format itself (JSON stream, request checks, reply encoding) is sans-IO code in
 //! `sluice_proto::qmp`; the QAPI language, the generator and the ABI checker are in
 //! `sluice-qapi`; this crate adds everything that needs state, threads or sockets.
 
 pub mod commands;
-pub mod daemon;
 pub mod events;
 pub mod exports;
 pub mod generated;
 pub mod graph;
 pub mod jobs;
 pub mod monitor;
+pub mod state;
 
-pub use daemon::{Daemon, DaemonConfig, MonitorListener, MonitorState};
+pub use commands::MonitorState;
+pub use monitor::MonitorListener;
 pub use sluice_proto::qmp::{ErrorClass, QmpError};
+pub use state::{Daemon, DaemonConfig};

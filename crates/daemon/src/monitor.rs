@@ -13,16 +13,22 @@
 //! read its replies stops being read (QEMU's flow control). A client that disconnects, even in
 //! the middle of a message or before its reply, ends only its own task.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_proto::qmp::{
     encode_error, encode_greeting, encode_return, parse_request, JsonStream, QmpError,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Semaphore};
 
-use crate::daemon::{Daemon, MonitorState};
+use crate::commands::MonitorState;
 use crate::events::EventMsg;
+use crate::state::Daemon;
+
+/// Most clients served at once on one monitor socket.
+pub const MAX_CLIENTS_PER_MONITOR: usize = 64;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -176,5 +182,72 @@ async fn next_event(
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    /// Serves QMP monitors on `listener` until shutdown (spawned on the current runtime).
+    pub fn spawn_monitor_listener(self: &Arc<Self>, listener: MonitorListener) {
+        let daemon = self.clone();
+        tokio::spawn(async move { daemon.accept_monitors(listener).await });
+    }
+
+    async fn accept_monitors(self: Arc<Self>, listener: MonitorListener) {
+        let limit = Arc::new(Semaphore::new(MAX_CLIENTS_PER_MONITOR));
+        let mut shutdown = self.shutdown_watch();
+        loop {
+            if self.is_shutting_down() {
+                break;
+            }
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(stream) => {
+                        self.monitor_opened();
+                        let daemon = self.clone();
+                        tokio::spawn(async move {
+                            match stream {
+                                MonitorStream::Unix(s) => run(daemon.clone(), s).await,
+                                MonitorStream::Tcp(s) => run(daemon.clone(), s).await,
+                            }
+                            drop(permit);
+                            daemon.monitor_closed();
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("monitor accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => {}
+            }
+        }
+        if let MonitorListener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A socket monitors are served on (`--chardev socket,...,server=on`).
+#[derive(Debug)]
+pub enum MonitorListener {
+    /// The path is unlinked when the daemon stops.
+    Unix(tokio::net::UnixListener, PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
+enum MonitorStream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl MonitorListener {
+    async fn accept(&self) -> std::io::Result<MonitorStream> {
+        Ok(match self {
+            MonitorListener::Unix(l, _) => MonitorStream::Unix(l.accept().await?.0),
+            MonitorListener::Tcp(l) => MonitorStream::Tcp(l.accept().await?.0),
+        })
     }
 }

@@ -392,6 +392,17 @@ fn describe(e: &ImageError) -> String {
     }
 }
 
+/// The end of a commit's writes into a read-only base: flushes the writer (if still
+/// open), then makes the base node drop the caches the writer made stale.
+pub fn close_writer(
+    writer: Option<&Arc<sluice_image::Node>>,
+    base: &sluice_image::Node,
+) -> Result<(), String> {
+    let flushed = writer.map_or(Ok(()), |w| w.flush().map_err(|e| e.errno.describe()));
+    let reloaded = base.reload().map_err(|e| qmp_error(e).desc);
+    flushed.and(reloaded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

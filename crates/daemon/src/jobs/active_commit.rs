@@ -30,10 +30,10 @@ use sluice_block::extents::Extents;
 use sluice_block::Plugin;
 use sluice_image::DirtyMap;
 
-use crate::daemon::State;
+use crate::graph::image::close_writer;
 use crate::graph::image::refresh_info;
-use crate::jobs::commit::close_writer;
 use crate::jobs::{Completion, ErrorAction, JobCtx, JobDriver, WorkError, COPY_CHUNK};
+use crate::state::State;
 
 /// How long a ready job waits for new writes before it looks again (also the longest a
 /// write waits to be mirrored).
@@ -60,7 +60,7 @@ pub struct ActiveCommitDriver {
 
 impl ActiveCommitDriver {
     /// Marks what the layers from the device down to above the base hold.
-    fn mark_allocated(&self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
+    fn mark_allocated(&self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         let top = &self.device.1;
         let size = top.size();
         let step = 1 << 30;
@@ -94,7 +94,7 @@ impl ActiveCommitDriver {
     /// nothing was dirty.
     fn step(
         &self,
-        ctx: &mut JobCtx<'_>,
+        ctx: &mut JobCtx<'_, State>,
         cursor: &mut u64,
         buf: &mut Vec<u8>,
     ) -> Result<bool, WorkError> {
@@ -133,8 +133,8 @@ impl ActiveCommitDriver {
     }
 }
 
-impl JobDriver for ActiveCommitDriver {
-    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
+impl JobDriver<State> for ActiveCommitDriver {
+    fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         self.mark_allocated(ctx)?;
         ctx.set_remaining(self.dirty.dirty_bytes());
         let mut cursor = 0;

@@ -7,22 +7,21 @@
 
 use std::sync::Arc;
 
-use crate::commands::Session;
 use crate::generated::{BlockJobInfo, JobInfo};
 use crate::jobs::Job;
+use crate::state::State;
 use crate::{ErrorClass, QmpError};
 
 /// The job `id` for a `job-*` command.
-fn job(s: &Session<'_>, id: &str) -> Result<Arc<Job>, QmpError> {
-    s.state
-        .jobs
+fn job(st: &State, id: &str) -> Result<Arc<Job<State>>, QmpError> {
+    st.jobs
         .get(id)
         .ok_or_else(|| QmpError::generic("Job not found"))
 }
 
 /// The job `id` for a `block-job-*` command.
-fn block_job(s: &Session<'_>, id: &str) -> Result<Arc<Job>, QmpError> {
-    s.state.jobs.get(id).ok_or_else(|| {
+fn block_job(st: &State, id: &str) -> Result<Arc<Job<State>>, QmpError> {
+    st.jobs.get(id).ok_or_else(|| {
         QmpError::new(
             ErrorClass::DeviceNotActive,
             format!("Block job '{id}' not found"),
@@ -30,74 +29,69 @@ fn block_job(s: &Session<'_>, id: &str) -> Result<Arc<Job>, QmpError> {
     })
 }
 
-pub(crate) fn query_jobs(s: &mut Session<'_>) -> Vec<JobInfo> {
-    s.state.jobs.iter().map(|j| j.info()).collect()
+pub(crate) fn query_jobs(st: &mut State) -> Vec<JobInfo> {
+    st.jobs.iter().map(|j| j.info()).collect()
 }
 
-pub(crate) fn query_block_jobs(s: &mut Session<'_>) -> Vec<BlockJobInfo> {
-    s.state.jobs.iter().map(|j| j.block_info()).collect()
+pub(crate) fn query_block_jobs(st: &mut State) -> Vec<BlockJobInfo> {
+    st.jobs.iter().map(|j| j.block_info()).collect()
 }
 
-pub(crate) fn pause(s: &mut Session<'_>, id: &str, block: bool) -> Result<(), QmpError> {
+pub(crate) fn pause(st: &mut State, id: &str, block: bool) -> Result<(), QmpError> {
     let j = if block {
-        block_job(s, id)?
+        block_job(st, id)?
     } else {
-        job(s, id)?
+        job(st, id)?
     };
     j.pause()
 }
 
-pub(crate) fn resume(s: &mut Session<'_>, id: &str, block: bool) -> Result<(), QmpError> {
+pub(crate) fn resume(st: &mut State, id: &str, block: bool) -> Result<(), QmpError> {
     let j = if block {
-        block_job(s, id)?
+        block_job(st, id)?
     } else {
-        job(s, id)?
+        job(st, id)?
     };
     j.resume()
 }
 
-pub(crate) fn complete(s: &mut Session<'_>, id: &str, block: bool) -> Result<(), QmpError> {
+pub(crate) fn complete(st: &mut State, id: &str, block: bool) -> Result<(), QmpError> {
     let j = if block {
-        block_job(s, id)?
+        block_job(st, id)?
     } else {
-        job(s, id)?
+        job(st, id)?
     };
     j.complete()
 }
 
-pub(crate) fn finalize(s: &mut Session<'_>, id: &str, block: bool) -> Result<(), QmpError> {
+pub(crate) fn finalize(st: &mut State, id: &str, block: bool) -> Result<(), QmpError> {
     let j = if block {
-        block_job(s, id)?
+        block_job(st, id)?
     } else {
-        job(s, id)?
+        job(st, id)?
     };
-    j.finalize(s.state)
+    j.finalize(st)
 }
 
-pub(crate) fn dismiss(s: &mut Session<'_>, id: &str, block: bool) -> Result<(), QmpError> {
+pub(crate) fn dismiss(st: &mut State, id: &str, block: bool) -> Result<(), QmpError> {
     let j = if block {
-        block_job(s, id)?
+        block_job(st, id)?
     } else {
-        job(s, id)?
+        job(st, id)?
     };
-    j.dismiss(s.state)
+    j.dismiss(st)
 }
 
 /// `job-cancel` (always forced, as QEMU's) and `block-job-cancel`.
-pub(crate) fn cancel(
-    s: &mut Session<'_>,
-    id: &str,
-    block: bool,
-    force: bool,
-) -> Result<(), QmpError> {
+pub(crate) fn cancel(st: &mut State, id: &str, block: bool, force: bool) -> Result<(), QmpError> {
     let j = if block {
-        block_job(s, id)?
+        block_job(st, id)?
     } else {
-        job(s, id)?
+        job(st, id)?
     };
-    j.cancel(s.state, force || !block)
+    j.cancel(st, force || !block)
 }
 
-pub(crate) fn set_speed(s: &mut Session<'_>, id: &str, speed: i64) -> Result<(), QmpError> {
-    block_job(s, id)?.set_speed(speed)
+pub(crate) fn set_speed(st: &mut State, id: &str, speed: i64) -> Result<(), QmpError> {
+    block_job(st, id)?.set_speed(speed)
 }

@@ -26,12 +26,11 @@ use sluice_block::extents::Extents;
 use sluice_block::Errno;
 use sluice_image::{Driver, Format};
 
-use crate::commands::Session;
-use crate::daemon::State;
 use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
-use crate::graph::image::{image_node, qmp_error};
+use crate::graph::image::{close_writer, image_node, qmp_error};
 use crate::jobs::active_commit::ActiveCommitDriver;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::state::{Daemon, State};
 use crate::{ErrorClass, QmpError};
 
 /// The commit job's work.
@@ -81,17 +80,6 @@ impl CommitDriver {
     }
 }
 
-/// The end of a commit's writes into a read-only base: flushes the writer (if still
-/// open), then makes the base node drop the caches the writer made stale.
-pub(crate) fn close_writer(
-    writer: Option<&Arc<sluice_image::Node>>,
-    base: &sluice_image::Node,
-) -> Result<(), String> {
-    let flushed = writer.map_or(Ok(()), |w| w.flush().map_err(|e| e.errno.describe()));
-    let reloaded = base.reload().map_err(|e| qmp_error(e).desc);
-    flushed.and(reloaded)
-}
-
 /// The image node behind `n`, which a commit of `device` needs.
 fn image_of(device: &str, n: &crate::graph::Node) -> Result<Arc<sluice_image::Node>, QmpError> {
     image_node(&n.opened).ok_or_else(|| {
@@ -126,8 +114,8 @@ fn base_writer(
     Ok((size, writer))
 }
 
-impl JobDriver for CommitDriver {
-    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
+impl JobDriver<State> for CommitDriver {
+    fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         let size = self.size;
         ctx.copy_in_chunks(size, |offset, n| self.commit_range(offset, n))
     }
@@ -167,7 +155,11 @@ impl JobDriver for CommitDriver {
 }
 
 /// The `block-commit` command.
-pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result<(), QmpError> {
+pub(crate) fn block_commit(
+    daemon: &Arc<Daemon>,
+    st: &mut State,
+    args: BlockCommitArgs,
+) -> Result<(), QmpError> {
     if args.base.is_some() && args.base_node.is_some() {
         return Err(QmpError::generic(
             "'base-node' and 'base' are mutually exclusive",
@@ -178,29 +170,29 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
             "'top-node' and 'top' are mutually exclusive",
         ));
     }
-    let Some(device) = s.state.graph.get(&args.device) else {
+    let Some(device) = st.graph.get(&args.device) else {
         return Err(QmpError::new(
             ErrorClass::DeviceNotFound,
             format!("Device '{}' not found", args.device),
         ));
     };
     // QEMU commits from a root node only: not one another node (or a job) uses.
-    if s.state.graph.has_parent(&device.name) || s.state.jobs.using_node(&device.name).is_some() {
+    if st.graph.has_parent(&device.name) || st.jobs.using_node(&device.name).is_some() {
         return Err(QmpError::generic("Need a root block node"));
     }
     // The chain from the device down, by graph name: chain[0] is the device.
     let mut chain = vec![device];
-    let mut next = s.state.graph.child(device, "backing");
+    let mut next = st.graph.child(device, "backing");
     while let Some(n) = next {
         chain.push(n);
-        next = s.state.graph.child(n, "backing");
+        next = st.graph.child(n, "backing");
     }
     let matches_file = |n: &crate::graph::Node, f: &str| {
         n.opened.info.filename == f
             || image_node(&n.opened).is_some_and(|i| i.filename() == Path::new(f))
     };
     let top_at = if let Some(t) = &args.top_node {
-        if s.state.graph.get(t).is_none() {
+        if st.graph.get(t).is_none() {
             return Err(crate::graph::not_found("", t));
         }
         chain
@@ -218,7 +210,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
         0
     };
     let base_at = if let Some(b) = &args.base_node {
-        if s.state.graph.get(b).is_none() {
+        if st.graph.get(b).is_none() {
             return Err(crate::graph::not_found("", b));
         }
         chain
@@ -250,7 +242,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
         .collect();
     nodes.dedup();
     for n in &nodes {
-        if let Some(j) = s.state.jobs.using_node(n) {
+        if let Some(j) = st.jobs.using_node(n) {
             return Err(QmpError::generic(format!(
                 "Node '{n}' is busy: block device is in use by block job: {}",
                 j.job_type
@@ -264,7 +256,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
         // the job does not start, nothing tracks.
         let device = driver.device.1.clone();
         device.track_writes(Some(driver.dirty.clone()));
-        let started = Job::start(s.daemon, s.state, params, Box::new(driver));
+        let started = Job::start(daemon, st, params, Box::new(driver));
         if started.is_err() {
             device.track_writes(None);
         }
@@ -304,7 +296,7 @@ pub(crate) fn block_commit(s: &mut Session<'_>, args: BlockCommitArgs) -> Result
         total: size,
         completable: false,
     };
-    Job::start(s.daemon, s.state, params, Box::new(driver))?;
+    Job::start(daemon, st, params, Box::new(driver))?;
     Ok(())
 }
 

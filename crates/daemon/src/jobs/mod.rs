@@ -47,7 +47,7 @@ mod tests;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Daemon, State};
+use crate::events::EventBus;
 use crate::generated::{
     BlockDeviceIoStatus, BlockErrorAction, BlockJobCancelledEvent, BlockJobCompletedEvent,
     BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent, BlockJobReadyEvent, BlockdevOnError,
@@ -114,8 +114,23 @@ pub enum ErrorAction {
     Retry,
 }
 
+/// What the framework needs from the daemon that owns the jobs: its state lock (a job's
+/// start waits for it, and a job's end runs under it) and its event delivery. The daemon's
+/// state type `S` is a parameter, so that this module stays below the state it is part of.
+pub trait JobHost<S>: Send + Sync {
+    /// The daemon's state, locked.
+    fn lock(&self) -> MutexGuard<'_, S>;
+    /// Where job events go.
+    fn events(&self) -> &EventBus;
+}
+
+/// The daemon state that holds the job table.
+pub trait HasJobs: Sized + Send + 'static {
+    fn jobs(&mut self) -> &mut Jobs<Self>;
+}
+
 /// The kind-specific part of a job.
-pub trait JobDriver: Send {
+pub trait JobDriver<S: HasJobs>: Send {
     /// True if the job has no work at all: it then runs through its states inside the
     /// creating command, before its reply, as QEMU's does when its coroutine returns
     /// before the first yield (a stream of a node without backing).
@@ -124,19 +139,19 @@ pub trait JobDriver: Send {
     }
 
     /// The work, on the job thread; calls `ctx` between chunks.
-    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError>;
+    fn run(&mut self, ctx: &mut JobCtx<'_, S>) -> Result<(), WorkError>;
 
     /// At finalize, after success: make the job's changes (graph, image headers). An error
     /// fails the job instead.
-    fn prepare(&mut self, _st: &mut State) -> Result<(), String> {
+    fn prepare(&mut self, _st: &mut S) -> Result<(), String> {
         Ok(())
     }
 
     /// After failure or cancel: undo what must be undone.
-    fn abort(&mut self, _st: &mut State) {}
+    fn abort(&mut self, _st: &mut S) {}
 
     /// In any case, at the end: release what the job held.
-    fn clean(&mut self, _st: &mut State) {}
+    fn clean(&mut self, _st: &mut S) {}
 }
 
 /// Parameters of a new job.
@@ -193,7 +208,7 @@ struct JobState {
 }
 
 /// One job (see the module doc).
-pub struct Job {
+pub struct Job<S: HasJobs> {
     pub id: String,
     pub job_type: JobType,
     pub auto_finalize: bool,
@@ -203,11 +218,11 @@ pub struct Job {
     completable: bool,
     st: Mutex<JobState>,
     cond: Condvar,
-    driver: Mutex<Box<dyn JobDriver>>,
-    daemon: Weak<Daemon>,
+    driver: Mutex<Box<dyn JobDriver<S>>>,
+    host: Weak<dyn JobHost<S>>,
 }
 
-impl std::fmt::Debug for Job {
+impl<S: HasJobs> std::fmt::Debug for Job<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
             .field("id", &self.id)
@@ -218,22 +233,28 @@ impl std::fmt::Debug for Job {
 }
 
 /// The jobs of a daemon (in the daemon's state), oldest first.
-#[derive(Debug, Default)]
-pub struct Jobs {
-    list: Vec<Arc<Job>>,
+#[derive(Debug)]
+pub struct Jobs<S: HasJobs> {
+    list: Vec<Arc<Job<S>>>,
 }
 
-impl Jobs {
-    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+impl<S: HasJobs> Default for Jobs<S> {
+    fn default() -> Self {
+        Jobs { list: Vec::new() }
+    }
+}
+
+impl<S: HasJobs> Jobs<S> {
+    pub fn get(&self, id: &str) -> Option<Arc<Job<S>>> {
         self.list.iter().find(|j| j.id == id).cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Job>> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Job<S>>> {
         self.list.iter()
     }
 
     /// The job (not yet concluded) that uses `node`, if any.
-    pub fn using_node(&self, node: &str) -> Option<&Arc<Job>> {
+    pub fn using_node(&self, node: &str) -> Option<&Arc<Job<S>>> {
         self.list.iter().find(|j| {
             j.nodes.iter().any(|n| n == node)
                 && !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
@@ -252,19 +273,19 @@ fn verb_refused(id: &str, status: JobStatus, verb: JobVerb) -> QmpError {
     ))
 }
 
-impl Job {
+impl<S: HasJobs> Job<S> {
     /// Creates a job, registers it, emits `created` and `running`, and starts its thread.
     /// Checks the id first: well-formed and unused daemon-wide.
-    pub fn start(
-        daemon: &Arc<Daemon>,
-        st: &mut State,
+    pub fn start<H: JobHost<S> + 'static>(
+        host: &Arc<H>,
+        st: &mut S,
         params: JobParams,
-        driver: Box<dyn JobDriver>,
-    ) -> Result<Arc<Job>, QmpError> {
+        driver: Box<dyn JobDriver<S>>,
+    ) -> Result<Arc<Job<S>>, QmpError> {
         if !crate::graph::id_wellformed(&params.id) {
             return Err(QmpError::generic(format!("Invalid job ID '{}'", params.id)));
         }
-        if st.jobs.get(&params.id).is_some() {
+        if st.jobs().get(&params.id).is_some() {
             return Err(QmpError::generic(format!(
                 "Job ID '{}' already in use",
                 params.id
@@ -300,14 +321,17 @@ impl Job {
             }),
             cond: Condvar::new(),
             driver: Mutex::new(driver),
-            daemon: Arc::downgrade(daemon),
+            host: {
+                let h: Arc<dyn JobHost<S>> = host.clone();
+                Arc::downgrade(&h)
+            },
         });
         {
             let mut s = job.lock();
             job.set_status(&mut s, JobStatus::Created);
             job.set_status(&mut s, JobStatus::Running);
         }
-        st.jobs.list.push(job.clone());
+        st.jobs().list.push(job.clone());
         let trivial = job
             .driver
             .lock()
@@ -331,7 +355,7 @@ impl Job {
             return Ok(job);
         }
         let j = job.clone();
-        let d = Arc::downgrade(daemon);
+        let d = job.host.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("job {}", job.id))
             .spawn(move || j.thread_main(d));
@@ -372,8 +396,8 @@ impl Job {
     }
 
     fn emit<E: sluice_qapi::runtime::QapiEvent>(&self, e: &E) {
-        if let Some(d) = self.daemon.upgrade() {
-            d.emit(e);
+        if let Some(h) = self.host.upgrade() {
+            h.events().emit(e);
         }
     }
 
@@ -385,10 +409,10 @@ impl Job {
         }
     }
 
-    fn thread_main(self: Arc<Job>, daemon: Weak<Daemon>) {
+    fn thread_main(self: Arc<Job<S>>, host: Weak<dyn JobHost<S>>) {
         // Start only once the creating command is over (see the module doc).
-        match daemon.upgrade() {
-            Some(d) => drop(d.lock()),
+        match host.upgrade() {
+            Some(h) => drop(h.lock()),
             None => return,
         }
         {
@@ -424,7 +448,7 @@ impl Job {
         // What follows happens under the state lock, so that a command that let the job
         // finish (job-resume, set-speed, job-complete) has its reply before these events,
         // as in qsd, whose jobs only run when the monitor is idle.
-        let Some(d) = daemon.upgrade() else { return };
+        let Some(d) = host.upgrade() else { return };
         loop {
             let mut st = d.lock();
             let mut s = self.lock();
@@ -462,7 +486,7 @@ impl Job {
     /// Ends the job (with the state lock held): prepare/commit or abort, the completion
     /// event, `concluded`, and `null` with auto-dismiss. Nothing if the job is already over
     /// or its work is still running.
-    fn finish(&self, st: &mut State) {
+    fn finish(&self, st: &mut S) {
         let mut s = self.lock();
         if s.work_done.is_none()
             || matches!(
@@ -526,7 +550,7 @@ impl Job {
         if self.auto_dismiss {
             self.set_status(&mut s, JobStatus::Null);
             drop(s);
-            st.jobs.remove(&self.id);
+            st.jobs().remove(&self.id);
         }
     }
 
@@ -591,7 +615,7 @@ impl Job {
 
     /// `job-cancel` / `block-job-cancel`: stops the work and ends the job before returning.
     /// `force` false refuses a paused job (block-job-cancel's rule).
-    pub fn cancel(&self, st: &mut State, force: bool) -> Result<(), QmpError> {
+    pub fn cancel(&self, st: &mut S, force: bool) -> Result<(), QmpError> {
         {
             let mut s = self.lock();
             if s.user_paused && !force {
@@ -644,20 +668,20 @@ impl Job {
     }
 
     /// `job-finalize`.
-    pub fn finalize(&self, st: &mut State) -> Result<(), QmpError> {
+    pub fn finalize(&self, st: &mut S) -> Result<(), QmpError> {
         self.check_verb(&self.lock(), JobVerb::Finalize)?;
         self.finish(st);
         Ok(())
     }
 
     /// `job-dismiss`.
-    pub fn dismiss(&self, st: &mut State) -> Result<(), QmpError> {
+    pub fn dismiss(&self, st: &mut S) -> Result<(), QmpError> {
         {
             let mut s = self.lock();
             self.check_verb(&s, JobVerb::Dismiss)?;
             self.set_status(&mut s, JobStatus::Null);
         }
-        st.jobs.remove(&self.id);
+        st.jobs().remove(&self.id);
         Ok(())
     }
 
@@ -698,13 +722,13 @@ impl Job {
 }
 
 /// What a driver's work sees of its job: progress, pause points, the rate limit, errors.
-pub struct JobCtx<'a> {
-    job: &'a Job,
+pub struct JobCtx<'a, S: HasJobs> {
+    job: &'a Job<S>,
     /// Start of the rate limiter's window and the bytes charged in it.
     window: Option<(Instant, u64)>,
 }
 
-impl std::fmt::Debug for JobCtx<'_> {
+impl<S: HasJobs> std::fmt::Debug for JobCtx<'_, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobCtx")
             .field("job", &self.job.id)
@@ -712,7 +736,7 @@ impl std::fmt::Debug for JobCtx<'_> {
     }
 }
 
-impl JobCtx<'_> {
+impl<S: HasJobs> JobCtx<'_, S> {
     /// Sets the total progress (bytes for block jobs).
     pub fn set_total(&mut self, total: u64) {
         self.job.lock().total = total;

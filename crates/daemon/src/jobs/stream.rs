@@ -25,12 +25,11 @@ use std::sync::Arc;
 
 use sluice_image::{Driver, Format};
 
-use crate::commands::Session;
-use crate::daemon::State;
 use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
 use crate::graph::image::{image_node, qmp_error};
 use crate::graph::not_found;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::state::{Daemon, State};
 use crate::QmpError;
 
 /// How often (in bytes of the image walked) the stream flushes the top: what was copied
@@ -52,12 +51,12 @@ pub struct StreamDriver {
     backing_file: Option<String>,
 }
 
-impl JobDriver for StreamDriver {
+impl JobDriver<State> for StreamDriver {
     fn nothing_to_do(&self) -> bool {
         self.size == 0
     }
 
-    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
+    fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         let base = self.base.as_ref().map(|(_, n)| &**n);
         let top = self.top.as_ref().map(|(_, n)| n);
         ctx.copy_in_chunks(self.size, |offset, n| match top {
@@ -96,7 +95,11 @@ impl JobDriver for StreamDriver {
 }
 
 /// The `block-stream` command.
-pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result<(), QmpError> {
+pub(crate) fn block_stream(
+    daemon: &Arc<Daemon>,
+    st: &mut State,
+    args: BlockStreamArgs,
+) -> Result<(), QmpError> {
     if args.base.is_some() && args.base_node.is_some() {
         return Err(QmpError::generic(
             "'base' and 'base-node' cannot be specified at the same time",
@@ -112,15 +115,15 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
             "'bottom' and 'base-node' cannot be specified at the same time",
         ));
     }
-    let Some(top) = s.state.graph.get(&args.device) else {
+    let Some(top) = st.graph.get(&args.device) else {
         return Err(not_found(&args.device, &args.device));
     };
     // The backing chain below the top, by graph name, top-down.
     let mut chain = Vec::new();
-    let mut next = s.state.graph.child(top, "backing");
+    let mut next = st.graph.child(top, "backing");
     while let Some(n) = next {
         chain.push(n);
-        next = s.state.graph.child(n, "backing");
+        next = st.graph.child(n, "backing");
     }
     // The index in `chain` of the base (the first layer not copied); chain.len(): none.
     let base_at = if let Some(base) = &args.base {
@@ -132,7 +135,7 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
             })
             .ok_or_else(|| QmpError::generic(format!("Can't find '{base}' in the backing chain")))?
     } else if let Some(b) = &args.base_node {
-        if s.state.graph.get(b).is_none() {
+        if st.graph.get(b).is_none() {
             return Err(not_found("", b));
         }
         chain.iter().position(|n| n.name == *b).ok_or_else(|| {
@@ -142,7 +145,7 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
             ))
         })?
     } else if let Some(b) = &args.bottom {
-        if s.state.graph.get(b).is_none() {
+        if st.graph.get(b).is_none() {
             return Err(not_found("", b));
         }
         1 + chain.iter().position(|n| n.name == *b).ok_or_else(|| {
@@ -162,7 +165,7 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
     let mut nodes = vec![args.device.clone()];
     nodes.extend(chain[..base_at].iter().map(|n| n.name.clone()));
     for n in &nodes {
-        if let Some(j) = s.state.jobs.using_node(n) {
+        if let Some(j) = st.jobs.using_node(n) {
             return Err(QmpError::generic(format!(
                 "Node '{n}' is busy: block device is in use by block job: {}",
                 j.job_type
@@ -211,6 +214,6 @@ pub(crate) fn block_stream(s: &mut Session<'_>, args: BlockStreamArgs) -> Result
         total: driver.size,
         completable: false,
     };
-    Job::start(s.daemon, s.state, params, Box::new(driver))?;
+    Job::start(daemon, st, params, Box::new(driver))?;
     Ok(())
 }

@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::*;
-use crate::daemon::DaemonConfig;
 use crate::events::EventMsg;
 use crate::graph::{BuiltinLoader, DriverRegistry};
+use crate::state::{Daemon, DaemonConfig, State};
 use sluice_qapi::runtime::CompatPolicy;
 
 /// A driver of `steps` steps of `step` bytes; step `fail_at` fails (once) with EIO.
@@ -21,8 +21,8 @@ struct Script {
     fail_at: Option<u64>,
 }
 
-impl JobDriver for Script {
-    fn run(&mut self, ctx: &mut JobCtx<'_>) -> Result<(), WorkError> {
+impl JobDriver<State> for Script {
+    fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         ctx.set_total(self.steps * self.step);
         let mut i = 0;
         while i < self.steps {
@@ -74,13 +74,13 @@ fn params(id: &str) -> JobParams {
 }
 
 impl Fixture {
-    fn start(&self, p: JobParams, d: Script) -> Result<Arc<Job>, QmpError> {
+    fn start(&self, p: JobParams, d: Script) -> Result<Arc<Job<State>>, QmpError> {
         let mut st = self.daemon.lock();
         Job::start(&self.daemon, &mut st, p, Box::new(d))
     }
 
     /// A job that does one 1 MiB step and then sleeps (rate limit 1 byte/s).
-    fn slow(&self, p: JobParams) -> Arc<Job> {
+    fn slow(&self, p: JobParams) -> Arc<Job<State>> {
         let p = JobParams { speed: 1, ..p };
         self.start(
             p,
@@ -125,7 +125,7 @@ impl Fixture {
     }
 
     /// Waits until the job's progress is at least `n` (it makes its first step at once).
-    fn wait_progress(&self, job: &Job, n: i64) {
+    fn wait_progress(&self, job: &Job<State>, n: i64) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while job.info().current_progress < n {
             assert!(Instant::now() < deadline, "no progress in 20 s");

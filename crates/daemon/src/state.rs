@@ -1,4 +1,13 @@
-//! The daemon: state shared by every monitor, command execution, and the daemon's life.
+//! The daemon's state and the handle to it: [`State`] (node graph, exports, NBD server, job
+//! table) behind one lock, and [`Daemon`], which holds that lock, the event bus, the
+//! compatibility policy and the daemon's life (shutdown, the last flush).
+//!
+//! Layers: this module is the middle of the crate. It stands on the node graph
+//! ([`crate::graph`]), exports ([`crate::exports`]), events and the job framework
+//! ([`crate::jobs`], generic over this state); the job kinds, the commands
+//! ([`crate::commands`], which also holds [`Daemon::execute`]) and the monitors
+//! ([`crate::monitor`], which also holds the listener) stand on it. Nothing here imports
+//! them: `tests/layering.rs` checks the order.
 //!
 //! # Concurrency
 //!
@@ -18,33 +27,27 @@
 //! watch fires. Monitors then write what they have (the `quit` reply included) and close;
 //! [`Daemon::finish`] waits for them and for NBD connections, with a time limit.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_proto::qmp::{ErrorClass, Request};
 use sluice_server::{ExportTable, ServerConfig};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use crate::events::EventBus;
 use crate::exports::{named_export, Export, RunningNbd, NBD_MAX_STRING};
 use crate::generated::{
-    dispatch, BlockExportDeletedEvent, BlockExportOptions, BlockExportOptionsBranch,
-    BlockExportRemoveMode, BlockdevOptions, NbdServerOptions, ShutdownCause, ShutdownEvent,
-    VersionInfo, VersionTriple, COMMANDS,
+    BlockExportDeletedEvent, BlockExportOptions, BlockExportOptionsBranch, BlockExportRemoveMode,
+    BlockdevOptions, NbdServerOptions, ShutdownCause, ShutdownEvent, VersionInfo, VersionTriple,
 };
 use crate::graph::{not_found, DriverRegistry, Graph};
 use crate::QmpError;
-use sluice_qapi::runtime::{CompatPolicy, Input, Output, QapiEvent, ToQapi};
+use sluice_qapi::runtime::{CompatPolicy, Output, QapiEvent, ToQapi};
 
 /// How long a hard `block-export-del` waits for disconnected clients' connections to end
 /// before replying (they finish the request they are running first).
 const HARD_DEL_WAIT: Duration = Duration::from_secs(1);
-
-/// Most clients served at once on one monitor socket.
-pub const MAX_CLIENTS_PER_MONITOR: usize = 64;
 
 /// How the daemon is set up.
 pub struct DaemonConfig {
@@ -70,7 +73,7 @@ pub struct State {
     pub exports: Vec<Export>,
     pub nbd: Option<RunningNbd>,
     /// Background jobs (block-stream, ...), including concluded ones not yet dismissed.
-    pub jobs: crate::jobs::Jobs,
+    pub jobs: crate::jobs::Jobs<State>,
     /// Stopped NBD servers whose connections may still be finishing a request.
     retired: Vec<Arc<sluice_server::NbdServer>>,
     shutting_down: bool,
@@ -85,17 +88,6 @@ impl std::fmt::Debug for State {
             .field("retired", &self.retired.len())
             .finish()
     }
-}
-
-/// Per-monitor protocol state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MonitorState {
-    /// `qmp_capabilities` succeeded: command mode.
-    pub negotiated: bool,
-    /// Out-of-band execution was enabled.
-    pub oob: bool,
-    /// The last event the last command caused: events up to it go before its reply.
-    pub events_before_reply: u64,
 }
 
 /// The daemon.
@@ -154,6 +146,18 @@ impl Daemon {
         })
     }
 
+    /// A monitor connection began (the count [`Daemon::finish`] waits on).
+    pub(crate) fn monitor_opened(&self) {
+        self.monitors.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A monitor connection ended.
+    pub(crate) fn monitor_closed(&self) {
+        if self.monitors.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.monitors_idle.notify_waiters();
+        }
+    }
+
     pub fn policy(&self) -> &CompatPolicy {
         &self.policy
     }
@@ -176,57 +180,6 @@ impl Daemon {
         static V: OnceLock<Value> = OnceLock::new();
         V.get_or_init(|| version().to_qapi(&Output::default()))
             .clone()
-    }
-
-    /// Runs one command for a monitor: QEMU's checks (negotiation mode, unknown command,
-    /// compatibility policy, out-of-band), then the typed handler with the state locked.
-    pub fn execute(
-        self: &Arc<Self>,
-        req: &Request,
-        mon: &mut MonitorState,
-    ) -> Result<Value, QmpError> {
-        if !mon.negotiated && req.command != "qmp_capabilities" {
-            return Err(QmpError::command_not_found(
-                "Expecting capabilities negotiation with 'qmp_capabilities'",
-            ));
-        }
-        let Some(def) = COMMANDS.iter().find(|c| c.name == req.command) else {
-            return Err(QmpError::command_not_found(format!(
-                "The command {} has not been found",
-                req.command
-            )));
-        };
-        self.policy.check_input(
-            def.features,
-            "command",
-            def.name,
-            ErrorClass::CommandNotFound,
-        )?;
-        if req.oob && !def.allow_oob {
-            return Err(QmpError::generic(format!(
-                "The command {} does not support OOB",
-                req.command
-            )));
-        }
-        let mut st = self.lock();
-        let mut inp = Input::json(&self.policy);
-        let mut session = crate::commands::Session {
-            daemon: self,
-            state: &mut st,
-            mon,
-        };
-        let r = dispatch(
-            &mut session,
-            def.name,
-            &req.arguments,
-            &mut inp,
-            &self.output,
-        )
-        .expect("every command in COMMANDS has a dispatch arm");
-        // Still locked: a job this command started has not emitted anything yet (job threads
-        // take the lock before they begin), so this is exactly the command's own events.
-        mon.events_before_reply = self.events.last_seq();
-        r
     }
 
     /// Emits an event to every negotiated monitor.
@@ -485,51 +438,6 @@ impl Daemon {
         }
     }
 
-    /// Serves QMP monitors on `listener` until shutdown (spawned on the current runtime).
-    pub fn spawn_monitor_listener(self: &Arc<Self>, listener: MonitorListener) {
-        let daemon = self.clone();
-        tokio::spawn(async move { daemon.accept_monitors(listener).await });
-    }
-
-    async fn accept_monitors(self: Arc<Self>, listener: MonitorListener) {
-        let limit = Arc::new(Semaphore::new(MAX_CLIENTS_PER_MONITOR));
-        let mut shutdown = self.shutdown_watch();
-        loop {
-            if self.is_shutting_down() {
-                break;
-            }
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                break;
-            };
-            tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(stream) => {
-                        self.monitors.fetch_add(1, Ordering::SeqCst);
-                        let daemon = self.clone();
-                        tokio::spawn(async move {
-                            match stream {
-                                MonitorStream::Unix(s) => crate::monitor::run(daemon.clone(), s).await,
-                                MonitorStream::Tcp(s) => crate::monitor::run(daemon.clone(), s).await,
-                            }
-                            drop(permit);
-                            if daemon.monitors.fetch_sub(1, Ordering::SeqCst) == 1 {
-                                daemon.monitors_idle.notify_waiters();
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!("monitor accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                _ = shutdown.changed() => {}
-            }
-        }
-        if let MonitorListener::Unix(_, path) = &listener {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-
     /// After shutdown: waits up to `timeout` for monitors to send their last replies and
     /// close, and for the connections of stopped NBD servers to end. True if everything
     /// finished in time.
@@ -560,28 +468,6 @@ impl Daemon {
     }
 }
 
-/// A socket monitors are served on (`--chardev socket,...,server=on`).
-#[derive(Debug)]
-pub enum MonitorListener {
-    /// The path is unlinked when the daemon stops.
-    Unix(tokio::net::UnixListener, PathBuf),
-    Tcp(tokio::net::TcpListener),
-}
-
-enum MonitorStream {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-}
-
-impl MonitorListener {
-    async fn accept(&self) -> std::io::Result<MonitorStream> {
-        Ok(match self {
-            MonitorListener::Unix(l, _) => MonitorStream::Unix(l.accept().await?.0),
-            MonitorListener::Tcp(l) => MonitorStream::Tcp(l.accept().await?.0),
-        })
-    }
-}
-
 /// How long a safe `block-export-del` lets connections that are already ending finish.
 const EXPORT_IDLE_GRACE: Duration = Duration::from_millis(200);
 
@@ -597,4 +483,20 @@ fn wait_until_idle(e: &crate::exports::Export) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     true
+}
+
+impl crate::jobs::HasJobs for State {
+    fn jobs(&mut self) -> &mut crate::jobs::Jobs<State> {
+        &mut self.jobs
+    }
+}
+
+impl crate::jobs::JobHost<State> for Daemon {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        Daemon::lock(self)
+    }
+
+    fn events(&self) -> &EventBus {
+        &self.events
+    }
 }
