@@ -37,7 +37,10 @@ use crate::QmpError;
 pub const NBD_MAX_STRING: usize = 4096;
 
 /// The meta contexts the daemon's NBD server knows, in the order that gives their ids.
-pub const META_CONTEXTS: [&str; 2] = ["base:allocation", "qemu:allocation-depth"];
+pub const META_CONTEXTS: [&str; 2] = [
+    sluice_proto::nbd::CONTEXT_BASE_ALLOCATION,
+    sluice_proto::nbd::CONTEXT_QEMU_ALLOCATION_DEPTH,
+];
 
 /// One export.
 pub struct Export {

@@ -219,7 +219,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     if plugin.has_allocation_depth() {
         config
             .meta_contexts
-            .push("qemu:allocation-depth".to_string());
+            .push(sluice_proto::nbd::CONTEXT_QEMU_ALLOCATION_DEPTH.to_string());
     }
     let backend = Arc::new(Backend::new(plugin));
     let server = NbdServer::new(backend, config);

@@ -37,6 +37,8 @@
 //!   server behaves the same way.
 
 use super::consts::*;
+use super::context::CONTEXT_BASE_ALLOCATION;
+use super::reply::ReplyForm;
 use super::truncate_str;
 
 /// What the server offers during negotiation.
@@ -55,7 +57,7 @@ pub struct HandshakeConfig {
 impl Default for HandshakeConfig {
     fn default() -> Self {
         HandshakeConfig {
-            meta_contexts: vec!["base:allocation".into()],
+            meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into()],
             allow_structured_replies: true,
             allow_extended_headers: true,
         }
@@ -160,6 +162,13 @@ pub struct Negotiated {
     /// The client asked for `NBD_INFO_BLOCK_SIZE` in its `NBD_OPT_GO`, which per the spec
     /// promises it will obey the advertised block sizes. False for `NBD_OPT_EXPORT_NAME`.
     pub client_requested_block_size: bool,
+}
+
+impl Negotiated {
+    /// The reply form (and request header style) of the transmission phase that follows.
+    pub fn reply_form(&self) -> ReplyForm {
+        ReplyForm::new(self.structured_replies, self.extended_headers)
+    }
 }
 
 /// What [`Handshake::poll`] reports.

@@ -5,10 +5,21 @@
 //! about exports mid-way). [`request`] and [`reply`] are the transmission phase, plain
 //! functions because every message there stands alone: one header decoder, and encoders that
 //! append to the caller's buffer so a connection can batch replies without extra copies.
+//!
+//! Every rule of the transmission phase that does not need an export lives here too, so the
+//! server only moves bytes: [`command`] says which commands and flags a request may carry,
+//! [`reply::ReplyForm`] which reply each outcome gets in the negotiated form, and [`context`]
+//! spells the metadata context names.
+pub mod command;
 pub mod consts;
+pub mod context;
 pub mod handshake;
 pub mod reply;
 pub mod request;
+
+pub use command::{check_request, command_name, CommandError};
+pub use context::{MetaContext, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_ALLOCATION_DEPTH};
+pub use reply::ReplyForm;
 
 pub use handshake::{
     Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, HandshakeError, Negotiated,

@@ -18,8 +18,24 @@
 //!
 //! The extended header's offset must echo the client's request offset even when the payload
 //! carries a different one (a read split into chunks), which is why the chunk helpers take
-//! both `request_offset` and the payload `offset`. With extended headers the spec forbids
-//! simple replies; that choice is the server's, not checked here.
+//! both `request_offset` and the payload `offset`.
+//!
+//! The free functions below are the codecs, one per chunk type, told which header to write.
+//! *Which* reply a request gets (simple or chunk, which chunk type, whether an error carries
+//! its message) follows from the negotiated options and is decided in one place,
+//! [`ReplyForm`]: a connection builds one after negotiation and calls it for every reply, so
+//! the spec's rules (simple replies are forbidden with extended headers; a read or block
+//! status must be structured once structured replies are negotiated; holes exist only in
+//! structured replies) are never restated by the server. [`decode_reply`] is the inverse, for
+//! tests, fuzzing and client-side tools.
+
+mod decode;
+mod form;
+
+pub use decode::{
+    decode_reply, BlockStatusPayload, Chunk, ChunkPayload, Reply, ReplyError, MAX_CHUNK_PAYLOAD,
+};
+pub use form::ReplyForm;
 
 use super::consts::{
     NBD_EXTENDED_REPLY_MAGIC, NBD_MAX_STRING, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
@@ -38,7 +54,12 @@ pub const EXTENDED_REPLY_LEN: usize = 32;
 /// Largest extent or hole length a 32-bit field carries: the largest multiple of 512 that fits,
 /// so that splitting a long extent keeps the pieces sector-aligned.
 pub const MAX_COMPACT_EXTENT: u32 = 0xffff_fe00;
+/// Longest header in front of a successful read's data, in any form (an extended
+/// `NBD_REPLY_TYPE_OFFSET_DATA` header and its offset field): the room a connection keeps
+/// before its read buffer so the reply goes out without a copy.
+pub const MAX_READ_HEADER_LEN: usize = EXTENDED_REPLY_LEN + 8;
 
+#[inline]
 fn done_flag(done: bool) -> u16 {
     if done {
         NBD_REPLY_FLAG_DONE
@@ -49,6 +70,7 @@ fn done_flag(done: bool) -> u16 {
 
 /// Appends a simple reply header. For a successful compact-mode read the caller appends the
 /// data right after it.
+#[inline]
 pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
     out.extend_from_slice(&NBD_SIMPLE_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&error.to_be_bytes());
@@ -60,6 +82,7 @@ pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
 /// `offset` is only encoded in the extended header, and there it must be the offset of the
 /// client's request. In compact mode `payload_len` must fit in 32 bits (checked in debug
 /// builds).
+#[inline]
 pub fn chunk_header(
     out: &mut Vec<u8>,
     flags: u16,
@@ -94,6 +117,7 @@ pub fn chunk_header(
 ///
 /// `request_offset` is the offset of the client's read (the extended header echoes it); in
 /// compact mode `data_len` must leave room for the offset field within 32 bits.
+#[inline]
 pub fn offset_data_header(
     out: &mut Vec<u8>,
     cookie: u64,
@@ -188,6 +212,7 @@ pub fn error_chunk(
 
 /// Appends a final `NBD_REPLY_TYPE_NONE` chunk (with `NBD_REPLY_FLAG_DONE`), which ends a
 /// successful reply.
+#[inline]
 pub fn none_chunk(out: &mut Vec<u8>, cookie: u64, request_offset: u64, extended: bool) {
     chunk_header(
         out,
@@ -203,23 +228,29 @@ pub fn none_chunk(out: &mut Vec<u8>, cookie: u64, request_offset: u64, extended:
 /// Appends the block status chunk for one metadata context.
 ///
 /// `extents` are consecutive `(length, flags)` pairs starting at the request offset; there
-/// must be at least one and none may be empty.
+/// must be at least one and none may be empty. They are taken as a cloneable iterator so a
+/// caller can map its own extent list without collecting it first (the compact form needs
+/// two passes).
 ///
 /// - Compact (`extended == false`): `NBD_REPLY_TYPE_BLOCK_STATUS`, 32-bit lengths. An extent
 ///   longer than 32 bits is capped at [`MAX_COMPACT_EXTENT`] and ends the list, since a later
 ///   extent would no longer start where the capped one ends.
 /// - Extended: `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: context id, descriptor count, then per
 ///   extent a 64-bit length and 64-bit status (32 bits of zero padding, then the flags).
-pub fn block_status(
+pub fn block_status<I>(
     out: &mut Vec<u8>,
     cookie: u64,
     request_offset: u64,
     context_id: u32,
-    extents: &[(u64, u32)],
+    extents: I,
     done: bool,
     extended: bool,
-) {
+) where
+    I: IntoIterator<Item = (u64, u32)>,
+    I::IntoIter: ExactSizeIterator + Clone,
+{
     let flags = done_flag(done);
+    let extents = extents.into_iter();
     if extended {
         let count = extents.len() as u64;
         chunk_header(
@@ -235,14 +266,14 @@ pub fn block_status(
         // A count of 0 means "work it out from the length", the honest answer if it overflows.
         let count32 = u32::try_from(count).unwrap_or(0);
         out.extend_from_slice(&count32.to_be_bytes());
-        for &(len, status) in extents {
+        for (len, status) in extents {
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(&u64::from(status).to_be_bytes());
         }
     } else {
         let count = extents
-            .iter()
-            .position(|&(len, _)| len > u64::from(u32::MAX))
+            .clone()
+            .position(|(len, _)| len > u64::from(u32::MAX))
             .map_or(extents.len(), |i| i + 1);
         chunk_header(
             out,
@@ -254,7 +285,7 @@ pub fn block_status(
             false,
         );
         out.extend_from_slice(&context_id.to_be_bytes());
-        for &(len, status) in &extents[..count] {
+        for (len, status) in extents.take(count) {
             let len = u32::try_from(len).unwrap_or(MAX_COMPACT_EXTENT);
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(&status.to_be_bytes());
@@ -461,7 +492,7 @@ mod tests {
             COOKIE,
             0,
             1,
-            &[(4096, 0), (8192, NBD_STATE_HOLE | NBD_STATE_ZERO)],
+            [(4096, 0), (8192, NBD_STATE_HOLE | NBD_STATE_ZERO)],
             true,
             false,
         );
@@ -489,7 +520,7 @@ mod tests {
             COOKIE,
             0,
             1,
-            &[(512, 0), (1 << 40, NBD_STATE_HOLE), (512, 0)],
+            [(512, 0), (1 << 40, NBD_STATE_HOLE), (512, 0)],
             false,
             false,
         );
@@ -509,7 +540,7 @@ mod tests {
             COOKIE,
             4096,
             2,
-            &[(1 << 40, NBD_STATE_ZERO)],
+            [(1 << 40, NBD_STATE_ZERO)],
             true,
             true,
         );

@@ -18,12 +18,15 @@
 //!                                                 NBD_CMD_FLAG_PAYLOAD_LEN, else effect length)
 //! ```
 //!
-//! Semantic checks (is this flag valid for this command, is the range inside the export) are
-//! the server's: it answers them with an errno, while the errors here mean the stream is out of
-//! sync and the connection must close.
+//! Semantic checks are answered with an errno while the connection carries on: whether a flag
+//! is valid for a command is [`super::command`]'s rule, whether the range fits the export the
+//! server's. The errors here instead mean the stream is out of sync and the connection must
+//! close.
 
 use super::consts::{
-    NBD_CMD_FLAG_PAYLOAD_LEN, NBD_CMD_WRITE, NBD_EXTENDED_REQUEST_MAGIC, NBD_REQUEST_MAGIC,
+    NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_PAYLOAD_LEN, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_WRITE, NBD_EXTENDED_REQUEST_MAGIC,
+    NBD_REQUEST_MAGIC,
 };
 
 /// Size of a compact request header.
@@ -49,22 +52,56 @@ pub struct RequestHeader {
 impl RequestHeader {
     /// How many payload bytes follow this header on the wire.
     ///
-    /// Compact mode: only `NBD_CMD_WRITE` carries a payload, of `length` bytes. Extended mode:
-    /// a payload of `length` bytes follows exactly when `NBD_CMD_FLAG_PAYLOAD_LEN` is set
-    /// (the spec requires it on writes; a write without it is a client error the server should
-    /// answer with `NBD_EINVAL`, and it has no payload to skip).
+    /// `NBD_CMD_WRITE` always carries `length` bytes, in both header styles. The spec asks an
+    /// extended write to set `NBD_CMD_FLAG_PAYLOAD_LEN`, but qemu 10 sends the data without it
+    /// and qemu's own server reads it the same way, so sluice does too (a write refused for the
+    /// missing flag would leave its data to be misread as the next header). Any other command
+    /// carries a payload of `length` bytes exactly when it sets `NBD_CMD_FLAG_PAYLOAD_LEN`
+    /// under extended headers; none takes one (see [`super::command::takes_payload`]), so the
+    /// server skips it and refuses the request.
+    #[inline]
     pub fn payload_len(&self, extended: bool) -> u64 {
-        if extended {
-            if self.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0 {
-                self.length
-            } else {
-                0
-            }
-        } else if self.kind == NBD_CMD_WRITE {
+        if self.kind == NBD_CMD_WRITE || (extended && self.has_flag(NBD_CMD_FLAG_PAYLOAD_LEN)) {
             self.length
         } else {
             0
         }
+    }
+
+    /// True if every bit of `flag` is set.
+    #[inline]
+    pub fn has_flag(&self, flag: u16) -> bool {
+        self.flags & flag == flag
+    }
+
+    /// `NBD_CMD_FLAG_FUA`: persist before replying.
+    #[inline]
+    pub fn fua(&self) -> bool {
+        self.has_flag(NBD_CMD_FLAG_FUA)
+    }
+
+    /// `NBD_CMD_FLAG_NO_HOLE`: a write-zeroes that must allocate (the server may not trim).
+    #[inline]
+    pub fn no_hole(&self) -> bool {
+        self.has_flag(NBD_CMD_FLAG_NO_HOLE)
+    }
+
+    /// `NBD_CMD_FLAG_DF`: a read whose data must come in one chunk.
+    #[inline]
+    pub fn df(&self) -> bool {
+        self.has_flag(NBD_CMD_FLAG_DF)
+    }
+
+    /// `NBD_CMD_FLAG_REQ_ONE`: block status wants one extent per context.
+    #[inline]
+    pub fn req_one(&self) -> bool {
+        self.has_flag(NBD_CMD_FLAG_REQ_ONE)
+    }
+
+    /// `NBD_CMD_FLAG_FAST_ZERO`: a write-zeroes that must fail rather than be slow.
+    #[inline]
+    pub fn fast_zero(&self) -> bool {
+        self.has_flag(NBD_CMD_FLAG_FAST_ZERO)
     }
 }
 
@@ -168,7 +205,7 @@ fn be_u64(b: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::consts::{NBD_CMD_FLAG_FUA, NBD_CMD_READ, NBD_CMD_TRIM};
+    use crate::nbd::consts::{NBD_CMD_READ, NBD_CMD_TRIM};
 
     fn header(length: u64) -> RequestHeader {
         RequestHeader {
@@ -288,6 +325,7 @@ mod tests {
     #[test]
     fn payload_len_extended_follows_payload_len_flag() {
         let with = RequestHeader {
+            kind: NBD_CMD_READ,
             flags: NBD_CMD_FLAG_PAYLOAD_LEN,
             ..header(512)
         };
@@ -297,7 +335,44 @@ mod tests {
         };
         assert_eq!(with.payload_len(true), 512);
         assert_eq!(without.payload_len(true), 0);
-        // A write missing the flag carries no payload in extended mode.
-        assert_eq!(header(512).payload_len(true), 0);
+        // Only extended headers frame a payload with the flag.
+        assert_eq!(with.payload_len(false), 0);
+    }
+
+    #[test]
+    fn payload_len_extended_write_carries_length_with_or_without_flag() {
+        let with = RequestHeader {
+            flags: NBD_CMD_FLAG_PAYLOAD_LEN,
+            ..header(512)
+        };
+        assert_eq!(with.payload_len(true), 512);
+        // qemu 10 sends extended writes without the flag; the data still follows.
+        assert_eq!(header(512).payload_len(true), 512);
+    }
+
+    #[test]
+    fn flag_accessors_read_their_own_bit() {
+        let flags = [
+            (
+                NBD_CMD_FLAG_FUA,
+                RequestHeader::fua as fn(&RequestHeader) -> bool,
+            ),
+            (NBD_CMD_FLAG_NO_HOLE, RequestHeader::no_hole),
+            (NBD_CMD_FLAG_DF, RequestHeader::df),
+            (NBD_CMD_FLAG_REQ_ONE, RequestHeader::req_one),
+            (NBD_CMD_FLAG_FAST_ZERO, RequestHeader::fast_zero),
+        ];
+        for (bit, get) in flags {
+            let on = RequestHeader {
+                flags: bit,
+                ..header(0)
+            };
+            let off = RequestHeader {
+                flags: !bit,
+                ..header(0)
+            };
+            assert!(get(&on), "{bit:#x} set");
+            assert!(!get(&off), "{bit:#x} clear");
+        }
     }
 }

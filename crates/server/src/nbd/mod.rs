@@ -53,7 +53,7 @@ impl Default for ServerConfig {
             readonly: false,
             threads: 16,
             max_payload: sluice_proto::nbd::consts::NBD_DEFAULT_MAX_PAYLOAD,
-            meta_contexts: vec!["base:allocation".to_string()],
+            meta_contexts: vec![sluice_proto::nbd::CONTEXT_BASE_ALLOCATION.to_string()],
         }
     }
 }

@@ -18,6 +18,11 @@
 //! Lengths are checked before anything is read into memory: a payload larger than the
 //! advertised maximum is refused (and skipped from the socket, or the connection closed if it
 //! is absurd), never allocated.
+//!
+//! The protocol's rules are not decided here but in `sluice_proto::nbd`: which flags a command
+//! takes and how a payload is framed (`command`, `RequestHeader`), and which reply each outcome
+//! gets in the negotiated form ([`ReplyForm`], which writes every header this module sends).
+//! This module owns the sockets, the buffers and the threads.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -27,8 +32,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_block::plugin::Flags;
 use sluice_block::{BlockError, Errno, Export, ThreadModel};
-use sluice_proto::nbd::consts::*;
-use sluice_proto::nbd::{decode_request, reply, RequestHeader};
+use sluice_proto::nbd::command::{check_request, command_name, takes_payload, CommandError};
+use sluice_proto::nbd::consts::{
+    NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
+    NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_STATE_ZERO,
+};
+use sluice_proto::nbd::reply::MAX_READ_HEADER_LEN;
+use sluice_proto::nbd::{decode_request, MetaContext, ReplyForm, RequestHeader};
 
 use super::negotiate::Session;
 use super::NbdServer;
@@ -36,6 +46,7 @@ use crate::stream::Stream;
 
 /// Room in front of read data for the largest reply header (extended header + offset).
 const HEADROOM: usize = 64;
+const _: () = assert!(HEADROOM >= MAX_READ_HEADER_LEN);
 /// Socket input buffer size.
 const READ_BUF: usize = 256 * 1024;
 /// Reads at least this long on a plugin that reports extents are checked for holes first, so
@@ -198,8 +209,8 @@ struct Conn<'a> {
     server: &'a NbdServer,
     id: u64,
     export: Export,
-    structured: bool,
-    extended: bool,
+    /// The negotiated reply form: it writes every reply and decodes the request style.
+    form: ReplyForm,
     /// Negotiated meta contexts, in the order their block-status chunks are sent.
     contexts: Vec<(u32, MetaContext)>,
     /// Pure-memory plugin: one worker that coalesces replies (see [`batch_worker`]).
@@ -262,8 +273,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         server,
         id,
         export,
-        structured: negotiated.structured_replies || negotiated.extended_headers,
-        extended: negotiated.extended_headers,
+        form: negotiated.reply_form(),
         contexts,
         batch,
         blocking: backend.plugin().may_block(),
@@ -381,20 +391,12 @@ fn batch_worker(conn: &Conn) {
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
     let mut out = Gather::default();
     // Length of a successful read reply's header (the data follows it in `out`).
-    let read_hdr_len = {
-        let mut h = Vec::new();
-        if conn.structured {
-            reply::offset_data_header(&mut h, 0, 0, 0, 0, true, conn.extended);
-        } else {
-            reply::simple_reply(&mut h, 0, NBD_OK);
-        }
-        h.len()
-    };
+    let read_hdr_len = conn.form.read_header_len();
     let mut reader = lock(&conn.reader);
     let mut writer = lock(&conn.writer);
     let end = loop {
         // Before waiting for input, send what is gathered.
-        if !out.is_empty() && !reader.has_buffered_request(conn.extended) {
+        if !out.is_empty() && !reader.has_buffered_request(conn.form.is_extended()) {
             if let Err(e) = writer.write_all(out.as_slice()) {
                 break Err(e);
             }
@@ -505,51 +507,8 @@ fn small_read(
 ) -> Result<(), BlockError> {
     check_flags(conn, req)?;
     conn.export.read(dst, req.offset)?;
-    if conn.structured {
-        let len = req.length;
-        reply::offset_data_header(
-            hdr,
-            req.cookie,
-            req.offset,
-            req.offset,
-            len,
-            true,
-            conn.extended,
-        );
-    } else {
-        reply::simple_reply(hdr, req.cookie, NBD_OK);
-    }
+    conn.form.read_data(hdr, req);
     Ok(())
-}
-
-/// The meta contexts sluice can answer block status for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MetaContext {
-    BaseAllocation,
-    AllocationDepth,
-}
-
-impl MetaContext {
-    fn from_name(name: &str) -> Option<MetaContext> {
-        match name {
-            "base:allocation" => Some(MetaContext::BaseAllocation),
-            "qemu:allocation-depth" => Some(MetaContext::AllocationDepth),
-            _ => None,
-        }
-    }
-}
-
-/// Flags each command accepts.
-fn allowed_flags(kind: u16) -> Option<u16> {
-    Some(match kind {
-        NBD_CMD_READ => NBD_CMD_FLAG_DF,
-        NBD_CMD_WRITE => NBD_CMD_FLAG_FUA,
-        NBD_CMD_DISC | NBD_CMD_FLUSH | NBD_CMD_CACHE => 0,
-        NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
-        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
-        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
-        _ => return None,
-    })
 }
 
 /// Reads the next request (and a write's payload into `buf[HEADROOM..]`).
@@ -557,7 +516,7 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
     if conn.server.is_shutting_down() && reader.buffered().is_empty() {
         return Err(InputEnd::Closed);
     }
-    let req = reader.header(conn.extended)?;
+    let req = reader.header(conn.form.is_extended())?;
     tracing::trace!(
         conn = conn.id,
         "request {} flags {:#x} offset {} length {}",
@@ -570,16 +529,10 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
     if req.kind == NBD_CMD_DISC {
         return Err(InputEnd::Closed);
     }
-    // A WRITE always carries `length` bytes (with extended headers too: qemu 10 sends them
-    // without NBD_CMD_FLAG_PAYLOAD_LEN, and qemu's own server reads them the same way). Any
-    // other command carries a payload only when it sets PAYLOAD_LEN under extended headers;
-    // none of ours takes one, so it is skipped and refused.
-    let is_write = req.kind == NBD_CMD_WRITE;
-    let payload = if is_write {
-        req.length
-    } else {
-        req.payload_len(conn.extended)
-    };
+    // How a payload is framed, and that only a write may carry one, is the protocol crate's
+    // rule; what is too large to read is this server's.
+    let is_write = takes_payload(req.kind);
+    let payload = req.payload_len(conn.form.is_extended());
     if payload > 0 && (!is_write || payload > max) {
         if payload > MAX_DISCARD {
             return Err(InputEnd::Broken(format!(
@@ -591,7 +544,7 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
         let msg = if is_write {
             format!("write of {payload} bytes is over the maximum of {max}")
         } else {
-            format!("{} takes no payload", command_name(req.kind))
+            CommandError::UnexpectedPayload { kind: req.kind }.to_string()
         };
         return Ok(Next::Refused(req, BlockError::new(Errno::EINVAL, msg)));
     }
@@ -649,7 +602,7 @@ fn run_request(
     check_flags(conn, req)?;
     let einval = |msg: String| BlockError::new(Errno::EINVAL, msg);
     let mut flags = Flags::NONE;
-    if req.flags & NBD_CMD_FLAG_FUA != 0 {
+    if req.fua() {
         flags = flags | Flags::FUA;
     }
     let export = &conn.export;
@@ -663,35 +616,15 @@ fn run_request(
                 )));
             }
             let len = req.length as usize;
-            if conn.structured && read_is_hole(conn, req)? {
-                reply::offset_hole(
-                    hdr,
-                    req.cookie,
-                    req.offset,
-                    req.offset,
-                    req.length,
-                    true,
-                    conn.extended,
-                );
+            if conn.form.can_reply_hole() && read_is_hole(conn, req)? {
+                conn.form.read_hole(hdr, req);
                 return Ok(None);
             }
             if buf.len() < HEADROOM + len {
                 buf.resize(HEADROOM + len, 0);
             }
             export.read(&mut buf[HEADROOM..HEADROOM + len], req.offset)?;
-            if conn.structured {
-                reply::offset_data_header(
-                    hdr,
-                    req.cookie,
-                    req.offset,
-                    req.offset,
-                    req.length,
-                    true,
-                    conn.extended,
-                );
-            } else {
-                reply::simple_reply(hdr, req.cookie, NBD_OK);
-            }
+            conn.form.read_data(hdr, req);
             return Ok(Some(len));
         }
         NBD_CMD_WRITE => {
@@ -701,10 +634,10 @@ fn run_request(
         NBD_CMD_FLUSH => export.flush()?,
         NBD_CMD_TRIM => export.trim(req.length, req.offset, flags)?,
         NBD_CMD_WRITE_ZEROES => {
-            if req.flags & NBD_CMD_FLAG_NO_HOLE == 0 {
+            if !req.no_hole() {
                 flags = flags | Flags::MAY_TRIM;
             }
-            if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 {
+            if req.fast_zero() {
                 flags = flags | Flags::FAST_ZERO;
             }
             export.zero(req.length, req.offset, flags)?;
@@ -716,10 +649,10 @@ fn run_request(
                     "block status without a negotiated meta context".into(),
                 ));
             }
-            if req.flags & NBD_CMD_FLAG_REQ_ONE != 0 {
+            if req.req_one() {
                 flags = flags | Flags::REQ_ONE;
             }
-            // One chunk per context; only the last one carries DONE.
+            // One chunk per context, in negotiation order.
             for (i, (id, ctx)) in conn.contexts.iter().enumerate() {
                 let ext = match ctx {
                     MetaContext::BaseAllocation => export.extents(req.length, req.offset, flags)?,
@@ -727,43 +660,21 @@ fn run_request(
                         export.allocation_depth(req.length, req.offset, flags)?
                     }
                 };
-                let list: Vec<(u64, u32)> =
-                    ext.as_slice().iter().map(|e| (e.length, e.kind)).collect();
-                let done = i + 1 == conn.contexts.len();
-                reply::block_status(hdr, req.cookie, req.offset, *id, &list, done, conn.extended);
+                let extents = ext.as_slice().iter().map(|e| (e.length, e.kind));
+                let last = i + 1 == conn.contexts.len();
+                conn.form.block_status(hdr, req, *id, extents, last);
             }
             return Ok(None);
         }
-        _ => unreachable!("allowed_flags() accepted an unknown command"),
+        _ => unreachable!("check_request() accepted an unknown command"),
     }
     success_reply(conn, req, hdr);
     Ok(None)
 }
 
-/// The checks every request passes first: a known command, flags it accepts, DF only with
-/// structured replies.
+/// The protocol's checks on a request ([`check_request`]), as a block error to answer.
 fn check_flags(conn: &Conn, req: &RequestHeader) -> Result<(), BlockError> {
-    let einval = |msg: String| BlockError::new(Errno::EINVAL, msg);
-    let Some(allowed) = allowed_flags(req.kind) else {
-        return Err(einval(format!("unknown command {}", req.kind)));
-    };
-    // PAYLOAD_LEN on an extended write only says how the payload was framed (next_request
-    // has read it); anywhere else it is a flag the command does not take.
-    let mut req_flags = req.flags;
-    if conn.extended && req.kind == NBD_CMD_WRITE {
-        req_flags &= !NBD_CMD_FLAG_PAYLOAD_LEN;
-    }
-    if req_flags & !allowed != 0 {
-        return Err(einval(format!(
-            "invalid flags {:#x} for {}",
-            req.flags,
-            command_name(req.kind)
-        )));
-    }
-    if req.flags & NBD_CMD_FLAG_DF != 0 && !conn.structured {
-        return Err(einval("DF flag needs structured replies".into()));
-    }
-    Ok(())
+    check_request(req, conn.form).map_err(|e| BlockError::new(Errno::EINVAL, e.to_string()))
 }
 
 /// True if a read covers only space the plugin reports as reading zeroes.
@@ -798,46 +709,10 @@ fn read_is_hole(conn: &Conn, req: &RequestHeader) -> Result<bool, BlockError> {
 }
 
 fn success_reply(conn: &Conn, req: &RequestHeader, hdr: &mut Vec<u8>) {
-    if conn.extended {
-        reply::none_chunk(hdr, req.cookie, req.offset, true);
-    } else {
-        reply::simple_reply(hdr, req.cookie, NBD_OK);
-    }
+    conn.form.success(hdr, req);
 }
 
 fn error_reply(conn: &Conn, req: &RequestHeader, err: &BlockError, hdr: &mut Vec<u8>) {
-    let code = err.nbd_error(
-        req.flags & NBD_CMD_FLAG_FAST_ZERO != 0,
-        req.flags & NBD_CMD_FLAG_DF != 0,
-    );
-    // Structured error chunks carry the message; simple replies only the code. Reads and
-    // block status must use structured replies when negotiated.
-    let use_chunk = conn.extended
-        || (conn.structured && matches!(req.kind, NBD_CMD_READ | NBD_CMD_BLOCK_STATUS));
-    if use_chunk {
-        reply::error_chunk(
-            hdr,
-            req.cookie,
-            req.offset,
-            code,
-            &err.message,
-            conn.extended,
-        );
-    } else {
-        reply::simple_reply(hdr, req.cookie, code);
-    }
-}
-
-fn command_name(kind: u16) -> &'static str {
-    match kind {
-        NBD_CMD_READ => "read",
-        NBD_CMD_WRITE => "write",
-        NBD_CMD_DISC => "disconnect",
-        NBD_CMD_FLUSH => "flush",
-        NBD_CMD_TRIM => "trim",
-        NBD_CMD_CACHE => "cache",
-        NBD_CMD_WRITE_ZEROES => "write-zeroes",
-        NBD_CMD_BLOCK_STATUS => "block-status",
-        _ => "unknown",
-    }
+    let code = err.nbd_error(req.fast_zero(), req.df());
+    conn.form.error(hdr, req, code, &err.message);
 }
