@@ -19,11 +19,17 @@
 //!
 //! The adapter is the single place that maps [`Plugin`]/[`Handle`] onto [`Filter`]; its impls
 //! (and [`Next`]'s) deny `clippy::missing_trait_methods`, so a method added to either trait
-//! fails the lint here until it is forwarded, instead of compiling into a default.
+//! fails `cargo clippy` here until it is forwarded, instead of compiling into a default.
+//!
+//! A filter is configured by its constructor, as the built-in plugins are by theirs
+//! (`from_args`): [`Plugin`] has no config, get_ready or after_fork step, so neither has
+//! [`Filter`]. The stack's [`Plugin::name`] stays the plugin's; [`Filter::name`] names the
+//! filter itself.
 //!
 //! # Per-export and per-connection state
 //!
-//! A filter value belongs to one stack, and a stack serves one export, so `&self` is the
+//! A filter value belongs to one stack, and each export gets its own stack (the daemon builds
+//! one per `block-export-add`; `sluice serve` one for its plugin), so `&self` is the
 //! per-export state (a cow overlay, a cache, stats counters, a rate bucket shared by all
 //! clients). Per-connection state is the filter's associated type [`Filter::Conn`], built by
 //! [`Filter::open`] as in nbdkit: `open` receives the layer below and the client's
