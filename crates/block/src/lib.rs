@@ -10,6 +10,7 @@
 pub mod error;
 pub mod export;
 pub mod extents;
+pub mod filter;
 pub mod host;
 pub mod plugin;
 pub mod plugins;
@@ -19,6 +20,7 @@ pub use error::{BlockError, Errno, Result};
 
 pub use export::{Backend, Caps, Export};
 pub use extents::{Extent, Extents};
+pub use filter::{Filter, Filtered, Next, Stack};
 pub use plugin::{
     BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, PeerCreds, Plugin, Support,
     ThreadModel,

@@ -2,8 +2,8 @@
 //!
 //! One [`ExportTable`] lives as long as the daemon; `nbd-server-start` creates an
 //! [`NbdServer`] over it and spawns its accept loop on the runtime, `nbd-server-stop` stops
-//! it and removes every NBD export. An export is a node's plugin wrapped in a [`GatedPlugin`]
-//! and a [`Backend`]; the gate is what makes `block-export-del` with `mode: hard` take effect
+//! it and removes every NBD export. An export is a node's plugin under a [`Gate`] filter, in a
+//! [`Backend`]; the gate is what makes `block-export-del` with `mode: hard` take effect
 //! for clients that are still connected: their further requests fail with ESHUTDOWN, and
 //! BLOCK_EXPORT_DELETED is sent once the last of them has disconnected (the server holds an
 //! `Arc` of the export per connection, which is how "in use" is known).
@@ -24,8 +24,7 @@ use std::sync::Arc;
 
 use sluice_block::export::Backend;
 use sluice_block::{
-    BlockError, BlockSize, ConnectionInfo, Errno, ExportEntry, Extents, Flags, Handle, OpenContext,
-    Plugin, Support, ThreadModel,
+    BlockError, Errno, Extents, Filter, Filtered, Flags, Handle, Next, OpenContext, Plugin,
 };
 use sluice_server::{Listener, NamedExport, NbdServer};
 
@@ -199,20 +198,22 @@ pub fn describe(addr: &SocketAddress) -> String {
     }
 }
 
-/// A plugin whose handles stop working when its gate closes (`block-export-del` hard mode).
-pub struct GatedPlugin {
-    inner: Arc<dyn Plugin>,
+/// The filter that makes `block-export-del` with `mode: hard` take effect for clients that
+/// are still connected: once its gate closes, new connections are refused and every data
+/// request fails with ESHUTDOWN; size and capability questions still answer, as they touch
+/// no data. Every other method is the filter layer's pass-through.
+pub struct Gate {
     open: Arc<AtomicBool>,
 }
 
-impl GatedPlugin {
-    /// Wraps `inner`; handles work while `open` is true.
-    pub fn new(inner: Arc<dyn Plugin>, open: Arc<AtomicBool>) -> GatedPlugin {
-        GatedPlugin { inner, open }
+impl Gate {
+    /// A gate that lets calls through while `open` is true.
+    pub fn new(open: Arc<AtomicBool>) -> Gate {
+        Gate { open }
     }
 
-    fn check(open: &AtomicBool) -> sluice_block::Result<()> {
-        if open.load(Ordering::Acquire) {
+    fn check(&self) -> sluice_block::Result<()> {
+        if self.open.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(BlockError::new(Errno::ESHUTDOWN, "the export was removed"))
@@ -220,134 +221,105 @@ impl GatedPlugin {
     }
 }
 
-impl Plugin for GatedPlugin {
+impl Filter for Gate {
+    type Conn = ();
+
     fn name(&self) -> &str {
-        self.inner.name()
+        "gate"
     }
-    fn version(&self) -> Option<&str> {
-        self.inner.version()
+    fn preconnect(&self, next: &dyn Plugin, readonly: bool) -> sluice_block::Result<()> {
+        self.check()?;
+        next.preconnect(readonly)
     }
-    fn thread_model(&self) -> ThreadModel {
-        self.inner.thread_model()
+    fn open(
+        &self,
+        next: &Arc<dyn Plugin>,
+        ctx: &OpenContext<'_>,
+    ) -> sluice_block::Result<((), Next)> {
+        self.check()?;
+        Ok(((), Next::open(next, ctx)?))
     }
-    fn may_block(&self) -> bool {
-        self.inner.may_block()
+    fn pread(
+        &self,
+        _: &(),
+        next: &Next,
+        buf: &mut [u8],
+        offset: u64,
+        flags: Flags,
+    ) -> sluice_block::Result<()> {
+        self.check()?;
+        next.pread(buf, offset, flags)
     }
-    fn preconnect(&self, readonly: bool) -> sluice_block::Result<()> {
-        Self::check(&self.open)?;
-        self.inner.preconnect(readonly)
+    fn pwrite(
+        &self,
+        _: &(),
+        next: &Next,
+        buf: &[u8],
+        offset: u64,
+        flags: Flags,
+    ) -> sluice_block::Result<()> {
+        self.check()?;
+        next.pwrite(buf, offset, flags)
     }
-    fn default_export(&self, readonly: bool, is_tls: bool) -> sluice_block::Result<String> {
-        self.inner.default_export(readonly, is_tls)
+    fn flush(&self, _: &(), next: &Next, flags: Flags) -> sluice_block::Result<()> {
+        self.check()?;
+        next.flush(flags)
     }
-    fn list_exports(&self, readonly: bool, is_tls: bool) -> sluice_block::Result<Vec<ExportEntry>> {
-        self.inner.list_exports(readonly, is_tls)
+    fn trim(
+        &self,
+        _: &(),
+        next: &Next,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+    ) -> sluice_block::Result<()> {
+        self.check()?;
+        next.trim(count, offset, flags)
     }
-    fn with_connection(&self, info: &ConnectionInfo, f: &mut dyn FnMut()) {
-        self.inner.with_connection(info, f)
+    fn zero(
+        &self,
+        _: &(),
+        next: &Next,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+    ) -> sluice_block::Result<()> {
+        self.check()?;
+        next.zero(count, offset, flags)
     }
-    fn has_allocation_depth(&self) -> bool {
-        self.inner.has_allocation_depth()
-    }
-    fn open(&self, ctx: &OpenContext<'_>) -> sluice_block::Result<Box<dyn Handle>> {
-        Self::check(&self.open)?;
-        Ok(Box::new(GatedHandle {
-            inner: self.inner.open(ctx)?,
-            open: self.open.clone(),
-        }))
-    }
-    fn dump(&self) -> Vec<String> {
-        self.inner.dump()
-    }
-}
-
-struct GatedHandle {
-    inner: Box<dyn Handle>,
-    open: Arc<AtomicBool>,
-}
-
-impl Handle for GatedHandle {
-    fn get_size(&self) -> sluice_block::Result<u64> {
-        self.inner.get_size()
-    }
-    fn export_description(&self) -> sluice_block::Result<Option<String>> {
-        self.inner.export_description()
-    }
-    fn block_size(&self) -> sluice_block::Result<Option<BlockSize>> {
-        self.inner.block_size()
-    }
-    fn can_write(&self) -> sluice_block::Result<bool> {
-        self.inner.can_write()
-    }
-    fn can_flush(&self) -> sluice_block::Result<bool> {
-        self.inner.can_flush()
-    }
-    fn is_rotational(&self) -> sluice_block::Result<bool> {
-        self.inner.is_rotational()
-    }
-    fn can_trim(&self) -> sluice_block::Result<bool> {
-        self.inner.can_trim()
-    }
-    fn can_zero(&self) -> sluice_block::Result<Support> {
-        self.inner.can_zero()
-    }
-    fn can_fast_zero(&self) -> sluice_block::Result<bool> {
-        self.inner.can_fast_zero()
-    }
-    fn can_fua(&self) -> sluice_block::Result<Support> {
-        self.inner.can_fua()
-    }
-    fn can_multi_conn(&self) -> sluice_block::Result<bool> {
-        self.inner.can_multi_conn()
-    }
-    fn can_cache(&self) -> sluice_block::Result<Support> {
-        self.inner.can_cache()
-    }
-    fn can_extents(&self) -> sluice_block::Result<bool> {
-        self.inner.can_extents()
-    }
-    fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.pread(buf, offset, flags)
-    }
-    fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.pwrite(buf, offset, flags)
-    }
-    fn flush(&self, flags: Flags) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.flush(flags)
-    }
-    fn trim(&self, count: u64, offset: u64, flags: Flags) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.trim(count, offset, flags)
-    }
-    fn zero(&self, count: u64, offset: u64, flags: Flags) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.zero(count, offset, flags)
-    }
-    fn cache(&self, count: u64, offset: u64, flags: Flags) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.cache(count, offset, flags)
+    fn cache(
+        &self,
+        _: &(),
+        next: &Next,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+    ) -> sluice_block::Result<()> {
+        self.check()?;
+        next.cache(count, offset, flags)
     }
     fn extents(
         &self,
+        _: &(),
+        next: &Next,
         count: u64,
         offset: u64,
         flags: Flags,
         extents: &mut Extents,
     ) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.extents(count, offset, flags, extents)
+        self.check()?;
+        next.extents(count, offset, flags, extents)
     }
     fn allocation_depth(
         &self,
+        _: &(),
+        next: &Next,
         count: u64,
         offset: u64,
         out: &mut Extents,
     ) -> sluice_block::Result<()> {
-        GatedPlugin::check(&self.open)?;
-        self.inner.allocation_depth(count, offset, out)
+        self.check()?;
+        next.allocation_depth(count, offset, out)
     }
 }
 
@@ -360,9 +332,9 @@ pub fn named_export(
     allocation_depth: bool,
 ) -> (NamedExport, Arc<AtomicBool>) {
     let gate = Arc::new(AtomicBool::new(true));
-    let backend = Arc::new(Backend::new(Arc::new(GatedPlugin::new(
+    let backend = Arc::new(Backend::new(Arc::new(Filtered::new(
+        Gate::new(gate.clone()),
         plugin,
-        gate.clone(),
     ))));
     (
         NamedExport {
@@ -382,16 +354,27 @@ pub fn named_export(
 mod tests {
     use super::*;
     use sluice_block::plugins::NullPlugin;
+    use sluice_block::{Support, ThreadModel};
+
+    fn gated(size: u64) -> (Filtered<Gate>, Arc<AtomicBool>) {
+        let gate = Arc::new(AtomicBool::new(true));
+        let p = Filtered::new(Gate::new(gate.clone()), Arc::new(NullPlugin::new(size)));
+        (p, gate)
+    }
+
+    const CTX: OpenContext<'static> = OpenContext {
+        readonly: false,
+        export_name: "",
+        is_tls: false,
+    };
 
     #[test]
     fn gated_handle_fails_with_eshutdown_once_closed() {
-        let gate = Arc::new(AtomicBool::new(true));
-        let p = GatedPlugin::new(Arc::new(NullPlugin::new(4096)), gate.clone());
+        let (p, gate) = gated(4096);
         let h = p
             .open(&OpenContext {
                 readonly: true,
-                export_name: "",
-                is_tls: false,
+                ..CTX
             })
             .unwrap();
         let mut buf = [1u8; 512];
@@ -401,5 +384,54 @@ mod tests {
         let e = h.pread(&mut buf, 0, Flags::NONE).unwrap_err();
         assert_eq!(e.errno, Errno::ESHUTDOWN);
         assert_eq!(h.get_size().unwrap(), 4096);
+    }
+
+    #[test]
+    fn gate_closed_fails_every_data_call_but_answers_capabilities() {
+        let (p, gate) = gated(1 << 20);
+        let h = p.open(&CTX).unwrap();
+        let mut ext = Extents::new(0, 4096);
+        h.extents(4096, 0, Flags::NONE, &mut ext).unwrap();
+        gate.store(false, Ordering::Release);
+
+        let mut buf = [0u8; 512];
+        let mut ext = Extents::new(0, 4096);
+        let mut depth = Extents::new(0, 4096);
+        let errs = [
+            h.pread(&mut buf, 0, Flags::NONE),
+            h.pwrite(&buf, 0, Flags::NONE),
+            h.flush(Flags::NONE),
+            h.trim(512, 0, Flags::NONE),
+            h.zero(512, 0, Flags::NONE),
+            h.cache(512, 0, Flags::NONE),
+            h.extents(4096, 0, Flags::NONE, &mut ext),
+            h.allocation_depth(4096, 0, &mut depth),
+        ];
+        for r in errs {
+            assert_eq!(r.unwrap_err().errno, Errno::ESHUTDOWN);
+        }
+        // The null plugin's own answers, not the Handle trait's defaults.
+        assert_eq!(h.get_size().unwrap(), 1 << 20);
+        assert!(h.can_write().unwrap());
+        assert!(h.can_trim().unwrap());
+        assert_eq!(h.can_zero().unwrap(), Support::Native);
+        assert_eq!(h.can_fua().unwrap(), Support::Native);
+        assert!(h.can_multi_conn().unwrap());
+        assert_eq!(h.can_cache().unwrap(), Support::Native);
+        assert!(h.can_extents().unwrap());
+    }
+
+    #[test]
+    fn gate_closed_refuses_new_connections_with_eshutdown() {
+        let (p, gate) = gated(4096);
+        p.preconnect(false).unwrap();
+        gate.store(false, Ordering::Release);
+        assert_eq!(p.preconnect(false).unwrap_err().errno, Errno::ESHUTDOWN);
+        assert_eq!(p.open(&CTX).err().unwrap().errno, Errno::ESHUTDOWN);
+        // Plugin-level questions still reach the node's plugin.
+        assert_eq!(p.name(), "null");
+        assert!(!p.may_block());
+        assert_eq!(p.thread_model(), ThreadModel::Parallel);
+        assert_eq!(p.list_exports(false, false).unwrap()[0].name, "");
     }
 }
