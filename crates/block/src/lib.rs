@@ -10,6 +10,7 @@
 pub mod error;
 pub mod export;
 pub mod extents;
+pub mod fileio;
 pub mod filter;
 pub mod host;
 pub mod plugin;

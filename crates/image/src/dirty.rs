@@ -3,10 +3,10 @@
 //! Active `block-commit` (like QEMU's mirror) copies what the active layer holds into the
 //! base while clients keep writing to the active layer. A [`DirtyMap`] installed on the
 //! node with [`crate::Node::track_writes`] records every write, zero and trim *after* it
-//! has completed (with the node's `io` lock still held); the copier clears a range
-//! *before* it reads it. So a write that lands after the clear marks the range again and
-//! is copied again later, and a write that landed before it is in what the copier reads:
-//! no write is ever left behind.
+//! has completed (with the node's request gate still held, see `node/gate.rs`); the copier
+//! clears a range *before* it reads it. So a write that lands after the clear marks the
+//! range again and is copied again later, and a write that landed before it is in what the
+//! copier reads: no write is ever left behind.
 //!
 //! The map is a bitmap with a fixed granularity (64 KiB, QEMU's default for mirror): a
 //! 1 GiB node needs 2 KiB of bits.

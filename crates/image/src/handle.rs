@@ -2,10 +2,10 @@
 //! [`NodeHandle`] that shares the node.
 //!
 //! All connections share one node, so they see one image and one metadata cache; that is why
-//! multi-conn is advertised (see `node.rs` on durability). Everything the export policy can
-//! take natively is native: FUA (write, then the node's flush), zero (qcow2 zero clusters,
-//! unmapped unless NO_HOLE), trim (qcow2 discard), cache (read-ahead of the mapped ranges),
-//! block status and allocation depth.
+//! multi-conn is advertised (see `node/io.rs` on durability). Everything the export policy
+//! can take natively is native: FUA (write, then the node's flush), zero (qcow2 zero
+//! clusters, unmapped unless NO_HOLE), trim (qcow2 discard), cache (read-ahead of the mapped
+//! ranges), block status and allocation depth.
 
 use std::sync::Arc;
 

@@ -11,7 +11,7 @@
 //! name and format and re-encodes. Applying such a rewrite to an image imago has open must be
 //! done with the node quiesced and imago's instance re-opened afterwards, because imago keeps
 //! its own copy of the first 72 bytes and writes them back when it grows the L1 or refcount
-//! table (see `node.rs`).
+//! table (see `node/jobs.rs`).
 //!
 //! Offsets are the qcow2 specification's (docs/interop/qcow2.txt in qemu); all integers are
 //! big-endian. [`check_supported`](Qcow2Header::check_supported) refuses, with a message, what

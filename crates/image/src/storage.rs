@@ -16,7 +16,7 @@
 //! `qemu-img check` reports as leaks, not errors. Reads of the L1 range (imago only reads it
 //! at open) first write out what is held back. Images with internal snapshots, where imago
 //! may free an old L2 table right after replacing its L1 entry, are not opened writable
-//! (see `node.rs`), so a held-back entry never points to a freed table.
+//! (see `node/open.rs`), so a held-back entry never points to a freed table.
 
 use std::collections::BTreeMap;
 use std::ops::Range;

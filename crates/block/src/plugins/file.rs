@@ -8,8 +8,8 @@
 //! read-only, falling back to read-only if the file refuses writes), and all data I/O is
 //! positional (`pread`/`pwrite`), so requests of one connection run in parallel without
 //! sharing a file offset; `lseek` is only used for its return value (size of a block device,
-//! `SEEK_DATA`/`SEEK_HOLE` for block status), which is atomic per call, so unlike nbdkit no
-//! lock is needed around it.
+//! `SEEK_DATA`/`SEEK_HOLE` for block status, walked by [`crate::fileio`], which image nodes
+//! share), which is atomic per call, so unlike nbdkit no lock is needed around it.
 //!
 //! Zeroing follows nbdkit's ladder: punch a hole when the client allows it, else
 //! `FALLOC_FL_ZERO_RANGE`, else punch-then-reallocate, and when none works return ENOTSUP so
@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::{Extents, EXTENT_HOLE, EXTENT_ZERO};
+use crate::fileio::{data_runs, fadvise, lseek};
 use crate::plugin::{ExportEntry, Flags, Handle, OpenContext, Plugin, Support};
 
 use super::{for_each_arg, ConfigArg, ConfigError};
@@ -364,20 +365,6 @@ fn to_off(v: u64, what: &str) -> Result<libc::off_t> {
         .map_err(|_| BlockError::new(Errno::EINVAL, format!("{what} {v} beyond off_t")))
 }
 
-/// `posix_fadvise`, which returns its error instead of setting errno.
-fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) -> std::io::Result<()> {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    // SAFETY: plain syscall on a descriptor owned by `file`, which outlives the call; no
-    // memory is passed.
-    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, advice) };
-    match r {
-        0 => Ok(()),
-        e => Err(std::io::Error::from_raw_os_error(e)),
-    }
-}
-
 impl FileHandle {
     fn fallocate(&self, mode: libc::c_int, offset: u64, count: u64) -> std::io::Result<()> {
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(count))
@@ -458,21 +445,6 @@ impl FileHandle {
         Ok(Try::Unsupported)
     }
 
-    fn lseek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<u64> {
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        };
-        // SAFETY: plain syscall on a descriptor owned by `self.file`, which outlives the
-        // call. It moves the descriptor's file offset, which nothing here relies on: all data
-        // I/O is positional.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    }
-
     fn evict(&self, offset: u64, count: u64) {
         if self.cache == CacheMode::None {
             // A hint: failure changes nothing that matters.
@@ -527,7 +499,7 @@ impl Handle for FileHandle {
     }
     fn can_extents(&self) -> Result<bool> {
         // Whether SEEK_HOLE works on this file system at all.
-        match self.lseek(0, libc::SEEK_HOLE) {
+        match lseek(&self.file, 0, libc::SEEK_HOLE) {
             Ok(_) => Ok(true),
             Err(e) => {
                 tracing::debug!("{}: extents disabled: SEEK_HOLE: {e}", self.path.display());
@@ -601,33 +573,17 @@ impl Handle for FileHandle {
         let req_one = flags.contains(Flags::REQ_ONE);
         let end = offset.saturating_add(count);
         to_off(end, "extents end")?;
-        let mut offset = offset;
-        while offset < end {
-            let data = match self.lseek(offset, libc::SEEK_DATA) {
-                Ok(pos) => pos.min(end),
-                // ENXIO: offset is in the final hole.
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
-                Err(e) => return Err(BlockError::io(format_args!("lseek SEEK_DATA {offset}"), e)),
+        for run in data_runs(&self.file, offset, end) {
+            let run = run.map_err(|e| BlockError::io(e.to_string(), e.source))?;
+            let kind = if run.data {
+                0
+            } else {
+                EXTENT_HOLE | EXTENT_ZERO
             };
-            if data > offset {
-                extents.add(offset, data - offset, EXTENT_HOLE | EXTENT_ZERO)?;
-                if req_one {
-                    break;
-                }
-                offset = data;
-                continue;
-            }
-            let hole = self
-                .lseek(offset, libc::SEEK_HOLE)
-                .map_err(|e| BlockError::io(format_args!("lseek SEEK_HOLE {offset}"), e))?
-                .min(end);
-            // A file that grew past `end` meanwhile could answer hole == offset; never loop.
-            let hole = hole.max(offset + 1);
-            extents.add(offset, hole - offset, 0)?;
+            extents.add(run.offset, run.length, kind)?;
             if req_one {
                 break;
             }
-            offset = hole;
         }
         Ok(())
     }

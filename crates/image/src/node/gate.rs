@@ -1,0 +1,207 @@
+//! The gate: the one door every request of a node passes, and what an active commit hangs
+//! on it.
+//!
+//! An active commit needs two things of the node it commits (the one clients write to).
+//! While it copies, every range a request changes must be recorded, so that the job copies
+//! it again; at the end, every request must move to the base, with none straddling the move.
+//! Both hang on one read-write lock per node, [`Tracking`]: every request holds it shared
+//! for its whole run, marking what it changed before it lets go, and
+//! [`Node::track_writes`] and [`Node::pivot`] take it exclusively, so tracking starts after
+//! the requests in flight and the pivot sees every completed write.
+//!
+//! The gate is written once, here. Each public request method (in `io.rs` and `status.rs`)
+//! is one call: [`Node::look`] for requests that only read, [`Node::change`] for those that
+//! change the image, which marks the request's range when it ends (failed or not: a failed
+//! write may have changed part of it). Their bodies take a pass, [`Reading`] or
+//! [`Changing`], that only this module makes, so a new request method cannot reach a body
+//! without passing the gate, and a body that changes the image cannot run as a read.
+//!
+//! Block jobs' own steps (`jobs.rs`: stream copy-on-read, backing switch, reload) do not
+//! pass the gate: they change no data the guest sees, so there is nothing to mark, and the
+//! daemon refuses a second job on a node that already has one, so no commit tracks a node
+//! being streamed.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use sluice_block::Result;
+
+use super::Node;
+use crate::dirty::DirtyMap;
+
+/// What an active commit installs on its node (see the module doc).
+#[derive(Debug, Default)]
+pub(super) struct Tracking {
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Ranges written since tracking began.
+    dirty: Option<Arc<DirtyMap>>,
+    /// Set by the pivot: this node's requests go to that node from now on.
+    redirect: Option<Arc<Node>>,
+}
+
+/// Proof that a request that only reads passed the gate (or that the caller holds the gate
+/// exclusively). Only this module makes one.
+#[derive(Clone, Copy)]
+pub(super) struct Reading(());
+
+/// Proof that a request that changes the image passed the gate, which marks the request's
+/// range when it ends. Only [`Node::change`] makes one.
+#[derive(Clone, Copy)]
+pub(super) struct Changing(());
+
+impl Changing {
+    /// A change may read too (qemu's block 0 check reads before it writes).
+    pub(super) fn reading(self) -> Reading {
+        Reading(())
+    }
+}
+
+impl Node {
+    /// Runs a request that only reads: on the node an active commit pivoted this one to, if
+    /// it was; else on this node, holding the gate shared for the whole of `op`.
+    pub(super) fn look<R>(&self, op: impl FnOnce(&Node, Reading) -> Result<R>) -> Result<R> {
+        let state = self.tracking.state.read();
+        if let Some(target) = state.redirect.clone() {
+            drop(state);
+            return target.look(op);
+        }
+        op(self, Reading(()))
+    }
+
+    /// Runs a request that changes `[offset, offset+len)`: as [`Node::look`], and the range
+    /// is marked in the dirty map (if someone is tracking) before the gate is let go.
+    pub(super) fn change<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce(&Node, Changing) -> Result<R>,
+    ) -> Result<R> {
+        let state = self.tracking.state.read();
+        if let Some(target) = state.redirect.clone() {
+            drop(state);
+            return target.change(offset, len, op);
+        }
+        let r = op(self, Changing(()));
+        if let Some(dirty) = &state.dirty {
+            dirty.mark(offset, len);
+        }
+        r
+    }
+
+    /// The node that serves this node's requests now: itself, or the one an active commit
+    /// pivoted it to.
+    pub fn active(&self) -> Arc<Node> {
+        match &self.tracking.state.read_recursive().redirect {
+            Some(n) => n.active(),
+            None => self.arc(),
+        }
+    }
+
+    /// Starts (Some) or stops (None) recording in `map` the ranges that writes, zeroes and
+    /// trims of this node change (see [`crate::dirty`]). Waits for the requests in flight,
+    /// so every request that completes after this returns is recorded.
+    pub fn track_writes(&self, map: Option<Arc<DirtyMap>>) {
+        self.tracking.state.write().dirty = map;
+    }
+
+    /// The end of an active commit: with every request of this node held off, copies what
+    /// `dirty` still marks from this node into `target`, flushes `target`, and from then on
+    /// sends every request of this node to `target` (which holds the same data, and whose
+    /// backing must be what remains of this node's chain below it). Returns the bytes
+    /// copied. On error nothing is redirected and this node is unchanged.
+    pub fn pivot(&self, dirty: &DirtyMap, target: Arc<Node>) -> Result<u64> {
+        let mut state = self.tracking.state.write();
+        let mut copied = 0;
+        let mut buf = Vec::new();
+        while let Some((offset, len)) = dirty.take(0, 4 << 20) {
+            buf.resize(len as usize, 0);
+            // The gate is held exclusively: this read is inside it.
+            let r = self
+                .read_body(Reading(()), &mut buf, offset)
+                .and_then(|()| target.write(&buf, offset));
+            if let Err(e) = r {
+                dirty.mark(offset, len);
+                return Err(e);
+            }
+            copied += len;
+        }
+        target.flush()?;
+        state.dirty = None;
+        state.redirect = Some(target);
+        Ok(copied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::test_support::*;
+    use sluice_block::extents::Extents;
+    use sluice_block::Errno;
+
+    /// Active commit at the node level: writes during tracking are marked (also those
+    /// between the copy and the pivot), the pivot copies what is left and redirects.
+    #[test]
+    fn track_writes_then_pivot_moves_every_write_to_the_target() {
+        let (dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let a = top.backing().unwrap().backing().unwrap();
+        let size = top.size();
+        let dirty = Arc::new(DirtyMap::new(size, 65536));
+        top.track_writes(Some(dirty.clone()));
+        // What an active commit copies first: everything above a.
+        let mut depth = Extents::new(0, size);
+        top.allocation_depth(size, 0, &mut depth).unwrap();
+        for e in depth.as_slice() {
+            if e.kind == 1 || e.kind == 2 {
+                dirty.mark(e.offset, e.length);
+            }
+        }
+        let writer = a.open_writer().unwrap();
+        while let Some((o, l)) = dirty.take(0, 1 << 20) {
+            let mut buf = vec![0; l as usize];
+            top.read(&mut buf, o).unwrap();
+            writer.write(&buf, o).unwrap();
+        }
+        assert!(dirty.is_clean());
+        // Client I/O after the copy: marked, so the pivot copies it.
+        top.write(&[0x44; 3000], 500_000).unwrap();
+        top.zero(65536, 0, true, false).unwrap();
+        assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+        let before = read(&top, 1 << 20, 0);
+        let copied = top.pivot(&dirty, writer.clone()).unwrap();
+        assert_eq!(copied, 2 * 65536);
+        assert!(Arc::ptr_eq(&top.active(), &writer));
+        assert_eq!(read(&top, 1 << 20, 0), before);
+        // From now on the top's requests land in a.
+        top.write(&[0x66; 100], 900_000).unwrap();
+        top.flush().unwrap();
+        let mut want = before;
+        want[900_000..900_100].fill(0x66);
+        drop((top, writer, a));
+        assert_image_is(&dir.path().join("a.qcow2"), &want);
+    }
+
+    /// Trims and failed requests are marked too: a failed write may have changed part of
+    /// its range. Nothing is marked once tracking stops.
+    #[test]
+    fn change_marks_trims_and_failed_requests() {
+        let (_dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let dirty = Arc::new(DirtyMap::new(top.size(), 65536));
+        top.track_writes(Some(dirty.clone()));
+        top.trim(65536, 4 * 65536).unwrap();
+        assert_eq!(dirty.dirty_bytes(), 65536);
+        // FAST_ZERO of a partial cluster whose rest holds backing data: refused.
+        let err = top.zero(100, 100, false, true).unwrap_err();
+        assert_eq!(err.errno, Errno::ENOTSUP);
+        assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+        top.track_writes(None);
+        top.write(&[1], 900_000).unwrap();
+        assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+    }
+}

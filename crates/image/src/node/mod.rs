@@ -1,0 +1,255 @@
+//! Nodes: opened files and images, their children, and the I/O every export does on them.
+//!
+//! A [`Node`] is qemu's block node: a `file` node owns a descriptor, a `raw` or `qcow2` node
+//! reads its format from a `file` child, and a qcow2 node may have a read-only `backing`
+//! node. Nodes are shared (`Arc`): every NBD connection to an image, and every node that
+//! uses another as its backing, holds the same node, so they all see one image through one
+//! set of metadata caches.
+//!
+//! **I/O model.** imago is built in its `sync` mode: every call is a plain blocking function
+//! and its locks are parking_lot locks, so a request runs start to finish on the thread that
+//! asked (the server's per-connection worker threads, which already form the pool that
+//! overlaps requests). The async mode was the alternative: its futures are not `Send` and its
+//! file driver blocks inside them anyway, so it would have needed a current-thread runtime
+//! per I/O thread and a hand-off per request (two thread switches and a channel) for no gain
+//! in overlap. Callers in async code (the QMP daemon) must call node methods from blocking
+//! threads (`spawn_blocking`).
+//!
+//! **Where things are.** This file holds the node itself: its parts, the `View` that a
+//! backing switch replaces, and the accessors. The rest is split by concern, each file
+//! with the part of the design it decides:
+//! - `open.rs`: opening and probing, qemu's lock permissions, backing chains from image
+//!   headers, and the checks that refuse a bad image at open.
+//! - `gate.rs`: the one gate every request passes, which an active commit uses to track
+//!   writes and, at its pivot, to move every request to the base.
+//! - `io.rs`: the requests (read, write, zero, trim, flush, cache): the locking inside a
+//!   node, durability, and the checks on the request path.
+//! - `status.rs`: block status and allocation depth as qemu-nbd reports them, with qemu's
+//!   guess of metadata preallocation.
+//! - `jobs.rs`: what block jobs build on: stream copy-on-read, the backing switch, a
+//!   writer into a read-only base, and reloading a node another writer changed.
+//!
+//! **Locks**, each held for one request or one job step, taken in this order: the gate
+//! (shared by requests, exclusive for tracking changes and the pivot), then `io` (shared by
+//! requests, exclusive for discards, partial-cluster zeroes and job steps, see `io.rs`),
+//! then, for a moment, `view` (to clone the current `View`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use imago::{DynStorage, FormatAccess};
+use parking_lot::{Mutex, RwLock};
+use sluice_block::{BlockError, Errno, Result};
+
+use crate::header::Qcow2Header;
+use crate::lock::ImageLock;
+use crate::options::Driver;
+use crate::storage::OrderedFile;
+
+mod gate;
+mod io;
+mod jobs;
+mod open;
+mod status;
+#[cfg(test)]
+mod test_support;
+
+use gate::Tracking;
+pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
+
+/// imago's storage object for every node: shared, so a file node and the format node above
+/// it use one descriptor.
+pub(crate) type Storage = Arc<dyn DynStorage>;
+/// imago's view of one node.
+pub(crate) type Layer = FormatAccess<Storage>;
+
+/// The descriptor of a `file` node.
+struct FileState {
+    /// Used for locks, `lseek` (block status) and `posix_fadvise` (both through
+    /// [`sluice_block::fileio`]); imago's storage object holds a duplicate of it (same open
+    /// file description, so the same locks).
+    os: File,
+    ordered: Arc<OrderedFile>,
+    storage: Storage,
+    lock: Mutex<ImageLock>,
+    writable: bool,
+}
+
+/// What a qcow2 node remembers of its header.
+#[derive(Debug, Clone)]
+pub struct Qcow2Info {
+    pub header: Qcow2Header,
+}
+
+/// The part of a node that a backing switch replaces.
+struct View {
+    backing: Option<Arc<Node>>,
+    qcow2: Option<Qcow2Info>,
+    layer: Arc<Layer>,
+}
+
+impl View {
+    fn new(backing: Option<Arc<Node>>, qcow2: Option<Qcow2Info>, layer: Layer) -> View {
+        View {
+            backing,
+            qcow2,
+            layer: Arc::new(layer),
+        }
+    }
+}
+
+/// What a node stands on.
+enum Base {
+    /// A `file` node: the path it opened and its descriptor.
+    Own(PathBuf, FileState),
+    /// A format node: its `file` child.
+    Child(Arc<Node>),
+}
+
+/// One node of the block graph (see the module doc).
+pub struct Node {
+    name: String,
+    driver: Driver,
+    read_only: bool,
+    /// The image file's path (for a format node, its file child's).
+    filename: PathBuf,
+    file: Option<Arc<Node>>,
+    file_state: Option<FileState>,
+    /// The backing, header and imago instance: replaced together by
+    /// [`Node::switch_backing`], under the exclusive `io` lock, so a request that holds
+    /// `io` sees one view from start to end.
+    view: RwLock<Arc<View>>,
+    /// The format was probed and found raw: like qemu, refuse writes that would make block 0
+    /// probe as qcow2.
+    probed_raw: bool,
+    /// qemu's `metadata_preallocation` guess for this qcow2 node, made at the first block
+    /// status (see [`Node::metadata_preallocated`]).
+    prealloc_guess: std::sync::OnceLock<bool>,
+    /// Shared by every request, exclusive for discards (see `io.rs`).
+    io: RwLock<()>,
+    /// The gate every request passes: write tracking and the pivot of an active commit
+    /// (see `gate.rs`).
+    tracking: Tracking,
+    weak_self: Weak<Node>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver)
+            .field("read_only", &self.read_only)
+            .field("filename", &self.filename)
+            .field("file", &self.file.as_ref().map(|n| n.name()))
+            .field("backing", &self.backing().map(|n| n.name().to_string()))
+            .finish()
+    }
+}
+
+impl Node {
+    /// A new node, with what every node starts with: no preallocation guess yet, a free
+    /// `io` lock, and a gate that nobody tracks or redirects.
+    fn new_arc(
+        name: String,
+        driver: Driver,
+        read_only: bool,
+        base: Base,
+        view: View,
+        probed_raw: bool,
+    ) -> Arc<Node> {
+        let (filename, file, file_state) = match base {
+            Base::Own(path, state) => (path, None, Some(state)),
+            Base::Child(file) => (file.filename.clone(), Some(file), None),
+        };
+        Arc::new_cyclic(|weak_self| Node {
+            name,
+            driver,
+            read_only,
+            filename,
+            file,
+            file_state,
+            view: RwLock::new(Arc::new(view)),
+            probed_raw,
+            prealloc_guess: std::sync::OnceLock::new(),
+            io: RwLock::new(()),
+            tracking: Tracking::default(),
+            weak_self: weak_self.clone(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The image file (for format nodes, their file child's).
+    pub fn filename(&self) -> &Path {
+        &self.filename
+    }
+    /// The `file` child (raw and qcow2 nodes).
+    pub fn file_child(&self) -> Option<&Arc<Node>> {
+        self.file.as_ref()
+    }
+    /// The `backing` child (qcow2 nodes with a backing); it changes at a backing switch.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.view().backing.clone()
+    }
+    /// Children by role (`file`, `backing`), as qemu's `query-named-block-nodes` lists them.
+    pub fn children(&self) -> Vec<(&'static str, Arc<Node>)> {
+        let mut v = Vec::new();
+        if let Some(f) = &self.file {
+            v.push(("file", f.clone()));
+        }
+        if let Some(b) = self.backing() {
+            v.push(("backing", b));
+        }
+        v
+    }
+    /// The parsed qcow2 header (qcow2 nodes).
+    pub fn qcow2(&self) -> Option<Qcow2Info> {
+        self.view().qcow2.clone()
+    }
+    /// The virtual disk size.
+    pub fn size(&self) -> u64 {
+        self.view().layer.size()
+    }
+    /// This node as a shared pointer (it always lives in one).
+    pub fn arc(&self) -> Arc<Node> {
+        self.weak_self.upgrade().expect("nodes live in an Arc")
+    }
+    /// The qcow2 cluster size, or 4096 for raw data.
+    pub fn cluster_size(&self) -> u64 {
+        self.view()
+            .qcow2
+            .as_ref()
+            .map_or(4096, |q| q.header.cluster_size())
+    }
+
+    /// The current view (see [`View`]); stable while the caller holds `io`.
+    fn view(&self) -> Arc<View> {
+        self.view.read().clone()
+    }
+
+    fn file_state(&self) -> &FileState {
+        match (&self.file_state, &self.file) {
+            (Some(fs), _) => fs,
+            (None, Some(f)) => f.file_state(),
+            (None, None) => unreachable!("every node has a file node at its bottom"),
+        }
+    }
+
+    fn check_writable(&self, what: &str) -> Result<()> {
+        if self.read_only || !self.file_state().writable {
+            return Err(BlockError::new(
+                Errno::EROFS,
+                format!("{what}: node '{}' is read-only", self.name),
+            ));
+        }
+        Ok(())
+    }
+}
