@@ -174,6 +174,14 @@ SERVERS = {
     "qemu-nbd-qcow2": dict(
         cmd=lambda c, s, f: ["qemu-nbd", "-t", "-e", "8", "-f", "qcow2", "-k", s, f],
         backing="qcow2", default=False),
+    # An earlier sluice build (--sluice-base), to check a change for regressions in the same
+    # interleaved run: added to the servers when --sluice-base is given.
+    "base-memory": dict(
+        cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "memory", str(c.size)],
+        backing=None, base=True, default=False),
+    "base-file": dict(
+        cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "file", f],
+        backing="raw", base=True, default=False),
 }
 
 # Ratio columns (numerator, denominator), shown when both are selected.
@@ -182,6 +190,8 @@ RATIOS = [
     ("sluice-file", "nbdkit-file"),
     ("sluice-file", "qemu-nbd-raw"),
     ("sluice-qcow2", "qemu-nbd-qcow2"),
+    ("sluice-memory", "base-memory"),
+    ("sluice-file", "base-file"),
 ]
 
 BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}
@@ -734,6 +744,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Interleaved NBD benchmark: sluice vs nbdkit vs qemu-nbd.")
     ap.add_argument("--sluice", help="path to the sluice binary")
+    ap.add_argument("--sluice-base", help="an earlier sluice binary: adds the servers "
+                    "base-memory and base-file and the ratios sluice/base (regression check)")
     ap.add_argument("--size", type=parse_size, default=None, help="export size (4G)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (3)")
     ap.add_argument("--runtime", type=int, default=None,
@@ -785,6 +797,10 @@ def parse_args(argv):
         a.server_names = [n for n, s in SERVERS.items() if s["default"]]
     if a.sluice:
         a.sluice = os.path.abspath(a.sluice)
+    if a.sluice_base:
+        a.sluice_base = os.path.abspath(a.sluice_base)
+        if not a.servers:
+            a.server_names += [n for n, s in SERVERS.items() if s.get("base")]
     return a
 
 
@@ -796,6 +812,8 @@ def bench(ctx):
                 s.skip = "--sluice not given"
             elif not os.access(ctx.sluice, os.X_OK):
                 s.skip = f"{ctx.sluice} is not an executable file"
+        if s.spec.get("base") and not (ctx.sluice_base and os.access(ctx.sluice_base, os.X_OK)):
+            s.skip = "--sluice-base not given or not executable"
     make_data(ctx)
     if any(s.spec["backing"] == "qcow2" and not s.skip for s in servers):
         make_qcow2(ctx)
