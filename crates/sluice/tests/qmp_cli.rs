@@ -394,7 +394,7 @@ fn stream_wait_in_a_terminal_draws_a_bar_and_exits_0() {
     let pct = percentages(&shown);
     assert!(pct.iter().any(|p| (1..100).contains(p)), "{shown:?}");
     assert_eq!(pct.last(), Some(&100), "{shown:?}");
-    assert!(shown.contains("MiB/s  ETA 0:0"), "{shown:?}");
+    assert!(shown.contains("MiB/s  ETA "), "{shown:?}");
     assert!(
         shown.contains("64.0 MiB / 64.0 MiB  completed"),
         "{shown:?}"
