@@ -6,6 +6,7 @@
 
 mod daemon;
 mod process;
+mod qmp_client;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a block-storage daemon managed over QMP (like qemu-storage-daemon).
     Daemon(daemon::DaemonArgs),
+    /// Run one QMP command against a daemon (sluice's or qemu-storage-daemon), follow its
+    /// events, or wait for a job with a progress bar.
+    Qmp(qmp_client::QmpArgs),
 }
 
 fn main() {
@@ -47,6 +51,7 @@ fn main() {
     let code = match cli.command {
         Some(Command::Serve(args)) => serve::main(args),
         Some(Command::Daemon(args)) => daemon::main(args),
+        Some(Command::Qmp(args)) => qmp_client::main(args),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();
