@@ -12,16 +12,16 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Map, Value};
 
 use crate::generated::{
-    dispatch, BlockCommitArgs, BlockDeviceInfo, BlockExportDelArgs, BlockExportInfo,
-    BlockExportOptions, BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode,
-    BlockExportType, BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs,
-    BlockJobFinalizeArgs, BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs,
-    BlockJobSetSpeedArgs, BlockStreamArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
-    JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
-    JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
-    NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs, QueryNamedBlockNodesArgs,
-    ShutdownCause, SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo,
-    COMMANDS, INTROSPECTION,
+    dispatch, BlockCommitArgs, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
+    BlockDirtyBitmapMerge, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
+    BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
+    BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
+    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
+    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
+    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
+    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
+    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
+    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
 use crate::jobs::{commit, stream};
@@ -202,6 +202,30 @@ impl Handlers for Session<'_> {
             )));
         }
         self.state.graph.del(name)
+    }
+
+    fn block_dirty_bitmap_add(&mut self, args: BlockDirtyBitmapAdd) -> Result<(), QmpError> {
+        self.state.graph.bitmap_add(&args)
+    }
+
+    fn block_dirty_bitmap_remove(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        self.state.graph.bitmap_remove(&args)
+    }
+
+    fn block_dirty_bitmap_clear(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        self.state.graph.bitmap_clear(&args)
+    }
+
+    fn block_dirty_bitmap_enable(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        self.state.graph.bitmap_set_recording(&args, true)
+    }
+
+    fn block_dirty_bitmap_disable(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {
+        self.state.graph.bitmap_set_recording(&args, false)
+    }
+
+    fn block_dirty_bitmap_merge(&mut self, args: BlockDirtyBitmapMerge) -> Result<(), QmpError> {
+        self.state.graph.bitmap_merge(&args)
     }
 
     fn query_named_block_nodes(

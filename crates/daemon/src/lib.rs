@@ -4,8 +4,9 @@
 //! - [`generated`]: what `build.rs` generates from the schema with `sluice-qapi`: typed
 //!   arguments and results, the [`generated::Handlers`] trait with one method per command,
 //!   dispatch, the command and event tables, the introspection table.
-//! - [`graph`]: the graph of named block nodes and the driver registry (file, raw and qcow2
-//!   from `crates/image`; null-co, null-aio, sluice-plugin).
+//! - [`graph`]: the graph of named block nodes, their dirty bitmaps (`graph::bitmaps`) and
+//!   the driver registry (file, raw and qcow2 from `crates/image`; null-co, null-aio,
+//!   sluice-plugin).
 //! - [`exports`]: block exports and the NBD server behind them.
 //! - [`events`]: event delivery to monitors, in order with command replies.
 //! - [`jobs`]: background jobs: the generic job state machine and verbs (generic over the

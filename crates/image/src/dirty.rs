@@ -9,7 +9,9 @@
 //! copier reads: no write is ever left behind.
 //!
 //! The map is a bitmap with a fixed granularity (64 KiB, QEMU's default for mirror): a
-//! 1 GiB node needs 2 KiB of bits.
+//! 1 GiB node needs 2 KiB of bits. The same map is the storage of a named dirty bitmap
+//! (`block-dirty-bitmap-add`, see [`crate::bitmaps`]), which adds clearing, merging and
+//! reading it back as runs for NBD's `qemu:dirty-bitmap:` context.
 
 use parking_lot::Mutex;
 
@@ -64,6 +66,71 @@ impl DirtyMap {
                 b.words[w] |= m;
                 b.count += 1;
             }
+        }
+    }
+
+    /// The size of the node the map covers.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes per bit.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// Set bits times the granularity, unclipped: what QEMU reports as a bitmap's `count`.
+    pub fn count(&self) -> u64 {
+        self.inner.lock().count * self.granularity
+    }
+
+    /// Clears every bit.
+    pub fn clear(&self) {
+        let mut b = self.inner.lock();
+        b.words.fill(0);
+        b.count = 0;
+    }
+
+    /// Marks in this map every range `other` has dirty (granularities may differ: a range is
+    /// marked in whole blocks of this map). `other` must not be `self`.
+    pub fn merge_from(&self, other: &DirtyMap) {
+        for (offset, len) in other.runs() {
+            self.mark(offset, len);
+        }
+    }
+
+    /// Every dirty run, in order, clipped to the size.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        self.status(0, self.size, |offset, len, dirty| {
+            if dirty {
+                out.push((offset, len));
+            }
+        });
+        out
+    }
+
+    /// Calls `f(offset, len, dirty)` for the runs of equal state that cover
+    /// `[offset, offset+len)` (clipped to the size), in order: NBD's block status of a
+    /// `qemu:dirty-bitmap:` context.
+    pub fn status(&self, offset: u64, len: u64, mut f: impl FnMut(u64, u64, bool)) {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return;
+        }
+        let b = self.inner.lock();
+        let is_set = |i: u64| b.words[(i / 64) as usize] & (1 << (i % 64)) != 0;
+        let mut at = offset;
+        while at < end {
+            let block = at / self.granularity;
+            let dirty = is_set(block);
+            let mut next = block + 1;
+            while next * self.granularity < end && is_set(next) == dirty {
+                next += 1;
+            }
+            let run_end = (next * self.granularity).min(end);
+            f(at, run_end - at, dirty);
+            at = run_end;
         }
     }
 
@@ -140,6 +207,33 @@ mod tests {
         m.mark(200_000, 10);
         assert_eq!(m.take(0, u64::MAX), Some((1 << 16, 100_000 - (1 << 16))));
         assert_eq!(m.dirty_bytes(), 0);
+    }
+
+    #[test]
+    fn status_gives_runs_and_merge_converts_granularity() {
+        let m = DirtyMap::new(1 << 20, 1 << 16);
+        m.mark(100, 1);
+        m.mark(5 << 16, 2 << 16);
+        let mut runs = Vec::new();
+        m.status(10, 1 << 20, |o, l, d| runs.push((o, l, d)));
+        assert_eq!(
+            runs,
+            vec![
+                (10, (1 << 16) - 10, true),
+                (1 << 16, 4 << 16, false),
+                (5 << 16, 2 << 16, true),
+                (7 << 16, 9 << 16, false)
+            ]
+        );
+        let fine = DirtyMap::new(1 << 20, 512);
+        fine.merge_from(&m);
+        assert_eq!(fine.count(), 3 << 16);
+        let coarse = DirtyMap::new(1 << 20, 1 << 19);
+        coarse.merge_from(&m);
+        assert_eq!(coarse.count(), 1 << 19);
+        assert_eq!(m.count(), 3 << 16);
+        m.clear();
+        assert!(m.is_clean());
     }
 
     #[test]

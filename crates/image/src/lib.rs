@@ -43,6 +43,7 @@
 //! [`open_image_plugin`] serves `sluice serve image file=PATH [format=] [backing=]` (see
 //! [`cli`] for the backing policy).
 
+pub mod bitmaps;
 pub mod cli;
 pub mod dirty;
 pub mod error;
@@ -53,6 +54,7 @@ pub mod node;
 pub mod options;
 pub mod storage;
 
+pub use bitmaps::{Bitmap, BitmapError, Bitmaps};
 pub use cli::{open_image_node, open_image_plugin};
 pub use dirty::DirtyMap;
 pub use error::ImageError;

@@ -24,6 +24,7 @@
 //! The graph is plain data behind the daemon's state lock; nothing here blocks except the
 //! drivers' opens, which the daemon runs off its async threads.
 
+pub mod bitmaps;
 pub mod drivers;
 pub mod image;
 
@@ -192,6 +193,8 @@ pub struct Node {
     pub detect_zeroes: BlockdevDetectZeroesOptions,
     /// Number of exports of this node.
     pub exports: usize,
+    /// The node's dirty bitmaps (see [`bitmaps`]).
+    pub bitmaps: Arc<sluice_image::Bitmaps>,
     /// A handle kept open for size queries (opening it also proved the node works).
     probe: Box<dyn Handle>,
 }
@@ -474,10 +477,21 @@ impl Graph {
         name: String,
         driver: BlockdevDriver,
         read_only: bool,
-        opened: OpenedNode,
+        mut opened: OpenedNode,
         no_flush: bool,
         created: &mut Vec<String>,
     ) -> Result<(), QmpError> {
+        // Image nodes mark their bitmaps in their own gate; any other node through a filter
+        // over its plugin, which every export and job reaches.
+        let node_bitmaps = match image::image_node(&opened) {
+            Some(img) => img.bitmaps().clone(),
+            None => {
+                let set = Arc::<sluice_image::Bitmaps>::default();
+                let filter = bitmaps::MarkBitmaps(set.clone());
+                opened.plugin = Arc::new(sluice_block::Filtered::new(filter, opened.plugin));
+                set
+            }
+        };
         let probe = opened
             .plugin
             .open(&OpenContext {
@@ -501,6 +515,7 @@ impl Graph {
             },
             detect_zeroes: BlockdevDetectZeroesOptions::Off,
             exports: 0,
+            bitmaps: node_bitmaps,
             probe,
         });
         Ok(())
@@ -649,6 +664,7 @@ impl Graph {
             image: self.image_info(n, flat)?,
             cache: n.cache.clone(),
             write_threshold: 0,
+            dirty_bitmaps: bitmaps::dirty_info(&n.bitmaps),
         })
     }
 

@@ -16,6 +16,9 @@
 //! [`Changing`], that only this module makes, so a new request method cannot reach a body
 //! without passing the gate, and a body that changes the image cannot run as a read.
 //!
+//! The same place marks the node's named dirty bitmaps ([`crate::bitmaps`]), so that they
+//! see every change an NBD client, a job or an active commit's writer makes.
+//!
 //! Block jobs' own steps (`jobs.rs`: stream copy-on-read, backing switch, reload) do not
 //! pass the gate: they change no data the guest sees, so there is nothing to mark, and the
 //! daemon refuses a second job on a node that already has one, so no commit tracks a node
@@ -73,7 +76,8 @@ impl Node {
     }
 
     /// Runs a request that changes `[offset, offset+len)`: as [`Node::look`], and the range
-    /// is marked in the dirty map (if someone is tracking) before the gate is let go.
+    /// is marked in the dirty map (if someone is tracking) and in the node's recording dirty
+    /// bitmaps before the gate is let go.
     pub(super) fn change<R>(
         &self,
         offset: u64,
@@ -88,6 +92,9 @@ impl Node {
         let r = op(self, Changing(()));
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
+        }
+        if let Some(bitmaps) = self.bitmaps.get() {
+            bitmaps.mark(offset, len);
         }
         r
     }
@@ -203,5 +210,27 @@ mod tests {
         top.track_writes(None);
         top.write(&[1], 900_000).unwrap();
         assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+    }
+
+    /// Named bitmaps are marked by every change, also one made through an active commit's
+    /// writer into a base; a disabled bitmap is not.
+    #[test]
+    fn change_marks_recording_bitmaps_and_writer_shares_them() {
+        use crate::bitmaps::Bitmap;
+        let (_dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let a = top.backing().unwrap().backing().unwrap();
+        let on = Arc::new(Bitmap::new("on", top.size(), 65536, true));
+        let off = Arc::new(Bitmap::new("off", top.size(), 65536, false));
+        top.bitmaps().insert(on.clone()).unwrap();
+        top.bitmaps().insert(off.clone()).unwrap();
+        top.write(&[1; 10], 70_000).unwrap();
+        top.zero(65536, 3 * 65536, true, false).unwrap();
+        assert_eq!((on.count(), off.count()), (2 * 65536, 0));
+        let in_a = Arc::new(Bitmap::new("a", a.size(), 65536, true));
+        a.bitmaps().insert(in_a.clone()).unwrap();
+        let writer = a.open_writer().unwrap();
+        writer.write(&[2; 10], 0).unwrap();
+        assert_eq!(in_a.count(), 65536);
     }
 }

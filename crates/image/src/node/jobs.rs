@@ -141,7 +141,8 @@ impl Node {
     /// writes fill in from the same chain) and takes no image locks: the locks this node
     /// already holds keep other processes out, and the writer is the daemon's own. While
     /// the writer lives, this node must not read the ranges written through it; once done,
-    /// flush and drop the writer, then [`Node::reload`] this node.
+    /// flush and drop the writer, then [`Node::reload`] this node. Its writes mark this
+    /// node's dirty bitmaps.
     pub fn open_writer(&self) -> std::result::Result<Arc<Node>, ImageError> {
         let backing = self.backing();
         let mut opts = BlockdevOptions::image(self.driver_of_image(), &self.filename, false);
@@ -154,7 +155,10 @@ impl Node {
             None => BackingRef::None,
         };
         let resolve = |n: &str| backing.clone().filter(|b| b.name == n);
-        open_node(&opts, &resolve)
+        let writer = open_node(&opts, &resolve)?;
+        // The writer changes this node's image: it marks this node's bitmaps.
+        let _ = writer.bitmaps.set(self.bitmaps().clone());
+        Ok(writer)
     }
 
     /// The format driver of this node's image (a `file` node is a raw image).

@@ -42,6 +42,7 @@ use imago::{DynStorage, FormatAccess};
 use parking_lot::{Mutex, RwLock};
 use sluice_block::{BlockError, Errno, Result};
 
+use crate::bitmaps::Bitmaps;
 use crate::header::Qcow2Header;
 use crate::lock::ImageLock;
 use crate::options::Driver;
@@ -131,6 +132,9 @@ pub struct Node {
     /// The gate every request passes: write tracking and the pivot of an active commit
     /// (see `gate.rs`).
     tracking: Tracking,
+    /// The node's named dirty bitmaps, made at first use (or shared from the node an active
+    /// commit writes into, see [`Node::open_writer`]); the gate marks them.
+    bitmaps: std::sync::OnceLock<Arc<Bitmaps>>,
     weak_self: Weak<Node>,
 }
 
@@ -174,6 +178,7 @@ impl Node {
             prealloc_guess: std::sync::OnceLock::new(),
             io: RwLock::new(()),
             tracking: Tracking::default(),
+            bitmaps: std::sync::OnceLock::new(),
             weak_self: weak_self.clone(),
         })
     }
@@ -228,6 +233,11 @@ impl Node {
             .qcow2
             .as_ref()
             .map_or(4096, |q| q.header.cluster_size())
+    }
+
+    /// The node's named dirty bitmaps (see [`crate::bitmaps`]).
+    pub fn bitmaps(&self) -> &Arc<Bitmaps> {
+        self.bitmaps.get_or_init(Arc::default)
     }
 
     /// The current view (see [`View`]); stable while the caller holds `io`.

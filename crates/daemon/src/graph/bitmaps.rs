@@ -1,0 +1,181 @@
+//! Dirty bitmaps on graph nodes: `block-dirty-bitmap-*` with qemu-storage-daemon's checks, in
+//! its order, and the marking of nodes that are not images.
+//!
+//! Every graph node has a [`Bitmaps`] set ([`super::Node::bitmaps`]). An image node's set is
+//! the one its `sluice_image::Node` marks in its request gate; any other node (`null-co`,
+//! `sluice-plugin`) gets a fresh set and its plugin is wrapped, once, at insertion, in
+//! [`MarkBitmaps`], a filter that marks after each write, zero and trim: the node's plugin
+//! is what every export and every job reaches, so no path goes around it. The rules
+//! (busy, inconsistent, sizes, names) and their messages are `sluice_image::bitmaps`'s;
+//! this module adds the node lookups and the order of the checks.
+
+use std::sync::Arc;
+
+use sluice_block::{Filter, Flags, Handle, Next, OpenContext, Plugin, Result};
+use sluice_image::bitmaps::{default_granularity, merge, Bitmap, BitmapError, Bitmaps, Use};
+
+use super::{Graph, Node};
+use crate::generated::{
+    BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapOrStr,
+    BlockDirtyInfo,
+};
+use crate::QmpError;
+
+/// Marks a plugin node's bitmaps after each write, zero and trim (see the module doc).
+#[derive(Debug)]
+pub struct MarkBitmaps(pub Arc<Bitmaps>);
+
+impl Filter for MarkBitmaps {
+    type Conn = ();
+
+    fn name(&self) -> &str {
+        "mark-bitmaps"
+    }
+
+    fn open(&self, next: &Arc<dyn Plugin>, ctx: &OpenContext<'_>) -> Result<((), Next)> {
+        Ok(((), Next::open(next, ctx)?))
+    }
+
+    fn pwrite(&self, _: &(), next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        let r = next.pwrite(buf, offset, flags);
+        self.0.mark(offset, buf.len() as u64);
+        r
+    }
+
+    fn trim(&self, _: &(), next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        let r = next.trim(count, offset, flags);
+        self.0.mark(offset, count);
+        r
+    }
+
+    fn zero(&self, _: &(), next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        let r = next.zero(count, offset, flags);
+        self.0.mark(offset, count);
+        r
+    }
+}
+
+fn qmp(e: BitmapError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+/// What `query-named-block-nodes` shows of a node's bitmaps (absent when it has none).
+pub fn dirty_info(bitmaps: &Bitmaps) -> Option<Vec<BlockDirtyInfo>> {
+    if bitmaps.is_empty() {
+        return None;
+    }
+    Some(
+        bitmaps
+            .list()
+            .iter()
+            .map(|b| BlockDirtyInfo {
+                name: Some(b.name().to_string()),
+                count: b.count() as i64,
+                granularity: b.granularity() as u32,
+                recording: b.is_recording(),
+                busy: b.is_busy(),
+                persistent: b.is_persistent(),
+                inconsistent: b.is_inconsistent().then_some(true),
+            })
+            .collect(),
+    )
+}
+
+impl Graph {
+    /// QEMU's `block_dirty_bitmap_lookup`: the node, then its bitmap.
+    pub fn bitmap(&self, node: &str, name: &str) -> Result<(&Node, Arc<Bitmap>), QmpError> {
+        let Some(n) = self.get(node) else {
+            return Err(QmpError::generic(format!("Node '{node}' not found")));
+        };
+        let b = n.bitmaps.lookup(name).map_err(qmp)?;
+        Ok((n, b))
+    }
+
+    /// `block-dirty-bitmap-add`.
+    pub fn bitmap_add(&self, args: &BlockDirtyBitmapAdd) -> Result<(), QmpError> {
+        if args.name.is_empty() {
+            return Err(qmp(BitmapError::EmptyName));
+        }
+        let Some(n) = self.get(&args.node) else {
+            return Err(super::not_found(&args.node, &args.node));
+        };
+        let granularity = match args.granularity {
+            Some(g) => {
+                Bitmaps::check_granularity(g.into()).map_err(qmp)?;
+                u64::from(g)
+            }
+            None => default_granularity(n.opened.info.cluster_size.map(|c| c as u64)),
+        };
+        if args.persistent == Some(true) {
+            // Saving bitmaps in qcow2 images is not written yet: refuse rather than
+            // accept a bitmap that would silently vanish at exit.
+            let why = match super::image::image_node(&n.opened) {
+                Some(_) if n.opened.info.format == "qcow2" => {
+                    "persistent bitmaps are not supported by sluice yet"
+                }
+                _ => "Operation not supported",
+            };
+            return Err(QmpError::generic(format!(
+                "Can't store persistent bitmaps to {}: {why}",
+                n.name
+            )));
+        }
+        n.bitmaps.check_new_name(&args.name).map_err(qmp)?;
+        let size = n.size()?;
+        let b = Bitmap::new(
+            &args.name,
+            size,
+            granularity,
+            !args.disabled.unwrap_or(false),
+        );
+        n.bitmaps.insert(Arc::new(b)).map_err(qmp)
+    }
+
+    /// `block-dirty-bitmap-remove`.
+    pub fn bitmap_remove(&self, args: &BlockDirtyBitmap) -> Result<(), QmpError> {
+        let (n, b) = self.bitmap(&args.node, &args.name)?;
+        b.check(Use::Remove).map_err(qmp)?;
+        n.bitmaps.remove(&args.name);
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-clear`.
+    pub fn bitmap_clear(&self, args: &BlockDirtyBitmap) -> Result<(), QmpError> {
+        let (_, b) = self.bitmap(&args.node, &args.name)?;
+        b.check(Use::Modify).map_err(qmp)?;
+        b.map().clear();
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-enable` / `-disable`.
+    pub fn bitmap_set_recording(&self, args: &BlockDirtyBitmap, on: bool) -> Result<(), QmpError> {
+        let (_, b) = self.bitmap(&args.node, &args.name)?;
+        b.check(Use::Read).map_err(qmp)?;
+        b.set_recording(on);
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-merge`: the target and its check first, then each source in
+    /// order (a local name on the target's node, or `{node, name}` anywhere).
+    pub fn bitmap_merge(&self, args: &BlockDirtyBitmapMerge) -> Result<(), QmpError> {
+        let (n, target) = self.bitmap(&args.node, &args.target)?;
+        target.check(Use::Modify).map_err(qmp)?;
+        let mut sources = Vec::with_capacity(args.bitmaps.len());
+        for s in &args.bitmaps {
+            let src = match s {
+                BlockDirtyBitmapOrStr::Local(name) => n.bitmaps.lookup(name).map_err(qmp)?,
+                BlockDirtyBitmapOrStr::External(e) => self.bitmap(&e.node, &e.name)?.1,
+            };
+            // Checked in order, as QEMU merges them one by one.
+            src.check(Use::Read).map_err(qmp)?;
+            if src.map().size() != target.map().size() {
+                return Err(qmp(BitmapError::Sizes {
+                    dst: target.map().size(),
+                    src: src.map().size(),
+                }));
+            }
+            sources.push(src);
+        }
+        merge(&target, &sources).map_err(qmp)
+    }
+}
