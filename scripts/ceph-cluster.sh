@@ -125,13 +125,18 @@ memstore page size = 4096
 EOF
 }
 
-# Waits until `ceph ...` succeeds and its output matches REGEX, or fails after SECS.
+# Waits until `ceph ...` succeeds and its output matches REGEX, or fails after SECS, or at
+# once when the daemon with pid WATCH (if not empty) has died.
 wait_for() {
-    local secs=$1 regex=$2 what=$3
-    shift 3
+    local secs=$1 regex=$2 what=$3 watch=$4
+    shift 4
     local deadline=$((SECONDS + secs)) out
     while :; do
         out=$("$@" 2>/dev/null) && [[ $out =~ $regex ]] && return 0
+        if [ -n "$watch" ] && ! alive "$watch"; then
+            echo "ceph-cluster: the daemon died before $what" >&2
+            return 1
+        fi
         if [ $SECONDS -ge $deadline ]; then
             echo "ceph-cluster: $what did not happen within ${secs}s" >&2
             return 1
@@ -208,12 +213,12 @@ up() {
     for attempt in 1 2 3 4 5; do
         port=$(free_port)
         write_conf "$dir" "$fsid" "$port"
-        rm -rf "$dir/mon/ceph-a" && mkdir -p "$dir/mon/ceph-a"
+        rm -rf "$dir/mon/ceph-a" "$dir/monmap" && mkdir -p "$dir/mon/ceph-a"
         monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
         ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$keyring"
         mon=$(start_daemon "$dir" mon.a ceph-mon -c "$conf" -i a -f)
-        if wait_for 20 'quorum' "the monitor's quorum" \
-            ceph -c "$conf" --connect-timeout 5 mon stat; then
+        if wait_for 20 'quorum' "the monitor's quorum" "$mon" \
+            ceph -c "$conf" --connect-timeout 2 mon stat; then
             break
         fi
         if alive "$mon"; then
@@ -227,8 +232,9 @@ up() {
 
     ceph -c "$conf" --connect-timeout 10 osd new "$osd_uuid" >/dev/null
     ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" >>"$dir/log/osd.0.out" 2>&1
-    start_daemon "$dir" osd.0 ceph-osd -c "$conf" -i 0 -f >/dev/null
-    wait_for 60 '"num_up_osds":1,.*"num_in_osds":1' "osd.0 up and in" \
+    local osd
+    osd=$(start_daemon "$dir" osd.0 ceph-osd -c "$conf" -i 0 -f)
+    wait_for 60 '"num_up_osds":1,.*"num_in_osds":1' "osd.0 up and in" "$osd" \
         ceph -c "$conf" --connect-timeout 5 osd stat -f json
     ceph -c "$conf" --connect-timeout 10 osd pool create rbd 8 8 replicated >/dev/null 2>&1
     rbd -c "$conf" pool init rbd
