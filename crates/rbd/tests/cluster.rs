@@ -4,7 +4,6 @@
 //! tests use (`scripts/ceph-cluster.sh`, torn down at exit).
 
 #[path = "../../sluice/tests/support/ceph.rs"]
-#[allow(dead_code)]
 mod ceph;
 
 use std::sync::Arc;
