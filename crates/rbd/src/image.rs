@@ -612,6 +612,18 @@ fn connect(api: &'static Api, opts: &RbdOptions) -> Result<Cluster, RbdError> {
     for (option, value) in &opts.ceph {
         cluster.set(option, value)?;
     }
+    // Without any monitor address librados would try DNS SRV records and then report a
+    // confusing ENOENT; say what is missing instead.
+    let mon_host = cluster.get("mon_host").unwrap_or_default();
+    if mon_host.trim().is_empty() {
+        return Err(RbdError::Config {
+            what: format!(
+                "no monitor address: {} names none (give conf=CEPH.CONF or ceph.mon_host=)",
+                conf_display(opts.conf.as_deref())
+            ),
+            errno: Errno(libc::ENOENT),
+        });
+    }
     let timeout = cluster
         .get_secs("client_mount_timeout")
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64);

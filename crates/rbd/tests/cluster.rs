@@ -191,6 +191,13 @@ fn missing_image_and_pool_are_typed_errors_with_enoent() {
     o.pool = "no-such-pool".into();
     let e = RbdPlugin::new(o, false).connect().unwrap_err();
     assert!(matches!(e, RbdError::Pool { .. }), "{e:?}");
+    // A configuration without monitors is refused before librados goes looking for them.
+    let empty = c.dir.join("empty.conf");
+    std::fs::write(&empty, "[global]\n").unwrap();
+    let mut o = options(c, "x");
+    o.conf = Some(empty);
+    let e = RbdPlugin::new(o, false).connect().unwrap_err();
+    assert!(e.to_string().contains("no monitor address"), "{e}");
     // The first open connects when nobody called connect(), and fails the same way.
     let p = RbdPlugin::new(options(c, "no-such-image"), false);
     let err = p
