@@ -19,9 +19,11 @@
 //! submitted before the first is waited for.
 //!
 //! **Durability.** With librbd's default cache policy (`writearound`) a write completes once
-//! it is sent, and `rbd_aio_flush` waits until every completed write is on the OSDs; a write
+//! it is sent (after the client's first flush: until then librbd writes through, Ceph's
+//! `rbd_cache_writethrough_until_flush`, kept here for clients that never flush), and
+//! `rbd_aio_flush` waits until every completed write is on the OSDs; a write
 //! submitted with `LIBRADOS_OP_FLAG_FADVISE_FUA` bypasses that window, which is what NBD's
-//! FUA asks (Ceph's rbd-nbd and wnbd do the same). With `rbd_cache_policy=writeback` the
+//! FUA asks (Ceph's own wnbd does the same). With `rbd_cache_policy=writeback` the
 //! object cacher is not documented to honour the flag, so [`Image::native_fua`] is false
 //! then and the server emulates FUA by a flush. Write-zeroes and discard never go through a
 //! write-back window (librbd sends them straight to the OSDs) but are still followed by a
