@@ -19,6 +19,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 
+# Ceph (mon, OSD, tools, librbd and its Python binding) for the RBD tests, which start their
+# own throw-away cluster: the package list lives in ceph-cluster.sh.
+scripts/ceph-cluster.sh install
+
 python3 -m pip install --quiet --disable-pip-version-check qemu.qmp  # QMP client for the daemon tests
 
 cargo fmt --all -- --check

@@ -33,8 +33,12 @@ Examples:
 
   sluice serve -f -U /tmp/p.sock python ./plugin.py size=1G
                                    run an nbdkit Python plugin script, unmodified
+  sluice serve -f -U /tmp/r.sock rbd rbd/disk1 conf=/etc/ceph/ceph.conf id=admin
+                                   serve a Ceph RBD image (pool/image[@snapshot])
 
-Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=).
+Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=),
+rbd ([pool/]image[@snap] pool= namespace= snapshot= conf= id= keyring= key= timeout=
+ceph.OPTION=; see `sluice serve --dump-plugin rbd` for the librbd it loads).
 `python SCRIPT` runs nbdkit Python plugin scripts (API_VERSION 1 and 2); a script can
 start with `#!/usr/bin/env -S sluice serve python` to be run directly.
 Other names load nbdkit's C plugins unmodified (nbdkit-NAME-plugin.so from --plugin-dir,
@@ -111,7 +115,7 @@ pub struct ServeArgs {
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
 
-    /// The plugin: a built-in (memory, file, null, pattern), an nbdkit plugin's short name
+    /// The plugin: a built-in (memory, file, null, pattern, rbd), an nbdkit plugin's short name
     /// (found as nbdkit-NAME-plugin.so), or the path of an nbdkit plugin .so file.
     #[arg(value_name = "PLUGIN")]
     plugin: String,
@@ -181,12 +185,19 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     if args.dump_plugin {
         return dump_plugin(&args, &params);
     }
-    let Loaded { plugin, python } = if args.plugin == "python" {
+    let Loaded {
+        plugin,
+        python,
+        rbd,
+    } = if args.plugin == "python" {
         open_python(&params)?
+    } else if args.plugin == sluice_rbd::NAME {
+        open_rbd(&args, &params)?
     } else {
         Loaded {
             plugin: open_plugin(&args, &params)?,
             python: None,
+            rbd: None,
         }
     };
     let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -198,13 +209,33 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
     let uri = uri_of(&args, &listening);
 
-    let ready_pipe = if foreground {
+    let mut ready_pipe = if foreground {
         None
     } else {
         Some(crate::process::daemonize(&uri).map_err(|e| Failure { code: 1, err: e })?)
     };
     if let Some(p) = &python {
         p.after_fork().map_err(python_failure)?;
+    }
+    if let Some(r) = &rbd {
+        if let Err(e) = r.connect() {
+            // One line, printed by whichever process the user is waiting on.
+            cleanup(
+                listening.socket_path.as_deref(),
+                listening.tempdir.as_deref(),
+                None,
+            );
+            return match ready_pipe.take() {
+                Some(fd) => {
+                    fd.failed(&format!("sluice: {e}"));
+                    Ok(1)
+                }
+                None => Err(Failure {
+                    code: 1,
+                    err: e.into(),
+                }),
+            };
+        }
     }
     if args.exit_with_parent {
         // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
@@ -302,16 +333,25 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     // (nbdkit's cleanup and unload) before exit.
     drop(rt);
     drop(server);
-    if let Some(p) = &listening.socket_path {
+    cleanup(
+        listening.socket_path.as_deref(),
+        listening.tempdir.as_deref(),
+        args.pidfile.as_deref(),
+    );
+    code.map_err(|e| Failure { code: 1, err: e })
+}
+
+/// Removes what serving left in the file system: our socket, `-U -`'s directory, the pidfile.
+fn cleanup(socket_path: Option<&Path>, tempdir: Option<&Path>, pidfile: Option<&Path>) {
+    if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);
     }
-    if let Some(d) = &listening.tempdir {
+    if let Some(d) = tempdir {
         let _ = std::fs::remove_dir_all(d);
     }
-    if let Some(p) = &args.pidfile {
+    if let Some(p) = pidfile {
         let _ = std::fs::remove_file(p);
     }
-    code.map_err(|e| Failure { code: 1, err: e })
 }
 
 fn plugin_dirs(args: &ServeArgs) -> Vec<PathBuf> {
@@ -325,6 +365,23 @@ fn plugin_dirs(args: &ServeArgs) -> Vec<PathBuf> {
 struct Loaded {
     plugin: Arc<dyn Plugin>,
     python: Option<Arc<sluice_python::PythonPlugin>>,
+    /// librados starts threads, so the cluster connection is made after the fork.
+    rbd: Option<Arc<sluice_rbd::RbdPlugin>>,
+}
+
+/// Configures the `rbd` plugin (`sluice serve rbd POOL/IMAGE conf=...`) without connecting.
+fn open_rbd(args: &ServeArgs, params: &[ConfigArg]) -> Result<Loaded, Failure> {
+    if !args.debug_flags.is_empty() {
+        tracing::warn!("-D flags are ignored by built-in plugins");
+    }
+    let p = Arc::new(
+        sluice_rbd::RbdPlugin::from_args(params, args.readonly).map_err(|e| usage(e.into()))?,
+    );
+    Ok(Loaded {
+        plugin: p.clone(),
+        python: None,
+        rbd: Some(p),
+    })
 }
 
 /// Loads a Python plugin script (`sluice serve python SCRIPT [key=value...]`). Its
@@ -335,6 +392,7 @@ fn open_python(params: &[ConfigArg]) -> Result<Loaded, Failure> {
     Ok(Loaded {
         plugin: p.clone(),
         python: Some(p),
+        rbd: None,
     })
 }
 
@@ -419,6 +477,8 @@ fn dump_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<i32, Failure> {
             None => (None, params),
         };
         sluice_python::dump_plugin(script.as_deref(), rest).map_err(python_failure)?
+    } else if args.plugin == sluice_rbd::NAME {
+        sluice_rbd::dump_plugin()
     } else if let Some(r) = plugins::open_builtin(&args.plugin, params) {
         let p = r.map_err(|e| usage(e.into()))?;
         let tm = p.thread_model().as_str();

@@ -180,6 +180,7 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+pub mod ceph;
 pub mod image;
 pub mod raw;
 

@@ -1,0 +1,165 @@
+#!/usr/bin/python3
+"""RBD benchmark: sluice serving an RBD image over NBD vs librbd's own `rbd bench`.
+
+Both run against the same image on the same cluster, row by row in one run, so
+that the machine's drift hits both alike; `rbd bench` (librbd in-process, no
+NBD hop) is the ceiling, and the target is sluice >= 80% of it on every row.
+By default a throw-away cluster is started with scripts/ceph-cluster.sh (the
+OSD keeps data in RAM: keep --size well under its capacity) and torn down at
+exit; --conf uses an existing one instead.
+
+Rows: sequential read/write in 4 MiB requests (16 in flight, rbd bench's
+default threads), random 4 KiB read/write at queue depth 1 and 32. sluice's
+side is driven by fio's nbd engine with the same request size, depth and
+total bytes.  Both use librbd's cache in the same mode: the rbd tool turns
+off rbd_cache_writethrough_until_flush (write-around from the first write),
+and fio sends no flush before writing, so sluice is given the same setting
+(ceph.rbd_cache_writethrough_until_flush=false); sluice's own default keeps
+Ceph's (write-through until the client's first flush).  Standard library only.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLUSTER = os.path.join(HERE, "..", "scripts", "ceph-cluster.sh")
+
+# name, rbd bench io-type, pattern, io-size, depth, fio rw
+ROWS = [
+    ("seq-write", "write", "seq", 4 * MiB, 16, "write"),
+    ("seq-read", "read", "seq", 4 * MiB, 16, "read"),
+    ("randread-qd1", "read", "rand", 4 * KiB, 1, "randread"),
+    ("randread-qd32", "read", "rand", 4 * KiB, 32, "randread"),
+    ("randwrite-qd1", "write", "rand", 4 * KiB, 1, "randwrite"),
+    ("randwrite-qd32", "write", "rand", 4 * KiB, 32, "randwrite"),
+]
+
+
+def run(argv, timeout=600, env=None):
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+    return p.stdout
+
+
+def rbd_bench(conf, spec, io_type, pattern, size, depth, total):
+    """librbd's figure, in requests per second."""
+    out = run(["rbd", "-c", conf, "bench", "--io-type", io_type, "--io-pattern", pattern,
+               "--io-size", str(size), "--io-threads", str(depth),
+               "--io-total", str(total), spec])
+    m = re.search(r"elapsed:\s*([\d.]+)\s+ops:\s*(\d+)\s+ops/sec:\s*([\d.]+)", out)
+    if not m:
+        raise SystemExit(f"cannot parse rbd bench output:\n{out[-1000:]}")
+    return float(m.group(3))
+
+
+def fio(uri, rw, size, depth, total, image_size):
+    """sluice's figure through NBD, in requests per second."""
+    import json
+    out = run(["fio", "--name=rbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+               f"--bs={size}", f"--iodepth={depth}", f"--size={image_size}",
+               f"--io_size={total}", "--output-format=json", "--randrepeat=0"])
+    out = out[out.index("{"):]
+    job = json.loads(out)["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"]
+
+
+class Server:
+    def __init__(self, sluice, conf, spec, workdir, threads):
+        self.sock = os.path.join(workdir, "rbd.sock")
+        self.log = open(os.path.join(workdir, "sluice.log"), "w")
+        self.p = subprocess.Popen([sluice, "serve", "-f", "-t", str(threads), "-U", self.sock,
+                                   "rbd", spec, f"conf={conf}",
+                                   "ceph.rbd_cache_writethrough_until_flush=false"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=self.log,
+                                  start_new_session=True)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+        deadline = time.time() + 60
+        while not os.path.exists(self.sock):
+            if self.p.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"sluice did not start: see {self.log.name}")
+            time.sleep(0.05)
+
+    def stop(self):
+        # SIGTERM: the image is closed, which flushes and releases its lock.
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(timeout=60)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sluice", required=True, help="sluice binary")
+    ap.add_argument("--conf", help="ceph.conf of an existing cluster (default: start one)")
+    ap.add_argument("--pool", default="rbd")
+    ap.add_argument("--size", default="512M", help="image size (default 512M)")
+    ap.add_argument("--rand-total", default="64M",
+                    help="bytes per random row at QD32 (QD1 does a quarter)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--only", help="comma-separated rows")
+    ap.add_argument("--threads", type=int, default=16,
+                    help="sluice serve -t: worker threads per connection (default 16)")
+    args = ap.parse_args()
+
+    def parse_size(s):
+        mult = {"K": KiB, "M": MiB, "G": GiB}.get(s[-1].upper(), 1)
+        return int(s[:-1] if s[-1].isalpha() else s) * mult
+
+    size = parse_size(args.size)
+    rand_total = parse_size(args.rand_total)
+    rows = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
+    workdir = tempfile.mkdtemp(prefix="rbd-bench-")
+    cluster_dir = None
+    try:
+        conf = args.conf
+        if conf is None:
+            cluster_dir = os.path.join(workdir, "cluster")
+            env = dict(os.environ, CEPH_MEMSTORE_BYTES=str(max(2 * GiB, 3 * size)))
+            conf = run(["bash", CLUSTER, "up", cluster_dir], env=env).strip()
+        image = f"bench-{os.getpid()}"
+        spec = f"{args.pool}/{image}"
+        run(["rbd", "-c", conf, "create", "--size", f"{size // MiB}M", spec])
+        # Fill the image once, so that reads read data rather than holes.
+        rbd_bench(conf, spec, "write", "seq", 4 * MiB, 16, size)
+        results = {r[0]: ([], []) for r in rows}
+        for rnd in range(args.rounds):
+            for name, io_type, pattern, bsize, depth, rw in rows:
+                total = size if pattern == "seq" else rand_total // (4 if depth == 1 else 1)
+                ours = rbd_bench(conf, spec, io_type, pattern, bsize, depth, total)
+                srv = Server(args.sluice, conf, spec, workdir, args.threads)
+                try:
+                    theirs = fio(srv.uri, rw, bsize, depth, total, size)
+                finally:
+                    srv.stop()
+                results[name][0].append(ours)
+                results[name][1].append(theirs)
+                print(f"round {rnd + 1} {name}: rbd bench {ours:.0f}/s, sluice {theirs:.0f}/s",
+                      file=sys.stderr)
+        print(f"\n{'row':<16} {'rbd bench':>12} {'sluice':>12} {'sluice/rbd':>11}")
+        for name, io_type, pattern, bsize, depth, rw in rows:
+            a = statistics.median(results[name][0])
+            b = statistics.median(results[name][1])
+            unit = "MiB/s" if bsize >= MiB else "IOPS"
+            scale = bsize / MiB if bsize >= MiB else 1
+            print(f"{name:<16} {a * scale:>8.0f} {unit:<5} {b * scale:>6.0f} {unit:<5} "
+                  f"{b / a:>10.2f}")
+        run(["rbd", "-c", conf, "rm", "--no-progress", spec])
+    finally:
+        if cluster_dir:
+            subprocess.run(["bash", CLUSTER, "down", cluster_dir])
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

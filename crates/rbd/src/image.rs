@@ -1,0 +1,714 @@
+//! One open RBD image and its cluster connection, with the I/O calls a block server needs.
+//!
+//! [`Image::open`] runs Ceph's whole connection sequence once: create the cluster handle as
+//! `client.ID`, read the configuration, apply credentials, timeouts and `ceph.*` options,
+//! connect, open the pool (and namespace), open the image (read-only for snapshots and
+//! read-only exports). Each step that fails says which step it was (see [`crate::error`]).
+//! The three handles live and die together in one [`Image`]: the image closes first (which
+//! waits for its in-flight requests and flushes its cache), then the pool context, then the
+//! cluster connection.
+//!
+//! **Thread model.** librbd's image handle is thread-safe: any number of threads may submit
+//! requests on it at once, which is how qemu and rbd-nbd use it. So one [`Image`] is shared
+//! (`Arc`) by every connection of an export and no lock of ours is held around I/O. Every
+//! data request is submitted with `rbd_aio_*` and a completion; the calling thread (one of
+//! the server's per-connection workers) then waits for that completion only, while librbd's
+//! own threads carry the request to the OSDs. Requests from all workers of all connections
+//! are thus in flight together. Requests that librbd limits in size (discard and write-zeroes
+//! return an `int` in places) are split into pieces of at most [`MAX_CHUNK`] bytes, all
+//! submitted before the first is waited for.
+//!
+//! **Durability.** With librbd's default cache policy (`writearound`) a write completes once
+//! it is sent (after the client's first flush: until then librbd writes through, Ceph's
+//! `rbd_cache_writethrough_until_flush`, kept here for clients that never flush), and
+//! `rbd_aio_flush` waits until every completed write is on the OSDs; a write
+//! submitted with `LIBRADOS_OP_FLAG_FADVISE_FUA` bypasses that window, which is what NBD's
+//! FUA asks (Ceph's own wnbd does the same). With `rbd_cache_policy=writeback` the
+//! object cacher is not documented to honour the flag, so [`Image::native_fua`] is false
+//! then and the server emulates FUA by a flush. Write-zeroes and discard never go through a
+//! write-back window (librbd sends them straight to the OSDs) but are still followed by a
+//! flush when FUA is asked, because the C API has no flag for them.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ptr;
+use std::time::Duration;
+
+use sluice_block::Errno;
+
+use crate::error::{errno_of, RbdError};
+use crate::options::{
+    conf_display, RbdOptions, CEPH_TIMEOUT_DEFAULTS, DEFAULT_OSD_TIMEOUT, DEFAULT_TIMEOUT,
+};
+use crate::sys::{self, Api, CompletionT, ConfigOption, ImageInfo, ImageT, IoCtxT, RadosT};
+
+/// The largest piece one discard or write-zeroes request is split into.
+pub const MAX_CHUNK: u64 = 1 << 30;
+
+/// A C string of a value already checked to hold no NUL (see [`RbdOptions::from_args`]);
+/// a NUL from a caller that built the options by hand becomes EINVAL.
+fn cstring(what: &str, s: &str) -> Result<CString, RbdError> {
+    CString::new(s).map_err(|_| RbdError::Config {
+        what: format!("{what}: contains a NUL byte"),
+        errno: Errno::EINVAL,
+    })
+}
+
+/// A cluster handle (`rados_t`), shut down when dropped.
+struct Cluster {
+    raw: RadosT,
+    api: &'static Api,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from rados_create2 and is shut down exactly once, after every
+        // pool context and image using it (the owners drop those first).
+        unsafe { (self.api.rados_shutdown)(self.raw) };
+    }
+}
+
+impl Cluster {
+    fn set(&self, option: &str, value: &str) -> Result<(), RbdError> {
+        let o = cstring("option name", option)?;
+        let v = cstring("option value", value)?;
+        // SAFETY: `raw` is a live handle not yet connected; both strings are NUL-terminated
+        // and outlive the call (librados copies them).
+        let r = unsafe { (self.api.rados_conf_set)(self.raw, o.as_ptr(), v.as_ptr()) };
+        if r < 0 {
+            let what = if r == -libc::ENOENT {
+                format!("ceph.{option}: no such Ceph option")
+            } else {
+                format!("ceph.{option}={value}: {}", errno_of(r).describe())
+            };
+            return Err(RbdError::Config {
+                what,
+                errno: errno_of(r),
+            });
+        }
+        Ok(())
+    }
+
+    fn get(&self, option: &str) -> Option<String> {
+        let o = CString::new(option).ok()?;
+        let mut buf = [0 as c_char; 256];
+        // SAFETY: `buf` is writable for its length; librados NUL-terminates what it writes.
+        let r = unsafe { (self.api.rados_conf_get)(self.raw, o.as_ptr(), buf.as_mut_ptr(), 256) };
+        if r < 0 {
+            return None;
+        }
+        // SAFETY: on success the buffer holds a NUL-terminated string.
+        Some(
+            unsafe { CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    fn get_secs(&self, option: &str) -> Option<f64> {
+        self.get(option)?.trim().parse().ok()
+    }
+}
+
+/// A pool context (`rados_ioctx_t`), destroyed when dropped.
+struct IoCtx {
+    raw: IoCtxT,
+    api: &'static Api,
+}
+
+impl Drop for IoCtx {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from rados_ioctx_create and is destroyed once, after the image
+        // opened in it was closed and before its cluster is shut down.
+        unsafe { (self.api.rados_ioctx_destroy)(self.raw) };
+    }
+}
+
+/// One extent of an image as `rbd_diff_iterate2` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub length: u64,
+    /// True: the range may hold data. False: it is known to read as zeroes.
+    pub exists: bool,
+}
+
+/// An open image with its pool context and cluster connection.
+pub struct Image {
+    raw: ImageT,
+    // Dropped after `raw` is closed (in Drop), in this order: pool, then cluster.
+    _io: IoCtx,
+    _cluster: Cluster,
+    api: &'static Api,
+    spec: String,
+    writable: bool,
+    object_size: u64,
+    features: u64,
+    native_fua: bool,
+}
+
+// SAFETY: librbd's image handle may be used from any thread, by several threads at once
+// (librbd locks internally; qemu, rbd-nbd and fio's rbd engine all rely on this). The only
+// call that needs exclusive access, rbd_close, is made from Drop (`&mut self`).
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("spec", &self.spec)
+            .field("writable", &self.writable)
+            .field("object_size", &self.object_size)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("native_fua", &self.native_fua)
+            .finish()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: `raw` is the open image; no request is in flight (every request method
+        // waits for its completions before returning, and they borrow `self`).
+        let r = unsafe { (self.api.rbd_close)(self.raw) };
+        if r < 0 {
+            tracing::warn!("rbd: closing {}: {}", self.spec, errno_of(r).describe());
+        }
+    }
+}
+
+/// A completion (`rbd_completion_t`), released when dropped.
+struct Completion {
+    raw: CompletionT,
+    api: &'static Api,
+    submitted: bool,
+}
+
+impl Completion {
+    fn new(api: &'static Api) -> Result<Completion, Errno> {
+        let mut raw = ptr::null_mut();
+        // SAFETY: no callback and no argument: the completion is waited for explicitly.
+        let r = unsafe { (api.rbd_aio_create_completion)(ptr::null_mut(), None, &mut raw) };
+        if r < 0 {
+            return Err(errno_of(r));
+        }
+        Ok(Completion {
+            raw,
+            api,
+            submitted: false,
+        })
+    }
+
+    /// Waits for the submitted request and returns its result (`>= 0`, or `-errno`).
+    fn wait(&mut self) -> isize {
+        self.submitted = false;
+        // SAFETY: `raw` is a live completion of a submitted request.
+        unsafe {
+            (self.api.rbd_aio_wait_for_complete)(self.raw);
+            (self.api.rbd_aio_get_return_value)(self.raw)
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if self.submitted {
+            // A submitted request must finish before its completion (and the caller's
+            // buffer) goes away, also when unwinding.
+            self.wait();
+        }
+        // SAFETY: `raw` is released once; no request refers to it any more.
+        unsafe { (self.api.rbd_aio_release)(self.raw) };
+    }
+}
+
+impl Image {
+    /// Connects to the cluster and opens the image described by `opts`, read-only if
+    /// `readonly` or a snapshot is asked for. Fails within the configured timeout when the
+    /// cluster cannot be reached.
+    pub fn open(opts: &RbdOptions, readonly: bool) -> Result<Image, RbdError> {
+        let api = sys::api().map_err(|reason| RbdError::Library { reason })?;
+        let cluster = connect(api, opts)?;
+        let pool = cstring("pool", &opts.pool)?;
+        let mut io = ptr::null_mut();
+        // SAFETY: `cluster.raw` is connected; `pool` is NUL-terminated; `io` receives the
+        // new context.
+        let r = unsafe { (api.rados_ioctx_create)(cluster.raw, pool.as_ptr(), &mut io) };
+        if r < 0 {
+            return Err(RbdError::pool(&opts.pool, opts.client_id(), r));
+        }
+        let io = IoCtx { raw: io, api };
+        if let Some(ns) = opts.namespace.as_deref().filter(|n| !n.is_empty()) {
+            let ns = cstring("namespace", ns)?;
+            // SAFETY: `io.raw` is live; librados copies the namespace.
+            unsafe { (api.rados_ioctx_set_namespace)(io.raw, ns.as_ptr()) };
+        }
+        let spec = opts.spec();
+        let (raw, writable) = open_image(api, &io, opts, readonly || opts.snapshot.is_some())?;
+        let mut image = Image {
+            raw,
+            _io: io,
+            _cluster: cluster,
+            api,
+            spec,
+            writable,
+            object_size: 0,
+            features: 0,
+            native_fua: true,
+        };
+        let mut info = std::mem::MaybeUninit::<ImageInfo>::zeroed();
+        // SAFETY: `info` is a writable rbd_image_info_t of the size passed.
+        let r = unsafe {
+            (api.rbd_stat)(
+                image.raw,
+                info.as_mut_ptr(),
+                std::mem::size_of::<ImageInfo>(),
+            )
+        };
+        if r < 0 {
+            return Err(RbdError::image(&image.spec, "stat", r));
+        }
+        // SAFETY: rbd_stat filled the struct (and it was zeroed before).
+        image.object_size = unsafe { info.assume_init() }.obj_size;
+        // SAFETY: writes one u64 through a valid pointer.
+        let r = unsafe { (api.rbd_get_features)(image.raw, &mut image.features) };
+        if r < 0 {
+            return Err(RbdError::image(&image.spec, "get features", r));
+        }
+        let cache = image.config("rbd_cache").unwrap_or_default();
+        let policy = image.config("rbd_cache_policy").unwrap_or_default();
+        image.native_fua = !(cache == "true" && policy == "writeback");
+        tracing::debug!("rbd: opened {image:?} (rbd_cache={cache}, rbd_cache_policy={policy})");
+        Ok(image)
+    }
+
+    /// `pool/[namespace/]image[@snap]`.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    /// False for snapshots, read-only opens, and clients whose caps only allow reading.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The image's object size (4 MiB unless chosen at creation).
+    pub fn object_size(&self) -> u64 {
+        self.object_size
+    }
+
+    /// `RBD_FEATURE_*` bits.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// True if a write flagged FUA is durable when it completes (see the module doc).
+    pub fn native_fua(&self) -> bool {
+        self.native_fua
+    }
+
+    /// The image's current size (librbd follows resizes made by other clients).
+    pub fn size(&self) -> Result<u64, RbdError> {
+        let mut size = 0;
+        // SAFETY: writes one u64 through a valid pointer.
+        let r = unsafe { (self.api.rbd_get_size)(self.raw, &mut size) };
+        if r < 0 {
+            return Err(RbdError::image(&self.spec, "get size", r));
+        }
+        Ok(size)
+    }
+
+    /// The effective value of an image-level option (client config, pool and image
+    /// overrides applied), as `rbd config image get` shows it.
+    pub fn config(&self, name: &str) -> Option<String> {
+        let mut n: c_int = 0;
+        // SAFETY: asking for the count only: a null array of 0 entries.
+        let r = unsafe { (self.api.rbd_config_image_list)(self.raw, ptr::null_mut(), &mut n) };
+        if r != -libc::ERANGE || n <= 0 {
+            return None;
+        }
+        let mut opts: Vec<ConfigOption> = (0..n)
+            .map(|_| ConfigOption {
+                name: ptr::null_mut(),
+                value: ptr::null_mut(),
+                source: 0,
+            })
+            .collect();
+        let mut len = n;
+        // SAFETY: `opts` has room for `len` entries, which librbd fills with strings it
+        // allocates and rbd_config_image_list_cleanup frees.
+        let r = unsafe { (self.api.rbd_config_image_list)(self.raw, opts.as_mut_ptr(), &mut len) };
+        if r < 0 {
+            return None;
+        }
+        let found = opts[..len.clamp(0, n) as usize].iter().find_map(|o| {
+            // SAFETY: filled entries hold NUL-terminated strings (or null).
+            let key = (!o.name.is_null()).then(|| unsafe { CStr::from_ptr(o.name) })?;
+            (key.to_bytes() == name.as_bytes() && !o.value.is_null()).then(|| {
+                // SAFETY: as above.
+                unsafe { CStr::from_ptr(o.value) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        });
+        // SAFETY: frees what the successful list call allocated, once.
+        unsafe { (self.api.rbd_config_image_list_cleanup)(opts.as_mut_ptr(), len) };
+        found
+    }
+
+    fn io_error(&self, op: &'static str, offset: u64, len: u64, errno: Errno) -> RbdError {
+        RbdError::Io {
+            op,
+            spec: self.spec.clone(),
+            offset,
+            len,
+            errno,
+        }
+    }
+
+    /// Submits one request with a fresh completion and waits for it.
+    fn submit_wait(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        submit: impl FnOnce(CompletionT) -> c_int,
+    ) -> Result<usize, RbdError> {
+        let mut c = Completion::new(self.api).map_err(|e| self.io_error(op, offset, len, e))?;
+        let r = submit(c.raw);
+        if r < 0 {
+            return Err(self.io_error(op, offset, len, errno_of(r)));
+        }
+        c.submitted = true;
+        let rv = c.wait();
+        if rv < 0 {
+            return Err(self.io_error(op, offset, len, Errno(-rv as i32)));
+        }
+        Ok(rv as usize)
+    }
+
+    /// Submits `op` for each piece of `[offset, offset+len)` (at most [`MAX_CHUNK`] each),
+    /// then waits for all of them; the first error is reported.
+    fn submit_chunked(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        mut submit: impl FnMut(u64, u64, CompletionT) -> c_int,
+    ) -> Result<(), RbdError> {
+        let mut pending = Vec::with_capacity(len.div_ceil(MAX_CHUNK) as usize);
+        let mut first_error = None;
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(MAX_CHUNK);
+            let mut c = match Completion::new(self.api) {
+                Ok(c) => c,
+                Err(e) => {
+                    first_error = Some(self.io_error(op, at, n, e));
+                    break;
+                }
+            };
+            let r = submit(at, n, c.raw);
+            if r < 0 {
+                first_error = Some(self.io_error(op, at, n, errno_of(r)));
+                break;
+            }
+            c.submitted = true;
+            pending.push((at, n, c));
+            at += n;
+        }
+        for (at, n, c) in &mut pending {
+            let rv = c.wait();
+            if rv < 0 && first_error.is_none() {
+                first_error = Some(self.io_error(op, *at, *n, Errno(-rv as i32)));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` (holes read as zeroes).
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), RbdError> {
+        let len = buf.len();
+        let p = buf.as_mut_ptr().cast::<c_char>();
+        let n = self.submit_wait("read", offset, len as u64, |c| {
+            // SAFETY: `buf` stays borrowed (writable, `len` bytes) until the completion has
+            // been waited for, which submit_wait does before returning, also on unwind.
+            unsafe { (self.api.rbd_aio_read2)(self.raw, offset, len, p, c, 0) }
+        })?;
+        if n != len {
+            // librbd clips reads at the end of the image: it shrank under us.
+            return Err(self.io_error("read", offset, len as u64, Errno::EIO));
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`; with `fua` the data is durable when this returns (see the
+    /// module doc for when that is native).
+    pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), RbdError> {
+        let len = buf.len();
+        let p = buf.as_ptr().cast::<c_char>();
+        let flags = if fua && self.native_fua {
+            sys::OP_FLAG_FADVISE_FUA
+        } else {
+            0
+        };
+        self.submit_wait("write", offset, len as u64, |c| {
+            // SAFETY: `buf` stays borrowed (readable, `len` bytes) until the completion has
+            // been waited for.
+            unsafe { (self.api.rbd_aio_write2)(self.raw, offset, len, p, c, flags) }
+        })?;
+        if fua && !self.native_fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes, exactly (unlike discard). With `thick`
+    /// the range stays allocated (zeroes are written); otherwise librbd may deallocate whole
+    /// objects. With `fua` it is durable when this returns.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        thick: bool,
+        fua: bool,
+    ) -> Result<(), RbdError> {
+        let zero_flags = if thick {
+            sys::WRITE_ZEROES_FLAG_THICK_PROVISION
+        } else {
+            0
+        };
+        self.submit_chunked("write zeroes", offset, len, |at, n, c| {
+            // SAFETY: no buffer is involved; `n` fits in usize (at most MAX_CHUNK).
+            unsafe { (self.api.rbd_aio_write_zeroes)(self.raw, at, n as usize, c, zero_flags, 0) }
+        })?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset+len)`: advisory, librbd ignores pieces smaller than its
+    /// discard granularity (64 KiB by default) and what it discards reads as zeroes.
+    pub fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), RbdError> {
+        self.submit_chunked("discard", offset, len, |at, n, c| {
+            // SAFETY: no buffer is involved.
+            unsafe { (self.api.rbd_aio_discard)(self.raw, at, n, c) }
+        })?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every write completed so far is durable on the OSDs.
+    pub fn flush(&self) -> Result<(), RbdError> {
+        self.submit_wait("flush", 0, 0, |c| {
+            // SAFETY: no buffer is involved.
+            unsafe { (self.api.rbd_aio_flush)(self.raw, c) }
+        })
+        .map(|_| ())
+    }
+
+    /// The allocated ranges within `[offset, offset+len)` as librbd reports them (parents
+    /// included, not whole objects), in ascending order. Ranges not reported read as zeroes.
+    /// librbd flushes completed writes first, so they are included.
+    pub fn allocated(&self, offset: u64, len: u64) -> Result<Vec<DiffExtent>, RbdError> {
+        unsafe extern "C" fn collect(
+            off: u64,
+            len: usize,
+            exists: c_int,
+            arg: *mut c_void,
+        ) -> c_int {
+            // SAFETY: `arg` is the `&mut Vec` passed below, alive and not otherwise touched
+            // while rbd_diff_iterate2 runs (it calls back on the calling thread).
+            let out = unsafe { &mut *arg.cast::<Vec<DiffExtent>>() };
+            out.push(DiffExtent {
+                offset: off,
+                length: len as u64,
+                exists: exists != 0,
+            });
+            0
+        }
+        let mut out: Vec<DiffExtent> = Vec::new();
+        // SAFETY: `collect` matches the callback type; `out` outlives the call.
+        let r = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.raw,
+                ptr::null(),
+                offset,
+                len,
+                1,
+                0,
+                collect,
+                (&mut out as *mut Vec<DiffExtent>).cast(),
+            )
+        };
+        if r < 0 {
+            return Err(self.io_error("block status", offset, len, errno_of(r)));
+        }
+        out.sort_by_key(|e| e.offset);
+        Ok(out)
+    }
+}
+
+/// Creates the cluster handle, configures it and connects.
+fn connect(api: &'static Api, opts: &RbdOptions) -> Result<Cluster, RbdError> {
+    let name = cstring("id", &format!("client.{}", opts.client_id()))?;
+    let mut raw = ptr::null_mut();
+    // SAFETY: `raw` receives the handle; the names are NUL-terminated and copied.
+    let r = unsafe { (api.rados_create2)(&mut raw, c"ceph".as_ptr(), name.as_ptr(), 0) };
+    if r < 0 {
+        return Err(RbdError::Config {
+            what: format!(
+                "cannot create a Ceph client handle for client.{}: {}",
+                opts.client_id(),
+                errno_of(r).describe()
+            ),
+            errno: errno_of(r),
+        });
+    }
+    let cluster = Cluster { raw, api };
+    let conf_path = opts
+        .conf
+        .as_deref()
+        .map(|p| cstring("conf", &p.to_string_lossy()))
+        .transpose()?;
+    let conf_ptr = conf_path.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+    // SAFETY: a NUL-terminated path, or null for Ceph's default search path.
+    let r = unsafe { (api.rados_conf_read_file)(cluster.raw, conf_ptr) };
+    // Without conf=, having no configuration file is fine (mon_host may come from ceph.*).
+    if r < 0 && !(opts.conf.is_none() && r == -libc::ENOENT) {
+        return Err(RbdError::Config {
+            what: format!(
+                "cannot read {}: {}",
+                conf_display(opts.conf.as_deref()),
+                errno_of(r).describe()
+            ),
+            errno: errno_of(r),
+        });
+    }
+    if let Some(keyring) = &opts.keyring {
+        cluster.set("keyring", &keyring.to_string_lossy())?;
+    }
+    if let Some(key) = &opts.key {
+        cluster.set("key", key)?;
+    }
+    for (option, default) in CEPH_TIMEOUT_DEFAULTS {
+        let osd = option == "rados_osd_op_timeout";
+        let value = match opts.timeout {
+            Some(t) if osd => t * 2,
+            Some(t) => t,
+            // Only where the configuration file left Ceph's default.
+            None if cluster.get_secs(option) == Some(default) => {
+                if osd {
+                    DEFAULT_OSD_TIMEOUT
+                } else {
+                    DEFAULT_TIMEOUT
+                }
+            }
+            None => continue,
+        };
+        cluster.set(option, &value.as_secs_f64().to_string())?;
+    }
+    for (option, value) in &opts.ceph {
+        cluster.set(option, value)?;
+    }
+    // Without any monitor address librados would try DNS SRV records and then report a
+    // confusing ENOENT; say what is missing instead.
+    let mon_host = cluster.get("mon_host").unwrap_or_default();
+    if mon_host.trim().is_empty() {
+        return Err(RbdError::Config {
+            what: format!(
+                "no monitor address: {} names none (give conf=CEPH.CONF or ceph.mon_host=)",
+                conf_display(opts.conf.as_deref())
+            ),
+            errno: Errno(libc::ENOENT),
+        });
+    }
+    let timeout = cluster
+        .get_secs("client_mount_timeout")
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64);
+    // SAFETY: `cluster.raw` is configured and not yet connected.
+    let r = unsafe { (api.rados_connect)(cluster.raw) };
+    if r < 0 {
+        return Err(RbdError::connect(
+            conf_display(opts.conf.as_deref()),
+            opts.client_id(),
+            r,
+            timeout,
+            opts.key.is_some(),
+        ));
+    }
+    Ok(cluster)
+}
+
+/// Opens the image, falling back to read-only when the client may only read. Returns the
+/// handle and whether it is writable.
+fn open_image(
+    api: &'static Api,
+    io: &IoCtx,
+    opts: &RbdOptions,
+    readonly: bool,
+) -> Result<(ImageT, bool), RbdError> {
+    let spec = opts.spec();
+    let name = cstring("image", &opts.image)?;
+    let snap = opts
+        .snapshot
+        .as_deref()
+        .map(|s| cstring("snapshot", s))
+        .transpose()?;
+    let snap_ptr = snap.as_ref().map_or(ptr::null(), |s| s.as_ptr());
+    let open = |ro: bool, snap: *const c_char| {
+        let mut img = ptr::null_mut();
+        // SAFETY: `io.raw` is live; the strings are NUL-terminated (or null for the head).
+        let r = unsafe {
+            if ro {
+                (api.rbd_open_read_only)(io.raw, name.as_ptr(), &mut img, snap)
+            } else {
+                (api.rbd_open)(io.raw, name.as_ptr(), &mut img, snap)
+            }
+        };
+        if r < 0 {
+            Err(r)
+        } else {
+            Ok(img)
+        }
+    };
+    match open(readonly, snap_ptr) {
+        Ok(img) => Ok((img, !readonly)),
+        Err(r) if !readonly && (r == -libc::EPERM || r == -libc::EACCES) => {
+            let img = open(true, snap_ptr).map_err(|_| RbdError::image(&spec, "open", r))?;
+            tracing::info!(
+                "rbd: client.{} may only read {spec}: serving it read-only",
+                opts.client_id()
+            );
+            Ok((img, false))
+        }
+        Err(r) if r == -libc::ENOENT => {
+            // Which of the two is missing? Opening the head read-only tells.
+            if snap.is_some() {
+                if let Ok(img) = open(true, ptr::null()) {
+                    // SAFETY: closing the probe image just opened.
+                    unsafe { (api.rbd_close)(img) };
+                    return Err(RbdError::not_found(
+                        &spec,
+                        "no such snapshot: check snapshot= (`rbd snap ls POOL/IMAGE` lists them)",
+                    ));
+                }
+            }
+            let ns = match opts.namespace.as_deref() {
+                Some(ns) if !ns.is_empty() => format!(" namespace '{ns}'"),
+                _ => String::new(),
+            };
+            Err(RbdError::not_found(
+                &spec,
+                &format!(
+                    "no such image in pool '{}'{ns}: check image= (`rbd ls` lists them)",
+                    opts.pool
+                ),
+            ))
+        }
+        Err(r) => Err(RbdError::image(&spec, "open", r)),
+    }
+}
