@@ -247,17 +247,21 @@ impl TlsConfig {
         for extra in chain {
             b.add_extra_chain_cert(extra).map_err(setup)?;
         }
-        b.set_private_key(&key).map_err(|e| TlsError::File {
-            path: files.server_key.clone(),
-            problem: format!("key refused ({})", reason(&e)),
-        })?;
-        b.check_private_key().map_err(|_| TlsError::File {
+        let mismatch = || TlsError::File {
             path: files.server_key.clone(),
             problem: format!(
                 "does not match the certificate in {}",
                 files.server_cert.display()
             ),
+        };
+        if !leaf.public_key().is_ok_and(|public| public.public_eq(&key)) {
+            return Err(mismatch());
+        }
+        b.set_private_key(&key).map_err(|e| TlsError::File {
+            path: files.server_key.clone(),
+            problem: format!("key refused ({})", reason(&e)),
         })?;
+        b.check_private_key().map_err(|_| mismatch())?;
         let mut names = Stack::<X509Name>::new().map_err(setup)?;
         for ca in cas {
             names
