@@ -64,8 +64,11 @@ impl PskFile {
     }
 }
 
-/// Reads and parses the file: `(username, key)` per line; blank lines are skipped.
-fn read(path: &Path) -> Result<Vec<(String, Vec<u8>)>, TlsError> {
+/// `(username, key)` per line of a PSK file.
+type Keys = Vec<(String, Vec<u8>)>;
+
+/// Reads and parses the file; blank lines are skipped.
+fn read(path: &Path) -> Result<Keys, TlsError> {
     let text = std::fs::read(path).map_err(|e| TlsError::File {
         path: path.to_path_buf(),
         problem: format!("cannot read: {}", super::io_reason(&e)),
@@ -81,7 +84,7 @@ fn read(path: &Path) -> Result<Vec<(String, Vec<u8>)>, TlsError> {
 }
 
 /// Parses psktool's format; an error is (line number, problem).
-fn parse(text: &str) -> Result<Vec<(String, Vec<u8>)>, (usize, String)> {
+fn parse(text: &str) -> Result<Keys, (usize, String)> {
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
@@ -123,7 +126,7 @@ fn parse(text: &str) -> Result<Vec<(String, Vec<u8>)>, (usize, String)> {
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim_end();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
