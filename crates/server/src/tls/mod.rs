@@ -539,6 +539,107 @@ mod tests {
         );
     }
 
+    const KEY: [u8; 32] = [7; 32];
+
+    /// A PSK file for `alice` with [`KEY`], in a fresh directory.
+    fn psk_file(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.psk");
+        let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&path, format!("alice:{hex}\n")).unwrap();
+        path
+    }
+
+    /// An OpenSSL PSK client (TLS 1.3) for `user` with [`KEY`], on `sock`, in a thread.
+    fn psk_client<R: Send + 'static>(
+        sock: std::os::unix::net::UnixStream,
+        user: &'static str,
+        then: impl FnOnce(&mut openssl::ssl::SslStream<std::os::unix::net::UnixStream>) -> R
+            + Send
+            + 'static,
+    ) -> std::thread::JoinHandle<Option<R>> {
+        std::thread::spawn(move || {
+            let mut b = SslContext::builder(SslMethod::tls_client()).unwrap();
+            b.set_verify(SslVerifyMode::NONE);
+            b.set_psk_client_callback(move |_, _, identity, psk| {
+                identity[..user.len()].copy_from_slice(user.as_bytes());
+                identity[user.len()] = 0;
+                psk[..KEY.len()].copy_from_slice(&KEY);
+                Ok(KEY.len())
+            });
+            let ssl = Ssl::new(&b.build()).unwrap();
+            let mut s = ssl.connect(sock).ok()?;
+            Some(then(&mut s))
+        })
+    }
+
+    #[test]
+    fn psk_authz_sees_username_and_can_refuse() {
+        let path = psk_file("authz");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let config = TlsConfig::psk(TlsMode::Require, &path)
+            .unwrap()
+            .with_authz(Arc::new(move |id: &PeerIdentity| {
+                log.lock().unwrap().push(id.clone());
+                false
+            }));
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let client = psk_client(b, "alice", |_| ());
+        let err = config.accept(Stream::Unix(a)).unwrap_err();
+        assert!(
+            matches!(&err, HandshakeError::Denied(PeerIdentity::Psk(u)) if u == "alice"),
+            "{err}"
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![PeerIdentity::Psk("alice".into())]
+        );
+        let _ = client.join();
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn psk_unknown_user_fails_handshake() {
+        let path = psk_file("unknown");
+        let config = TlsConfig::psk(TlsMode::Require, &path).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let client = psk_client(b, "mallory", |_| ());
+        assert!(config.accept(Stream::Unix(a)).is_err());
+        assert!(client.join().unwrap().is_none(), "client got through");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// The stream is read and written by two threads at once, and a writer blocked on a
+    /// full socket does not hold the session: the client first sends everything (the server's
+    /// reader must drain it while its writer is stuck), then reads everything.
+    #[test]
+    fn stream_reader_and_writer_threads_do_not_block_each_other() {
+        use std::io::{Read, Write};
+        const LEN: usize = 8 << 20;
+        let path = psk_file("duplex");
+        let config = TlsConfig::psk(TlsMode::Require, &path).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let client = psk_client(b, "alice", |s| {
+            s.write_all(&vec![0x11; LEN]).unwrap();
+            let mut got = vec![0u8; LEN];
+            s.read_exact(&mut got).unwrap();
+            got.iter().all(|&b| b == 0x22)
+        });
+        let (stream, identity) = config.accept(Stream::Unix(a)).unwrap();
+        assert_eq!(identity, PeerIdentity::Psk("alice".into()));
+        let mut writer = stream.try_clone().unwrap();
+        let w = std::thread::spawn(move || writer.write_all(&vec![0x22; LEN]));
+        let mut reader = stream;
+        let mut got = vec![0u8; LEN];
+        reader.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 0x11));
+        w.join().unwrap().unwrap();
+        assert_eq!(client.join().unwrap(), Some(true));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
     #[test]
     fn x509_files_find_reports_every_directory() {
         let err = X509Files::find(&["/nonexistent/a".into(), "/nonexistent/b".into()])
