@@ -182,6 +182,23 @@ SERVERS = {
     "base-file": dict(
         cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "file", f],
         backing="raw", base=True, default=False),
+    # TLS (not in the default set; --tls selects them with the TLS rows): TLS required, PSK
+    # credentials (psktool's file; qemu's tls-creds-psk reads keys.psk from a directory),
+    # clients connect with nbds+unix://USER@/?...&tls-psk-file= (see tls_uri).
+    "sluice-file-tls": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "--tls=require",
+                             "--tls-psk=" + c.psk_file, "file", f],
+        backing="raw", sluice=True, default=False, tls=True),
+    "nbdkit-file-tls": dict(
+        cmd=lambda c, s, f: ["nbdkit", "-f", "-U", s, "--tls=require",
+                             "--tls-psk=" + c.psk_file, "file", f],
+        backing="raw", default=False, tls=True),
+    "qemu-nbd-raw-tls": dict(
+        cmd=lambda c, s, f: ["qemu-nbd", "-t", "-e", "8", "-f", "raw",
+                             "--object", "tls-creds-psk,id=t0,endpoint=server,dir="
+                             + os.path.dirname(c.psk_file),
+                             "--tls-creds", "t0", "-k", s, f],
+        backing="raw", default=False, tls=True),
 }
 
 # Ratio columns (numerator, denominator), shown when both are selected.
@@ -192,6 +209,9 @@ RATIOS = [
     ("sluice-qcow2", "qemu-nbd-qcow2"),
     ("sluice-memory", "base-memory"),
     ("sluice-file", "base-file"),
+    ("sluice-file-tls", "nbdkit-file-tls"),
+    ("sluice-file-tls", "qemu-nbd-raw-tls"),
+    ("sluice-file-tls", "sluice-file"),
 ]
 
 BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}
@@ -200,6 +220,11 @@ BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}
 QCOW2_SERVERS = ["sluice-qcow2", "qemu-nbd-qcow2"]
 QCOW2_ROWS = ["seq-read", "seq-write", "randread-qd1", "randread-qd32",
               "randwrite-qd1", "randwrite-qd32"]
+# --tls: TLS servers (and sluice's plaintext file server, to see what TLS costs it), with
+# the rows that can use TLS (fio's nbd engine cannot: randread-qd32-libnbd stands in).
+TLS_SERVERS = ["sluice-file-tls", "nbdkit-file-tls", "qemu-nbd-raw-tls", "sluice-file"]
+TLS_ROWS = ["seq-read", "seq-write", "randread-qd32-libnbd", "connections"]
+TLS_PSK_USER = "bench"
 # Backings that may be shared by several concurrently running servers.
 # A qcow2 file open read-write in two servers at once is not safe.
 SHAREABLE = {"raw"}
@@ -239,6 +264,10 @@ def read_log(path):
 
 def unix_uri(sock):
     return f"nbd+unix:///?socket={sock}"
+
+
+def tls_uri(ctx, sock):
+    return f"nbds+unix://{TLS_PSK_USER}@/?socket={sock}&tls-psk-file={ctx.psk_file}"
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +346,8 @@ def parse_fio_json(text):
 
 def fio_row(rw, depth):
     def row(ctx, srv):
+        if srv.spec.get("tls"):
+            raise BenchError("fio's nbd engine cannot do TLS (use randread-qd32-libnbd)")
         argv = ["fio", f"--name={rw}-qd{depth}", "--ioengine=nbd", f"--uri={srv.uri}",
                 f"--rw={rw}", "--bs=4k", f"--iodepth={depth}", "--numjobs=1",
                 "--norandommap", "--randrepeat=0", "--time_based",
@@ -353,6 +384,7 @@ import nbd
 uri, dur = sys.argv[1], float(sys.argv[2])
 def once():
     h = nbd.NBD()
+    h.set_uri_allow_local_file(True)  # tls-psk-file= in TLS URIs
     h.connect_uri(uri)
     h.shutdown()
     del h
@@ -400,6 +432,73 @@ def connections(ctx, srv):
             "n": r["n"], "secs": r["secs"]}
 
 
+RANDREAD_SCRIPT = r"""
+import json, random, sys, time
+import nbd
+uri, dur, depth = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(uri)
+blocks = h.get_size() // 4096
+rng = random.Random(1)
+done = [0]
+def completed(err):
+    done[0] += 1
+    return 1  # retire the command
+bufs = [nbd.Buffer(4096) for _ in range(depth)]
+def run(seconds):
+    start, submitted = done[0], 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        while h.aio_in_flight() < depth:
+            h.aio_pread(bufs[submitted % depth], rng.randrange(blocks) * 4096,
+                        completion=completed)
+            submitted += 1
+        h.poll(-1)
+        if done[0] % 64 == 0 and time.perf_counter() >= deadline:
+            break
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    return done[0] - start, time.perf_counter() - t0
+run(0.5)  # warm-up
+print("ready", flush=True)
+sys.stdin.readline()
+n, secs = run(dur)
+h.shutdown()
+print(json.dumps({"n": n, "secs": secs}), flush=True)
+"""
+
+
+def randread_libnbd(ctx, srv):
+    """4 KiB random reads, 32 in flight, from one python3-libnbd client (aio): works over
+    TLS, unlike fio's nbd engine.  The client's Python costs a few us per request, the same
+    for every server."""
+    p = spawn([ctx.libnbd_python, "-c", RANDREAD_SCRIPT, srv.uri, str(ctx.runtime), "32"],
+              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+              text=True)
+    try:
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            p.wait(timeout=10)
+            raise BenchError(f"libnbd client failed: {tail(line + p.stderr.read())}")
+        c0 = srv.cpu()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=ctx.runtime + 60)
+        c1 = srv.cpu()
+        if p.returncode != 0:
+            raise BenchError(f"libnbd client exited {p.returncode}: {tail(err)}")
+        r = json.loads(out.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        raise BenchError("libnbd random read loop timed out")
+    finally:
+        stop(p, grace=1.0)
+    return {"IOPS": r["n"] / r["secs"],
+            "CPU us/op": (c1 - c0) / CLK_TCK / r["n"] * 1e6 if r["n"] else 0.0,
+            "n": r["n"], "secs": r["secs"]}
+
+
 SEQ = [Metric("MiB/s", True, fmt_int), Metric("CPU s/GiB", False, fmt_2)]
 IOPS = [Metric("IOPS", True, fmt_k), Metric("CPU us/op", False, fmt_2)]
 
@@ -414,6 +513,8 @@ ROWS = [
         writes=True),
     Row("randwrite-qd32", "Random 4 KiB (fio nbd engine)", fio_row("randwrite", 32), IOPS,
         writes=True),
+    Row("randread-qd32-libnbd", "Random 4 KiB (python3-libnbd aio, QD32)", randread_libnbd,
+        IOPS),
     Row("connections", "Connections (python3-libnbd connect+handshake+disconnect)",
         connections, [Metric("conn/s", True, fmt_int),
                       Metric("CPU us/conn", False, fmt_int)]),
@@ -472,6 +573,15 @@ def make_data(ctx):
             dst.write(memoryview(buf)[:n])
             left -= n
     os.replace(path + ".tmp", path)
+
+
+def make_psk(ctx):
+    """A psktool key file for the TLS servers, named keys.psk (qemu's name) in its own dir."""
+    d = os.path.join(ctx.work, "psk")
+    os.makedirs(d, exist_ok=True)
+    ctx.psk_file = os.path.join(d, "keys.psk")
+    if not os.path.exists(ctx.psk_file):
+        run(["psktool", "-u", TLS_PSK_USER, "-p", ctx.psk_file], timeout=30)
 
 
 def make_qcow2(ctx):
@@ -559,6 +669,7 @@ import hashlib, json, sys
 import nbd
 uri, offsets, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 h = nbd.NBD()
+h.set_uri_allow_local_file(True)
 h.connect_uri(uri)
 print(json.dumps([hashlib.sha256(h.pread(n, o)).hexdigest() for o in offsets]))
 h.shutdown()
@@ -591,7 +702,7 @@ def verify_content(ctx, srv):
 
 def start_server(ctx, srv):
     srv.sock = os.path.join(ctx.work, f"{srv.name}.sock")
-    srv.uri = unix_uri(srv.sock)
+    srv.uri = tls_uri(ctx, srv.sock) if srv.spec.get("tls") else unix_uri(srv.sock)
     srv.log = os.path.join(ctx.work, f"{srv.name}.log")
     if srv.skip:
         return
@@ -768,11 +879,18 @@ def parse_args(argv):
                     help="qcow2 comparison: servers " + ",".join(QCOW2_SERVERS)
                     + ", rows " + ",".join(QCOW2_ROWS)
                     + " (unless --servers / --only say otherwise)")
+    ap.add_argument("--tls", action="store_true",
+                    help="TLS comparison (PSK, TLS required): servers "
+                    + ",".join(TLS_SERVERS) + ", rows " + ",".join(TLS_ROWS)
+                    + " (unless --servers / --only say otherwise)")
     ap.add_argument("--list", action="store_true", help="list rows and servers")
     a = ap.parse_args(argv)
     if a.qcow2:
         a.servers = a.servers or ",".join(QCOW2_SERVERS)
         a.only = a.only or ",".join(QCOW2_ROWS)
+    if a.tls:
+        a.servers = a.servers or ",".join(TLS_SERVERS)
+        a.only = a.only or ",".join(TLS_ROWS)
     dflt = (512 * MiB, 1, 2) if a.quick else (4 * GiB, 3, 5)
     a.size = a.size if a.size is not None else dflt[0]
     a.rounds = a.rounds if a.rounds is not None else dflt[1]
@@ -815,6 +933,8 @@ def bench(ctx):
         if s.spec.get("base") and not (ctx.sluice_base and os.access(ctx.sluice_base, os.X_OK)):
             s.skip = "--sluice-base not given or not executable"
     make_data(ctx)
+    if any(s.spec.get("tls") and not s.skip for s in servers):
+        make_psk(ctx)
     if any(s.spec["backing"] == "qcow2" and not s.skip for s in servers):
         make_qcow2(ctx)
     exports = plan_copies(ctx, servers)

@@ -8,9 +8,14 @@
 //! wake-ups per request — measured as the dominant cost at queue depth 1. A connection's
 //! worker threads take turns reading one request each, run it, and write the reply, which
 //! keeps the request path free of hand-offs and lets replies complete out of order.
+//!
+//! [`tls`] upgrades a connection when its negotiation asks for it (`NBD_OPT_STARTTLS`); the
+//! upgraded connection is still a [`Stream`], so nothing after the handshake knows about TLS.
 
 pub mod nbd;
 pub mod stream;
+pub mod tls;
 
 pub use nbd::{ExportTable, Exports, NamedExport, NbdServer, ServerConfig};
 pub use stream::{Listener, Stream};
+pub use tls::{PeerIdentity, TlsConfig, TlsError, TlsMode, X509Files};

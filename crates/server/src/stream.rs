@@ -1,9 +1,16 @@
 //! Sockets the NBD server accepts on: Unix and TCP, behind one type each for listeners
 //! (async, for accepting) and connections (blocking, for the transmission threads).
+//!
+//! A connection upgraded with `NBD_OPT_STARTTLS` stays a [`Stream`] ([`Stream::Tls`]), so the
+//! negotiation and transmission code reads and writes it as any other socket; how one TLS
+//! session is shared by a connection's threads is [`crate::tls::TlsStream`]'s business.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use crate::tls::TlsStream;
 
 /// A listening socket.
 pub enum Listener {
@@ -44,18 +51,22 @@ impl Listener {
     }
 }
 
-/// A connected client socket in blocking mode.
+/// A connected client socket in blocking mode, or a TLS session over one.
 #[derive(Debug)]
 pub enum Stream {
     Unix(std::os::unix::net::UnixStream),
     Tcp(std::net::TcpStream),
+    /// A TLS session; clones share it (one reader and one writer at a time).
+    Tls(Arc<TlsStream>),
 }
 
 impl Stream {
+    /// Another handle on the same connection: a duplicated socket, or the same TLS session.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(t) => Stream::Tls(t.clone()),
         })
     }
 
@@ -63,11 +74,41 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
+            Stream::Tls(t) => t.socket().shutdown(how),
         }
     }
 
     pub fn is_unix(&self) -> bool {
-        matches!(self, Stream::Unix(_))
+        match self {
+            Stream::Unix(_) => true,
+            Stream::Tcp(_) => false,
+            Stream::Tls(t) => t.socket().is_unix(),
+        }
+    }
+
+    /// True once the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Tls(t) => t.socket().set_nonblocking(on),
+        }
+    }
+
+    /// True if client input is already here (reading will not block): bytes waiting in the
+    /// socket or, with TLS, decrypted bytes waiting in the session.
+    pub fn has_pending_input(&self) -> bool {
+        if let Stream::Tls(t) = self {
+            return t.has_pending_input();
+        }
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on our open socket writes one int.
+        let r = unsafe { libc::ioctl(self.as_raw_fd(), libc::FIONREAD, &mut n) };
+        r == 0 && n > 0
     }
 
     /// What a plugin may learn about the peer: credentials on Unix sockets, the address.
@@ -113,6 +154,7 @@ impl Stream {
     /// A short description of the peer for log lines.
     pub fn peer(&self) -> String {
         match self {
+            Stream::Tls(t) => t.socket().peer(),
             Stream::Unix(_) => "unix".to_string(),
             Stream::Tcp(s) => s
                 .peer_addr()
@@ -127,6 +169,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Unix(s) => s.as_raw_fd(),
             Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Tls(t) => t.socket().as_raw_fd(),
         }
     }
 }
@@ -136,6 +179,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
         }
     }
 }
@@ -145,6 +189,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -13,7 +13,7 @@ use clap::Args;
 use sluice_block::export::Backend;
 use sluice_block::plugins::{self, ConfigArg};
 use sluice_block::Plugin;
-use sluice_server::{Listener, NbdServer, ServerConfig};
+use sluice_server::{Listener, NbdServer, ServerConfig, TlsConfig, TlsMode, X509Files};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -102,6 +102,28 @@ pub struct ServeArgs {
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
 
+    /// TLS, as nbdkit: `off` refuses it; `on` (the default) offers it when credentials are
+    /// found and serves plaintext clients too; `require` serves only clients that upgrade
+    /// (STARTTLS), so nothing is exchanged in plaintext. Example:
+    /// `sluice serve --tls=require --tls-psk=keys.psk -p 10809 file disk.img`, then
+    /// `nbdinfo 'nbds://alice@localhost/?tls-psk-file=keys.psk'`.
+    #[arg(long = "tls", value_name = "off|on|require", value_parser = parse_tls_mode)]
+    tls: Option<TlsMode>,
+
+    /// X.509 credentials: a directory with ca-cert.pem, server-cert.pem, server-key.pem and
+    /// optionally ca-crl.pem. Default: $HOME/.pki/nbdkit or $HOME/.config/pki/nbdkit, or
+    /// /etc/pki/nbdkit for root (nbdkit's directories).
+    #[arg(long = "tls-certificates", value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+
+    /// Require a client certificate signed by ca-cert.pem (and not revoked by ca-crl.pem).
+    #[arg(long = "tls-verify-peer")]
+    tls_verify_peer: bool,
+
+    /// Pre-shared keys instead of certificates: psktool's `username:hexkey` lines.
+    #[arg(long = "tls-psk", value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+
     /// Print the plugin's details in nbdkit's key=value format and exit.
     #[arg(long = "dump-plugin")]
     dump_plugin: bool,
@@ -185,6 +207,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     if args.dump_plugin {
         return dump_plugin(&args, &params);
     }
+    let tls = tls_config(&args)?;
     let Loaded {
         plugin,
         python,
@@ -207,7 +230,8 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     let listening = listen(&args).map_err(usage)?;
     let foreground =
         args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
-    let uri = uri_of(&args, &listening);
+    let tls_mode = tls.as_ref().map_or(TlsMode::Off, TlsConfig::mode);
+    let uri = uri_of(&args, &listening, tls_mode);
 
     let mut ready_pipe = if foreground {
         None
@@ -245,6 +269,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     let mut config = ServerConfig {
         readonly: args.readonly,
         threads: args.threads as usize,
+        tls,
         ..ServerConfig::default()
     };
     if plugin.has_allocation_depth() {
@@ -289,7 +314,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
 
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<i32>();
         if let Some(cmd) = &args.run {
-            let child = captive_command(cmd, &uri, &args, &listening.socket_path)?;
+            let child = captive_command(cmd, &uri, &args, &listening.socket_path, tls_mode)?;
             tokio::spawn(async move {
                 let code = wait_captive(child).await;
                 let _ = done_tx.send(code);
@@ -715,12 +740,17 @@ impl PrivateDir for std::fs::DirBuilder {
     }
 }
 
-/// The NBD URI clients use to reach this server.
-fn uri_of(args: &ServeArgs, l: &Listening) -> String {
+/// The NBD URI clients use to reach this server: `nbds` when TLS is required, as nbdkit.
+fn uri_of(args: &ServeArgs, l: &Listening, tls: TlsMode) -> String {
     let export = args.exportname.clone().unwrap_or_default();
     let export = uri_escape(&export);
+    let scheme = if tls == TlsMode::Require {
+        "nbds"
+    } else {
+        "nbd"
+    };
     if let Some(p) = l.socket_path.as_ref().or(l.inherited_path.as_ref()) {
-        return format!("nbd+unix:///{export}?socket={}", p.display());
+        return format!("{scheme}+unix:///{export}?socket={}", p.display());
     }
     let port = l
         .tcp
@@ -732,7 +762,7 @@ fn uri_of(args: &ServeArgs, l: &Listening) -> String {
         Some(ip) => ip.to_string(),
         None => "localhost".to_string(),
     };
-    format!("nbd://{host}:{port}/{export}")
+    format!("{scheme}://{host}:{port}/{export}")
 }
 
 fn uri_escape(s: &str) -> String {
@@ -752,10 +782,17 @@ fn captive_command(
     uri: &str,
     args: &ServeArgs,
     socket: &Option<PathBuf>,
+    tls: TlsMode,
 ) -> anyhow::Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
     c.env("uri", uri).env("nbd", uri);
+    // nbdkit's $tls: unset without TLS, 1 for on, 2 for require.
+    match tls {
+        TlsMode::Off => c.env_remove("tls"),
+        TlsMode::On => c.env("tls", "1"),
+        TlsMode::Require => c.env("tls", "2"),
+    };
     c.env("exportname", args.exportname.clone().unwrap_or_default());
     match socket {
         Some(p) => {
@@ -778,4 +815,69 @@ async fn wait_captive(mut child: tokio::process::Child) -> i32 {
             1
         }
     }
+}
+
+/// `--tls` values, as nbdkit reads them: its boolean spellings, or require (also `required`
+/// and `force`).
+fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "require" | "required" | "force" => Ok(TlsMode::Require),
+        "on" | "1" | "true" | "t" | "yes" | "y" => Ok(TlsMode::On),
+        "off" | "0" | "false" | "f" | "no" | "n" => Ok(TlsMode::Off),
+        _ => Err(format!("expected off, on or require, not {s:?}")),
+    }
+}
+
+/// nbdkit's default certificate directories.
+fn default_certificate_dirs() -> Vec<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return vec![PathBuf::from("/etc/pki/nbdkit")];
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => {
+            let home = PathBuf::from(home);
+            vec![home.join(".pki/nbdkit"), home.join(".config/pki/nbdkit")]
+        }
+        None => Vec::new(),
+    }
+}
+
+/// The TLS settings the options ask for, as nbdkit decides them: `--tls-psk` wins over
+/// certificates; without `--tls-certificates` nbdkit's directories are searched, and finding
+/// nothing turns TLS off (with a warning if `--tls=on` was given, an error for `require`).
+/// A credential file that is named or found but cannot be used is an error (exit 2).
+fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, Failure> {
+    let mode = args.tls.unwrap_or(TlsMode::On);
+    if mode == TlsMode::Off {
+        return Ok(None);
+    }
+    if let Some(file) = &args.tls_psk {
+        return TlsConfig::psk(mode, file)
+            .map(Some)
+            .map_err(|e| usage(anyhow::anyhow!("--tls-psk: {e}")));
+    }
+    let files = match &args.tls_certificates {
+        Some(dir) => X509Files::in_dir(dir),
+        None => match X509Files::find(&default_certificate_dirs()) {
+            Ok(files) => files,
+            Err(e) if mode == TlsMode::Require => {
+                return Err(usage(anyhow::anyhow!(
+                    "--tls=require: {e}; give --tls-certificates DIR or --tls-psk FILE"
+                )))
+            }
+            Err(e) => {
+                if args.tls.is_some() {
+                    eprintln!(
+                        "sluice: warning: --tls=on: {e}; TLS is disabled and clients asking \
+                         for it are refused"
+                    );
+                }
+                return Ok(None);
+            }
+        },
+    };
+    TlsConfig::x509(mode, &files, args.tls_verify_peer)
+        .map(Some)
+        .map_err(|e| usage(anyhow::anyhow!("--tls-certificates: {e}")))
 }

@@ -3,11 +3,14 @@
 //! The first input byte seeds how the rest is split into `feed` calls and how the fake server
 //! answers export questions, so chunking and answer order are explored along with content.
 //! Properties: no panic, output only grows by bounded replies, and once `Ready` is reported
-//! every later byte is kept as leftover.
+//! every later byte is kept as leftover. The seed also picks the TLS mode; a STARTTLS
+//! upgrade is answered at once (as if the TLS handshake succeeded).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_proto::nbd::{Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig};
+use sluice_proto::nbd::{
+    Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, TlsMode,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&seed, mut rest)) = data.split_first() else {
@@ -15,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let config = HandshakeConfig {
         meta_contexts: vec!["base:allocation".into(), "qemu:dirty-bitmap:b".into()],
+        tls: [TlsMode::Off, TlsMode::On, TlsMode::Require][usize::from(seed >> 6) % 3],
         ..HandshakeConfig::default()
     };
     let mut h = Handshake::new(config);
@@ -59,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(&leftover[leftover.len() - expected..], rest);
                     return;
                 }
+                Event::StartTls => h.tls_started(),
                 Event::Aborted => return,
             }
         }

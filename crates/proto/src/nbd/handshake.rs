@@ -35,10 +35,17 @@
 //!   `NBD_REP_ERR_INVALID` (the spec's answer to repeated state-changing options). Neither
 //!   resets the meta-context selection: only `NBD_OPT_STARTTLS` does in the spec, and qemu's
 //!   server behaves the same way.
+//! - TLS ([`HandshakeConfig::tls`]): which option gets which answer before and after
+//!   `NBD_OPT_STARTTLS` is decided in [`super::tls`]; this machine applies it. After the
+//!   `NBD_REP_ACK` it reports [`Event::StartTls`] and waits: the server upgrades its stream,
+//!   calls [`Handshake::tls_started`], and feeds the same machine the decrypted bytes. What was
+//!   negotiated before (structured replies, extended headers, meta contexts) is forgotten
+//!   then, as the spec requires, so nothing a man in the middle did in plaintext carries over.
 
 use super::consts::*;
 use super::context::CONTEXT_BASE_ALLOCATION;
 use super::reply::ReplyForm;
+use super::tls::{Gate, StartTls, TlsMode};
 use super::truncate_str;
 
 /// What the server offers during negotiation.
@@ -52,6 +59,9 @@ pub struct HandshakeConfig {
     /// Acknowledge `NBD_OPT_EXTENDED_HEADERS` (true by default). Extended headers imply
     /// structured replies, so they are refused as well when structured replies are disabled.
     pub allow_extended_headers: bool,
+    /// Whether `NBD_OPT_STARTTLS` is offered, and whether it must come first ([`TlsMode`];
+    /// `Off` by default).
+    pub tls: TlsMode,
 }
 
 impl Default for HandshakeConfig {
@@ -60,6 +70,7 @@ impl Default for HandshakeConfig {
             meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into()],
             allow_structured_replies: true,
             allow_extended_headers: true,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -194,6 +205,11 @@ pub enum Event {
     /// `NBD_OPT_ABORT` (its acknowledgement is queued) or `NBD_OPT_EXPORT_NAME` on a refused
     /// export: flush [`Handshake::take_output`] and close.
     Aborted,
+    /// `NBD_OPT_STARTTLS` was accepted and its `NBD_REP_ACK` is queued: flush
+    /// [`Handshake::take_output`], run the TLS handshake on the connection, then call
+    /// [`Handshake::tls_started`] and go on feeding the bytes read through TLS. Polling again
+    /// before that repeats this event; if the TLS handshake fails, close the connection.
+    StartTls,
 }
 
 /// A negotiation that cannot continue: close the connection (after flushing any output).
@@ -234,6 +250,27 @@ pub enum HandshakeError {
     /// [`Handshake::poll`] was called after [`Event::Ready`] was returned.
     #[error("negotiation already finished; the connection is in transmission phase")]
     Finished,
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires TLS: that option has no
+    /// error reply, so the spec says to close.
+    #[error(
+        "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS; \
+         this option has no error reply, closing"
+    )]
+    ExportNameWithoutTls,
+    /// A client without `NBD_FLAG_C_FIXED_NEWSTYLE` on a server that requires TLS: it cannot
+    /// negotiate TLS, so it could never be served.
+    #[error(
+        "client did not set NBD_FLAG_C_FIXED_NEWSTYLE, so it cannot use TLS, \
+         and this server requires TLS; closing"
+    )]
+    TlsNeedsFixedNewstyle,
+    /// The client sent bytes after `NBD_OPT_STARTTLS` before it could have read the reply:
+    /// they travelled in plaintext and must not be taken as part of the TLS session.
+    #[error(
+        "client sent {0} bytes after NBD_OPT_STARTTLS without waiting for the reply; \
+         plaintext sent before the TLS handshake cannot be trusted, closing"
+    )]
+    StartTlsNotLast(usize),
 }
 
 #[derive(Debug)]
@@ -272,6 +309,8 @@ enum State {
     AwaitingList,
     AwaitingExport(Query),
     Ready(Box<Negotiated>),
+    /// `NBD_REP_ACK` to `NBD_OPT_STARTTLS` queued; waiting for [`Handshake::tls_started`].
+    StartingTls,
     Finished,
     Aborted,
     Failed(HandshakeError),
@@ -296,6 +335,10 @@ pub struct Handshake {
     structured: bool,
     extended: bool,
     meta: Option<MetaSelection>,
+    /// The TLS mode for this client (the configured one, adjusted to its flags).
+    tls: TlsMode,
+    /// The TLS session is up: every byte fed since came through it.
+    tls_active: bool,
 }
 
 impl Handshake {
@@ -307,7 +350,6 @@ impl Handshake {
         output.extend_from_slice(&IHAVEOPT.to_be_bytes());
         output.extend_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
         Handshake {
-            config,
             state: State::ClientFlags,
             input: Vec::new(),
             output,
@@ -317,6 +359,9 @@ impl Handshake {
             structured: false,
             extended: false,
             meta: None,
+            tls: config.tls,
+            tls_active: false,
+            config,
         }
     }
 
@@ -335,6 +380,11 @@ impl Handshake {
                 return;
             }
             State::Aborted | State::Failed(_) => return,
+            State::StartingTls => {
+                // Read before the TLS handshake, so sent in plaintext: never trusted.
+                self.state = State::Failed(HandshakeError::StartTlsNotLast(data.len()));
+                return;
+            }
             _ => {}
         }
         let mut data = data;
@@ -360,6 +410,7 @@ impl Handshake {
                     }
                 }
                 State::AwaitingList => return Ok(Event::ListExports),
+                State::StartingTls => return Ok(Event::StartTls),
                 State::AwaitingExport(q) => {
                     return Ok(Event::ExportQuery {
                         name: q.name.clone(),
@@ -375,6 +426,11 @@ impl Handshake {
                     if flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
                         return self.fail(HandshakeError::ClientFlags(flags));
                     }
+                    let fixed = flags & NBD_FLAG_C_FIXED_NEWSTYLE != 0;
+                    if let Err(e) = self.tls.check_client_flags(fixed) {
+                        return self.fail(e);
+                    }
+                    self.tls = self.tls.for_client(fixed);
                     self.no_zeroes = flags & NBD_FLAG_C_NO_ZEROES != 0;
                     self.state = State::Options;
                 }
@@ -527,6 +583,27 @@ impl Handshake {
         std::mem::take(&mut self.leftover)
     }
 
+    /// Answers [`Event::StartTls`]: the TLS session is up, and every byte fed from now on
+    /// comes through it. Negotiation starts over from the options (the greeting and client
+    /// flags are not repeated), with everything negotiated in plaintext forgotten. Ignored
+    /// (and a debug assertion) when no upgrade is pending.
+    pub fn tls_started(&mut self) {
+        if !matches!(self.state, State::StartingTls) {
+            debug_assert!(false, "tls_started without Event::StartTls");
+            return;
+        }
+        self.tls_active = true;
+        self.structured = false;
+        self.extended = false;
+        self.meta = None;
+        self.state = State::Options;
+    }
+
+    /// True once the TLS session is up ([`Handshake::tls_started`]).
+    pub fn is_tls(&self) -> bool {
+        self.tls_active
+    }
+
     fn fail(&mut self, e: HandshakeError) -> Result<Event, HandshakeError> {
         self.state = State::Failed(e.clone());
         self.input = Vec::new();
@@ -547,14 +624,21 @@ impl Handshake {
         if magic != IHAVEOPT {
             return Err(HandshakeError::BadMagic(magic));
         }
+        // TLS comes first: under FORCEDTLS nothing else about the option is looked at.
+        match self.tls.gate(self.tls_active, option) {
+            Gate::Pass => {}
+            Gate::Close(e) => return Err(e),
+            Gate::Refuse { code, message } => {
+                self.skip_option(len);
+                self.reply_error(option, code, message);
+                return Ok(true);
+            }
+        }
         if option == NBD_OPT_EXPORT_NAME && len as usize > NBD_MAX_STRING {
             return Err(HandshakeError::ExportNameTooLong(len));
         }
         if len > NBD_MAX_OPTION_LEN {
-            self.input.drain(..OPTION_HEADER_LEN);
-            let n = self.input.len().min(len as usize);
-            self.input.drain(..n);
-            self.skip = u64::from(len) - n as u64;
+            self.skip_option(len);
             self.reply_error(
                 option,
                 NBD_REP_ERR_TOO_BIG,
@@ -576,8 +660,30 @@ impl Handshake {
         Ok(true)
     }
 
+    /// Drops the option whose header is at the start of `input` and its `len` data bytes:
+    /// those already fed now, the rest as they are fed, never buffered.
+    fn skip_option(&mut self, len: u32) {
+        self.input.drain(..OPTION_HEADER_LEN);
+        let n = self.input.len().min(len as usize);
+        self.input.drain(..n);
+        self.skip = u64::from(len) - n as u64;
+    }
+
     fn handle_option(&mut self, option: u32, payload: &[u8]) -> Result<(), HandshakeError> {
         match option {
+            NBD_OPT_STARTTLS => {
+                match self
+                    .tls
+                    .starttls(self.tls_active, payload.len(), self.input.len())
+                {
+                    StartTls::Upgrade => {
+                        self.reply(option, NBD_REP_ACK, &[]);
+                        self.state = State::StartingTls;
+                    }
+                    StartTls::Refuse { code, message } => self.reply_error(option, code, message),
+                    StartTls::Close(e) => return Err(e),
+                }
+            }
             NBD_OPT_EXPORT_NAME => {
                 if self.extended {
                     return Err(HandshakeError::ExportNameAfterExtendedHeaders);
@@ -1381,7 +1487,7 @@ mod tests {
     #[test]
     fn unknown_option_replies_unsup_then_go_succeeds() {
         let mut h = started(HandshakeConfig::default(), FIXED);
-        for code in [NBD_OPT_STARTTLS, NBD_OPT_PEEK_EXPORT, 0xdead] {
+        for code in [NBD_OPT_PEEK_EXPORT, 0xdead] {
             assert_eq!(exchange(&mut h, code, b"junk"), Ok(Event::NeedInput));
             let reps = replies(&h.take_output());
             assert_eq!(reps.len(), 1);
@@ -1938,6 +2044,251 @@ mod tests {
         );
     }
 
+    // --- TLS (the policy itself is tested in `tls.rs`; these test the states) ---
+
+    fn tls_config(mode: TlsMode) -> HandshakeConfig {
+        HandshakeConfig {
+            tls: mode,
+            ..HandshakeConfig::default()
+        }
+    }
+
+    /// STARTTLS acknowledged and the upgrade reported (repeatedly, until answered), then
+    /// TLS declared up.
+    fn start_tls(h: &mut Handshake) {
+        assert_eq!(exchange(h, NBD_OPT_STARTTLS, &[]), Ok(Event::StartTls));
+        assert_eq!(replies(&h.take_output()), vec![ack(NBD_OPT_STARTTLS)]);
+        assert_eq!(h.poll(), Ok(Event::StartTls));
+        assert!(!h.is_tls());
+        h.tls_started();
+        assert!(h.is_tls());
+        assert_eq!(h.poll(), Ok(Event::NeedInput));
+    }
+
+    #[test]
+    fn tls_off_starttls_replies_policy_then_go_succeeds() {
+        let mut h = started(tls_config(TlsMode::Off), FIXED);
+        assert_eq!(
+            exchange(&mut h, NBD_OPT_STARTTLS, &[]),
+            Ok(Event::NeedInput)
+        );
+        assert_eq!(kinds(&replies(&h.take_output())), vec![NBD_REP_ERR_POLICY]);
+        assert!(!h.is_tls());
+        go(&mut h, "d");
+    }
+
+    #[test]
+    fn tls_off_never_replies_tls_reqd() {
+        let mut h = started(tls_config(TlsMode::Off), FIXED);
+        assert_eq!(exchange(&mut h, NBD_OPT_LIST, &[]), Ok(Event::ListExports));
+        h.answer_list(&[("d".into(), None)]);
+        assert_eq!(exchange(&mut h, 0xdead, &[]), Ok(Event::NeedInput));
+        let kinds = kinds(&replies(&h.take_output()));
+        assert_eq!(kinds, vec![NBD_REP_SERVER, NBD_REP_ACK, NBD_REP_ERR_UNSUP]);
+    }
+
+    #[test]
+    fn tls_on_plaintext_client_is_served() {
+        let mut h = started(tls_config(TlsMode::On), FIXED);
+        let n = go(&mut h, "d");
+        assert_eq!(n.details.size, SIZE);
+        assert!(!h.is_tls());
+    }
+
+    #[test]
+    fn tls_on_starttls_acks_then_go_over_tls() {
+        let mut h = started(tls_config(TlsMode::On), FIXED);
+        start_tls(&mut h);
+        let n = go(&mut h, "d");
+        assert_eq!(n.export_name, "d");
+        assert!(h.is_tls());
+    }
+
+    #[test]
+    fn tls_require_refuses_every_option_before_tls_without_export_data() {
+        let mut h = started(tls_config(TlsMode::Require), FIXED);
+        let options = [
+            (NBD_OPT_LIST, vec![]),
+            (NBD_OPT_INFO, info_data(b"d", &[NBD_INFO_NAME])),
+            (NBD_OPT_GO, info_data(b"d", &[])),
+            (NBD_OPT_STRUCTURED_REPLY, vec![]),
+            (NBD_OPT_EXTENDED_HEADERS, vec![]),
+            (NBD_OPT_LIST_META_CONTEXT, meta_data("d", &[])),
+            (
+                NBD_OPT_SET_META_CONTEXT,
+                meta_data("d", &["base:allocation"]),
+            ),
+            (0xdead, vec![1, 2, 3]),
+        ];
+        for (code, data) in &options {
+            // No ExportQuery or ListExports: the server is never even asked.
+            assert_eq!(exchange(&mut h, *code, data), Ok(Event::NeedInput));
+        }
+        let reps = replies(&h.take_output());
+        assert_eq!(reps.len(), options.len());
+        for (rep, (code, _)) in reps.iter().zip(&options) {
+            assert_eq!((rep.option, rep.kind), (*code, NBD_REP_ERR_TLS_REQD));
+        }
+        // Still a usable negotiation: TLS, then the export.
+        start_tls(&mut h);
+        go(&mut h, "d");
+    }
+
+    #[test]
+    fn tls_require_oversized_option_before_tls_skipped_with_tls_reqd() {
+        let mut h = started(tls_config(TlsMode::Require), FIXED);
+        let len = NBD_MAX_OPTION_LEN + 10;
+        let mut header = option(NBD_OPT_INFO, &[]);
+        header[12..16].copy_from_slice(&len.to_be_bytes());
+        h.feed(&header);
+        assert_eq!(h.poll(), Ok(Event::NeedInput));
+        h.feed(&vec![0u8; len as usize]);
+        assert_eq!(h.poll(), Ok(Event::NeedInput));
+        assert_eq!(
+            kinds(&replies(&h.take_output())),
+            vec![NBD_REP_ERR_TLS_REQD]
+        );
+        start_tls(&mut h);
+    }
+
+    #[test]
+    fn tls_require_export_name_before_tls_closes_without_reply() {
+        let mut h = started(tls_config(TlsMode::Require), FIXED);
+        assert_eq!(
+            exchange(&mut h, NBD_OPT_EXPORT_NAME, b"d"),
+            Err(HandshakeError::ExportNameWithoutTls)
+        );
+        assert!(h.take_output().is_empty());
+        // The failure sticks.
+        h.feed(&option(NBD_OPT_STARTTLS, &[]));
+        assert_eq!(h.poll(), Err(HandshakeError::ExportNameWithoutTls));
+    }
+
+    #[test]
+    fn tls_require_abort_before_tls_acks() {
+        let mut h = started(tls_config(TlsMode::Require), FIXED);
+        assert_eq!(exchange(&mut h, NBD_OPT_ABORT, &[]), Ok(Event::Aborted));
+        assert_eq!(replies(&h.take_output()), vec![ack(NBD_OPT_ABORT)]);
+    }
+
+    #[test]
+    fn tls_require_after_tls_export_name_served() {
+        let mut h = started(tls_config(TlsMode::Require), FIXED_NO_ZEROES);
+        start_tls(&mut h);
+        ask(&mut h, NBD_OPT_EXPORT_NAME, b"d", "d", Purpose::ExportName);
+        h.answer_export(Ok(details("d")));
+        assert!(matches!(h.poll(), Ok(Event::Ready(_))));
+        assert_eq!(h.take_output().len(), 10);
+    }
+
+    #[test]
+    fn tls_require_without_fixed_newstyle_closes_at_flags() {
+        let mut h = Handshake::new(tls_config(TlsMode::Require));
+        h.take_output();
+        h.feed(&NBD_FLAG_C_NO_ZEROES.to_be_bytes());
+        assert_eq!(h.poll(), Err(HandshakeError::TlsNeedsFixedNewstyle));
+    }
+
+    #[test]
+    fn tls_on_without_fixed_newstyle_starttls_replies_policy() {
+        let mut h = started(tls_config(TlsMode::On), 0);
+        assert_eq!(
+            exchange(&mut h, NBD_OPT_STARTTLS, &[]),
+            Ok(Event::NeedInput)
+        );
+        assert_eq!(kinds(&replies(&h.take_output())), vec![NBD_REP_ERR_POLICY]);
+    }
+
+    #[test]
+    fn tls_starttls_twice_replies_invalid() {
+        for mode in [TlsMode::On, TlsMode::Require] {
+            let mut h = started(tls_config(mode), FIXED);
+            start_tls(&mut h);
+            assert_eq!(
+                exchange(&mut h, NBD_OPT_STARTTLS, &[]),
+                Ok(Event::NeedInput)
+            );
+            assert_eq!(kinds(&replies(&h.take_output())), vec![NBD_REP_ERR_INVALID]);
+            assert!(h.is_tls());
+            go(&mut h, "d");
+        }
+    }
+
+    #[test]
+    fn tls_starttls_with_data_replies_invalid() {
+        let mut h = started(tls_config(TlsMode::On), FIXED);
+        assert_eq!(
+            exchange(&mut h, NBD_OPT_STARTTLS, &[0; 4]),
+            Ok(Event::NeedInput)
+        );
+        assert_eq!(kinds(&replies(&h.take_output())), vec![NBD_REP_ERR_INVALID]);
+        start_tls(&mut h);
+    }
+
+    #[test]
+    fn tls_starttls_forgets_structured_replies_and_meta_contexts() {
+        let mut h = started(tls_config(TlsMode::On), FIXED);
+        exchange(&mut h, NBD_OPT_STRUCTURED_REPLY, &[]).unwrap();
+        ask(
+            &mut h,
+            NBD_OPT_SET_META_CONTEXT,
+            &meta_data("d", &["base:allocation"]),
+            "d",
+            Purpose::SetMetaContext,
+        );
+        h.answer_export(Ok(details("d")));
+        h.take_output();
+        start_tls(&mut h);
+        // Selecting contexts now needs structured replies again: they were forgotten.
+        assert_eq!(
+            exchange(
+                &mut h,
+                NBD_OPT_SET_META_CONTEXT,
+                &meta_data("d", &["base:allocation"])
+            ),
+            Ok(Event::NeedInput)
+        );
+        assert_eq!(kinds(&replies(&h.take_output())), vec![NBD_REP_ERR_INVALID]);
+        let n = go(&mut h, "d");
+        assert!(!n.structured_replies);
+        assert!(n.meta_contexts.is_empty());
+        assert_eq!(n.details.transmission_flags & NBD_FLAG_SEND_DF, 0);
+    }
+
+    #[test]
+    fn tls_starttls_forgets_extended_headers() {
+        let mut h = started(tls_config(TlsMode::On), FIXED_NO_ZEROES);
+        exchange(&mut h, NBD_OPT_EXTENDED_HEADERS, &[]).unwrap();
+        h.take_output();
+        start_tls(&mut h);
+        // EXPORT_NAME is forbidden after extended headers, but they no longer count.
+        ask(&mut h, NBD_OPT_EXPORT_NAME, b"d", "d", Purpose::ExportName);
+        h.answer_export(Ok(details("d")));
+        match h.poll() {
+            Ok(Event::Ready(n)) => assert!(!n.extended_headers && !n.structured_replies),
+            other => panic!("expected Ready, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_starttls_with_early_bytes_closes_without_ack() {
+        let mut h = started(tls_config(TlsMode::On), FIXED);
+        // STARTTLS and, in the same read, a structured-reply option an attacker slipped in.
+        let mut bytes = option(NBD_OPT_STARTTLS, &[]);
+        bytes.extend_from_slice(&option(NBD_OPT_STRUCTURED_REPLY, &[]));
+        h.feed(&bytes);
+        assert_eq!(h.poll(), Err(HandshakeError::StartTlsNotLast(16)));
+        assert!(h.take_output().is_empty());
+    }
+
+    #[test]
+    fn tls_bytes_fed_before_tls_started_fail() {
+        let mut h = started(tls_config(TlsMode::On), FIXED);
+        assert_eq!(exchange(&mut h, NBD_OPT_STARTTLS, &[]), Ok(Event::StartTls));
+        h.feed(&option(NBD_OPT_STRUCTURED_REPLY, &[]));
+        assert_eq!(h.poll(), Err(HandshakeError::StartTlsNotLast(16)));
+    }
+
     /// xorshift64*: deterministic, no dependencies.
     struct Rng(u64);
 
@@ -1985,7 +2336,9 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for _ in 0..4000 {
             let bytes = garbage(&mut rng);
-            let mut h = Handshake::new(config_with(&["base:allocation", "x-a:b"]));
+            let mut config = config_with(&["base:allocation", "x-a:b"]);
+            config.tls = [TlsMode::Off, TlsMode::On, TlsMode::Require][rng.below(3) as usize];
+            let mut h = Handshake::new(config);
             let mut rest = &bytes[..];
             let mut steps = 0;
             'feed: while steps < 1000 {
@@ -2009,6 +2362,7 @@ mod tests {
                             h.answer_export(Err(ExportRefusal::Unknown(name)));
                         }
                     }
+                    Event::StartTls => h.tls_started(),
                     Event::Ready(_) | Event::Aborted => break 'feed,
                 }
             }

@@ -16,6 +16,7 @@ pub mod context;
 pub mod handshake;
 pub mod reply;
 pub mod request;
+pub mod tls;
 
 pub use command::{check_request, command_name, CommandError};
 pub use context::{MetaContext, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_ALLOCATION_DEPTH};
@@ -26,6 +27,7 @@ pub use handshake::{
     Purpose,
 };
 pub use request::{decode_request, RequestError, RequestHeader, EXTENDED_REQUEST_LEN, REQUEST_LEN};
+pub use tls::TlsMode;
 
 /// The longest prefix of `s` that is at most `max` bytes and ends on a char boundary.
 ///

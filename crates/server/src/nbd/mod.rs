@@ -45,6 +45,10 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Meta contexts offered.
     pub meta_contexts: Vec<String>,
+    /// TLS: None serves plaintext only (STARTTLS is refused); otherwise the configuration's
+    /// mode says whether TLS is optional or required (nbdkit's `--tls=on|require`, qemu's
+    /// `tls-creds`), and its credentials and authorization hook apply to every connection.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +58,7 @@ impl Default for ServerConfig {
             threads: 16,
             max_payload: sluice_proto::nbd::consts::NBD_DEFAULT_MAX_PAYLOAD,
             meta_contexts: vec![sluice_proto::nbd::CONTEXT_BASE_ALLOCATION.to_string()],
+            tls: None,
         }
     }
 }

@@ -9,13 +9,19 @@
 //! connection hooks already wrap the whole connection); a daemon looks the name up in its
 //! table and runs the open, and after GO the rest of the connection, inside that export's
 //! plugin hooks (see `mod.rs`).
+//!
+//! TLS: when the handshake reports [`Event::StartTls`] (its `NBD_REP_ACK` already sent), the
+//! socket is handed to [`crate::tls::TlsConfig::accept`] and replaced by the encrypted stream,
+//! and the same handshake goes on over it. Plugins learn whether the connection is encrypted
+//! from the `is_tls` of every call made during negotiation (`list_exports`,
+//! `default_export`, `open`), which is what `nbdkit_is_tls()` and `nbdkit.is_tls()` answer.
 
 use std::io::{self, Read, Write};
 
 use sluice_block::plugin::OpenContext;
 use sluice_block::{BlockError, Errno, Export};
 use sluice_proto::nbd::{
-    Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, Negotiated, Purpose,
+    Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, Negotiated, Purpose, TlsMode,
 };
 
 use std::sync::Arc;
@@ -45,15 +51,23 @@ pub(super) enum NegotiateError {
     Io(#[from] io::Error),
     #[error("{0}")]
     Protocol(#[from] sluice_proto::nbd::HandshakeError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::HandshakeError),
 }
 
 impl NegotiateError {
     /// The client simply went away (closed or reset the socket): not worth an info line.
     pub(super) fn is_disconnect(&self) -> bool {
-        matches!(self, NegotiateError::Io(e) if matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
-        ))
+        match self {
+            NegotiateError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            NegotiateError::Tls(e) => e.is_disconnect(),
+            NegotiateError::Protocol(_) => false,
+        }
     }
 }
 
@@ -87,6 +101,11 @@ impl<'s> Negotiation<'s> {
     pub(super) fn new(server: &'s NbdServer, stream: Stream) -> Negotiation<'s> {
         let config = HandshakeConfig {
             meta_contexts: server.config.meta_contexts.clone(),
+            tls: server
+                .config
+                .tls
+                .as_ref()
+                .map_or(TlsMode::Off, |t| t.mode()),
             ..HandshakeConfig::default()
         };
         Negotiation {
@@ -102,10 +121,10 @@ impl<'s> Negotiation<'s> {
     /// meta-context queries itself) until it needs an export opened, ends, or the client
     /// leaves.
     pub(super) fn next(&mut self) -> Result<Step, NegotiateError> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Ok(Step::Ended);
-        };
         loop {
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(Step::Ended);
+            };
             // poll() may queue replies before it asks for input: send them first.
             let event = self.hs.poll()?;
             let out = self.hs.take_output();
@@ -127,7 +146,11 @@ impl<'s> Negotiation<'s> {
                     }
                     self.hs.feed(&self.buf[..n]);
                 }
-                Event::ListExports => self.hs.answer_list(&list_exports(self.server)),
+                Event::StartTls => self.start_tls()?,
+                Event::ListExports => {
+                    let list = list_exports(self.server, self.hs.is_tls());
+                    self.hs.answer_list(&list)
+                }
                 Event::ExportQuery {
                     name,
                     purpose: Purpose::ListMetaContext | Purpose::SetMetaContext,
@@ -169,6 +192,19 @@ impl<'s> Negotiation<'s> {
         }
     }
 
+    /// Upgrades the connection after the handshake's `NBD_REP_ACK` to `NBD_OPT_STARTTLS` was
+    /// sent: runs the TLS handshake and continues negotiation over the encrypted stream.
+    fn start_tls(&mut self) -> Result<(), NegotiateError> {
+        let (Some(tls), Some(plain)) = (self.server.config.tls.as_ref(), self.stream.take()) else {
+            // The handshake only offers STARTTLS when TLS is configured.
+            return Err(io::Error::other("STARTTLS accepted without a TLS configuration").into());
+        };
+        let (stream, _identity) = tls.accept(plain)?;
+        self.stream = Some(stream);
+        self.hs.tls_started();
+        Ok(())
+    }
+
     /// Answers [`Step::Open`]: opens the export (`named`, the table entry the caller looked
     /// up, in a daemon; None there means there is no such export) and tells the client.
     /// Returns true if the export was opened for transmission (a successful GO or
@@ -181,7 +217,7 @@ impl<'s> Negotiation<'s> {
         named: Option<Arc<NamedExport>>,
     ) -> bool {
         let server = self.server;
-        let answer = open_export(server, name, named).map(|opened| {
+        let answer = open_export(server, name, named, self.hs.is_tls()).map(|opened| {
             let details = details(server, &opened);
             if matches!(purpose, Purpose::Go | Purpose::ExportName) {
                 self.kept = Some(opened);
@@ -240,10 +276,13 @@ struct Opened {
     named: Option<Arc<NamedExport>>,
 }
 
-fn list_exports(server: &NbdServer) -> Vec<(String, Option<String>)> {
+fn list_exports(server: &NbdServer, is_tls: bool) -> Vec<(String, Option<String>)> {
     match &server.exports {
         Exports::Single(backend) => {
-            match backend.plugin().list_exports(server.config.readonly, false) {
+            match backend
+                .plugin()
+                .list_exports(server.config.readonly, is_tls)
+            {
                 Ok(list) => list.into_iter().map(|e| (e.name, e.description)).collect(),
                 Err(e) => {
                     tracing::warn!("list_exports failed: {e}");
@@ -270,6 +309,7 @@ fn open_export(
     server: &NbdServer,
     name: &str,
     named: Option<Arc<NamedExport>>,
+    is_tls: bool,
 ) -> Result<Opened, BlockError> {
     if name.len() > sluice_proto::nbd::consts::NBD_MAX_STRING {
         return Err(BlockError::new(Errno::EINVAL, "export name too long"));
@@ -287,7 +327,7 @@ fn open_export(
     let plugin = backend.plugin();
     let resolved;
     let plugin_name = if name.is_empty() && named.is_none() {
-        resolved = plugin.default_export(readonly, false)?;
+        resolved = plugin.default_export(readonly, is_tls)?;
         resolved.as_str()
     } else if named.is_some() {
         // A daemon's export name is its own; the node behind it has no export names.
@@ -298,7 +338,7 @@ fn open_export(
     let ctx = OpenContext {
         readonly,
         export_name: plugin_name,
-        is_tls: false,
+        is_tls,
     };
     let export = Export::open(&backend, &ctx)?;
     let name = if named.is_some() { name } else { plugin_name };

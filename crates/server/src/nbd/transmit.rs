@@ -26,7 +26,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -97,13 +96,7 @@ impl Reader {
 
     /// True if more client input is already here: buffered, or waiting in the socket.
     fn has_more_input(&self) -> bool {
-        if self.start != self.end {
-            return true;
-        }
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD on our open socket writes one int.
-        let r = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut n) };
-        r == 0 && n > 0
+        self.start != self.end || self.stream.has_pending_input()
     }
 
     /// Reads more input; Ok(false) at end of input.

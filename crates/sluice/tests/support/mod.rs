@@ -183,6 +183,7 @@ pub fn path_str(p: &Path) -> &str {
 pub mod ceph;
 pub mod image;
 pub mod raw;
+pub mod tls;
 
 impl Server {
     /// Asserts the server's stderr shows no Rust panic (on any thread, including ones that
