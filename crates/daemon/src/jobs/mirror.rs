@@ -107,7 +107,8 @@ pub(crate) fn blockdev_mirror(
             j.job_type
         )));
     }
-    if let Some(p) = st.graph.parents(t, "backing").next() {
+    // qsd names the parent that took the node as its backing last.
+    if let Some(p) = st.graph.parents(t, "backing").last() {
         return Err(QmpError::generic(format!(
             "Node '{t}' is busy: node is used as backing hd of '{}'",
             p.name

@@ -181,6 +181,7 @@ pub fn path_str(p: &Path) -> &str {
 }
 
 pub mod image;
+pub mod live;
 pub mod raw;
 
 impl Server {
