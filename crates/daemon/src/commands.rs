@@ -385,4 +385,11 @@ impl Handlers for Session<'_> {
     fn block_commit(&mut self, args: BlockCommitArgs) -> Result<(), QmpError> {
         commit::block_commit(self.daemon, self.state, args)
     }
+
+    fn blockdev_mirror(
+        &mut self,
+        args: crate::generated::BlockdevMirrorArgs,
+    ) -> Result<(), QmpError> {
+        crate::jobs::mirror::blockdev_mirror(self.daemon, self.state, args)
+    }
 }

@@ -10,8 +10,8 @@
 //! - [`exports`]: block exports and the NBD server behind them.
 //! - [`events`]: event delivery to monitors, in order with command replies.
 //! - [`jobs`]: background jobs: the generic job state machine and verbs (generic over the
-//!   daemon's state), and one file per kind (block-stream, block-commit, active commit) and
-//!   the job commands on top.
+//!   daemon's state), one file per kind (block-stream, block-commit, active commit,
+//!   blockdev-mirror; the last two share the mirror engine) and the job commands on top.
 //! - [`state`]: the state every monitor shares (graph, exports, NBD server, jobs) behind one
 //!   lock, and [`Daemon`], the handle to it (lock, emit, shutdown).
 //! - [`commands`]: the commands (one method of the generated `Handlers` each) and
@@ -20,8 +20,9 @@
 //! # Layers
 //!
 //! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
-//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
-//! `jobs::active_commit`, `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
+//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream` and
+//! `jobs::mirror_engine`; `jobs::active_commit` and `jobs::mirror` on the engine;
+//! `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
 //!
 //! # Where things go

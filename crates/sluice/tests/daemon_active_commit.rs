@@ -8,13 +8,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::image::{qemu_img, qemu_img_check, qemu_io};
+use support::live::{assert_same, ok, query_job, run_until, Client};
 use support::path_str;
 use support::qmp::{Qmp, QmpDaemon};
 
@@ -29,45 +28,6 @@ const COMPLETED_AFTER_REPLY: [&str; 6] = [
     "concluded",
     "null",
 ];
-
-/// A message as a short name: `return`, `error:...`, `EVENT` or the JOB_STATUS_CHANGE status.
-fn short(v: &Value) -> String {
-    if let Some(e) = v["event"].as_str() {
-        return match v["data"]["status"].as_str() {
-            Some(s) if e == "JOB_STATUS_CHANGE" => s.to_string(),
-            _ => e.to_string(),
-        };
-    }
-    if v.get("return").is_some() {
-        "return".into()
-    } else {
-        format!("error:{}", v["error"]["desc"].as_str().unwrap_or(""))
-    }
-}
-
-/// Sends `cmd` and reads messages until `last` has been read after the reply (`return`:
-/// the reply, error or not).
-fn run_until(c: &mut Qmp, cmd: Value, last: &str) -> Vec<String> {
-    c.send(&cmd);
-    let mut got = Vec::new();
-    let mut replied = false;
-    loop {
-        let v = c.read_value().expect("connection closed");
-        let reply = v.get("event").is_none();
-        replied |= reply;
-        let s = short(&v);
-        let done = replied && (s == last || (last == "return" && reply));
-        got.push(s);
-        if done {
-            return got;
-        }
-    }
-}
-
-fn ok(c: &mut Qmp, cmd: &str, args: Value) {
-    let r = c.exec(cmd, args);
-    assert_eq!(r, json!({"return": {}}), "{cmd}");
-}
 
 /// Three 8 MiB qcow2 layers with unaligned data in each (mid with 4 KiB clusters and a zero
 /// range over base data). Returns (dir, base, mid, top).
@@ -159,82 +119,6 @@ fn flatten(top: &Path, out: &Path) {
     qemu_img(&["convert", "-U", "-O", "raw", path_str(top), path_str(out)]);
 }
 
-/// One NBD connection kept open across the pivot: python3-libnbd driven line by line.
-struct Client {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-const CLIENT: &str = r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-print("size", h.get_size(), flush=True)
-for line in sys.stdin:
-    op, off, n, byte = line.split()
-    off, n, byte = int(off), int(n), int(byte, 16)
-    if op == "w":
-        h.pwrite(bytes([byte]) * n, off)
-        print("ok", flush=True)
-    elif op == "r":
-        got = h.pread(n, off)
-        print("ok" if got == bytes([byte]) * n else "bad %r" % got[:16], flush=True)
-    elif op == "f":
-        h.flush()
-        print("ok", flush=True)
-h.shutdown()
-"#;
-
-impl Client {
-    fn connect(uri: &str) -> Client {
-        let mut child = Command::new("/usr/bin/python3")
-            .args(["-c", CLIENT, uri])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3-libnbd (run scripts/test.sh)");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("size "), "client: {line}");
-        Client {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn op(&mut self, op: &str, offset: u64, len: u64, byte: u8) {
-        writeln!(self.stdin, "{op} {offset} {len} {byte:x}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ok", "{op} {offset} {len} {byte:#x}");
-    }
-
-    /// Writes through the connection and into the expected image.
-    fn write(&mut self, expected: &Path, offset: u64, len: u64, byte: u8) {
-        self.op("w", offset, len, byte);
-        qemu_io(
-            "raw",
-            path_str(expected),
-            &[&format!("write -P {byte} {offset} {len}")],
-        );
-    }
-
-    fn close(mut self) {
-        drop(self.stdin);
-        let st = self.child.wait().unwrap();
-        assert!(st.success(), "client exited with {st}");
-    }
-}
-
-fn query_job(c: &mut Qmp) -> Value {
-    let r = c.exec("query-block-jobs", json!({}));
-    r["return"][0].clone()
-}
-
 /// Waits until the job has seen more than `len` bytes of work and copied everything it
 /// knows of (offset == len).
 fn wait_synced(c: &mut Qmp, len: u64) -> Value {
@@ -247,21 +131,6 @@ fn wait_synced(c: &mut Qmp, len: u64) -> Value {
         assert!(Instant::now() < deadline, "never in sync: {j}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn assert_same(img: &Path, raw: &Path) {
-    let out = support::output(
-        "qemu-img",
-        &["compare", "-F", "raw", path_str(img), path_str(raw)],
-    );
-    assert!(
-        out.status.success(),
-        "{} differs from {}: {}{}",
-        img.display(),
-        raw.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn assert_clean(img: &Path) {

@@ -16,8 +16,8 @@
 //! gets `base` as its backing in its header ([`sluice_image::Node::switch_backing`]) and in
 //! the graph, which drops the committed layers that nothing else holds.
 //!
-//! Active commit (`top` is the device itself) needs a mirror-like `ready` phase that sluice
-//! does not have: it is refused. The overlay must be writable (its header is rewritten).
+//! Active commit (`top` is the device itself) is a mirror job: see [`super::active_commit`].
+//! The overlay must be writable (its header is rewritten).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,7 +29,8 @@ use sluice_image::{Driver, Format};
 use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
 use crate::graph::image::{close_writer, image_node, qmp_error};
 use crate::jobs::active_commit::ActiveCommitDriver;
-use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::jobs::mirror_engine::{start_tracked, Initial, MirrorEngine};
+use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError, COPY_CHUNK};
 use crate::state::{Daemon, State};
 use crate::{ErrorClass, QmpError};
 
@@ -252,15 +253,8 @@ pub(crate) fn block_commit(
     let image = |n: &crate::graph::Node| image_of(&args.device, n);
     if top_at == 0 {
         let (driver, params) = active_job(args, &chain, base_at, nodes)?;
-        // Tracking starts before the job exists: every write from now on is seen. If
-        // the job does not start, nothing tracks.
-        let device = driver.device.1.clone();
-        device.track_writes(Some(driver.dirty.clone()));
-        let started = Job::start(daemon, st, params, Box::new(driver));
-        if started.is_err() {
-            device.track_writes(None);
-        }
-        return started.map(|_| ());
+        let tracking = driver.engine.tracking();
+        return start_tracked(daemon, st, params, tracking, Box::new(driver));
     }
     let overlay = chain[top_at - 1];
     if overlay.read_only {
@@ -317,18 +311,23 @@ fn active_job(
     }
     let image = |n: &crate::graph::Node| image_of(&args.device, n);
     let (device_image, base_image) = (image(device)?, image(base)?);
-    let (size, writer) = base_writer(device, base, &base_image)?;
-    let dirty = Arc::new(sluice_image::DirtyMap::new(
-        size,
-        sluice_image::dirty::DIRTY_GRANULARITY,
-    ));
-    let driver = ActiveCommitDriver {
-        device: (device.name.clone(), device_image.clone()),
-        base_depth: (base_at + 1) as u32,
-        base: (base.name.clone(), base_image),
+    let (_, writer) = base_writer(device, base, &base_image)?;
+    let on_error = args.on_error.unwrap_or(BlockdevOnError::Report);
+    let mut engine = MirrorEngine::new(
+        "block-commit",
+        (device.name.clone(), device_image),
         writer,
-        dirty: dirty.clone(),
-        pivot: false,
+        Initial::Above((base_at + 1) as u32),
+        sluice_image::dirty::DIRTY_GRANULARITY,
+        COPY_CHUNK,
+        on_error,
+        on_error,
+    );
+    // The base may be larger than the device: only the device's size is copied.
+    engine.same_size = false;
+    let driver = ActiveCommitDriver {
+        engine,
+        base: (base.name.clone(), base_image),
         closed: false,
     };
     let params = JobParams {
@@ -337,7 +336,7 @@ fn active_job(
         auto_finalize: args.auto_finalize.unwrap_or(true),
         auto_dismiss: args.auto_dismiss.unwrap_or(true),
         speed: args.speed.unwrap_or(0),
-        on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
+        on_error,
         nodes,
         total: 0,
         completable: true,

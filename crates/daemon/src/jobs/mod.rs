@@ -1,7 +1,7 @@
 //! Background jobs: one generic state machine, one set of verbs, QEMU's events.
 //!
-//! A job is what `block-stream` and `block-commit` start: long work that must not
-//! hold the monitor. Every kind shares [`Job`]: the status with QEMU's transition table
+//! A job is what `block-stream`, `block-commit` and `blockdev-mirror` start: long work
+//! that must not hold the monitor. Every kind shares [`Job`]: the status with QEMU's transition table
 //! ([`transition_allowed`]), the verbs with QEMU's table of which state accepts which
 //! ([`verb_allowed`]) and its refusal `Job 'x' in state 'y' cannot accept command verb 'z'`,
 //! auto-finalize / auto-dismiss, progress, the rate limit and the on-error policy. A kind
@@ -39,6 +39,8 @@
 pub mod active_commit;
 pub mod commands;
 pub mod commit;
+pub mod mirror;
+pub mod mirror_engine;
 pub mod stream;
 
 #[cfg(test)]
@@ -169,7 +171,7 @@ pub struct JobParams {
     /// The progress total known at the start (a stream's or commit's size), so that
     /// queries right after the command see it, as in QEMU.
     pub total: u64,
-    /// The kind has a `ready` phase that `job-complete` ends (active commit); a
+    /// The kind has a `ready` phase that `job-complete` ends (mirror, active commit); a
     /// `block-job-cancel` without force then completes it without its final switch.
     pub completable: bool,
 }
@@ -918,7 +920,18 @@ impl<S: HasJobs> JobCtx<'_, S> {
         op: IoOperationType,
         enospc: bool,
     ) -> Result<ErrorAction, WorkError> {
-        let action = match self.job.on_error {
+        self.io_error_with(self.job.on_error, op, enospc)
+    }
+
+    /// [`JobCtx::io_error`] under `policy` rather than the job's on-error (mirror has one
+    /// policy for the source and one for the target).
+    pub fn io_error_with(
+        &mut self,
+        policy: BlockdevOnError,
+        op: IoOperationType,
+        enospc: bool,
+    ) -> Result<ErrorAction, WorkError> {
+        let action = match policy {
             BlockdevOnError::Report | BlockdevOnError::Auto => BlockErrorAction::Report,
             BlockdevOnError::Ignore => BlockErrorAction::Ignore,
             BlockdevOnError::Stop => BlockErrorAction::Stop,

@@ -182,6 +182,7 @@ pub fn path_str(p: &Path) -> &str {
 
 pub mod ceph;
 pub mod image;
+pub mod live;
 pub mod raw;
 pub mod tls;
 

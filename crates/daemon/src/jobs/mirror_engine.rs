@@ -1,0 +1,296 @@
+//! The mirror engine: copy a live node into another while its clients keep writing, then
+//! (optionally) pivot the node's requests to the copy. Active `block-commit` and
+//! `blockdev-mirror` are both this engine with a different target and a different first
+//! pass, as in QEMU, where active commit is a mirror job of type `commit`.
+//!
+//! How no write is lost (see `sluice_image::dirty`): before the job starts,
+//! [`start_tracked`] installs a [`DirtyMap`] on the source's image node, which marks every
+//! range a write, zero or trim changes once it has completed. The job first marks what
+//! its sync mode copies ([`Initial`]), then takes dirty runs one at a time — a run is
+//! cleared before it is read through the source and written into the target, so a write
+//! landing meanwhile marks it again. When the map is clean the job is `ready`
+//! (BLOCK_JOB_READY) and keeps mirroring new writes until `job-complete`; then, in the
+//! kind's `prepare` (the daemon's state lock held), [`MirrorEngine::pivot`] holds the
+//! source's requests off, copies what is still dirty, flushes the target and redirects the
+//! source node to it ([`sluice_image::Node::pivot`]), and [`move_exports`] makes the
+//! source's exports the target's in the graph. Open NBD connections keep their handle on
+//! the source node, which now forwards to the target: they survive the pivot.
+//!
+//! A soft cancel (`block-job-cancel` without force while ready) copies what is dirty and
+//! ends without the pivot. A failure or a forced cancel leaves the source as it was.
+//!
+//! Each step is one dirty run of at most [`MirrorEngine::step`] bytes, read through the
+//! source: a run that reads as zeroes is written as a zero request (which keeps a sparse
+//! target sparse, as QEMU's mirror does with block status), anything else as data. A
+//! failed read goes to the on-source-error policy, a failed write to on-target-error;
+//! ranges skipped under `ignore` stay dirty, so the pivot copies them or fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_block::extents::Extents;
+use sluice_block::BlockError;
+use sluice_image::DirtyMap;
+
+use crate::generated::{BlockdevOnError, IoOperationType};
+use crate::jobs::{Completion, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::state::{Daemon, State};
+use crate::QmpError;
+
+/// How long a ready job waits for new writes before it looks again (also the longest a
+/// write waits to be mirrored).
+const IDLE: Duration = Duration::from_millis(20);
+
+/// What the first pass marks dirty (QEMU's sync modes, and active commit's layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initial {
+    /// The whole node (sync `full`: unallocated ranges are written as zeroes).
+    All,
+    /// What the layers above depth `n` hold, seen from the source (1 = the source itself):
+    /// depths `1..n`. Sync `top` is `Above(2)`; an active commit into the layer at depth d
+    /// is `Above(d)`.
+    Above(u32),
+    /// Nothing: only what clients write from now on (sync `none`).
+    Nothing,
+}
+
+/// Which half of a copy failed.
+enum Side {
+    Source(BlockError),
+    Target(BlockError),
+}
+
+/// A mirror's state (see the module doc): owned by the kind's driver.
+#[derive(Debug)]
+pub struct MirrorEngine {
+    /// For log lines: the command that started the job.
+    pub label: &'static str,
+    /// The source (graph name, image node): the node clients write to.
+    pub source: (String, Arc<sluice_image::Node>),
+    /// Where the copy goes (a writable image node).
+    pub target: Arc<sluice_image::Node>,
+    /// What the source's clients changed and the job has not copied yet.
+    pub dirty: Arc<DirtyMap>,
+    /// The first pass.
+    pub initial: Initial,
+    /// The largest run copied in one step.
+    pub step: u64,
+    pub on_source_error: BlockdevOnError,
+    pub on_target_error: BlockdevOnError,
+    /// Fail at the start when the target's size differs from the source's (mirror; an
+    /// active commit's base may be larger).
+    pub same_size: bool,
+    /// Set when the job was asked to complete (job-complete): prepare pivots.
+    completed: bool,
+}
+
+impl MirrorEngine {
+    /// An engine with a clean dirty map of `granularity` over the source.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        label: &'static str,
+        source: (String, Arc<sluice_image::Node>),
+        target: Arc<sluice_image::Node>,
+        initial: Initial,
+        granularity: u64,
+        step: u64,
+        on_source_error: BlockdevOnError,
+        on_target_error: BlockdevOnError,
+    ) -> MirrorEngine {
+        let dirty = Arc::new(DirtyMap::new(source.1.size(), granularity));
+        MirrorEngine {
+            label,
+            source,
+            target,
+            dirty,
+            initial,
+            step: step.max(granularity),
+            on_source_error,
+            on_target_error,
+            same_size: false,
+            completed: false,
+        }
+    }
+
+    /// True once `job-complete` ended the ready phase: prepare must pivot.
+    pub fn wants_pivot(&self) -> bool {
+        self.completed
+    }
+
+    /// Stops tracking the source's writes (idempotent).
+    pub fn stop_tracking(&self) {
+        self.source.1.track_writes(None);
+    }
+
+    /// The first pass: marks what [`Initial`] says.
+    fn mark_initial(&self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
+        let depth = match self.initial {
+            Initial::Nothing => return Ok(()),
+            Initial::All => {
+                self.dirty.mark(0, self.source.1.size());
+                return Ok(());
+            }
+            Initial::Above(d) => d,
+        };
+        let src = &self.source.1;
+        let size = src.size();
+        let chunk = 1 << 30;
+        let mut at = 0;
+        while at < size {
+            let n = chunk.min(size - at);
+            let mut depths = Extents::new(at, at + n);
+            src.allocation_depth(n, at, &mut depths).map_err(|e| {
+                tracing::warn!("{} of '{}': {e}", self.label, self.source.0);
+                WorkError::Failed(e.errno.describe())
+            })?;
+            for e in depths.as_slice() {
+                if e.kind >= 1 && e.kind < depth {
+                    self.dirty.mark(e.offset, e.length);
+                }
+            }
+            ctx.checkpoint()?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Copies one range from the source into the target.
+    fn copy(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), Side> {
+        buf.resize(len as usize, 0);
+        self.source.1.read(buf, offset).map_err(Side::Source)?;
+        let r = if buf.iter().all(|&b| b == 0) {
+            self.target.zero(len, offset, true, false)
+        } else {
+            self.target.write(buf, offset)
+        };
+        r.map_err(Side::Target)
+    }
+
+    /// One step: copies the next dirty run (applying the on-error policies). Ok(false)
+    /// when nothing was dirty.
+    fn step(
+        &self,
+        ctx: &mut JobCtx<'_, State>,
+        cursor: &mut u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, WorkError> {
+        let Some((offset, len)) = self.dirty.take(*cursor, self.step) else {
+            return Ok(false);
+        };
+        *cursor = offset + len;
+        match self.copy(offset, len, buf) {
+            Ok(()) => {
+                ctx.progress(len);
+                ctx.set_remaining(self.dirty.dirty_bytes());
+                ctx.throttle(len)?;
+            }
+            Err(side) => {
+                self.dirty.mark(offset, len);
+                let (policy, op, e) = match side {
+                    Side::Source(e) => (self.on_source_error, IoOperationType::Read, e),
+                    Side::Target(e) => (self.on_target_error, IoOperationType::Write, e),
+                };
+                tracing::warn!("{} of '{}': {e}", self.label, self.source.0);
+                let enospc = e.errno.0 == libc::ENOSPC;
+                match ctx.io_error_with(policy, op, enospc)? {
+                    ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
+                    // Ignored ranges stay dirty: the pivot copies them or fails.
+                    ErrorAction::Retry | ErrorAction::Ignore => {}
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The job's work: the first pass, the copy, `ready`, mirroring until asked to end.
+    pub fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
+        if self.same_size && self.source.1.size() != self.target.size() {
+            return Err(WorkError::Failed(
+                "Source and target image have different sizes".into(),
+            ));
+        }
+        self.mark_initial(ctx)?;
+        ctx.set_remaining(self.dirty.dirty_bytes());
+        let mut cursor = 0;
+        let mut buf = Vec::new();
+        let mut ready = false;
+        loop {
+            match ctx.completion() {
+                Some(Completion::Complete) => {
+                    self.completed = true;
+                    return Ok(());
+                }
+                Some(Completion::SoftCancel) => {
+                    // The target gets what is dirty now; no pivot.
+                    while self.step(ctx, &mut cursor, &mut buf)? {}
+                    return Ok(());
+                }
+                None => {}
+            }
+            if self.step(ctx, &mut cursor, &mut buf)? {
+                continue;
+            }
+            if ready {
+                ctx.idle(IDLE)?;
+            } else {
+                ctx.set_ready()?;
+                ready = true;
+            }
+        }
+    }
+
+    /// The pivot (see the module doc): on success the source's requests go to the target.
+    pub fn pivot(&self) -> Result<(), String> {
+        self.source
+            .1
+            .pivot(&self.dirty, self.target.clone())
+            .map(|_| ())
+            .map_err(|e| e.errno.describe())
+    }
+}
+
+/// Makes the exports of graph node `from` exports of `to` (after a pivot); returns how
+/// many moved.
+pub fn move_exports(st: &mut State, from: &str, to: &str) -> usize {
+    let mut moved = 0;
+    for e in st.exports.iter_mut().filter(|e| e.node == from) {
+        e.node = to.to_string();
+        moved += 1;
+    }
+    if let Some(n) = st.graph.get_mut(from) {
+        n.exports -= moved;
+    }
+    if let Some(n) = st.graph.get_mut(to) {
+        n.exports += moved;
+    }
+    moved
+}
+
+/// What [`start_tracked`] installs: the source node and the map its writes mark.
+#[derive(Debug, Clone)]
+pub struct Tracking(Arc<sluice_image::Node>, Arc<DirtyMap>);
+
+impl MirrorEngine {
+    /// What [`start_tracked`] needs of this engine (taken before the driver is boxed).
+    pub fn tracking(&self) -> Tracking {
+        Tracking(self.source.1.clone(), self.dirty.clone())
+    }
+}
+
+/// Starts a mirror-engine job: tracking starts before the job exists, so every write from
+/// now on is seen; if the job does not start, nothing tracks.
+pub fn start_tracked(
+    daemon: &Arc<Daemon>,
+    st: &mut State,
+    params: JobParams,
+    tracking: Tracking,
+    driver: Box<dyn JobDriver<State>>,
+) -> Result<(), QmpError> {
+    let Tracking(source, dirty) = tracking;
+    source.track_writes(Some(dirty));
+    let started = Job::start(daemon, st, params, driver);
+    if started.is_err() {
+        source.track_writes(None);
+    }
+    started.map(|_| ())
+}
