@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use sluice_block::error::strerror;
 use sluice_block::export::Backend;
 use sluice_block::{
     BlockError, BlockSize, ConnectionInfo, Errno, ExportEntry, Extents, Flags, Handle, OpenContext,
@@ -29,7 +30,6 @@ use sluice_block::{
 };
 use sluice_server::{Listener, NamedExport, NbdServer};
 
-use crate::block::drivers::strerror;
 use crate::generated::{NbdServerOptions, SocketAddress};
 use crate::QmpError;
 
