@@ -376,36 +376,25 @@ impl<H: ForeignAnswers + ?Sized> Ladder<'_, H> {
 #[macro_export]
 macro_rules! foreign_capabilities {
     () => {
-        fn can_write(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).can_write()
-        }
-        fn can_flush(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).can_flush()
-        }
-        fn is_rotational(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).is_rotational()
-        }
-        fn can_trim(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).can_trim()
-        }
-        fn can_zero(&self) -> $crate::Result<$crate::Support> {
-            $crate::host::Ladder(self).can_zero()
-        }
-        fn can_fast_zero(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).can_fast_zero()
-        }
-        fn can_fua(&self) -> $crate::Result<$crate::Support> {
-            $crate::host::Ladder(self).can_fua()
-        }
-        fn can_multi_conn(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).can_multi_conn()
-        }
-        fn can_cache(&self) -> $crate::Result<$crate::Support> {
-            $crate::host::Ladder(self).can_cache()
-        }
-        fn can_extents(&self) -> $crate::Result<bool> {
-            $crate::host::Ladder(self).can_extents()
-        }
+        $crate::foreign_capabilities!(@methods
+            can_write -> bool,
+            can_flush -> bool,
+            is_rotational -> bool,
+            can_trim -> bool,
+            can_zero -> $crate::Support,
+            can_fast_zero -> bool,
+            can_fua -> $crate::Support,
+            can_multi_conn -> bool,
+            can_cache -> $crate::Support,
+            can_extents -> bool
+        );
+    };
+    (@methods $($name:ident -> $answer:ty),*) => {
+        $(
+            fn $name(&self) -> $crate::Result<$answer> {
+                $crate::host::Ladder(self).$name()
+            }
+        )*
     };
 }
 
@@ -524,31 +513,43 @@ mod tests {
         Callback::Cache,
     ];
 
+    /// Everything the ladder answers for `p`, on one line: the boolean capabilities that are
+    /// true, then the tri-state ones.
+    fn offered(p: &Fake) -> String {
+        let l = Ladder(p);
+        let flags = [
+            ("write", l.can_write()),
+            ("flush", l.can_flush()),
+            ("rotational", l.is_rotational()),
+            ("trim", l.can_trim()),
+            ("fast_zero", l.can_fast_zero()),
+            ("extents", l.can_extents()),
+            ("multi_conn", l.can_multi_conn()),
+        ];
+        let mut out: Vec<String> = flags
+            .into_iter()
+            .filter(|(_, answer)| *answer.as_ref().unwrap())
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let levels = [
+            ("zero", l.can_zero()),
+            ("fua", l.can_fua()),
+            ("cache", l.can_cache()),
+        ];
+        out.extend(levels.map(|(name, s)| format!("{name}={:?}", s.unwrap())));
+        out.join(" ")
+    }
+
     #[test]
     fn ladder_without_can_callbacks_follows_the_data_callbacks() {
-        let all = Fake::c(&ALL);
-        let l = Ladder(&all);
-        assert!(l.can_write().unwrap());
-        assert!(l.can_flush().unwrap());
-        assert!(l.can_trim().unwrap());
-        assert!(l.can_extents().unwrap());
-        assert_eq!(l.can_zero().unwrap(), Support::Native);
-        assert_eq!(l.can_fua().unwrap(), Support::Emulate);
-        assert_eq!(l.can_cache().unwrap(), Support::Native);
-        assert!(!l.is_rotational().unwrap());
-        assert!(!l.can_multi_conn().unwrap());
-        assert!(!l.can_fast_zero().unwrap());
-
-        let none = Fake::c(&[]);
-        let l = Ladder(&none);
-        assert!(!l.can_write().unwrap());
-        assert!(!l.can_flush().unwrap());
-        assert!(!l.can_trim().unwrap());
-        assert!(!l.can_extents().unwrap());
-        assert_eq!(l.can_zero().unwrap(), Support::Emulate);
-        assert_eq!(l.can_fua().unwrap(), Support::None);
-        assert_eq!(l.can_cache().unwrap(), Support::None);
-        assert!(l.can_fast_zero().unwrap());
+        assert_eq!(
+            offered(&Fake::c(&ALL)),
+            "write flush trim extents zero=Native fua=Emulate cache=Native"
+        );
+        assert_eq!(
+            offered(&Fake::c(&[])),
+            "fast_zero zero=Emulate fua=None cache=None"
+        );
     }
 
     #[test]
@@ -567,17 +568,10 @@ mod tests {
         p.flags.push((Capability::MultiConn, true));
         p.flags.push((Capability::FastZero, true));
         p.levels = vec![(Capability::Fua, 0), (Capability::Cache, 1)];
-        let l = Ladder(&p);
-        assert!(!l.can_write().unwrap());
-        assert!(!l.can_flush().unwrap());
-        assert!(!l.can_trim().unwrap());
-        assert!(!l.can_extents().unwrap());
-        assert_eq!(l.can_zero().unwrap(), Support::Emulate);
-        assert!(l.is_rotational().unwrap());
-        assert!(l.can_multi_conn().unwrap());
-        assert!(l.can_fast_zero().unwrap());
-        assert_eq!(l.can_fua().unwrap(), Support::None);
-        assert_eq!(l.can_cache().unwrap(), Support::Emulate);
+        assert_eq!(
+            offered(&p),
+            "rotational fast_zero multi_conn zero=Emulate fua=None cache=Emulate"
+        );
     }
 
     #[test]

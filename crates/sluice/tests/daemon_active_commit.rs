@@ -16,19 +16,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::image::{qcow2_over, qemu_img, qemu_img_check, qemu_io};
 use support::path_str;
-use support::qmp::{file, names, ok, run_until, start_nbd, Qmp, QmpDaemon};
+use support::qmp::{file, names, ok, run_until, start_nbd, Qmp, QmpDaemon, JOB_RUNS_TO_THE_END};
 
 const MIB: u64 = 1 << 20;
 
-/// A job that ends successfully after the command's reply (job-complete, soft cancel).
-const COMPLETED_AFTER_REPLY: [&str; 6] = [
-    "return",
-    "waiting",
-    "pending",
-    "BLOCK_JOB_COMPLETED",
-    "concluded",
-    "null",
-];
+/// A job that ends successfully after the command's reply (job-complete, soft cancel): the
+/// end of [`JOB_RUNS_TO_THE_END`], from the reply on.
+const COMPLETED_AFTER_REPLY: &[&str] = JOB_RUNS_TO_THE_END.split_at(2).1;
 
 /// [`run_until`], as [`names`].
 fn run_names(c: &mut Qmp, cmd: Value, last: &str) -> Vec<String> {

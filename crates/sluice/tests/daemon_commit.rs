@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use support::image::{flatten, image_info, qcow2_chain, qemu_img, qemu_img_check};
 use support::path_str;
-use support::qmp::{daemon_with_named_chain, named_node, names, run_until, Qmp};
+use support::qmp::{
+    daemon_with_named_chain, named_node, names, run_until, Qmp, JOB_RUNS_TO_THE_END,
+};
 
 /// Three 4 MiB qcow2 layers with different cluster sizes and unaligned data in each:
 /// base (64 KiB clusters) <- mid (4 KiB clusters, also a zero range over base data) <- top.
@@ -46,20 +48,7 @@ fn intermediate_commit_moves_mid_into_base_and_drops_it() {
                "top-node": "mid", "base-node": "base"}}),
         "null",
     );
-    assert_eq!(
-        names(&msgs),
-        [
-            "created",
-            "running",
-            "return",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null",
-        ],
-        "{msgs:?}"
-    );
+    assert_eq!(names(&msgs), JOB_RUNS_TO_THE_END, "{msgs:?}");
     assert_eq!(
         msgs[5]["data"],
         json!({"type": "commit", "device": "c0", "len": 4194304, "offset": 4194304,

@@ -13,7 +13,7 @@ use support::image::{image_info, qemu_img, qemu_img_check, three_layers};
 use support::path_str;
 use support::qmp::{
     daemon_with_named_chain, file, named_node, names, run_qmp_python, run_until, short, Qmp,
-    QmpDaemon,
+    QmpDaemon, JOB_RUNS_TO_THE_END,
 };
 
 fn daemon_with_node() -> (QmpDaemon, Qmp) {
@@ -288,20 +288,7 @@ fn stream_ok(c: &mut Qmp, args: Value) -> Value {
         json!({"execute": "block-stream", "arguments": args}),
         "null",
     );
-    assert_eq!(
-        names(&msgs),
-        [
-            "created",
-            "running",
-            "return",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ],
-        "{msgs:?}"
-    );
+    assert_eq!(names(&msgs), JOB_RUNS_TO_THE_END, "{msgs:?}");
     msgs[5]["data"].clone()
 }
 

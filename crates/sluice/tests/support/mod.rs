@@ -168,23 +168,6 @@ impl NbdHolder {
     }
 }
 
-/// The lines a test plugin or script has written to its call log so far.
-pub fn log_lines(log: &Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// The logged calls that start with one of `prefixes`, in order.
-pub fn log_calls(log: &Path, prefixes: &[&str]) -> Vec<String> {
-    log_lines(log)
-        .into_iter()
-        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
-        .collect()
-}
-
 /// A file of `len` bytes of a repeatable pseudo-random pattern.
 pub fn random_file(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, random_bytes(len, seed)).unwrap();

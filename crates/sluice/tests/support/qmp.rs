@@ -325,6 +325,20 @@ pub fn run_qmp_python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// qemu-storage-daemon's messages, as [`short`] names, for a job that its command starts
+/// (`created`, `running`, then the reply) and that runs to its end with auto-finalize and
+/// auto-dismiss: what `run_until(c, command, "null")` reads.
+pub const JOB_RUNS_TO_THE_END: [&str; 8] = [
+    "created",
+    "running",
+    "return",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+];
+
 /// A message as a short name: `return`, `error:DESC`, the event's name, or for
 /// JOB_STATUS_CHANGE the job's new status alone (`created`, `running`...: lower case, so
 /// never confused with an event's name).
