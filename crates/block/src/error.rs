@@ -39,14 +39,20 @@ impl Errno {
         }
     }
 
-    /// The system's text for this errno ("Input/output error").
+    /// The system's text for this errno ("Input/output error"), as `strerror(3)` gives it.
     pub fn describe(self) -> String {
-        let text = std::io::Error::from_raw_os_error(self.0).to_string();
-        // std appends " (os error N)"; QEMU's messages are strerror's text alone.
-        match text.rfind(" (os error ") {
-            Some(i) => text[..i].to_string(),
-            None => text,
-        }
+        strerror(&std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+/// An I/O error's text as C's `strerror(3)` gives it, which is what nbdkit and QEMU print:
+/// std's text without the " (os error N)" it appends. An error that is not an OS error keeps
+/// its own text.
+pub fn strerror(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
     }
 }
 
@@ -99,6 +105,15 @@ mod tests {
     fn describe_is_strerror_text_without_the_os_error_suffix() {
         assert_eq!(Errno::EIO.describe(), "Input/output error");
         assert_eq!(Errno(libc::ENOSPC).describe(), "No space left on device");
+        assert_eq!(Errno(9999).describe(), "Unknown error 9999");
+    }
+
+    #[test]
+    fn strerror_keeps_the_text_of_errors_that_are_not_os_errors() {
+        let err = std::io::Error::other("socket path too long");
+        assert_eq!(strerror(&err), "socket path too long");
+        let err = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(strerror(&err), "No such file or directory");
     }
 
     #[test]

@@ -151,6 +151,21 @@ pub struct ExportEntry {
     pub description: Option<String>,
 }
 
+impl ExportEntry {
+    /// `plugin`'s default export, without a description: the whole list of a plugin that
+    /// lists no exports itself, and what nbdkit's `nbdkit_use_default_export` adds to a list.
+    pub fn default_export<P: Plugin + ?Sized>(
+        plugin: &P,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<ExportEntry> {
+        Ok(ExportEntry {
+            name: plugin.default_export(readonly, is_tls)?,
+            description: None,
+        })
+    }
+}
+
 /// What a plugin learns about the client when a connection opens a handle.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenContext<'a> {
@@ -217,10 +232,7 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// Exports listed by NBD_OPT_LIST. The default lists only the default export.
     fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>> {
-        Ok(vec![ExportEntry {
-            name: self.default_export(readonly, is_tls)?,
-            description: None,
-        }])
+        Ok(vec![ExportEntry::default_export(self, readonly, is_tls)?])
     }
 
     /// Runs `f` (a whole client connection: negotiation and transmission) with the

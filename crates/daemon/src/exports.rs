@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use sluice_block::error::strerror;
 use sluice_block::export::Backend;
 use sluice_block::{
     BlockError, Errno, Extents, Filter, Filtered, Flags, Handle, Next, OpenContext, Plugin,
@@ -29,7 +30,6 @@ use sluice_block::{
 use sluice_server::{Listener, NamedExport, NbdServer};
 
 use crate::generated::{NbdServerOptions, SocketAddress};
-use crate::graph::drivers::strerror;
 use crate::QmpError;
 
 /// Longest export name or description (the NBD protocol's string limit).

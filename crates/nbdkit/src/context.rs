@@ -32,7 +32,7 @@
 //! plugin (freed after `unload`) or, from a thread sluice knows nothing of, to the process.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -308,7 +308,7 @@ pub(crate) fn call_error(op: &str, errno_is_preserved: bool, saved_errno: i32) -
     } else {
         libc::EIO
     };
-    let message = take_last_error().unwrap_or_else(|| format!("{op}: {}", strerror(errno)));
+    let message = take_last_error().unwrap_or_else(|| format!("{op}: {}", Errno(errno).describe()));
     BlockError::new(Errno(errno), message)
 }
 
@@ -353,21 +353,6 @@ pub(crate) fn set_errno(v: i32) {
     unsafe { *libc::__errno_location() = v }
 }
 
-/// `strerror(3)` text, without Rust's " (os error N)" suffix.
-pub(crate) fn strerror(err: i32) -> String {
-    let mut buf = [0 as c_char; 128];
-    // SAFETY: the buffer is writable for its full length, which we pass; the XSI
-    // strerror_r that libc binds always NUL-terminates on success.
-    let r = unsafe { libc::strerror_r(err, buf.as_mut_ptr(), buf.len()) };
-    if r != 0 {
-        return format!("Unknown error {err}");
-    }
-    // SAFETY: NUL-terminated by strerror_r (checked success above), inside `buf`.
-    unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// A C string of `bytes` up to the first NUL (C cannot see past it anyway).
 pub(crate) fn lossless_cstring(bytes: &[u8]) -> CString {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
@@ -383,6 +368,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CStr;
 
     #[test]
     fn call_error_prefers_set_error_then_errno_then_eio() {
@@ -464,10 +450,5 @@ mod tests {
         });
         assert!(current().conn.is_null());
         assert!(current_connection().is_none());
-    }
-
-    #[test]
-    fn strerror_has_no_rust_suffix() {
-        assert_eq!(strerror(libc::EIO), "Input/output error");
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! Capabilities follow nbdkit's `server/plugins.c` when a callback is absent (can_write from
 //! the presence of pwrite, can_zero NATIVE if a zero callback exists, FUA capped at EMULATE
-//! for API 1...). The policy that *uses* them (FUA emulated by flush, zero by pwrite, cache
-//! by pread) is the block layer's export policy, shared with every kind of plugin; this file
-//! only makes the C plugin answer like nbdkit would make it answer.
+//! for API 1...): that ladder is [`sluice_block::host::Ladder`], shared with the Python host;
+//! this file only tells it which C callbacks exist and what the `can_*` ones return (non-zero
+//! is true). The policy that *uses* the answers (FUA emulated by flush, zero by pwrite, cache
+//! by pread) is the block layer's export policy, shared with every kind of plugin.
 //!
 //! Every call into C enters a [`Scope`] carrying this handle's connection, export name and
 //! TLS flag, so `nbdkit_export_name()` and friends answer correctly on whichever thread the
@@ -20,7 +21,8 @@
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::Arc;
 
-use sluice_block::{BlockError, BlockSize, Errno, Extents, Flags, Handle, Result, Support};
+use sluice_block::host::{Callback, Capability, FastZeroDefault, ForeignAnswers};
+use sluice_block::{BlockError, BlockSize, Errno, Extents, Flags, Handle, Result};
 
 use crate::abi::CHandle;
 use crate::context::{call_error, errno, Connection, Frame, Scope};
@@ -103,28 +105,30 @@ impl PluginHandle {
         Ok(r)
     }
 
-    /// A boolean `can_*` callback, or `default` if absent.
-    fn bool_cap(
-        &self,
-        op: &str,
-        f: Option<unsafe extern "C" fn(CHandle) -> c_int>,
-        default: bool,
-    ) -> Result<bool> {
-        match f {
-            // SAFETY: a capability callback of the loaded plugin with our live handle.
-            Some(f) => Ok(self.call(op, || unsafe { f(self.h) })? != 0),
-            None => Ok(default),
+    /// The plugin's `can_*` callback for `cap`, if it defines one.
+    fn can_callback(&self, cap: Capability) -> Option<unsafe extern "C" fn(CHandle) -> c_int> {
+        let p = &self.shared.p;
+        match cap {
+            Capability::Write => p.can_write,
+            Capability::Flush => p.can_flush,
+            Capability::Rotational => p.is_rotational,
+            Capability::Trim => p.can_trim,
+            Capability::Zero => p.can_zero,
+            Capability::FastZero => p.can_fast_zero,
+            Capability::Extents => p.can_extents,
+            Capability::Fua => p.can_fua,
+            Capability::MultiConn => p.can_multi_conn,
+            Capability::Cache => p.can_cache,
         }
     }
 
-    /// A tri-state capability answer, checked.
-    fn tri_state(op: &str, r: c_int) -> Result<Support> {
-        Support::from_i32(r).ok_or_else(|| {
-            BlockError::new(
-                Errno::EINVAL,
-                format!("{op}: plugin returned invalid value {r}"),
-            )
-        })
+    /// Calls the `can_*` callback for `cap`, if defined.
+    fn ask(&self, cap: Capability) -> Result<Option<c_int>> {
+        match self.can_callback(cap) {
+            // SAFETY: a capability callback of the loaded plugin with our live handle.
+            Some(f) => self.call(cap.callback(), || unsafe { f(self.h) }).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Splits `[offset, offset+count)` into pieces C can take and calls `f` on each.
@@ -142,6 +146,46 @@ impl PluginHandle {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl ForeignAnswers for PluginHandle {
+    fn flag(&self, cap: Capability) -> Result<Option<bool>> {
+        Ok(self.ask(cap)?.map(|r| r != 0))
+    }
+
+    fn level(&self, cap: Capability) -> Result<Option<i64>> {
+        Ok(self.ask(cap)?.map(i64::from))
+    }
+
+    fn defines(&self, callback: Callback) -> Result<bool> {
+        let p = &self.shared.p;
+        Ok(match callback {
+            Callback::Pwrite => p.pwrite.is_some() || p._pwrite_v1.is_some(),
+            Callback::Flush => p.flush.is_some() || p._flush_v1.is_some(),
+            Callback::Trim => p.trim.is_some() || p._trim_v1.is_some(),
+            Callback::Zero => p.zero.is_some() || p._zero_v1.is_some(),
+            Callback::Extents => p.extents.is_some(),
+            Callback::Cache => p.cache.is_some(),
+        })
+    }
+
+    fn api_version(&self) -> u32 {
+        self.shared.p._api_version as u32
+    }
+
+    fn fast_zero_default(&self) -> FastZeroDefault {
+        FastZeroDefault::Core {
+            v2_zero: self.shared.p.zero.is_some(),
+            readonly: self.readonly,
+        }
+    }
+
+    fn invalid_answer(&self, cap: Capability, value: i64) -> BlockError {
+        BlockError::new(
+            Errno::EINVAL,
+            format!("{}: plugin returned invalid value {value}", cap.callback()),
+        )
     }
 }
 
@@ -211,102 +255,7 @@ impl Handle for PluginHandle {
         .map(Some)
     }
 
-    fn can_write(&self) -> Result<bool> {
-        let p = &self.shared.p;
-        self.bool_cap(
-            "can_write",
-            p.can_write,
-            p.pwrite.is_some() || p._pwrite_v1.is_some(),
-        )
-    }
-
-    fn can_flush(&self) -> Result<bool> {
-        let p = &self.shared.p;
-        self.bool_cap(
-            "can_flush",
-            p.can_flush,
-            p.flush.is_some() || p._flush_v1.is_some(),
-        )
-    }
-
-    fn is_rotational(&self) -> Result<bool> {
-        self.bool_cap("is_rotational", self.shared.p.is_rotational, false)
-    }
-
-    fn can_trim(&self) -> Result<bool> {
-        let p = &self.shared.p;
-        self.bool_cap(
-            "can_trim",
-            p.can_trim,
-            p.trim.is_some() || p._trim_v1.is_some(),
-        )
-    }
-
-    fn can_zero(&self) -> Result<Support> {
-        let p = &self.shared.p;
-        let native = self.bool_cap(
-            "can_zero",
-            p.can_zero,
-            p.zero.is_some() || p._zero_v1.is_some(),
-        )?;
-        Ok(if native {
-            Support::Native
-        } else {
-            Support::Emulate
-        })
-    }
-
-    fn can_fast_zero(&self) -> Result<bool> {
-        let p = &self.shared.p;
-        if let Some(f) = p.can_fast_zero {
-            return self.bool_cap("can_fast_zero", Some(f), false);
-        }
-        // nbdkit: advertise fast zero when there is no v2 .zero (a fast zero then fails at
-        // once), else !backend_can_zero, which is only false when the export cannot be
-        // written at all.
-        if p.zero.is_none() {
-            return Ok(true);
-        }
-        Ok(self.readonly || !self.can_write()?)
-    }
-
-    fn can_fua(&self) -> Result<Support> {
-        let p = &self.shared.p;
-        match p.can_fua {
-            Some(f) => {
-                // SAFETY: `.can_fua` with our live handle.
-                let mut r = self.call("can_fua", || unsafe { f(self.h) })?;
-                if self.shared.p._api_version == 1 && r > Support::Emulate as c_int {
-                    r = Support::Emulate as c_int;
-                }
-                Self::tri_state("can_fua", r)
-            }
-            None if p.flush.is_some() || p._flush_v1.is_some() => Ok(Support::Emulate),
-            None => Ok(Support::None),
-        }
-    }
-
-    fn can_multi_conn(&self) -> Result<bool> {
-        self.bool_cap("can_multi_conn", self.shared.p.can_multi_conn, false)
-    }
-
-    fn can_cache(&self) -> Result<Support> {
-        let p = &self.shared.p;
-        match p.can_cache {
-            Some(f) => {
-                // SAFETY: `.can_cache` with our live handle.
-                let r = self.call("can_cache", || unsafe { f(self.h) })?;
-                Self::tri_state("can_cache", r)
-            }
-            None if p.cache.is_some() => Ok(Support::Native),
-            None => Ok(Support::None),
-        }
-    }
-
-    fn can_extents(&self) -> Result<bool> {
-        let p = &self.shared.p;
-        self.bool_cap("can_extents", p.can_extents, p.extents.is_some())
-    }
+    sluice_block::foreign_capabilities!();
 
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         let p = &self.shared.p;

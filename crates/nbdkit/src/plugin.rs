@@ -596,10 +596,7 @@ impl Plugin for LoadedPlugin {
 
     fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>> {
         let Some(f) = self.0.p.list_exports else {
-            return Ok(vec![ExportEntry {
-                name: self.default_export(readonly, is_tls)?,
-                description: None,
-            }]);
+            return Ok(vec![ExportEntry::default_export(self, readonly, is_tls)?]);
         };
         let mut list = ExportList::default();
         {
@@ -619,10 +616,7 @@ impl Plugin for LoadedPlugin {
             })
             .collect();
         if list.use_default {
-            out.push(ExportEntry {
-                name: self.default_export(readonly, is_tls)?,
-                description: None,
-            });
+            out.push(ExportEntry::default_export(self, readonly, is_tls)?);
         }
         Ok(out)
     }

@@ -5,14 +5,17 @@
 //! `can_flush`, `can_trim`, `can_zero` and `can_extents` are true iff `pwrite`, `flush`,
 //! `trim`, `zero` and `extents` exist; `is_rotational` and `can_multi_conn` are false;
 //! `can_fast_zero` is `not can_zero`; `can_fua` is EMULATE if `flush` exists, else NONE;
-//! `can_cache` is NATIVE if `cache` exists, else NONE. A boolean `can_*` answer counts as true
-//! only if it *is* `True` (nbdkit compares with `Py_True`, so `return 1` means false). A
-//! `can_zero` answer of false means "emulate with writes", as nbdkit's core maps it.
+//! `can_cache` is NATIVE if `cache` exists, else NONE. Those are the C plugins' rules too
+//! except for `can_fast_zero`, so the ladder is [`sluice_block::host::Ladder`], shared with
+//! the C host; this file tells it which functions the script defines and what its `can_*`
+//! functions return. A boolean `can_*` answer counts as true only if it *is* `True` (nbdkit
+//! compares with `Py_True`, so `return 1` means false). A `can_zero` answer of false means
+//! "emulate with writes", as nbdkit's core maps it.
 //!
-//! One deliberate difference: an API_VERSION 1 script that answers FUA_NATIVE is capped at
+//! One deliberate difference: an API_VERSION 1 script's `can_fua` answer is capped at
 //! FUA_EMULATE. The v1 signatures have no flags argument, so nbdkit silently drops the FUA bit
 //! and the write is not made durable; emulating it with a flush keeps the promise to the
-//! client (the same rule nbdkit applies to v1 C plugins).
+//! client (the same rule nbdkit applies to v1 C plugins, and the ladder's).
 //!
 //! Buffers are not copied on the way in or out where the API allows it: v2 `pread` gets a
 //! writable `memoryview` over the caller's buffer and `pwrite` a read-only one; both are
@@ -28,9 +31,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyModule, PyTuple};
-use sluice_block::{
-    BlockError, BlockSize, Errno, Extents, Flags, Handle, OpenContext, Result, Support,
-};
+use sluice_block::host::{Callback, Capability, FastZeroDefault, ForeignAnswers};
+use sluice_block::{BlockError, BlockSize, Errno, Extents, Flags, Handle, OpenContext, Result};
 
 use crate::context::{self, Connection, Frame};
 use crate::plugin::{function, Shared};
@@ -43,9 +45,9 @@ pub(crate) struct PythonHandle {
     is_tls: bool,
     /// What the script's `open` returned; `None` only during `Drop`.
     h: Option<Py<PyAny>>,
-    /// nbdkit caches `can_zero` per handle (it is asked again by `can_fast_zero`):
-    /// 0 not asked yet, 1 false, 2 true. An atomic rather than a lock, so nothing is held
-    /// while the script runs.
+    /// nbdkit caches the script's `can_zero` answer per handle (it is asked again by
+    /// `can_fast_zero`): 0 not asked yet, 1 not defined, 2 false, 3 true. An atomic rather
+    /// than a lock, so nothing is held while the script runs.
     can_zero: AtomicU8,
 }
 
@@ -104,54 +106,13 @@ impl PythonHandle {
             .call(op, self.frame(), |py, m| body(py, m, h.bind(py)))
     }
 
-    /// A boolean `can_*`: the script's answer `is True`, or whether `plain` exists.
-    fn bool_cap(&self, name: &'static str, plain: Option<&'static str>) -> Result<bool> {
+    /// The script's answer to a boolean `can_*` question, if it defines that function.
+    fn ask_flag(&self, cap: Capability) -> Result<Option<bool>> {
+        let name = cap.callback();
         self.call(name, |py, m, h| match function(m, name)? {
-            Some(f) => Ok(is_true(py, &f.call1((h,))?)),
-            None => match plain {
-                Some(p) => Ok(function(m, p)?.is_some()),
-                None => Ok(false),
-            },
+            Some(f) => Ok(Some(is_true(py, &f.call1((h,))?))),
+            None => Ok(None),
         })
-    }
-
-    /// A tri-state `can_fua`/`can_cache` answer, or `default(module)` if absent.
-    fn tri_state(
-        &self,
-        name: &'static str,
-        default: impl for<'py> FnOnce(&Bound<'py, PyModule>) -> PyResult<Support>,
-    ) -> Result<Support> {
-        let r = self.call(name, |_, m, h| match function(m, name)? {
-            Some(f) => Ok(Err(f.call1((h,))?.extract::<i64>()?)),
-            None => Ok(Ok(default(m)?)),
-        })?;
-        match r {
-            Ok(s) => Ok(s),
-            Err(v) => i32::try_from(v)
-                .ok()
-                .and_then(Support::from_i32)
-                .ok_or_else(|| {
-                    BlockError::new(
-                        Errno::EINVAL,
-                        format!(
-                            "{}: {name}: script returned invalid value {v}",
-                            self.shared.display
-                        ),
-                    )
-                }),
-        }
-    }
-
-    fn can_zero_bool(&self) -> Result<bool> {
-        match self.can_zero.load(Ordering::Acquire) {
-            1 => return Ok(false),
-            2 => return Ok(true),
-            _ => {}
-        }
-        let r = self.bool_cap("can_zero", Some("zero"))?;
-        self.can_zero
-            .store(if r { 2 } else { 1 }, Ordering::Release);
-        Ok(r)
     }
 
     /// A data callback with the `(h, count, offset[, flags])` shape of trim and cache, and
@@ -166,6 +127,60 @@ impl PythonHandle {
             f.call1(args(py, h)?)?;
             Ok(())
         })
+    }
+}
+
+impl ForeignAnswers for PythonHandle {
+    fn flag(&self, cap: Capability) -> Result<Option<bool>> {
+        if cap != Capability::Zero {
+            return self.ask_flag(cap);
+        }
+        match self.can_zero.load(Ordering::Acquire) {
+            1 => return Ok(None),
+            2 => return Ok(Some(false)),
+            3 => return Ok(Some(true)),
+            _ => {}
+        }
+        let r = self.ask_flag(cap)?;
+        let cached = match r {
+            None => 1,
+            Some(false) => 2,
+            Some(true) => 3,
+        };
+        self.can_zero.store(cached, Ordering::Release);
+        Ok(r)
+    }
+
+    fn level(&self, cap: Capability) -> Result<Option<i64>> {
+        let name = cap.callback();
+        self.call(name, |_, m, h| match function(m, name)? {
+            Some(f) => Ok(Some(f.call1((h,))?.extract::<i64>()?)),
+            None => Ok(None),
+        })
+    }
+
+    fn defines(&self, callback: Callback) -> Result<bool> {
+        let name = callback.name();
+        self.call(name, |_, m, _| Ok(function(m, name)?.is_some()))
+    }
+
+    fn api_version(&self) -> u32 {
+        self.shared.api_version
+    }
+
+    fn fast_zero_default(&self) -> FastZeroDefault {
+        FastZeroDefault::NotCanZero
+    }
+
+    fn invalid_answer(&self, cap: Capability, value: i64) -> BlockError {
+        BlockError::new(
+            Errno::EINVAL,
+            format!(
+                "{}: {}: script returned invalid value {value}",
+                self.shared.display,
+                cap.callback()
+            ),
+        )
     }
 }
 
@@ -292,73 +307,7 @@ impl Handle for PythonHandle {
         }
     }
 
-    fn can_write(&self) -> Result<bool> {
-        self.bool_cap("can_write", Some("pwrite"))
-    }
-
-    fn can_flush(&self) -> Result<bool> {
-        self.bool_cap("can_flush", Some("flush"))
-    }
-
-    fn is_rotational(&self) -> Result<bool> {
-        self.bool_cap("is_rotational", None)
-    }
-
-    fn can_trim(&self) -> Result<bool> {
-        self.bool_cap("can_trim", Some("trim"))
-    }
-
-    fn can_zero(&self) -> Result<Support> {
-        Ok(if self.can_zero_bool()? {
-            Support::Native
-        } else {
-            Support::Emulate
-        })
-    }
-
-    fn can_fast_zero(&self) -> Result<bool> {
-        let defined = self.call("can_fast_zero", |_, m, _| {
-            Ok(function(m, "can_fast_zero")?.is_some())
-        })?;
-        if defined {
-            self.bool_cap("can_fast_zero", None)
-        } else {
-            Ok(!self.can_zero_bool()?)
-        }
-    }
-
-    fn can_fua(&self) -> Result<Support> {
-        let fua = self.tri_state("can_fua", |m| {
-            Ok(if function(m, "flush")?.is_some() {
-                Support::Emulate
-            } else {
-                Support::None
-            })
-        })?;
-        Ok(if self.v1() && fua == Support::Native {
-            Support::Emulate
-        } else {
-            fua
-        })
-    }
-
-    fn can_multi_conn(&self) -> Result<bool> {
-        self.bool_cap("can_multi_conn", None)
-    }
-
-    fn can_cache(&self) -> Result<Support> {
-        self.tri_state("can_cache", |m| {
-            Ok(if function(m, "cache")?.is_some() {
-                Support::Native
-            } else {
-                Support::None
-            })
-        })
-    }
-
-    fn can_extents(&self) -> Result<bool> {
-        self.bool_cap("can_extents", Some("extents"))
-    }
+    sluice_block::foreign_capabilities!();
 
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let v1 = self.v1();

@@ -485,10 +485,7 @@ impl Plugin for PythonPlugin {
         })?;
         match listed {
             Some(list) => Ok(list),
-            None => Ok(vec![ExportEntry {
-                name: self.default_export(readonly, is_tls)?,
-                description: None,
-            }]),
+            None => Ok(vec![ExportEntry::default_export(self, readonly, is_tls)?]),
         }
     }
 

@@ -12,22 +12,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::image::{qemu_img, qemu_img_check, qemu_io};
-use support::live::{assert_same, ok, query_job, run_until, Client};
+use support::image::{qcow2_over, qemu_img, qemu_img_check, qemu_io};
+use support::live::{assert_same, query_job, run_names, Client};
 use support::path_str;
-use support::qmp::{Qmp, QmpDaemon};
+use support::qmp::{file, ok, start_nbd, Qmp, QmpDaemon, JOB_RUNS_TO_THE_END};
 
 const MIB: u64 = 1 << 20;
 
-/// A job that ends successfully after the command's reply (job-complete, soft cancel).
-const COMPLETED_AFTER_REPLY: [&str; 6] = [
-    "return",
-    "waiting",
-    "pending",
-    "BLOCK_JOB_COMPLETED",
-    "concluded",
-    "null",
-];
+/// A job that ends successfully after the command's reply (job-complete, soft cancel): the
+/// end of [`JOB_RUNS_TO_THE_END`], from the reply on.
+const COMPLETED_AFTER_REPLY: &[&str] = JOB_RUNS_TO_THE_END.split_at(2).1;
 
 /// Three 8 MiB qcow2 layers with unaligned data in each (mid with 4 KiB clusters and a zero
 /// range over base data). Returns (dir, base, mid, top).
@@ -41,25 +35,8 @@ fn chain() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
         path_str(&base),
         &["write -P 0x11 0 2M", "write -P 0x12 6000001 77777"],
     );
-    for (img, back, opts) in [
-        (&mid, "base.qcow2", "cluster_size=4096"),
-        (&top, "mid.qcow2", "cluster_size=65536"),
-    ] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            "-b",
-            back,
-            "-F",
-            "qcow2",
-            path_str(img),
-            "8M",
-        ]);
-    }
+    qcow2_over(&mid, "base.qcow2", &["-o", "cluster_size=4096"], Some("8M"));
+    qcow2_over(&top, "mid.qcow2", &["-o", "cluster_size=65536"], Some("8M"));
     qemu_io(
         "qcow2",
         path_str(&mid),
@@ -81,10 +58,6 @@ fn chain() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     (dir, base, mid, top)
 }
 
-fn file(path: &Path, read_only: bool) -> Value {
-    json!({"driver": "file", "filename": path_str(path), "read-only": read_only})
-}
-
 /// The chain added by name (base, mid read-only; top writable) and exported as `top`. The
 /// file nodes under base and mid are not marked read-only: qsd then reopens the base
 /// read-write for the commit (with a read-only file node it refuses).
@@ -100,18 +73,36 @@ fn setup(c: &mut Qmp, d: &QmpDaemon, base: &Path, mid: &Path, top: &Path) -> Str
     ] {
         ok(c, "blockdev-add", args);
     }
-    let sock = d.path("nbd.sock");
-    ok(
-        c,
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": path_str(&sock)}}}),
-    );
+    start_nbd(c, d);
     ok(
         c,
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "top", "name": "disk", "writable": true}),
     );
-    format!("nbd+unix:///disk?socket={}", path_str(&sock))
+    d.nbd_uri("disk")
+}
+
+/// A fresh [`chain`] exported by a daemon ([`setup`]), and the guest's view of its top now
+/// (what the base must hold after the commit) in `expected.raw`. Returns (dir, base,
+/// expected, daemon, monitor, NBD URI).
+fn exported_chain() -> (tempfile::TempDir, PathBuf, PathBuf, QmpDaemon, Qmp, String) {
+    let (dir, base, mid, top) = chain();
+    let expected = dir.path().join("expected.raw");
+    flatten(&top, &expected);
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    let uri = setup(&mut c, &d, &base, &mid, &top);
+    (dir, base, expected, d, c, uri)
+}
+
+/// Quits the daemon (which must exit 0), then checks the base: clean, and the same content
+/// as `expected`.
+fn quit_and_check_base(mut c: Qmp, mut d: QmpDaemon, base: &Path, expected: &Path) {
+    ok(&mut c, "quit", json!({}));
+    drop(c);
+    assert!(d.wait().success());
+    assert_clean(base);
+    assert_same(base, expected);
 }
 
 /// The guest's view of `top` now, as a raw file (what the base must hold after a commit).
@@ -140,16 +131,11 @@ fn assert_clean(img: &Path) {
 
 #[test]
 fn active_commit_mirrors_writes_and_pivots_the_export_to_the_base() {
-    let (dir, base, mid, top) = chain();
-    let expected = dir.path().join("expected.raw");
-    flatten(&top, &expected);
-    let d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    let uri = setup(&mut c, &d, &base, &mid, &top);
+    let (_dir, base, expected, d, mut c, uri) = exported_chain();
     let mut client = Client::connect(&uri);
     client.write(&expected, 3 * MIB + 7, 5000, 0xa0);
 
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "block-commit",
                "arguments": {"job-id": "c0", "device": "top", "base-node": "base"}}),
@@ -180,7 +166,7 @@ fn active_commit_mirrors_writes_and_pivots_the_export_to_the_base() {
     );
     wait_synced(&mut c, len_at_ready);
 
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "job-complete", "arguments": {"id": "c0"}}),
         "null",
@@ -208,12 +194,7 @@ fn active_commit_mirrors_writes_and_pivots_the_export_to_the_base() {
 
     ok(&mut c, "block-export-del", json!({"id": "e0"}));
     c.wait_event("BLOCK_EXPORT_DELETED");
-    ok(&mut c, "quit", json!({}));
-    drop(c);
-    let mut d = d;
-    assert!(d.wait().success());
-    assert_clean(&base);
-    assert_same(&base, &expected);
+    quit_and_check_base(c, d, &base, &expected);
     // The base's header is untouched: it has no backing, as before.
     let info = qemu_img(&["info", "--output=json", path_str(&base)]);
     assert!(!info.contains("backing-filename"), "{info}");
@@ -221,15 +202,10 @@ fn active_commit_mirrors_writes_and_pivots_the_export_to_the_base() {
 
 #[test]
 fn active_commit_catches_writes_made_during_the_copy() {
-    let (dir, base, mid, top) = chain();
-    let expected = dir.path().join("expected.raw");
-    flatten(&top, &expected);
-    let d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    let uri = setup(&mut c, &d, &base, &mid, &top);
+    let (_dir, base, expected, d, mut c, uri) = exported_chain();
     // ~3.5 MiB to copy at 512 KiB/s: the writes below land while it runs, some in ranges
     // already copied, some ahead.
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "block-commit",
                "arguments": {"job-id": "c0", "device": "top", "speed": MIB / 2}}),
@@ -264,12 +240,7 @@ fn active_commit_catches_writes_made_during_the_copy() {
     c.wait_event("BLOCK_JOB_COMPLETED");
     client.write(&expected, 2 * MIB, 4096, 0xbf);
     client.close();
-    ok(&mut c, "quit", json!({}));
-    drop(c);
-    let mut d = d;
-    assert!(d.wait().success());
-    assert_clean(&base);
-    assert_same(&base, &expected);
+    quit_and_check_base(c, d, &base, &expected);
 }
 
 #[test]
@@ -282,8 +253,8 @@ fn active_commit_soft_cancel_forced_cancel_and_complete_while_paused() {
                         "arguments": {"job-id": "c0", "device": "top"}});
 
     // Soft cancel: completes (BLOCK_JOB_COMPLETED) without the pivot.
-    run_until(&mut c, commit.clone(), "BLOCK_JOB_READY");
-    let got = run_until(
+    run_names(&mut c, commit.clone(), "BLOCK_JOB_READY");
+    let got = run_names(
         &mut c,
         json!({"execute": "block-job-cancel", "arguments": {"device": "c0"}}),
         "null",
@@ -308,8 +279,8 @@ fn active_commit_soft_cancel_forced_cancel_and_complete_while_paused() {
     assert!(in_base.contains("read 2097152/2097152"), "{in_base}");
 
     // Forced cancel while ready: BLOCK_JOB_CANCELLED, no pivot.
-    run_until(&mut c, commit.clone(), "BLOCK_JOB_READY");
-    let got = run_until(
+    run_names(&mut c, commit.clone(), "BLOCK_JOB_READY");
+    let got = run_names(
         &mut c,
         json!({"execute": "job-cancel", "arguments": {"id": "c0"}}),
         "return",
@@ -330,9 +301,9 @@ fn active_commit_soft_cancel_forced_cancel_and_complete_while_paused() {
     // Paused in ready is standby; job-complete is accepted then and acts on resume.
     let expected = dir.path().join("expected.raw");
     flatten(&top, &expected);
-    run_until(&mut c, commit, "BLOCK_JOB_READY");
+    run_names(&mut c, commit, "BLOCK_JOB_READY");
     assert_eq!(
-        run_until(
+        run_names(
             &mut c,
             json!({"execute": "job-pause", "arguments": {"id": "c0"}}),
             "return"
@@ -347,7 +318,7 @@ fn active_commit_soft_cancel_forced_cancel_and_complete_while_paused() {
     ok(&mut c, "job-complete", json!({"id": "c0"}));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(query_job(&mut c)["status"], "standby");
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "job-resume", "arguments": {"id": "c0"}}),
         "null",
@@ -366,12 +337,7 @@ fn active_commit_soft_cancel_forced_cancel_and_complete_while_paused() {
     );
     let exports = c.exec("query-block-exports", json!({}));
     assert_eq!(exports["return"][0]["node-name"], "base", "{exports}");
-    ok(&mut c, "quit", json!({}));
-    drop(c);
-    let mut d = d;
-    assert!(d.wait().success());
-    assert_clean(&base);
-    assert_same(&base, &expected);
+    quit_and_check_base(c, d, &base, &expected);
 }
 
 /// The same active-commit scenario on qsd and on sluice, as message names and error
@@ -381,7 +347,7 @@ fn scenario(d: &QmpDaemon, base: &Path, mid: &Path, top: &Path) -> Vec<String> {
     setup(&mut c, d, base, mid, top);
     let mut out = Vec::new();
     let mut step = |c: &mut Qmp, cmd: Value, last: &str| {
-        let got = run_until(c, cmd.clone(), last);
+        let got = run_names(c, cmd.clone(), last);
         eprintln!("{} -> {}", cmd["execute"], got.join(" "));
         out.push(format!("{} -> {}", cmd["execute"], got.join(" ")));
     };

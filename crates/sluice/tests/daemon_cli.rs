@@ -7,7 +7,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use support::qmp::{Qmp, QmpDaemon};
 use support::{nbdsh, path_str, random_file, run, sluice_bin};
 
@@ -33,7 +33,7 @@ fn blockdev_nbd_server_and_export_options_serve_a_file() {
         "--export",
         "type=nbd,id=exp0,node-name=disk,name=vol,description=a disk,,really,writable=on",
     ]);
-    let uri = format!("nbd+unix:///vol?socket={}", path_str(&d.path("nbd.sock")));
+    let uri = d.nbd_uri("vol");
     assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), "1048576");
     let copy = dir.path().join("copy.img");
     run("nbdcopy", &[&uri, path_str(&copy)]);
@@ -62,7 +62,7 @@ fn blockdev_json_and_implied_export_type_are_accepted() {
         "--export",
         "nbd,id=e,node-name=ram,writable=on",
     ]);
-    let uri = format!("nbd+unix:///ram?socket={}", path_str(&d.path("nbd.sock")));
+    let uri = d.nbd_uri("ram");
     let out = nbdsh(
         &uri,
         "h = nbd.NBD(); h.connect_uri(uri)\n\
@@ -82,7 +82,7 @@ fn read_only_export_refuses_writes() {
         "--export",
         "type=nbd,id=e,node-name=n",
     ]);
-    let uri = format!("nbd+unix:///n?socket={}", path_str(&d.path("nbd.sock")));
+    let uri = d.nbd_uri("n");
     let out = nbdsh(
         &uri,
         "h = nbd.NBD(); h.connect_uri(uri)\nprint(h.is_read_only())",
@@ -282,7 +282,7 @@ fn compat_default_accepts_deprecated_commands() {
         c.exec("nbd-server-add", json!({"device": "n"})),
         json!({"return": {}})
     );
-    let uri = format!("nbd+unix:///n?socket={}", path_str(&d.path("nbd.sock")));
+    let uri = d.nbd_uri("n");
     assert_eq!(run("nbdinfo", &["--size", &uri]).trim(), "4096");
     assert_eq!(
         c.exec("nbd-server-remove", json!({"name": "n"})),
@@ -309,20 +309,32 @@ fn compat_default_accepts_deprecated_commands() {
     );
 }
 
+/// Adds a `sluice-plugin` node `node` hosting `plugin` with `params`, and exports it (under
+/// the node's name) on the daemon's NBD server.
+fn export_plugin(c: &mut Qmp, node: &str, plugin: &str, params: Value) {
+    let r = c.exec(
+        "blockdev-add",
+        json!({"driver": "sluice-plugin", "node-name": node, "plugin": plugin, "params": params}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.exec(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": node}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+}
+
 #[test]
 fn sluice_plugin_node_hosts_nbdkit_c_plugin() {
     let d = QmpDaemon::sluice(&["--nbd-server", "addr.type=unix,addr.path={dir}/nbd.sock"]);
     let mut c = d.connect_negotiated();
-    let r = c.exec(
-        "blockdev-add",
-        json!({"driver": "sluice-plugin", "node-name": "d", "plugin": "data", "params": ["data=1 2 3 @0x1ff 4", "size=512"]}),
+    export_plugin(
+        &mut c,
+        "d",
+        "data",
+        json!(["data=1 2 3 @0x1ff 4", "size=512"]),
     );
-    assert_eq!(r, json!({"return": {}}));
-    c.exec(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "d"}),
-    );
-    let uri = format!("nbd+unix:///d?socket={}", path_str(&d.path("nbd.sock")));
+    let uri = d.nbd_uri("d");
     let out = nbdsh(&uri, "h = nbd.NBD(); h.connect_uri(uri)\nb = h.pread(512, 0)\nprint(b[0], b[1], b[2], b[511], h.get_size())");
     assert_eq!(out.trim(), "1 2 3 4 512");
     let r = c.exec(
@@ -350,16 +362,8 @@ fn sluice_plugin_node_hosts_nbdkit_python_plugin() {
     )
     .unwrap();
     let mut c = d.connect_negotiated();
-    let r = c.exec(
-        "blockdev-add",
-        json!({"driver": "sluice-plugin", "node-name": "py", "plugin": "python", "params": [path_str(&script)]}),
-    );
-    assert_eq!(r, json!({"return": {}}));
-    c.exec(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "py"}),
-    );
-    let uri = format!("nbd+unix:///py?socket={}", path_str(&d.path("nbd.sock")));
+    export_plugin(&mut c, "py", "python", json!([path_str(&script)]));
+    let uri = d.nbd_uri("py");
     let out = nbdsh(
         &uri,
         "h = nbd.NBD(); h.connect_uri(uri)\nprint(bytes(h.pread(4, 100)), h.get_size())",
@@ -383,17 +387,8 @@ fn sluice_plugin_export_runs_plugin_preconnect_once_export_known() {
     )
     .unwrap();
     let mut c = d.connect_negotiated();
-    let r = c.exec(
-        "blockdev-add",
-        json!({"driver": "sluice-plugin", "node-name": "py", "plugin": "python", "params": [path_str(&script)]}),
-    );
-    assert_eq!(r, json!({"return": {}}));
-    let r = c.exec(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "py"}),
-    );
-    assert_eq!(r, json!({"return": {}}));
-    let uri = format!("nbd+unix:///py?socket={}", path_str(&d.path("nbd.sock")));
+    export_plugin(&mut c, "py", "python", json!([path_str(&script)]));
+    let uri = d.nbd_uri("py");
     let read_log = "h = nbd.NBD(); h.connect_uri(uri)\n\
                     print(bytes(h.pread(512, 0)).rstrip(b'.').decode(), end='')";
     assert_eq!(nbdsh(&uri, read_log), "open\npreconnect True\nopen\n");

@@ -8,15 +8,23 @@
 
 mod support;
 
+use std::path::Path;
+
 use serde_json::{json, Value};
 use support::image::{nbdinfo_map, qemu_img, qemu_img_check, three_layers, two_layers, QemuNbd};
-use support::qmp::{run_qmp_python, Qmp, QmpDaemon};
-use support::{path_str, qemu_io, PYTHON};
+use support::qmp::{daemon_with_top, ok, run_qmp_python, start_nbd, Qmp, QmpDaemon};
+use support::{path_str, qemu_io, NbdHolder};
 
-/// Runs `execute` and asserts an empty success reply.
-fn ok(c: &mut Qmp, cmd: &str, args: Value) {
-    let r = c.exec(cmd, args.clone());
-    assert_eq!(r, json!({"return": {}}), "{cmd} {args}");
+/// A daemon with the qcow2 image `top` (backing from its header) exported writable as `top`.
+fn export_top(top: &Path) -> (QmpDaemon, Qmp) {
+    let (d, mut c) = daemon_with_top(top);
+    start_nbd(&mut c, &d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "top", "writable": true}),
+    );
+    (d, c)
 }
 
 /// Runs `execute`, asserts a GenericError and returns its message.
@@ -50,21 +58,6 @@ fn del_export_once_clients_left(c: &mut Qmp, id: &str) {
     assert_eq!(
         c.wait_event("BLOCK_EXPORT_DELETED")["data"],
         json!({"id": id})
-    );
-}
-
-fn nbd_uri(d: &QmpDaemon, export: &str) -> String {
-    format!(
-        "nbd+unix:///{export}?socket={}",
-        path_str(&d.path("nbd.sock"))
-    )
-}
-
-fn start_nbd(c: &mut Qmp, d: &QmpDaemon) {
-    ok(
-        c,
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": path_str(&d.path("nbd.sock"))}}}),
     );
 }
 
@@ -124,7 +117,7 @@ fn qcow2_chain_from_headers_export_maps_match_qemu_nbd() {
         out,
         "True raw True 0\nTrue file True 0\nFalse qcow2 True 1\nTrue file True 0\n"
     );
-    assert_eq!(maps(&nbd_uri(&d, "top")), reference);
+    assert_eq!(maps(&d.nbd_uri("top")), reference);
 }
 
 #[test]
@@ -163,15 +156,15 @@ fn qcow2_chain_by_node_names_export_maps_match_qemu_nbd() {
         "block-export-add",
         json!({"type": "nbd", "id": "e1", "node-name": "top", "name": "plain"}),
     );
-    assert_eq!(maps(&nbd_uri(&d, "top")), reference);
+    assert_eq!(maps(&d.nbd_uri("top")), reference);
     // Without `allocation-depth`, only base:allocation is offered (as with qsd).
     assert_eq!(
-        nbdinfo_map(&nbd_uri(&d, "plain"), "base:allocation"),
+        nbdinfo_map(&d.nbd_uri("plain"), "base:allocation"),
         reference[0]
     );
     let out = support::output(
         "nbdinfo",
-        &["--map=qemu:allocation-depth", &nbd_uri(&d, "plain")],
+        &["--map=qemu:allocation-depth", &d.nbd_uri("plain")],
     );
     assert!(!out.status.success());
     assert_eq!(
@@ -258,23 +251,10 @@ fn qcow2_export_written_through_nbd_passes_qemu_img_check() {
     ];
     support::image::qemu_io("qcow2", path_str(&reference.top), &writes);
 
-    let mut d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    ok(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": path_str(&images.top)}}),
-    );
-    start_nbd(&mut c, &d);
-    ok(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e0", "node-name": "top", "writable": true}),
-    );
-    qemu_io(&nbd_uri(&d, "top"), &writes);
+    let (mut d, mut c) = export_top(&images.top);
+    qemu_io(&d.nbd_uri("top"), &writes);
     qemu_io(
-        &nbd_uri(&d, "top"),
+        &d.nbd_uri("top"),
         &[
             "read -P 0x41 0 64k",
             "read -P 0 2M 128k",
@@ -448,38 +428,12 @@ fn blockdev_add_image_errors_use_qsd_messages() {
 #[test]
 fn hard_export_del_disconnects_connected_nbdsh_client() {
     let images = two_layers();
-    let d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    ok(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": path_str(&images.top)}}),
-    );
-    start_nbd(&mut c, &d);
-    ok(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e0", "node-name": "top", "writable": true}),
-    );
+    let (d, mut c) = export_top(&images.top);
     // nbdsh's library (libnbd): connect, read, wait for stdin to close, read again.
-    let mut holder = std::process::Command::new(PYTHON)
-        .arg("-c")
-        .arg(
-            "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
-             assert h.pread(512, 0) == b'\\x11' * 512\nprint('connected', flush=True)\n\
-             sys.stdin.read()\n\
-             try:\n    h.pread(512, 0); print('read ok')\nexcept nbd.Error as e:\n    print('read failed', e.errno)\n",
-        )
-        .arg(nbd_uri(&d, "top"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line, "connected\n");
+    let holder = NbdHolder::connect(
+        &d.nbd_uri("top"),
+        "assert h.pread(512, 0) == b'\\x11' * 512",
+    );
     assert_eq!(
         generic_error(&mut c, "block-export-del", json!({"id": "e0"})),
         "export 'e0' still in use"
@@ -498,11 +452,7 @@ fn hard_export_del_disconnects_connected_nbdsh_client() {
         c.exec("query-block-exports", json!({})),
         json!({"return": []})
     );
-    drop(holder.stdin.take());
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line, "read failed ENOTCONN\n");
-    assert!(holder.wait().unwrap().success());
+    assert_eq!(holder.release(), "read failed ENOTCONN\n");
     // The node is free again.
     ok(&mut c, "blockdev-del", json!({"node-name": "top"}));
 }

@@ -9,57 +9,12 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::image::{qemu_img, qemu_img_check, three_layers, Images};
+use support::image::{image_info, qemu_img, qemu_img_check, three_layers};
 use support::path_str;
-use support::qmp::{run_qmp_python, Qmp, QmpDaemon};
-
-/// A message as a short name: `return`, `error`, `EVENT` or `JOB_STATUS_CHANGE:status`.
-fn short(v: &Value) -> String {
-    if let Some(e) = v["event"].as_str() {
-        return match v["data"]["status"].as_str() {
-            Some(s) if e == "JOB_STATUS_CHANGE" => format!("{e}:{s}"),
-            _ => e.to_string(),
-        };
-    }
-    if v.get("return").is_some() {
-        "return".into()
-    } else {
-        format!("error:{}", v["error"]["desc"].as_str().unwrap_or(""))
-    }
-}
-
-/// Sends `cmd` and reads messages until `last` (a short name; `return`: the reply, error or
-/// not) has been read after the reply.
-fn run_until(c: &mut Qmp, cmd: Value, last: &str) -> Vec<Value> {
-    c.send(&cmd);
-    let mut got = Vec::new();
-    let mut replied = false;
-    loop {
-        let v = c.read_value().expect("connection closed");
-        let reply = v.get("event").is_none();
-        replied |= reply;
-        let done = replied && (short(&v) == last || (last == "return" && reply));
-        got.push(v);
-        if done {
-            return got;
-        }
-    }
-}
-
-fn names(msgs: &[Value]) -> Vec<String> {
-    msgs.iter().map(short).collect()
-}
-
-fn status(v: &[&str]) -> Vec<String> {
-    v.iter()
-        .map(|s| match *s {
-            s if s.starts_with("BLOCK_") || s == "return" || s.starts_with("error") => {
-                s.to_string()
-            }
-            s => format!("JOB_STATUS_CHANGE:{s}"),
-        })
-        .collect()
-}
+use support::qmp::{
+    daemon_with_named_chain, file, named_node, names, run_qmp_python, run_until, short, Qmp,
+    QmpDaemon, JOB_RUNS_TO_THE_END,
+};
 
 fn daemon_with_node() -> (QmpDaemon, Qmp) {
     let d = QmpDaemon::sluice(&[]);
@@ -82,7 +37,7 @@ fn stream_without_backing_runs_through_before_reply_like_qsd() {
     );
     assert_eq!(
         names(&msgs),
-        status(&[
+        [
             "created",
             "running",
             "waiting",
@@ -91,7 +46,7 @@ fn stream_without_backing_runs_through_before_reply_like_qsd() {
             "concluded",
             "null",
             "return"
-        ])
+        ]
     );
     assert_eq!(
         msgs[4]["data"],
@@ -111,14 +66,14 @@ fn stream_auto_finalize_false_waits_for_job_finalize_then_dismiss() {
     );
     assert_eq!(
         names(&msgs),
-        status(&[
+        [
             "created",
             "running",
             "waiting",
             "pending",
             "BLOCK_JOB_PENDING",
             "return"
-        ])
+        ]
     );
     assert_eq!(msgs[4]["data"], json!({"type": "stream", "id": "s0"}));
     assert_eq!(
@@ -139,10 +94,7 @@ fn stream_auto_finalize_false_waits_for_job_finalize_then_dismiss() {
         json!({"execute": "job-finalize", "arguments": {"id": "s0"}}),
         "return",
     );
-    assert_eq!(
-        names(&msgs),
-        status(&["BLOCK_JOB_COMPLETED", "concluded", "return"])
-    );
+    assert_eq!(names(&msgs), ["BLOCK_JOB_COMPLETED", "concluded", "return"]);
     assert_eq!(
         c.exec("query-block-jobs", json!({})),
         json!({"return": [{"type": "stream", "device": "s0", "len": 0,
@@ -161,7 +113,7 @@ fn stream_auto_finalize_false_waits_for_job_finalize_then_dismiss() {
         json!({"execute": "block-job-dismiss", "arguments": {"id": "s0"}}),
         "return",
     );
-    assert_eq!(names(&msgs), status(&["null", "return"]));
+    assert_eq!(names(&msgs), ["null", "return"]);
     let r = c.exec("job-dismiss", json!({"id": "s0"}));
     assert_eq!(
         Qmp::error(&r),
@@ -328,53 +280,22 @@ fn stream_scenario_matches_qemu_storage_daemon_in_shape() {
     assert_eq!(sluice, qsd);
 }
 
-/// `file` options for an image in `path`.
-fn file(path: &std::path::Path, read_only: bool) -> Value {
-    json!({"driver": "file", "filename": path_str(path), "read-only": read_only})
-}
-
-/// The image's `qemu-img info --output=json` (`-U`: the header is read while the daemon
-/// may still hold the image, which is what shows that the switch is durable at once).
-fn image_info(path: &std::path::Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", path_str(path)])).unwrap()
-}
-
 /// Runs a `block-stream` that must succeed; returns the `BLOCK_JOB_COMPLETED` data after
 /// checking qsd's event order.
 fn stream_ok(c: &mut Qmp, args: Value) -> Value {
     let msgs = run_until(
         c,
         json!({"execute": "block-stream", "arguments": args}),
-        "JOB_STATUS_CHANGE:null",
+        "null",
     );
-    assert_eq!(
-        names(&msgs),
-        status(&[
-            "created",
-            "running",
-            "return",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]),
-        "{msgs:?}"
-    );
+    assert_eq!(names(&msgs), JOB_RUNS_TO_THE_END, "{msgs:?}");
     msgs[5]["data"].clone()
-}
-
-/// The chain flattened by qemu-img before any streaming, for `qemu-img compare`.
-fn flattened(imgs: &Images) -> std::path::PathBuf {
-    let flat = imgs.path("flat.raw");
-    qemu_img(&["convert", "-O", "raw", path_str(&imgs.top), path_str(&flat)]);
-    flat
 }
 
 #[test]
 fn stream_three_layer_chain_without_base_drops_the_backing() {
     let imgs = three_layers();
-    let flat = flattened(&imgs);
+    let flat = imgs.flattened();
     let d = QmpDaemon::sluice(&[]);
     let mut c = d.connect_negotiated();
     let r = c.exec(
@@ -404,21 +325,10 @@ fn stream_three_layer_chain_without_base_drops_the_backing() {
 #[test]
 fn stream_with_base_node_copies_the_layers_above_it_only() {
     let imgs = three_layers();
-    let flat = flattened(&imgs);
+    let flat = imgs.flattened();
     let base = imgs.path("base.qcow2");
     let mid = imgs.path("mid.qcow2");
-    let d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    for args in [
-        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
-               "file": file(&base, true)}),
-        json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
-               "file": file(&mid, true)}),
-        json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
-               "file": file(&imgs.top, false)}),
-    ] {
-        assert_eq!(c.exec("blockdev-add", args), json!({"return": {}}));
-    }
+    let (_d, mut c) = daemon_with_named_chain(&base, &mid, &imgs.top);
     // base-node = mid: nothing to copy, the header names mid (its path, as qsd writes).
     stream_ok(
         &mut c,
@@ -434,14 +344,7 @@ fn stream_with_base_node_copies_the_layers_above_it_only() {
         json!({"job-id": "s1", "device": "top", "base-node": "base"}),
     );
     assert_eq!(done["offset"], json!(3145728));
-    let nodes = c.exec("query-named-block-nodes", json!({}));
-    let top = nodes["return"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "top")
-        .unwrap()
-        .clone();
+    let top = named_node(&mut c, "top");
     assert_eq!(top["backing_file"], json!(path_str(&base)), "{top}");
     assert_eq!(
         c.exec("blockdev-del", json!({"node-name": "top"})),

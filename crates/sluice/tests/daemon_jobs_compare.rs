@@ -37,9 +37,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::image::{qemu_img, qemu_img_check, qemu_io};
+use support::image::{
+    flatten, image_info, qcow2_chain, qcow2_over, qemu_img, qemu_img_check, qemu_io,
+};
 use support::path_str;
-use support::qmp::{Qmp, QmpDaemon};
+use support::qmp::{names, short, Qmp, QmpDaemon};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -61,8 +63,8 @@ impl Kind {
 /// How one step is read and compared.
 #[derive(Clone, Copy, Default)]
 struct Opts {
-    /// Also read until this event (`EVENT` or `JOB_STATUS_CHANGE:status`), before or after
-    /// the reply.
+    /// Also read until this event (its [`short`] name: `EVENT`, or a JOB_STATUS_CHANGE's
+    /// status), before or after the reply.
     until: Option<&'static str>,
     /// The reply's place among the events is not compared (it is moved to the end).
     reply_anywhere: bool,
@@ -228,16 +230,6 @@ impl Session {
     }
 }
 
-/// A message as a short name: `return`, `error`, `EVENT` or `JOB_STATUS_CHANGE:status`.
-fn short(v: &Value) -> String {
-    match (v["event"].as_str(), v["data"]["status"].as_str()) {
-        (Some("JOB_STATUS_CHANGE"), Some(s)) => format!("JOB_STATUS_CHANGE:{s}"),
-        (Some(e), _) => e.to_string(),
-        _ if v.get("return").is_some() => "return".into(),
-        _ => "error".into(),
-    }
-}
-
 /// Replaces `dir` in every string.
 fn paths(v: &Value, dir: &str) -> Value {
     match v {
@@ -378,63 +370,6 @@ fn compare(what: &str, scenario: impl Fn(&mut Session)) {
 
 // ---- images --------------------------------------------------------------------------
 
-/// Three 4 MiB qcow2 layers in `dir` with unaligned data in each and different cluster sizes:
-/// `Pbase` (64 KiB clusters) <- `Pmid` (4 KiB clusters, also a zero range over base data)
-/// <- `Ptop`. Backing names in the headers are relative, so a copy of `dir` is a chain too.
-fn three_layers(dir: &Path, p: &str) {
-    let f = |n: &str| dir.join(format!("{p}{n}.qcow2"));
-    let (base, mid, top) = (f("base"), f("mid"), f("top"));
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
-    qemu_io(
-        "qcow2",
-        path_str(&base),
-        &["write -P 0x11 0 1M", "write -P 0x12 3000001 77777"],
-    );
-    let mid_backing = format!("{p}base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        &mid_backing,
-        "-F",
-        "qcow2",
-        path_str(&mid),
-        "4M",
-    ]);
-    qemu_io(
-        "qcow2",
-        path_str(&mid),
-        &[
-            "write -P 0x21 100001 300000",
-            "write -z 700000 10000",
-            "write -P 0x22 2000003 5000",
-            "write -P 0x23 3050000 1234",
-        ],
-    );
-    let top_backing = format!("{p}mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &top_backing,
-        "-F",
-        "qcow2",
-        path_str(&top),
-        "4M",
-    ]);
-    qemu_io(
-        "qcow2",
-        path_str(&top),
-        &["write -P 0x31 200000 4321", "write -P 0x32 2001000 100"],
-    );
-}
-
 /// `Pbase` (`size`, the first `base_data` bytes written) <- `Ptop` (a few unaligned bytes).
 fn two_layers(dir: &Path, p: &str, size: &str, base_data: &str) {
     let base = dir.join(format!("{p}base.qcow2"));
@@ -446,18 +381,7 @@ fn two_layers(dir: &Path, p: &str, size: &str, base_data: &str) {
         path_str(&base),
         &[&w, "write -P 0x5b 5000001 77777"],
     );
-    let backing = format!("{p}base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &backing,
-        "-F",
-        "qcow2",
-        path_str(&top),
-    ]);
+    qcow2_over(&top, &format!("{p}base.qcow2"), &[], None);
     qemu_io("qcow2", path_str(&top), &["write -P 0x31 200000 4321"]);
 }
 
@@ -471,18 +395,9 @@ fn copy_files(from: &Path, to: &Path) {
     }
 }
 
-/// The image at `top` (with its chain) converted to raw at `out`.
-fn flatten(top: &Path, out: &Path) {
-    qemu_img(&["convert", "-O", "raw", path_str(top), path_str(out)]);
-}
-
 /// `qemu-img compare` of an image with a raw file: panics unless identical.
 fn assert_content(top: &Path, flat: &Path) {
     qemu_img(&["compare", "-U", "-F", "raw", path_str(top), path_str(flat)]);
-}
-
-fn image_info(path: &Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", path_str(path)])).unwrap()
 }
 
 /// The runs of data of a qcow2 image as (guest offset, host offset), by host offset.
@@ -558,7 +473,7 @@ fn add_two(s: &mut Session, p: &str, base_file: Value, label: Option<&'static st
 fn stream_of_three_layer_chains_matches_qsd() {
     let tpl = tempfile::tempdir().unwrap();
     for p in ["a", "b", "c"] {
-        three_layers(tpl.path(), p);
+        qcow2_chain(tpl.path(), p);
     }
     let flat = tpl.path().join("flat.raw");
     flatten(&tpl.path().join("atop.qcow2"), &flat);
@@ -568,7 +483,7 @@ fn stream_of_three_layer_chains_matches_qsd() {
             add_three(s, p);
         }
         s.step("query-named-block-nodes", json!({"flat": true}));
-        let done = "JOB_STATUS_CHANGE:null";
+        let done = "null";
         for args in [
             json!({"job-id": "s0", "device": "atop"}),
             json!({"job-id": "s1", "device": "btop", "base-node": "bbase"}),
@@ -631,11 +546,7 @@ fn throttled_stream_verbs_match_qsd() {
         }
         s.step("block-stream", json!({"job-id": "j2", "device": "top"}));
         s.step("block-stream", json!({"job-id": "j2", "device": "base"}));
-        s.step_with(
-            "job-pause",
-            json!({"id": "j"}),
-            Opts::settles("JOB_STATUS_CHANGE:paused"),
-        );
+        s.step_with("job-pause", json!({"id": "j"}), Opts::settles("paused"));
         s.step("query-jobs", json!({}));
         s.step("query-block-jobs", json!({}));
         s.step("job-complete", json!({"id": "j"}));
@@ -645,18 +556,14 @@ fn throttled_stream_verbs_match_qsd() {
             "block-job-set-speed",
             json!({"device": "j", "speed": 2 * MIB}),
         );
-        s.step_with(
-            "job-resume",
-            json!({"id": "j"}),
-            Opts::settles("JOB_STATUS_CHANGE:running"),
-        );
+        s.step_with("job-resume", json!({"id": "j"}), Opts::settles("running"));
         s.step("block-job-resume", json!({"device": "j"}));
         s.step("block-job-set-speed", json!({"device": "j", "speed": -1}));
         s.step("query-block-jobs", json!({}));
         s.step_with(
             "block-job-cancel",
             json!({"device": "j"}),
-            Opts::settles("JOB_STATUS_CHANGE:null"),
+            Opts::settles("null"),
         );
         s.step("query-jobs", json!({}));
         s.step("block-job-cancel", json!({"device": "j"}));
@@ -674,7 +581,7 @@ fn throttled_stream_verbs_match_qsd() {
 #[test]
 fn manual_finalize_and_dismiss_match_qsd() {
     let tpl = tempfile::tempdir().unwrap();
-    three_layers(tpl.path(), "m");
+    qcow2_chain(tpl.path(), "m");
     let flat = tpl.path().join("flat.raw");
     flatten(&tpl.path().join("mtop.qcow2"), &flat);
     compare("manual finalize", |s| {
@@ -701,7 +608,7 @@ fn manual_finalize_and_dismiss_match_qsd() {
         s.step_with(
             "job-finalize",
             json!({"id": "j"}),
-            Opts::settles("JOB_STATUS_CHANGE:concluded"),
+            Opts::settles("concluded"),
         );
         s.step("query-jobs", json!({}));
         s.step("query-block-jobs", json!({}));
@@ -709,11 +616,7 @@ fn manual_finalize_and_dismiss_match_qsd() {
         s.step("job-cancel", json!({"id": "j"}));
         // (qsd 10.0.2 crashes on query-named-block-nodes between job-finalize and
         // job-dismiss of this job; the graph is compared after the dismiss.)
-        s.step_with(
-            "job-dismiss",
-            json!({"id": "j"}),
-            Opts::settles("JOB_STATUS_CHANGE:null"),
-        );
+        s.step_with("job-dismiss", json!({"id": "j"}), Opts::settles("null"));
         s.step("query-named-block-nodes", json!({"flat": true}));
         s.step("query-jobs", json!({}));
         s.step("job-dismiss", json!({"id": "j"}));
@@ -728,23 +631,13 @@ fn manual_finalize_and_dismiss_match_qsd() {
 #[test]
 fn intermediate_commit_and_refusals_match_qsd() {
     let tpl = tempfile::tempdir().unwrap();
-    three_layers(tpl.path(), "a");
+    qcow2_chain(tpl.path(), "a");
     // Chain b: a fully written 16 MiB mid, for a commit that runs long when throttled.
     let b = |n: &str| tpl.path().join(format!("b{n}.qcow2"));
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&b("base")), "16M"]);
     qemu_io("qcow2", path_str(&b("base")), &["write -P 0x41 0 1M"]);
     for (n, backing) in [("mid", "bbase.qcow2"), ("top", "bmid.qcow2")] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            path_str(&b(n)),
-        ]);
+        qcow2_over(&b(n), backing, &[], None);
     }
     qemu_io("qcow2", path_str(&b("mid")), &["write -P 0x42 0 16M"]);
     let flat = tpl.path().join("flat.raw");
@@ -795,7 +688,7 @@ fn intermediate_commit_and_refusals_match_qsd() {
         s.step_with(
             "block-commit",
             json!({"job-id": "c0", "device": "atop", "top-node": "amid", "base-node": "abase"}),
-            Opts::until("JOB_STATUS_CHANGE:null"),
+            Opts::until("null"),
         );
         s.step("query-named-block-nodes", json!({"flat": true}));
 
@@ -821,7 +714,7 @@ fn intermediate_commit_and_refusals_match_qsd() {
         s.step_with(
             "block-job-cancel",
             json!({"device": "c1"}),
-            Opts::settles("JOB_STATUS_CHANGE:null"),
+            Opts::settles("null"),
         );
         s.step("query-jobs", json!({}));
         for n in ["atop", "amid", "abase", "btop", "bmid", "bbase"] {
@@ -871,7 +764,7 @@ fn on_error_scenario(s: &mut Session, tpl: &Path) {
         add_two(s, p, base_file, Some(label));
     }
     // stop: the job pauses itself; a resume retries (and fails again).
-    let paused = "JOB_STATUS_CHANGE:paused";
+    let paused = "paused";
     s.step_with(
         "block-stream",
         json!({"job-id": "e0", "device": "stptop", "on-error": "stop"}),
@@ -887,7 +780,7 @@ fn on_error_scenario(s: &mut Session, tpl: &Path) {
     s.step_with(
         "block-job-cancel",
         json!({"device": "e0", "force": true}),
-        Opts::settles("JOB_STATUS_CHANGE:null"),
+        Opts::settles("null"),
     );
     s.step("query-jobs", json!({}));
 
@@ -895,32 +788,24 @@ fn on_error_scenario(s: &mut Session, tpl: &Path) {
     s.step_with(
         "block-stream",
         json!({"job-id": "e1", "device": "reptop", "auto-dismiss": false}),
-        Opts::until("JOB_STATUS_CHANGE:concluded"),
+        Opts::until("concluded"),
     );
     s.step("query-jobs", json!({}));
     s.step("query-block-jobs", json!({}));
-    s.step_with(
-        "job-dismiss",
-        json!({"id": "e1"}),
-        Opts::settles("JOB_STATUS_CHANGE:null"),
-    );
+    s.step_with("job-dismiss", json!({"id": "e1"}), Opts::settles("null"));
 
     // ignore: every failed range gives an error event; see ignore_shape.
     s.step_with(
         "block-stream",
         json!({"job-id": "e2", "device": "igntop", "on-error": "ignore", "auto-dismiss": false}),
         Opts {
-            until: Some("JOB_STATUS_CHANGE:concluded"),
+            until: Some("concluded"),
             dedup: true,
             keep: Some(ignore_shape),
             ..Opts::default()
         },
     );
-    s.step_with(
-        "job-dismiss",
-        json!({"id": "e2"}),
-        Opts::settles("JOB_STATUS_CHANGE:null"),
-    );
+    s.step_with("job-dismiss", json!({"id": "e2"}), Opts::settles("null"));
     // The failed and the cancelled stream left their top on its backing.
     for n in ["stptop", "reptop"] {
         s.step("blockdev-del", json!({"node-name": n}));
@@ -960,18 +845,11 @@ fn stopped_stream_resumes_after_the_error_is_gone() {
     let got = s.step_with(
         "block-stream",
         json!({"job-id": "e0", "device": "top", "on-error": "stop"}),
-        Opts::until("JOB_STATUS_CHANGE:paused"),
+        Opts::until("paused"),
     );
-    let names: Vec<String> = got.iter().map(short).collect();
     assert_eq!(
-        names,
-        [
-            "JOB_STATUS_CHANGE:created",
-            "JOB_STATUS_CHANGE:running",
-            "return",
-            "BLOCK_JOB_ERROR",
-            "JOB_STATUS_CHANGE:paused"
-        ]
+        names(&got),
+        ["created", "running", "return", "BLOCK_JOB_ERROR", "paused"]
     );
     assert_eq!(
         got[3]["data"],
@@ -986,21 +864,13 @@ fn stopped_stream_resumes_after_the_error_is_gone() {
     assert!(off > 0 && off < 16 * MIB, "{r}");
 
     // Still broken: the retry fails again, at the same place.
-    s.step_with(
-        "job-resume",
-        json!({"id": "e0"}),
-        Opts::until("JOB_STATUS_CHANGE:paused"),
-    );
+    s.step_with("job-resume", json!({"id": "e0"}), Opts::until("paused"));
     let r = s.step_reply("query-block-jobs", json!({}));
     assert_eq!(r["return"][0]["offset"], off, "{r}");
 
     // Repaired while paused: the retry succeeds and the job completes.
     restore_tail(&base, &tail);
-    let got = s.step_with(
-        "job-resume",
-        json!({"id": "e0"}),
-        Opts::until("JOB_STATUS_CHANGE:null"),
-    );
+    let got = s.step_with("job-resume", json!({"id": "e0"}), Opts::until("null"));
     // (Where the reply comes among the events is not checked: sluice's job thread may
     // reach `waiting` / `pending` before the monitor has written the reply; qsd replies
     // first. Reported.)
@@ -1009,16 +879,15 @@ fn stopped_stream_resumes_after_the_error_is_gone() {
         .into_iter()
         .filter(|v| v.get("event").is_some())
         .collect();
-    let names: Vec<String> = got.iter().map(short).collect();
     assert_eq!(
-        names,
+        names(&got),
         [
-            "JOB_STATUS_CHANGE:running",
-            "JOB_STATUS_CHANGE:waiting",
-            "JOB_STATUS_CHANGE:pending",
+            "running",
+            "waiting",
+            "pending",
             "BLOCK_JOB_COMPLETED",
-            "JOB_STATUS_CHANGE:concluded",
-            "JOB_STATUS_CHANGE:null"
+            "concluded",
+            "null"
         ],
         "{got:?}"
     );

@@ -7,13 +7,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::image::{qemu_img, qemu_img_check, qemu_io, Images};
+use support::image::{image_info, qcow2_over, qemu_img, qemu_img_check, qemu_io, Images};
 use support::path_str;
-use support::qmp::{Qmp, QmpDaemon};
+use support::qmp::{daemon_with_top, named_node, ok, seen, start_nbd, wait_for, Qmp};
 
 const MIB: u64 = 1024 * 1024;
 /// The chain's virtual size.
@@ -33,17 +33,7 @@ fn big_chain() -> Images {
         .collect();
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io("qcow2", path_str(&base), &cmds);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&top),
-    ]);
+    qcow2_over(&top, "base.qcow2", &[], None);
     qemu_io(
         "qcow2",
         path_str(&top),
@@ -52,67 +42,14 @@ fn big_chain() -> Images {
     Images { dir, top }
 }
 
-/// The chain flattened to raw by qemu-img, before anything else touches it.
-fn flattened(imgs: &Images) -> PathBuf {
-    let flat = imgs.path("flat.raw");
-    qemu_img(&["convert", "-O", "raw", path_str(&imgs.top), path_str(&flat)]);
-    flat
-}
+/// How long a job may take to reach an event.
+const MINUTE: Duration = Duration::from_secs(60);
 
-fn image_info(path: &Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", path_str(path)])).unwrap()
-}
-
-/// A daemon with the chain's top opened as node `top` (its backing from the header).
-fn daemon_with_chain(imgs: &Images) -> (QmpDaemon, Qmp) {
-    let d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    let r = c.exec(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": path_str(&imgs.top)}}),
-    );
-    assert_eq!(r, json!({"return": {}}));
-    (d, c)
-}
-
-fn ok(c: &mut Qmp, cmd: &str, args: Value) {
-    let r = c.exec(cmd, args.clone());
-    assert_eq!(r, json!({"return": {}}), "{cmd} {args}");
-}
-
-/// An event as a short name: `JOB_STATUS_CHANGE:status` or the event's name.
-fn short(v: &Value) -> String {
-    let e = v["event"].as_str().unwrap();
-    match v["data"]["status"].as_str() {
-        Some(s) if e == "JOB_STATUS_CHANGE" => s.to_string(),
-        _ => e.to_string(),
-    }
-}
-
-/// The names of the events read so far (kept in `c.events`), in order.
-fn seen(c: &Qmp) -> Vec<String> {
-    c.events.iter().map(short).collect()
-}
-
-/// Reads events into `c.events` until one named `name` (short name) has arrived, for up to
-/// 60 s; returns it.
-fn wait_for(c: &mut Qmp, name: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    if let Some(v) = c.events.iter().find(|v| short(v) == name) {
-        return v.clone();
-    }
-    while Instant::now() < deadline {
-        if let Some(line) = c.try_read_line(Duration::from_millis(200)) {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            c.events.push(v.clone());
-            if short(&v) == name {
-                return v;
-            }
-        }
-    }
-    panic!("no {name} within 60 s; saw {:?}", seen(c));
+/// Lets job `j` run to its end at full speed; returns the names of the events seen.
+fn run_to_end(c: &mut Qmp) -> Vec<String> {
+    ok(c, "block-job-set-speed", json!({"device": "j", "speed": 0}));
+    wait_for(c, "null", MINUTE);
+    seen(c)
 }
 
 /// The job's only `query-jobs` entry.
@@ -147,8 +84,8 @@ fn start_stream(c: &mut Qmp, args: Value) {
 #[test]
 fn stream_pause_freezes_progress_and_resume_continues() {
     let imgs = big_chain();
-    let flat = flattened(&imgs);
-    let (_d, mut c) = daemon_with_chain(&imgs);
+    let flat = imgs.flattened();
+    let (_d, mut c) = daemon_with_top(&imgs.top);
     start_stream(
         &mut c,
         json!({"job-id": "j", "device": "top", "speed": 8 * MIB}),
@@ -192,14 +129,8 @@ fn stream_pause_freezes_progress_and_resume_continues() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Let the rest go at full speed.
-    ok(
-        &mut c,
-        "block-job-set-speed",
-        json!({"device": "j", "speed": 0}),
-    );
-    wait_for(&mut c, "null");
     assert_eq!(
-        seen(&c),
+        run_to_end(&mut c),
         [
             "created",
             "running",
@@ -224,8 +155,8 @@ fn stream_pause_freezes_progress_and_resume_continues() {
 #[test]
 fn stream_speed_limits_progress_and_set_speed_raises_it() {
     let imgs = big_chain();
-    let flat = flattened(&imgs);
-    let (_d, mut c) = daemon_with_chain(&imgs);
+    let flat = imgs.flattened();
+    let (_d, mut c) = daemon_with_top(&imgs.top);
     let speed = 8 * MIB;
     let t0 = Instant::now();
     start_stream(
@@ -267,7 +198,7 @@ fn stream_speed_limits_progress_and_set_speed_raises_it() {
         assert_eq!(j["speed"], fast, "{bj}");
     }
     let t1 = Instant::now();
-    let done = wait_for(&mut c, "BLOCK_JOB_COMPLETED");
+    let done = wait_for(&mut c, "BLOCK_JOB_COMPLETED", MINUTE);
     // The rest (at most 32 MiB) at 1 GiB/s: well under the 3 s it would take at 8 MiB/s.
     assert!(
         t1.elapsed() < Duration::from_millis(2500),
@@ -278,7 +209,7 @@ fn stream_speed_limits_progress_and_set_speed_raises_it() {
         done["data"],
         json!({"type": "stream", "device": "j", "len": SIZE, "offset": SIZE, "speed": fast})
     );
-    wait_for(&mut c, "null");
+    wait_for(&mut c, "null", MINUTE);
     assert_eq!(
         seen(&c),
         [
@@ -297,9 +228,9 @@ fn stream_speed_limits_progress_and_set_speed_raises_it() {
 #[test]
 fn stream_cancel_keeps_backing_and_content() {
     let imgs = big_chain();
-    let flat = flattened(&imgs);
+    let flat = imgs.flattened();
     let base = imgs.path("base.qcow2");
-    let (_d, mut c) = daemon_with_chain(&imgs);
+    let (_d, mut c) = daemon_with_top(&imgs.top);
     let speed = 4 * MIB;
     start_stream(
         &mut c,
@@ -336,14 +267,7 @@ fn stream_cancel_keeps_backing_and_content() {
     assert!(off > 0 && off < SIZE, "{cancelled}");
     assert_eq!(c.exec("query-jobs", json!({})), json!({"return": []}));
     // The node still reads through its backing, and a new job may start on it.
-    let nodes = c.exec("query-named-block-nodes", json!({}));
-    let top = nodes["return"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "top")
-        .unwrap()
-        .clone();
+    let top = named_node(&mut c, "top");
     // The full path, as qsd reports a backing opened from the header's relative name.
     assert_eq!(top["backing_file"], json!(path_str(&base)), "{top}");
 
@@ -363,8 +287,8 @@ fn stream_cancel_keeps_backing_and_content() {
 #[test]
 fn stream_auto_finalize_false_stops_at_pending_and_auto_dismiss_false_at_concluded() {
     let imgs = big_chain();
-    let flat = flattened(&imgs);
-    let (_d, mut c) = daemon_with_chain(&imgs);
+    let flat = imgs.flattened();
+    let (_d, mut c) = daemon_with_top(&imgs.top);
     start_stream(
         &mut c,
         json!({"job-id": "j", "device": "top", "speed": 16 * MIB,
@@ -378,7 +302,7 @@ fn stream_auto_finalize_false_stops_at_pending_and_auto_dismiss_false_at_conclud
             "Job 'j' in state 'running' cannot accept command verb 'finalize'".into()
         )
     );
-    let pending = wait_for(&mut c, "BLOCK_JOB_PENDING");
+    let pending = wait_for(&mut c, "BLOCK_JOB_PENDING", MINUTE);
     assert_eq!(pending["data"], json!({"type": "stream", "id": "j"}));
     assert_eq!(
         seen(&c),
@@ -434,19 +358,14 @@ fn stream_while_nbd_client_writes_keeps_the_client_writes() {
         path_str(&imgs.top),
         path_str(&expected),
     ]);
-    let (d, mut c) = daemon_with_chain(&imgs);
-    let sock = d.path("nbd.sock");
-    ok(
-        &mut c,
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": path_str(&sock)}}}),
-    );
+    let (d, mut c) = daemon_with_top(&imgs.top);
+    start_nbd(&mut c, &d);
     ok(
         &mut c,
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "top", "name": "top", "writable": true}),
     );
-    let uri = format!("nbd+unix:///top?socket={}", path_str(&sock));
+    let uri = d.nbd_uri("top");
     start_stream(
         &mut c,
         json!({"job-id": "j", "device": "top", "speed": 8 * MIB}),
@@ -472,14 +391,8 @@ fn stream_while_nbd_client_writes_keeps_the_client_writes() {
         before_end < SIZE,
         "the stream ended before the writes were done"
     );
-    ok(
-        &mut c,
-        "block-job-set-speed",
-        json!({"device": "j", "speed": 0}),
-    );
-    wait_for(&mut c, "null");
     assert_eq!(
-        seen(&c),
+        run_to_end(&mut c),
         [
             "created",
             "running",
@@ -493,6 +406,6 @@ fn stream_while_nbd_client_writes_keeps_the_client_writes() {
     // The export serves the streamed image, and it reads as expected.
     support::qemu_io(&uri, &["read -P 0xa1 30M 1M", "read -P 0xa4 12345 777"]);
     ok(&mut c, "block-export-del", json!({"id": "e0"}));
-    wait_for(&mut c, "BLOCK_EXPORT_DELETED");
+    wait_for(&mut c, "BLOCK_EXPORT_DELETED", MINUTE);
     assert_streamed(&mut c, &imgs.top, &expected);
 }

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use support::image::{qemu_img, qemu_img_check, qemu_io};
-use support::live::{assert_same, ok, query_job, run_until, Client};
+use support::live::{assert_same, query_job, run_names, Client};
 use support::path_str;
-use support::qmp::{Qmp, QmpDaemon};
+use support::qmp::{ok, Qmp, QmpDaemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -138,7 +138,7 @@ fn mirror_full_migrates_a_written_export_and_pivots_under_a_live_client() {
     client.write(&expected, 3 * MIB + 7, 5000, 0xa0);
 
     // Slow at first, so that the client's writes land during the copy.
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "blockdev-mirror",
                "arguments": {"job-id": "m0", "device": "top", "target": "full",
@@ -172,7 +172,7 @@ fn mirror_full_migrates_a_written_export_and_pivots_under_a_live_client() {
     client.write(&expected, 5 * MIB + 3, 70_000, 0xc1);
     client.write(&expected, 100, 1, 0xc2);
     client.op("f", 0, 0, 0);
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "job-complete", "arguments": {"id": "m0"}}),
         "null",
@@ -202,14 +202,14 @@ fn mirror_sync_top_copies_only_the_top_layer_and_soft_cancel_keeps_the_source() 
     setup(&mut c, &d, &p);
 
     // Soft cancel of a full mirror: the target has everything, the export stays on top.
-    run_until(
+    run_names(
         &mut c,
         json!({"execute": "blockdev-mirror",
                "arguments": {"job-id": "m1", "device": "top", "target": "full",
                              "sync": "full", "granularity": 4096, "buf-size": 65536}}),
         "BLOCK_JOB_READY",
     );
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "block-job-cancel", "arguments": {"device": "m1"}}),
         "null",
@@ -218,7 +218,7 @@ fn mirror_sync_top_copies_only_the_top_layer_and_soft_cancel_keeps_the_source() 
     assert_eq!(export_node(&mut c), "top");
 
     // Sync top: only what top holds; the target's backing supplies the rest.
-    run_until(
+    run_names(
         &mut c,
         json!({"execute": "blockdev-mirror",
                "arguments": {"job-id": "m2", "device": "top", "target": "topdst",
@@ -228,7 +228,7 @@ fn mirror_sync_top_copies_only_the_top_layer_and_soft_cancel_keeps_the_source() 
     let j = query_job(&mut c);
     // What top holds: 4321 bytes at 200000 and 2 MiB at 5M, 64 KiB zeroed: whole granules.
     assert_eq!(j["len"], 2 * MIB + 2 * 65536, "{j}");
-    let got = run_until(
+    let got = run_names(
         &mut c,
         json!({"execute": "job-complete", "arguments": {"id": "m2"}}),
         "null",
@@ -265,7 +265,7 @@ fn scenario(d: &QmpDaemon, p: &dyn Fn(&str) -> PathBuf) -> Vec<String> {
         json!({"execute": "blockdev-mirror", "arguments": a})
     };
     let mut step = |c: &mut Qmp, cmd: Value, last: &str| {
-        let got = run_until(c, cmd.clone(), last);
+        let got = run_names(c, cmd.clone(), last);
         let line = format!("{} -> {}", cmd["execute"], got.join(" "));
         eprintln!("{line}");
         out.push(line);

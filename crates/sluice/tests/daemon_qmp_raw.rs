@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::qmp::{Qmp, QmpDaemon};
+use support::NbdHolder;
 
 fn err(reply: &Value) -> (String, String) {
     Qmp::error(reply)
@@ -575,26 +576,8 @@ fn export_in_use_is_kept_in_safe_mode_and_disconnected_in_hard_mode() {
         "type=nbd,id=e0,node-name=n0",
     ]);
     let mut c = d.connect_negotiated();
-    let uri = format!(
-        "nbd+unix:///n0?socket={}",
-        support::path_str(&d.path("nbd.sock"))
-    );
     // A client that connects, waits for its stdin to close, then tries to read.
-    let mut holder = std::process::Command::new(support::PYTHON)
-        .arg("-c")
-        .arg(
-            "import nbd, sys, errno\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint('connected', flush=True)\nsys.stdin.read()\n\
-             try:\n    h.pread(512, 0); print('read ok')\nexcept nbd.Error as e:\n    print('read failed', e.errno)\n",
-        )
-        .arg(&uri)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line, "connected\n");
+    let holder = NbdHolder::connect(&d.nbd_uri("n0"), "");
     let r = c.exec("block-export-del", json!({"id": "e0"}));
     assert_eq!(err(&r), generic("export 'e0' still in use"));
     // Hard: as with qemu-storage-daemon, the client is disconnected at once, so the export
@@ -610,11 +593,7 @@ fn export_in_use_is_kept_in_safe_mode_and_disconnected_in_hard_mode() {
         json!({"return": []})
     );
     // The client finds its connection closed.
-    drop(holder.stdin.take());
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line, "read failed ENOTCONN\n");
-    assert!(holder.wait().unwrap().success());
+    assert_eq!(holder.release(), "read failed ENOTCONN\n");
     assert_eq!(
         c.exec("blockdev-del", json!({"node-name": "n0"})),
         json!({"return": {}})

@@ -14,6 +14,7 @@ mod support;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
+use support::image::qcow2_over;
 use support::qmp::{Qmp, QmpDaemon};
 use support::{path_str, random_file, run};
 
@@ -186,20 +187,7 @@ fn make_chain(dir: &Path) {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0xaa 0 1M", path_str(&base)],
     );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            path_str(&top),
-        ],
-    );
+    qcow2_over(&top, "base.qcow2", &[], None);
     run(
         "qemu-io",
         &[

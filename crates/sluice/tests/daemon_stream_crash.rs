@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::image::{qemu_img, qemu_io};
-use support::qmp::{Qmp, QmpDaemon};
+use support::image::{qcow2_over, qemu_img, qemu_io};
+use support::qmp::{daemon_with_top, short, wait_for, Qmp};
 use support::{output, path_str, random_bytes, random_file};
 
 const MIB: u64 = 1024 * 1024;
@@ -140,19 +140,7 @@ fn build_chain(dir: &Path) -> (PathBuf, PathBuf) {
     // mid (32 KiB clusters): random regions overlapping base data and not, a constant
     // range, unaligned zeroes over base data, and a range running into the last region.
     let mid = chain.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=32768",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&mid),
-    ]);
+    qcow2_over(&mid, "base.qcow2", &["-o", "cluster_size=32768"], None);
     let pattern = |name: &str, len: u64, seed: u64| {
         let p = scratch.join(name);
         random_file(&p, len as usize, seed);
@@ -189,19 +177,8 @@ fn build_chain(dir: &Path) -> (PathBuf, PathBuf) {
     let top_cmds: Vec<&str> = top_cmds.iter().map(String::as_str).collect();
     for (name, cluster) in TOPS {
         let top = chain.join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster}"),
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            path_str(&top),
-        ]);
+        let cluster_size = format!("cluster_size={cluster}");
+        qcow2_over(&top, "mid.qcow2", &["-o", &cluster_size], None);
         qemu_io("qcow2", path_str(&top), &top_cmds);
     }
     std::fs::remove_dir_all(&scratch).unwrap();
@@ -230,48 +207,6 @@ fn copy_chain(chain: &Path, top_name: &str, dir: &Path) -> PathBuf {
     top
 }
 
-/// A daemon with `top` opened read-write as node `top` (its backing from the header).
-fn daemon_with(top: &Path) -> (QmpDaemon, Qmp) {
-    let d = QmpDaemon::sluice(&[]);
-    let mut c = d.connect_negotiated();
-    let r = c.exec(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": path_str(top)}}),
-    );
-    assert_eq!(r, json!({"return": {}}), "blockdev-add; {}", d.stderr());
-    (d, c)
-}
-
-/// An event as a short name: `JOB_STATUS_CHANGE:status` or the event's name.
-fn short(v: &Value) -> String {
-    let e = v["event"].as_str().unwrap_or_default();
-    match v["data"]["status"].as_str() {
-        Some(s) if e == "JOB_STATUS_CHANGE" => s.to_string(),
-        _ => e.to_string(),
-    }
-}
-
-/// Reads events until one named `name` (short name) has arrived (or was read before).
-fn wait_for(c: &mut Qmp, name: &str, limit: Duration) -> Value {
-    if let Some(v) = c.events.iter().find(|v| short(v) == name) {
-        return v.clone();
-    }
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(line) = c.try_read_line(Duration::from_millis(100)) {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            c.events.push(v.clone());
-            if short(&v) == name {
-                return v;
-            }
-        }
-    }
-    let seen: Vec<String> = c.events.iter().map(short).collect();
-    panic!("no {name} within {limit:?}; saw {seen:?}");
-}
-
 /// The stream job's progress, or None once the job is gone.
 fn progress(c: &mut Qmp) -> Option<u64> {
     let r = c.exec("query-jobs", json!({}));
@@ -283,7 +218,7 @@ fn progress(c: &mut Qmp) -> Option<u64> {
 /// Starts a throttled stream, kills the daemon with SIGKILL at `kill`, and describes where
 /// the kill landed.
 fn stream_and_kill(top: &Path, kill: Kill) -> String {
-    let (mut d, mut c) = daemon_with(top);
+    let (mut d, mut c) = daemon_with_top(top);
     let args = json!({"job-id": "s", "device": "top", "speed": SPEED});
     c.send(&json!({"execute": "block-stream", "arguments": args}));
     let t0 = Instant::now();
@@ -371,7 +306,7 @@ fn stream_and_kill(top: &Path, kill: Kill) -> String {
 
 /// A new daemon streams `top` to the end at full speed and quits.
 fn restart_and_complete(top: &Path) -> Value {
-    let (mut d, mut c) = daemon_with(top);
+    let (mut d, mut c) = daemon_with_top(top);
     let r = c.exec("block-stream", json!({"job-id": "s", "device": "top"}));
     assert_eq!(r, json!({"return": {}}), "block-stream; {}", d.stderr());
     let done = wait_for(&mut c, "BLOCK_JOB_COMPLETED", Duration::from_secs(120));

@@ -6,7 +6,7 @@ mod support;
 
 use std::os::unix::fs::FileExt;
 
-use support::image::{qemu_img, qemu_io, two_layers};
+use support::image::{qcow2_over, qemu_img, qemu_io, two_layers};
 use support::{path_str, Server};
 
 fn start_err(args: &[&str]) -> String {
@@ -62,17 +62,7 @@ fn errors_backing_loop_is_refused_at_open() {
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&a), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&b),
-    ]);
+    qcow2_over(&b, "a.qcow2", &[], None);
     qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", path_str(&a)]);
     let err = start_err(&["image", path_str(&b), "format=qcow2", "backing=auto"]);
     assert!(err.contains("backing chain loop"), "{err}");

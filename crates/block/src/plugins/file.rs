@@ -270,10 +270,7 @@ impl Plugin for FilePlugin {
     fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>> {
         let dir = match &self.source {
             Source::File(_) => {
-                return Ok(vec![ExportEntry {
-                    name: self.default_export(readonly, is_tls)?,
-                    description: None,
-                }])
+                return Ok(vec![ExportEntry::default_export(self, readonly, is_tls)?])
             }
             Source::Dir(dir) => dir,
         };

@@ -17,15 +17,6 @@ use super::{NodeDriver, NodeInfo, OpenCtx, OpenedNode, PluginLoader};
 use crate::generated::{BlockdevOptions, BlockdevOptionsBranch};
 use crate::QmpError;
 
-/// An I/O error as QEMU prints it: the system's text without Rust's "(os error N)".
-pub fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
-
 /// `null-co` and `null-aio`: reads zeroes, discards writes.
 #[derive(Debug)]
 pub struct NullDriver;

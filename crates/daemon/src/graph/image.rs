@@ -23,10 +23,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
+use sluice_block::error::strerror;
 use sluice_image::header::HeaderError;
 use sluice_image::{BackingRef, ChildRef, Driver, ImageError, Locking};
 
-use super::drivers::strerror;
 use super::{not_found, NodeDriver, NodeInfo, OpenCtx, OpenedNode};
 use crate::generated::{
     BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevRefOrNull, ImageInfoSpecific,

@@ -9,8 +9,10 @@
 use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::ptr;
 
+use sluice_block::Errno;
+
 use crate::api::log::report_error;
-use crate::context::{errno, set_errno, strerror};
+use crate::context::{errno, set_errno};
 
 /// Text of a C string for messages ("" for NULL).
 fn text(s: *const c_char) -> String {
@@ -40,7 +42,7 @@ unsafe fn finish<T>(
         report_error(format!(
             "{what}: could not parse number: \"{}\": {}",
             text(s),
-            strerror(err)
+            Errno(err).describe()
         ));
         return -1;
     }

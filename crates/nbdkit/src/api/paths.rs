@@ -9,8 +9,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use sluice_block::Errno;
+
 use crate::api::log::report_error;
-use crate::context::{self, strerror};
+use crate::context;
 
 static STDIO_SAFE: AtomicBool = AtomicBool::new(true);
 
@@ -101,7 +103,7 @@ pub unsafe extern "C" fn nbdkit_realpath(path: *const c_char) -> *mut c_char {
         let err = context::errno();
         // SAFETY: checked non-NULL above.
         let shown = unsafe { CStr::from_ptr(path) }.to_string_lossy();
-        report_error(format!("realpath: {shown}: {}", strerror(err)));
+        report_error(format!("realpath: {shown}: {}", Errno(err).describe()));
     }
     r
 }
@@ -201,7 +203,10 @@ fn read_fd(fd_text: &[u8]) -> Result<Vec<u8>, String> {
     }
     // SAFETY: fcntl F_GETFD only queries whether the descriptor is open.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        return Err(format!("fdopen {shown}: {}", strerror(context::errno())));
+        return Err(format!(
+            "fdopen {shown}: {}",
+            Errno(context::errno()).describe()
+        ));
     }
     // SAFETY: the user handed this descriptor to the plugin for reading the password; nbdkit
     // takes ownership of it the same way (fdopen + fclose), so closing it on drop is intended.
@@ -215,7 +220,7 @@ fn read_file(path: &[u8]) -> Result<Vec<u8>, String> {
     let file = File::open(std::ffi::OsStr::from_bytes(path)).map_err(|e| {
         format!(
             "open {shown}: {}",
-            strerror(e.raw_os_error().unwrap_or(libc::EIO))
+            Errno(e.raw_os_error().unwrap_or(libc::EIO)).describe()
         )
     })?;
     first_line(file, &shown)

@@ -96,18 +96,12 @@ fn private_copy(src: &Path, name: &str) -> PathBuf {
 
 /// `key=value`.
 pub fn kv(key: &str, value: &str) -> ConfigArg {
-    ConfigArg {
-        key: Some(key.to_string()),
-        value: value.to_string(),
-    }
+    ConfigArg::kv(key, value)
 }
 
 /// A bare value (goes to the magic config key).
 pub fn bare(value: &str) -> ConfigArg {
-    ConfigArg {
-        key: None,
-        value: value.to_string(),
-    }
+    ConfigArg::bare(value)
 }
 
 /// The lines a test plugin logged so far.

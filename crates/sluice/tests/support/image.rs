@@ -29,6 +29,14 @@ impl Images {
         let top = dir.path().join(self.top.file_name().unwrap());
         Images { dir, top }
     }
+
+    /// The chain flattened to raw (`flat.raw` in the fixture's directory) by qemu-img,
+    /// before anything else touches it: the content the top must keep.
+    pub fn flattened(&self) -> PathBuf {
+        let flat = self.path("flat.raw");
+        flatten(&self.top, &flat);
+        flat
+    }
 }
 
 /// Runs qemu-img and returns its stdout (panics on failure).
@@ -50,6 +58,70 @@ pub fn qemu_io(format: &str, target: &str, cmds: &[&str]) -> String {
         "qemu-io {cmds:?} on {target}: {out}"
     );
     out
+}
+
+/// The image at `top` (with its chain) converted to raw at `out`.
+pub fn flatten(top: &Path, out: &Path) {
+    qemu_img(&["convert", "-O", "raw", path_str(top), path_str(out)]);
+}
+
+/// The image's `qemu-img info --output=json` (`-U`: read while a daemon may still hold the
+/// image, which is what shows that a change of its header is durable at once).
+pub fn image_info(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", path_str(path)])).unwrap()
+}
+
+/// `qemu-img create -q -f qcow2 OPTS... -b BACKING -F qcow2 PATH [SIZE]`: a qcow2 layer over
+/// the qcow2 image `backing`, named as the header will hold it (relative to `path`'s
+/// directory, so that a copy of the directory is a chain of its own). Without `size`, the
+/// backing image's.
+pub fn qcow2_over(path: &Path, backing: &str, opts: &[&str], size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(opts);
+    args.extend(["-b", backing, "-F", "qcow2", path_str(path)]);
+    args.extend(size);
+    qemu_img(&args);
+}
+
+/// Three 4 MiB qcow2 layers in `dir` with unaligned data in each and different cluster sizes:
+/// `PREFIXbase` (64 KiB clusters) <- `PREFIXmid` (4 KiB clusters, also a zero range over base
+/// data) <- `PREFIXtop`, each `.qcow2`, with relative backing names. Returns (base, mid, top).
+pub fn qcow2_chain(dir: &Path, prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let name = |n: &str| format!("{prefix}{n}.qcow2");
+    let (base, mid, top) = (
+        dir.join(name("base")),
+        dir.join(name("mid")),
+        dir.join(name("top")),
+    );
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
+    qemu_io(
+        "qcow2",
+        path_str(&base),
+        &["write -P 0x11 0 1M", "write -P 0x12 3000001 77777"],
+    );
+    qcow2_over(
+        &mid,
+        &name("base"),
+        &["-o", "cluster_size=4096"],
+        Some("4M"),
+    );
+    qemu_io(
+        "qcow2",
+        path_str(&mid),
+        &[
+            "write -P 0x21 100001 300000",
+            "write -z 700000 10000",
+            "write -P 0x22 2000003 5000",
+            "write -P 0x23 3050000 1234",
+        ],
+    );
+    qcow2_over(&top, &name("mid"), &[], Some("4M"));
+    qemu_io(
+        "qcow2",
+        path_str(&top),
+        &["write -P 0x31 200000 4321", "write -P 0x32 2001000 100"],
+    );
+    (base, mid, top)
 }
 
 fn create(dir: &Path, name: &str, opts: &[&str], size: Option<&str>) -> PathBuf {

@@ -1,5 +1,5 @@
-//! Helpers for tests of live jobs (mirror, active commit): QMP exchanges as short names,
-//! and an NBD client (python3-libnbd) kept open across a pivot, driven line by line.
+//! Helpers for tests of live jobs (mirror, active commit): QMP exchanges as short names
+//! (on [`super::qmp`]'s `run_until`), and an NBD client (python3-libnbd) kept open across a pivot, driven line by line.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -10,45 +10,12 @@ use serde_json::{json, Value};
 
 use super::image::qemu_io;
 use super::path_str;
-use super::qmp::Qmp;
+use super::qmp::{names, run_until, Qmp};
 
-/// A message as a short name: `return`, `error:...`, `EVENT` or the JOB_STATUS_CHANGE status.
-pub fn short(v: &Value) -> String {
-    if let Some(e) = v["event"].as_str() {
-        return match v["data"]["status"].as_str() {
-            Some(s) if e == "JOB_STATUS_CHANGE" => s.to_string(),
-            _ => e.to_string(),
-        };
-    }
-    if v.get("return").is_some() {
-        "return".into()
-    } else {
-        format!("error:{}", v["error"]["desc"].as_str().unwrap_or(""))
-    }
-}
-
-/// Sends `cmd` and reads messages until `last` has been read after the reply (`return`:
-/// the reply, error or not).
-pub fn run_until(c: &mut Qmp, cmd: Value, last: &str) -> Vec<String> {
-    c.send(&cmd);
-    let mut got = Vec::new();
-    let mut replied = false;
-    loop {
-        let v = c.read_value().expect("connection closed");
-        let reply = v.get("event").is_none();
-        replied |= reply;
-        let s = short(&v);
-        let done = replied && (s == last || (last == "return" && reply));
-        got.push(s);
-        if done {
-            return got;
-        }
-    }
-}
-
-pub fn ok(c: &mut Qmp, cmd: &str, args: Value) {
-    let r = c.exec(cmd, args);
-    assert_eq!(r, json!({"return": {}}), "{cmd}");
+/// Sends `cmd` and reads messages until `last` has been read after the reply, as
+/// [`run_until`]; returns their [`names`](super::qmp::names).
+pub fn run_names(c: &mut Qmp, cmd: Value, last: &str) -> Vec<String> {
+    names(&run_until(c, cmd, last))
 }
 
 /// One NBD connection kept open across the pivot: python3-libnbd driven line by line.

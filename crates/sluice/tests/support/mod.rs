@@ -30,43 +30,9 @@ impl Server {
         Self::try_start(args).unwrap_or_else(|e| panic!("sluice {args:?} did not start: {e}"))
     }
 
+    /// [`Server::start`], returning why the server did not start instead of panicking.
     pub fn try_start(args: &[&str]) -> Result<Server, String> {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("nbd.sock");
-        let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let child = Command::new(sluice_bin())
-            .args(["serve", "-f", "-U"])
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let mut server = Server {
-            child: Some(child),
-            dir,
-            socket,
-            stderr_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = UnixStream::connect(&server.socket) {
-                // The greeting proves the server is serving.
-                let mut magic = [0u8; 8];
-                if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
-                    return Ok(server);
-                }
-            }
-            if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                return Err(format!("exited with {st}: {}", server.stderr()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("timed out; stderr: {}", server.stderr()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Server::try_start_program(sluice_bin(), &["serve", "-f", "-U"], args)
     }
 
     /// nbd+unix URI of the default export (or `export`).
@@ -158,6 +124,50 @@ pub fn nbdsh(uri: &str, script: &str) -> String {
     run(PYTHON, &["-c", &full])
 }
 
+/// A libnbd client in a process of its own (Debian's python3) that holds a connection open
+/// until released: it connects to `uri`, runs `on_connect` (Python, the handle is `h`) and
+/// says `connected`; once its stdin closes it tries one read and reports `read ok` or
+/// `read failed ERRNO`.
+pub struct NbdHolder {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl NbdHolder {
+    /// Starts the client and waits until it is connected (and `on_connect` passed).
+    pub fn connect(uri: &str, on_connect: &str) -> NbdHolder {
+        let script = format!(
+            "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n{on_connect}\n\
+             print('connected', flush=True)\nsys.stdin.read()\n\
+             try:\n    h.pread(512, 0); print('read ok')\n\
+             except nbd.Error as e:\n    print('read failed', e.errno)\n"
+        );
+        let mut child = Command::new(PYTHON)
+            .arg("-c")
+            .arg(script)
+            .arg(uri)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {PYTHON}: {e} (run scripts/test.sh)"));
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert_eq!(line, "connected\n");
+        NbdHolder { child, stdout }
+    }
+
+    /// Lets the client go on: returns what its read reported (`read ok\n`,
+    /// `read failed ENOTCONN\n`...), after checking that it exited successfully.
+    pub fn release(mut self) -> String {
+        drop(self.child.stdin.take());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line).unwrap();
+        assert!(self.child.wait().unwrap().success());
+        line
+    }
+}
+
 /// A file of `len` bytes of a repeatable pseudo-random pattern.
 pub fn random_file(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, random_bytes(len, seed)).unwrap();
@@ -239,6 +249,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut s) = UnixStream::connect(&server.socket) {
+                // The greeting proves the server is serving.
                 let mut magic = [0u8; 8];
                 if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
                     return Ok(server);

@@ -92,6 +92,15 @@ impl QmpDaemon {
         self.dir.path().join(name)
     }
 
+    /// The URI of `export` on the daemon's NBD server at `{dir}/nbd.sock` (where
+    /// [`start_nbd`] or `--nbd-server addr.type=unix,addr.path={dir}/nbd.sock` puts it).
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            super::path_str(&self.path("nbd.sock"))
+        )
+    }
+
     /// A new monitor connection (greeting read, not negotiated).
     pub fn connect(&self) -> Qmp {
         Qmp::connect(&self.qmp)
@@ -314,4 +323,149 @@ pub fn run_qmp_python(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// qemu-storage-daemon's messages, as [`short`] names, for a job that its command starts
+/// (`created`, `running`, then the reply) and that runs to its end with auto-finalize and
+/// auto-dismiss: what `run_until(c, command, "null")` reads.
+pub const JOB_RUNS_TO_THE_END: [&str; 8] = [
+    "created",
+    "running",
+    "return",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+];
+
+/// A message as a short name: `return`, `error:DESC`, the event's name, or for
+/// JOB_STATUS_CHANGE the job's new status alone (`created`, `running`...: lower case, so
+/// never confused with an event's name).
+pub fn short(v: &Value) -> String {
+    if let Some(e) = v["event"].as_str() {
+        return match v["data"]["status"].as_str() {
+            Some(s) if e == "JOB_STATUS_CHANGE" => s.to_string(),
+            _ => e.to_string(),
+        };
+    }
+    if v.get("return").is_some() {
+        "return".into()
+    } else {
+        format!("error:{}", v["error"]["desc"].as_str().unwrap_or(""))
+    }
+}
+
+/// The [`short`] names of `msgs`, in order.
+pub fn names(msgs: &[Value]) -> Vec<String> {
+    msgs.iter().map(short).collect()
+}
+
+/// Sends `cmd` and reads messages until `last` (a [`short`] name; `return`: the reply, error
+/// or not) has been read after the reply. Returns every message read, in order (none is
+/// kept in `c.events`).
+pub fn run_until(c: &mut Qmp, cmd: Value, last: &str) -> Vec<Value> {
+    c.send(&cmd);
+    let mut got = Vec::new();
+    let mut replied = false;
+    loop {
+        let v = c.read_value().expect("connection closed");
+        let reply = v.get("event").is_none();
+        replied |= reply;
+        let done = replied && (short(&v) == last || (last == "return" && reply));
+        got.push(v);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// Runs a command that must succeed with an empty return.
+#[track_caller]
+pub fn ok(c: &mut Qmp, cmd: &str, args: Value) {
+    let r = c.exec(cmd, args.clone());
+    assert_eq!(r, json!({"return": {}}), "{cmd} {args}");
+}
+
+/// The [`short`] names of the events read so far (kept in `c.events`), in order.
+pub fn seen(c: &Qmp) -> Vec<String> {
+    names(&c.events)
+}
+
+/// Reads events into `c.events` until one whose [`short`] name is `name` has arrived (or
+/// returns it if it was read before), for up to `limit`; panics on a reply meanwhile.
+pub fn wait_for(c: &mut Qmp, name: &str, limit: Duration) -> Value {
+    if let Some(v) = c.events.iter().find(|v| short(v) == name) {
+        return v.clone();
+    }
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(line) = c.try_read_line(Duration::from_millis(100)) {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            c.events.push(v.clone());
+            if short(&v) == name {
+                return v;
+            }
+        }
+    }
+    panic!("no {name} within {limit:?}; saw {:?}", seen(c));
+}
+
+/// `file` driver options for the image at `path`.
+pub fn file(path: &Path, read_only: bool) -> Value {
+    json!({"driver": "file", "filename": super::path_str(path), "read-only": read_only})
+}
+
+/// A daemon with the qcow2 image `top` opened read-write as node `top` (its backing chain
+/// from the headers), and a negotiated monitor connection.
+pub fn daemon_with_top(top: &Path) -> (QmpDaemon, Qmp) {
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    let r = c.exec(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top",
+               "file": {"driver": "file", "filename": super::path_str(top)}}),
+    );
+    assert_eq!(r, json!({"return": {}}), "blockdev-add; {}", d.stderr());
+    (d, c)
+}
+
+/// The `query-named-block-nodes` entry of node `name`.
+pub fn named_node(c: &mut Qmp, name: &str) -> Value {
+    let nodes = c.exec("query-named-block-nodes", json!({}));
+    nodes["return"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{nodes}"))
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}: {nodes}"))
+        .clone()
+}
+
+/// A daemon with the qcow2 images `base` and `mid` (read-only) and `top` (writable) added
+/// as nodes of those names, each naming its backing node, and a negotiated connection.
+pub fn daemon_with_named_chain(base: &Path, mid: &Path, top: &Path) -> (QmpDaemon, Qmp) {
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    for args in [
+        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+               "file": file(base, true)}),
+        json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
+               "file": file(mid, true)}),
+        json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
+               "file": file(top, false)}),
+    ] {
+        assert_eq!(c.exec("blockdev-add", args), json!({"return": {}}));
+    }
+    (d, c)
+}
+
+/// `nbd-server-start` on the daemon's `{dir}/nbd.sock` (see [`QmpDaemon::nbd_uri`]).
+pub fn start_nbd(c: &mut Qmp, d: &QmpDaemon) {
+    ok(
+        c,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": super::path_str(&d.path("nbd.sock"))}}}),
+    );
 }
