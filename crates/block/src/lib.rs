@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod extents;
 pub mod filter;
+pub mod filters;
 pub mod host;
 pub mod plugin;
 pub mod plugins;
