@@ -52,6 +52,10 @@ pub struct HandshakeConfig {
     /// Acknowledge `NBD_OPT_EXTENDED_HEADERS` (true by default). Extended headers imply
     /// structured replies, so they are refused as well when structured replies are disabled.
     pub allow_extended_headers: bool,
+    /// Handshake flags advertised in the greeting (nbdkit's `--mask-handshake`): by default
+    /// `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`. A client setting a flag the server did
+    /// not advertise is refused, as nbdkit refuses it.
+    pub handshake_flags: u16,
 }
 
 impl Default for HandshakeConfig {
@@ -60,6 +64,7 @@ impl Default for HandshakeConfig {
             meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into()],
             allow_structured_replies: true,
             allow_extended_headers: true,
+            handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES,
         }
     }
 }
@@ -299,13 +304,13 @@ pub struct Handshake {
 }
 
 impl Handshake {
-    /// Starts a negotiation and queues the greeting: `NBDMAGIC`, `IHAVEOPT`, and handshake
-    /// flags `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`.
+    /// Starts a negotiation and queues the greeting: `NBDMAGIC`, `IHAVEOPT`, and the
+    /// configured handshake flags (`NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES` by default).
     pub fn new(config: HandshakeConfig) -> Handshake {
         let mut output = Vec::with_capacity(18);
         output.extend_from_slice(&NBDMAGIC.to_be_bytes());
         output.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        output.extend_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
+        output.extend_from_slice(&config.handshake_flags.to_be_bytes());
         Handshake {
             config,
             state: State::ClientFlags,
@@ -372,7 +377,8 @@ impl Handshake {
                     };
                     let flags = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
                     self.input.drain(..4);
-                    if flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
+                    // The client flags have the handshake flags' bit values.
+                    if flags & !u32::from(self.config.handshake_flags) != 0 {
                         return self.fail(HandshakeError::ClientFlags(flags));
                     }
                     self.no_zeroes = flags & NBD_FLAG_C_NO_ZEROES != 0;
@@ -1077,6 +1083,22 @@ mod tests {
         // The failure sticks.
         h.feed(&option(NBD_OPT_LIST, &[]));
         assert_eq!(h.poll(), Err(HandshakeError::ClientFlags(FIXED | 4)));
+    }
+
+    #[test]
+    fn masked_handshake_flags_are_advertised_and_enforced() {
+        let config = HandshakeConfig {
+            handshake_flags: NBD_FLAG_FIXED_NEWSTYLE,
+            ..HandshakeConfig::default()
+        };
+        let mut h = Handshake::new(config.clone());
+        assert_eq!(&h.take_output()[16..], &[0, 1]);
+        h.feed(&FIXED.to_be_bytes());
+        assert_eq!(h.poll(), Ok(Event::NeedInput));
+        // NO_ZEROES was not offered: a client asking for it is refused.
+        let mut h = Handshake::new(config);
+        h.feed(&(FIXED | NBD_FLAG_C_NO_ZEROES).to_be_bytes());
+        assert!(h.poll().is_err());
     }
 
     #[test]

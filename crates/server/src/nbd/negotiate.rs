@@ -87,6 +87,8 @@ impl<'s> Negotiation<'s> {
     pub(super) fn new(server: &'s NbdServer, stream: Stream) -> Negotiation<'s> {
         let config = HandshakeConfig {
             meta_contexts: server.config.meta_contexts.clone(),
+            allow_structured_replies: server.config.structured_replies,
+            handshake_flags: server.config.handshake_flags,
             ..HandshakeConfig::default()
         };
         Negotiation {
