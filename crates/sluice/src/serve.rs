@@ -290,6 +290,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         readonly: args.readonly,
         threads: args.threads as usize,
         structured_replies: !args.nbdkit.no_sr,
+        oldstyle: args.nbdkit.oldstyle,
         ..ServerConfig::default()
     };
     if let Some(mask) = args.nbdkit.mask_handshake {
@@ -408,12 +409,6 @@ fn check_nbdkit_options(args: &ServeArgs) -> anyhow::Result<()> {
     let o = &args.nbdkit;
     if o.vsock {
         bail!("--vsock: sluice does not serve AF_VSOCK sockets; use -U (a Unix socket) or -p");
-    }
-    if o.oldstyle {
-        bail!(
-            "-o/--oldstyle: sluice serves only the newstyle protocol (every client of the \
-             last decade speaks it); drop -o"
-        );
     }
     if o.single && (args.unix.is_some() || args.port.is_some()) {
         bail!("-s (serve standard input) cannot be used with -U or -p");
@@ -839,6 +834,8 @@ fn captive_command(
     c.arg("-c").arg(cmd);
     c.env("uri", uri).env("nbd", uri);
     c.env("exportname", args.exportname.clone().unwrap_or_default());
+    // nbdkit sets $tls to 1 or 2 only when TLS is on, which this server does not do.
+    c.env_remove("tls");
     match socket {
         Some(p) => {
             c.env("unixsocket", p).env("port", "");

@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub structured_replies: bool,
     /// Handshake flags advertised in the greeting (nbdkit's `--mask-handshake`).
     pub handshake_flags: u16,
+    /// Speak the oldstyle protocol (nbdkit's `-o`): the default export, no options.
+    pub oldstyle: bool,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +62,7 @@ impl Default for ServerConfig {
             meta_contexts: vec![sluice_proto::nbd::CONTEXT_BASE_ALLOCATION.to_string()],
             structured_replies: true,
             handshake_flags: sluice_proto::nbd::HandshakeConfig::default().handshake_flags,
+            oldstyle: false,
         }
     }
 }
