@@ -22,6 +22,18 @@ use crate::plugin::Plugin;
 use crate::plugins::ConfigArg;
 
 pub mod cli_registered;
+pub mod fua;
+pub mod lower;
+pub mod nocache;
+pub mod noextents;
+pub mod nofilter;
+pub mod noparallel;
+pub mod nozero;
+pub mod offset;
+pub mod truncate;
+
+#[cfg(test)]
+mod test_support;
 
 /// One filter as the command line knows it.
 #[derive(Clone, Copy)]
@@ -66,7 +78,16 @@ impl Default for FilterEnv {
 }
 
 /// The filters written in this directory by the data-path work (offset, cow, ...).
-pub const DATA_FILTERS: &[FilterSpec] = &[];
+pub const DATA_FILTERS: &[FilterSpec] = &[
+    fua::SPEC,
+    nocache::SPEC,
+    noextents::SPEC,
+    nofilter::SPEC,
+    noparallel::SPEC,
+    nozero::SPEC,
+    offset::SPEC,
+    truncate::SPEC,
+];
 
 /// Every filter sluice has, sorted by name.
 pub fn all() -> &'static [FilterSpec] {
