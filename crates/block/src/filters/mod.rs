@@ -21,6 +21,8 @@ use crate::filter::{Filter, Filtered};
 use crate::plugin::Plugin;
 use crate::plugins::ConfigArg;
 
+pub mod blocksize;
+pub mod blocksize_policy;
 pub mod cli_registered;
 pub mod fua;
 pub mod lower;
@@ -30,6 +32,8 @@ pub mod nofilter;
 pub mod noparallel;
 pub mod nozero;
 pub mod offset;
+pub mod partition;
+pub mod protect;
 pub mod truncate;
 
 #[cfg(test)]
@@ -79,6 +83,8 @@ impl Default for FilterEnv {
 
 /// The filters written in this directory by the data-path work (offset, cow, ...).
 pub const DATA_FILTERS: &[FilterSpec] = &[
+    blocksize::SPEC,
+    blocksize_policy::SPEC,
     fua::SPEC,
     nocache::SPEC,
     noextents::SPEC,
@@ -86,6 +92,8 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     noparallel::SPEC,
     nozero::SPEC,
     offset::SPEC,
+    partition::SPEC,
+    protect::SPEC,
     truncate::SPEC,
 ];
 
