@@ -23,7 +23,9 @@ use crate::plugins::ConfigArg;
 
 pub mod blocksize;
 pub mod blocksize_policy;
+pub mod checkwrite;
 pub mod cli_registered;
+pub mod extentlist;
 pub mod fua;
 pub mod lower;
 pub mod nocache;
@@ -34,6 +36,8 @@ pub mod nozero;
 pub mod offset;
 pub mod partition;
 pub mod protect;
+pub mod readahead;
+pub mod swab;
 pub mod truncate;
 
 #[cfg(test)]
@@ -85,6 +89,8 @@ impl Default for FilterEnv {
 pub const DATA_FILTERS: &[FilterSpec] = &[
     blocksize::SPEC,
     blocksize_policy::SPEC,
+    checkwrite::SPEC,
+    extentlist::SPEC,
     fua::SPEC,
     nocache::SPEC,
     noextents::SPEC,
@@ -94,6 +100,8 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     offset::SPEC,
     partition::SPEC,
     protect::SPEC,
+    readahead::SPEC,
+    swab::SPEC,
     truncate::SPEC,
 ];
 
