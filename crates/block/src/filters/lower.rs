@@ -191,3 +191,31 @@ pub fn zero_buffer() -> &'static [u8] {
     static ZEROES: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
     ZEROES.get_or_init(|| vec![0u8; ZERO_CHUNK].into_boxed_slice())
 }
+
+/// nbdkit_extents_full: asks `next` repeatedly until `[offset, offset+count)` is covered
+/// (a layer may answer less than asked), adding everything to `out`.
+pub fn extents_full(
+    next: &Next,
+    count: u64,
+    offset: u64,
+    flags: Flags,
+    out: &mut Extents,
+) -> Result<()> {
+    let end = offset + count;
+    let mut at = offset;
+    while at < end {
+        let mut part = Extents::new(at, end);
+        next.extents(end - at, at, flags.without(Flags::REQ_ONE), &mut part)?;
+        let Some(last) = part.as_slice().last() else {
+            return Err(BlockError::new(
+                Errno::EIO,
+                "extents: the layer below returned no extents",
+            ));
+        };
+        at = last.offset + last.length;
+        for e in part.as_slice() {
+            out.add(e.offset, e.length, e.kind)?;
+        }
+    }
+    Ok(())
+}

@@ -25,6 +25,7 @@ pub mod blocksize;
 pub mod blocksize_policy;
 pub mod checkwrite;
 pub mod cli_registered;
+pub mod cow;
 pub mod extentlist;
 pub mod fua;
 pub mod lower;
@@ -34,6 +35,7 @@ pub mod nofilter;
 pub mod noparallel;
 pub mod nozero;
 pub mod offset;
+pub mod overlay;
 pub mod partition;
 pub mod protect;
 pub mod readahead;
@@ -90,6 +92,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     blocksize::SPEC,
     blocksize_policy::SPEC,
     checkwrite::SPEC,
+    cow::SPEC,
     extentlist::SPEC,
     fua::SPEC,
     nocache::SPEC,
