@@ -62,7 +62,7 @@ fn open(params: &[ConfigArg], inner: Arc<dyn Plugin>, _: &FilterEnv) -> Result<A
         }
         Ok(())
     })?;
-    let overlay = Overlay::create("cow", blksize)?;
+    let overlay = Overlay::create("cow", blksize, false)?;
     Ok(over(
         Cow {
             overlay,

@@ -23,6 +23,8 @@ use crate::plugins::ConfigArg;
 
 pub mod blocksize;
 pub mod blocksize_policy;
+pub mod cache;
+pub mod cacheextents;
 pub mod checkwrite;
 pub mod cli_registered;
 pub mod cow;
@@ -91,6 +93,8 @@ impl Default for FilterEnv {
 pub const DATA_FILTERS: &[FilterSpec] = &[
     blocksize::SPEC,
     blocksize_policy::SPEC,
+    cache::SPEC,
+    cacheextents::SPEC,
     checkwrite::SPEC,
     cow::SPEC,
     extentlist::SPEC,

@@ -47,8 +47,10 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Creates the (empty, unlinked) temporary file for a filter called `owner`.
-    pub fn create(owner: &str, blksize: u64) -> Result<Overlay> {
+    /// Creates the (empty, unlinked) temporary file for a filter called `owner`, with blocks
+    /// of `blksize` bytes, or of the file system's block size if `fs_min` and that is larger
+    /// (so that reclaimed blocks can be punched out).
+    pub fn create(owner: &str, blksize: u64, fs_min: bool) -> Result<Overlay> {
         let dir = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/tmp"));
@@ -68,6 +70,12 @@ impl Overlay {
             {
                 Ok(file) => {
                     let _ = std::fs::remove_file(&path);
+                    let blksize = if fs_min {
+                        use std::os::unix::fs::MetadataExt;
+                        blksize.max(file.metadata().map_or(0, |m| m.blksize()))
+                    } else {
+                        blksize
+                    };
                     return Ok(Overlay {
                         file,
                         blksize,
@@ -95,12 +103,6 @@ impl Overlay {
 
     pub fn blksize(&self) -> u64 {
         self.blksize
-    }
-
-    /// The preferred I/O size of the file system holding the file.
-    pub fn fs_block_size(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        self.file.metadata().map_or(4096, |m| m.blksize())
     }
 
     /// Sizes the overlay for a layer below of `size` bytes (first connection), or checks
@@ -288,7 +290,7 @@ mod tests {
 
     #[test]
     fn overlay_blocks_round_trip_and_states_count() {
-        let o = Overlay::create("test", 4096).unwrap();
+        let o = Overlay::create("test", 4096, false).unwrap();
         o.set_size("test", 10000).unwrap();
         assert_eq!(o.nblocks(), 3);
         assert!(o.set_size("test", 20000).is_err());
