@@ -413,7 +413,7 @@ mod tests {
         }
     }
     fn check(n: u64, off: u64) -> Result<()> {
-        if n % 512 != 0 || off % 512 != 0 || n > 4096 {
+        if !n.is_multiple_of(512) || !off.is_multiple_of(512) || n > 4096 {
             return Err(BlockError::new(
                 Errno::EIO,
                 format!("bad request {n}@{off}"),

@@ -86,7 +86,7 @@ impl Policy {
         if self.minimum != 0
             && self.maximum != 0
             && self.maximum != u32::MAX
-            && self.maximum % self.minimum != 0
+            && !self.maximum.is_multiple_of(self.minimum)
         {
             return e(
                 "blocksize-maximum",
@@ -156,9 +156,9 @@ impl Conn {
             format!("count {count} is smaller than minimum size {min}")
         } else if data && count > u64::from(bs.maximum) {
             format!("count {count} is larger than maximum size {}", bs.maximum)
-        } else if count % min != 0 {
+        } else if !count.is_multiple_of(min) {
             format!("count {count} is not a multiple of minimum size {min}")
-        } else if offset % min != 0 {
+        } else if !offset.is_multiple_of(min) {
             format!("offset {offset} is not aligned to a multiple of minimum size {min}")
         } else {
             return Ok(());

@@ -28,9 +28,12 @@ pub mod cacheextents;
 pub mod checkwrite;
 pub mod cli_registered;
 pub mod cow;
+pub mod delay;
+pub mod error;
 pub mod extentlist;
 pub mod fua;
 pub mod lower;
+pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
 pub mod nofilter;
@@ -40,7 +43,10 @@ pub mod offset;
 pub mod overlay;
 pub mod partition;
 pub mod protect;
+pub mod rate;
 pub mod readahead;
+pub mod retry;
+pub mod retry_request;
 pub mod swab;
 pub mod truncate;
 
@@ -57,12 +63,12 @@ pub struct FilterSpec {
     /// `--help` text lines, as `nbdkit --filter=NAME PLUGIN --help` prints them.
     pub help: &'static str,
     /// Checks `params` (only keys of [`FilterSpec::keys`]) and puts the filter over `inner`.
-    pub open: fn(
-        params: &[ConfigArg],
-        inner: Arc<dyn Plugin>,
-        ctx: &FilterEnv,
-    ) -> Result<Arc<dyn Plugin>>,
+    pub open: OpenFn,
 }
+
+/// A filter's constructor: checks `params` and puts the filter over `inner`.
+pub type OpenFn =
+    fn(params: &[ConfigArg], inner: Arc<dyn Plugin>, ctx: &FilterEnv) -> Result<Arc<dyn Plugin>>;
 
 impl std::fmt::Debug for FilterSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,8 +103,11 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     cacheextents::SPEC,
     checkwrite::SPEC,
     cow::SPEC,
+    delay::SPEC,
+    error::SPEC,
     extentlist::SPEC,
     fua::SPEC,
+    multi_conn::SPEC,
     nocache::SPEC,
     noextents::SPEC,
     nofilter::SPEC,
@@ -107,7 +116,10 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     offset::SPEC,
     partition::SPEC,
     protect::SPEC,
+    rate::SPEC,
     readahead::SPEC,
+    retry::SPEC,
+    retry_request::SPEC,
     swab::SPEC,
     truncate::SPEC,
 ];
@@ -156,6 +168,18 @@ pub(crate) fn each_param<'a>(
         }
     }
     Ok(())
+}
+
+/// Sleeps for `d` (nbdkit_nanosleep): cut short with ESHUTDOWN when the server shuts down.
+pub(crate) fn nap(d: std::time::Duration) -> Result<()> {
+    if d.is_zero() || crate::host::sleep(d, None) {
+        Ok(())
+    } else {
+        Err(BlockError::new(
+            Errno::ESHUTDOWN,
+            "sleep interrupted: the server is shutting down",
+        ))
+    }
 }
 
 /// nbdkit_parse_bool: `1 true t yes y on` / `0 false f no n off`, any case.

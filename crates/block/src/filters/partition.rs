@@ -105,7 +105,7 @@ pub fn find_mbr(
     let ep_end = (u64::from(ep_start) + u64::from(ep_n)) * SECTOR;
     let mut ebr = u64::from(ep_start) * SECTOR;
     for i in 5.. {
-        if ebr % SECTOR != 0 || ebr < SECTOR || ebr >= size.saturating_sub(SECTOR) {
+        if !ebr.is_multiple_of(SECTOR) || ebr < SECTOR || ebr >= size.saturating_sub(SECTOR) {
             return Err(fail(
                 "invalid EBR chain: next EBR boot sector is located outside disk boundary",
             ));

@@ -48,9 +48,12 @@ impl Default for ReadAhead {
     }
 }
 
+/// A connection's prefetch thread and the queue of (offset, count) it caches.
+type Worker = (Sender<(u64, u64)>, JoinHandle<()>);
+
 /// Per connection: the prefetch thread (None when the filter cannot work).
 pub struct Conn {
-    worker: Option<(Sender<(u64, u64)>, JoinHandle<()>)>,
+    worker: Option<Worker>,
     size: u64,
 }
 

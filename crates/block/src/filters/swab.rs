@@ -48,7 +48,7 @@ pub struct Swab {
 impl Swab {
     fn aligned(&self, count: u64, offset: u64) -> Result<()> {
         let w = self.word as u64;
-        if count % w != 0 || offset % w != 0 {
+        if !count.is_multiple_of(w) || !offset.is_multiple_of(w) {
             return Err(BlockError::new(
                 Errno::EINVAL,
                 "swab: requests to this filter must be aligned",
