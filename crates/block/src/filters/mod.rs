@@ -21,7 +21,37 @@ use crate::filter::{Filter, Filtered};
 use crate::plugin::Plugin;
 use crate::plugins::ConfigArg;
 
+pub mod blocksize;
+pub mod blocksize_policy;
+pub mod cache;
+pub mod cacheextents;
+pub mod checkwrite;
 pub mod cli_registered;
+pub mod cow;
+pub mod delay;
+pub mod error;
+pub mod extentlist;
+pub mod fua;
+pub mod lower;
+pub mod multi_conn;
+pub mod nocache;
+pub mod noextents;
+pub mod nofilter;
+pub mod noparallel;
+pub mod nozero;
+pub mod offset;
+pub mod overlay;
+pub mod partition;
+pub mod protect;
+pub mod rate;
+pub mod readahead;
+pub mod retry;
+pub mod retry_request;
+pub mod swab;
+pub mod truncate;
+
+#[cfg(test)]
+mod test_support;
 
 /// One filter as the command line knows it.
 #[derive(Clone, Copy)]
@@ -33,12 +63,12 @@ pub struct FilterSpec {
     /// `--help` text lines, as `nbdkit --filter=NAME PLUGIN --help` prints them.
     pub help: &'static str,
     /// Checks `params` (only keys of [`FilterSpec::keys`]) and puts the filter over `inner`.
-    pub open: fn(
-        params: &[ConfigArg],
-        inner: Arc<dyn Plugin>,
-        ctx: &FilterEnv,
-    ) -> Result<Arc<dyn Plugin>>,
+    pub open: OpenFn,
 }
+
+/// A filter's constructor: checks `params` and puts the filter over `inner`.
+pub type OpenFn =
+    fn(params: &[ConfigArg], inner: Arc<dyn Plugin>, ctx: &FilterEnv) -> Result<Arc<dyn Plugin>>;
 
 impl std::fmt::Debug for FilterSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,7 +100,33 @@ impl Default for FilterEnv {
 }
 
 /// The filters written in this directory by the data-path work (offset, cow, ...).
-pub const DATA_FILTERS: &[FilterSpec] = &[];
+pub const DATA_FILTERS: &[FilterSpec] = &[
+    blocksize::SPEC,
+    blocksize_policy::SPEC,
+    cache::SPEC,
+    cacheextents::SPEC,
+    checkwrite::SPEC,
+    cow::SPEC,
+    delay::SPEC,
+    error::SPEC,
+    extentlist::SPEC,
+    fua::SPEC,
+    multi_conn::SPEC,
+    nocache::SPEC,
+    noextents::SPEC,
+    nofilter::SPEC,
+    noparallel::SPEC,
+    nozero::SPEC,
+    offset::SPEC,
+    partition::SPEC,
+    protect::SPEC,
+    rate::SPEC,
+    readahead::SPEC,
+    retry::SPEC,
+    retry_request::SPEC,
+    swab::SPEC,
+    truncate::SPEC,
+];
 
 /// Every filter sluice has, sorted by name.
 pub fn all() -> &'static [FilterSpec] {
@@ -116,6 +172,18 @@ pub(crate) fn each_param<'a>(
         }
     }
     Ok(())
+}
+
+/// Sleeps for `d` (nbdkit_nanosleep): cut short with ESHUTDOWN when the server shuts down.
+pub(crate) fn nap(d: std::time::Duration) -> Result<()> {
+    if d.is_zero() || crate::host::sleep(d, None) {
+        Ok(())
+    } else {
+        Err(BlockError::new(
+            Errno::ESHUTDOWN,
+            "sleep interrupted: the server is shutting down",
+        ))
+    }
 }
 
 /// nbdkit_parse_bool: `1 true t yes y on` / `0 false f no n off`, any case.
