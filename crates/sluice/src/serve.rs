@@ -253,7 +253,12 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         let stream = crate::process::stdio_stream().map_err(|e| Failure { code: 1, err: e })?;
         (Listening::none(), Some(stream))
     } else {
-        (listen(&args).map_err(usage)?, None)
+        // Sockets created meanwhile get the --selinux-label; the guard resets it.
+        let label = crate::process::SocketLabel::set(args.nbdkit.selinux_label.as_deref())
+            .map_err(|e| Failure { code: 1, err: e })?;
+        let listening = listen(&args).map_err(usage)?;
+        drop(label);
+        (listening, None)
     };
     crate::process::change_user(args.nbdkit.user.as_deref(), args.nbdkit.group.as_deref())
         .map_err(|e| Failure { code: 1, err: e })?;
@@ -622,10 +627,8 @@ fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
             }
             path.clone()
         };
-        let label = crate::process::SocketLabel::set(args.nbdkit.selinux_label.as_deref())?;
         let listener = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
-        drop(label);
         l.socket_path = Some(path.clone());
         l.unix.push((listener, path));
         return Ok(l);
@@ -652,7 +655,6 @@ fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
     if addrs.is_empty() {
         bail!("no address to listen on with the address family asked for (-4/-6)");
     }
-    let _label = crate::process::SocketLabel::set(args.nbdkit.selinux_label.as_deref())?;
     let mut last_err = None;
     for a in addrs {
         match bind_tcp(a) {

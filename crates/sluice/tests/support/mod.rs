@@ -180,6 +180,7 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+pub mod captive;
 pub mod image;
 pub mod raw;
 
