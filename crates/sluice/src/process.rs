@@ -253,13 +253,14 @@ pub fn stdio_stream() -> anyhow::Result<sluice_server::Stream> {
             }
         }
     }
-    Ok(match i32::from(ss.ss_family) {
+    Ok(if i32::from(ss.ss_family) == libc::AF_UNIX {
         // SAFETY: fd is a connected AF_UNIX socket we own (dup'ed above), taken once.
-        libc::AF_UNIX => {
-            sluice_server::Stream::Unix(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) })
-        }
-        // SAFETY: as above, a connected inet socket.
-        _ => sluice_server::Stream::Tcp(unsafe { std::net::TcpStream::from_raw_fd(fd) }),
+        let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        sluice_server::Stream::Unix(s)
+    } else {
+        // SAFETY: fd is a connected inet socket we own (dup'ed above), taken once.
+        let s = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        sluice_server::Stream::Tcp(s)
     })
 }
 
