@@ -392,3 +392,4 @@ pub fn c_plugin_build_dir() -> &'static Path {
         dir
     })
 }
+pub mod filters;
