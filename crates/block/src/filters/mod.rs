@@ -84,6 +84,9 @@ impl std::fmt::Debug for FilterSpec {
 pub struct FilterEnv {
     /// Asks the server to exit gracefully (exitlast, exitwhen).
     pub exit: Arc<dyn Fn() + Send + Sync>,
+    /// The ready and serving stages (nbdkit's `.get_ready`, `.after_fork`), which the binary
+    /// runs once the stack is built and once it serves (log, stats, pause, exitwhen).
+    pub lifecycle: Arc<cli_registered::Lifecycle>,
 }
 
 impl Default for FilterEnv {
@@ -91,6 +94,7 @@ impl Default for FilterEnv {
     fn default() -> Self {
         FilterEnv {
             exit: Arc::new(crate::host::plugin_requested_shutdown),
+            lifecycle: Arc::default(),
         }
     }
 }

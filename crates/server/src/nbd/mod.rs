@@ -45,6 +45,12 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Meta contexts offered.
     pub meta_contexts: Vec<String>,
+    /// Offer structured replies (nbdkit's `--no-sr` turns them off).
+    pub structured_replies: bool,
+    /// Handshake flags advertised in the greeting (nbdkit's `--mask-handshake`).
+    pub handshake_flags: u16,
+    /// Speak the oldstyle protocol (nbdkit's `-o`): the default export, no options.
+    pub oldstyle: bool,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +60,9 @@ impl Default for ServerConfig {
             threads: 16,
             max_payload: sluice_proto::nbd::consts::NBD_DEFAULT_MAX_PAYLOAD,
             meta_contexts: vec![sluice_proto::nbd::CONTEXT_BASE_ALLOCATION.to_string()],
+            structured_replies: true,
+            handshake_flags: sluice_proto::nbd::HandshakeConfig::default().handshake_flags,
+            oldstyle: false,
         }
     }
 }
