@@ -393,3 +393,4 @@ pub fn c_plugin_build_dir() -> &'static Path {
         dir
     })
 }
+pub mod filters;
