@@ -12,6 +12,7 @@ pub mod export;
 pub mod extents;
 pub mod fileio;
 pub mod filter;
+pub mod filters;
 pub mod host;
 pub mod plugin;
 pub mod plugins;

@@ -4,7 +4,9 @@
 //! errors into one clear line and an exit code (2 for bad usage or configuration, 1 for
 //! failures at run time).
 
+mod compat;
 mod daemon;
+mod filters;
 mod process;
 mod qmp_client;
 mod serve;
@@ -40,12 +42,16 @@ enum Command {
 }
 
 fn main() {
+    if compat::invoked_as_nbdkit() {
+        std::process::exit(compat::main());
+    }
+    let words: Vec<String> = std::env::args().skip(1).collect();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => usage_error(e),
+        Err(e) => usage_error(e, &words),
     };
     if cli.dump_config {
-        print!("{}", dump_config());
+        print!("{}", compat::dump_config(false));
         std::process::exit(0);
     }
     let code = match cli.command {
@@ -61,29 +67,10 @@ fn main() {
     std::process::exit(code);
 }
 
-/// `--dump-config`: what scripts that parse `nbdkit --dump-config` look for.
-fn dump_config() -> String {
-    let version = env!("CARGO_PKG_VERSION");
-    let mut parts = version.split('.');
-    let major = parts.next().unwrap_or("0");
-    let minor = parts.next().unwrap_or("0");
-    let binary = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "sluice".into());
-    format!(
-        "binary={binary}\nexit_with_parent=yes\nhost_cpu={}\nhost_os={}\nname=sluice\n\
-         nbdkit_api_version=2\nnbdkit_plugindir={}\nplugindir={}\ntls=no\nversion={version}\n\
-         version_major={major}\nversion_minor={minor}\n",
-        std::env::consts::ARCH,
-        std::env::consts::OS,
-        sluice_nbdkit::NBDKIT_PLUGIN_DIR,
-        serve::SLUICE_PLUGIN_DIR,
-    )
-}
-
-/// Help and version go to stdout as clap prints them; any other command-line mistake is one
-/// line on stderr, `sluice: ...`, and exit status 2.
-fn usage_error(e: clap::Error) -> ! {
+/// Help and version go to stdout as clap prints them (help followed by what each `--filter`
+/// named on the command line adds, as nbdkit's); any other command-line mistake is one line
+/// on stderr, `sluice: ...`, and exit status 2. `args` are the words after the program name.
+pub(crate) fn usage_error(e: clap::Error, args: &[String]) -> ! {
     use clap::error::ErrorKind;
     if matches!(
         e.kind(),
@@ -92,6 +79,15 @@ fn usage_error(e: clap::Error) -> ! {
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         let _ = e.print();
+        if e.kind() == ErrorKind::DisplayHelp {
+            match filters::help(&filters::names_in_args(args)) {
+                Ok(text) => print!("{text}"),
+                Err(unknown) => {
+                    eprintln!("sluice: {unknown}");
+                    std::process::exit(1);
+                }
+            }
+        }
         std::process::exit(
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 2

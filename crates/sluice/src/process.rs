@@ -1,5 +1,7 @@
-//! Process plumbing shared by `sluice serve` and `sluice daemon`: logging, the pidfile, and
-//! going into the background.
+//! Process plumbing shared by `sluice serve` and `sluice daemon`: logging (to stderr, the
+//! system log or nowhere), the pidfile, going into the background, and what nbdkit's
+//! command line asks of the process (serving standard input, dropping privileges, locking
+//! memory, labelling sockets).
 //!
 //! Daemonizing forks before any thread exists; the parent then waits on a pipe for the
 //! child's verdict, so its exit status tells the caller whether the server really started:
@@ -8,24 +10,122 @@
 //! child died during startup.
 
 use std::io::Write;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+
+use crate::compat::LogTo;
 
 /// Logs to stderr: info by default, debug with `-v`, or as `SLUICE_LOG` says (tracing's
 /// env-filter syntax). Colours only on a terminal.
 pub fn init_logging(verbose: bool) {
     use std::io::IsTerminal;
+    init_logging_to(verbose, LogTo::Stderr, std::io::stderr().is_terminal());
+}
+
+/// Logs to `dest` (see [`set_log_destination`]), with colours only if `ansi` (a terminal
+/// that stays the destination).
+pub fn init_logging_to(verbose: bool, dest: LogTo, ansi: bool) {
     let default = if verbose { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    set_log_destination(dest);
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_ansi(ansi && dest == LogTo::Stderr)
+        .with_writer(LogWriters)
         .with_target(false)
         .try_init();
+}
+
+/// Where log lines go now: 0 stderr, 1 syslog, 2 nowhere.
+static LOG_TO: AtomicU8 = AtomicU8::new(0);
+
+/// Sends log lines to `dest` from now on (nbdkit's `--log`; the background switches to the
+/// system log, as nbdkit does).
+pub fn set_log_destination(dest: LogTo) {
+    if dest == LogTo::Syslog {
+        // SAFETY: openlog keeps the identity pointer, which is a static C string.
+        unsafe { libc::openlog(c"sluice".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+    }
+    LOG_TO.store(dest as u8, Ordering::SeqCst);
+}
+
+/// Makes the writer for each log line, for the destination at that moment.
+struct LogWriters;
+
+/// One log line's writer.
+enum LogWriter {
+    Stderr(std::io::Stderr),
+    /// The line, sent to syslog(3) with this priority when the writer is dropped.
+    Syslog(Vec<u8>, libc::c_int),
+    Null,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriters {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        self.writer(libc::LOG_INFO)
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogWriter {
+        let priority = match *meta.level() {
+            tracing::Level::ERROR => libc::LOG_ERR,
+            tracing::Level::WARN => libc::LOG_WARNING,
+            tracing::Level::INFO => libc::LOG_INFO,
+            _ => libc::LOG_DEBUG,
+        };
+        self.writer(priority)
+    }
+}
+
+impl LogWriters {
+    fn writer(&self, priority: libc::c_int) -> LogWriter {
+        match LOG_TO.load(Ordering::SeqCst) {
+            0 => LogWriter::Stderr(std::io::stderr()),
+            1 => LogWriter::Syslog(Vec::new(), priority),
+            _ => LogWriter::Null,
+        }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogWriter::Stderr(e) => e.write(buf),
+            LogWriter::Syslog(line, _) => {
+                line.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            LogWriter::Null => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogWriter::Stderr(e) => e.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        if let LogWriter::Syslog(line, priority) = self {
+            let text: Vec<u8> = line
+                .iter()
+                .copied()
+                .filter(|&b| b != 0 && b != b'\n')
+                .collect();
+            if let Ok(c) = std::ffi::CString::new(text) {
+                // SAFETY: a "%s" format with one NUL-terminated string argument.
+                unsafe { libc::syslog(*priority, c"%s".as_ptr(), c.as_ptr()) };
+            }
+        }
+    }
 }
 
 /// Writes our pid to `path` atomically (a temporary file renamed into place).
@@ -118,6 +218,145 @@ pub fn daemonize(on_ready: &str) -> anyhow::Result<Readiness> {
                 eprintln!("{text}");
             }
             std::process::exit(1);
+        }
+    }
+}
+
+/// `-s`: the client on standard input/output, as a stream of its own. Standard input and
+/// output are pointed at /dev/null afterwards, so that the connection closes when the
+/// server is done with it (libnbd's `connect_command` waits for that).
+pub fn stdio_stream() -> anyhow::Result<sluice_server::Stream> {
+    // SAFETY: sockaddr_storage is plain old data.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: fd 0 is ours to query; ss/len describe a writable buffer.
+    if unsafe { libc::getsockname(0, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!(
+            "-s: standard input must be a connected socket (inetd, libnbd's connect_command): \
+             {e}"
+        );
+    }
+    // SAFETY: duplicating fd 0 (a socket, checked above) to a new descriptor we own.
+    let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("-s: dup of standard input");
+    }
+    // SAFETY: pointing fds 0 and 1, which we own, at /dev/null.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    Ok(if i32::from(ss.ss_family) == libc::AF_UNIX {
+        // SAFETY: fd is a connected AF_UNIX socket we own (dup'ed above), taken once.
+        let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        sluice_server::Stream::Unix(s)
+    } else {
+        // SAFETY: fd is a connected inet socket we own (dup'ed above), taken once.
+        let s = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        sluice_server::Stream::Tcp(s)
+    })
+}
+
+/// `-g GROUP` and `-u USER`, after the sockets are bound: the group first (with the
+/// supplementary groups dropped), then the user, as nbdkit does. Names or numbers.
+pub fn change_user(user: Option<&str>, group: Option<&str>) -> anyhow::Result<()> {
+    if let Some(g) = group {
+        let gid = lookup_id(g, false)?;
+        // SAFETY: plain system calls with a gid value and a one-element array.
+        unsafe {
+            if libc::setgid(gid) != 0 {
+                return Err(std::io::Error::last_os_error()).context(format!("setgid {g}"));
+            }
+            if libc::setgroups(1, &gid) != 0 {
+                return Err(std::io::Error::last_os_error()).context("setgroups");
+            }
+        }
+        tracing::debug!("changed group to {g}");
+    }
+    if let Some(u) = user {
+        let uid = lookup_id(u, true)?;
+        // SAFETY: a plain system call with a uid value.
+        if unsafe { libc::setuid(uid) } != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("setuid {u}"));
+        }
+        tracing::debug!("changed user to {u}");
+    }
+    Ok(())
+}
+
+/// A user (`user`) or group id from a number or a name.
+fn lookup_id(name: &str, user: bool) -> anyhow::Result<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).context("a user or group name has no NUL byte")?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let id = if user {
+        // SAFETY: passwd is plain old data filled by getpwnam_r within `buf`.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut out = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; buf's length is passed.
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+        (!out.is_null()).then_some(pw.pw_uid)
+    } else {
+        // SAFETY: group is plain old data filled by getgrnam_r within `buf`.
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut out = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; buf's length is passed.
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out) };
+        (!out.is_null()).then_some(gr.gr_gid)
+    };
+    id.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} '{name}' not found",
+            if user { "-u: user" } else { "-g: group" }
+        )
+    })
+}
+
+/// `--swap`: keep every page of the server in memory, so that serving a swap device never
+/// waits for swap.
+pub fn lock_memory() -> anyhow::Result<()> {
+    // SAFETY: mlockall only changes this process's memory locking.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("--swap: mlockall: {e} (raise RLIMIT_MEMLOCK, `ulimit -l`, or run as root)");
+    }
+    Ok(())
+}
+
+/// `--selinux-label`: sockets this thread creates while the guard lives get `label`
+/// (setsockcreatecon(3), written straight to the kernel's attribute file).
+pub struct SocketLabel(bool);
+
+impl SocketLabel {
+    pub fn set(label: Option<&str>) -> anyhow::Result<SocketLabel> {
+        let Some(label) = label else {
+            return Ok(SocketLabel(false));
+        };
+        std::fs::write("/proc/thread-self/attr/sockcreate", label).map_err(|e| {
+            let why = if Path::new("/sys/fs/selinux").exists() {
+                String::new()
+            } else {
+                " (SELinux is not enabled on this system)".to_string()
+            };
+            anyhow::anyhow!("--selinux-label: cannot label the listening sockets: {e}{why}")
+        })?;
+        Ok(SocketLabel(true))
+    }
+}
+
+impl Drop for SocketLabel {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::fs::write("/proc/thread-self/attr/sockcreate", "");
         }
     }
 }

@@ -1,4 +1,10 @@
 //! `sluice serve`: nbdkit's command line for one plugin exported over NBD.
+//!
+//! The order of startup is nbdkit's, because filters and plugins observe it: parameters are
+//! split between the filters and the plugin, the plugin is loaded, the filter stack is built
+//! over it and made ready (files opened, required parameters checked), then the sockets are
+//! bound, privileges dropped, the process goes into the background, and the serving stage
+//! starts the filters' threads before the first client is accepted.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -35,6 +41,8 @@ Examples:
                                    run an nbdkit Python plugin script, unmodified
   sluice serve -f -U /tmp/r.sock rbd rbd/disk1 conf=/etc/ceph/ceph.conf id=admin
                                    serve a Ceph RBD image (pool/image[@snapshot])
+  sluice serve -U - --filter=log memory 1G logfile=/tmp/log --run 'qemu-img info \"$uri\"'
+                                   log every request (filters: --filter=NAME --help)
 
 Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=),
 rbd ([pool/]image[@snap] pool= namespace= snapshot= conf= id= keyring= key= timeout=
@@ -64,24 +72,39 @@ pub struct ServeArgs {
     #[arg(short = 'p', long = "port", value_name = "PORT")]
     port: Option<u16>,
 
-    /// Listen on this IP address only (default: all addresses).
-    #[arg(short = 'i', long = "ipaddr", value_name = "IPADDR")]
-    ipaddr: Option<IpAddr>,
+    /// Listen on this IP address or host name only (default: all addresses).
+    #[arg(
+        short = 'i',
+        long = "ipaddr",
+        visible_alias = "ip-addr",
+        value_name = "IPADDR"
+    )]
+    ipaddr: Option<String>,
 
     /// Serve read-only: writes, trims and zeroes are refused with EPERM.
-    #[arg(short = 'r', long = "readonly")]
+    #[arg(short = 'r', long = "readonly", visible_alias = "read-only")]
     readonly: bool,
 
     /// The export name put in the printed URI and in $exportname for --run.
-    #[arg(short = 'e', long = "exportname", value_name = "EXPORTNAME")]
+    #[arg(
+        short = 'e',
+        long = "exportname",
+        visible_alias = "export-name",
+        value_name = "EXPORTNAME"
+    )]
     exportname: Option<String>,
 
     /// Stay in the foreground (otherwise sluice forks into the background once listening).
-    #[arg(short = 'f', long = "foreground")]
+    #[arg(short = 'f', long = "foreground", visible_alias = "no-fork")]
     foreground: bool,
 
     /// Write the server's process ID to this file once it is ready for clients.
-    #[arg(short = 'P', long = "pidfile", value_name = "PIDFILE")]
+    #[arg(
+        short = 'P',
+        long = "pidfile",
+        visible_alias = "pid-file",
+        value_name = "PIDFILE"
+    )]
     pidfile: Option<PathBuf>,
 
     /// Exit when the parent process exits (implies --foreground).
@@ -137,6 +160,14 @@ pub struct ServeArgs {
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
 
+    /// Put filter NAME over the plugin (repeatable; the first given is the outermost). Its
+    /// key=value parameters go beside the plugin's; `--filter=NAME --help` lists them.
+    #[arg(long = "filter", value_name = "NAME")]
+    filters: Vec<String>,
+
+    #[command(flatten)]
+    nbdkit: crate::compat::NbdkitOptions,
+
     /// The plugin: a built-in (memory, file, null, pattern, rbd), an nbdkit plugin's short name
     /// (found as nbdkit-NAME-plugin.so), or the path of an nbdkit plugin .so file.
     #[arg(value_name = "PLUGIN")]
@@ -158,7 +189,14 @@ fn usage(err: anyhow::Error) -> Failure {
 }
 
 pub fn main(args: ServeArgs) -> i32 {
-    crate::process::init_logging(args.verbose);
+    use std::io::IsTerminal;
+    // Colours only where stderr is a terminal that stays the log's destination.
+    let stays = args.foreground || args.run.is_some() || args.nbdkit.single;
+    crate::process::init_logging_to(
+        args.verbose,
+        args.nbdkit.log.unwrap_or(crate::compat::LogTo::Stderr),
+        stays && std::io::stderr().is_terminal(),
+    );
     match serve(args) {
         Ok(code) => code,
         Err(f) => {
@@ -204,10 +242,15 @@ struct Listening {
 
 fn serve(args: ServeArgs) -> Result<i32, Failure> {
     let params = parse_params(&args.params)?;
+    let (chosen, params) = crate::filters::route(&args.filters, params).map_err(|e| Failure {
+        code: 1,
+        err: e.into(),
+    })?;
     if args.dump_plugin {
-        return dump_plugin(&args, &params);
+        return dump_plugin(&args, &params, &chosen);
     }
     let tls = tls_config(&args)?;
+    check_nbdkit_options(&args).map_err(usage)?;
     let Loaded {
         plugin,
         python,
@@ -223,13 +266,41 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
             rbd: None,
         }
     };
+    let env = sluice_block::filters::FilterEnv::default();
+    let filter_failure = |e: sluice_block::BlockError| Failure {
+        code: crate::filters::exit_code(&e),
+        err: e.into(),
+    };
+    let plugin = chosen.stack(plugin, &env).map_err(filter_failure)?;
+    env.lifecycle
+        .ready(plugin.thread_model())
+        .map_err(filter_failure)?;
+    if args.nbdkit.swap {
+        crate::process::lock_memory().map_err(|e| Failure { code: 1, err: e })?;
+    }
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let hook = shutdown.clone();
     // One hook for every plugin host (nbdkit_shutdown and nbdkit.shutdown alike).
     sluice_block::host::set_shutdown_hook(Box::new(move || hook.notify_one()));
-    let listening = listen(&args).map_err(usage)?;
-    let foreground =
-        args.foreground || args.run.is_some() || args.exit_with_parent || listening.activated;
+    let single = args.nbdkit.single;
+    let (listening, stdio) = if single {
+        let stream = crate::process::stdio_stream().map_err(|e| Failure { code: 1, err: e })?;
+        (Listening::none(), Some(stream))
+    } else {
+        // Sockets created meanwhile get the --selinux-label; the guard resets it.
+        let label = crate::process::SocketLabel::set(args.nbdkit.selinux_label.as_deref())
+            .map_err(|e| Failure { code: 1, err: e })?;
+        let listening = listen(&args).map_err(usage)?;
+        drop(label);
+        (listening, None)
+    };
+    crate::process::change_user(args.nbdkit.user.as_deref(), args.nbdkit.group.as_deref())
+        .map_err(|e| Failure { code: 1, err: e })?;
+    let foreground = args.foreground
+        || args.run.is_some()
+        || args.exit_with_parent
+        || listening.activated
+        || single;
     let tls_mode = tls.as_ref().map_or(TlsMode::Off, TlsConfig::mode);
     let uri = uri_of(&args, &listening, tls_mode);
 
@@ -238,6 +309,10 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
     } else {
         Some(crate::process::daemonize(&uri).map_err(|e| Failure { code: 1, err: e })?)
     };
+    if ready_pipe.is_some() && args.nbdkit.log.is_none() {
+        // As nbdkit: once in the background, messages go to the system log.
+        crate::process::set_log_destination(crate::compat::LogTo::Syslog);
+    }
     if let Some(p) = &python {
         p.after_fork().map_err(python_failure)?;
     }
@@ -265,13 +340,23 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
     }
+    env.lifecycle
+        .serving(sluice_block::filters::cli_registered::Serving {
+            forked: ready_pipe.is_some() || args.run.is_some(),
+        })
+        .map_err(filter_failure)?;
 
     let mut config = ServerConfig {
         readonly: args.readonly,
         threads: args.threads as usize,
         tls,
+        structured_replies: !args.nbdkit.no_sr,
+        oldstyle: args.nbdkit.oldstyle,
         ..ServerConfig::default()
     };
+    if let Some(mask) = args.nbdkit.mask_handshake {
+        config.handshake_flags &= mask;
+    }
     if plugin.has_allocation_depth() {
         config
             .meta_contexts
@@ -303,7 +388,9 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         }
         match ready_pipe {
             Some(fd) => fd.ready(),
-            None if args.run.is_none() => {
+            // With -s, standard output is the client's socket. nbdkit 1.32 prints nothing
+            // (tools that start it rely on that: nbdcopy's `[ CMD ]` shares its stdout).
+            None if args.run.is_none() && !single && !crate::compat::invoked_as_nbdkit() => {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "{uri}");
                 let _ = out.flush();
@@ -318,6 +405,14 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
             tokio::spawn(async move {
                 let code = wait_captive(child).await;
                 let _ = done_tx.send(code);
+            });
+        } else if let Some(stream) = stdio {
+            // -s: the one client is on standard input; the server ends with it.
+            server.clone().spawn_connection(stream);
+            let s = server.clone();
+            tokio::task::spawn_blocking(move || {
+                while !s.wait_idle(Duration::from_secs(3600)) {}
+                let _ = done_tx.send(0);
             });
         } else {
             drop(done_tx);
@@ -337,8 +432,8 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => tracing::debug!("SIGINT: shutting down"),
                 _ = term.recv() => tracing::debug!("SIGTERM: shutting down"),
-                _ = run_done => tracing::debug!("--run command finished"),
-                _ = shutdown.notified() => tracing::debug!("plugin asked for shutdown"),
+                _ = run_done => tracing::debug!("--run command or -s client finished"),
+                _ = shutdown.notified() => tracing::debug!("plugin or filter asked for shutdown"),
             }
             // Wakes plugins sleeping in nbdkit_nanosleep / nbdkit.nanosleep.
             sluice_block::host::request_shutdown();
@@ -377,6 +472,18 @@ fn cleanup(socket_path: Option<&Path>, tempdir: Option<&Path>, pidfile: Option<&
     if let Some(p) = pidfile {
         let _ = std::fs::remove_file(p);
     }
+}
+
+/// nbdkit options that sluice accepts but cannot honour, and combinations nbdkit refuses.
+fn check_nbdkit_options(args: &ServeArgs) -> anyhow::Result<()> {
+    let o = &args.nbdkit;
+    if o.vsock {
+        bail!("--vsock: sluice does not serve AF_VSOCK sockets; use -U (a Unix socket) or -p");
+    }
+    if o.single && (args.unix.is_some() || args.port.is_some()) {
+        bail!("-s (serve standard input) cannot be used with -U or -p");
+    }
+    Ok(())
 }
 
 fn plugin_dirs(args: &ServeArgs) -> Vec<PathBuf> {
@@ -436,7 +543,8 @@ fn python_failure(e: sluice_python::LoadError) -> Failure {
 /// Loads the plugin the user named: built-in first, then an nbdkit C plugin.
 fn open_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>, Failure> {
     if let Some(r) = plugins::open_builtin(&args.plugin, params) {
-        if !args.debug_flags.is_empty() {
+        // nbdkit.* flags are the server's (virt-v2v passes -D nbdkit.backend.datapath=0).
+        if args.debug_flags.iter().any(|f| f.name != "nbdkit") {
             tracing::warn!("-D flags are ignored by built-in plugins");
         }
         return r.map_err(|e| usage(e.into()));
@@ -491,8 +599,18 @@ fn load_failure(e: sluice_nbdkit::LoadError) -> Failure {
     }
 }
 
-/// `--dump-plugin`: nbdkit's key=value description of a plugin.
-fn dump_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<i32, Failure> {
+/// `--dump-plugin`: nbdkit's key=value description of a plugin, with the thread model of
+/// the whole stack when there are filters (whose parameters are checked, as nbdkit's
+/// `.config`, but which open nothing).
+fn dump_plugin(
+    args: &ServeArgs,
+    params: &[ConfigArg],
+    chosen: &crate::filters::Chosen,
+) -> Result<i32, Failure> {
+    let filters = chosen.thread_model().map_err(|e| Failure {
+        code: crate::filters::exit_code(&e),
+        err: e.into(),
+    })?;
     let text = if args.plugin == "python" {
         let (script, rest) = match params.first() {
             Some(_) => {
@@ -526,21 +644,29 @@ fn dump_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<i32, Failure> {
         };
         sluice_nbdkit::dump_plugin_with(&path, params, &args.debug_flags).map_err(load_failure)?
     };
+    let text = crate::filters::dump_with_thread_model(&text, filters);
     print!("{text}");
     let _ = std::io::stdout().flush();
     Ok(0)
 }
 
+impl Listening {
+    /// No socket (`-s` serves standard input).
+    fn none() -> Listening {
+        Listening {
+            unix: Vec::new(),
+            tcp: Vec::new(),
+            tempdir: None,
+            socket_path: None,
+            inherited_path: None,
+            activated: false,
+        }
+    }
+}
+
 /// Binds the sockets: systemd socket activation, `-U`, or TCP.
 fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
-    let mut l = Listening {
-        unix: Vec::new(),
-        tcp: Vec::new(),
-        tempdir: None,
-        socket_path: None,
-        inherited_path: None,
-        activated: false,
-    };
+    let mut l = Listening::none();
     if let Some(fds) = activation_fds()? {
         if args.unix.is_some() || args.port.is_some() {
             bail!("-U and -p cannot be used with socket activation (LISTEN_FDS)");
@@ -594,13 +720,27 @@ fn listen(args: &ServeArgs) -> anyhow::Result<Listening> {
         return Ok(l);
     }
     let port = args.port.unwrap_or(10809);
-    let addrs: Vec<SocketAddr> = match args.ipaddr {
-        Some(ip) => vec![SocketAddr::new(ip, port)],
+    let mut addrs: Vec<SocketAddr> = match &args.ipaddr {
+        // A host name binds every address it resolves to, as nbdkit's getaddrinfo loop.
+        Some(host) => {
+            use std::net::ToSocketAddrs;
+            let mut v: Vec<SocketAddr> = (host.as_str(), port)
+                .to_socket_addrs()
+                .with_context(|| format!("-i {host}: cannot resolve the address"))?
+                .collect();
+            v.dedup();
+            v
+        }
         None => vec![
             SocketAddr::new(IpAddr::from([0u16; 8]), port),
             SocketAddr::new(IpAddr::from([0u8; 4]), port),
         ],
     };
+    addrs.retain(|a| !(args.nbdkit.ipv4_only && a.is_ipv6()));
+    addrs.retain(|a| !(args.nbdkit.ipv6_only && a.is_ipv4()));
+    if addrs.is_empty() {
+        bail!("no address to listen on with the address family asked for (-4/-6)");
+    }
     let mut last_err = None;
     for a in addrs {
         match bind_tcp(a) {
@@ -757,9 +897,9 @@ fn uri_of(args: &ServeArgs, l: &Listening, tls: TlsMode) -> String {
         .first()
         .and_then(|t| t.local_addr().ok())
         .map_or(10809, |a| a.port());
-    let host = match args.ipaddr {
-        Some(IpAddr::V6(ip)) => format!("[{ip}]"),
-        Some(ip) => ip.to_string(),
+    let host = match &args.ipaddr {
+        Some(h) if h.parse::<std::net::Ipv6Addr>().is_ok() => format!("[{h}]"),
+        Some(h) => h.clone(),
         None => "localhost".to_string(),
     };
     format!("{scheme}://{host}:{port}/{export}")

@@ -4,6 +4,8 @@
 // Handshake magics.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+/// The oldstyle greeting's second magic (`cliserv_magic`).
+pub const NBD_OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 pub const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
 
 // Handshake flags (server) and client flags.

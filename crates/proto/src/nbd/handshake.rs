@@ -62,6 +62,10 @@ pub struct HandshakeConfig {
     /// Whether `NBD_OPT_STARTTLS` is offered, and whether it must come first ([`TlsMode`];
     /// `Off` by default).
     pub tls: TlsMode,
+    /// Handshake flags advertised in the greeting (nbdkit's `--mask-handshake`): by default
+    /// `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`. A client setting a flag the server did
+    /// not advertise is refused, as nbdkit refuses it.
+    pub handshake_flags: u16,
 }
 
 impl Default for HandshakeConfig {
@@ -71,6 +75,7 @@ impl Default for HandshakeConfig {
             allow_structured_replies: true,
             allow_extended_headers: true,
             tls: TlsMode::Off,
+            handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES,
         }
     }
 }
@@ -180,6 +185,34 @@ impl Negotiated {
     pub fn reply_form(&self) -> ReplyForm {
         ReplyForm::new(self.structured_replies, self.extended_headers)
     }
+}
+
+/// The oldstyle protocol's whole negotiation (nbdkit's `-o`): the server sends `NBDMAGIC`,
+/// the oldstyle magic, the export's size, 16 bits of handshake flags (none), 16 bits of
+/// transmission flags and 124 zero bytes, and transmission starts at once: no options, so
+/// one export, simple replies, no meta contexts. Returns the greeting and what was agreed.
+pub fn oldstyle(details: ExportDetails) -> (Vec<u8>, Negotiated) {
+    let flags = (details.transmission_flags | NBD_FLAG_HAS_FLAGS)
+        & !(NBD_FLAG_SEND_DF | NBD_FLAG_BLOCK_STAT_PAYLOAD);
+    let mut out = Vec::with_capacity(152);
+    out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    out.extend_from_slice(&NBD_OLDSTYLE_MAGIC.to_be_bytes());
+    out.extend_from_slice(&details.size.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0u8; 124]);
+    let negotiated = Negotiated {
+        export_name: String::new(),
+        structured_replies: false,
+        extended_headers: false,
+        meta_contexts: Vec::new(),
+        details: ExportDetails {
+            transmission_flags: flags,
+            ..details
+        },
+        client_requested_block_size: false,
+    };
+    (out, negotiated)
 }
 
 /// What [`Handshake::poll`] reports.
@@ -342,13 +375,13 @@ pub struct Handshake {
 }
 
 impl Handshake {
-    /// Starts a negotiation and queues the greeting: `NBDMAGIC`, `IHAVEOPT`, and handshake
-    /// flags `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`.
+    /// Starts a negotiation and queues the greeting: `NBDMAGIC`, `IHAVEOPT`, and the
+    /// configured handshake flags (`NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES` by default).
     pub fn new(config: HandshakeConfig) -> Handshake {
         let mut output = Vec::with_capacity(18);
         output.extend_from_slice(&NBDMAGIC.to_be_bytes());
         output.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        output.extend_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
+        output.extend_from_slice(&config.handshake_flags.to_be_bytes());
         Handshake {
             state: State::ClientFlags,
             input: Vec::new(),
@@ -423,7 +456,8 @@ impl Handshake {
                     };
                     let flags = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
                     self.input.drain(..4);
-                    if flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
+                    // The client flags have the handshake flags' bit values.
+                    if flags & !u32::from(self.config.handshake_flags) != 0 {
                         return self.fail(HandshakeError::ClientFlags(flags));
                     }
                     let fixed = flags & NBD_FLAG_C_FIXED_NEWSTYLE != 0;
@@ -468,6 +502,18 @@ impl Handshake {
             self.output.extend_from_slice(description.as_bytes());
         }
         self.reply(NBD_OPT_LIST, NBD_REP_ACK, &[]);
+        self.state = State::Options;
+    }
+
+    /// Answers [`Event::ListExports`] with an error (the plugin could not or would not list
+    /// its exports: nbdkit sends `NBD_REP_ERR_PLATFORM`, or the refusal's code). Ignored
+    /// (and a debug assertion) when no list was asked for.
+    pub fn answer_list_error(&mut self, refusal: ExportRefusal) {
+        if !matches!(self.state, State::AwaitingList) {
+            debug_assert!(false, "answer_list_error without Event::ListExports");
+            return;
+        }
+        self.reply_error(NBD_OPT_LIST, refusal.code(), refusal.message());
         self.state = State::Options;
     }
 
@@ -1183,6 +1229,58 @@ mod tests {
         // The failure sticks.
         h.feed(&option(NBD_OPT_LIST, &[]));
         assert_eq!(h.poll(), Err(HandshakeError::ClientFlags(FIXED | 4)));
+    }
+
+    #[test]
+    fn list_can_be_refused_and_negotiation_goes_on() {
+        let mut h = started(HandshakeConfig::default(), FIXED);
+        h.feed(&option(NBD_OPT_LIST, &[]));
+        assert_eq!(h.poll(), Ok(Event::ListExports));
+        h.answer_list_error(ExportRefusal::Error {
+            code: NBD_REP_ERR_PLATFORM,
+            message: "no list".into(),
+        });
+        assert_eq!(h.poll(), Ok(Event::NeedInput));
+        let out = h.take_output();
+        assert_eq!(&out[12..16], &NBD_REP_ERR_PLATFORM.to_be_bytes());
+        assert_eq!(&out[20..], b"no list");
+    }
+
+    #[test]
+    fn oldstyle_greeting_is_152_bytes_with_size_and_flags() {
+        let details = ExportDetails {
+            name: "x".into(),
+            description: None,
+            size: 0x1234,
+            transmission_flags: NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_DF,
+            block_size: None,
+        };
+        let (greeting, n) = oldstyle(details);
+        assert_eq!(greeting.len(), 152);
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        assert_eq!(&greeting[8..16], &NBD_OLDSTYLE_MAGIC.to_be_bytes());
+        assert_eq!(&greeting[16..24], &0x1234u64.to_be_bytes());
+        let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
+        assert_eq!(&greeting[24..28], &[0, 0, (flags >> 8) as u8, flags as u8]);
+        assert!(greeting[28..].iter().all(|&b| b == 0));
+        assert!(!n.structured_replies && n.meta_contexts.is_empty());
+        assert_eq!(n.details.transmission_flags, flags);
+    }
+
+    #[test]
+    fn masked_handshake_flags_are_advertised_and_enforced() {
+        let config = HandshakeConfig {
+            handshake_flags: NBD_FLAG_FIXED_NEWSTYLE,
+            ..HandshakeConfig::default()
+        };
+        let mut h = Handshake::new(config.clone());
+        assert_eq!(&h.take_output()[16..], &[0, 1]);
+        h.feed(&FIXED.to_be_bytes());
+        assert_eq!(h.poll(), Ok(Event::NeedInput));
+        // NO_ZEROES was not offered: a client asking for it is refused.
+        let mut h = Handshake::new(config);
+        h.feed(&(FIXED | NBD_FLAG_C_NO_ZEROES).to_be_bytes());
+        assert!(h.poll().is_err());
     }
 
     #[test]

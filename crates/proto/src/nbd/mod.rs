@@ -23,8 +23,8 @@ pub use context::{MetaContext, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_ALLOCATION_
 pub use reply::ReplyForm;
 
 pub use handshake::{
-    Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, HandshakeError, Negotiated,
-    Purpose,
+    oldstyle, Event, ExportDetails, ExportRefusal, Handshake, HandshakeConfig, HandshakeError,
+    Negotiated, Purpose,
 };
 pub use request::{decode_request, RequestError, RequestHeader, EXTENDED_REQUEST_LEN, REQUEST_LEN};
 pub use tls::TlsMode;

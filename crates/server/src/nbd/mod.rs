@@ -49,6 +49,12 @@ pub struct ServerConfig {
     /// mode says whether TLS is optional or required (nbdkit's `--tls=on|require`, qemu's
     /// `tls-creds`), and its credentials and authorization hook apply to every connection.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Offer structured replies (nbdkit's `--no-sr` turns them off).
+    pub structured_replies: bool,
+    /// Handshake flags advertised in the greeting (nbdkit's `--mask-handshake`).
+    pub handshake_flags: u16,
+    /// Speak the oldstyle protocol (nbdkit's `-o`): the default export, no options.
+    pub oldstyle: bool,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +65,9 @@ impl Default for ServerConfig {
             max_payload: sluice_proto::nbd::consts::NBD_DEFAULT_MAX_PAYLOAD,
             meta_contexts: vec![sluice_proto::nbd::CONTEXT_BASE_ALLOCATION.to_string()],
             tls: None,
+            structured_replies: true,
+            handshake_flags: sluice_proto::nbd::HandshakeConfig::default().handshake_flags,
+            oldstyle: false,
         }
     }
 }

@@ -106,6 +106,8 @@ impl<'s> Negotiation<'s> {
                 .tls
                 .as_ref()
                 .map_or(TlsMode::Off, |t| t.mode()),
+            allow_structured_replies: server.config.structured_replies,
+            handshake_flags: server.config.handshake_flags,
             ..HandshakeConfig::default()
         };
         Negotiation {
@@ -147,10 +149,13 @@ impl<'s> Negotiation<'s> {
                     self.hs.feed(&self.buf[..n]);
                 }
                 Event::StartTls => self.start_tls()?,
-                Event::ListExports => {
-                    let list = list_exports(self.server, self.hs.is_tls());
-                    self.hs.answer_list(&list)
-                }
+                Event::ListExports => match list_exports(self.server, self.hs.is_tls()) {
+                    Ok(list) => self.hs.answer_list(&list),
+                    Err(e) => self.hs.answer_list_error(ExportRefusal::Error {
+                        code: sluice_proto::nbd::consts::NBD_REP_ERR_PLATFORM,
+                        message: e.to_string(),
+                    }),
+                },
                 Event::ExportQuery {
                     name,
                     purpose: Purpose::ListMetaContext | Purpose::SetMetaContext,
@@ -255,6 +260,9 @@ pub(super) fn negotiate(
     server: &NbdServer,
     stream: Stream,
 ) -> Result<Option<Session>, NegotiateError> {
+    if server.config.oldstyle {
+        return oldstyle(server, stream).map(Some);
+    }
     let mut neg = Negotiation::new(server, stream);
     loop {
         match neg.next()? {
@@ -267,6 +275,26 @@ pub(super) fn negotiate(
     }
 }
 
+/// The oldstyle protocol: the default export, opened before the client says anything.
+fn oldstyle(server: &NbdServer, mut stream: Stream) -> Result<Session, NegotiateError> {
+    // Oldstyle has no STARTTLS: its connections are plaintext.
+    let opened = open_export(server, "", None, false).map_err(|e| {
+        tracing::info!("oldstyle client refused: {e}");
+        io::Error::other(e.to_string())
+    })?;
+    let (greeting, negotiated) = sluice_proto::nbd::oldstyle(details(server, &opened));
+    stream.write_all(&greeting)?;
+    Ok(Session {
+        stream,
+        export: opened.export,
+        backend: opened.backend,
+        name: opened.name,
+        named: None,
+        negotiated,
+        leftover: Vec::new(),
+    })
+}
+
 /// An export opened for a client.
 struct Opened {
     export: Export,
@@ -276,21 +304,26 @@ struct Opened {
     named: Option<Arc<NamedExport>>,
 }
 
-fn list_exports(server: &NbdServer, is_tls: bool) -> Vec<(String, Option<String>)> {
+/// The export list for NBD_OPT_LIST. A plugin that fails to list (or refuses to, as nbdkit's
+/// exportname filter can) gets the client an error reply, as with nbdkit.
+fn list_exports(
+    server: &NbdServer,
+    is_tls: bool,
+) -> Result<Vec<(String, Option<String>)>, BlockError> {
     match &server.exports {
         Exports::Single(backend) => {
             match backend
                 .plugin()
                 .list_exports(server.config.readonly, is_tls)
             {
-                Ok(list) => list.into_iter().map(|e| (e.name, e.description)).collect(),
+                Ok(list) => Ok(list.into_iter().map(|e| (e.name, e.description)).collect()),
                 Err(e) => {
-                    tracing::warn!("list_exports failed: {e}");
-                    Vec::new()
+                    tracing::info!("list_exports failed: {e}");
+                    Err(e)
                 }
             }
         }
-        Exports::Table(table) => table.list(),
+        Exports::Table(table) => Ok(table.list()),
     }
 }
 

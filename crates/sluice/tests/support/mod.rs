@@ -190,6 +190,7 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+pub mod captive;
 pub mod ceph;
 pub mod image;
 pub mod live;
@@ -406,3 +407,4 @@ pub fn c_plugin_build_dir() -> &'static Path {
         dir
     })
 }
+pub mod filters;
