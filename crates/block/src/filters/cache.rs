@@ -27,7 +27,7 @@ use crate::plugins::ConfigArg;
 
 use super::cow::Switch;
 use super::lower::Lower;
-use super::overlay::Overlay;
+use super::overlay::{Overlay, Patch};
 use super::{bad, each_param, over, parse_size, parse_u32, FilterEnv, FilterSpec};
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -261,9 +261,7 @@ impl Cache {
         f: Flags,
     ) -> Result<()> {
         self.overlay.write(blk, data)?;
-        let through = self.mode == Mode::Writethrough
-            || (self.mode == Mode::Writeback && f.contains(Flags::FUA));
-        if through {
+        if self.through(f) {
             self.write_plugin(c, next, blk, data, f)?;
             g.set(CLEAN);
         } else {
@@ -273,25 +271,39 @@ impl Cache {
         Ok(())
     }
 
-    /// Read-modify-write of block `blk`.
+    /// Changes part of block `blk`. A cached block that is kept dirty is patched in place;
+    /// otherwise (not cached, or written through, which writes whole blocks) it is read,
+    /// patched and stored whole.
     fn modify(
         &self,
         c: &Conn,
         next: &Next,
         blk: u64,
         f: Flags,
-        edit: impl FnOnce(&mut [u8]),
+        at: usize,
+        patch: Patch<'_>,
     ) -> Result<()> {
         self.reclaim(c, next)?;
-        let mut block = vec![0u8; self.bs() as usize];
         let mut g = self.overlay.lock(blk);
+        if g.state() != NOT_CACHED && !self.through(f) {
+            self.overlay.write_at(blk, at, &patch)?;
+            g.set(DIRTY);
+            self.overlay.touch(blk);
+            return Ok(());
+        }
+        let mut block = vec![0u8; self.bs() as usize];
         if g.state() == NOT_CACHED {
             Self::read_plugin(c, next, blk * self.bs(), &mut block)?;
         } else {
             self.overlay.read(blk, &mut block)?;
         }
-        edit(&mut block);
+        patch.apply(&mut block, at);
         self.store(c, next, &mut g, blk, &block, f)
+    }
+
+    /// Whether a write with flags `f` goes to the plugin at once.
+    fn through(&self, f: Flags) -> bool {
+        self.mode == Mode::Writethrough || (self.mode == Mode::Writeback && f.contains(Flags::FUA))
     }
 
     fn write_block(&self, c: &Conn, next: &Next, blk: u64, data: &[u8], f: Flags) -> Result<()> {
@@ -461,10 +473,7 @@ impl Filter for Cache {
         self.split(
             buf.len() as u64,
             off,
-            |blk, at, n, done| {
-                let src = &buf[done..done + n];
-                self.modify(c, next, blk, f, |b| b[at..at + n].copy_from_slice(src))
-            },
+            |blk, at, n, done| self.modify(c, next, blk, f, at, Patch::Data(&buf[done..done + n])),
             |blk, done| self.write_block(c, next, blk, &buf[done..done + bs], f),
         )?;
         if flush {
@@ -484,7 +493,7 @@ impl Filter for Cache {
         self.split(
             count,
             off,
-            |blk, at, n, _| self.modify(c, next, blk, f, |b| b[at..at + n].fill(0)),
+            |blk, at, n, _| self.modify(c, next, blk, f, at, Patch::Zero(n)),
             |blk, _| self.write_block(c, next, blk, &zeroes, f),
         )?;
         if flush {
@@ -640,6 +649,26 @@ mod tests {
         // Reads now come from the cache.
         e.read(&mut back, 10).unwrap();
         assert!(take(&log).is_empty());
+    }
+
+    #[test]
+    fn cache_partial_writes_patch_dirty_blocks_and_fua_writes_the_whole_block() {
+        let (e, mem, log) = setup(&[]);
+        e.write(&[1u8; 100], 50, Flags::NONE).unwrap();
+        e.write(&[2u8; 10], 60, Flags::NONE).unwrap();
+        let mut buf = [9u8; 200];
+        e.read(&mut buf, 0).unwrap();
+        let mut want = [0u8; 200];
+        want[50..150].fill(1);
+        want[60..70].fill(2);
+        assert_eq!(buf, want);
+        take(&log);
+        // FUA on a dirty block writes the whole block through, earlier patches included.
+        e.write(&[3u8; 1], 0, Flags::FUA).unwrap();
+        assert_eq!(take(&log), ["pwrite 0 65536"]);
+        export(mem, true).read(&mut buf, 0).unwrap();
+        want[0] = 3;
+        assert_eq!(buf, want);
     }
 
     #[test]

@@ -227,6 +227,26 @@ impl Overlay {
             .map_err(|e| BlockError::io(format!("overlay: pwrite at {}", blk * self.blksize), e))
     }
 
+    /// Writes `patch` into block `blk` at byte `at` (a block already in the overlay).
+    pub fn write_at(&self, blk: u64, at: usize, patch: &Patch<'_>) -> Result<()> {
+        let off = blk * self.blksize + at as u64;
+        let r = match patch {
+            Patch::Data(d) => self.file.write_all_at(d, off),
+            Patch::Zero(n) => {
+                let zeroes = super::lower::zero_buffer();
+                let mut done = 0;
+                let mut r = Ok(());
+                while done < *n && r.is_ok() {
+                    let k = (*n - done).min(zeroes.len());
+                    r = self.file.write_all_at(&zeroes[..k], off + done as u64);
+                    done += k;
+                }
+                r
+            }
+        };
+        r.map_err(|e| BlockError::io(format!("overlay: pwrite at {off}"), e))
+    }
+
     /// Frees the file space of block `blk` (its contents become zeroes).
     pub fn punch(&self, blk: u64) {
         use std::os::fd::AsRawFd;
@@ -245,6 +265,22 @@ impl Overlay {
     /// Bytes of the layer below (the size given to [`Overlay::set_size`]).
     pub fn size(&self) -> u64 {
         self.blocks.get().map_or(0, |(s, _)| *s)
+    }
+}
+
+/// A change to part of a block: bytes to write, or a run of zeroes.
+pub enum Patch<'a> {
+    Data(&'a [u8]),
+    Zero(usize),
+}
+
+impl Patch<'_> {
+    /// Applies the change to a whole block's bytes at `at`.
+    pub fn apply(&self, block: &mut [u8], at: usize) {
+        match self {
+            Patch::Data(d) => block[at..at + d.len()].copy_from_slice(d),
+            Patch::Zero(n) => block[at..at + n].fill(0),
+        }
     }
 }
 
