@@ -12,12 +12,14 @@
 //! `cache-max-size` bounds the cache: once it passes `cache-high-threshold` percent (95) of
 //! it, each request reclaims up to two blocks until it is under `cache-low-threshold` (80),
 //! least recently used first (a clock over per-block "recently used" bits, in place of
-//! nbdkit's two bitmaps). Unlike nbdkit 1.32, which drops a dirty block it reclaims, a dirty
+//! nbdkit's two bitmaps). Reads hold a shared lock while they look at the cache, which
+//! reclaiming takes exclusively, so a block is never punched out under a reader; without
+//! `cache-max-size` the lock is not taken. Unlike nbdkit 1.32, which drops a dirty block it reclaims, a dirty
 //! block is written to the plugin before it is dropped; and block status reports dirty blocks
 //! as data (nbdkit passes the plugin's answer through, which can call unflushed data a hole).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
@@ -27,7 +29,7 @@ use crate::plugins::ConfigArg;
 
 use super::cow::Switch;
 use super::lower::Lower;
-use super::overlay::{Overlay, Patch};
+use super::overlay::{split_read, Overlay, Patch};
 use super::{bad, each_param, over, parse_size, parse_u32, FilterEnv, FilterSpec};
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -131,6 +133,7 @@ fn open(params: &[ConfigArg], inner: Arc<dyn Plugin>, _: &FilterEnv) -> Result<A
             limits: max_size.map(|m| (m * hi / 100, m * lo / 100)),
             reclaiming: AtomicBool::new(false),
             hand: AtomicU64::new(0),
+            reclaim_lock: RwLock::new(()),
         },
         inner,
     ))
@@ -145,6 +148,8 @@ pub struct Cache {
     reclaiming: AtomicBool,
     /// The reclaim clock's hand.
     hand: AtomicU64,
+    /// Shared by reads, exclusive while reclaiming (only taken with cache-max-size).
+    reclaim_lock: RwLock<()>,
 }
 
 /// Per connection: the plugin's size and capabilities.
@@ -192,6 +197,12 @@ impl Cache {
         } else {
             self.reclaiming.store(true, Ordering::Relaxed);
         }
+        // Readers of the overlay hold this shared: a block must not be punched out between
+        // a reader's look at its state and its read.
+        let _readers_out = self
+            .reclaim_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = self.overlay.nblocks();
         let mut reclaimed = 0;
         // Two sweeps clear every recent bit, so a victim is found if any block is cached.
@@ -221,7 +232,6 @@ impl Cache {
 
     /// Reads whole blocks from `blk` into `buf`, from the cache or the plugin.
     fn read_blocks(&self, c: &Conn, next: &Next, mut blk: u64, mut buf: &mut [u8]) -> Result<()> {
-        self.reclaim(c, next)?;
         let bs = self.bs();
         let on_read = self.on_read.on();
         while !buf.is_empty() {
@@ -246,6 +256,23 @@ impl Cache {
             buf = rest;
             blk += n;
         }
+        Ok(())
+    }
+
+    /// Reads part of block `blk` from byte `at`: only those bytes, from the cache or the
+    /// plugin, unless cache-on-read wants the whole block cached.
+    fn read_part(&self, c: &Conn, next: &Next, blk: u64, at: usize, out: &mut [u8]) -> Result<()> {
+        if self.overlay.state(blk) != NOT_CACHED {
+            self.overlay.read_at(blk, at, out)?;
+            self.overlay.touch(blk);
+            return Ok(());
+        }
+        if !self.on_read.on() {
+            return Self::read_plugin(c, next, blk * self.bs() + at as u64, out);
+        }
+        let mut block = vec![0u8; self.bs() as usize];
+        self.read_blocks(c, next, blk, &mut block)?;
+        out.copy_from_slice(&block[at..at + out.len()]);
         Ok(())
     }
 
@@ -440,32 +467,19 @@ impl Filter for Cache {
         }
     }
     fn pread(&self, c: &Conn, next: &Next, buf: &mut [u8], off: u64, _: Flags) -> Result<()> {
-        let bs = self.bs();
-        let mut blk = off / bs;
-        let head = off % bs;
-        let mut buf = buf;
-        let mut block = Vec::new();
-        if head != 0 {
-            block.resize(bs as usize, 0);
-            let n = ((bs - head) as usize).min(buf.len());
-            self.read_blocks(c, next, blk, &mut block)?;
-            buf[..n].copy_from_slice(&block[head as usize..head as usize + n]);
-            buf = &mut buf[n..];
-            blk += 1;
-        }
-        let body = buf.len() / bs as usize * bs as usize;
-        let (whole, tail) = buf.split_at_mut(body);
-        if !whole.is_empty() {
-            self.read_blocks(c, next, blk, whole)?;
-            blk += body as u64 / bs;
-        }
-        if !tail.is_empty() {
-            block.resize(bs as usize, 0);
-            self.read_blocks(c, next, blk, &mut block)?;
-            let n = tail.len();
-            tail.copy_from_slice(&block[..n]);
-        }
-        Ok(())
+        self.reclaim(c, next)?;
+        let _no_reclaim = self.limits.map(|_| {
+            self.reclaim_lock
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
+        split_read(
+            self.bs(),
+            buf,
+            off,
+            |blk, at, piece| self.read_part(c, next, blk, at, piece),
+            |blk, run| self.read_blocks(c, next, blk, run),
+        )
     }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, f: Flags) -> Result<()> {
         let (f, flush) = self.fua(c, f);

@@ -23,7 +23,7 @@ use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::lower::{extents_full, read_and_discard};
-use super::overlay::{Overlay, Patch};
+use super::overlay::{split_read, Overlay, Patch};
 use super::{bad, each_param, over, parse_bool, parse_size, FilterEnv, FilterSpec};
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -144,6 +144,25 @@ impl Cow {
             blk += n;
         }
         Ok(())
+    }
+
+    /// Reads part of block `blk` from byte `at`: only those bytes, from wherever the block
+    /// is, unless cow-on-read wants the whole block copied.
+    fn read_part(&self, c: &Conn, next: &Next, blk: u64, at: usize, out: &mut [u8]) -> Result<()> {
+        match self.overlay.state(blk) {
+            PRESENT => self.overlay.read_at(blk, at, out),
+            TRIMMED => {
+                out.fill(0);
+                Ok(())
+            }
+            _ if !self.on_read.on() => read_plugin(c, next, blk * self.bs() + at as u64, out),
+            _ => {
+                let mut block = vec![0u8; self.bs() as usize];
+                self.read_blocks(c, next, blk, &mut block)?;
+                out.copy_from_slice(&block[at..at + out.len()]);
+                Ok(())
+            }
+        }
     }
 
     /// Changes part of block `blk` (under the block's lock): a block already in the overlay
@@ -278,32 +297,13 @@ impl Filter for Cow {
         Ok(true)
     }
     fn pread(&self, c: &Conn, next: &Next, buf: &mut [u8], off: u64, _: Flags) -> Result<()> {
-        let bs = self.bs();
-        let (blk, head) = (off / bs, off % bs);
-        let mut buf = buf;
-        let mut blk = blk;
-        let mut block = Vec::new();
-        if head != 0 {
-            block.resize(bs as usize, 0);
-            let n = ((bs - head) as usize).min(buf.len());
-            self.read_blocks(c, next, blk, &mut block)?;
-            buf[..n].copy_from_slice(&block[head as usize..head as usize + n]);
-            buf = &mut buf[n..];
-            blk += 1;
-        }
-        let body = buf.len() / bs as usize * bs as usize;
-        let (whole, tail) = buf.split_at_mut(body);
-        if !whole.is_empty() {
-            self.read_blocks(c, next, blk, whole)?;
-            blk += (body as u64) / bs;
-        }
-        if !tail.is_empty() {
-            block.resize(bs as usize, 0);
-            self.read_blocks(c, next, blk, &mut block)?;
-            let n = tail.len();
-            tail.copy_from_slice(&block[..n]);
-        }
-        Ok(())
+        split_read(
+            self.bs(),
+            buf,
+            off,
+            |blk, at, piece| self.read_part(c, next, blk, at, piece),
+            |blk, run| self.read_blocks(c, next, blk, run),
+        )
     }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, _: Flags) -> Result<()> {
         let bs = self.bs() as usize;
