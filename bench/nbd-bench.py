@@ -199,6 +199,25 @@ SERVERS = {
                              + os.path.dirname(c.psk_file),
                              "--tls-creds", "t0", "-k", s, f],
         backing="raw", default=False, tls=True),
+    # Filters (not in the default set; --filters selects them with their rows): three
+    # pass-through layers over memory must cost nothing against bare memory, and the cow
+    # and cache filters over a file are compared with nbdkit's.
+    "sluice-nofilter3": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s] + ["--filter=nofilter"] * 3
+        + ["memory", str(c.size)],
+        backing=None, sluice=True, default=False),
+    "sluice-cow": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "--filter=cow", "file", f],
+        backing="raw", sluice=True, default=False),
+    "nbdkit-cow": dict(
+        cmd=lambda c, s, f: ["nbdkit", "-f", "-U", s, "--filter=cow", "file", f],
+        backing="raw", default=False),
+    "sluice-cache": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "--filter=cache", "file", f],
+        backing="raw", sluice=True, default=False),
+    "nbdkit-cache": dict(
+        cmd=lambda c, s, f: ["nbdkit", "-f", "-U", s, "--filter=cache", "file", f],
+        backing="raw", default=False),
 }
 
 # Ratio columns (numerator, denominator), shown when both are selected.
@@ -212,6 +231,9 @@ RATIOS = [
     ("sluice-file-tls", "nbdkit-file-tls"),
     ("sluice-file-tls", "qemu-nbd-raw-tls"),
     ("sluice-file-tls", "sluice-file"),
+    ("sluice-nofilter3", "sluice-memory"),
+    ("sluice-cow", "nbdkit-cow"),
+    ("sluice-cache", "nbdkit-cache"),
 ]
 
 BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}
@@ -225,6 +247,10 @@ QCOW2_ROWS = ["seq-read", "seq-write", "randread-qd1", "randread-qd32",
 TLS_SERVERS = ["sluice-file-tls", "nbdkit-file-tls", "qemu-nbd-raw-tls", "sluice-file"]
 TLS_ROWS = ["seq-read", "seq-write", "randread-qd32-libnbd", "connections"]
 TLS_PSK_USER = "bench"
+# --filters: the filter comparison (nofilter x3 vs bare memory, cow and cache vs nbdkit's).
+FILTER_SERVERS = ["sluice-memory", "sluice-nofilter3", "sluice-cow", "nbdkit-cow",
+                  "sluice-cache", "nbdkit-cache"]
+FILTER_ROWS = ["seq-read", "randread-qd32", "randwrite-qd32"]
 # Backings that may be shared by several concurrently running servers.
 # A qcow2 file open read-write in two servers at once is not safe.
 SHAREABLE = {"raw"}
@@ -883,6 +909,10 @@ def parse_args(argv):
                     help="TLS comparison (PSK, TLS required): servers "
                     + ",".join(TLS_SERVERS) + ", rows " + ",".join(TLS_ROWS)
                     + " (unless --servers / --only say otherwise)")
+    ap.add_argument("--filters", action="store_true",
+                    help="filter comparison: servers " + ",".join(FILTER_SERVERS)
+                    + ", rows " + ",".join(FILTER_ROWS)
+                    + " (unless --servers / --only say otherwise)")
     ap.add_argument("--list", action="store_true", help="list rows and servers")
     a = ap.parse_args(argv)
     if a.qcow2:
@@ -891,6 +921,9 @@ def parse_args(argv):
     if a.tls:
         a.servers = a.servers or ",".join(TLS_SERVERS)
         a.only = a.only or ",".join(TLS_ROWS)
+    if a.filters:
+        a.servers = a.servers or ",".join(FILTER_SERVERS)
+        a.only = a.only or ",".join(FILTER_ROWS)
     dflt = (512 * MiB, 1, 2) if a.quick else (4 * GiB, 3, 5)
     a.size = a.size if a.size is not None else dflt[0]
     a.rounds = a.rounds if a.rounds is not None else dflt[1]

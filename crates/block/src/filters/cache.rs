@@ -12,12 +12,14 @@
 //! `cache-max-size` bounds the cache: once it passes `cache-high-threshold` percent (95) of
 //! it, each request reclaims up to two blocks until it is under `cache-low-threshold` (80),
 //! least recently used first (a clock over per-block "recently used" bits, in place of
-//! nbdkit's two bitmaps). Unlike nbdkit 1.32, which drops a dirty block it reclaims, a dirty
+//! nbdkit's two bitmaps). Reads hold a shared lock while they look at the cache, which
+//! reclaiming takes exclusively, so a block is never punched out under a reader; without
+//! `cache-max-size` the lock is not taken. Unlike nbdkit 1.32, which drops a dirty block it reclaims, a dirty
 //! block is written to the plugin before it is dropped; and block status reports dirty blocks
 //! as data (nbdkit passes the plugin's answer through, which can call unflushed data a hole).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
@@ -27,7 +29,7 @@ use crate::plugins::ConfigArg;
 
 use super::cow::Switch;
 use super::lower::Lower;
-use super::overlay::Overlay;
+use super::overlay::{split_read, Overlay, Patch};
 use super::{bad, each_param, over, parse_size, parse_u32, FilterEnv, FilterSpec};
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -131,6 +133,7 @@ fn open(params: &[ConfigArg], inner: Arc<dyn Plugin>, _: &FilterEnv) -> Result<A
             limits: max_size.map(|m| (m * hi / 100, m * lo / 100)),
             reclaiming: AtomicBool::new(false),
             hand: AtomicU64::new(0),
+            reclaim_lock: RwLock::new(()),
         },
         inner,
     ))
@@ -145,6 +148,8 @@ pub struct Cache {
     reclaiming: AtomicBool,
     /// The reclaim clock's hand.
     hand: AtomicU64,
+    /// Shared by reads, exclusive while reclaiming (only taken with cache-max-size).
+    reclaim_lock: RwLock<()>,
 }
 
 /// Per connection: the plugin's size and capabilities.
@@ -192,6 +197,12 @@ impl Cache {
         } else {
             self.reclaiming.store(true, Ordering::Relaxed);
         }
+        // Readers of the overlay hold this shared: a block must not be punched out between
+        // a reader's look at its state and its read.
+        let _readers_out = self
+            .reclaim_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = self.overlay.nblocks();
         let mut reclaimed = 0;
         // Two sweeps clear every recent bit, so a victim is found if any block is cached.
@@ -221,7 +232,6 @@ impl Cache {
 
     /// Reads whole blocks from `blk` into `buf`, from the cache or the plugin.
     fn read_blocks(&self, c: &Conn, next: &Next, mut blk: u64, mut buf: &mut [u8]) -> Result<()> {
-        self.reclaim(c, next)?;
         let bs = self.bs();
         let on_read = self.on_read.on();
         while !buf.is_empty() {
@@ -249,6 +259,23 @@ impl Cache {
         Ok(())
     }
 
+    /// Reads part of block `blk` from byte `at`: only those bytes, from the cache or the
+    /// plugin, unless cache-on-read wants the whole block cached.
+    fn read_part(&self, c: &Conn, next: &Next, blk: u64, at: usize, out: &mut [u8]) -> Result<()> {
+        if self.overlay.state(blk) != NOT_CACHED {
+            self.overlay.read_at(blk, at, out)?;
+            self.overlay.touch(blk);
+            return Ok(());
+        }
+        if !self.on_read.on() {
+            return Self::read_plugin(c, next, blk * self.bs() + at as u64, out);
+        }
+        let mut block = vec![0u8; self.bs() as usize];
+        self.read_blocks(c, next, blk, &mut block)?;
+        out.copy_from_slice(&block[at..at + out.len()]);
+        Ok(())
+    }
+
     /// Stores whole block `blk` (the caller holds it): written through to the plugin in
     /// writethrough mode or for FUA in writeback mode, else kept dirty.
     fn store(
@@ -261,9 +288,7 @@ impl Cache {
         f: Flags,
     ) -> Result<()> {
         self.overlay.write(blk, data)?;
-        let through = self.mode == Mode::Writethrough
-            || (self.mode == Mode::Writeback && f.contains(Flags::FUA));
-        if through {
+        if self.through(f) {
             self.write_plugin(c, next, blk, data, f)?;
             g.set(CLEAN);
         } else {
@@ -273,25 +298,39 @@ impl Cache {
         Ok(())
     }
 
-    /// Read-modify-write of block `blk`.
+    /// Changes part of block `blk`. A cached block that is kept dirty is patched in place;
+    /// otherwise (not cached, or written through, which writes whole blocks) it is read,
+    /// patched and stored whole.
     fn modify(
         &self,
         c: &Conn,
         next: &Next,
         blk: u64,
         f: Flags,
-        edit: impl FnOnce(&mut [u8]),
+        at: usize,
+        patch: Patch<'_>,
     ) -> Result<()> {
         self.reclaim(c, next)?;
-        let mut block = vec![0u8; self.bs() as usize];
         let mut g = self.overlay.lock(blk);
+        if g.state() != NOT_CACHED && !self.through(f) {
+            self.overlay.write_at(blk, at, &patch)?;
+            g.set(DIRTY);
+            self.overlay.touch(blk);
+            return Ok(());
+        }
+        let mut block = vec![0u8; self.bs() as usize];
         if g.state() == NOT_CACHED {
             Self::read_plugin(c, next, blk * self.bs(), &mut block)?;
         } else {
             self.overlay.read(blk, &mut block)?;
         }
-        edit(&mut block);
+        patch.apply(&mut block, at);
         self.store(c, next, &mut g, blk, &block, f)
+    }
+
+    /// Whether a write with flags `f` goes to the plugin at once.
+    fn through(&self, f: Flags) -> bool {
+        self.mode == Mode::Writethrough || (self.mode == Mode::Writeback && f.contains(Flags::FUA))
     }
 
     fn write_block(&self, c: &Conn, next: &Next, blk: u64, data: &[u8], f: Flags) -> Result<()> {
@@ -428,32 +467,19 @@ impl Filter for Cache {
         }
     }
     fn pread(&self, c: &Conn, next: &Next, buf: &mut [u8], off: u64, _: Flags) -> Result<()> {
-        let bs = self.bs();
-        let mut blk = off / bs;
-        let head = off % bs;
-        let mut buf = buf;
-        let mut block = Vec::new();
-        if head != 0 {
-            block.resize(bs as usize, 0);
-            let n = ((bs - head) as usize).min(buf.len());
-            self.read_blocks(c, next, blk, &mut block)?;
-            buf[..n].copy_from_slice(&block[head as usize..head as usize + n]);
-            buf = &mut buf[n..];
-            blk += 1;
-        }
-        let body = buf.len() / bs as usize * bs as usize;
-        let (whole, tail) = buf.split_at_mut(body);
-        if !whole.is_empty() {
-            self.read_blocks(c, next, blk, whole)?;
-            blk += body as u64 / bs;
-        }
-        if !tail.is_empty() {
-            block.resize(bs as usize, 0);
-            self.read_blocks(c, next, blk, &mut block)?;
-            let n = tail.len();
-            tail.copy_from_slice(&block[..n]);
-        }
-        Ok(())
+        self.reclaim(c, next)?;
+        let _no_reclaim = self.limits.map(|_| {
+            self.reclaim_lock
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
+        split_read(
+            self.bs(),
+            buf,
+            off,
+            |blk, at, piece| self.read_part(c, next, blk, at, piece),
+            |blk, run| self.read_blocks(c, next, blk, run),
+        )
     }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, f: Flags) -> Result<()> {
         let (f, flush) = self.fua(c, f);
@@ -461,10 +487,7 @@ impl Filter for Cache {
         self.split(
             buf.len() as u64,
             off,
-            |blk, at, n, done| {
-                let src = &buf[done..done + n];
-                self.modify(c, next, blk, f, |b| b[at..at + n].copy_from_slice(src))
-            },
+            |blk, at, n, done| self.modify(c, next, blk, f, at, Patch::Data(&buf[done..done + n])),
             |blk, done| self.write_block(c, next, blk, &buf[done..done + bs], f),
         )?;
         if flush {
@@ -484,7 +507,7 @@ impl Filter for Cache {
         self.split(
             count,
             off,
-            |blk, at, n, _| self.modify(c, next, blk, f, |b| b[at..at + n].fill(0)),
+            |blk, at, n, _| self.modify(c, next, blk, f, at, Patch::Zero(n)),
             |blk, _| self.write_block(c, next, blk, &zeroes, f),
         )?;
         if flush {
@@ -640,6 +663,26 @@ mod tests {
         // Reads now come from the cache.
         e.read(&mut back, 10).unwrap();
         assert!(take(&log).is_empty());
+    }
+
+    #[test]
+    fn cache_partial_writes_patch_dirty_blocks_and_fua_writes_the_whole_block() {
+        let (e, mem, log) = setup(&[]);
+        e.write(&[1u8; 100], 50, Flags::NONE).unwrap();
+        e.write(&[2u8; 10], 60, Flags::NONE).unwrap();
+        let mut buf = [9u8; 200];
+        e.read(&mut buf, 0).unwrap();
+        let mut want = [0u8; 200];
+        want[50..150].fill(1);
+        want[60..70].fill(2);
+        assert_eq!(buf, want);
+        take(&log);
+        // FUA on a dirty block writes the whole block through, earlier patches included.
+        e.write(&[3u8; 1], 0, Flags::FUA).unwrap();
+        assert_eq!(take(&log), ["pwrite 0 65536"]);
+        export(mem, true).read(&mut buf, 0).unwrap();
+        want[0] = 3;
+        assert_eq!(buf, want);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::lower::{extents_full, read_and_discard};
-use super::overlay::Overlay;
+use super::overlay::{split_read, Overlay, Patch};
 use super::{bad, each_param, over, parse_bool, parse_size, FilterEnv, FilterSpec};
 
 pub const SPEC: FilterSpec = FilterSpec {
@@ -146,16 +146,37 @@ impl Cow {
         Ok(())
     }
 
-    /// Changes part of block `blk` with `edit` (read-modify-write under the block's lock).
-    fn modify(&self, c: &Conn, next: &Next, blk: u64, edit: impl FnOnce(&mut [u8])) -> Result<()> {
-        let mut block = vec![0u8; self.bs() as usize];
-        let mut g = self.overlay.lock(blk);
-        match g.state() {
-            PRESENT => self.overlay.read(blk, &mut block)?,
-            TRIMMED => {}
-            _ => read_plugin(c, next, blk * self.bs(), &mut block)?,
+    /// Reads part of block `blk` from byte `at`: only those bytes, from wherever the block
+    /// is, unless cow-on-read wants the whole block copied.
+    fn read_part(&self, c: &Conn, next: &Next, blk: u64, at: usize, out: &mut [u8]) -> Result<()> {
+        match self.overlay.state(blk) {
+            PRESENT => self.overlay.read_at(blk, at, out),
+            TRIMMED => {
+                out.fill(0);
+                Ok(())
+            }
+            _ if !self.on_read.on() => read_plugin(c, next, blk * self.bs() + at as u64, out),
+            _ => {
+                let mut block = vec![0u8; self.bs() as usize];
+                self.read_blocks(c, next, blk, &mut block)?;
+                out.copy_from_slice(&block[at..at + out.len()]);
+                Ok(())
+            }
         }
-        edit(&mut block);
+    }
+
+    /// Changes part of block `blk` (under the block's lock): a block already in the overlay
+    /// is patched in place; any other is read, patched and written whole.
+    fn modify(&self, c: &Conn, next: &Next, blk: u64, at: usize, patch: Patch<'_>) -> Result<()> {
+        let mut g = self.overlay.lock(blk);
+        if g.state() == PRESENT {
+            return self.overlay.write_at(blk, at, &patch);
+        }
+        let mut block = vec![0u8; self.bs() as usize];
+        if g.state() == ABSENT {
+            read_plugin(c, next, blk * self.bs(), &mut block)?;
+        }
+        patch.apply(&mut block, at);
         self.overlay.write(blk, &block)?;
         g.set(PRESENT);
         Ok(())
@@ -169,33 +190,34 @@ impl Cow {
     }
 
     /// Splits `[off, off+count)` into an unaligned head, whole blocks and a tail, calling
-    /// `part(blk, start_in_block, len)` for the partial ones and `whole(blk)` for the rest.
+    /// `part(blk, at, len, done)` for the partial ones and `whole(blk, done)` for the rest;
+    /// `done` counts the bytes before the piece.
     fn split(
         &self,
         count: u64,
         off: u64,
-        mut part: impl FnMut(u64, usize, usize) -> Result<()>,
-        mut whole: impl FnMut(u64, u64) -> Result<()>,
+        mut part: impl FnMut(u64, usize, usize, usize) -> Result<()>,
+        mut whole: impl FnMut(u64, usize) -> Result<()>,
     ) -> Result<()> {
         let bs = self.bs();
         let (mut blk, head) = (off / bs, off % bs);
         let mut count = count;
-        let mut done = 0u64;
+        let mut done = 0usize;
         if head != 0 {
             let n = (bs - head).min(count);
-            part(blk, head as usize, n as usize)?;
+            part(blk, head as usize, n as usize, done)?;
             blk += 1;
             count -= n;
-            done += n;
+            done += n as usize;
         }
         while count >= bs {
             whole(blk, done)?;
             blk += 1;
             count -= bs;
-            done += bs;
+            done += bs as usize;
         }
         if count > 0 {
-            part(blk, 0, count as usize)?;
+            part(blk, 0, count as usize, done)?;
         }
         Ok(())
     }
@@ -275,44 +297,21 @@ impl Filter for Cow {
         Ok(true)
     }
     fn pread(&self, c: &Conn, next: &Next, buf: &mut [u8], off: u64, _: Flags) -> Result<()> {
-        let bs = self.bs();
-        let (blk, head) = (off / bs, off % bs);
-        let mut buf = buf;
-        let mut blk = blk;
-        let mut block = Vec::new();
-        if head != 0 {
-            block.resize(bs as usize, 0);
-            let n = ((bs - head) as usize).min(buf.len());
-            self.read_blocks(c, next, blk, &mut block)?;
-            buf[..n].copy_from_slice(&block[head as usize..head as usize + n]);
-            buf = &mut buf[n..];
-            blk += 1;
-        }
-        let body = buf.len() / bs as usize * bs as usize;
-        let (whole, tail) = buf.split_at_mut(body);
-        if !whole.is_empty() {
-            self.read_blocks(c, next, blk, whole)?;
-            blk += (body as u64) / bs;
-        }
-        if !tail.is_empty() {
-            block.resize(bs as usize, 0);
-            self.read_blocks(c, next, blk, &mut block)?;
-            let n = tail.len();
-            tail.copy_from_slice(&block[..n]);
-        }
-        Ok(())
+        split_read(
+            self.bs(),
+            buf,
+            off,
+            |blk, at, piece| self.read_part(c, next, blk, at, piece),
+            |blk, run| self.read_blocks(c, next, blk, run),
+        )
     }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, _: Flags) -> Result<()> {
         let bs = self.bs() as usize;
         self.split(
             buf.len() as u64,
             off,
-            |blk, at, n| {
-                let start = if at != 0 { 0 } else { buf.len() - n };
-                let src = &buf[start..start + n];
-                self.modify(c, next, blk, |b| b[at..at + n].copy_from_slice(src))
-            },
-            |blk, done| self.write_block(blk, &buf[done as usize..done as usize + bs]),
+            |blk, at, n, done| self.modify(c, next, blk, at, Patch::Data(&buf[done..done + n])),
+            |blk, done| self.write_block(blk, &buf[done..done + bs]),
         )
     }
     fn zero(&self, c: &Conn, next: &Next, count: u64, off: u64, f: Flags) -> Result<()> {
@@ -326,7 +325,7 @@ impl Filter for Cow {
         self.split(
             count,
             off,
-            |blk, at, n| self.modify(c, next, blk, |b| b[at..at + n].fill(0)),
+            |blk, at, n, _| self.modify(c, next, blk, at, Patch::Zero(n)),
             |blk, _| self.write_block(blk, &zeroes),
         )
     }
@@ -334,7 +333,7 @@ impl Filter for Cow {
         self.split(
             count,
             off,
-            |blk, at, n| self.modify(c, next, blk, |b| b[at..at + n].fill(0)),
+            |blk, at, n, _| self.modify(c, next, blk, at, Patch::Zero(n)),
             |blk, _| {
                 let mut g = self.overlay.lock(blk);
                 self.overlay.punch(blk);
@@ -515,6 +514,22 @@ mod tests {
         );
         let one = e.extents(65536, 8192, Flags::REQ_ONE).unwrap();
         assert_eq!(one.as_slice().len(), 1);
+    }
+
+    #[test]
+    fn cow_partial_writes_into_a_present_block_patch_it_in_place() {
+        let (e, _) = cow_over(memory(1 << 20), &[]);
+        e.write(&[1u8; 100], 50, Flags::NONE).unwrap();
+        e.write(&[2u8; 10], 60, Flags::NONE).unwrap();
+        e.zero(5, 70, Flags::NONE).unwrap_err(); // WRITE_ZEROES is not offered
+        e.trim(5, 70, Flags::NONE).unwrap();
+        let mut buf = [9u8; 200];
+        e.read(&mut buf, 0).unwrap();
+        let mut want = [0u8; 200];
+        want[50..150].fill(1);
+        want[60..70].fill(2);
+        want[70..75].fill(0); // the trim
+        assert_eq!(buf, want);
     }
 
     #[test]

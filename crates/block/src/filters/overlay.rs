@@ -220,11 +220,39 @@ impl Overlay {
             .map_err(|e| BlockError::io(format!("overlay: pread at {}", blk * self.blksize), e))
     }
 
+    /// Reads `buf.len()` bytes of block `blk` from byte `at`.
+    pub fn read_at(&self, blk: u64, at: usize, buf: &mut [u8]) -> Result<()> {
+        let off = blk * self.blksize + at as u64;
+        self.file
+            .read_exact_at(buf, off)
+            .map_err(|e| BlockError::io(format!("overlay: pread at {off}"), e))
+    }
+
     /// Writes whole blocks at `blk` from `buf`.
     pub fn write(&self, blk: u64, buf: &[u8]) -> Result<()> {
         self.file
             .write_all_at(buf, blk * self.blksize)
             .map_err(|e| BlockError::io(format!("overlay: pwrite at {}", blk * self.blksize), e))
+    }
+
+    /// Writes `patch` into block `blk` at byte `at` (a block already in the overlay).
+    pub fn write_at(&self, blk: u64, at: usize, patch: &Patch<'_>) -> Result<()> {
+        let off = blk * self.blksize + at as u64;
+        let r = match patch {
+            Patch::Data(d) => self.file.write_all_at(d, off),
+            Patch::Zero(n) => {
+                let zeroes = super::lower::zero_buffer();
+                let mut done = 0;
+                let mut r = Ok(());
+                while done < *n && r.is_ok() {
+                    let k = (*n - done).min(zeroes.len());
+                    r = self.file.write_all_at(&zeroes[..k], off + done as u64);
+                    done += k;
+                }
+                r
+            }
+        };
+        r.map_err(|e| BlockError::io(format!("overlay: pwrite at {off}"), e))
     }
 
     /// Frees the file space of block `blk` (its contents become zeroes).
@@ -245,6 +273,54 @@ impl Overlay {
     /// Bytes of the layer below (the size given to [`Overlay::set_size`]).
     pub fn size(&self) -> u64 {
         self.blocks.get().map_or(0, |(s, _)| *s)
+    }
+}
+
+/// Splits a read of `buf` at `off` over blocks of `bs` bytes: `part(blk, at, piece)` for
+/// an unaligned head or tail inside one block, `whole(blk, piece)` for the run of whole
+/// blocks between them (one call).
+pub fn split_read(
+    bs: u64,
+    buf: &mut [u8],
+    off: u64,
+    mut part: impl FnMut(u64, usize, &mut [u8]) -> Result<()>,
+    mut whole: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let mut blk = off / bs;
+    let head = (off % bs) as usize;
+    let mut buf = buf;
+    if head != 0 {
+        let n = (bs as usize - head).min(buf.len());
+        let (piece, rest) = buf.split_at_mut(n);
+        part(blk, head, piece)?;
+        buf = rest;
+        blk += 1;
+    }
+    let body = buf.len() / bs as usize * bs as usize;
+    let (run, tail) = buf.split_at_mut(body);
+    if !run.is_empty() {
+        whole(blk, run)?;
+        blk += body as u64 / bs;
+    }
+    if !tail.is_empty() {
+        part(blk, 0, tail)?;
+    }
+    Ok(())
+}
+
+/// A change to part of a block: bytes to write, or a run of zeroes.
+pub enum Patch<'a> {
+    Data(&'a [u8]),
+    Zero(usize),
+}
+
+impl Patch<'_> {
+    /// Applies the change to a whole block's bytes at `at`.
+    pub fn apply(&self, block: &mut [u8], at: usize) {
+        match self {
+            Patch::Data(d) => block[at..at + d.len()].copy_from_slice(d),
+            Patch::Zero(n) => block[at..at + n].fill(0),
+        }
     }
 }
 
