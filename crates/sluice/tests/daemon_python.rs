@@ -97,6 +97,12 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
     let generic = |e: &str| json!(["GenericError", e]);
     let commands = json!([
         "block-commit",
+        "block-dirty-bitmap-add",
+        "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-disable",
+        "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-merge",
+        "block-dirty-bitmap-remove",
         "block-export-add",
         "block-export-del",
         "block-job-cancel",
@@ -109,6 +115,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "block-stream",
         "blockdev-add",
         "blockdev-del",
+        "blockdev-mirror",
         "job-cancel",
         "job-complete",
         "job-dismiss",
@@ -127,7 +134,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "query-named-block-nodes",
         "query-qmp-schema",
         "query-version",
-        "quit"
+        "quit",
     ]);
     let img_s = path_str(&img);
     let expected = json!({
