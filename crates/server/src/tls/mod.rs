@@ -14,7 +14,9 @@
 //! rustls has no TLS-PSK at all, so PSK users (the simple way to secure NBD between two
 //! hosts) could not connect. OpenSSL has both, a server PSK callback that works for TLS 1.2
 //! and 1.3 (OpenSSL maps the callback's key onto a TLS 1.3 external PSK with SHA-256, which is
-//! what GnuTLS uses), CRL checking, and is on every system qemu and nbdkit run on. The
+//! what GnuTLS uses), and CRL checking. The `openssl` crate is built with its `vendored`
+//! feature: OpenSSL 3 is compiled from source and linked statically, so building sluice needs
+//! no libssl-dev and the binary carries the TLS library the tests ran with. The
 //! integration tests check both methods against GnuTLS clients (libnbd, qemu).
 //!
 //! Settings match nbdkit's server: TLS 1.2 or later, no renegotiation, no session tickets or
