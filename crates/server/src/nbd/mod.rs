@@ -1,8 +1,9 @@
 //! The NBD server: accepting clients and running each connection.
 //!
 //! [`NbdServer::serve`] accepts on any number of listeners until told to stop. Each client
-//! gets a thread that negotiates ([`negotiate`]) and then runs the transmission phase
-//! ([`transmit`]) with up to [`ServerConfig::threads`] worker threads. Every live
+//! gets a thread (kept warm for the next client, see [`pool`]) that negotiates
+//! ([`negotiate`]) and then runs the transmission phase ([`transmit`]) with up to
+//! [`ServerConfig::threads`] worker threads. Every live
 //! connection is registered so that shutdown can wake its blocked readers: on SIGINT/SIGTERM
 //! the server stops accepting, shuts the read side of every socket (workers see end of
 //! input), lets in-flight requests finish and reply, then returns.
@@ -17,6 +18,8 @@
 //! [`NbdServer::disconnect_export`] closes the connections of one named export.
 
 mod negotiate;
+mod pool;
+mod spin;
 mod transmit;
 
 pub use exports::{ExportTable, NamedExport};
@@ -55,6 +58,8 @@ pub struct ServerConfig {
     pub handshake_flags: u16,
     /// Speak the oldstyle protocol (nbdkit's `-o`): the default export, no options.
     pub oldstyle: bool,
+    /// Busy-poll the socket this long before a blocking read (`SLUICE_SPIN_US`; None = off).
+    pub spin: Option<std::time::Duration>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +73,7 @@ impl Default for ServerConfig {
             structured_replies: true,
             handshake_flags: sluice_proto::nbd::HandshakeConfig::default().handshake_flags,
             oldstyle: false,
+            spin: spin::budget_from_env(),
         }
     }
 }
@@ -88,6 +94,8 @@ pub struct NbdServer {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Live>>,
     idle: Condvar,
+    /// Connection threads, kept warm between clients.
+    threads: pool::ThreadPool,
 }
 
 /// A live connection, as shutdown and [`NbdServer::disconnect_export`] see it.
@@ -117,6 +125,7 @@ impl NbdServer {
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             idle: Condvar::new(),
+            threads: pool::ThreadPool::new(),
         })
     }
 
@@ -155,7 +164,7 @@ impl NbdServer {
         self.begin_shutdown();
     }
 
-    /// Runs one client connection on a thread of its own.
+    /// Runs one client connection on a thread of its own (a pooled one, see [`pool`]).
     pub fn spawn_connection(self: Arc<Self>, stream: Stream) {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
@@ -177,12 +186,13 @@ impl NbdServer {
             }
         }
         let server = self.clone();
-        let r = std::thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
+        let r = self.threads.spawn(
+            format!("nbd-conn-{id}"),
+            Box::new(move || {
                 server.run_connection(id, stream);
                 server.forget(id);
-            });
+            }),
+        );
         if let Err(e) = r {
             tracing::warn!("connection refused: cannot start thread: {e}");
             self.forget(id);

@@ -26,6 +26,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -40,6 +41,7 @@ use sluice_proto::nbd::reply::MAX_READ_HEADER_LEN;
 use sluice_proto::nbd::{decode_request, MetaContext, ReplyForm, RequestHeader};
 
 use super::negotiate::Session;
+use super::spin::Spinner;
 use super::NbdServer;
 use crate::stream::Stream;
 
@@ -74,6 +76,10 @@ struct Reader {
     /// header is read without pulling much of the next payload into `buf` (which would then be
     /// copied again); otherwise it is the whole buffer, so many small requests cost one `read`.
     fill_limit: usize,
+    /// Busy-polling before a blocking read (see [`super::spin`]); None when off or on TLS.
+    spin: Option<Spinner>,
+    /// Set by the worker before it reads: polling is allowed now (no other worker is busy).
+    may_spin: bool,
 }
 
 /// Why a connection's input ended.
@@ -110,6 +116,19 @@ impl Reader {
             self.start = 0;
         }
         let stop = (self.end + self.fill_limit).min(self.buf.len());
+        if self.start == self.end && self.may_spin {
+            if let Some(spin) = &mut self.spin {
+                match spin.poll(self.stream.as_raw_fd(), &mut self.buf[self.end..stop]) {
+                    Some(Ok(0)) => return Ok(false),
+                    Some(Ok(n)) => {
+                        self.end += n;
+                        return Ok(true);
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {}
+                }
+            }
+        }
         loop {
             match self.stream.read(&mut self.buf[self.end..stop]) {
                 Ok(0) => return Ok(false),
@@ -242,6 +261,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         negotiated,
         leftover,
     } = session;
+    let stream_is_tls = stream.is_tls();
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -279,6 +299,12 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             start: 0,
             end: leftover.len(),
             fill_limit: READ_BUF,
+            spin: server
+                .config()
+                .spin
+                .filter(|_| !stream_is_tls)
+                .map(Spinner::new),
+            may_spin: true,
         }),
         writer: Mutex::new(writer),
         workers: Mutex::new(Workers {
@@ -308,8 +334,13 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
     loop {
         let (next, backlog) = {
             let mut reader = lock(&conn.reader);
-            if lock(&conn.workers).closing {
-                return;
+            {
+                let w = lock(&conn.workers);
+                if w.closing {
+                    return;
+                }
+                // Poll only while no other worker runs a request: it needs the core more.
+                reader.may_spin = w.busy == 0;
             }
             match next_request(conn, &mut reader, &mut buf) {
                 Ok(n) => (n, conn.may_grow() && reader.has_more_input()),
