@@ -48,9 +48,10 @@ for dir in crates/*/fuzz; do
             failed=1
             tail -40 "$log" >&2
         fi
-        runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -1 | awk '{print $2}')
+        runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -1 | awk '{print $2}' || true)
         corpus=$(ls "$dir/corpus/$target" | wc -l)
         summary+=("$crate/$target: $status, ${runs:-?} runs in $secs s, corpus $corpus")
+        echo "${summary[-1]}" >&2
         rm -f "$log"
     done
 done
