@@ -21,6 +21,7 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_block::error::strerror;
 use sluice_block::export::Backend;
@@ -151,6 +152,13 @@ impl RunningNbd {
             }
         };
         let mut config = config;
+        // qsd's defaults and meaning: 10 s, 0 is no limit; 0 connections is no limit.
+        config.handshake_timeout = match opts.handshake_max_seconds {
+            None => Some(sluice_server::nbd::DEFAULT_HANDSHAKE_TIMEOUT),
+            Some(0) => None,
+            Some(n) => Some(Duration::from_secs(u64::from(n))),
+        };
+        config.max_connections = opts.max_connections.filter(|&n| n > 0).map(|n| n as usize);
         for c in META_CONTEXTS {
             if !config.meta_contexts.iter().any(|m| m == c) {
                 config.meta_contexts.push(c.to_string());

@@ -121,6 +121,17 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
 
+    /// Disconnect a client that has not finished negotiating (TLS included) after SECONDS;
+    /// 0 for no limit. qemu-nbd's option and default; nbdkit 1.32 has no such limit.
+    #[arg(long = "handshake-limit", value_name = "SECONDS", default_value_t = 10)]
+    handshake_limit: u32,
+
+    /// Serve at most N clients at once (0: no limit, the default); further clients wait
+    /// until one leaves, as with qemu-storage-daemon's max-connections. N=1 also stops
+    /// advertising multi-conn. (nbdkit's `--filter=limit limit=N` refuses them instead.)
+    #[arg(long = "max-connections", value_name = "N", default_value_t = 0)]
+    max_connections: u32,
+
     /// Debug messages on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -352,6 +363,9 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         tls,
         structured_replies: !args.nbdkit.no_sr,
         oldstyle: args.nbdkit.oldstyle,
+        handshake_timeout: (args.handshake_limit > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(args.handshake_limit))),
+        max_connections: (args.max_connections > 0).then_some(args.max_connections as usize),
         ..ServerConfig::default()
     };
     if let Some(mask) = args.nbdkit.mask_handshake {

@@ -16,6 +16,17 @@
 //! runs once per connection and export, before its first open, and a failure ends the
 //! connection as with nbdkit. SerializeConnections is honoured in the same scopes.
 //! [`NbdServer::disconnect_export`] closes the connections of one named export.
+//!
+//! **Limits** ([`ServerConfig::handshake_timeout`], [`ServerConfig::max_connections`]), as
+//! qemu-storage-daemon's `handshake-max-seconds` and `max-connections`. A connection thread
+//! blocks in its reads, so the handshake clock is kept outside it: one watchdog thread per
+//! server wakes a few times a second and shuts the socket of every client still negotiating
+//! past its deadline, which ends that thread's blocked read (a client dripping one byte a
+//! second is cut as surely as a silent one). The clock starts when negotiation starts, after
+//! a serializing plugin's connection lock, so clients queued behind another are not cut for
+//! waiting. The connection limit is a semaphore taken before `accept`: at the limit the
+//! server stops accepting and further clients wait in the listen backlog until one leaves,
+//! which is what qsd does (it stops watching the listener), rather than being refused.
 
 mod negotiate;
 mod pool;
@@ -29,7 +40,8 @@ mod exports;
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use sluice_block::export::Backend;
 use sluice_block::{ConnectionInfo, Plugin};
@@ -60,7 +72,17 @@ pub struct ServerConfig {
     pub oldstyle: bool,
     /// Busy-poll the socket this long before a blocking read (`SLUICE_SPIN_US`; None = off).
     pub spin: Option<std::time::Duration>,
+    /// Longest time a client may take to negotiate, TLS handshake included, before it is
+    /// disconnected (qsd's `handshake-max-seconds`, qemu-nbd's `--handshake-limit`; both
+    /// default to 10 s). None: no limit.
+    pub handshake_timeout: Option<Duration>,
+    /// Most clients served at once (qsd's `max-connections`); None: no limit. Further
+    /// clients wait in the listen backlog until one leaves.
+    pub max_connections: Option<usize>,
 }
+
+/// qsd's and qemu-nbd's default handshake limit.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -74,6 +96,8 @@ impl Default for ServerConfig {
             handshake_flags: sluice_proto::nbd::HandshakeConfig::default().handshake_flags,
             oldstyle: false,
             spin: spin::budget_from_env(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            max_connections: None,
         }
     }
 }
@@ -96,6 +120,8 @@ pub struct NbdServer {
     idle: Condvar,
     /// Connection threads, kept warm between clients.
     threads: pool::ThreadPool,
+    /// Connection slots when `max_connections` is set (see the module doc).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A live connection, as shutdown and [`NbdServer::disconnect_export`] see it.
@@ -104,6 +130,10 @@ struct Live {
     stream: Stream,
     /// The table export the client is using (after negotiation, in a daemon).
     export: Option<String>,
+    /// When the client must have finished negotiating (while it negotiates, with a limit).
+    deadline: Option<Instant>,
+    /// The client's address, for the log line when the watchdog cuts it.
+    peer: String,
 }
 
 impl NbdServer {
@@ -118,7 +148,11 @@ impl NbdServer {
     }
 
     fn with_exports(exports: Exports, config: ServerConfig) -> Arc<NbdServer> {
-        Arc::new(NbdServer {
+        let slots = config
+            .max_connections
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        let timeout = config.handshake_timeout;
+        let server = Arc::new(NbdServer {
             exports,
             config,
             shutting_down: AtomicBool::new(false),
@@ -126,7 +160,18 @@ impl NbdServer {
             live: Mutex::new(HashMap::new()),
             idle: Condvar::new(),
             threads: pool::ThreadPool::new(),
-        })
+            slots,
+        });
+        if let Some(limit) = timeout {
+            let weak = Arc::downgrade(&server);
+            if let Err(e) = std::thread::Builder::new()
+                .name("nbd-handshake-watchdog".into())
+                .spawn(move || watchdog(&weak, limit))
+            {
+                tracing::warn!("no handshake time limit: cannot start its thread: {e}");
+            }
+        }
+        server
     }
 
     pub fn exports(&self) -> &Exports {
@@ -148,8 +193,16 @@ impl NbdServer {
             let server = self.clone();
             tasks.spawn(async move {
                 loop {
+                    // At the connection limit, wait for a slot before accepting (module doc).
+                    let slot = match &server.slots {
+                        Some(s) => match s.clone().acquire_owned().await {
+                            Ok(p) => Some(p),
+                            Err(_) => return,
+                        },
+                        None => None,
+                    };
                     match l.accept().await {
-                        Ok(stream) => server.clone().spawn_connection(stream),
+                        Ok(stream) => server.clone().spawn_slotted(stream, slot),
                         Err(e) => {
                             tracing::warn!("accept failed: {e}");
                             // EMFILE and friends: back off instead of spinning.
@@ -166,6 +219,15 @@ impl NbdServer {
 
     /// Runs one client connection on a thread of its own (a pooled one, see [`pool`]).
     pub fn spawn_connection(self: Arc<Self>, stream: Stream) {
+        self.spawn_slotted(stream, None)
+    }
+
+    /// [`NbdServer::spawn_connection`] holding a connection slot until the connection ends.
+    fn spawn_slotted(
+        self: Arc<Self>,
+        stream: Stream,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
@@ -177,6 +239,8 @@ impl NbdServer {
                     Live {
                         stream: c,
                         export: None,
+                        deadline: None,
+                        peer: stream.peer(),
                     },
                 );
             }
@@ -191,6 +255,7 @@ impl NbdServer {
             Box::new(move || {
                 server.run_connection(id, stream);
                 server.forget(id);
+                drop(slot);
             }),
         );
         if let Err(e) = r {
@@ -207,6 +272,44 @@ impl NbdServer {
         }
     }
 
+    /// Starts connection `id`'s handshake clock (see the module doc).
+    fn start_clock(&self, id: u64) {
+        let Some(limit) = self.config.handshake_timeout else {
+            return;
+        };
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = live.get_mut(&id) {
+            l.deadline = Some(Instant::now() + limit);
+        }
+    }
+
+    /// Stops connection `id`'s handshake clock: it negotiated in time.
+    fn stop_clock(&self, id: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = live.get_mut(&id) {
+            l.deadline = None;
+        }
+    }
+
+    /// Shuts the sockets of clients negotiating past their deadline; returns how many.
+    fn cut_slow_handshakes(&self, now: Instant) -> usize {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (id, l) in live.iter_mut() {
+            if l.deadline.is_some_and(|d| d <= now) {
+                l.deadline = None;
+                tracing::info!(
+                    conn = id,
+                    "client {} did not finish negotiating in time: disconnected",
+                    l.peer
+                );
+                let _ = l.stream.shutdown(Shutdown::Both);
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn run_connection(self: &Arc<Self>, id: u64, stream: Stream) {
         let peer = stream.peer();
         tracing::debug!(conn = id, "new connection from {peer}");
@@ -221,6 +324,7 @@ impl NbdServer {
                 let mut stream = Some(stream);
                 plugin.with_connection(&info, &mut || {
                     let Some(stream) = stream.take() else { return };
+                    self.start_clock(id);
                     if let Err(e) = plugin.preconnect(self.config.readonly) {
                         tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
                         return;
@@ -244,6 +348,7 @@ impl NbdServer {
         table: &ExportTable,
         stream: Stream,
     ) {
+        self.start_clock(id);
         let mut neg = negotiate::Negotiation::new(self, stream);
         // Backends whose preconnect has run on this connection.
         let mut preconnected: Vec<Arc<Backend>> = Vec::new();
@@ -308,6 +413,7 @@ impl NbdServer {
     ) {
         match r {
             Ok(Some(session)) => {
+                self.stop_clock(id);
                 if let Some(named) = &session.named {
                     self.attach(id, &session.name, named);
                 }
@@ -377,5 +483,18 @@ impl NbdServer {
             .wait_timeout_while(live, timeout, |l| !l.is_empty())
             .unwrap_or_else(|e| e.into_inner());
         live.is_empty()
+    }
+}
+
+/// The handshake watchdog of one server (see the module doc): runs until the server is gone.
+fn watchdog(server: &Weak<NbdServer>, limit: Duration) {
+    // A tenth of the limit, between 20 ms and 250 ms: a cut comes at most that late.
+    let tick = (limit / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    loop {
+        std::thread::sleep(tick);
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        server.cut_slow_handshakes(Instant::now());
     }
 }
