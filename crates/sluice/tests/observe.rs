@@ -419,6 +419,17 @@ impl Prometheus {
         }
     }
 
+    /// One instant query's answer (None if Prometheus did not answer).
+    fn query(&self, query: &str) -> Option<Value> {
+        let url = format!("/api/v1/query?query={}", urlencode(query));
+        let mut s = std::net::TcpStream::connect(&self.addr).ok()?;
+        let req = format!("GET {url} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        s.write_all(req.as_bytes()).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+    }
+
     /// Polls an instant query until it returns one series with value `want`.
     fn wait_for(&self, query: &str, want: &str) -> Value {
         let url = format!("/api/v1/query?query={}", urlencode(query));
@@ -517,8 +528,31 @@ fn metrics_of_serve_pass_promtool_and_a_real_prometheus_scrapes_them() {
         "5",
     );
     assert_eq!(series["metric"]["job"], "sluice");
-    // A histogram quantile over the scraped buckets is a number (the buckets are usable).
     prom.wait_for(r#"sluice_request_duration_seconds_count{op="read"}"#, "1");
+    // Every query of the Grafana dashboard in docs/ is valid PromQL for this Prometheus
+    // (Grafana's variables replaced as Grafana would), and the export panels find data.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/grafana-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$export", ".*");
+            let a = prom.query(&q).unwrap_or_else(|| panic!("no answer to {q}"));
+            assert_eq!(a["status"], "success", "{q}: {a}");
+        }
+    }
+    let a = prom
+        .query(r#"sum by (op) (sluice_request_bytes_total{export=~".*",op="write"})"#)
+        .unwrap();
+    assert_eq!(a["data"]["result"][0]["value"][1], "20480", "{a}");
 }
 
 #[test]
@@ -626,4 +660,61 @@ fn text_log_keeps_its_lines_without_operator_events() {
     srv.stop();
     let err = srv.stderr();
     assert!(!err.contains("connection_open"), "{err}");
+}
+
+#[test]
+fn job_progress_on_metrics_equals_query_jobs_and_json_log_has_its_states() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_base, _mid, top) = support::image::qcow2_chain(tmp.path(), "j");
+    let mut d = QmpDaemon::sluice(&["--metrics", "unix:{dir}/m.sock", "--log-format=json"]);
+    let mut c = d.connect_negotiated();
+    support::qmp::ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top",
+               "file": {"driver": "file", "filename": path_str(&top)}}),
+    );
+    support::qmp::ok(
+        &mut c,
+        "block-stream",
+        json!({"job-id": "s0", "device": "top", "auto-dismiss": false}),
+    );
+    support::qmp::wait_for(&mut c, "concluded", Duration::from_secs(30));
+    let jobs = c.exec("query-jobs", json!({}));
+    let job = &jobs["return"][0];
+    assert_eq!(job["status"], "concluded", "{jobs}");
+    let (done, total) = (
+        job["current-progress"].as_u64().unwrap(),
+        job["total-progress"].as_u64().unwrap(),
+    );
+    assert!(total > 0 && done == total, "{job}");
+    let (_, text) = http_get(Some(&d.path("m.sock")), None, "/metrics");
+    assert_eq!(
+        sample(&text, r#"sluice_job_bytes_done{job="s0",type="stream"}"#),
+        Some(done as f64),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"sluice_job_bytes_total{job="s0",type="stream"}"#),
+        Some(total as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"sluice_job_state{job="s0",type="stream",state="concluded"}"#
+        ),
+        Some(1.0)
+    );
+    drop(c);
+    d.signal(libc::SIGTERM);
+    let lines = json_lines(&d.stderr());
+    let states: Vec<&str> = events(&lines, "job_status_change")
+        .iter()
+        .map(|v| v["fields"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["created", "running", "waiting", "pending", "concluded"],
+        "{lines:?}"
+    );
 }
