@@ -16,11 +16,12 @@ use crate::generated::{
     BlockDirtyBitmapMerge, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
     BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
     BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
-    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
-    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
-    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
-    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
-    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
+    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs,
+    BlockLatencyHistogramSetArgs, BlockStats, BlockStreamArgs, BlockdevDelArgs, BlockdevOptions,
+    CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs,
+    JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions, NbdServerOptions,
+    NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs,
+    QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
     SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
@@ -45,6 +46,16 @@ impl Daemon {
     /// Runs one command for a monitor: QEMU's checks (negotiation mode, unknown command,
     /// compatibility policy, out-of-band), then the typed handler with the state locked.
     pub fn execute(
+        self: &Arc<Self>,
+        req: &Request,
+        mon: &mut MonitorState,
+    ) -> Result<Value, QmpError> {
+        let r = self.execute_checked(req, mon);
+        log_command(req, &r);
+        r
+    }
+
+    fn execute_checked(
         self: &Arc<Self>,
         req: &Request,
         mon: &mut MonitorState,
@@ -91,6 +102,63 @@ impl Daemon {
         // take the lock before they begin), so this is exactly the command's own events.
         mon.events_before_reply = self.events().last_seq();
         r
+    }
+}
+
+/// Argument names whose values are secrets, left out of the log: QEMU's `password` and
+/// `*-secret` members, and `data` of a `secret` object.
+fn is_secret_key(key: &str, parent: &Map<String, Value>) -> bool {
+    key == "password"
+        || key == "passphrase"
+        || key.ends_with("-secret")
+        || key.ends_with("_secret")
+        || (key == "data" && parent.get("qom-type").and_then(Value::as_str) == Some("secret"))
+}
+
+/// `args` with every secret value replaced by `"<redacted>"`, at any depth.
+pub fn redact(args: &Value) -> Value {
+    match args {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if is_secret_key(k, m) {
+                        Value::String("<redacted>".into())
+                    } else {
+                        redact(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
+        v => v.clone(),
+    }
+}
+
+/// One `qmp_command` operator event per command: its name, its arguments with secrets
+/// redacted, and its outcome (`ok`, or the error class and text).
+fn log_command(req: &Request, r: &Result<Value, QmpError>) {
+    if !tracing::enabled!(target: sluice_server::nbd::EVENTS, tracing::Level::INFO) {
+        return;
+    }
+    let args = redact(&Value::Object(req.arguments.clone())).to_string();
+    match r {
+        Ok(_) => tracing::info!(
+            target: sluice_server::nbd::EVENTS,
+            event = "qmp_command",
+            command = %req.command,
+            arguments = %args,
+            outcome = "ok"
+        ),
+        Err(e) => tracing::info!(
+            target: sluice_server::nbd::EVENTS,
+            event = "qmp_command",
+            command = %req.command,
+            arguments = %args,
+            outcome = "error",
+            class = e.class.as_str(),
+            error = %e.desc
+        ),
     }
 }
 
@@ -226,6 +294,20 @@ impl Handlers for Session<'_> {
 
     fn block_dirty_bitmap_merge(&mut self, args: BlockDirtyBitmapMerge) -> Result<(), QmpError> {
         self.state.graph.bitmap_merge(&args)
+    }
+
+    fn query_blockstats(&mut self, args: QueryBlockstatsArgs) -> Result<Vec<BlockStats>, QmpError> {
+        Ok(crate::blockstats::query(
+            self.state,
+            args.query_nodes.unwrap_or(false),
+        ))
+    }
+
+    fn block_latency_histogram_set(
+        &mut self,
+        args: BlockLatencyHistogramSetArgs,
+    ) -> Result<(), QmpError> {
+        crate::blockstats::histogram_set(self.state, args)
     }
 
     fn query_named_block_nodes(

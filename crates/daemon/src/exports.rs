@@ -26,7 +26,8 @@ use std::time::Duration;
 use sluice_block::error::strerror;
 use sluice_block::export::Backend;
 use sluice_block::{
-    BlockError, Errno, Extents, Filter, Filtered, Flags, Handle, Next, OpenContext, Plugin,
+    BlockError, BlockStats, Errno, Extents, Filter, Filtered, Flags, Handle, Next, OpenContext,
+    Plugin,
 };
 use sluice_server::{Listener, NamedExport, NbdServer};
 
@@ -331,19 +332,21 @@ impl Filter for Gate {
     }
 }
 
-/// A new entry for the server's table: the node's plugin behind a gate, and the gate.
+/// A new entry for the server's table: the node's plugin behind a gate, and the gate. The
+/// export's requests are counted in its backend's statistics and in `node_stats`.
 /// `allocation_depth`: offer `qemu:allocation-depth` besides `base:allocation`.
 pub fn named_export(
     plugin: Arc<dyn Plugin>,
+    node_stats: Option<Arc<BlockStats>>,
     writable: bool,
     description: Option<String>,
     allocation_depth: bool,
 ) -> (NamedExport, Arc<AtomicBool>) {
     let gate = Arc::new(AtomicBool::new(true));
-    let backend = Arc::new(Backend::new(Arc::new(Filtered::new(
-        Gate::new(gate.clone()),
-        plugin,
-    ))));
+    let backend = Arc::new(Backend::with_stats(
+        Arc::new(Filtered::new(Gate::new(gate.clone()), plugin)),
+        node_stats,
+    ));
     (
         NamedExport {
             backend,

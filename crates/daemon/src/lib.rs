@@ -22,7 +22,7 @@
 //! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
 //! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream` and
 //! `jobs::mirror_engine`; `jobs::active_commit` and `jobs::mirror` on the engine;
-//! `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
+//! `jobs::commit`), `jobs::commands`, `blockstats`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
 //!
 //! # Where things go
@@ -38,6 +38,7 @@
 //! `sluice_proto::qmp`; the QAPI language, the generator and the ABI checker are in
 //! `sluice-qapi`; this crate adds everything that needs state, threads or sockets.
 
+pub mod blockstats;
 pub mod commands;
 pub mod events;
 pub mod exports;

@@ -277,6 +277,7 @@ impl Daemon {
         }
         let (entry, gate) = named_export(
             node.plugin().clone(),
+            Some(node.stats.clone()),
             writable,
             nbd.description.clone(),
             nbd.allocation_depth.unwrap_or(false),

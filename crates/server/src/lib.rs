@@ -11,7 +11,10 @@
 //!
 //! [`tls`] upgrades a connection when its negotiation asks for it (`NBD_OPT_STARTTLS`); the
 //! upgraded connection is still a [`Stream`], so nothing after the handshake knows about TLS.
+//!
+//! [`metrics`] serves the Prometheus endpoint from counters the others keep.
 
+pub mod metrics;
 pub mod nbd;
 pub mod stream;
 pub mod tls;

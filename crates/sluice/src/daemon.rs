@@ -100,6 +100,23 @@ pub struct DaemonArgs {
     /// Debug messages on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
+
+    /// Serve Prometheus metrics on `GET /metrics` at HOST:PORT (e.g. 127.0.0.1:9100) or on
+    /// the Unix socket unix:PATH: per export and per node requests, bytes, errors, latency
+    /// histograms and requests in flight; NBD connections; every job's progress and state.
+    #[arg(long = "metrics", value_name = "HOST:PORT|unix:PATH",
+          value_parser = sluice_server::metrics::MetricsAddr::parse)]
+    metrics: Option<sluice_server::metrics::MetricsAddr>,
+
+    /// Log as `text` (the default) or `json` (one object per line, with the operator events:
+    /// connection open/close/refused, failed requests, job state changes, QMP commands).
+    #[arg(
+        long = "log-format",
+        value_name = "text|json",
+        value_enum,
+        default_value_t
+    )]
+    log_format: process::LogFormat,
 }
 
 /// A monitor socket to create.
@@ -120,7 +137,7 @@ struct Plan {
 }
 
 pub fn main(args: DaemonArgs) -> i32 {
-    process::init_logging(args.verbose);
+    process::init_logging(args.verbose, args.log_format);
     let plan = match plan(&args) {
         Ok(p) => p,
         Err(e) => {
@@ -423,6 +440,13 @@ fn run(
             };
             daemon.spawn_monitor_listener(l);
         }
+        let _metrics = match &args.metrics {
+            Some(addr) => Some(
+                sluice_server::metrics::MetricsServer::start(addr, daemon.clone())
+                    .context("--metrics")?,
+            ),
+            None => None,
+        };
         if let Some(p) = &args.pidfile {
             process::write_pidfile(p)?;
         }

@@ -195,6 +195,9 @@ pub struct Node {
     pub exports: usize,
     /// The node's dirty bitmaps (see [`bitmaps`]).
     pub bitmaps: Arc<sluice_image::Bitmaps>,
+    /// The requests of every export of this node, added up (`query-blockstats` with
+    /// `query-nodes`); each export's backend counts into it besides its own.
+    pub stats: Arc<sluice_block::BlockStats>,
     /// A handle kept open for size queries (opening it also proved the node works).
     probe: Box<dyn Handle>,
 }
@@ -516,6 +519,7 @@ impl Graph {
             detect_zeroes: BlockdevDetectZeroesOptions::Off,
             exports: 0,
             bitmaps: node_bitmaps,
+            stats: Arc::new(sluice_block::BlockStats::new()),
             probe,
         });
         Ok(())

@@ -389,6 +389,13 @@ impl<S: HasJobs> Job<S> {
             s.status
         );
         s.status = to;
+        tracing::info!(
+            target: sluice_server::nbd::EVENTS,
+            event = "job_status_change",
+            job = %self.id,
+            status = %to,
+            error = s.error.as_deref().filter(|_| to == JobStatus::Concluded)
+        );
         self.emit(&JobStatusChangeEvent {
             id: self.id.clone(),
             status: to,

@@ -47,7 +47,13 @@ use sluice_block::export::Backend;
 use sluice_block::{ConnectionInfo, Plugin};
 use sluice_proto::nbd::Purpose;
 
+use crate::metrics::ConnStats;
 use crate::stream::{Listener, Stream};
+
+/// The tracing target of the operator events (connection open/close/refused, failed
+/// requests): one structured event each, which `--log-format=json` shows by default and the
+/// text log only with `-v` (its lines stay nbdkit's).
+pub const EVENTS: &str = "sluice::events";
 
 /// Settings of an NBD server that apply to every connection.
 #[derive(Debug, Clone)]
@@ -122,6 +128,9 @@ pub struct NbdServer {
     threads: pool::ThreadPool,
     /// Connection slots when `max_connections` is set (see the module doc).
     slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Connections ended without a session (see [`ConnStats::refused`]).
+    refused: AtomicU64,
+    tls_failed: AtomicU64,
 }
 
 /// A live connection, as shutdown and [`NbdServer::disconnect_export`] see it.
@@ -161,6 +170,8 @@ impl NbdServer {
             idle: Condvar::new(),
             threads: pool::ThreadPool::new(),
             slots,
+            refused: AtomicU64::new(0),
+            tls_failed: AtomicU64::new(0),
         });
         if let Some(limit) = timeout {
             let weak = Arc::downgrade(&server);
@@ -172,6 +183,28 @@ impl NbdServer {
             }
         }
         server
+    }
+
+    /// Connection figures for `/metrics`.
+    pub fn connection_stats(&self) -> ConnStats {
+        ConnStats {
+            open: self.live.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            total: self.next_id.load(Ordering::Relaxed) - 1,
+            refused: self.refused.load(Ordering::Relaxed),
+            tls_failed: self.tls_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A connection refused before any session: counted, and one `connection_refused` event.
+    fn refuse(&self, id: u64, peer: &str, reason: &dyn std::fmt::Display) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            target: EVENTS,
+            event = "connection_refused",
+            conn = id,
+            peer,
+            reason = %reason
+        );
     }
 
     pub fn exports(&self) -> &Exports {
@@ -246,6 +279,7 @@ impl NbdServer {
             }
             Err(e) => {
                 tracing::warn!("connection refused: cannot duplicate socket: {e}");
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -260,6 +294,7 @@ impl NbdServer {
         );
         if let Err(e) = r {
             tracing::warn!("connection refused: cannot start thread: {e}");
+            self.refused.fetch_add(1, Ordering::Relaxed);
             self.forget(id);
         }
     }
@@ -313,6 +348,7 @@ impl NbdServer {
     fn run_connection(self: &Arc<Self>, id: u64, stream: Stream) {
         let peer = stream.peer();
         tracing::debug!(conn = id, "new connection from {peer}");
+        tracing::info!(target: EVENTS, event = "connection_open", conn = id, peer = %peer);
         let info = stream.connection_info();
         match &self.exports {
             Exports::Single(backend) => {
@@ -327,6 +363,7 @@ impl NbdServer {
                     self.start_clock(id);
                     if let Err(e) = plugin.preconnect(self.config.readonly) {
                         tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                        self.refuse(id, &peer, &e);
                         return;
                     }
                     let r = negotiate::negotiate(self, stream);
@@ -336,6 +373,7 @@ impl NbdServer {
             Exports::Table(table) => self.run_table_connection(id, &peer, &info, table, stream),
         }
         tracing::debug!(conn = id, "connection closed");
+        tracing::info!(target: EVENTS, event = "connection_close", conn = id, peer = %peer);
     }
 
     /// A daemon's connection: each export open runs inside that export's plugin hooks, and
@@ -376,6 +414,7 @@ impl NbdServer {
                 if !preconnected.iter().any(|b| Arc::ptr_eq(b, &backend)) {
                     if let Err(e) = plugin.preconnect(readonly) {
                         tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                        self.refuse(id, peer, &e);
                         end = true;
                         return;
                     }
@@ -423,7 +462,13 @@ impl NbdServer {
             Err(e) if e.is_disconnect() => {
                 tracing::debug!(conn = id, "client left during negotiation: {e}")
             }
-            Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
+            Err(e) => {
+                tracing::info!(conn = id, "negotiation with {peer} failed: {e}");
+                if matches!(e, negotiate::NegotiateError::Tls(_)) {
+                    self.tls_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.refuse(id, peer, &e);
+            }
         }
     }
 

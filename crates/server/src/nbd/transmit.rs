@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_block::plugin::Flags;
-use sluice_block::{BlockError, Errno, Export, ThreadModel};
+use sluice_block::stats::{now_ns, Op, Outcome};
+use sluice_block::{BlockError, BlockStats, Errno, Export, ThreadModel};
 use sluice_proto::nbd::command::{check_request, command_name, takes_payload, CommandError};
 use sluice_proto::nbd::consts::{
     NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
@@ -221,6 +222,8 @@ struct Conn<'a> {
     server: &'a NbdServer,
     id: u64,
     export: Export,
+    /// Where each finished request is counted (the export's statistics, then its node's).
+    stats: Vec<Arc<BlockStats>>,
     /// The negotiated reply form: it writes every reply and decodes the request style.
     form: ReplyForm,
     /// Negotiated meta contexts, in the order their block-status chunks are sent.
@@ -286,6 +289,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         server,
         id,
         export,
+        stats: backend.stats_sinks().to_vec(),
         form: negotiated.reply_form(),
         contexts,
         batch,
@@ -377,10 +381,7 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
         hdr.clear();
         let reply_at = match next {
             Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
-            Next::Refused(req, err) => {
-                error_reply(conn, &req, &err, &mut hdr);
-                None
-            }
+            Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
         };
         let ok = {
             let mut out = lock(&conn.writer);
@@ -451,10 +452,7 @@ fn batch_worker(conn: &Conn) {
         }
         let data = match next {
             Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
-            Next::Refused(req, err) => {
-                error_reply(conn, &req, &err, &mut hdr);
-                None
-            }
+            Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
         };
         match data {
             Some(len) if len > COALESCE_MAX => {
@@ -529,10 +527,59 @@ fn small_read(
     dst: &mut [u8],
     hdr: &mut Vec<u8>,
 ) -> Result<(), BlockError> {
-    check_flags(conn, req)?;
-    conn.export.read(dst, req.offset)?;
+    let begun = begin(conn, req);
+    let r = check_flags(conn, req).and_then(|()| conn.export.read(dst, req.offset));
+    account(conn, req, begun, r.as_ref().map(|_| ()));
+    r?;
     conn.form.read_data(hdr, req);
     Ok(())
+}
+
+/// What a request counts as in the statistics (DISC and unknown commands are not counted).
+fn op_of(kind: u16) -> Option<Op> {
+    Some(match kind {
+        NBD_CMD_READ => Op::Read,
+        NBD_CMD_WRITE => Op::Write,
+        NBD_CMD_WRITE_ZEROES => Op::Zero,
+        NBD_CMD_TRIM => Op::Trim,
+        NBD_CMD_FLUSH => Op::Flush,
+        NBD_CMD_CACHE => Op::Cache,
+        NBD_CMD_BLOCK_STATUS => Op::BlockStatus,
+        _ => return None,
+    })
+}
+
+/// A request is about to run: counted as in flight (if of a counted kind); returns the clock
+/// reading.
+fn begin(conn: &Conn, req: &RequestHeader) -> u64 {
+    if op_of(req.kind).is_some() {
+        for s in &conn.stats {
+            s.start();
+        }
+    }
+    now_ns()
+}
+
+/// A request has finished: counted with its outcome and time in every statistics.
+fn account(conn: &Conn, req: &RequestHeader, begun: u64, r: Result<(), &BlockError>) {
+    let Some(op) = op_of(req.kind) else { return };
+    let done = now_ns();
+    let outcome = match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::of_error(e.errno),
+    };
+    let end = req.offset.saturating_add(req.length);
+    for s in &conn.stats {
+        s.record(op, req.length, end, begun, done, outcome);
+    }
+}
+
+/// A request refused before running (its payload already skipped): counted, then answered.
+fn refuse(conn: &Conn, req: &RequestHeader, err: &BlockError, hdr: &mut Vec<u8>) -> Option<usize> {
+    let begun = begin(conn, req);
+    account(conn, req, begun, Err(err));
+    error_reply(conn, req, err, hdr);
+    None
 }
 
 /// Reads the next request (and a write's payload into `buf[HEADROOM..]`).
@@ -595,7 +642,10 @@ fn execute(
     buf: &mut Vec<u8>,
     hdr: &mut Vec<u8>,
 ) -> Option<usize> {
-    match run_request(conn, req, buf, hdr) {
+    let begun = begin(conn, req);
+    let r = run_request(conn, req, buf, hdr);
+    account(conn, req, begun, r.as_ref().map(|_| ()));
+    match r {
         Ok(data) => data,
         Err(err) => {
             log_failure(conn, req, &err);
@@ -606,7 +656,35 @@ fn execute(
     }
 }
 
+/// Failed-request log lines per second, over all connections: a client hammering a failing
+/// disk must not flood the log. The ones over the limit are counted, and the next line that
+/// gets through says how many were left out.
+const FAILURE_LINES_PER_SEC: u64 = 10;
+
+/// True if this failure may be logged now; `suppressed` gets how many were dropped before it.
+fn failure_log_allowed(suppressed: &mut u64) -> bool {
+    use std::sync::atomic::AtomicU64;
+    static WINDOW: AtomicU64 = AtomicU64::new(u64::MAX);
+    static IN_WINDOW: AtomicU64 = AtomicU64::new(0);
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    let sec = now_ns() / 1_000_000_000;
+    if WINDOW.swap(sec, Ordering::Relaxed) != sec {
+        IN_WINDOW.store(0, Ordering::Relaxed);
+    }
+    if IN_WINDOW.fetch_add(1, Ordering::Relaxed) < FAILURE_LINES_PER_SEC {
+        *suppressed = DROPPED.swap(0, Ordering::Relaxed);
+        true
+    } else {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+}
+
 fn log_failure(conn: &Conn, req: &RequestHeader, err: &BlockError) {
+    let mut suppressed = 0;
+    if !failure_log_allowed(&mut suppressed) {
+        return;
+    }
     tracing::info!(
         conn = conn.id,
         "request {} at offset {} length {} failed: {}",
@@ -614,6 +692,17 @@ fn log_failure(conn: &Conn, req: &RequestHeader, err: &BlockError) {
         req.offset,
         req.length,
         err
+    );
+    tracing::info!(
+        target: super::EVENTS,
+        event = "request_failed",
+        conn = conn.id,
+        command = command_name(req.kind),
+        offset = req.offset,
+        length = req.length,
+        errno = err.errno.0,
+        error = %err.message,
+        suppressed_before = suppressed
     );
 }
 
