@@ -372,6 +372,22 @@ impl Image {
         Ok(list)
     }
 
+    /// Flushes and lets go of the exclusive lock, if this client holds it. For a process
+    /// about to exit without closing the image (the QMP daemon): otherwise the lock stays
+    /// with the exited client until its watch times out, and the next writer waits ~30 s.
+    pub fn release_lock(&self) -> Result<(), RbdError> {
+        if !self.is_lock_owner() {
+            return Ok(());
+        }
+        self.flush()?;
+        // SAFETY: `raw` is open and this client owns the lock.
+        let r = unsafe { (self.api.rbd_lock_release)(self.raw) };
+        if r < 0 {
+            return Err(RbdError::image(&self.spec, "release the exclusive lock", r));
+        }
+        Ok(())
+    }
+
     /// True if this client holds the image's exclusive lock.
     pub fn is_lock_owner(&self) -> bool {
         let mut owner: c_int = 0;

@@ -400,3 +400,28 @@ fn daemon_rbd_failover_after_kill_9_with_break_lock_keeps_every_acknowledged_wri
         .iter()
         .all(|&x| x == 0xee));
 }
+
+#[test]
+fn daemon_rbd_lock_is_released_at_exit_so_the_next_writer_starts_at_once() {
+    let c = ceph::shared();
+    c.create_image("dexit", 4 * MIB);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let (mut a, _qa) = writer(c, "dexit", json!({}));
+        qemu_io(&a.nbd_uri("disk"), &["write -P 0x99 0 64K"]);
+        assert!(a.signal(sig).success(), "{}", a.stderr());
+        // What was written without a flush is in the image (flushed at exit) ...
+        assert!(c.read_image("rbd/dexit")[..65536]
+            .iter()
+            .all(|&b| b == 0x99));
+        // ... and the lock is free: a plain writable open (no break-lock) is immediate,
+        // where a lock left to time out would take ~30 s.
+        let start = Instant::now();
+        let (mut b, _qb) = writer(c, "dexit", json!({}));
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "signal {sig}: {:?}",
+            start.elapsed()
+        );
+        assert!(b.signal(libc::SIGTERM).success(), "{}", b.stderr());
+    }
+}

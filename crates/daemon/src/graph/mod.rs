@@ -551,7 +551,8 @@ impl Graph {
 
     /// Writes back what the writable nodes cache (at daemon exit): image nodes their
     /// metadata caches, other nodes through a flush request (an rbd node: librbd's
-    /// write-back window). Errors are logged: there is no one left to report them to.
+    /// write-back window; it also lets go of the image's exclusive lock, see [`rbd`]).
+    /// Errors are logged: there is no one left to report them to.
     pub fn flush_all(&self) {
         for n in self.nodes.iter().filter(|n| !n.read_only) {
             let r = match image::image_node(&n.opened) {
@@ -564,6 +565,11 @@ impl Graph {
             };
             if let Err(e) = r {
                 tracing::error!("flushing node '{}' at exit: {e}", n.name);
+            }
+            if let Some(img) = rbd::rbd_plugin(&n.opened).and_then(|p| p.image().cloned()) {
+                if let Err(e) = img.release_lock() {
+                    tracing::error!("node '{}' at exit: {e}", n.name);
+                }
             }
         }
     }

@@ -22,7 +22,10 @@
 //! image's lock for as long as it is open, and `blockdev-add` fails while another client
 //! holds it; `break-lock: true` (a sluice extension: qemu has no such option, and leaves
 //! two qemus to hand the lock back and forth) breaks the holder's lock and blocklists it
-//! first. The reasoning is in `sluice_rbd::image`.
+//! first. The reasoning is in `sluice_rbd::image`. The daemon exits without closing its
+//! nodes, so at exit ([`super::Graph::flush_all`]) an rbd node flushes and lets go of the
+//! lock explicitly: a restarted daemon (or another host) then takes it at once instead of
+//! waiting ~30 s for the exited client's watch to time out.
 //!
 //! What `query-named-block-nodes` shows follows qemu's rbd driver: format `rbd`, no
 //! `actual-size` (qemu's rbd driver reports none), `format-specific` of type `rbd` with no
@@ -170,8 +173,9 @@ impl NodeDriver for RbdDriver {
                 image.spec()
             )));
         }
-        Ok(OpenedNode::new(
-            Arc::new(plugin),
+        let plugin = Arc::new(plugin);
+        let mut opened = OpenedNode::new(
+            plugin.clone(),
             NodeInfo {
                 filename: format!("json:{}", super::image::qemu_json(&filename_spec(json))),
                 format: "rbd".to_string(),
@@ -186,8 +190,15 @@ impl NodeDriver for RbdDriver {
                 }),
                 ..NodeInfo::default()
             },
-        ))
+        );
+        opened.payload = Some(plugin);
+        Ok(opened)
     }
+}
+
+/// The rbd plugin behind a graph node, if the rbd driver opened it.
+pub fn rbd_plugin(opened: &OpenedNode) -> Option<Arc<RbdPlugin>> {
+    opened.payload.clone()?.downcast::<RbdPlugin>().ok()
 }
 
 /// The options that select the image (qemu's strong runtime options of rbd), keys sorted
