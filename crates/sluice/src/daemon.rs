@@ -21,9 +21,10 @@ use sluice_block::Plugin;
 
 use crate::process;
 use sluice_daemon::generated::{
-    BlockExportOptions, BlockdevOptions, CompatPolicy as CompatOptions, CompatPolicyInput,
-    CompatPolicyOutput, NbdServerOptions, ShutdownCause,
+    BlockExportOptions, BlockdevDriver, BlockdevOptions, CompatPolicy as CompatOptions,
+    CompatPolicyInput, CompatPolicyOutput, NbdServerOptions, ShutdownCause,
 };
+use sluice_daemon::graph::rbd::RbdDriver;
 use sluice_daemon::graph::{DriverRegistry, PluginLoader};
 use sluice_daemon::{Daemon, DaemonConfig, MonitorListener};
 use sluice_qapi::runtime::{CompatPolicy, Input, InputPolicy, OutputPolicy};
@@ -46,7 +47,7 @@ Examples:
       --export nbd,id=e,node-name=ram,writable=on
                      any sluice plugin as a node (nbdkit C plugins and python scripts too)
 
-Block node drivers: file, raw, qcow2, null-co, null-aio, sluice-plugin. Options take the names and values of QMP's blockdev-add,
+Block node drivers: file, raw, qcow2, null-co, null-aio, rbd, sluice-plugin. Options take the names and values of QMP's blockdev-add,
 block-export-add and nbd-server-start; nested members are dotted (cache.direct=off), lists are
 numbered (params.0=...), and a literal comma is written ',,'. --blockdev also takes JSON.";
 
@@ -57,6 +58,11 @@ pub struct DaemonArgs {
     /// Add a block node, with the options of QMP blockdev-add as key=value pairs (or as JSON).
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdev: Vec<String>,
+
+    /// A secret object (for rbd's key-secret): secret,id=ID,data=TEXT|file=PATH
+    /// [,format=raw|base64].
+    #[arg(long = "object", value_name = "OPTIONS")]
+    object: Vec<String>,
 
     /// Start the NBD server: addr.type=unix,addr.path=PATH or
     /// addr.type=inet,addr.host=HOST,addr.port=PORT.
@@ -130,6 +136,7 @@ enum Chardev {
 #[derive(Debug)]
 struct Plan {
     policy: CompatPolicy,
+    secrets: crate::secrets::CliSecrets,
     blockdevs: Vec<BlockdevOptions>,
     nbd: Option<NbdServerOptions>,
     exports: Vec<BlockExportOptions>,
@@ -231,6 +238,10 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
             }
         }
     };
+    let mut secrets = crate::secrets::CliSecrets::default();
+    for o in &args.object {
+        secrets.add(o)?;
+    }
     let mut blockdevs = Vec::new();
     for b in &args.blockdev {
         blockdevs.push(typed(
@@ -286,6 +297,7 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
     monitors.extend(args.qmp.iter().map(|p| Chardev::Unix(p.clone())));
     Ok(Plan {
         policy,
+        secrets,
         blockdevs,
         nbd,
         exports,
@@ -395,9 +407,14 @@ fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let mut drivers = DriverRegistry::builtin(loader);
+    drivers.register(
+        BlockdevDriver::Rbd,
+        Arc::new(RbdDriver::new(Arc::new(plan.secrets))),
+    );
     let daemon = Daemon::new(DaemonConfig {
         policy: plan.policy,
-        drivers: DriverRegistry::builtin(loader),
+        drivers,
         nbd: sluice_server::ServerConfig::default(),
     });
     let hook = daemon.clone();

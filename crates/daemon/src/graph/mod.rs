@@ -27,6 +27,7 @@
 pub mod bitmaps;
 pub mod drivers;
 pub mod image;
+pub mod rbd;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -151,7 +152,9 @@ impl std::fmt::Debug for DriverRegistry {
 }
 
 impl DriverRegistry {
-    /// The drivers sluice has: file, raw, qcow2 (images), null-co, null-aio, sluice-plugin.
+    /// The drivers sluice has: file, raw, qcow2 (images), null-co, null-aio, rbd (without
+    /// secret objects: register an [`rbd::RbdDriver`] with a lookup to have them),
+    /// sluice-plugin.
     pub fn builtin(loader: Arc<dyn PluginLoader>) -> DriverRegistry {
         let mut r = DriverRegistry {
             drivers: HashMap::new(),
@@ -162,6 +165,10 @@ impl DriverRegistry {
         r.register(BlockdevDriver::Qcow2, images);
         r.register(BlockdevDriver::NullCo, Arc::new(drivers::NullDriver));
         r.register(BlockdevDriver::NullAio, Arc::new(drivers::NullDriver));
+        r.register(
+            BlockdevDriver::Rbd,
+            Arc::new(rbd::RbdDriver::new(Arc::new(rbd::NoSecrets))),
+        );
         r.register(
             BlockdevDriver::SluicePlugin,
             Arc::new(drivers::PluginDriver { loader }),
@@ -546,13 +553,26 @@ impl Graph {
         self.get(c)
     }
 
-    /// Writes back what the writable image nodes cache (at daemon exit). Errors are logged:
-    /// there is no one left to report them to.
+    /// Writes back what the writable nodes cache (at daemon exit): image nodes their
+    /// metadata caches, other nodes through a flush request (an rbd node: librbd's
+    /// write-back window; it also lets go of the image's exclusive lock, see [`rbd`]).
+    /// Errors are logged: there is no one left to report them to.
     pub fn flush_all(&self) {
         for n in self.nodes.iter().filter(|n| !n.read_only) {
-            if let Some(img) = image::image_node(&n.opened) {
-                if let Err(e) = img.flush() {
-                    tracing::error!("flushing node '{}' at exit: {e}", n.name);
+            let r = match image::image_node(&n.opened) {
+                Some(img) => img.flush().map_err(|e| e.to_string()),
+                None if n.probe.can_flush().unwrap_or(false) => n
+                    .probe
+                    .flush(sluice_block::Flags::NONE)
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            if let Err(e) = r {
+                tracing::error!("flushing node '{}' at exit: {e}", n.name);
+            }
+            if let Some(img) = rbd::rbd_plugin(&n.opened).and_then(|p| p.image().cloned()) {
+                if let Err(e) = img.release_lock() {
+                    tracing::error!("node '{}' at exit: {e}", n.name);
                 }
             }
         }
