@@ -91,6 +91,20 @@ impl Bitmap {
         }
     }
 
+    /// A persistent bitmap loaded from an image (see [`crate::qcow2_bitmaps::load`]); an
+    /// inconsistent one has no bits, does not record (as in QEMU) and refuses every use but
+    /// removal.
+    pub fn loaded(name: &str, map: DirtyMap, recording: bool, inconsistent: bool) -> Bitmap {
+        Bitmap {
+            name: name.to_string(),
+            map,
+            recording: AtomicBool::new(recording && !inconsistent),
+            persistent: AtomicBool::new(true),
+            busy: AtomicU32::new(0),
+            inconsistent,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

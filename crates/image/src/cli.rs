@@ -248,7 +248,7 @@ pub fn open_image_node(args: &[ConfigArg]) -> Result<Arc<Node>, ImageError> {
     let a = parse_args(args)?;
     let no_nodes = |_: &str| None;
     let read_only = a.readonly.unwrap_or(false);
-    match open_node(&build_options(&a, read_only)?, &no_nodes) {
+    let node = match open_node(&build_options(&a, read_only)?, &no_nodes) {
         // Like the file plugin: an image we may not write is served read-only.
         Err(ImageError::Open { source, path })
             if a.readonly.is_none()
@@ -259,7 +259,11 @@ pub fn open_image_node(args: &[ConfigArg]) -> Result<Arc<Node>, ImageError> {
             open_node(&build_options(&a, true)?, &no_nodes)
         }
         r => r,
-    }
+    }?;
+    // Persistent bitmaps: loaded and marked in use while served; saved when the server
+    // drops the node at exit (see `node/persist.rs`).
+    node.load_bitmaps()?;
+    Ok(node)
 }
 
 /// `sluice serve image ...`: the plugin for the CLI (see [`open_image_node`]).

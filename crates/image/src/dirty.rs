@@ -171,6 +171,39 @@ impl DirtyMap {
         let end = ((last + 1) * self.granularity).min(self.size);
         Some((offset, end - offset))
     }
+
+    /// The bits as bytes in QEMU's serialization (bit `i` is bit `i % 8` of byte `i / 8`,
+    /// least significant first): what a qcow2 bitmap's data clusters hold. One byte per
+    /// eight blocks, rounded up.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let nbits = self.size.div_ceil(self.granularity);
+        let b = self.inner.lock();
+        let mut out: Vec<u8> = b.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(nbits.div_ceil(8) as usize);
+        out
+    }
+
+    /// Replaces the bits with `bytes` in the layout of [`DirtyMap::to_bytes`]; missing bytes
+    /// are clean and bits past the size are ignored.
+    pub fn load_bytes(&self, bytes: &[u8]) {
+        let nbits = self.size.div_ceil(self.granularity);
+        let mut b = self.inner.lock();
+        let mut count = 0;
+        for (i, w) in b.words.iter_mut().enumerate() {
+            let mut le = [0u8; 8];
+            let from = (i * 8).min(bytes.len());
+            let to = (i * 8 + 8).min(bytes.len());
+            le[..to - from].copy_from_slice(&bytes[from..to]);
+            let mut v = u64::from_le_bytes(le);
+            let first = i as u64 * 64;
+            if first + 64 > nbits {
+                v &= (1u64 << (nbits - first)) - 1;
+            }
+            *w = v;
+            count += u64::from(v.count_ones());
+        }
+        b.count = count;
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +267,26 @@ mod tests {
         assert_eq!(m.count(), 3 << 16);
         m.clear();
         assert!(m.is_clean());
+    }
+
+    #[test]
+    fn bytes_are_qemu_serialization_and_load_back_clipped() {
+        // 70 blocks: 9 bytes.
+        let m = DirtyMap::new(70 * 512, 512);
+        m.mark(0, 1);
+        m.mark(9 * 512, 1);
+        m.mark(69 * 512, 1);
+        let b = m.to_bytes();
+        assert_eq!(b.len(), 9);
+        assert_eq!((b[0], b[1], b[8]), (0b1, 0b10, 0b10_0000));
+        let n = DirtyMap::new(70 * 512, 512);
+        let mut ones = vec![0xff; 9];
+        n.load_bytes(&ones);
+        assert_eq!(n.count(), 70 * 512);
+        ones[0] = 0;
+        n.load_bytes(&b);
+        assert_eq!(n.runs(), m.runs());
+        assert_eq!(n.count(), 3 * 512);
     }
 
     #[test]

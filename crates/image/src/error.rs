@@ -82,6 +82,13 @@ pub enum ImageError {
     #[error("{0}")]
     Permission(String),
 
+    /// The image's persistent bitmaps could not be loaded or saved.
+    #[error("{}: {source}", path.display())]
+    Bitmaps {
+        path: PathBuf,
+        source: crate::qcow2_bitmaps::Qcow2BitmapError,
+    },
+
     /// An I/O error while opening (imago's own checks land here too).
     #[error("{context}: {source}")]
     Io {
@@ -104,6 +111,7 @@ impl ImageError {
             ImageError::BackingLoop { .. } | ImageError::ChainTooLong { .. } => Errno(libc::ELOOP),
             ImageError::Backing { source, .. } => source.errno(),
             ImageError::BackingNotAllowed { .. } => Errno::EPERM,
+            ImageError::Bitmaps { .. } => Errno::EIO,
         }
     }
 

@@ -52,6 +52,8 @@ pub mod header;
 pub mod lock;
 pub mod node;
 pub mod options;
+pub mod qcow2_bitmaps;
+pub mod refcounts;
 pub mod storage;
 
 pub use bitmaps::{Bitmap, BitmapError, Bitmaps};

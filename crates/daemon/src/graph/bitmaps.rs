@@ -8,6 +8,13 @@
 //! is what every export and every job reaches, so no path goes around it. The rules
 //! (busy, inconsistent, sizes, names) and their messages are `sluice_image::bitmaps`'s;
 //! this module adds the node lookups and the order of the checks.
+//!
+//! `persistent: true` is accepted on writable qcow2 nodes, whose image saves the bitmap at
+//! close (`sluice_image::qcow2_bitmaps`); on any other node it is refused with qsd's error.
+//! Raw images get no sidecar file: a bitmap kept beside the image would be one qemu and every
+//! other tool ignore, so a raw disk copied, resized or written by them would carry a stale
+//! bitmap that looks valid; refusing as qsd does is the honest answer until such a file can
+//! be tied to the image it describes.
 
 use std::sync::Arc;
 
@@ -106,19 +113,29 @@ impl Graph {
             }
             None => default_granularity(n.opened.info.cluster_size.map(|c| c as u64)),
         };
-        if args.persistent == Some(true) {
-            // Saving bitmaps in qcow2 images is not written yet: refuse rather than
-            // accept a bitmap that would silently vanish at exit.
-            let why = match super::image::image_node(&n.opened) {
-                Some(_) if n.opened.info.format == "qcow2" => {
-                    "persistent bitmaps are not supported by sluice yet"
+        let persistent = args.persistent == Some(true);
+        if persistent {
+            // qsd's checks and words. Deliberate difference: qsd accepts a persistent
+            // bitmap on a read-only qcow2 node and loses it at close ("Lost persistent
+            // bitmaps during inactivation"); sluice refuses it up front.
+            match super::image::image_node(&n.opened) {
+                Some(img) if img.qcow2().is_some() => {
+                    img.can_store_bitmap(granularity).map_err(|why| {
+                        QmpError::generic(format!(
+                            "Can't make bitmap '{}' persistent in '{}': {why}",
+                            args.name, n.name
+                        ))
+                    })?
                 }
-                _ => "Operation not supported",
-            };
-            return Err(QmpError::generic(format!(
-                "Can't store persistent bitmaps to {}: {why}",
-                n.name
-            )));
+                // Raw images, plugins: qsd refuses them too (no sidecar file, see the
+                // module doc).
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "Can't store persistent bitmaps to {}: Operation not supported",
+                        n.name
+                    )))
+                }
+            }
         }
         n.bitmaps.check_new_name(&args.name).map_err(qmp)?;
         let size = n.size()?;
@@ -128,6 +145,7 @@ impl Graph {
             granularity,
             !args.disabled.unwrap_or(false),
         );
+        b.set_persistent(persistent);
         n.bitmaps.insert(Arc::new(b)).map_err(qmp)
     }
 

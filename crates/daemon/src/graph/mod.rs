@@ -492,9 +492,14 @@ impl Graph {
         created: &mut Vec<String>,
     ) -> Result<(), QmpError> {
         // Image nodes mark their bitmaps in their own gate; any other node through a filter
-        // over its plugin, which every export and job reaches.
+        // over its plugin, which every export and job reaches. A qcow2 node brings the
+        // persistent bitmaps of its image (marked in use while it is writable).
         let node_bitmaps = match image::image_node(&opened) {
-            Some(img) => img.bitmaps().clone(),
+            Some(img) => {
+                img.load_bitmaps()
+                    .map_err(|e| QmpError::generic(format!("Could not open node '{name}': {e}")))?;
+                img.bitmaps().clone()
+            }
             None => {
                 let set = Arc::<sluice_image::Bitmaps>::default();
                 let filter = bitmaps::MarkBitmaps(set.clone());
@@ -553,10 +558,10 @@ impl Graph {
         self.get(c)
     }
 
-    /// Writes back what the writable nodes cache (at daemon exit): image nodes their
-    /// metadata caches, other nodes through a flush request (an rbd node: librbd's
-    /// write-back window; it also lets go of the image's exclusive lock, see [`rbd`]).
-    /// Errors are logged: there is no one left to report them to.
+    /// Writes back what the writable nodes cache and saves image nodes' persistent bitmaps
+    /// (at daemon exit): image nodes their metadata caches, other nodes through a flush
+    /// request (an rbd node: librbd's write-back window; it also lets go of the image's
+    /// exclusive lock, see [`rbd`]). Errors are logged: there is no one left to report them to.
     pub fn flush_all(&self) {
         for n in self.nodes.iter().filter(|n| !n.read_only) {
             let r = match image::image_node(&n.opened) {
@@ -569,6 +574,11 @@ impl Graph {
             };
             if let Err(e) = r {
                 tracing::error!("flushing node '{}' at exit: {e}", n.name);
+            }
+            if let Some(img) = image::image_node(&n.opened) {
+                if let Err(e) = img.store_bitmaps() {
+                    tracing::error!("saving the bitmaps of node '{}' at exit: {e}", n.name);
+                }
             }
             if let Some(img) = rbd::rbd_plugin(&n.opened).and_then(|p| p.image().cloned()) {
                 if let Err(e) = img.release_lock() {
@@ -640,6 +650,14 @@ impl Graph {
             return;
         };
         let node = self.nodes.remove(i);
+        // qemu saves persistent bitmaps when the node closes; here, so that an error is
+        // logged now (dropping the last reference would save them too, see
+        // `sluice_image::node::persist`).
+        if let Some(img) = image::image_node(&node.opened) {
+            if let Err(e) = img.store_bitmaps() {
+                tracing::error!("saving the bitmaps of node '{name}': {e}");
+            }
+        }
         for (_, child) in &node.children {
             let orphan = !self.has_parent(child)
                 && self

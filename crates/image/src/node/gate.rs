@@ -44,6 +44,9 @@ struct State {
     dirty: Option<Arc<DirtyMap>>,
     /// Set by the pivot: this node's requests go to that node from now on.
     redirect: Option<Arc<Node>>,
+    /// Set when the node saved its persistent bitmaps at close (`persist.rs`): from then on
+    /// the image's metadata is no longer imago's alone, so nothing may change it.
+    closed: bool,
 }
 
 /// Proof that a request that only reads passed the gate (or that the caller holds the gate
@@ -89,6 +92,15 @@ impl Node {
             drop(state);
             return target.change(offset, len, op);
         }
+        if state.closed {
+            return Err(sluice_block::BlockError::new(
+                sluice_block::Errno::EIO,
+                format!(
+                    "node '{}' is closed (its persistent bitmaps were saved)",
+                    self.name
+                ),
+            ));
+        }
         let r = op(self, Changing(()));
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
@@ -97,6 +109,18 @@ impl Node {
             bitmaps.mark(offset, len);
         }
         r
+    }
+
+    /// Runs `close` with every request of this node held off; if it succeeds, the node
+    /// refuses every change from then on (see `persist.rs`).
+    pub(super) fn close_changes<R>(
+        &self,
+        close: impl FnOnce() -> std::result::Result<R, crate::ImageError>,
+    ) -> std::result::Result<R, crate::ImageError> {
+        let mut state = self.tracking.state.write();
+        let r = close()?;
+        state.closed = true;
+        Ok(r)
     }
 
     /// The node that serves this node's requests now: itself, or the one an active commit

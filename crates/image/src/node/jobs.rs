@@ -158,6 +158,21 @@ impl Node {
         let writer = open_node(&opts, &resolve)?;
         // The writer changes this node's image: it marks this node's bitmaps.
         let _ = writer.bitmaps.set(self.bitmaps().clone());
+        // Opening it writable cleared autoclear bit 0 (imago does, as any program that does
+        // not know bitmaps): mark the image's persistent bitmaps in use and set the bit
+        // back, so that they read as inconsistent from now on (this read-only node cannot
+        // save them) and the header again matches what this node's imago instance holds
+        // (its reload refuses a changed autoclear field).
+        if let Some(q) = self.qcow2() {
+            // Through the writer's descriptor: this node's is read-only.
+            let os = &writer.file_state().os;
+            crate::qcow2_bitmaps::mark_in_use(os, &q.header).map_err(|source| {
+                ImageError::Bitmaps {
+                    path: self.filename.clone(),
+                    source,
+                }
+            })?;
+        }
         Ok(writer)
     }
 

@@ -26,6 +26,8 @@
 //!   node, durability, and the checks on the request path.
 //! - `status.rs`: block status and allocation depth as qemu-nbd reports them, with qemu's
 //!   guess of metadata preallocation.
+//! - `persist.rs`: a qcow2 node's persistent bitmaps: loaded at open, in use while
+//!   writable, saved at close.
 //! - `jobs.rs`: what block jobs build on: stream copy-on-read, the backing switch, a
 //!   writer into a read-only base, and reloading a node another writer changed.
 //!
@@ -52,6 +54,7 @@ mod gate;
 mod io;
 mod jobs;
 mod open;
+mod persist;
 mod status;
 #[cfg(test)]
 mod test_support;
@@ -135,6 +138,8 @@ pub struct Node {
     /// The node's named dirty bitmaps, made at first use (or shared from the node an active
     /// commit writes into, see [`Node::open_writer`]); the gate marks them.
     bitmaps: std::sync::OnceLock<Arc<Bitmaps>>,
+    /// Where the persistent bitmaps are in their life cycle (see `persist.rs`).
+    persist: Mutex<persist::Persist>,
     weak_self: Weak<Node>,
 }
 
@@ -179,6 +184,7 @@ impl Node {
             io: RwLock::new(()),
             tracking: Tracking::default(),
             bitmaps: std::sync::OnceLock::new(),
+            persist: Mutex::default(),
             weak_self: weak_self.clone(),
         })
     }
