@@ -17,15 +17,16 @@ use crate::generated::{
     BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
     BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
     BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs,
-    BlockLatencyHistogramSetArgs, BlockStats, BlockStreamArgs, BlockdevDelArgs, BlockdevOptions,
-    CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs,
-    JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions, NbdServerOptions,
-    NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs,
-    QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
-    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    BlockLatencyHistogramSetArgs, BlockResizeArgs, BlockStats, BlockStreamArgs, BlockdevCreateArgs,
+    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
+    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
+    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
+    QmpCapabilitiesArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause,
+    SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS,
+    INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
-use crate::jobs::{commit, stream};
+use crate::jobs::{commit, create, stream};
 use crate::state::{version, Daemon, State};
 use crate::QmpError;
 use sluice_proto::qmp::{ErrorClass, Request};
@@ -466,6 +467,29 @@ impl Handlers for Session<'_> {
 
     fn block_commit(&mut self, args: BlockCommitArgs) -> Result<(), QmpError> {
         commit::block_commit(self.daemon, self.state, args)
+    }
+
+    fn blockdev_create(&mut self, args: BlockdevCreateArgs) -> Result<(), QmpError> {
+        create::blockdev_create(self.daemon, self.state, args)
+    }
+
+    fn block_resize(&mut self, args: BlockResizeArgs) -> Result<(), QmpError> {
+        let device = args.device.as_deref().unwrap_or("");
+        let node = args.node_name.as_deref().unwrap_or("");
+        // qsd has no devices: only a node name finds something.
+        if self.state.graph.get(node).is_none() {
+            return Err(crate::graph::not_found(device, node));
+        }
+        if args.size < 0 {
+            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+        }
+        if let Some(j) = self.state.jobs.using_node(node) {
+            return Err(QmpError::generic(format!(
+                "Node '{node}' is busy: block device is in use by block job: {}",
+                j.job_type
+            )));
+        }
+        self.state.graph.resize(node, args.size as u64)
     }
 
     fn blockdev_mirror(

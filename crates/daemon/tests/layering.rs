@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["exports"],
     &["jobs"],
     &["state"],
-    &["jobs::stream", "jobs::mirror_engine"],
+    &["jobs::stream", "jobs::mirror_engine", "jobs::create"],
     &["jobs::active_commit", "jobs::mirror"],
     &["jobs::commit"],
     &["jobs::commands"],

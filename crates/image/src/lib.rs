@@ -63,5 +63,5 @@ pub use error::ImageError;
 pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};
 pub use lock::Locking;
-pub use node::{open_node, Node, Resolve};
+pub use node::{create_file, open_node, Node, Prealloc, Qcow2Create, Resolve};
 pub use options::{BackingRef, BlockdevOptions, ChildRef, Driver};

@@ -616,6 +616,68 @@ impl Graph {
         Ok(())
     }
 
+    /// `block_resize` of node `name` (found, size checked non-negative, no job on it),
+    /// with qsd's refusals: an export or a format parent holds the node (qemu's permission
+    /// conflict, in its words), the node is read-only, the size does not suit the format.
+    ///
+    /// Differs from qsd: a node that is another node's backing is refused too (qsd allows
+    /// it), because the nodes above read it through the image object the resize replaces.
+    pub fn resize(&mut self, name: &str, size: u64) -> Result<(), QmpError> {
+        let Some(node) = self.get(name) else {
+            return Err(not_found("", name));
+        };
+        let unnamed =
+            |role: &str| format!("an unnamed block device (uses node '{name}' as '{role}' child)");
+        let unsharer = if node.exports > 0 {
+            Some(unnamed("root"))
+        } else {
+            self.nodes
+                .iter()
+                .find(|p| p.children.iter().any(|(r, c)| r == "file" && c == name))
+                .map(|p| format!("node '{}' (uses node '{name}' as 'file' child)", p.name))
+        };
+        if let Some(u) = unsharer {
+            return Err(QmpError::generic(format!(
+                "Permission conflict on node '{name}': permissions 'resize' are both required \
+                 by {} and unshared by {u}.",
+                unnamed("root")
+            )));
+        }
+        if let Some(p) = self.parents(name, "backing").next() {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is the backing of '{}': sluice cannot resize a backing node",
+                p.name
+            )));
+        }
+        let Some(img) = image::image_node(&node.opened) else {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' (driver {}) cannot be resized: sluice resizes file, raw and \
+                 qcow2 nodes",
+                node.driver.as_str()
+            )));
+        };
+        if node.read_only {
+            return Err(QmpError::generic("Image is read-only"));
+        }
+        // qsd rounds a raw or file size up to whole 512-byte sectors (qcow2 refuses it).
+        let size = match node.driver {
+            BlockdevDriver::Qcow2 => size,
+            _ => size.next_multiple_of(512),
+        };
+        img.resize(size).map_err(|e| match e {
+            sluice_image::ImageError::Permission(m)
+            | sluice_image::ImageError::InvalidOption(m) => QmpError::generic(m),
+            e => image::qmp_error(e),
+        })?;
+        let children: Vec<String> = node.children.iter().map(|(_, c)| c.clone()).collect();
+        for n in std::iter::once(name.to_string()).chain(children) {
+            if let Some(n) = self.get_mut(&n) {
+                image::refresh_info(&mut n.opened);
+            }
+        }
+        Ok(())
+    }
+
     /// Points `parent`'s `role` edge at `child` (None: drops the edge), refreshes the
     /// parent's image info, and removes the old child, recursively, if nothing else holds
     /// it (the layers a `block-stream` dropped from a chain opened from image headers).

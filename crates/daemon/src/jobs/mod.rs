@@ -39,6 +39,7 @@
 pub mod active_commit;
 pub mod commands;
 pub mod commit;
+pub mod create;
 pub mod mirror;
 pub mod mirror_engine;
 pub mod stream;
@@ -90,6 +91,12 @@ pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
         JobVerb::Finalize => status == Pending,
         JobVerb::Dismiss => status == Concluded,
     }
+}
+
+/// QEMU's split between generic jobs and block jobs: a `create` job is a plain job, with
+/// no `BLOCK_JOB_*` events, not in `query-block-jobs` and not found by `block-job-*`.
+pub fn is_block_job(t: JobType) -> bool {
+    t != JobType::Create
 }
 
 /// The step of copying jobs ([`JobCtx::copy_in_chunks`]): progress and pause/cancel points
@@ -348,7 +355,7 @@ impl<S: HasJobs> Job<S> {
                 drop(s);
                 job.finish(st);
             } else {
-                job.emit(&BlockJobPendingEvent {
+                job.emit_block(&BlockJobPendingEvent {
                     r#type: job.job_type,
                     id: job.id.clone(),
                 });
@@ -408,6 +415,18 @@ impl<S: HasJobs> Job<S> {
         if let Some(h) = self.host.upgrade() {
             h.events().emit(e);
         }
+    }
+
+    /// Emits a `BLOCK_JOB_*` event, if this job is a block job (see [`is_block_job`]).
+    fn emit_block<E: sluice_qapi::runtime::QapiEvent>(&self, e: &E) {
+        if is_block_job(self.job_type) {
+            self.emit(e);
+        }
+    }
+
+    /// True if this is a block job (listed by `query-block-jobs`, found by `block-job-*`).
+    pub fn is_block(&self) -> bool {
+        is_block_job(self.job_type)
     }
 
     fn check_verb(&self, s: &JobState, verb: JobVerb) -> Result<(), QmpError> {
@@ -479,7 +498,7 @@ impl<S: HasJobs> Job<S> {
                 self.set_status(&mut s, JobStatus::Waiting);
                 self.set_status(&mut s, JobStatus::Pending);
                 if !self.auto_finalize {
-                    self.emit(&BlockJobPendingEvent {
+                    self.emit_block(&BlockJobPendingEvent {
                         r#type: self.job_type,
                         id: self.id.clone(),
                     });
@@ -517,7 +536,7 @@ impl<S: HasJobs> Job<S> {
         let (len, offset, speed) = (s.total as i64, s.current as i64, s.speed as i64);
         match failure {
             None => {
-                self.emit(&BlockJobCompletedEvent {
+                self.emit_block(&BlockJobCompletedEvent {
                     r#type: self.job_type,
                     device: self.id.clone(),
                     len,
@@ -532,7 +551,7 @@ impl<S: HasJobs> Job<S> {
                 match f {
                     WorkError::Cancelled => {
                         s.error = Some("Operation canceled".to_string());
-                        self.emit(&BlockJobCancelledEvent {
+                        self.emit_block(&BlockJobCancelledEvent {
                             r#type: self.job_type,
                             device: self.id.clone(),
                             len,
@@ -542,7 +561,7 @@ impl<S: HasJobs> Job<S> {
                     }
                     WorkError::Failed(m) => {
                         s.error = Some(m.clone());
-                        self.emit(&BlockJobCompletedEvent {
+                        self.emit_block(&BlockJobCompletedEvent {
                             r#type: self.job_type,
                             device: self.id.clone(),
                             len,
@@ -772,7 +791,7 @@ impl<S: HasJobs> JobCtx<'_, S> {
             return Err(WorkError::Cancelled);
         }
         self.job.set_status(&mut s, JobStatus::Ready);
-        self.job.emit(&BlockJobReadyEvent {
+        self.job.emit_block(&BlockJobReadyEvent {
             r#type: self.job.job_type,
             device: self.job.id.clone(),
             len: s.total as i64,
@@ -946,7 +965,7 @@ impl<S: HasJobs> JobCtx<'_, S> {
             BlockdevOnError::Enospc => BlockErrorAction::Report,
         };
         let mut s = self.job.lock();
-        self.job.emit(&BlockJobErrorEvent {
+        self.job.emit_block(&BlockJobErrorEvent {
             device: self.job.id.clone(),
             operation: op,
             action,
