@@ -13,15 +13,16 @@ use serde_json::{Map, Value};
 
 use crate::generated::{
     dispatch, BlockCommitArgs, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
-    BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
-    BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
-    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
-    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
-    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
-    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
-    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
-    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    BlockDirtyBitmapMerge, BlockDirtyBitmapOrStr, BlockExportDelArgs, BlockExportInfo,
+    BlockExportOptions, BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode,
+    BlockExportType, BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs,
+    BlockJobFinalizeArgs, BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs,
+    BlockJobSetSpeedArgs, BlockStreamArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
+    JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
+    JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
+    NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs, QueryNamedBlockNodesArgs,
+    ShutdownCause, SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo,
+    COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
 use crate::jobs::{commit, stream};
@@ -290,6 +291,7 @@ impl Handlers for Session<'_> {
             u: BlockExportOptionsBranch::Nbd(BlockExportOptionsNbd {
                 name: Some(name),
                 description: args.description,
+                bitmaps: args.bitmap.map(|b| vec![BlockDirtyBitmapOrStr::Local(b)]),
                 allocation_depth: None,
             }),
         };
@@ -391,5 +393,13 @@ impl Handlers for Session<'_> {
         args: crate::generated::BlockdevMirrorArgs,
     ) -> Result<(), QmpError> {
         crate::jobs::mirror::blockdev_mirror(self.daemon, self.state, args)
+    }
+
+    fn blockdev_backup(&mut self, args: crate::generated::BlockdevBackup) -> Result<(), QmpError> {
+        crate::jobs::backup::blockdev_backup(self.daemon, self.state, args)
+    }
+
+    fn transaction(&mut self, args: crate::generated::TransactionArgs) -> Result<(), QmpError> {
+        crate::transaction::transaction(self.daemon, self.state, args.actions, args.properties)
     }
 }

@@ -20,9 +20,9 @@
 //! # Layers
 //!
 //! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
-//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream` and
-//! `jobs::mirror_engine`; `jobs::active_commit` and `jobs::mirror` on the engine;
-//! `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
+//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
+//! `jobs::mirror_engine` and `jobs::backup`; `jobs::active_commit` and `jobs::mirror` on the
+//! engine; `jobs::commit`), `jobs::commands` and `transaction`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
 //!
 //! # Where things go
@@ -46,6 +46,7 @@ pub mod graph;
 pub mod jobs;
 pub mod monitor;
 pub mod state;
+pub mod transaction;
 
 pub use commands::MonitorState;
 pub use monitor::MonitorListener;

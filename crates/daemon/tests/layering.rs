@@ -14,10 +14,10 @@ const LAYERS: &[&[&str]] = &[
     &["exports"],
     &["jobs"],
     &["state"],
-    &["jobs::stream", "jobs::mirror_engine"],
+    &["jobs::stream", "jobs::mirror_engine", "jobs::backup"],
     &["jobs::active_commit", "jobs::mirror"],
     &["jobs::commit"],
-    &["jobs::commands"],
+    &["jobs::commands", "transaction"],
     &["commands"],
     &["monitor"],
 ];

@@ -114,6 +114,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "block-job-set-speed",
         "block-stream",
         "blockdev-add",
+        "blockdev-backup",
         "blockdev-del",
         "blockdev-mirror",
         "job-cancel",
@@ -135,6 +136,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "query-qmp-schema",
         "query-version",
         "quit",
+        "transaction",
     ]);
     let img_s = path_str(&img);
     let expected = json!({

@@ -56,6 +56,7 @@ mod status;
 #[cfg(test)]
 mod test_support;
 
+pub use gate::BeforeWrite;
 use gate::Tracking;
 pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
 

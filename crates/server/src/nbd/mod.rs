@@ -19,7 +19,7 @@
 mod negotiate;
 mod transmit;
 
-pub use exports::{ExportTable, NamedExport};
+pub use exports::{ExportContext, ExportTable, NamedExport};
 
 mod exports;
 
