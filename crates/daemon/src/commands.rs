@@ -13,17 +13,17 @@ use serde_json::{Map, Value};
 
 use crate::generated::{
     dispatch, BlockCommitArgs, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
-    BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
-    BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
-    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs,
-    BlockLatencyHistogramSetArgs, BlockResizeArgs, BlockStats, BlockStreamArgs, BlockdevCreateArgs,
-    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
-    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
-    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
-    QmpCapabilitiesArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause,
-    SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS,
-    INTROSPECTION,
+    BlockDirtyBitmapMerge, BlockDirtyBitmapOrStr, BlockExportDelArgs, BlockExportInfo,
+    BlockExportOptions, BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode,
+    BlockExportType, BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs,
+    BlockJobFinalizeArgs, BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs,
+    BlockJobSetSpeedArgs, BlockLatencyHistogramSetArgs, BlockResizeArgs, BlockStats,
+    BlockStreamArgs, BlockdevCreateArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
+    JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
+    JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
+    NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs, QueryBlockstatsArgs,
+    QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress, SocketAddressBranch,
+    SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
 use crate::jobs::{commit, create, stream};
@@ -373,6 +373,7 @@ impl Handlers for Session<'_> {
             u: BlockExportOptionsBranch::Nbd(BlockExportOptionsNbd {
                 name: Some(name),
                 description: args.description,
+                bitmaps: args.bitmap.map(|b| vec![BlockDirtyBitmapOrStr::Local(b)]),
                 allocation_depth: None,
             }),
         };
@@ -497,5 +498,13 @@ impl Handlers for Session<'_> {
         args: crate::generated::BlockdevMirrorArgs,
     ) -> Result<(), QmpError> {
         crate::jobs::mirror::blockdev_mirror(self.daemon, self.state, args)
+    }
+
+    fn blockdev_backup(&mut self, args: crate::generated::BlockdevBackup) -> Result<(), QmpError> {
+        crate::jobs::backup::blockdev_backup(self.daemon, self.state, args)
+    }
+
+    fn transaction(&mut self, args: crate::generated::TransactionArgs) -> Result<(), QmpError> {
+        crate::transaction::transaction(self.daemon, self.state, args.actions, args.properties)
     }
 }

@@ -19,6 +19,6 @@ pub mod nbd;
 pub mod stream;
 pub mod tls;
 
-pub use nbd::{ExportTable, Exports, NamedExport, NbdServer, ServerConfig};
+pub use nbd::{ExportContext, ExportTable, Exports, NamedExport, NbdServer, ServerConfig};
 pub use stream::{Listener, Stream};
 pub use tls::{PeerIdentity, TlsConfig, TlsError, TlsMode, X509Files};

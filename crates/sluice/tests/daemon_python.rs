@@ -116,6 +116,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "block-stream",
         "block_resize",
         "blockdev-add",
+        "blockdev-backup",
         "blockdev-create",
         "blockdev-del",
         "blockdev-mirror",
@@ -139,6 +140,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "query-qmp-schema",
         "query-version",
         "quit",
+        "transaction",
     ]);
     let img_s = path_str(&img);
     let expected = json!({

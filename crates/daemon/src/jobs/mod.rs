@@ -37,6 +37,7 @@
 //! Lock order: daemon state, then a job's state, then its driver.
 
 pub mod active_commit;
+pub mod backup;
 pub mod commands;
 pub mod commit;
 pub mod create;
@@ -773,6 +774,12 @@ impl<S: HasJobs> JobCtx<'_, S> {
     /// Adds to the progress done.
     pub fn progress(&mut self, n: u64) {
         self.job.lock().current += n;
+    }
+
+    /// Sets the progress done (a backup's, whose copies also happen outside the job's
+    /// thread, in clients' copy-before-write).
+    pub fn set_done(&mut self, current: u64) {
+        self.job.lock().current = current;
     }
 
     /// Sets the work still to do: the total becomes what is done plus `remaining` (a job

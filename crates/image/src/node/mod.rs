@@ -61,6 +61,7 @@ mod status;
 mod test_support;
 
 pub use create::{create_file, Prealloc, Qcow2Create};
+pub use gate::BeforeWrite;
 use gate::Tracking;
 pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
 

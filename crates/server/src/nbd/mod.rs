@@ -33,7 +33,7 @@ mod pool;
 mod spin;
 mod transmit;
 
-pub use exports::{ExportTable, NamedExport};
+pub use exports::{ExportContext, ExportTable, NamedExport};
 
 mod exports;
 

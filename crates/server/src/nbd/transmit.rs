@@ -43,7 +43,7 @@ use sluice_proto::nbd::{decode_request, MetaContext, ReplyForm, RequestHeader};
 
 use super::negotiate::Session;
 use super::spin::Spinner;
-use super::NbdServer;
+use super::{ExportContext, NbdServer};
 use crate::stream::Stream;
 
 /// Room in front of read data for the largest reply header (extended header + offset).
@@ -218,6 +218,18 @@ struct Workers {
     closing: bool,
 }
 
+/// A negotiated meta context and who answers it.
+enum Answer {
+    /// One of the contexts every export answers through its plugin.
+    Plugin(MetaContext),
+    /// One the export answers itself (a dirty bitmap).
+    Export(Arc<dyn ExportContext>),
+}
+
+/// Most extents in one block-status chunk of an export's own context (qemu's
+/// `NBD_MAX_BLOCK_STATUS_EXTENTS`, 1 MiB of 8-byte extents).
+const MAX_OWN_EXTENTS: usize = (1 << 20) / 8;
+
 struct Conn<'a> {
     server: &'a NbdServer,
     id: u64,
@@ -227,7 +239,7 @@ struct Conn<'a> {
     /// The negotiated reply form: it writes every reply and decodes the request style.
     form: ReplyForm,
     /// Negotiated meta contexts, in the order their block-status chunks are sent.
-    contexts: Vec<(u32, MetaContext)>,
+    contexts: Vec<(u32, Answer)>,
     /// Pure-memory plugin: one worker that coalesces replies (see [`batch_worker`]).
     batch: bool,
     /// The plugin may block: start a spare worker whenever all are busy.
@@ -260,7 +272,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         export,
         backend,
         name: _,
-        named: _named,
+        named,
         negotiated,
         leftover,
     } = session;
@@ -283,7 +295,15 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     let contexts = negotiated
         .meta_contexts
         .iter()
-        .filter_map(|(id, name)| MetaContext::from_name(name).map(|c| (*id, c)))
+        .filter_map(|(id, name)| match MetaContext::from_name(name) {
+            Some(c) => Some((*id, Answer::Plugin(c))),
+            None => named
+                .as_ref()?
+                .own_contexts
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| (*id, Answer::Export(c.clone()))),
+        })
         .collect();
     let conn = Conn {
         server,
@@ -767,14 +787,22 @@ fn run_request(
             }
             // One chunk per context, in negotiation order.
             for (i, (id, ctx)) in conn.contexts.iter().enumerate() {
+                let last = i + 1 == conn.contexts.len();
                 let ext = match ctx {
-                    MetaContext::BaseAllocation => export.extents(req.length, req.offset, flags)?,
-                    MetaContext::AllocationDepth => {
+                    Answer::Plugin(MetaContext::BaseAllocation) => {
+                        export.extents(req.length, req.offset, flags)?
+                    }
+                    Answer::Plugin(MetaContext::AllocationDepth) => {
                         export.allocation_depth(req.length, req.offset, flags)?
+                    }
+                    Answer::Export(own) => {
+                        let max = if req.req_one() { 1 } else { MAX_OWN_EXTENTS };
+                        let runs = own.status(req.offset, req.length, max);
+                        conn.form.block_status(hdr, req, *id, runs, last);
+                        continue;
                     }
                 };
                 let extents = ext.as_slice().iter().map(|e| (e.length, e.kind));
-                let last = i + 1 == conn.contexts.len();
                 conn.form.block_status(hdr, req, *id, extents, last);
             }
             return Ok(None);
