@@ -8,8 +8,8 @@ Each client negotiates (NBD_OPT_GO) and then sends nothing, as an idle qemu woul
   /usr/bin/python3 bench/idle-conns.py --connections 10000
 The server needs file descriptors for them (sluice holds three per idle connection: the
 socket, the duplicate that shutdown uses, and the transmission phase's writer), and one
-thread each: mind `kernel.pid_max` on a shared machine; the script raises the limit for both ends where it may (root, outside a container
-that caps it).
+thread each: mind `kernel.pid_max` on a shared machine. The script raises the fd limit for
+both ends where it may (root, outside a container that caps it).
 """
 
 import argparse

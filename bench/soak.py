@@ -260,7 +260,7 @@ class Soak:
                 ["fio", "--name=soak", "--ioengine=nbd", f"--uri={self.uri(target)}",
                  "--rw=randwrite", "--bs=4k", "--iodepth=8", f"--offset={offset}",
                  f"--size={REGION}", "--verify=crc32c", "--do_verify=1",
-                 "--verify_fatal=1", f"--randseed={random.randrange(1 << 30)}",
+                 "--verify_fatal=1", "--verify_state_save=0", f"--randseed={random.randrange(1 << 30)}",
                  "--output-format=json"],
                 capture_output=True, text=True)
             ok = r.returncode == 0

@@ -245,3 +245,41 @@ fn max_connections_one_stops_advertising_multi_conn_like_qsd() {
     let info = nbdinfo_json(&[], &server.uri());
     assert_eq!(info["exports"][0]["can_multi_conn"], json!(false));
 }
+
+/// A client that sends a write's payload a byte at a time holds only its own connection:
+/// each connection has threads of its own (`sluice_server::nbd`), so others are served at
+/// full speed meanwhile, and once the payload is complete the write is answered. The
+/// transmission phase has no time limit, as with qemu and nbdkit (an idle qemu keeps its
+/// connection for days); the handshake limit covers clients that never negotiate.
+#[test]
+fn serve_slow_request_holds_only_its_own_connection() {
+    use support::raw::RawClient;
+    let mut server = Server::start(&["memory", "1M"]);
+    let (mut slow, _) = RawClient::handshake(&server, false, false);
+    // NBD_CMD_WRITE of 64 bytes: the header now, the payload a byte at a time.
+    slow.request(0, 1, 77, 4096, 64, &[]);
+    let uri = server.uri();
+    let other = std::thread::spawn(move || {
+        let out = nbdsh(
+            &uri,
+            "h = nbd.NBD()\nh.connect_uri(uri)\nfor i in range(200):\n    \
+             h.pwrite(b'y' * 4096, 65536)\n    h.pread(4096, 65536)\nprint('done')",
+        );
+        (out, Instant::now())
+    });
+    // 64 bytes at 10 a second: 6.4 s for one 64-byte write.
+    for _ in 0..64 {
+        slow.send(&[0x5a]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let drip_done = Instant::now();
+    let (out, other_done) = other.join().unwrap();
+    assert_eq!(out.trim(), "done");
+    assert!(
+        other_done < drip_done,
+        "the other client finished only after the slow one's payload"
+    );
+    assert_eq!(slow.simple_error(77), 0);
+    assert_eq!(slow.simple_read(78, 4096, 64), vec![0x5a; 64]);
+    server.assert_alive();
+}

@@ -270,6 +270,117 @@ fn check_l1(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// Writable opens only: the refcounts imago allocates from must cover the metadata it must
+/// never allocate over. imago 0.2.6 trusts them: with no refcount block for the header's
+/// cluster it puts a new one over the header, and with refcount blocks outside the file or
+/// over other metadata its allocator recurses without end (a stack overflow, which no
+/// error handling can catch; found by the `qcow2_open` fuzz target). So every refcount
+/// table entry in use must be an aligned cluster inside the file that is not the header,
+/// L1 or refcount table, nor another entry's; and the header, L1 and refcount table
+/// clusters must have a non-zero refcount. qemu opens such an image and refuses the first
+/// write that would overlap metadata (marking the image corrupt); sluice refuses the
+/// writable open instead, with qemu-img check's advice. Reads never allocate, so read-only
+/// opens are not checked.
+fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
+    let fs = file.file_state();
+    let path = &file.filename;
+    let bad = |why: String| {
+        ImageError::bad_image(
+            path,
+            HeaderError::Corrupt(format!(
+                "{why}; it cannot be written safely (run 'qemu-img check -r all', or open it \
+                 read-only)"
+            )),
+        )
+    };
+    let file_len = fs.storage.size().map_err(|e| ImageError::open(path, e))?;
+    let cs = h.cluster_size();
+    if h.refcount_order > 6 {
+        return Err(bad(format!(
+            "refcount_order {} is over 6",
+            h.refcount_order
+        )));
+    }
+    let rt_len = u64::from(h.refcount_table_clusters) * cs;
+    let rt_range = h.refcount_table_offset..h.refcount_table_offset.saturating_add(rt_len);
+    if rt_range.end > file_len {
+        return Err(bad(format!(
+            "the refcount table ({rt_len} bytes at {:#x}) is past the end of the file",
+            h.refcount_table_offset
+        )));
+    }
+    let l1_range = h.l1_table_offset..h.l1_table_offset + u64::from(h.l1_size) * 8;
+    let mut rt = vec![0u8; rt_len as usize];
+    fs.storage
+        .read(&mut rt[..], h.refcount_table_offset)
+        .map_err(|e| ImageError::open(path, e))?;
+    let rt: Vec<u64> = rt
+        .chunks_exact(8)
+        .map(|e| u64::from_be_bytes(e.try_into().expect("8 bytes")) & !0x1ff)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (i, &rb) in rt.iter().enumerate() {
+        if rb == 0 {
+            continue;
+        }
+        let overlaps = |r: &std::ops::Range<u64>| rb < r.end && r.start < rb + cs;
+        let why = if rb % cs != 0 {
+            "is not cluster-aligned"
+        } else if rb.checked_add(cs).is_none_or(|end| end > file_len) {
+            "is past the end of the file"
+        } else if rb < cs || overlaps(&l1_range) || overlaps(&rt_range) {
+            "overlaps the header, L1 or refcount table"
+        } else if !seen.insert(rb) {
+            "is also another entry's"
+        } else {
+            continue;
+        };
+        return Err(bad(format!(
+            "refcount table entry {i} points to a refcount block at {rb:#x} that {why}"
+        )));
+    }
+    // Entries per refcount block: cluster_size * 8 / refcount_bits.
+    let bits = 1u32 << h.refcount_order;
+    let rb_bits = h.cluster_bits + 3 - h.refcount_order;
+    let mut blocks: std::collections::HashMap<usize, Vec<u8>> = std::collections::HashMap::new();
+    let metadata = std::iter::once((0u64, "header"))
+        .chain((l1_range.start / cs..l1_range.end.div_ceil(cs)).map(|c| (c, "L1 table")))
+        .chain((rt_range.start / cs..rt_range.end / cs).map(|c| (c, "refcount table")));
+    for (cluster, what) in metadata {
+        let index = (cluster >> rb_bits) as usize;
+        let Some(&rb) = rt.get(index).filter(|&&rb| rb != 0) else {
+            return Err(bad(format!(
+                "the {what} (cluster {cluster}) has no refcount block"
+            )));
+        };
+        if let std::collections::hash_map::Entry::Vacant(slot) = blocks.entry(index) {
+            let mut b = vec![0u8; cs as usize];
+            fs.storage
+                .read(&mut b[..], rb)
+                .map_err(|e| ImageError::open(path, e))?;
+            slot.insert(b);
+        }
+        let block = &blocks[&index];
+        let i = (cluster & ((1 << rb_bits) - 1)) as usize;
+        let refcount = if bits >= 8 {
+            let n = (bits / 8) as usize;
+            block[i * n..(i + 1) * n]
+                .iter()
+                .fold(0u64, |v, &b| (v << 8) | u64::from(b))
+        } else {
+            // Sub-byte refcounts are packed from the low bits up, as qemu writes them.
+            let per_byte = (8 / bits) as usize;
+            u64::from((block[i / per_byte] >> ((i % per_byte) as u32 * bits)) & ((1 << bits) - 1))
+        };
+        if refcount == 0 {
+            return Err(bad(format!(
+                "the {what} (cluster {cluster}) has refcount 0"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn open_qcow2_node(
     name: String,
     file: Arc<Node>,
@@ -284,6 +395,9 @@ fn open_qcow2_node(
         .check_supported()
         .map_err(|e| ImageError::bad_image(&path, e))?;
     check_l1(&file, &header)?;
+    if !read_only {
+        check_refcounts(&file, &header)?;
+    }
     if !read_only && header.nb_snapshots > 0 {
         return Err(ImageError::bad_image(
             &path,
@@ -468,6 +582,57 @@ mod tests {
     use super::*;
     use crate::node::test_support::*;
     use serde_json::json;
+
+    #[test]
+    fn check_refcounts_accepts_qemu_images_of_every_refcount_width() {
+        let dir = tempfile::tempdir().unwrap();
+        for bits in ["1", "2", "4", "8", "16", "32", "64"] {
+            let opts = format!("cluster_size=512,refcount_bits={bits}");
+            let p = create(
+                dir.path(),
+                &format!("r{bits}.qcow2"),
+                &["-f", "qcow2", "-o", &opts],
+                Some("1M"),
+            );
+            qemu_io("qcow2", &p, &["write -P 0x33 0 64k"]);
+            let node = open_json(qcow2_opts(&p, false)).unwrap();
+            node.write(&[0x44; 512], 512 * 1024).unwrap();
+            node.flush().unwrap();
+            assert_eq!(read(&node, 1, 512 * 1024), [0x44], "refcount_bits={bits}");
+        }
+    }
+
+    #[test]
+    fn check_refcounts_refuses_writable_open_without_header_refcount() {
+        // The qcow2_open fuzz target's crash: no refcount block covers the header, one entry
+        // points far past the end of the file; imago's allocator recursed until the stack
+        // overflowed. Writable: refused with a clear error. Read-only: opens and reads.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("crash.qcow2");
+        let seed = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/seeds/qcow2_open/crash-refcount-9fa64112"
+        );
+        std::fs::copy(seed, &p).unwrap();
+        let e = open_json(qcow2_opts(&p, false)).unwrap_err().to_string();
+        assert!(
+            e.contains("refcount table entry 20") && e.contains("past the end of the file"),
+            "{e}"
+        );
+        assert!(e.contains("qemu-img check -r all"), "{e}");
+        let node = open_json(qcow2_opts(&p, true)).unwrap();
+        assert_eq!(read(&node, 2, 0), [0, 0]);
+        drop(node);
+        // With that entry cleared, the header itself has no refcount block.
+        let mut d = std::fs::read(&p).unwrap();
+        d[0x200 + 20 * 8..0x200 + 21 * 8].fill(0);
+        std::fs::write(&p, &d).unwrap();
+        let e = open_json(qcow2_opts(&p, false)).unwrap_err().to_string();
+        assert!(
+            e.contains("the header (cluster 0) has no refcount block"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn open_node_from_header_reads_through_chain() {
