@@ -718,3 +718,40 @@ fn job_progress_on_metrics_equals_query_jobs_and_json_log_has_its_states() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn metrics_count_failed_tls_handshakes_and_refused_connections() {
+    let pki = support::tls::Pki::get();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let psk = format!("--tls-psk={}", pki.psk().display());
+    let srv = Server::start(&["--tls=require", &psk, "--metrics", &addr, "memory", "1M"]);
+    let uri = |file: &Path| {
+        format!(
+            "nbds+unix://{}@/?socket={}&tls-psk-file={}",
+            support::tls::PSK_USER,
+            srv.socket.display(),
+            file.display()
+        )
+    };
+    let wrong = support::output("nbdinfo", &["--size", &uri(&pki.wrong_psk())]);
+    assert!(!wrong.status.success());
+    let right = support::output("nbdinfo", &["--size", &uri(&pki.psk())]);
+    assert!(right.status.success());
+    let (_, text) = http_get(None, Some(&addr), "/metrics");
+    assert_eq!(
+        sample(&text, "sluice_tls_handshakes_failed_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "sluice_connections_refused_total"),
+        Some(1.0),
+        "{text}"
+    );
+    // The harness's readiness probe, the refused client and the served one.
+    assert_eq!(
+        sample(&text, "sluice_connections_total"),
+        Some(3.0),
+        "{text}"
+    );
+}
