@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["jobs::active_commit", "jobs::mirror"],
     &["jobs::commit"],
     &["jobs::commands"],
+    &["snapshot"],
     &["commands"],
     &["monitor"],
 ];
