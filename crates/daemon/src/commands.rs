@@ -25,6 +25,7 @@ use crate::generated::{
     QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress, SocketAddressBranch,
     SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
+use crate::generated::{BlockdevSnapshotArgs, BlockdevSnapshotSyncArgs};
 use crate::jobs::commands as jobs;
 use crate::jobs::{commit, create, stream};
 use crate::state::{version, Daemon, State};
@@ -491,6 +492,14 @@ impl Handlers for Session<'_> {
             )));
         }
         self.state.graph.resize(node, args.size as u64)
+    }
+
+    fn blockdev_snapshot(&mut self, args: BlockdevSnapshotArgs) -> Result<(), QmpError> {
+        crate::snapshot::blockdev_snapshot(self.state, args)
+    }
+
+    fn blockdev_snapshot_sync(&mut self, args: BlockdevSnapshotSyncArgs) -> Result<(), QmpError> {
+        crate::snapshot::blockdev_snapshot_sync(self.state, self.daemon.policy(), args)
     }
 
     fn blockdev_mirror(

@@ -47,6 +47,7 @@ pub mod generated;
 pub mod graph;
 pub mod jobs;
 pub mod monitor;
+pub mod snapshot;
 pub mod state;
 pub mod transaction;
 

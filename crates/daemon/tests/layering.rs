@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["jobs::active_commit", "jobs::mirror"],
     &["jobs::commit"],
     &["jobs::commands", "transaction"],
+    &["snapshot"],
     &["blockstats"],
     &["commands"],
     &["monitor"],

@@ -120,6 +120,8 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "blockdev-create",
         "blockdev-del",
         "blockdev-mirror",
+        "blockdev-snapshot",
+        "blockdev-snapshot-sync",
         "job-cancel",
         "job-complete",
         "job-dismiss",

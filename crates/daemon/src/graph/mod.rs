@@ -321,6 +321,24 @@ impl Graph {
         }
     }
 
+    /// Opens a node the monitor does not own (a `blockdev-snapshot-sync` overlay): named
+    /// by its options or `#blockNNN`; returns its name. Nothing is left on failure.
+    pub fn add_unowned(&mut self, opts: &BlockdevOptions) -> Result<String, QmpError> {
+        let mut created = Vec::new();
+        let r = self.open_node(opts, None, None, &mut created);
+        if r.is_err() {
+            for n in created.iter().rev() {
+                self.nodes.retain(|x| &x.name != n);
+            }
+        }
+        r
+    }
+
+    /// Removes a node [`Graph::add_unowned`] made, with its children no one else holds.
+    pub fn drop_unowned(&mut self, name: &str) {
+        self.remove_tree(name);
+    }
+
     fn check_new_name(&self, name: &str) -> Result<(), QmpError> {
         if !id_wellformed(name) {
             return Err(QmpError::generic(format!("Invalid node-name: '{name}'")));

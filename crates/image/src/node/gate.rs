@@ -199,6 +199,32 @@ impl Node {
     }
 }
 
+impl Node {
+    /// An external snapshot: `overlay` (a qcow2 node with no backing) gets this node as its
+    /// backing, and every request of this node goes to `overlay` from then on. With this
+    /// node's requests held off (the gate exclusively), this node is written back and the
+    /// overlay attached, so a write completed before belongs to this node's image and one
+    /// that starts after lands in the overlay: none is lost, none lands on the wrong layer.
+    pub fn snapshot_onto(&self, overlay: Arc<Node>) -> std::result::Result<(), crate::ImageError> {
+        let mut state = self.tracking.state.write();
+        if state.redirect.is_some() {
+            return Err(crate::ImageError::Permission(format!(
+                "node '{}' already forwards its requests to another node",
+                self.name
+            )));
+        }
+        if !self.read_only {
+            // The gate is held exclusively: this flush is inside it.
+            self.flush_body(Reading(())).map_err(|e| {
+                crate::ImageError::open(&self.filename, std::io::Error::other(e.to_string()))
+            })?;
+        }
+        overlay.attach_backing(self.arc())?;
+        state.redirect = Some(overlay);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

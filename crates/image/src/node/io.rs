@@ -390,7 +390,7 @@ impl Node {
     }
 
     /// The body of [`Node::flush`].
-    fn flush_body(&self, _: Reading) -> Result<()> {
+    pub(super) fn flush_body(&self, _: Reading) -> Result<()> {
         let _g = self.io.read();
         self.flush_locked()
     }

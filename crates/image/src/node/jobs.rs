@@ -136,6 +136,31 @@ impl Node {
         Ok(())
     }
 
+    /// Makes `backing` this qcow2 node's backing in memory only: the header keeps the
+    /// backing file name it has (qemu's `blockdev-snapshot` does not rewrite it either).
+    /// Unlike [`Node::switch_backing`], the backing may be writable: it is the node an
+    /// external snapshot freezes, whose own requests go to this node from then on (see
+    /// [`Node::snapshot_onto`]).
+    pub fn attach_backing(&self, backing: Arc<Node>) -> std::result::Result<(), ImageError> {
+        let path = self.filename.clone();
+        if self.driver != Driver::Qcow2 {
+            return Err(ImageError::Permission(
+                "The overlay does not support backing images".into(),
+            ));
+        }
+        let _g = self.io.write();
+        self.flush_locked()
+            .map_err(|e| ImageError::open(&path, std::io::Error::other(e.to_string())))?;
+        let fs = self.file_state();
+        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), !self.read_only)
+            .map_err(|e| ImageError::open(&path, e))?;
+        q.set_data_file(None);
+        q.set_backing(Some(backing.view().layer.clone()));
+        let header = self.view().qcow2.clone();
+        *self.view.write() = Arc::new(View::new(Some(backing), header, FormatAccess::new(q)));
+        Ok(())
+    }
+
     /// A writable node over this (read-only) node's image, for `block-commit`, which writes
     /// into a read-only base. It has this node's backing as its backing (so partial-cluster
     /// writes fill in from the same chain) and takes no image locks: the locks this node

@@ -1,0 +1,308 @@
+//! External snapshots over QMP, run on sluice and on qemu-storage-daemon alike:
+//! `blockdev-snapshot-sync` and `blockdev-snapshot` taken while a python3-libnbd client
+//! writes through the export. Every write must land exactly once, on the right layer: the
+//! writes that reached the old image form a prefix of the client's sequence, the rest are
+//! in the overlay, and the chain equals a model of all writes. The export moves to the
+//! overlay as in qsd. The refusals are compared with qsd's messages.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use support::image::{qemu_img, qemu_img_check};
+use support::path_str;
+use support::qmp::{ok, Qmp, QmpDaemon};
+
+/// Writes it makes; write `i` puts byte `i % 250 + 1` over 4 KiB at `i * 32 KiB`.
+const WRITES: u64 = 200;
+
+const WRITER: &str = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    h.pwrite(bytes([i % 250 + 1]) * 4096, i * 32768)
+    if i == 10:
+        print("started", flush=True)
+    time.sleep(0.002)
+h.flush()
+h.shutdown()
+print("done", flush=True)
+"#;
+
+/// The byte write `i` leaves at its range.
+fn byte(i: u64) -> u8 {
+    (i % 250 + 1) as u8
+}
+
+/// The first byte of every write's range in `raw` (a raw image file).
+fn firsts(raw: &Path) -> Vec<u8> {
+    let data = std::fs::read(raw).unwrap();
+    (0..WRITES).map(|i| data[(i * 32768) as usize]).collect()
+}
+
+/// One scenario on daemon `d`: an empty 8 MiB base.qcow2
+/// exported writable as `vm`, the writer running, a snapshot taken by `take` meanwhile.
+/// Returns `query-block-exports` after the snapshot.
+fn live_snapshot(d: &mut QmpDaemon, take: &dyn Fn(&mut Qmp, &QmpDaemon)) -> Value {
+    let base = d.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "8M"]);
+    let mut c = d.connect_negotiated();
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "disk",
+               "file": {"driver": "file", "filename": path_str(&base)}}),
+    );
+    support::qmp::start_nbd(&mut c, d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "disk", "name": "vm", "writable": true}),
+    );
+    let mut w = Command::new("/usr/bin/python3")
+        .args(["-c", WRITER, &d.nbd_uri("vm"), &WRITES.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3-libnbd");
+    let mut out = BufReader::new(w.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "started");
+    take(&mut c, d);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    assert!(w.wait().unwrap().success());
+    let exports = c.exec("query-block-exports", json!({}));
+    ok(&mut c, "quit", json!({}));
+    assert!(d.wait().success());
+    exports["return"].clone()
+}
+
+/// The checks after a live snapshot of base.qcow2 onto `overlay` (see the module doc).
+fn check_layers(d: &QmpDaemon, overlay: &str) {
+    let base = d.path("base.qcow2");
+    let top = d.path(overlay);
+    assert_eq!(qemu_img_check(&base).0, 0);
+    assert_eq!(qemu_img_check(&top).0, 0);
+    let (braw, traw) = (d.path("base.raw"), d.path("top.raw"));
+    qemu_img(&["convert", "-O", "raw", path_str(&base), path_str(&braw)]);
+    qemu_img(&["convert", "-O", "raw", path_str(&top), path_str(&traw)]);
+    // The whole chain holds every write.
+    let want: Vec<u8> = (0..WRITES).map(byte).collect();
+    assert_eq!(firsts(&traw), want, "a write is missing from the chain");
+    // The old image holds a prefix of them, and nothing of the rest.
+    let b = firsts(&braw);
+    let k = b.iter().position(|&x| x == 0).unwrap_or(WRITES as usize);
+    assert!(k >= 10, "the snapshot came after the writer started: {k}");
+    assert!(
+        k < WRITES as usize,
+        "the snapshot came before the writer ended: {k}"
+    );
+    assert_eq!(&b[..k], &want[..k]);
+    assert!(
+        b[k..].iter().all(|&x| x == 0),
+        "a write after the snapshot landed in the base: {b:?}"
+    );
+}
+
+#[test]
+fn blockdev_snapshot_sync_under_a_writer_loses_nothing_and_moves_the_export() {
+    let take = |c: &mut Qmp, d: &QmpDaemon| {
+        ok(
+            c,
+            "blockdev-snapshot-sync",
+            json!({"node-name": "disk", "snapshot-file": path_str(&d.path("snap.qcow2")),
+                   "snapshot-node-name": "snap"}),
+        );
+    };
+    let mut exports = Vec::new();
+    for mut d in [QmpDaemon::sluice(&[]), QmpDaemon::qsd(&[])] {
+        exports.push(live_snapshot(&mut d, &take));
+        check_layers(&d, "snap.qcow2");
+        // The overlay names the old image and its format, as qemu-img would.
+        let info = support::image::image_info(&d.path("snap.qcow2"));
+        assert_eq!(info["backing-filename"], path_str(&d.path("base.qcow2")));
+        assert_eq!(info["backing-filename-format"], "qcow2");
+    }
+    assert_eq!(exports[0], exports[1]);
+    assert_eq!(exports[0][0]["node-name"], "snap");
+}
+
+#[test]
+fn blockdev_snapshot_under_a_writer_loses_nothing_and_moves_the_export() {
+    let take = |c: &mut Qmp, d: &QmpDaemon| {
+        let ov = d.path("ov.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            path_str(&d.path("base.qcow2")),
+            "-F",
+            "qcow2",
+            "-u",
+            path_str(&ov),
+            "8M",
+        ]);
+        ok(
+            c,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "ov", "backing": null,
+                   "file": {"driver": "file", "filename": path_str(&ov)}}),
+        );
+        ok(
+            c,
+            "blockdev-snapshot",
+            json!({"node": "disk", "overlay": "ov"}),
+        );
+    };
+    let mut exports = Vec::new();
+    for mut d in [QmpDaemon::sluice(&[]), QmpDaemon::qsd(&[])] {
+        exports.push(live_snapshot(&mut d, &take));
+        check_layers(&d, "ov.qcow2");
+    }
+    assert_eq!(exports[0], exports[1]);
+    assert_eq!(exports[0][0]["node-name"], "ov");
+}
+
+/// The refusals (and the node states after) on one daemon.
+fn refusals(d: &QmpDaemon) -> Vec<Value> {
+    let p = |n: &str| path_str(&d.path(n)).to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("b.qcow2"), "4M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("o1.qcow2"), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &p("b.qcow2"),
+        "-F",
+        "qcow2",
+        &p("o2.qcow2"),
+    ]);
+    let mut c = d.connect_negotiated();
+    let f = |n: &str| json!({"driver": "file", "filename": p(n)});
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "b", "file": f("b.qcow2")}),
+    );
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "o1", "file": f("o1.qcow2")}),
+    );
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "o2", "file": f("o2.qcow2"), "backing": null}),
+    );
+    support::qmp::start_nbd(&mut c, d);
+    let mut got = Vec::new();
+    let mut run = |c: &mut Qmp, cmd: &str, args: Value| {
+        let r = c.exec(cmd, args);
+        let desc = r.get("error").map_or("ok".to_string(), |e| {
+            e["desc"].as_str().unwrap().to_string()
+        });
+        got.push(json!(desc.replace(path_str(d.dir.path()), "$W")));
+    };
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "nosuch", "overlay": "o2"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "b", "overlay": "nosuch"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "b", "overlay": "b"}),
+    );
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "o2"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "b", "overlay": "o2"}),
+    );
+    let _ = c.exec("block-export-del", json!({"id": "e1"}));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "b", "overlay": "o1"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "o1", "overlay": "b"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "b", "overlay": "o2"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot-sync",
+        json!({"node-name": "o1", "snapshot-file": p("s.qcow2"), "snapshot-node-name": "b"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot-sync",
+        json!({"device": "o1", "snapshot-file": p("s.qcow2")}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot-sync",
+        json!({"node-name": "o1", "snapshot-file": p("nodir/x.qcow2"), "snapshot-node-name": "x"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot-sync",
+        json!({"node-name": "o1", "snapshot-file": p("none.qcow2"), "snapshot-node-name": "x", "mode": "existing"}),
+    );
+    run(
+        &mut c,
+        "blockdev-snapshot-sync",
+        json!({"node-name": "o1", "snapshot-file": p("r.raw"), "snapshot-node-name": "x", "format": "raw"}),
+    );
+    let nodes = c.exec("query-named-block-nodes", json!({"flat": true}));
+    let mut states: Vec<String> = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["node-name"].as_str().unwrap().starts_with('#'))
+        .map(|n| {
+            format!(
+                "{} ro={} backing={}",
+                n["node-name"], n["ro"], n["backing_file"]
+            )
+        })
+        .map(|s| s.replace(path_str(d.dir.path()), "$W"))
+        .collect();
+    states.sort();
+    got.push(json!(states));
+    ok(&mut c, "quit", json!({}));
+    got
+}
+
+#[test]
+fn snapshot_refusals_match_qsd() {
+    let s = refusals(&QmpDaemon::sluice(&[]));
+    let q = refusals(&QmpDaemon::qsd(&[]));
+    assert_eq!(s, q);
+}
