@@ -56,7 +56,9 @@
 //! The thread model of a stack is the strictest of its filters' and its plugin's: a filter
 //! states what *it* needs ([`Filter::thread_model`], parallel by default) and the adapter takes
 //! the minimum, so a filter can tighten the model but never relax it (nbdkit silently ignores a
-//! relaxation; here it cannot be written). `may_block` is likewise or-ed down the stack.
+//! relaxation; here it cannot be written). `may_block` is likewise or-ed down the stack, and so
+//! is `must_see_every_read` (a layer that counts, logs, delays or fails reads turns off the
+//! server's hole shortcut).
 //!
 //! # The request path
 //!
@@ -110,6 +112,12 @@ pub trait Filter: Send + Sync + 'static {
     /// Whether *this filter's* code may block for long (a delay, a rate limit). Or-ed with
     /// the layer below.
     fn may_block(&self) -> bool {
+        false
+    }
+
+    /// Whether *this filter* must see every read (it counts, logs, delays, limits or fails
+    /// them: [`Plugin::must_see_every_read`]). Or-ed with the layer below.
+    fn must_see_every_read(&self) -> bool {
         false
     }
 
@@ -466,6 +474,9 @@ impl<F: Filter> Plugin for Filtered<F> {
     fn may_block(&self) -> bool {
         self.filter.may_block() || self.next.may_block()
     }
+    fn must_see_every_read(&self) -> bool {
+        self.filter.must_see_every_read() || self.next.must_see_every_read()
+    }
     fn preconnect(&self, readonly: bool) -> Result<()> {
         self.filter.preconnect(self.next.as_ref(), readonly)
     }
@@ -670,6 +681,10 @@ mod tests {
             self.0.push("may_block");
             true
         }
+        fn must_see_every_read(&self) -> bool {
+            self.0.push("must_see_every_read");
+            false
+        }
         fn preconnect(&self, readonly: bool) -> Result<()> {
             self.0.push(format!("preconnect {readonly}"));
             Ok(())
@@ -836,6 +851,7 @@ mod tests {
         assert_eq!(top.version(), Some("9.9"));
         assert_eq!(top.thread_model(), ThreadModel::SerializeRequests);
         assert!(top.may_block());
+        assert!(!top.must_see_every_read());
         top.preconnect(true).unwrap();
         assert_eq!(top.default_export(true, true).unwrap(), "rec-default");
         assert_eq!(
@@ -870,6 +886,7 @@ mod tests {
                 "version",
                 "thread_model",
                 "may_block",
+                "must_see_every_read",
                 "preconnect true",
                 "default_export true true",
                 "list_exports false true",

@@ -28,8 +28,18 @@
 //! what the defined `can_*` callbacks returned). The hosts keep only what really differs
 //! between them: how a callback is looked up and called, what counts as true, and which of
 //! nbdkit's two `can_fast_zero` fallbacks applies ([`FastZeroDefault`]).
+//!
+//! nbdkit asks each `can_*` of a plugin at most once per connection and keeps the answer
+//! (`server/backend.c` caches it in the connection's context), and plugins can see that (a
+//! script that logs or counts its calls, one that answers differently each time). sluice asks
+//! a handle's capabilities from several places: the export policy once, and filters again in
+//! their `open` (cow asks whether it may write below, retry and blocksize what they pass on).
+//! So the ladder keeps every answer it got in the handle's [`CapCache`]: the foreign callback
+//! runs at most once per handle, whoever asks, and the ladder's own uses of another answer
+//! (`can_fast_zero` from `can_zero` or `can_write`) read the cache too. A failed answer is not
+//! kept, so it is asked again next time, as nbdkit does.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI8, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -199,6 +209,9 @@ pub enum Capability {
 }
 
 impl Capability {
+    /// How many capabilities there are (the size of a [`CapCache`]).
+    const COUNT: usize = 10;
+
     /// The callback's name, the same in nbdkit's C and Python APIs.
     pub fn callback(self) -> &'static str {
         match self {
@@ -213,6 +226,72 @@ impl Capability {
             Capability::MultiConn => "can_multi_conn",
             Capability::Cache => "can_cache",
         }
+    }
+}
+
+/// The answers a handle's foreign plugin gave to its `can_*` callbacks (through the
+/// [`Ladder`]), each asked once. One atomic per capability, so nothing is locked while the
+/// plugin runs; two threads asking the same first question at once may both call the plugin,
+/// which cannot happen on the server's path (capabilities are asked while a connection opens).
+/// The export size (`get_size`) is kept here too: nbdkit also asks it once per connection.
+#[derive(Debug)]
+pub struct CapCache {
+    caps: [AtomicI8; Capability::COUNT],
+    size: AtomicU64,
+}
+
+impl Default for CapCache {
+    fn default() -> CapCache {
+        CapCache {
+            caps: std::array::from_fn(|_| AtomicI8::new(CapCache::UNKNOWN)),
+            size: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl CapCache {
+    const UNKNOWN: i8 = -1;
+
+    /// The kept export size, else `ask`'s (kept if it succeeds). Sizes are at most 2^63-1,
+    /// so `u64::MAX` can stand for "not asked yet".
+    pub fn size(&self, ask: impl FnOnce() -> Result<u64>) -> Result<u64> {
+        match self.size.load(Ordering::Acquire) {
+            u64::MAX => {
+                let size = ask()?;
+                self.size.store(size, Ordering::Release);
+                Ok(size)
+            }
+            size => Ok(size),
+        }
+    }
+
+    fn get(&self, cap: Capability) -> Option<i8> {
+        let v = self.caps[cap as usize].load(Ordering::Acquire);
+        (v != CapCache::UNKNOWN).then_some(v)
+    }
+
+    fn set(&self, cap: Capability, value: i8) {
+        self.caps[cap as usize].store(value, Ordering::Release);
+    }
+
+    /// The kept boolean answer to `cap`, else `ask`'s (kept if it succeeds).
+    fn flag(&self, cap: Capability, ask: impl FnOnce() -> Result<bool>) -> Result<bool> {
+        if let Some(v) = self.get(cap) {
+            return Ok(v != 0);
+        }
+        let answer = ask()?;
+        self.set(cap, i8::from(answer));
+        Ok(answer)
+    }
+
+    /// The kept tri-state answer to `cap`, else `ask`'s (kept if it succeeds).
+    fn support(&self, cap: Capability, ask: impl FnOnce() -> Result<Support>) -> Result<Support> {
+        if let Some(s) = self.get(cap).and_then(|v| Support::from_i32(i32::from(v))) {
+            return Ok(s);
+        }
+        let answer = ask()?;
+        self.set(cap, answer as i8);
+        Ok(answer)
     }
 }
 
@@ -272,6 +351,8 @@ pub trait ForeignAnswers {
     fn fast_zero_default(&self) -> FastZeroDefault;
     /// The error for a tri-state answer that is not 0, 1 or 2, in the host's words.
     fn invalid_answer(&self, cap: Capability, value: i64) -> BlockError;
+    /// This handle's kept answers: one [`CapCache`] per open handle.
+    fn answers(&self) -> &CapCache;
 }
 
 /// nbdkit's capability answers for a handle of a foreign plugin: the plugin's own answer when
@@ -297,45 +378,54 @@ impl<H: ForeignAnswers + ?Sized> Ladder<'_, H> {
             .ok_or_else(|| self.0.invalid_answer(cap, value))
     }
 
+    /// A boolean capability from the cache, else the plugin's answer or its default.
+    fn cached_flag(&self, cap: Capability, default: Option<Callback>) -> Result<bool> {
+        self.0.answers().flag(cap, || self.flag_or(cap, default))
+    }
+
     pub fn can_write(&self) -> Result<bool> {
-        self.flag_or(Capability::Write, Some(Callback::Pwrite))
+        self.cached_flag(Capability::Write, Some(Callback::Pwrite))
     }
 
     pub fn can_flush(&self) -> Result<bool> {
-        self.flag_or(Capability::Flush, Some(Callback::Flush))
+        self.cached_flag(Capability::Flush, Some(Callback::Flush))
     }
 
     pub fn is_rotational(&self) -> Result<bool> {
-        self.flag_or(Capability::Rotational, None)
+        self.cached_flag(Capability::Rotational, None)
     }
 
     pub fn can_trim(&self) -> Result<bool> {
-        self.flag_or(Capability::Trim, Some(Callback::Trim))
+        self.cached_flag(Capability::Trim, Some(Callback::Trim))
     }
 
     /// The plugin's boolean `can_zero` only says whether its zero callback is called: false
     /// means the server emulates zeroing with writes (nbdkit's ZERO_EMULATE).
     pub fn can_zero(&self) -> Result<Support> {
-        Ok(if self.flag_or(Capability::Zero, Some(Callback::Zero))? {
-            Support::Native
-        } else {
-            Support::Emulate
+        self.0.answers().support(Capability::Zero, || {
+            Ok(if self.flag_or(Capability::Zero, Some(Callback::Zero))? {
+                Support::Native
+            } else {
+                Support::Emulate
+            })
         })
     }
 
     pub fn can_fast_zero(&self) -> Result<bool> {
-        if let Some(answer) = self.0.flag(Capability::FastZero)? {
-            return Ok(answer);
-        }
-        match self.0.fast_zero_default() {
-            FastZeroDefault::Core { v2_zero: false, .. } => Ok(true),
-            FastZeroDefault::Core { readonly, .. } => Ok(readonly || !self.can_write()?),
-            FastZeroDefault::NotCanZero => Ok(self.can_zero()? != Support::Native),
-        }
+        self.0.answers().flag(Capability::FastZero, || {
+            if let Some(answer) = self.0.flag(Capability::FastZero)? {
+                return Ok(answer);
+            }
+            match self.0.fast_zero_default() {
+                FastZeroDefault::Core { v2_zero: false, .. } => Ok(true),
+                FastZeroDefault::Core { readonly, .. } => Ok(readonly || !self.can_write()?),
+                FastZeroDefault::NotCanZero => Ok(self.can_zero()? != Support::Native),
+            }
+        })
     }
 
     pub fn can_extents(&self) -> Result<bool> {
-        self.flag_or(Capability::Extents, Some(Callback::Extents))
+        self.cached_flag(Capability::Extents, Some(Callback::Extents))
     }
 
     /// API 1 callbacks take no flags, so the FUA bit would be dropped: an answer above
@@ -343,6 +433,12 @@ impl<H: ForeignAnswers + ?Sized> Ladder<'_, H> {
     /// flushes after the write instead. Without `can_fua`, nbdkit emulates FUA whenever
     /// there is a flush callback, even if `can_flush` says false.
     pub fn can_fua(&self) -> Result<Support> {
+        self.0
+            .answers()
+            .support(Capability::Fua, || self.fua_answer())
+    }
+
+    fn fua_answer(&self) -> Result<Support> {
         match self.0.level(Capability::Fua)? {
             Some(value) => {
                 let value = if self.0.api_version() == 1 {
@@ -358,15 +454,17 @@ impl<H: ForeignAnswers + ?Sized> Ladder<'_, H> {
     }
 
     pub fn can_multi_conn(&self) -> Result<bool> {
-        self.flag_or(Capability::MultiConn, None)
+        self.cached_flag(Capability::MultiConn, None)
     }
 
     pub fn can_cache(&self) -> Result<Support> {
-        match self.0.level(Capability::Cache)? {
-            Some(value) => self.support(Capability::Cache, value),
-            None if self.0.defines(Callback::Cache)? => Ok(Support::Native),
-            None => Ok(Support::None),
-        }
+        self.0.answers().support(Capability::Cache, || {
+            match self.0.level(Capability::Cache)? {
+                Some(value) => self.support(Capability::Cache, value),
+                None if self.0.defines(Callback::Cache)? => Ok(Support::Native),
+                None => Ok(Support::None),
+            }
+        })
     }
 }
 
@@ -465,9 +563,18 @@ mod tests {
         callbacks: Vec<Callback>,
         api_version: u32,
         fast_zero: FastZeroDefault,
+        answers: CapCache,
+        /// Every flag/level question that reached the plugin.
+        asked: Mutex<Vec<Capability>>,
     }
 
     impl Fake {
+        /// This fake with its kept answers forgotten, for a test that changed its answers.
+        fn fresh(&mut self) -> &Fake {
+            self.answers = CapCache::default();
+            self
+        }
+
         /// An API 2 C plugin with `callbacks` and no `can_*` callback, opened read-write.
         fn c(callbacks: &[Callback]) -> Fake {
             Fake {
@@ -479,15 +586,19 @@ mod tests {
                     v2_zero: callbacks.contains(&Callback::Zero),
                     readonly: false,
                 },
+                answers: CapCache::default(),
+                asked: Mutex::new(Vec::new()),
             }
         }
     }
 
     impl ForeignAnswers for Fake {
         fn flag(&self, cap: Capability) -> Result<Option<bool>> {
+            self.asked.lock().unwrap().push(cap);
             Ok(self.flags.iter().find(|(c, _)| *c == cap).map(|(_, v)| *v))
         }
         fn level(&self, cap: Capability) -> Result<Option<i64>> {
+            self.asked.lock().unwrap().push(cap);
             Ok(self.levels.iter().find(|(c, _)| *c == cap).map(|(_, v)| *v))
         }
         fn defines(&self, callback: Callback) -> Result<bool> {
@@ -501,6 +612,9 @@ mod tests {
         }
         fn invalid_answer(&self, cap: Capability, value: i64) -> BlockError {
             BlockError::new(crate::Errno::EINVAL, format!("{}: {value}", cap.callback()))
+        }
+        fn answers(&self) -> &CapCache {
+            &self.answers
         }
     }
 
@@ -580,52 +694,96 @@ mod tests {
         p.api_version = 1;
         for (answer, expected) in [(2, Support::Emulate), (7, Support::Emulate)] {
             p.levels = vec![(Capability::Fua, answer)];
-            assert_eq!(Ladder(&p).can_fua().unwrap(), expected, "{answer}");
+            assert_eq!(Ladder(p.fresh()).can_fua().unwrap(), expected, "{answer}");
         }
         p.levels = vec![(Capability::Fua, -2)];
-        assert_eq!(Ladder(&p).can_fua().unwrap_err().message, "can_fua: -2");
+        assert_eq!(
+            Ladder(p.fresh()).can_fua().unwrap_err().message,
+            "can_fua: -2"
+        );
         p.api_version = 2;
         p.levels = vec![(Capability::Fua, 2)];
-        assert_eq!(Ladder(&p).can_fua().unwrap(), Support::Native);
+        assert_eq!(Ladder(p.fresh()).can_fua().unwrap(), Support::Native);
         p.levels = vec![(Capability::Fua, 7), (Capability::Cache, 3)];
-        assert_eq!(Ladder(&p).can_fua().unwrap_err().message, "can_fua: 7");
-        assert_eq!(Ladder(&p).can_cache().unwrap_err().message, "can_cache: 3");
+        assert_eq!(
+            Ladder(p.fresh()).can_fua().unwrap_err().message,
+            "can_fua: 7"
+        );
+        assert_eq!(
+            Ladder(p.fresh()).can_cache().unwrap_err().message,
+            "can_cache: 3"
+        );
     }
 
     #[test]
     fn ladder_fast_zero_core_rule_offers_it_only_when_zero_cannot_write() {
         let mut p = Fake::c(&ALL);
-        assert!(!Ladder(&p).can_fast_zero().unwrap());
+        assert!(!Ladder(p.fresh()).can_fast_zero().unwrap());
         p.fast_zero = FastZeroDefault::Core {
             v2_zero: true,
             readonly: true,
         };
-        assert!(Ladder(&p).can_fast_zero().unwrap());
+        assert!(Ladder(p.fresh()).can_fast_zero().unwrap());
         p.fast_zero = FastZeroDefault::Core {
             v2_zero: true,
             readonly: false,
         };
         p.flags = vec![(Capability::Write, false)];
-        assert!(Ladder(&p).can_fast_zero().unwrap());
+        assert!(Ladder(p.fresh()).can_fast_zero().unwrap());
         // A v1 zero callback cannot take FAST_ZERO: offered, and failed at once.
         p.flags.clear();
         p.fast_zero = FastZeroDefault::Core {
             v2_zero: false,
             readonly: false,
         };
-        assert!(Ladder(&p).can_fast_zero().unwrap());
+        assert!(Ladder(p.fresh()).can_fast_zero().unwrap());
     }
 
     #[test]
     fn ladder_fast_zero_python_rule_is_not_can_zero() {
         let mut p = Fake::c(&ALL);
         p.fast_zero = FastZeroDefault::NotCanZero;
-        assert!(!Ladder(&p).can_fast_zero().unwrap());
+        assert!(!Ladder(p.fresh()).can_fast_zero().unwrap());
         p.flags = vec![(Capability::Zero, false)];
-        assert!(Ladder(&p).can_fast_zero().unwrap());
+        assert!(Ladder(p.fresh()).can_fast_zero().unwrap());
         p.flags.clear();
         p.callbacks.retain(|c| *c != Callback::Zero);
-        assert!(Ladder(&p).can_fast_zero().unwrap());
+        assert!(Ladder(p.fresh()).can_fast_zero().unwrap());
+    }
+
+    #[test]
+    fn ladder_asks_each_capability_of_a_handle_once() {
+        let mut p = Fake::c(&ALL);
+        p.fast_zero = FastZeroDefault::NotCanZero;
+        p.flags = vec![(Capability::Zero, true), (Capability::Write, true)];
+        p.levels = vec![(Capability::Fua, 2), (Capability::Cache, 1)];
+        let first = offered(&p);
+        assert_eq!(offered(&p), first);
+        assert!(!Ladder(&p).can_fast_zero().unwrap());
+        let asked = p.asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), Capability::COUNT, "{asked:?}");
+        for cap in &asked {
+            let times = asked.iter().filter(|c| *c == cap).count();
+            assert_eq!(times, 1, "{cap:?} reached the plugin {times} times");
+        }
+    }
+
+    #[test]
+    fn ladder_asks_again_after_a_failed_answer() {
+        let mut p = Fake::c(&ALL);
+        p.levels = vec![(Capability::Fua, 7)];
+        assert!(Ladder(&p).can_fua().is_err());
+        p.levels = vec![(Capability::Fua, 2)];
+        assert_eq!(Ladder(&p).can_fua().unwrap(), Support::Native);
+        assert_eq!(Ladder(&p).can_fua().unwrap(), Support::Native);
+        let fua = p
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == Capability::Fua)
+            .count();
+        assert_eq!(fua, 2);
     }
 
     #[test]

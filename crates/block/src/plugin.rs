@@ -220,6 +220,15 @@ pub trait Plugin: Send + Sync + 'static {
         true
     }
 
+    /// True if every read must reach [`Handle::pread`], even one the server could answer from
+    /// block status alone. The server answers a large read of a hole without reading (one
+    /// OFFSET_HOLE chunk); that is invisible for plain storage, but not for a layer that
+    /// counts, logs, delays, limits or fails reads, nor for foreign plugin code, which nbdkit
+    /// always calls. Such a layer answers true, and a stack answers true if any layer does.
+    fn must_see_every_read(&self) -> bool {
+        false
+    }
+
     /// Called for every new connection before negotiation; an error refuses the client.
     fn preconnect(&self, _readonly: bool) -> Result<()> {
         Ok(())

@@ -21,7 +21,7 @@
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::Arc;
 
-use sluice_block::host::{Callback, Capability, FastZeroDefault, ForeignAnswers};
+use sluice_block::host::{Callback, CapCache, Capability, FastZeroDefault, ForeignAnswers};
 use sluice_block::{BlockError, BlockSize, Errno, Extents, Flags, Handle, Result};
 
 use crate::abi::CHandle;
@@ -42,6 +42,8 @@ pub(crate) struct PluginHandle {
     is_tls: bool,
     readonly: bool,
     h: CHandle,
+    /// The plugin's `can_*` answers, each asked once per handle as nbdkit does.
+    answers: CapCache,
 }
 
 // SAFETY: the C handle is an opaque token that nbdkit also uses from many worker threads;
@@ -82,6 +84,7 @@ impl PluginHandle {
             is_tls,
             readonly,
             h,
+            answers: CapCache::default(),
         })
     }
 
@@ -187,6 +190,10 @@ impl ForeignAnswers for PluginHandle {
             format!("{}: plugin returned invalid value {value}", cap.callback()),
         )
     }
+
+    fn answers(&self) -> &CapCache {
+        &self.answers
+    }
 }
 
 impl Drop for PluginHandle {
@@ -200,20 +207,23 @@ impl Drop for PluginHandle {
 }
 
 impl Handle for PluginHandle {
+    /// Asked once per handle, as nbdkit does.
     fn get_size(&self) -> Result<u64> {
-        let f = self.shared.p.get_size.expect("checked at load");
-        let _scope = self.scope();
-        // SAFETY: `.get_size` with our live handle.
-        let r = unsafe { f(self.h) };
-        if r == -1 {
-            let e = errno();
-            return Err(call_error("get_size", self.shared.errno_is_preserved(), e));
-        }
-        u64::try_from(r).map_err(|_| {
-            BlockError::new(
-                Errno::EIO,
-                format!("get_size: plugin returned invalid size {r}"),
-            )
+        self.answers.size(|| {
+            let f = self.shared.p.get_size.expect("checked at load");
+            let _scope = self.scope();
+            // SAFETY: `.get_size` with our live handle.
+            let r = unsafe { f(self.h) };
+            if r == -1 {
+                let e = errno();
+                return Err(call_error("get_size", self.shared.errno_is_preserved(), e));
+            }
+            u64::try_from(r).map_err(|_| {
+                BlockError::new(
+                    Errno::EIO,
+                    format!("get_size: plugin returned invalid size {r}"),
+                )
+            })
         })
     }
 

@@ -565,6 +565,11 @@ impl Plugin for LoadedPlugin {
         true
     }
 
+    /// nbdkit calls a plugin's pread for every read; foreign code may count or log them.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
+
     fn preconnect(&self, readonly: bool) -> Result<()> {
         let Some(f) = self.0.p.preconnect else {
             return Ok(());

@@ -24,14 +24,13 @@
 //! object, which is copied once into the caller's buffer.
 
 use std::ffi::c_char;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyModule, PyTuple};
-use sluice_block::host::{Callback, Capability, FastZeroDefault, ForeignAnswers};
+use sluice_block::host::{Callback, CapCache, Capability, FastZeroDefault, ForeignAnswers};
 use sluice_block::{BlockError, BlockSize, Errno, Extents, Flags, Handle, OpenContext, Result};
 
 use crate::context::{self, Connection, Frame};
@@ -45,10 +44,8 @@ pub(crate) struct PythonHandle {
     is_tls: bool,
     /// What the script's `open` returned; `None` only during `Drop`.
     h: Option<Py<PyAny>>,
-    /// nbdkit caches the script's `can_zero` answer per handle (it is asked again by
-    /// `can_fast_zero`): 0 not asked yet, 1 not defined, 2 false, 3 true. An atomic rather
-    /// than a lock, so nothing is held while the script runs.
-    can_zero: AtomicU8,
+    /// The script's `can_*` answers, each asked once per handle as nbdkit does.
+    answers: CapCache,
 }
 
 impl PythonHandle {
@@ -74,7 +71,7 @@ impl PythonHandle {
             export_name,
             is_tls: ctx.is_tls,
             h: Some(h),
-            can_zero: AtomicU8::new(0),
+            answers: CapCache::default(),
         })
     }
 
@@ -132,23 +129,7 @@ impl PythonHandle {
 
 impl ForeignAnswers for PythonHandle {
     fn flag(&self, cap: Capability) -> Result<Option<bool>> {
-        if cap != Capability::Zero {
-            return self.ask_flag(cap);
-        }
-        match self.can_zero.load(Ordering::Acquire) {
-            1 => return Ok(None),
-            2 => return Ok(Some(false)),
-            3 => return Ok(Some(true)),
-            _ => {}
-        }
-        let r = self.ask_flag(cap)?;
-        let cached = match r {
-            None => 1,
-            Some(false) => 2,
-            Some(true) => 3,
-        };
-        self.can_zero.store(cached, Ordering::Release);
-        Ok(r)
+        self.ask_flag(cap)
     }
 
     fn level(&self, cap: Capability) -> Result<Option<i64>> {
@@ -181,6 +162,10 @@ impl ForeignAnswers for PythonHandle {
                 cap.callback()
             ),
         )
+    }
+
+    fn answers(&self) -> &CapCache {
+        &self.answers
     }
 }
 
@@ -266,18 +251,21 @@ impl Drop for View<'_> {
 }
 
 impl Handle for PythonHandle {
+    /// Asked once per handle, as nbdkit does.
     fn get_size(&self) -> Result<u64> {
-        let size = self.call("get_size", |_, m, h| {
-            required(m, "get_size")?.call1((h,))?.extract::<i64>()
-        })?;
-        u64::try_from(size).map_err(|_| {
-            BlockError::new(
-                Errno::EIO,
-                format!(
-                    "{}: get_size: script returned invalid size {size}",
-                    self.shared.display
-                ),
-            )
+        self.answers.size(|| {
+            let size = self.call("get_size", |_, m, h| {
+                required(m, "get_size")?.call1((h,))?.extract::<i64>()
+            })?;
+            u64::try_from(size).map_err(|_| {
+                BlockError::new(
+                    Errno::EIO,
+                    format!(
+                        "{}: get_size: script returned invalid size {size}",
+                        self.shared.display
+                    ),
+                )
+            })
         })
     }
 

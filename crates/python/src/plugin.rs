@@ -437,6 +437,11 @@ impl Plugin for PythonPlugin {
         true
     }
 
+    /// nbdkit calls a plugin's pread for every read; foreign code may count or log them.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
+
     fn preconnect(&self, readonly: bool) -> Result<()> {
         self.call("preconnect", None, |_, m| {
             if let Some(f) = function(m, "preconnect")? {

@@ -1,6 +1,14 @@
 //! Sockets the NBD server accepts on: Unix and TCP, behind one type each for listeners
 //! (async, for accepting) and connections (blocking, for the transmission threads).
 //!
+//! A connection is usually one socket; `-s` on standard input and output that are not a socket
+//! (two pipes, as a parent that spawns the server with `subprocess` pipes gets) is a
+//! [`Stream::Pipe`]: reads from one descriptor, writes to the other, so the transmission code,
+//! which reads on one thread and writes on others, works unchanged. A pipe cannot be shut
+//! down, so closing such a connection waits for the client to close its end (the server
+//! exits after its single connection anyway), and STARTTLS is refused on it (see
+//! [`Stream::can_starttls`]).
+//!
 //! A connection upgraded with `NBD_OPT_STARTTLS` stays a [`Stream`] ([`Stream::Tls`]), so the
 //! negotiation and transmission code reads and writes it as any other socket; how one TLS
 //! session is shared by a connection's threads is [`crate::tls::TlsStream`]'s business.
@@ -58,6 +66,12 @@ pub enum Stream {
     Tcp(std::net::TcpStream),
     /// A TLS session; clones share it (one reader and one writer at a time).
     Tls(Arc<TlsStream>),
+    /// Two one-way descriptors (`-s` on pipes): the client's requests come in on `read`,
+    /// replies go out on `write`.
+    Pipe {
+        read: std::fs::File,
+        write: std::fs::File,
+    },
 }
 
 impl Stream {
@@ -67,7 +81,21 @@ impl Stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Tls(t) => Stream::Tls(t.clone()),
+            Stream::Pipe { read, write } => Stream::Pipe {
+                read: read.try_clone()?,
+                write: write.try_clone()?,
+            },
         })
+    }
+
+    /// A connection on two descriptors (`-s` when standard input is not a socket).
+    pub fn pipe(read: std::fs::File, write: std::fs::File) -> Stream {
+        Stream::Pipe { read, write }
+    }
+
+    /// False for a pipe pair: a TLS session needs one two-way descriptor to wait on.
+    pub fn can_starttls(&self) -> bool {
+        !matches!(self, Stream::Pipe { .. })
     }
 
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
@@ -75,13 +103,15 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Tls(t) => t.socket().shutdown(how),
+            // A pipe has no shutdown: its ends close when the last descriptor goes.
+            Stream::Pipe { .. } => Ok(()),
         }
     }
 
     pub fn is_unix(&self) -> bool {
         match self {
             Stream::Unix(_) => true,
-            Stream::Tcp(_) => false,
+            Stream::Tcp(_) | Stream::Pipe { .. } => false,
             Stream::Tls(t) => t.socket().is_unix(),
         }
     }
@@ -96,6 +126,10 @@ impl Stream {
             Stream::Unix(s) => s.set_nonblocking(on),
             Stream::Tcp(s) => s.set_nonblocking(on),
             Stream::Tls(t) => t.socket().set_nonblocking(on),
+            Stream::Pipe { read, write } => {
+                set_fd_nonblocking(read.as_raw_fd(), on)?;
+                set_fd_nonblocking(write.as_raw_fd(), on)
+            }
         }
     }
 
@@ -156,6 +190,7 @@ impl Stream {
         match self {
             Stream::Tls(t) => t.socket().peer(),
             Stream::Unix(_) => "unix".to_string(),
+            Stream::Pipe { .. } => "pipe".to_string(),
             Stream::Tcp(s) => s
                 .peer_addr()
                 .map(|a| a.to_string())
@@ -170,8 +205,30 @@ impl AsRawFd for Stream {
             Stream::Unix(s) => s.as_raw_fd(),
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Tls(t) => t.socket().as_raw_fd(),
+            // The input side: what readiness checks (FIONREAD, poll for input) look at.
+            Stream::Pipe { read, .. } => read.as_raw_fd(),
         }
     }
+}
+
+/// Sets or clears O_NONBLOCK on a descriptor.
+fn set_fd_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        if libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Read for Stream {
@@ -180,6 +237,7 @@ impl Read for Stream {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
             Stream::Tls(t) => t.read(buf),
+            Stream::Pipe { read, .. } => read.read(buf),
         }
     }
 }
@@ -190,6 +248,7 @@ impl Write for Stream {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
             Stream::Tls(t) => t.write(buf),
+            Stream::Pipe { write, .. } => write.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -256,24 +256,38 @@ pub fn daemonize(on_ready: &str) -> anyhow::Result<Readiness> {
 
 /// `-s`: the client on standard input/output, as a stream of its own. Standard input and
 /// output are pointed at /dev/null afterwards, so that the connection closes when the
-/// server is done with it (libnbd's `connect_command` waits for that).
+/// server is done with it (libnbd's `connect_command` waits for that). A socket on standard
+/// input (inetd, `connect_command`'s socketpair) is one two-way stream; anything else (two
+/// pipes, as nbdkit also accepts) is read from standard input and written to standard output.
 pub fn stdio_stream() -> anyhow::Result<sluice_server::Stream> {
     // SAFETY: sockaddr_storage is plain old data.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: fd 0 is ours to query; ss/len describe a writable buffer.
-    if unsafe { libc::getsockname(0, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
+    let socket =
+        unsafe { libc::getsockname(0, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) } == 0;
+    if !socket {
         let e = std::io::Error::last_os_error();
-        bail!(
-            "-s: standard input must be a connected socket (inetd, libnbd's connect_command): \
-             {e}"
-        );
+        if e.raw_os_error() != Some(libc::ENOTSOCK) {
+            bail!("-s: standard input must be open (a socket or a pipe): {e}");
+        }
     }
-    // SAFETY: duplicating fd 0 (a socket, checked above) to a new descriptor we own.
-    let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("-s: dup of standard input");
-    }
+    let dup = |from: i32, what: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
+        // SAFETY: duplicating an fd of ours to a new descriptor we then own.
+        let fd = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("-s: dup of {what}"));
+        }
+        // SAFETY: fd was just created by F_DUPFD and is owned by nobody else.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    };
+    let input = dup(0, "standard input")?;
+    let output = if socket {
+        None
+    } else {
+        Some(dup(1, "standard output")?)
+    };
     // SAFETY: pointing fds 0 and 1, which we own, at /dev/null.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
@@ -285,14 +299,12 @@ pub fn stdio_stream() -> anyhow::Result<sluice_server::Stream> {
             }
         }
     }
-    Ok(if i32::from(ss.ss_family) == libc::AF_UNIX {
-        // SAFETY: fd is a connected AF_UNIX socket we own (dup'ed above), taken once.
-        let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-        sluice_server::Stream::Unix(s)
-    } else {
-        // SAFETY: fd is a connected inet socket we own (dup'ed above), taken once.
-        let s = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        sluice_server::Stream::Tcp(s)
+    Ok(match output {
+        Some(output) => sluice_server::Stream::pipe(input.into(), output.into()),
+        None if i32::from(ss.ss_family) == libc::AF_UNIX => {
+            sluice_server::Stream::Unix(std::os::unix::net::UnixStream::from(input))
+        }
+        None => sluice_server::Stream::Tcp(std::net::TcpStream::from(input)),
     })
 }
 

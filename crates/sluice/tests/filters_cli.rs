@@ -302,6 +302,204 @@ h.block_status(65536, 0, lambda *a: 0)
     assert_eq!(stats[1], stats[0]);
 }
 
+/// sluice's server answers a large read of a hole from block status without a pread; a layer
+/// that logs or counts reads turns that off, so over the built-in (sparse) memory plugin the
+/// log and stats filters see every read, as under nbdkit (which never takes that shortcut).
+#[test]
+fn log_and_stats_see_large_reads_of_holes_as_nbdkit() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = script(
+        dir.path(),
+        "holes.py",
+        r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+assert h.pread(1 << 20, 0) == bytes(1 << 20)
+h.pread(65536, 1 << 20)
+h.pread(2 << 20, 2 << 20)
+"#,
+    );
+    let (mut logs, mut stats) = (Vec::new(), Vec::new());
+    for peer in BOTH {
+        let log = dir.path().join(format!("{peer:?}.holes.log"));
+        let file = dir.path().join(format!("{peer:?}.holes.stats"));
+        let logfile = format!("logfile={}", log.display());
+        let statsfile = format!("statsfile={}", file.display());
+        peer.captive_ok(
+            &[
+                "--filter=log",
+                "--filter=stats",
+                "memory",
+                "size=4M",
+                &logfile,
+                &statsfile,
+                "statsthreshold=0",
+            ],
+            &format!("{PYTHON} {session} \"$uri\""),
+        );
+        logs.push(log_lines(&std::fs::read_to_string(&log).unwrap()));
+        stats.push(stats_shape(&std::fs::read_to_string(&file).unwrap()));
+    }
+    assert_eq!(logs[1], logs[0], "log: sluice (left) and nbdkit (right)");
+    assert_eq!(
+        stats[1], stats[0],
+        "stats: sluice (left) and nbdkit (right)"
+    );
+    let reads = logs[0].iter().filter(|l| l.contains("Read id=")).count();
+    assert_eq!(
+        reads, 6,
+        "a request and a reply line per read: {:?}",
+        logs[0]
+    );
+    assert!(
+        stats[0].iter().any(|l| l.starts_with("read: 3 ops")),
+        "{:?}",
+        stats[0]
+    );
+}
+
+/// A Python plugin that writes each callback it gets to the file named by `log=`.
+const COUNTING_PLUGIN: &str = r#"
+import builtins
+API_VERSION = 2
+LOG = None
+disk = bytearray(1 << 20)
+def config(key, value):
+    global LOG
+    LOG = value
+def log(what):
+    with builtins.open(LOG, "a") as f:
+        f.write(what + "\n")
+def open(readonly): log("open"); return 1
+def get_size(h): log("get_size"); return len(disk)
+def can_write(h): log("can_write"); return True
+def can_flush(h): log("can_flush"); return True
+def is_rotational(h): log("is_rotational"); return False
+def can_trim(h): log("can_trim"); return True
+def can_zero(h): log("can_zero"); return True
+def can_fast_zero(h): log("can_fast_zero"); return False
+def can_fua(h): log("can_fua"); return 2
+def can_multi_conn(h): log("can_multi_conn"); return True
+def can_cache(h): log("can_cache"); return 2
+def can_extents(h): log("can_extents"); return True
+def pread(h, buf, offset, flags): buf[:] = disk[offset:offset + len(buf)]
+def pwrite(h, buf, offset, flags): disk[offset:offset + len(buf)] = buf
+def flush(h, flags): pass
+def trim(h, count, offset, flags): pass
+def zero(h, count, offset, flags): disk[offset:offset + count] = bytes(count)
+def cache(h, count, offset, flags): pass
+def extents(h, count, offset, flags): return [(offset, count, 0)]
+"#;
+
+/// nbdkit asks each `can_*` (and `get_size`) of a plugin at most once per connection and keeps
+/// the answer, whatever the filters above ask; a plugin that counts its calls sees the same
+/// counts under sluice. One deliberate difference: the filters that do the layer below's
+/// emulation themselves (cache, nozero, fua, blocksize: `Lower` in `filters/lower.rs`) ask
+/// its capabilities when the connection opens, where nbdkit asks when first needed, so the
+/// plugin sees a few more callbacks, still each once; those extras are listed exactly.
+#[test]
+fn each_can_callback_reaches_the_plugin_as_often_as_under_nbdkit() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("counting.py");
+    std::fs::write(&plugin, COUNTING_PLUGIN).unwrap();
+    let stacks: [(&[&str], &[&str]); 6] = [
+        (&[], &[]),
+        (&["-r"], &[]),
+        (&["--filter=cow"], &[]),
+        (&["--filter=cache"], &["can_cache", "can_fast_zero"]),
+        (&["--filter=nozero"], &["can_fast_zero", "can_zero"]),
+        (
+            &["--filter=cow", "--filter=cache", "--filter=nozero"],
+            &["can_cache", "can_extents", "can_flush"],
+        ),
+    ];
+    for (stack, extra) in stacks {
+        let mut counts = Vec::new();
+        for peer in BOTH {
+            let log = dir.path().join(format!("{peer:?}.calls"));
+            let _ = std::fs::remove_file(&log);
+            let logarg = format!("log={}", log.display());
+            let mut args = stack.to_vec();
+            args.extend(["python", path_str(&plugin), &logarg]);
+            peer.captive_ok(&args, "nbdsh -u \"$uri\" -c 'h.pread(512, 0)'");
+            let mut calls = std::collections::BTreeMap::<String, u32>::new();
+            for l in std::fs::read_to_string(&log).unwrap().lines() {
+                *calls.entry(l.to_string()).or_default() += 1;
+            }
+            counts.push(calls);
+        }
+        let (nbdkit, sluice) = (&counts[0], &counts[1]);
+        assert!(
+            sluice.values().all(|n| *n == 1),
+            "{stack:?}: a callback asked twice: {sluice:?}"
+        );
+        let mut expected = nbdkit.clone();
+        for e in extra {
+            assert_eq!(expected.insert(e.to_string(), 1), None, "{stack:?}: {e}");
+        }
+        assert_eq!(
+            sluice, &expected,
+            "{stack:?}: sluice (left), nbdkit's plus {extra:?} (right)"
+        );
+    }
+}
+
+/// tls-fallback under `--tls=on`: a plaintext client gets one read-only 512-byte export
+/// holding the message (the export name it asked for is ignored, the list shows only ""),
+/// a TLS client gets the plugin; the same `nbdinfo --json`, bytes and sizes as nbdkit.
+#[test]
+fn tls_fallback_serves_the_readme_to_plaintext_clients_as_nbdkit() {
+    let psk = support::tls::Pki::get().psk();
+    let tls_psk = format!("--tls-psk={}", psk.display());
+    let check = format!(
+        "nbdinfo --json \"$uri\" && nbdinfo --list --json \"$uri\" && \
+         nbdsh -u \"nbd+unix:///other?socket=$unixsocket\" \
+           -c 'print(h.get_size(), h.is_read_only(), bytes(h.pread(512, 0)))' && \
+         nbdinfo --size \"nbds+unix://{user}@/?socket=$unixsocket&tls-psk-file={psk}\"",
+        user = support::tls::PSK_USER,
+        psk = psk.display()
+    );
+    for readme in [None, Some("tlsreadme=read the manual")] {
+        let mut args = vec![
+            "--tls=on",
+            &tls_psk,
+            "--filter=tls-fallback",
+            "memory",
+            "1M",
+        ];
+        args.extend(readme);
+        let outs: Vec<String> = BOTH
+            .iter()
+            .map(|peer| {
+                let out = peer.captive_ok(&args, &check);
+                // The JSON documents, without socket paths; the rest as printed.
+                let mut text = String::new();
+                let mut de =
+                    serde_json::Deserializer::from_str(&out).into_iter::<serde_json::Value>();
+                for v in de.by_ref() {
+                    match v {
+                        Ok(v) => text.push_str(&format!("{}\n", without_uris(v))),
+                        Err(_) => break,
+                    }
+                }
+                let rest = out.split("}\n").last().unwrap_or_default().to_string();
+                text + &rest
+            })
+            .collect();
+        assert_eq!(
+            outs[1], outs[0],
+            "{readme:?}: sluice (left) and nbdkit (right)"
+        );
+        let want = readme.map_or("This NBD server requires TLS", |r| &r[10..]);
+        assert!(
+            outs[0].contains(&format!("512 True b'{want}")),
+            "{}",
+            outs[0]
+        );
+        assert!(outs[0].ends_with("1048576\n"), "{}", outs[0]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // ip, limit, exportname: who may connect and what they see
 
@@ -807,6 +1005,74 @@ h.shutdown()
         logs.push(log_lines(&std::fs::read_to_string(&log).unwrap()));
     }
     assert_eq!(logs[1], logs[0]);
+}
+
+/// `-s` with standard input and output on two pipes (not a socket): a parent speaking raw
+/// NBD over `subprocess` pipes gets the same handshake, data and exit status as from nbdkit.
+#[test]
+fn single_connection_on_a_pair_of_pipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = script(
+        dir.path(),
+        "pipes.py",
+        r#"
+import hashlib, struct, subprocess
+p = subprocess.Popen(["nbdkit", "-s", "pattern", "1M"], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE)
+r, w = p.stdout, p.stdin
+def rd(n):
+    b = b""
+    while len(b) < n:
+        c = r.read(n - len(b))
+        assert c, "server closed after %d of %d bytes" % (len(b), n)
+        b += c
+    return b
+assert rd(18)[:16] == b"NBDMAGICIHAVEOPT"
+w.write(struct.pack(">I", 1))
+go = struct.pack(">IH", 0, 0)
+w.write(struct.pack(">QII", 0x49484156454f5054, 7, len(go)) + go)
+w.flush()
+size = None
+while True:
+    magic, opt, kind, ln = struct.unpack(">QIII", rd(20))
+    payload = rd(ln)
+    assert not kind & 0x80000000, (kind, payload)
+    if kind == 3 and struct.unpack(">H", payload[:2])[0] == 0:
+        size, flags = struct.unpack(">QH", payload[2:12])
+    if kind == 1:
+        break
+w.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 65536, 4096))
+w.flush()
+magic, err, handle = struct.unpack(">IIQ", rd(16))
+data = rd(4096)
+w.write(struct.pack(">IHHQQI", 0x25609513, 0, 2, 8, 0, 0))
+w.close()
+print(size, hex(magic), err, handle, hashlib.sha256(data).hexdigest()[:16], data[:8].hex())
+print("exit", p.wait(timeout=20))
+"#,
+    );
+    let outs: Vec<String> = BOTH
+        .iter()
+        .map(|peer| {
+            let out = std::process::Command::new(PYTHON)
+                .args([client.as_str(), "unused"])
+                .env("PATH", path_for(*peer))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{peer:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect();
+    assert_eq!(outs[1], outs[0], "sluice (left) and nbdkit (right)");
+    assert!(
+        outs[0].starts_with("1048576 0x67446698 0 7 ") && outs[0].ends_with("exit 0\n"),
+        "{}",
+        outs[0]
+    );
 }
 
 #[test]

@@ -487,6 +487,19 @@ fn error_filter_injects_the_same_errors() {
         "print(t(lambda: h.pread(512, 0)), t(lambda: h.flush()))",
     );
     assert_eq!(out.trim(), "EPERM ok");
+    // Large reads of a hole of the sparse memory disk reach the error filter too.
+    let pair = Pair::start(&[
+        "--filter=error",
+        "memory",
+        "4M",
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+    ]);
+    let out = pair.same_py(
+        "error over holes",
+        "print(t(lambda: h.pread(1 << 20, 0)), t(lambda: h.pread(65536, 1 << 20)))",
+    );
+    assert_eq!(out.trim(), "EIO EIO");
 }
 
 /// The mean time of `reps` calls of `op` (a Python expression on `h`) under `uri`.
@@ -517,12 +530,12 @@ fn delay_and_rate_are_within_20_percent_of_what_was_asked() {
     let w = mean_secs(&pair.sluice.uri(), "h.pwrite(b'x', 0)", 1);
     assert!((0.8..1.2).contains(&w), "sluice write delay {w}");
 
-    // rate=32M bits/s = 4 MiB/s, with a 0.1 s burst drained first. Over pattern, not a
-    // sparse memory disk: sluice's server answers long reads of holes from block status
-    // without a pread, so no read filter would see them.
+    // rate=32M bits/s = 4 MiB/s, with a 0.1 s burst drained first. Over a sparse memory
+    // disk, with reads of 64 KiB: long enough that sluice's server would answer them from
+    // block status without a pread, if the rate filter did not turn that off.
     let pair = Pair::start(&[
         "--filter=rate",
-        "pattern",
+        "memory",
         "8M",
         "rate=32M",
         "burstiness=0.1",

@@ -109,7 +109,9 @@ pub struct Cow {
 /// Per connection: what the read-only plugin below can do.
 pub struct Conn {
     size: u64,
-    extents: bool,
+    /// Whether the layer below has extents, asked at the first extents request (as nbdkit's
+    /// cow does: a connection that never asks block status never asks the plugin).
+    extents: std::sync::OnceLock<bool>,
     cache: Support,
 }
 
@@ -248,7 +250,7 @@ impl Filter for Cow {
         self.overlay.set_size("cow", size)?;
         let conn = Conn {
             size,
-            extents: next.can_extents()?,
+            extents: std::sync::OnceLock::new(),
             cache: next.can_cache()?,
         };
         Ok((conn, next))
@@ -405,7 +407,14 @@ impl Filter for Cow {
                 }
                 let from = start * bs;
                 let to = (blk * bs).min(c.size);
-                if c.extents {
+                let below = match c.extents.get() {
+                    Some(b) => *b,
+                    None => {
+                        let b = next.can_extents()?;
+                        *c.extents.get_or_init(|| b)
+                    }
+                };
+                if below {
                     if to > from {
                         extents_full(next, to - from, from, f, out)?;
                     }

@@ -108,6 +108,10 @@ impl Filter for Delay {
     fn name(&self) -> &str {
         "delay"
     }
+    /// It delays reads: each must reach it.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
     fn may_block(&self) -> bool {
         true
     }

@@ -190,6 +190,10 @@ impl Filter for ErrorFilter {
     fn name(&self) -> &str {
         "error"
     }
+    /// It fails reads: each must reach it.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
     fn open(&self, next: &Arc<dyn Plugin>, ctx: &OpenContext<'_>) -> Result<(Conn, Next)> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let t = std::time::SystemTime::now()

@@ -304,6 +304,11 @@ impl Filter for Log {
         "log"
     }
 
+    /// It logs reads: each must reach it.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
+
     fn preconnect(&self, next: &dyn Plugin, readonly: bool) -> Result<()> {
         let id = self.preconnects.fetch_add(1, Ordering::Relaxed) + 1;
         let text = format!("readonly={}", u8::from(readonly));

@@ -48,6 +48,7 @@ pub mod readahead;
 pub mod retry;
 pub mod retry_request;
 pub mod swab;
+pub mod tls_fallback;
 pub mod truncate;
 
 #[cfg(test)]
@@ -125,6 +126,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     retry::SPEC,
     retry_request::SPEC,
     swab::SPEC,
+    tls_fallback::SPEC,
     truncate::SPEC,
 ];
 

@@ -199,6 +199,10 @@ impl Filter for Rate {
     fn name(&self) -> &str {
         "rate"
     }
+    /// It limits reads: each must reach it.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
     fn may_block(&self) -> bool {
         true
     }

@@ -338,6 +338,11 @@ impl Filter for StatsFilter {
         "stats"
     }
 
+    /// It counts reads: each must reach it.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
+
     fn open(&self, next: &Arc<dyn Plugin>, ctx: &OpenContext<'_>) -> Result<((), Next)> {
         Ok(((), Next::open(next, ctx)?))
     }

@@ -1,6 +1,13 @@
 //! The `memory` plugin: a sparse RAM disk shared by every connection, like
 //! nbdkit-memory-plugin with its default `allocator=sparse`.
 //!
+//! `allocator=malloc` (nbdkit: one flat allocation) is served by the same sparse array, with
+//! the one difference a client can see: block status reports the whole disk as data, as
+//! nbdkit's malloc allocator does. `malloc,mlock=true` (pin the whole disk in RAM) and
+//! `allocator=zstd` (compressed pages) are refused with a message saying so: pinning pages
+//! that are only allocated on first write would not do what the user asked, and there is
+//! no compressed page store.
+//!
 //! The disk can be as large as `i64::MAX` bytes; only the 32 KiB pages that have been written
 //! take memory. A page is allocated on its first write (an all-zero write into a hole
 //! allocates nothing), and trim or zero free every page they cover completely and zero the
@@ -58,9 +65,42 @@ use super::{for_each_arg, size_arg, ConfigArg, ConfigError};
 /// The key a bare value on the command line stands for.
 pub const MAGIC_KEY: &str = "size";
 
+/// nbdkit's `allocator=TYPE[,mlock=BOOL]`: true for malloc (dense), false for sparse.
+fn parse_allocator(value: &str) -> Result<bool, ConfigError> {
+    let bad = |expected| ConfigError::BadValue {
+        plugin: "memory",
+        key: "allocator",
+        value: value.to_owned(),
+        expected,
+    };
+    let mut parts = value.split(',');
+    let dense = match parts.next().unwrap_or_default() {
+        "sparse" => false,
+        "malloc" => true,
+        "zstd" => return Err(bad("sparse or malloc (sluice has no zstd allocator)")),
+        _ => return Err(bad("sparse, malloc or zstd")),
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mlock", v)) if dense => match v.to_ascii_lowercase().as_str() {
+                "0" | "false" | "f" | "no" | "n" | "off" => {}
+                "1" | "true" | "t" | "yes" | "y" | "on" => {
+                    return Err(bad(
+                        "malloc without mlock=true (sluice cannot pin the disk)",
+                    ))
+                }
+                _ => return Err(bad("mlock=true or mlock=false")),
+            },
+            _ => return Err(bad("TYPE[,mlock=BOOL], mlock only with malloc")),
+        }
+    }
+    Ok(dense)
+}
+
 /// Parameter help for `--help`.
 pub const HELP: &str = "[size=]<SIZE>  (required) Size of the backing disk.\n\
-                        allocator=sparse        Backend allocation strategy (only sparse).";
+                        allocator=sparse|malloc Backend allocation strategy (zstd and \
+                        mlock=true are refused).";
 
 /// Bytes per page (nbdkit's sparse array uses the same).
 pub const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
@@ -76,6 +116,8 @@ const FREE_BATCH: usize = if cfg!(test) { 4 } else { 256 };
 pub struct MemoryPlugin {
     size: u64,
     disk: Arc<SparseArray>,
+    /// `allocator=malloc`: block status says data everywhere.
+    dense: bool,
 }
 
 impl MemoryPlugin {
@@ -84,24 +126,23 @@ impl MemoryPlugin {
         MemoryPlugin {
             size,
             disk: Arc::new(SparseArray::new()),
+            dense: false,
         }
     }
 
-    /// Configures from `[size=]SIZE` (required) and `allocator=sparse` (optional).
+    /// Configures from `[size=]SIZE` (required) and `allocator=sparse|malloc` (optional).
     pub fn from_args(args: &[ConfigArg]) -> Result<MemoryPlugin, ConfigError> {
         let mut size = None;
+        let mut dense = false;
         for_each_arg(args, MAGIC_KEY, |key, value| match key {
             "size" => {
                 size = Some(size_arg("memory", "size", value)?);
                 Ok(())
             }
-            "allocator" if value == "sparse" => Ok(()),
-            "allocator" => Err(ConfigError::BadValue {
-                plugin: "memory",
-                key: "allocator",
-                value: value.to_owned(),
-                expected: "sparse; sluice has no malloc or zstd allocator",
-            }),
+            "allocator" => {
+                dense = parse_allocator(value)?;
+                Ok(())
+            }
             _ => Err(ConfigError::UnknownParameter {
                 plugin: "memory",
                 key: key.to_owned(),
@@ -111,7 +152,10 @@ impl MemoryPlugin {
             plugin: "memory",
             what: "size=<SIZE>",
         })?;
-        Ok(MemoryPlugin::new(size))
+        Ok(MemoryPlugin {
+            dense,
+            ..MemoryPlugin::new(size)
+        })
     }
 
     /// Bytes of page memory currently allocated.
@@ -132,6 +176,7 @@ impl Plugin for MemoryPlugin {
     }
     fn open(&self, _ctx: &OpenContext<'_>) -> Result<Box<dyn Handle>> {
         Ok(Box::new(MemoryHandle {
+            dense: self.dense,
             size: self.size,
             disk: Arc::clone(&self.disk),
         }))
@@ -141,6 +186,7 @@ impl Plugin for MemoryPlugin {
 struct MemoryHandle {
     size: u64,
     disk: Arc<SparseArray>,
+    dense: bool,
 }
 
 impl Handle for MemoryHandle {
@@ -200,6 +246,9 @@ impl Handle for MemoryHandle {
         Ok(())
     }
     fn extents(&self, count: u64, offset: u64, flags: Flags, extents: &mut Extents) -> Result<()> {
+        if self.dense {
+            return extents.add(offset, count, 0);
+        }
         self.disk
             .extents(count, offset, flags.contains(Flags::REQ_ONE), extents)
     }
@@ -540,7 +589,39 @@ mod tests {
     }
 
     #[test]
-    fn from_args_allocator_other_than_sparse_is_error() {
+    fn from_args_allocator_malloc_is_dense_and_mlock_or_zstd_refused() {
+        for (value, dense) in [
+            ("sparse", false),
+            ("malloc", true),
+            ("malloc,mlock=no", true),
+        ] {
+            let args = [ConfigArg::bare("1M"), ConfigArg::kv("allocator", value)];
+            let p = MemoryPlugin::from_args(&args).unwrap();
+            assert_eq!(p.dense, dense, "{value}");
+            let h = p.open(&OpenContext {
+                readonly: false,
+                export_name: "",
+                is_tls: false,
+            });
+            let mut e = Extents::new(0, 1 << 20);
+            h.unwrap().extents(1 << 20, 0, Flags::NONE, &mut e).unwrap();
+            assert_eq!(e.as_slice()[0].kind == 0, dense, "{value}");
+        }
+        for value in [
+            "malloc,mlock=true",
+            "sparse,mlock=false",
+            "malloc,foo=1",
+            "big",
+        ] {
+            let args = [ConfigArg::bare("1M"), ConfigArg::kv("allocator", value)];
+            assert!(
+                matches!(
+                    MemoryPlugin::from_args(&args),
+                    Err(ConfigError::BadValue { .. })
+                ),
+                "{value}"
+            );
+        }
         let args = [ConfigArg::bare("1M"), ConfigArg::kv("allocator", "zstd")];
         assert!(matches!(
             MemoryPlugin::from_args(&args),

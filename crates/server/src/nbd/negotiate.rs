@@ -99,13 +99,15 @@ pub(super) struct Negotiation<'s> {
 
 impl<'s> Negotiation<'s> {
     pub(super) fn new(server: &'s NbdServer, stream: Stream) -> Negotiation<'s> {
+        // TLS needs a socket: on a pipe pair (`-s` over pipes) STARTTLS is not offered under
+        // --tls=on, and under --tls=require the client can only be refused.
+        let tls = match server.config.tls.as_ref().map(|t| t.mode()) {
+            Some(mode) if stream.can_starttls() || mode == TlsMode::Require => mode,
+            _ => TlsMode::Off,
+        };
         let config = HandshakeConfig {
             meta_contexts: server.config.meta_contexts.clone(),
-            tls: server
-                .config
-                .tls
-                .as_ref()
-                .map_or(TlsMode::Off, |t| t.mode()),
+            tls,
             allow_structured_replies: server.config.structured_replies,
             handshake_flags: server.config.handshake_flags,
             ..HandshakeConfig::default()
@@ -204,6 +206,9 @@ impl<'s> Negotiation<'s> {
             // The handshake only offers STARTTLS when TLS is configured.
             return Err(io::Error::other("STARTTLS accepted without a TLS configuration").into());
         };
+        if !plain.can_starttls() {
+            return Err(io::Error::other("STARTTLS on a pipe: TLS needs a socket").into());
+        }
         let (stream, _identity) = tls.accept(plain)?;
         self.stream = Some(stream);
         self.hs.tls_started();

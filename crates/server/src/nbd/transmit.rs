@@ -52,7 +52,8 @@ const _: () = assert!(HEADROOM >= MAX_READ_HEADER_LEN);
 /// Socket input buffer size.
 const READ_BUF: usize = 256 * 1024;
 /// Reads at least this long on a plugin that reports extents are checked for holes first, so
-/// a read of unallocated space goes out as one OFFSET_HOLE chunk instead of zeroes.
+/// a read of unallocated space goes out as one OFFSET_HOLE chunk instead of zeroes (unless a
+/// layer must see every read: then every read reaches pread, as under nbdkit).
 const HOLE_CHECK_MIN: u64 = 64 * 1024;
 /// After this many hole checks in a row found data, a connection checks only one read in
 /// [`HOLE_RECHECK_EVERY`] (a check can cost the plugin syscalls, e.g. two lseeks for `file`);
@@ -244,6 +245,9 @@ struct Conn<'a> {
     batch: bool,
     /// The plugin may block: start a spare worker whenever all are busy.
     blocking: bool,
+    /// Large reads of holes may be answered from block status without a pread: false when a
+    /// layer of the stack must see every read ([`sluice_block::Plugin::must_see_every_read`]).
+    hole_shortcut: bool,
     /// Hole checks in a row that found data, and reads since checking was thinned out.
     hole_misses: AtomicU32,
     hole_skips: AtomicU32,
@@ -314,6 +318,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         contexts,
         batch,
         blocking: backend.plugin().may_block(),
+        hole_shortcut: !backend.plugin().must_see_every_read(),
         hole_misses: AtomicU32::new(0),
         hole_skips: AtomicU32::new(0),
         max_workers,
@@ -820,7 +825,7 @@ fn check_flags(conn: &Conn, req: &RequestHeader) -> Result<(), BlockError> {
 
 /// True if a read covers only space the plugin reports as reading zeroes.
 fn read_is_hole(conn: &Conn, req: &RequestHeader) -> Result<bool, BlockError> {
-    if req.length < HOLE_CHECK_MIN || !conn.export.caps().extents {
+    if req.length < HOLE_CHECK_MIN || !conn.hole_shortcut || !conn.export.caps().extents {
         return Ok(false);
     }
     if conn.hole_misses.load(Ordering::Relaxed) >= HOLE_MISS_LIMIT
