@@ -19,8 +19,8 @@ use crate::generated::{
     BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
     BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
     JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
-    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
-    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
+    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, ObjectDelArgs, ObjectOptions,
+    QMPCapability, QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
     SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
@@ -247,6 +247,14 @@ impl Handlers for Session<'_> {
         };
         self.daemon.nbd_start_locked(self.state, &opts)?;
         Ok(Value::Object(Map::new()))
+    }
+
+    fn object_add(&mut self, args: ObjectOptions) -> Result<(), QmpError> {
+        self.daemon.objects().add(&args)
+    }
+
+    fn object_del(&mut self, args: ObjectDelArgs) -> Result<(), QmpError> {
+        self.daemon.objects().del(&args.id)
     }
 
     fn nbd_server_stop(&mut self) -> Result<(), QmpError> {

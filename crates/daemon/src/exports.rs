@@ -30,6 +30,7 @@ use sluice_block::{
 use sluice_server::{Listener, NamedExport, NbdServer};
 
 use crate::generated::{NbdServerOptions, SocketAddress};
+use crate::objects::Objects;
 use crate::QmpError;
 
 /// Longest export name or description (the NBD protocol's string limit).
@@ -89,22 +90,24 @@ impl std::fmt::Debug for RunningNbd {
 }
 
 impl RunningNbd {
-    /// Binds `opts.addr` and starts accepting (must be called inside the tokio runtime).
+    /// Binds `opts.addr` and starts accepting (must be called inside the tokio runtime), with
+    /// TLS required if `opts.tls_creds` names credentials in `objects`.
     pub fn start(
         opts: &NbdServerOptions,
         table: Arc<sluice_server::ExportTable>,
         config: sluice_server::ServerConfig,
+        objects: &Arc<Objects>,
     ) -> Result<RunningNbd, QmpError> {
-        if opts.tls_authz.is_some() && opts.tls_creds.is_none() {
-            return Err(QmpError::generic(
-                "'tls-authz' is only supported with 'tls-creds'",
-            ));
-        }
+        // TLS is resolved before the address is bound (qsd binds first): a mistake in either
+        // is reported the same way, and no socket is left behind. qsd 10.0 accepts
+        // `tls-authz` without `tls-creds` (and then has nothing to check); so does sluice.
+        let mut config = config;
         if let Some(id) = &opts.tls_creds {
-            // There are no credential objects (object-add) yet, so no id can name one.
-            return Err(QmpError::generic(format!(
-                "No TLS credentials with id '{id}'"
-            )));
+            let mut tls = objects.server_tls(id)?;
+            if let Some(authz) = &opts.tls_authz {
+                tls = tls.with_authz(crate::objects::authz_hook(objects, authz));
+            }
+            config.tls = Some(tls);
         }
         let (listener, unix_path) = match &opts.addr.u {
             crate::generated::SocketAddressBranch::Unix(u) => {
@@ -150,7 +153,6 @@ impl RunningNbd {
                 (l, None)
             }
         };
-        let mut config = config;
         for c in META_CONTEXTS {
             if !config.meta_contexts.iter().any(|m| m == c) {
                 config.meta_contexts.push(c.to_string());

@@ -4,6 +4,8 @@
 //! - [`generated`]: what `build.rs` generates from the schema with `sluice-qapi`: typed
 //!   arguments and results, the [`generated::Handlers`] trait with one method per command,
 //!   dispatch, the command and event tables, the introspection table.
+//! - [`objects`]: user-creatable objects (`object-add`): TLS credentials, authorization,
+//!   secrets.
 //! - [`graph`]: the graph of named block nodes, their dirty bitmaps (`graph::bitmaps`) and
 //!   the driver registry (file, raw and qcow2 from `crates/image`; null-co, null-aio,
 //!   sluice-plugin).
@@ -19,8 +21,8 @@
 //!
 //! # Layers
 //!
-//! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
-//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream` and
+//! Modules import only modules below them, in this order: `generated`, `events`, `objects`,
+//! `graph`, `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream` and
 //! `jobs::mirror_engine`; `jobs::active_commit` and `jobs::mirror` on the engine;
 //! `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
@@ -45,6 +47,7 @@ pub mod generated;
 pub mod graph;
 pub mod jobs;
 pub mod monitor;
+pub mod objects;
 pub mod state;
 
 pub use commands::MonitorState;

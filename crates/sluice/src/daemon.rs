@@ -22,7 +22,7 @@ use sluice_block::Plugin;
 use crate::process;
 use sluice_daemon::generated::{
     BlockExportOptions, BlockdevOptions, CompatPolicy as CompatOptions, CompatPolicyInput,
-    CompatPolicyOutput, NbdServerOptions, ShutdownCause,
+    CompatPolicyOutput, NbdServerOptions, ObjectOptions, ShutdownCause,
 };
 use sluice_daemon::graph::{DriverRegistry, PluginLoader};
 use sluice_daemon::{Daemon, DaemonConfig, MonitorListener};
@@ -57,6 +57,14 @@ pub struct DaemonArgs {
     /// Add a block node, with the options of QMP blockdev-add as key=value pairs (or as JSON).
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdev: Vec<String>,
+
+    /// Create an object, with the options of QMP object-add: tls-creds-x509,id=ID,
+    /// endpoint=server,dir=DIR[,verify-peer=on|off]; tls-creds-psk,id=ID,endpoint=server,
+    /// dir=DIR (keys.psk); authz-simple,id=ID,identity=NAME; authz-list,id=ID[,policy=allow|deny]
+    /// [,rules.N.match=M,rules.N.policy=P[,rules.N.format=exact|glob]]; secret,id=ID,
+    /// data=TEXT|file=PATH[,format=raw|base64]. Objects are created before the nodes.
+    #[arg(long = "object", value_name = "OPTIONS")]
+    object: Vec<String>,
 
     /// Start the NBD server: addr.type=unix,addr.path=PATH or
     /// addr.type=inet,addr.host=HOST,addr.port=PORT.
@@ -113,6 +121,8 @@ enum Chardev {
 #[derive(Debug)]
 struct Plan {
     policy: CompatPolicy,
+    /// With the text they were given as, for messages.
+    objects: Vec<(String, ObjectOptions)>,
     blockdevs: Vec<BlockdevOptions>,
     nbd: Option<NbdServerOptions>,
     exports: Vec<BlockExportOptions>,
@@ -214,6 +224,17 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
             }
         }
     };
+    let mut objects = Vec::new();
+    for o in &args.object {
+        let opts = typed(
+            "--object",
+            o,
+            Some("qom-type"),
+            &policy,
+            ObjectOptions::from_args,
+        )?;
+        objects.push((o.clone(), opts));
+    }
     let mut blockdevs = Vec::new();
     for b in &args.blockdev {
         blockdevs.push(typed(
@@ -269,6 +290,7 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
     monitors.extend(args.qmp.iter().map(|p| Chardev::Unix(p.clone())));
     Ok(Plan {
         policy,
+        objects,
         blockdevs,
         nbd,
         exports,
@@ -387,6 +409,11 @@ fn run(
     sluice_nbdkit::set_shutdown_hook(Box::new(move || hook.shutdown(ShutdownCause::HostError)));
     let mut sockets: Vec<PathBuf> = Vec::new();
     let result = rt.block_on(async {
+        for (text, o) in &plan.objects {
+            daemon
+                .object_add(o)
+                .map_err(|e| anyhow!("--object {text}: {}", e.desc))?;
+        }
         for b in &plan.blockdevs {
             let name = b.node_name.as_deref().unwrap_or("");
             daemon
