@@ -21,9 +21,9 @@ use crate::generated::{
     BlockStreamArgs, BlockdevCreateArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
     JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
     JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
-    NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs, QueryBlockstatsArgs,
-    QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress, SocketAddressBranch,
-    SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    NbdServerRemoveArgs, ObjectDelArgs, ObjectOptions, QMPCapability, QmpCapabilitiesArgs,
+    QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
+    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::generated::{BlockdevSnapshotArgs, BlockdevSnapshotSyncArgs};
 use crate::jobs::commands as jobs;
@@ -331,6 +331,14 @@ impl Handlers for Session<'_> {
         };
         self.daemon.nbd_start_locked(self.state, &opts)?;
         Ok(Value::Object(Map::new()))
+    }
+
+    fn object_add(&mut self, args: ObjectOptions) -> Result<(), QmpError> {
+        self.daemon.objects().add(&args)
+    }
+
+    fn object_del(&mut self, args: ObjectDelArgs) -> Result<(), QmpError> {
+        self.daemon.objects().del(&args.id)
     }
 
     fn nbd_server_stop(&mut self) -> Result<(), QmpError> {

@@ -41,6 +41,7 @@ use sluice_proto::nbd::consts::NBD_STATE_DIRTY;
 use sluice_server::{ExportContext, Listener, NamedExport, NbdServer};
 
 use crate::generated::{NbdServerOptions, SocketAddress};
+use crate::objects::Objects;
 use crate::QmpError;
 
 /// Longest export name or description (the NBD protocol's string limit).
@@ -100,22 +101,24 @@ impl std::fmt::Debug for RunningNbd {
 }
 
 impl RunningNbd {
-    /// Binds `opts.addr` and starts accepting (must be called inside the tokio runtime).
+    /// Binds `opts.addr` and starts accepting (must be called inside the tokio runtime), with
+    /// TLS required if `opts.tls_creds` names credentials in `objects`.
     pub fn start(
         opts: &NbdServerOptions,
         table: Arc<sluice_server::ExportTable>,
         config: sluice_server::ServerConfig,
+        objects: &Arc<Objects>,
     ) -> Result<RunningNbd, QmpError> {
-        if opts.tls_authz.is_some() && opts.tls_creds.is_none() {
-            return Err(QmpError::generic(
-                "'tls-authz' is only supported with 'tls-creds'",
-            ));
-        }
+        // TLS is resolved before the address is bound (qsd binds first): a mistake in either
+        // is reported the same way, and no socket is left behind. qsd 10.0 accepts
+        // `tls-authz` without `tls-creds` (and then has nothing to check); so does sluice.
+        let mut config = config;
         if let Some(id) = &opts.tls_creds {
-            // There are no credential objects (object-add) yet, so no id can name one.
-            return Err(QmpError::generic(format!(
-                "No TLS credentials with id '{id}'"
-            )));
+            let mut tls = objects.server_tls(id)?;
+            if let Some(authz) = &opts.tls_authz {
+                tls = tls.with_authz(crate::objects::authz_hook(objects, authz));
+            }
+            config.tls = Some(tls);
         }
         let (listener, unix_path) = match &opts.addr.u {
             crate::generated::SocketAddressBranch::Unix(u) => {
@@ -161,7 +164,6 @@ impl RunningNbd {
                 (l, None)
             }
         };
-        let mut config = config;
         // qsd's defaults and meaning: 10 s, 0 is no limit; 0 connections is no limit.
         config.handshake_timeout = match opts.handshake_max_seconds {
             None => Some(sluice_server::nbd::DEFAULT_HANDSHAKE_TIMEOUT),

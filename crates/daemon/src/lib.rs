@@ -4,6 +4,8 @@
 //! - [`generated`]: what `build.rs` generates from the schema with `sluice-qapi`: typed
 //!   arguments and results, the [`generated::Handlers`] trait with one method per command,
 //!   dispatch, the command and event tables, the introspection table.
+//! - [`objects`]: user-creatable objects (`object-add`): TLS credentials, authorization,
+//!   secrets.
 //! - [`graph`]: the graph of named block nodes, their dirty bitmaps (`graph::bitmaps`) and
 //!   the driver registry (file, raw and qcow2 from `crates/image`; null-co, null-aio,
 //!   sluice-plugin).
@@ -19,11 +21,11 @@
 //!
 //! # Layers
 //!
-//! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
-//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
+//! Modules import only modules below them, in this order: `generated`, `events`, `objects`,
+//! `graph`, `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
 //! `jobs::mirror_engine`, `jobs::create` and `jobs::backup`; `jobs::active_commit` and
 //! `jobs::mirror` on the engine; `jobs::commit`), `jobs::commands` and `transaction`,
-//! `blockstats`, `commands`, `monitor`.
+//! `snapshot`, `blockstats`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
 //!
 //! # Where things go
@@ -47,6 +49,7 @@ pub mod generated;
 pub mod graph;
 pub mod jobs;
 pub mod monitor;
+pub mod objects;
 pub mod snapshot;
 pub mod state;
 pub mod transaction;

@@ -40,9 +40,11 @@ use crate::exports::{named_export, Export, RunningNbd, NBD_MAX_STRING};
 use crate::generated::BlockDirtyBitmapOrStr;
 use crate::generated::{
     BlockExportDeletedEvent, BlockExportOptions, BlockExportOptionsBranch, BlockExportRemoveMode,
-    BlockdevOptions, NbdServerOptions, ShutdownCause, ShutdownEvent, VersionInfo, VersionTriple,
+    BlockdevOptions, NbdServerOptions, ObjectOptions, ShutdownCause, ShutdownEvent, VersionInfo,
+    VersionTriple,
 };
 use crate::graph::{not_found, DriverRegistry, Graph};
+use crate::objects::Objects;
 use crate::QmpError;
 use sluice_image::bitmaps::{BusyGuard, Use};
 use sluice_qapi::runtime::{CompatPolicy, Output, QapiEvent, ToQapi};
@@ -57,6 +59,9 @@ pub struct DaemonConfig {
     pub drivers: DriverRegistry,
     /// Settings of the NBD server `nbd-server-start` creates.
     pub nbd: ServerConfig,
+    /// The object table (`--object`, `object-add`); drivers built before the daemon (rbd's
+    /// `key-secret`) may hold it too.
+    pub objects: Arc<Objects>,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -100,6 +105,8 @@ pub struct Daemon {
     output: Output,
     table: Arc<ExportTable>,
     nbd_config: ServerConfig,
+    /// `--object` / `object-add` objects; locked on their own (see `crate::objects`).
+    objects: Arc<Objects>,
     shutdown_tx: watch::Sender<Option<ShutdownCause>>,
     monitors: AtomicUsize,
     monitors_idle: Notify,
@@ -142,6 +149,7 @@ impl Daemon {
             output,
             table: Arc::new(ExportTable::new()),
             nbd_config: config.nbd,
+            objects: config.objects,
             shutdown_tx: watch::channel(None).0,
             monitors: AtomicUsize::new(0),
             monitors_idle: Notify::new(),
@@ -189,6 +197,17 @@ impl Daemon {
         self.events.emit(event);
     }
 
+    /// The objects (`--object`, `object-add`).
+    pub fn objects(&self) -> &Arc<Objects> {
+        &self.objects
+    }
+
+    /// `--object` (QMP's `object-add` runs with the state locked, as every command).
+    pub fn object_add(&self, opts: &ObjectOptions) -> Result<(), QmpError> {
+        let _st = self.lock();
+        self.objects.add(opts)
+    }
+
     /// `blockdev-add` (also `--blockdev`).
     pub fn blockdev_add(&self, opts: &BlockdevOptions) -> Result<(), QmpError> {
         self.lock().graph.add(opts)
@@ -212,6 +231,7 @@ impl Daemon {
             opts,
             self.table.clone(),
             self.nbd_config.clone(),
+            &self.objects,
         )?);
         Ok(())
     }

@@ -49,6 +49,7 @@ fn embedded_daemon_serves_a_monitor_and_stops_on_quit() {
         .build()
         .unwrap();
     let daemon = Daemon::new(DaemonConfig {
+        objects: Default::default(),
         policy: CompatPolicy::default(),
         drivers: DriverRegistry::builtin(Arc::new(BuiltinLoader)),
         nbd: sluice_server::ServerConfig::default(),

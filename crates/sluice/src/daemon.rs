@@ -22,10 +22,11 @@ use sluice_block::Plugin;
 use crate::process;
 use sluice_daemon::generated::{
     BlockExportOptions, BlockdevDriver, BlockdevOptions, CompatPolicy as CompatOptions,
-    CompatPolicyInput, CompatPolicyOutput, NbdServerOptions, ShutdownCause,
+    CompatPolicyInput, CompatPolicyOutput, NbdServerOptions, ObjectOptions, ShutdownCause,
 };
 use sluice_daemon::graph::rbd::RbdDriver;
 use sluice_daemon::graph::{DriverRegistry, PluginLoader};
+use sluice_daemon::objects::Objects;
 use sluice_daemon::{Daemon, DaemonConfig, MonitorListener};
 use sluice_qapi::runtime::{CompatPolicy, Input, InputPolicy, OutputPolicy};
 
@@ -59,8 +60,11 @@ pub struct DaemonArgs {
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdev: Vec<String>,
 
-    /// A secret object (for rbd's key-secret): secret,id=ID,data=TEXT|file=PATH
-    /// [,format=raw|base64].
+    /// Create an object, with the options of QMP object-add: tls-creds-x509,id=ID,
+    /// endpoint=server,dir=DIR[,verify-peer=on|off]; tls-creds-psk,id=ID,endpoint=server,
+    /// dir=DIR (keys.psk); authz-simple,id=ID,identity=NAME; authz-list,id=ID[,policy=allow|deny]
+    /// [,rules.N.match=M,rules.N.policy=P[,rules.N.format=exact|glob]]; secret,id=ID,
+    /// data=TEXT|file=PATH[,format=raw|base64]. Objects are created before the nodes.
     #[arg(long = "object", value_name = "OPTIONS")]
     object: Vec<String>,
 
@@ -136,7 +140,8 @@ enum Chardev {
 #[derive(Debug)]
 struct Plan {
     policy: CompatPolicy,
-    secrets: crate::secrets::CliSecrets,
+    /// With the text they were given as, for messages.
+    objects: Vec<(String, ObjectOptions)>,
     blockdevs: Vec<BlockdevOptions>,
     nbd: Option<NbdServerOptions>,
     exports: Vec<BlockExportOptions>,
@@ -238,9 +243,16 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
             }
         }
     };
-    let mut secrets = crate::secrets::CliSecrets::default();
+    let mut objects = Vec::new();
     for o in &args.object {
-        secrets.add(o)?;
+        let opts = typed(
+            "--object",
+            o,
+            Some("qom-type"),
+            &policy,
+            ObjectOptions::from_args,
+        )?;
+        objects.push((o.clone(), opts));
     }
     let mut blockdevs = Vec::new();
     for b in &args.blockdev {
@@ -297,7 +309,7 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
     monitors.extend(args.qmp.iter().map(|p| Chardev::Unix(p.clone())));
     Ok(Plan {
         policy,
-        secrets,
+        objects,
         blockdevs,
         nbd,
         exports,
@@ -407,20 +419,28 @@ fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // The rbd driver reads `key-secret` from the daemon's object table.
+    let objects: Arc<Objects> = Arc::default();
     let mut drivers = DriverRegistry::builtin(loader);
     drivers.register(
         BlockdevDriver::Rbd,
-        Arc::new(RbdDriver::new(Arc::new(plan.secrets))),
+        Arc::new(RbdDriver::new(objects.clone())),
     );
     let daemon = Daemon::new(DaemonConfig {
         policy: plan.policy,
         drivers,
+        objects,
         nbd: sluice_server::ServerConfig::default(),
     });
     let hook = daemon.clone();
     sluice_nbdkit::set_shutdown_hook(Box::new(move || hook.shutdown(ShutdownCause::HostError)));
     let mut sockets: Vec<PathBuf> = Vec::new();
     let result = rt.block_on(async {
+        for (text, o) in &plan.objects {
+            daemon
+                .object_add(o)
+                .map_err(|e| anyhow!("--object {text}: {}", e.desc))?;
+        }
         for b in &plan.blockdevs {
             let name = b.node_name.as_deref().unwrap_or("");
             daemon

@@ -132,6 +132,8 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "nbd-server-remove",
         "nbd-server-start",
         "nbd-server-stop",
+        "object-add",
+        "object-del",
         "qmp_capabilities",
         "query-block-exports",
         "query-block-jobs",

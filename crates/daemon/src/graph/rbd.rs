@@ -13,7 +13,8 @@
 //! **Secrets.** `key-secret` is resolved through a [`SecretLookup`] the daemon is built
 //! with, not through an object table of this crate: the `secret` objects (`--object`,
 //! `object-add`) belong to the daemon's object layer, and a lookup by id is all this driver
-//! needs of it. [`NoSecrets`] is the default and answers as qemu does for an unknown id.
+//! needs of it: the daemon's [`Objects`] table implements it, and [`NoSecrets`] answers as
+//! qemu does for an unknown id.
 //! As in qemu, the secret's bytes are the key's raw bytes and are passed to librados in
 //! base64 (`qcrypto_secret_lookup_as_base64`), so the object is written
 //! `secret,id=ID,format=base64,data=$(ceph auth get-key client.ID)`, as libvirt does.
@@ -44,6 +45,7 @@ use crate::generated::{
     BlockdevOptions, BlockdevOptionsBranch, BlockdevOptionsRbd, ImageInfoSpecific,
     ImageInfoSpecificBranch, ImageInfoSpecificRbd, ImageInfoSpecificRbdWrapper, RbdAuthMode,
 };
+use crate::objects::Objects;
 use crate::QmpError;
 
 /// Finds the data of a `secret` object by its id.
@@ -60,6 +62,13 @@ pub struct NoSecrets;
 impl SecretLookup for NoSecrets {
     fn secret(&self, id: &str) -> Result<Vec<u8>, String> {
         Err(format!("No secret with id '{id}'"))
+    }
+}
+
+/// The daemon's object table: `--object secret,...` and `object-add` secrets.
+impl SecretLookup for Objects {
+    fn secret(&self, id: &str) -> Result<Vec<u8>, String> {
+        self.secret_bytes(id).map_err(|e| e.desc)
     }
 }
 

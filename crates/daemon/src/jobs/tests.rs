@@ -51,6 +51,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let daemon = Daemon::new(DaemonConfig {
+        objects: Default::default(),
         policy: CompatPolicy::default(),
         drivers: DriverRegistry::builtin(Arc::new(BuiltinLoader)),
         nbd: sluice_server::ServerConfig::default(),

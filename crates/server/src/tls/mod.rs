@@ -28,10 +28,10 @@
 //! without a restart; it is also checked once when the configuration is built, so a
 //! malformed file is reported at startup.
 //!
-//! The peer's identity ([`PeerIdentity`]: the X.509 distinguished name in RFC 4514 order, as
-//! GnuTLS and so qemu's `authz` objects spell it, or the PSK username) is passed to an
-//! optional authorization hook ([`TlsConfig::with_authz`]) after the handshake; a refused peer
-//! is disconnected before any NBD option is read over TLS.
+//! The peer's identity ([`PeerIdentity`]: the X.509 distinguished name in the certificate's
+//! order, as GnuTLS's `gnutls_x509_crt_get_dn` and so qemu's `authz` objects spell it, or the
+//! PSK username) is passed to an optional authorization hook ([`TlsConfig::with_authz`])
+//! after the handshake; a refused peer is disconnected before any NBD option is read over TLS.
 
 mod psk;
 mod stream;
@@ -111,8 +111,10 @@ impl HandshakeError {
 /// Who the client proved to be in the TLS handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {
-    /// The distinguished name of the client certificate, RFC 4514 style (most specific first,
-    /// e.g. `CN=client1,O=Example,C=GB`), as GnuTLS prints it and qemu's authz objects match.
+    /// The distinguished name of the client certificate in the certificate's order (for
+    /// certtool-made certificates the least specific first, e.g. `C=GB,O=Example,CN=client1`),
+    /// as GnuTLS prints it and qemu-storage-daemon's authz objects match (checked against
+    /// qsd 10.0.2 in `tests/daemon_tls.rs`).
     X509(String),
     /// The PSK username the client used.
     Psk(String),
@@ -473,10 +475,11 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<X509>, TlsError> {
     Ok(certs)
 }
 
-/// `name` as RFC 4514 prints it: the last RDN first, `SN=value` joined by commas, with the
-/// special characters escaped (GnuTLS's `gnutls_x509_crt_get_dn`, which qemu matches).
+/// `name` as GnuTLS's `gnutls_x509_crt_get_dn` prints it, which is what qemu's authz objects
+/// match: the RDNs in the certificate's order (not RFC 4514's reversed one), `SN=value` joined
+/// by commas, with the special characters escaped.
 fn distinguished_name(name: &X509NameRef) -> String {
-    let mut parts: Vec<String> = name
+    let parts: Vec<String> = name
         .entries()
         .map(|e| {
             let key = e.object().nid().short_name().unwrap_or("?");
@@ -484,7 +487,6 @@ fn distinguished_name(name: &X509NameRef) -> String {
             format!("{key}={}", escape_rdn_value(&value))
         })
         .collect();
-    parts.reverse();
     parts.join(",")
 }
 
@@ -517,7 +519,7 @@ mod tests {
     }
 
     #[test]
-    fn distinguished_name_is_most_specific_first() {
+    fn distinguished_name_keeps_the_certificate_order() {
         let mut b = X509Name::builder().unwrap();
         b.append_entry_by_text("C", "GB").unwrap();
         b.append_entry_by_text("O", "Example, Ltd").unwrap();
@@ -525,7 +527,7 @@ mod tests {
         let name = b.build();
         assert_eq!(
             distinguished_name(&name),
-            "CN=client1,O=Example\\, Ltd,C=GB"
+            "C=GB,O=Example\\, Ltd,CN=client1"
         );
     }
 
