@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 # Peers the tests drive: nbdkit (and its plugin headers and python plugin), libnbd's tools
 # and Python bindings, fio, qemu's tools; GnuTLS's certtool and psktool for the TLS tests'
 # keys (sluice's own OpenSSL is built from source by the openssl crate's vendored feature);
-# parted and sgdisk make the partition tables the partition filter's tests read.
+# parted and sgdisk make the partition tables the partition filter's tests read; prometheus
+# (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs.
 debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc
-      libpython3.11-dev gnutls-bin parted gdisk)
+      libpython3.11-dev gnutls-bin parted gdisk prometheus)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

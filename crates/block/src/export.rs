@@ -27,6 +27,7 @@ use sluice_proto::nbd::consts as nbd;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support, ThreadModel};
+use crate::stats::BlockStats;
 
 /// Size of the chunks in which zeroes are written when a plugin cannot zero natively.
 const ZERO_CHUNK: usize = 1024 * 1024;
@@ -37,17 +38,38 @@ pub struct Backend {
     thread_model: ThreadModel,
     request_lock: Arc<Mutex<()>>,
     connection_lock: Mutex<()>,
+    /// Where the server counts this export's requests: its own statistics first, then any
+    /// the caller shares (a daemon's node, whose figures add up every export on it).
+    stats: Vec<Arc<BlockStats>>,
 }
 
 impl Backend {
     pub fn new(plugin: Arc<dyn Plugin>) -> Backend {
+        Backend::with_stats(plugin, None)
+    }
+
+    /// A backend whose requests are also counted in `shared` (a node's statistics).
+    pub fn with_stats(plugin: Arc<dyn Plugin>, shared: Option<Arc<BlockStats>>) -> Backend {
         let thread_model = plugin.thread_model();
+        let mut stats = vec![Arc::new(BlockStats::new())];
+        stats.extend(shared);
         Backend {
             plugin,
             thread_model,
             request_lock: Arc::new(Mutex::new(())),
             connection_lock: Mutex::new(()),
+            stats,
         }
+    }
+
+    /// This export's own statistics.
+    pub fn stats(&self) -> &Arc<BlockStats> {
+        &self.stats[0]
+    }
+
+    /// Every statistics a request is counted in (the export's, then shared ones).
+    pub fn stats_sinks(&self) -> &[Arc<BlockStats>] {
+        &self.stats
     }
 
     pub fn plugin(&self) -> &Arc<dyn Plugin> {

@@ -17,6 +17,7 @@ pub mod host;
 pub mod plugin;
 pub mod plugins;
 pub mod size;
+pub mod stats;
 
 pub use error::{BlockError, Errno, Result};
 
@@ -27,3 +28,4 @@ pub use plugin::{
     BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, PeerCreds, Plugin, Support,
     ThreadModel,
 };
+pub use stats::BlockStats;

@@ -13,18 +13,20 @@ use serde_json::{Map, Value};
 
 use crate::generated::{
     dispatch, BlockCommitArgs, BlockDeviceInfo, BlockDirtyBitmap, BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge, BlockExportDelArgs, BlockExportInfo, BlockExportOptions,
-    BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
-    BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs, BlockJobFinalizeArgs,
-    BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
-    BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers, JobCancelArgs, JobCompleteArgs,
-    JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs, JobResumeArgs, NbdServerAddOptions,
-    NbdServerOptions, NbdServerOptionsLegacy, NbdServerRemoveArgs, QMPCapability,
-    QmpCapabilitiesArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
-    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    BlockDirtyBitmapMerge, BlockDirtyBitmapOrStr, BlockExportDelArgs, BlockExportInfo,
+    BlockExportOptions, BlockExportOptionsBranch, BlockExportOptionsNbd, BlockExportRemoveMode,
+    BlockExportType, BlockJobCancelArgs, BlockJobCompleteArgs, BlockJobDismissArgs,
+    BlockJobFinalizeArgs, BlockJobInfo, BlockJobPauseArgs, BlockJobResumeArgs,
+    BlockJobSetSpeedArgs, BlockLatencyHistogramSetArgs, BlockResizeArgs, BlockStats,
+    BlockStreamArgs, BlockdevCreateArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
+    JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
+    JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
+    NbdServerRemoveArgs, QMPCapability, QmpCapabilitiesArgs, QueryBlockstatsArgs,
+    QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress, SocketAddressBranch,
+    SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
 };
 use crate::jobs::commands as jobs;
-use crate::jobs::{commit, stream};
+use crate::jobs::{commit, create, stream};
 use crate::state::{version, Daemon, State};
 use crate::QmpError;
 use sluice_proto::qmp::{ErrorClass, Request};
@@ -45,6 +47,16 @@ impl Daemon {
     /// Runs one command for a monitor: QEMU's checks (negotiation mode, unknown command,
     /// compatibility policy, out-of-band), then the typed handler with the state locked.
     pub fn execute(
+        self: &Arc<Self>,
+        req: &Request,
+        mon: &mut MonitorState,
+    ) -> Result<Value, QmpError> {
+        let r = self.execute_checked(req, mon);
+        log_command(req, &r);
+        r
+    }
+
+    fn execute_checked(
         self: &Arc<Self>,
         req: &Request,
         mon: &mut MonitorState,
@@ -91,6 +103,63 @@ impl Daemon {
         // take the lock before they begin), so this is exactly the command's own events.
         mon.events_before_reply = self.events().last_seq();
         r
+    }
+}
+
+/// Argument names whose values are secrets, left out of the log: QEMU's `password` and
+/// `*-secret` members, and `data` of a `secret` object.
+fn is_secret_key(key: &str, parent: &Map<String, Value>) -> bool {
+    key == "password"
+        || key == "passphrase"
+        || key.ends_with("-secret")
+        || key.ends_with("_secret")
+        || (key == "data" && parent.get("qom-type").and_then(Value::as_str) == Some("secret"))
+}
+
+/// `args` with every secret value replaced by `"<redacted>"`, at any depth.
+pub fn redact(args: &Value) -> Value {
+    match args {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if is_secret_key(k, m) {
+                        Value::String("<redacted>".into())
+                    } else {
+                        redact(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
+        v => v.clone(),
+    }
+}
+
+/// One `qmp_command` operator event per command: its name, its arguments with secrets
+/// redacted, and its outcome (`ok`, or the error class and text).
+fn log_command(req: &Request, r: &Result<Value, QmpError>) {
+    if !tracing::enabled!(target: sluice_server::nbd::EVENTS, tracing::Level::INFO) {
+        return;
+    }
+    let args = redact(&Value::Object(req.arguments.clone())).to_string();
+    match r {
+        Ok(_) => tracing::info!(
+            target: sluice_server::nbd::EVENTS,
+            event = "qmp_command",
+            command = %req.command,
+            arguments = %args,
+            outcome = "ok"
+        ),
+        Err(e) => tracing::info!(
+            target: sluice_server::nbd::EVENTS,
+            event = "qmp_command",
+            command = %req.command,
+            arguments = %args,
+            outcome = "error",
+            class = e.class.as_str(),
+            error = %e.desc
+        ),
     }
 }
 
@@ -228,6 +297,20 @@ impl Handlers for Session<'_> {
         self.state.graph.bitmap_merge(&args)
     }
 
+    fn query_blockstats(&mut self, args: QueryBlockstatsArgs) -> Result<Vec<BlockStats>, QmpError> {
+        Ok(crate::blockstats::query(
+            self.state,
+            args.query_nodes.unwrap_or(false),
+        ))
+    }
+
+    fn block_latency_histogram_set(
+        &mut self,
+        args: BlockLatencyHistogramSetArgs,
+    ) -> Result<(), QmpError> {
+        crate::blockstats::histogram_set(self.state, args)
+    }
+
     fn query_named_block_nodes(
         &mut self,
         args: QueryNamedBlockNodesArgs,
@@ -290,6 +373,7 @@ impl Handlers for Session<'_> {
             u: BlockExportOptionsBranch::Nbd(BlockExportOptionsNbd {
                 name: Some(name),
                 description: args.description,
+                bitmaps: args.bitmap.map(|b| vec![BlockDirtyBitmapOrStr::Local(b)]),
                 allocation_depth: None,
             }),
         };
@@ -386,10 +470,41 @@ impl Handlers for Session<'_> {
         commit::block_commit(self.daemon, self.state, args)
     }
 
+    fn blockdev_create(&mut self, args: BlockdevCreateArgs) -> Result<(), QmpError> {
+        create::blockdev_create(self.daemon, self.state, args)
+    }
+
+    fn block_resize(&mut self, args: BlockResizeArgs) -> Result<(), QmpError> {
+        let device = args.device.as_deref().unwrap_or("");
+        let node = args.node_name.as_deref().unwrap_or("");
+        // qsd has no devices: only a node name finds something.
+        if self.state.graph.get(node).is_none() {
+            return Err(crate::graph::not_found(device, node));
+        }
+        if args.size < 0 {
+            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+        }
+        if let Some(j) = self.state.jobs.using_node(node) {
+            return Err(QmpError::generic(format!(
+                "Node '{node}' is busy: block device is in use by block job: {}",
+                j.job_type
+            )));
+        }
+        self.state.graph.resize(node, args.size as u64)
+    }
+
     fn blockdev_mirror(
         &mut self,
         args: crate::generated::BlockdevMirrorArgs,
     ) -> Result<(), QmpError> {
         crate::jobs::mirror::blockdev_mirror(self.daemon, self.state, args)
+    }
+
+    fn blockdev_backup(&mut self, args: crate::generated::BlockdevBackup) -> Result<(), QmpError> {
+        crate::jobs::backup::blockdev_backup(self.daemon, self.state, args)
+    }
+
+    fn transaction(&mut self, args: crate::generated::TransactionArgs) -> Result<(), QmpError> {
+        crate::transaction::transaction(self.daemon, self.state, args.actions, args.properties)
     }
 }

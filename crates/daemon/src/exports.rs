@@ -16,18 +16,29 @@
 //! qemu-storage-daemon), `qemu:allocation-depth`. A hard `block-export-del` also closes the
 //! connections of clients still using the export ([`NbdServer::disconnect_export`]), as
 //! qemu-storage-daemon does.
+//!
+//! `bitmaps: [...]` adds one `qemu:dirty-bitmap:NAME` context per bitmap, answered by the
+//! export itself ([`BitmapContext`], an [`ExportContext`] of the server's table entry), not
+//! by the node's plugin: the bitmap is the daemon's, beside the node. The context holds the
+//! bitmap busy, so it is busy exactly while the entry lives (the table, the daemon's export
+//! list and each connection hold it), as qsd marks an exported bitmap busy until the export
+//! is gone.
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_block::error::strerror;
 use sluice_block::export::Backend;
 use sluice_block::{
-    BlockError, Errno, Extents, Filter, Filtered, Flags, Handle, Next, OpenContext, Plugin,
+    BlockError, BlockStats, Errno, Extents, Filter, Filtered, Flags, Handle, Next, OpenContext,
+    Plugin,
 };
-use sluice_server::{Listener, NamedExport, NbdServer};
+use sluice_image::bitmaps::BusyGuard;
+use sluice_proto::nbd::consts::NBD_STATE_DIRTY;
+use sluice_server::{ExportContext, Listener, NamedExport, NbdServer};
 
 use crate::generated::{NbdServerOptions, SocketAddress};
 use crate::QmpError;
@@ -151,6 +162,13 @@ impl RunningNbd {
             }
         };
         let mut config = config;
+        // qsd's defaults and meaning: 10 s, 0 is no limit; 0 connections is no limit.
+        config.handshake_timeout = match opts.handshake_max_seconds {
+            None => Some(sluice_server::nbd::DEFAULT_HANDSHAKE_TIMEOUT),
+            Some(0) => None,
+            Some(n) => Some(Duration::from_secs(u64::from(n))),
+        };
+        config.max_connections = opts.max_connections.filter(|&n| n > 0).map(|n| n as usize);
         for c in META_CONTEXTS {
             if !config.meta_contexts.iter().any(|m| m == c) {
                 config.meta_contexts.push(c.to_string());
@@ -323,28 +341,59 @@ impl Filter for Gate {
     }
 }
 
-/// A new entry for the server's table: the node's plugin behind a gate, and the gate.
-/// `allocation_depth`: offer `qemu:allocation-depth` besides `base:allocation`.
+/// A dirty bitmap served as `qemu:dirty-bitmap:NAME`, held busy while served.
+pub struct BitmapContext(pub BusyGuard);
+
+impl ExportContext for BitmapContext {
+    /// qemu's `bitmap_to_extents`: alternating clean and dirty runs (flag
+    /// `NBD_STATE_DIRTY`), cut off after `max` runs.
+    fn status(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        self.0.bitmap().map().status(offset, len, |_, n, dirty| {
+            if out.len() < max {
+                out.push((n, if dirty { NBD_STATE_DIRTY } else { 0 }));
+            }
+        });
+        out
+    }
+}
+
+/// A new entry for the server's table: the node's plugin behind a gate, and the gate. The
+/// export's requests are counted in its backend's statistics and in `node_stats`.
+/// `allocation_depth`: offer `qemu:allocation-depth` besides `base:allocation`;
+/// `bitmaps`: `(bitmap name, held bitmap)` to offer as `qemu:dirty-bitmap:NAME`.
 pub fn named_export(
     plugin: Arc<dyn Plugin>,
+    node_stats: Option<Arc<BlockStats>>,
     writable: bool,
     description: Option<String>,
     allocation_depth: bool,
+    bitmaps: Vec<(String, BusyGuard)>,
 ) -> (NamedExport, Arc<AtomicBool>) {
+    let mut meta_contexts: Vec<String> = META_CONTEXTS[..if allocation_depth { 2 } else { 1 }]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let own_contexts: Vec<(String, Arc<dyn ExportContext>)> = bitmaps
+        .into_iter()
+        .map(|(name, guard)| {
+            let ctx: Arc<dyn ExportContext> = Arc::new(BitmapContext(guard));
+            (sluice_proto::nbd::dirty_bitmap_context(&name), ctx)
+        })
+        .collect();
+    meta_contexts.extend(own_contexts.iter().map(|(n, _)| n.clone()));
     let gate = Arc::new(AtomicBool::new(true));
-    let backend = Arc::new(Backend::new(Arc::new(Filtered::new(
-        Gate::new(gate.clone()),
-        plugin,
-    ))));
+    let backend = Arc::new(Backend::with_stats(
+        Arc::new(Filtered::new(Gate::new(gate.clone()), plugin)),
+        node_stats,
+    ));
     (
         NamedExport {
             backend,
             writable,
             description,
-            meta_contexts: META_CONTEXTS[..if allocation_depth { 2 } else { 1 }]
-                .iter()
-                .map(|c| c.to_string())
-                .collect(),
+            meta_contexts,
+            own_contexts,
         },
         gate,
     )

@@ -20,9 +20,10 @@
 //! # Layers
 //!
 //! Modules import only modules below them, in this order: `generated`, `events`, `graph`,
-//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream` and
-//! `jobs::mirror_engine`; `jobs::active_commit` and `jobs::mirror` on the engine;
-//! `jobs::commit`), `jobs::commands`, `commands`, `monitor`.
+//! `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
+//! `jobs::mirror_engine`, `jobs::create` and `jobs::backup`; `jobs::active_commit` and
+//! `jobs::mirror` on the engine; `jobs::commit`), `jobs::commands` and `transaction`,
+//! `blockstats`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
 //!
 //! # Where things go
@@ -38,6 +39,7 @@
 //! `sluice_proto::qmp`; the QAPI language, the generator and the ABI checker are in
 //! `sluice-qapi`; this crate adds everything that needs state, threads or sockets.
 
+pub mod blockstats;
 pub mod commands;
 pub mod events;
 pub mod exports;
@@ -46,6 +48,7 @@ pub mod graph;
 pub mod jobs;
 pub mod monitor;
 pub mod state;
+pub mod transaction;
 
 pub use commands::MonitorState;
 pub use monitor::MonitorListener;

@@ -37,12 +37,14 @@ use tokio::sync::{watch, Notify};
 
 use crate::events::EventBus;
 use crate::exports::{named_export, Export, RunningNbd, NBD_MAX_STRING};
+use crate::generated::BlockDirtyBitmapOrStr;
 use crate::generated::{
     BlockExportDeletedEvent, BlockExportOptions, BlockExportOptionsBranch, BlockExportRemoveMode,
     BlockdevOptions, NbdServerOptions, ShutdownCause, ShutdownEvent, VersionInfo, VersionTriple,
 };
 use crate::graph::{not_found, DriverRegistry, Graph};
 use crate::QmpError;
+use sluice_image::bitmaps::{BusyGuard, Use};
 use sluice_qapi::runtime::{CompatPolicy, Output, QapiEvent, ToQapi};
 
 /// How long a hard `block-export-del` waits for disconnected clients' connections to end
@@ -275,11 +277,14 @@ impl Daemon {
                 "NBD server already has export named '{name}'"
             )));
         }
+        let bitmaps = export_bitmaps(&st.graph, node, writable, nbd.bitmaps.as_deref())?;
         let (entry, gate) = named_export(
             node.plugin().clone(),
+            Some(node.stats.clone()),
             writable,
             nbd.description.clone(),
             nbd.allocation_depth.unwrap_or(false),
+            bitmaps,
         );
         if !self.table.insert(&name, entry) {
             return Err(QmpError::generic(format!(
@@ -466,6 +471,52 @@ impl Daemon {
         let _ = tokio::task::spawn_blocking(move || this.lock().graph.flush_all()).await;
         true
     }
+}
+
+/// The bitmaps of `block-export-add`'s `bitmaps`, checked in qsd's order
+/// (`nbd_export_create`) and held busy once all passed: a plain name is the exported
+/// node's bitmap or, failing that, one of its backing chain's; `{node, name}` is looked up
+/// as every bitmap command does.
+fn export_bitmaps(
+    graph: &Graph,
+    node: &crate::graph::Node,
+    writable: bool,
+    wanted: Option<&[BlockDirtyBitmapOrStr]>,
+) -> Result<Vec<(String, BusyGuard)>, QmpError> {
+    let mut found = Vec::new();
+    for want in wanted.unwrap_or_default() {
+        let (name, bitmap) = match want {
+            BlockDirtyBitmapOrStr::Local(name) => {
+                let mut at = Some(node);
+                let hit = loop {
+                    let Some(n) = at else { break None };
+                    if let Some(b) = n.bitmaps.get(name) {
+                        break Some((n, b));
+                    }
+                    at = graph.child(n, "backing");
+                };
+                let Some((owner, bitmap)) = hit else {
+                    return Err(QmpError::generic(format!("Bitmap '{name}' is not found")));
+                };
+                // A read-only export promises its contents stay put: a bitmap still
+                // recording the writes of a writable node would not.
+                if !writable && !owner.read_only && bitmap.is_recording() {
+                    return Err(QmpError::generic(format!(
+                        "Enabled bitmap '{name}' incompatible with readonly export"
+                    )));
+                }
+                (name.clone(), bitmap)
+            }
+            BlockDirtyBitmapOrStr::External(e) => {
+                (e.name.clone(), graph.bitmap(&e.node, &e.name)?.1)
+            }
+        };
+        bitmap
+            .check(Use::Read)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        found.push((name, bitmap));
+    }
+    Ok(found.into_iter().map(|(n, b)| (n, b.hold())).collect())
 }
 
 /// How long a safe `block-export-del` lets connections that are already ending finish.

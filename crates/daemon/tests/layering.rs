@@ -14,10 +14,16 @@ const LAYERS: &[&[&str]] = &[
     &["exports"],
     &["jobs"],
     &["state"],
-    &["jobs::stream", "jobs::mirror_engine"],
+    &[
+        "jobs::stream",
+        "jobs::mirror_engine",
+        "jobs::create",
+        "jobs::backup",
+    ],
     &["jobs::active_commit", "jobs::mirror"],
     &["jobs::commit"],
-    &["jobs::commands"],
+    &["jobs::commands", "transaction"],
+    &["blockstats"],
     &["commands"],
     &["monitor"],
 ];

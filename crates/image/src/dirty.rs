@@ -144,6 +144,32 @@ impl DirtyMap {
         self.inner.lock().count == 0
     }
 
+    /// Takes (clears and returns) the dirty runs that touch `[offset, offset+len)`, in
+    /// whole blocks clipped to the size: a backup's copy-before-write claims what it must
+    /// copy before a write there.
+    pub fn take_within(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut b = self.inner.lock();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        if b.count == 0 {
+            return out;
+        }
+        for i in self.blocks(offset, len) {
+            let (w, m) = ((i / 64) as usize, 1u64 << (i % 64));
+            if b.words[w] & m == 0 {
+                continue;
+            }
+            b.words[w] &= !m;
+            b.count -= 1;
+            let start = i * self.granularity;
+            let end = (start + self.granularity).min(self.size);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == start => *l += end - start,
+                _ => out.push((start, end - start)),
+            }
+        }
+        out
+    }
+
     /// Takes the first dirty run of at most `max` bytes at or after `from` (wrapping
     /// around to 0), clearing it: the caller must now copy it. None when clean.
     pub fn take(&self, from: u64, max: u64) -> Option<(u64, u64)> {
@@ -220,6 +246,19 @@ mod tests {
         assert_eq!(m.take(0, 1 << 20), Some((0, 1 << 16)));
         assert_eq!(m.take(0, 1 << 20), Some((2 << 16, 2 << 16)));
         assert_eq!(m.take(0, 1 << 20), None);
+    }
+
+    #[test]
+    fn take_within_claims_whole_touched_blocks_once() {
+        let m = DirtyMap::new(100_000, 1 << 16);
+        m.mark(0, 100_000);
+        assert_eq!(
+            m.take_within(70_000, 10),
+            vec![(1 << 16, 100_000 - (1 << 16))]
+        );
+        assert_eq!(m.take_within(60_000, 20_000), vec![(0, 1 << 16)]);
+        assert_eq!(m.take_within(0, 100_000), vec![]);
+        assert!(m.is_clean());
     }
 
     #[test]

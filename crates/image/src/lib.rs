@@ -29,7 +29,8 @@
 //! - `driver`: `file` (`filename`, `locking=auto|on|off`), `raw` (`file`), `qcow2` (`file`,
 //!   `backing`). `file` and `backing` take a node name or inline options.
 //! - Permissions: a node is read-only or read-write for its whole life (`read-only`). A
-//!   writable format node needs a writable file node; backing nodes must be read-only.
+//!   writable format node needs a writable file node; backing nodes must be read-only, except
+//!   a node named by reference (a pull-mode backup's scratch over the live disk).
 //! - Exclusion: every file node takes qemu's OFD lock bytes (see [`lock`]), so one image cannot
 //!   be opened writable twice — not by two nodes of one process, not by two sluice processes,
 //!   not by sluice and qemu-img/qemu-io/QEMU — and a qcow2 image in use cannot be written by
@@ -63,5 +64,5 @@ pub use error::ImageError;
 pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};
 pub use lock::Locking;
-pub use node::{open_node, Node, Resolve};
+pub use node::{create_file, open_node, BeforeWrite, Node, Prealloc, Qcow2Create, Resolve};
 pub use options::{BackingRef, BlockdevOptions, ChildRef, Driver};

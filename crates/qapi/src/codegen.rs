@@ -429,6 +429,12 @@ impl Gen<'_> {
             c.fields
         );
         let keys = c.match_keys();
+        // A struct without members (QEMU's `Abort`) reads nothing.
+        let reads = if c.reads.is_empty() {
+            "        let _ = (inp, obj);\n".to_string()
+        } else {
+            c.reads.clone()
+        };
         let _ = writeln!(
             o,
             "impl {name} {{\n    /// Reads this type's members from `obj` (unexpected members are the caller's check).\n    \
@@ -443,7 +449,7 @@ impl Gen<'_> {
              let obj = inp.object(v)?;\n        Self::from_args(inp, obj)\n    }}\n}}\n\n\
              impl q::ToQapi for {name} {{\n    fn to_qapi(&self, out: &q::Output) -> ::serde_json::Value {{\n        \
              let mut map = ::serde_json::Map::new();\n        self.write_members(out, &mut map);\n        ::serde_json::Value::Object(map)\n    }}\n}}\n",
-            c.reads, c.inits, c.writes
+            reads, c.inits, c.writes
         );
     }
 

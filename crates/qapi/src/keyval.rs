@@ -64,12 +64,8 @@ fn value(s: &str) -> (String, &str) {
 
 fn put(root: &mut Map<String, Value>, key: &str, val: String) -> Result<(), String> {
     let parts: Vec<&str> = key.split('.').collect();
-    for p in &parts {
-        if p.is_empty()
-            || !p
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+    for (i, p) in parts.iter().enumerate() {
+        if !fragment_ok(p, i == 0) {
             return Err(format!("Invalid parameter '{key}'"));
         }
     }
@@ -97,6 +93,22 @@ fn put(root: &mut Map<String, Value>, key: &str, val: String) -> Result<(), Stri
         };
     }
     Ok(())
+}
+
+/// QEMU's rule for one dotted fragment of a key (`keyval_parse_one`): a list index (decimal
+/// digits) anywhere but first, else a QAPI name, which starts with a letter. So the root is
+/// never a list (`0=1` and `0.b=1` are refused, as QEMU refuses them) and `1a` is no name.
+/// QAPI's downstream `__RFQDN_` prefix may hold dots, which a dotted key cannot carry apart
+/// from its fragments; it is refused here (no sluice option has one).
+fn fragment_ok(p: &str, first: bool) -> bool {
+    let b = p.as_bytes();
+    if !first && !b.is_empty() && b.iter().all(u8::is_ascii_digit) {
+        return true;
+    }
+    b.first().is_some_and(u8::is_ascii_alphabetic)
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 /// Objects whose keys are all decimal numbers become lists, in index order.
@@ -197,6 +209,19 @@ mod tests {
             parse("a=2,a.b=1", None).unwrap_err(),
             "Parameters 'a.*' used inconsistently"
         );
+    }
+
+    #[test]
+    fn parse_root_list_index_is_refused_as_qemu_does() {
+        // Found by the keyval fuzz target: the root cannot be a list (QEMU's test-keyval).
+        assert_eq!(parse("0=1", None).unwrap_err(), "Invalid parameter '0'");
+        assert_eq!(parse("0.b=1", None).unwrap_err(), "Invalid parameter '0.b'");
+        assert_eq!(
+            parse("a.1b=1", None).unwrap_err(),
+            "Invalid parameter 'a.1b'"
+        );
+        assert_eq!(parse("-a=1", None).unwrap_err(), "Invalid parameter '-a'");
+        assert_eq!(parse("a.0.b=1", None).unwrap(), json!({"a": [{"b": "1"}]}));
     }
 
     #[test]

@@ -49,6 +49,18 @@ pub enum RbdError {
         hint: String,
     },
 
+    /// The image's exclusive lock is held by another client (a writer elsewhere).
+    #[error(
+        "rbd: image {spec} is locked by another client ({owners}): it is being written \
+         elsewhere; stop that client, serve the image read-only, or take the lock over with \
+         break-lock=on (which blocklists the other client)"
+    )]
+    Locked {
+        spec: String,
+        owners: String,
+        errno: Errno,
+    },
+
     /// A data request failed.
     #[error("rbd: {op} at offset {offset} length {len} of {spec}: {}", errno.describe())]
     Io {
@@ -69,6 +81,7 @@ impl RbdError {
             | RbdError::Connect { errno, .. }
             | RbdError::Pool { errno, .. }
             | RbdError::Image { errno, .. }
+            | RbdError::Locked { errno, .. }
             | RbdError::Io { errno, .. } => *errno,
         }
     }

@@ -28,6 +28,23 @@
 //! then and the server emulates FUA by a flush. Write-zeroes and discard never go through a
 //! write-back window (librbd sends them straight to the OSDs) but are still followed by a
 //! flush when FUA is asked, because the C API has no flag for them.
+//!
+//! **Exclusive lock: one writer per image, across hosts.** librbd's exclusive-lock feature
+//! normally moves the lock between cooperating clients on demand: a second writer asks the
+//! holder to release it and the two then take turns, which for two hosts serving the same
+//! disk means two writers interleaving. So a writable open of an image with the feature
+//! takes the lock explicitly (`rbd_lock_acquire`, as `rbd-nbd --exclusive` does), which
+//! turns librbd's automatic hand-over off for this client: another client asking for the
+//! lock is refused, and a second sluice serving the image writable fails to start with
+//! [`RbdError::Locked`] naming the holder. The lock is released when the image closes.
+//!
+//! A holder that died (kill -9, a host gone) keeps the lock until its watch on the image
+//! header times out (`osd_client_watch_timeout`, 30 s); librbd then breaks it by itself, so
+//! a plain second open succeeds after that wait. `break-lock=on` (sluice's spelling; qemu
+//! has no such option) does not wait: it breaks the current holder's lock with
+//! `rbd_lock_break`, which also blocklists that client (`rbd_blocklist_on_break_lock`,
+//! Ceph's default), so a holder that was only partitioned away cannot write again when it
+//! comes back. Never two writers at once: the old one is fenced before the new one writes.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
@@ -274,11 +291,109 @@ impl Image {
         if r < 0 {
             return Err(RbdError::image(&image.spec, "get features", r));
         }
+        if image.writable && image.features & sys::FEATURE_EXCLUSIVE_LOCK != 0 {
+            image.take_lock(opts.break_lock)?;
+        }
         let cache = image.config("rbd_cache").unwrap_or_default();
         let policy = image.config("rbd_cache_policy").unwrap_or_default();
         image.native_fua = !(cache == "true" && policy == "writeback");
         tracing::debug!("rbd: opened {image:?} (rbd_cache={cache}, rbd_cache_policy={policy})");
         Ok(image)
+    }
+
+    /// Takes the image's exclusive lock for this client (see the module doc); with
+    /// `break_lock`, breaks (and blocklists) the current holder first.
+    fn take_lock(&self, break_lock: bool) -> Result<(), RbdError> {
+        if break_lock {
+            for owner in self.lock_owners()? {
+                let o = cstring("lock owner", &owner)?;
+                // SAFETY: `raw` is open; `o` is NUL-terminated and outlives the call.
+                let r = unsafe {
+                    (self.api.rbd_lock_break)(self.raw, sys::LOCK_MODE_EXCLUSIVE, o.as_ptr())
+                };
+                // ENOENT: the holder let go (or was broken) meanwhile.
+                if r < 0 && r != -libc::ENOENT {
+                    return Err(RbdError::image(&self.spec, "break the exclusive lock", r));
+                }
+                tracing::warn!("rbd: {}: broke the exclusive lock of {owner}", self.spec);
+            }
+        }
+        // SAFETY: `raw` is open; the call blocks until the lock is taken or refused.
+        let r = unsafe { (self.api.rbd_lock_acquire)(self.raw, sys::LOCK_MODE_EXCLUSIVE) };
+        if r < 0 {
+            let owners = self.lock_owners().unwrap_or_default();
+            if r == -libc::EROFS || r == -libc::EBUSY || !owners.is_empty() {
+                return Err(RbdError::Locked {
+                    spec: self.spec.clone(),
+                    owners: if owners.is_empty() {
+                        "holder unknown".to_string()
+                    } else {
+                        owners.join(", ")
+                    },
+                    errno: errno_of(r),
+                });
+            }
+            return Err(RbdError::image(&self.spec, "take the exclusive lock", r));
+        }
+        Ok(())
+    }
+
+    /// The clients holding the image's exclusive lock (`client.4123 ...` as librbd names
+    /// them); empty if none.
+    pub fn lock_owners(&self) -> Result<Vec<String>, RbdError> {
+        const MAX: usize = 8;
+        let mut mode: c_int = 0;
+        let mut owners = [ptr::null_mut::<c_char>(); MAX];
+        let mut n: usize = MAX;
+        // SAFETY: `owners` has room for `n` pointers, which librbd fills with strings it
+        // allocates and rbd_lock_get_owners_cleanup frees.
+        let r = unsafe {
+            (self.api.rbd_lock_get_owners)(self.raw, &mut mode, owners.as_mut_ptr(), &mut n)
+        };
+        if r == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        if r < 0 {
+            return Err(RbdError::image(
+                &self.spec,
+                "list the exclusive lock's owners",
+                r,
+            ));
+        }
+        let n = n.min(MAX);
+        let list = owners[..n]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: filled entries are NUL-terminated strings.
+            .map(|p| unsafe { CStr::from_ptr(*p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: frees the `n` strings the successful call allocated, once.
+        unsafe { (self.api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+        Ok(list)
+    }
+
+    /// Flushes and lets go of the exclusive lock, if this client holds it. For a process
+    /// about to exit without closing the image (the QMP daemon): otherwise the lock stays
+    /// with the exited client until its watch times out, and the next writer waits ~30 s.
+    pub fn release_lock(&self) -> Result<(), RbdError> {
+        if !self.is_lock_owner() {
+            return Ok(());
+        }
+        self.flush()?;
+        // SAFETY: `raw` is open and this client owns the lock.
+        let r = unsafe { (self.api.rbd_lock_release)(self.raw) };
+        if r < 0 {
+            return Err(RbdError::image(&self.spec, "release the exclusive lock", r));
+        }
+        Ok(())
+    }
+
+    /// True if this client holds the image's exclusive lock.
+    pub fn is_lock_owner(&self) -> bool {
+        let mut owner: c_int = 0;
+        // SAFETY: writes one int through a valid pointer.
+        let r = unsafe { (self.api.rbd_is_exclusive_lock_owner)(self.raw, &mut owner) };
+        r >= 0 && owner != 0
     }
 
     /// `pool/[namespace/]image[@snap]`.

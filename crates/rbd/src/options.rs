@@ -27,6 +27,8 @@ id=<ID>                 Connect as client.ID (default admin; user= is a synonym)
 keyring=<FILE>          Keyring holding client.ID's key.
 key=<BASE64>|+<FILE>    client.ID's key itself, or a file holding it.
 timeout=<SECS>          Give up connecting after SECS (default: conf's, else 30).
+break-lock=on           Take the image's exclusive lock over from its holder (blocklisting
+                        it), e.g. after the host serving it died (default off).
 ceph.<OPTION>=<VALUE>   Set any Ceph client option (e.g. ceph.rbd_cache=false).";
 
 const PLUGIN: &str = "rbd";
@@ -72,6 +74,10 @@ pub struct RbdOptions {
     pub timeout: Option<Duration>,
     /// Further Ceph client options, applied last (`ceph.rbd_cache=false`).
     pub ceph: Vec<(String, String)>,
+    /// Writable opens of an image with the exclusive-lock feature take its lock and refuse
+    /// to start while another client holds it; with `break_lock` the holder's lock is broken
+    /// (and the holder blocklisted) first. See [`crate::image`].
+    pub break_lock: bool,
 }
 
 impl std::fmt::Debug for RbdOptions {
@@ -87,6 +93,7 @@ impl std::fmt::Debug for RbdOptions {
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
             .field("ceph", &self.ceph)
+            .field("break_lock", &self.break_lock)
             .finish()
     }
 }
@@ -138,6 +145,7 @@ impl RbdOptions {
             key: None,
             timeout: None,
             ceph: Vec::new(),
+            break_lock: false,
         }
     }
 
@@ -193,6 +201,7 @@ impl RbdOptions {
                 "keyring" => o.keyring = Some(resolve(value)?),
                 "key" => o.key = Some(read_key(value)?),
                 "timeout" => o.timeout = Some(parse_timeout(value)?),
+                "break-lock" | "break_lock" => o.break_lock = parse_bool("break-lock", value)?,
                 _ => match key.strip_prefix("ceph.") {
                     Some(option) if is_ceph_option(option) => {
                         o.ceph.push((option.replace('-', "_"), value.to_owned()))
@@ -310,6 +319,15 @@ fn read_key(value: &str) -> Result<String, ConfigError> {
     Ok(key)
 }
 
+/// nbdkit's boolean spellings (on/off, true/false, yes/no, 1/0).
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(bad_value(key, value, "on or off")),
+    }
+}
+
 fn parse_timeout(value: &str) -> Result<Duration, ConfigError> {
     value
         .parse::<f64>()
@@ -376,6 +394,15 @@ mod tests {
         let o = parse(&["pool=p", "image=img", "namespace=ns", "snapshot=s"]).unwrap();
         assert_eq!(o.spec(), "p/ns/img@s");
         assert_eq!(o.client_id(), "admin");
+        assert!(!o.break_lock);
+        assert!(parse(&["p/i", "break-lock=on"]).unwrap().break_lock);
+        assert!(matches!(
+            parse(&["p/i", "break-lock=maybe"]),
+            Err(ConfigError::BadValue {
+                key: "break-lock",
+                ..
+            })
+        ));
     }
 
     #[test]

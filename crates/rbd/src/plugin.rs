@@ -92,6 +92,11 @@ impl RbdPlugin {
         &self.opts
     }
 
+    /// The open image, if [`RbdPlugin::connect`] succeeded.
+    pub fn image(&self) -> Option<&Arc<Image>> {
+        self.image.get()
+    }
+
     /// Connects to the cluster and opens the image, once; later calls return the same
     /// image. Fails within the configured timeout when the cluster is unreachable.
     pub fn connect(&self) -> Result<&Arc<Image>, RbdError> {

@@ -48,6 +48,9 @@ pub const FEATURE_OBJECT_MAP: u64 = 1 << 3;
 pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
 pub const FEATURE_JOURNALING: u64 = 1 << 6;
 
+/// `rbd_lock_mode_t`: `RBD_LOCK_MODE_EXCLUSIVE` (the only mode used here).
+pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
+
 /// `rbd_image_info_t` (the deprecated name fields are kept for the layout only).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +152,14 @@ api! {
     rbd: fn rbd_aio_write_zeroes(image: ImageT, off: u64, len: usize, c: CompletionT,
                                  zero_flags: c_int, op_flags: c_int) -> c_int;
     rbd: fn rbd_aio_flush(image: ImageT, c: CompletionT) -> c_int;
+    rbd: fn rbd_lock_acquire(image: ImageT, lock_mode: c_int) -> c_int;
+    rbd: fn rbd_lock_release(image: ImageT) -> c_int;
+    rbd: fn rbd_is_exclusive_lock_owner(image: ImageT, is_owner: *mut c_int) -> c_int;
+    rbd: fn rbd_lock_get_owners(image: ImageT, lock_mode: *mut c_int,
+                                lock_owners: *mut *mut c_char,
+                                max_lock_owners: *mut usize) -> c_int;
+    rbd: fn rbd_lock_get_owners_cleanup(lock_owners: *mut *mut c_char, count: usize);
+    rbd: fn rbd_lock_break(image: ImageT, lock_mode: c_int, lock_owner: *const c_char) -> c_int;
     rbd: fn rbd_diff_iterate2(image: ImageT, from_snap: *const c_char, ofs: u64, len: u64,
                               include_parent: u8, whole_object: u8, cb: DiffCallbackT,
                               arg: *mut c_void) -> c_int;

@@ -11,11 +11,14 @@
 //!
 //! [`tls`] upgrades a connection when its negotiation asks for it (`NBD_OPT_STARTTLS`); the
 //! upgraded connection is still a [`Stream`], so nothing after the handshake knows about TLS.
+//!
+//! [`metrics`] serves the Prometheus endpoint from counters the others keep.
 
+pub mod metrics;
 pub mod nbd;
 pub mod stream;
 pub mod tls;
 
-pub use nbd::{ExportTable, Exports, NamedExport, NbdServer, ServerConfig};
+pub use nbd::{ExportContext, ExportTable, Exports, NamedExport, NbdServer, ServerConfig};
 pub use stream::{Listener, Stream};
 pub use tls::{PeerIdentity, TlsConfig, TlsError, TlsMode, X509Files};

@@ -21,9 +21,10 @@ use sluice_block::Plugin;
 
 use crate::process;
 use sluice_daemon::generated::{
-    BlockExportOptions, BlockdevOptions, CompatPolicy as CompatOptions, CompatPolicyInput,
-    CompatPolicyOutput, NbdServerOptions, ShutdownCause,
+    BlockExportOptions, BlockdevDriver, BlockdevOptions, CompatPolicy as CompatOptions,
+    CompatPolicyInput, CompatPolicyOutput, NbdServerOptions, ShutdownCause,
 };
+use sluice_daemon::graph::rbd::RbdDriver;
 use sluice_daemon::graph::{DriverRegistry, PluginLoader};
 use sluice_daemon::{Daemon, DaemonConfig, MonitorListener};
 use sluice_qapi::runtime::{CompatPolicy, Input, InputPolicy, OutputPolicy};
@@ -46,7 +47,7 @@ Examples:
       --export nbd,id=e,node-name=ram,writable=on
                      any sluice plugin as a node (nbdkit C plugins and python scripts too)
 
-Block node drivers: file, raw, qcow2, null-co, null-aio, sluice-plugin. Options take the names and values of QMP's blockdev-add,
+Block node drivers: file, raw, qcow2, null-co, null-aio, rbd, sluice-plugin. Options take the names and values of QMP's blockdev-add,
 block-export-add and nbd-server-start; nested members are dotted (cache.direct=off), lists are
 numbered (params.0=...), and a literal comma is written ',,'. --blockdev also takes JSON.";
 
@@ -57,6 +58,11 @@ pub struct DaemonArgs {
     /// Add a block node, with the options of QMP blockdev-add as key=value pairs (or as JSON).
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdev: Vec<String>,
+
+    /// A secret object (for rbd's key-secret): secret,id=ID,data=TEXT|file=PATH
+    /// [,format=raw|base64].
+    #[arg(long = "object", value_name = "OPTIONS")]
+    object: Vec<String>,
 
     /// Start the NBD server: addr.type=unix,addr.path=PATH or
     /// addr.type=inet,addr.host=HOST,addr.port=PORT.
@@ -100,6 +106,23 @@ pub struct DaemonArgs {
     /// Debug messages on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
+
+    /// Serve Prometheus metrics on `GET /metrics` at HOST:PORT (e.g. 127.0.0.1:9100) or on
+    /// the Unix socket unix:PATH: per export and per node requests, bytes, errors, latency
+    /// histograms and requests in flight; NBD connections; every job's progress and state.
+    #[arg(long = "metrics", value_name = "HOST:PORT|unix:PATH",
+          value_parser = sluice_server::metrics::MetricsAddr::parse)]
+    metrics: Option<sluice_server::metrics::MetricsAddr>,
+
+    /// Log as `text` (the default) or `json` (one object per line, with the operator events:
+    /// connection open/close/refused, failed requests, job state changes, QMP commands).
+    #[arg(
+        long = "log-format",
+        value_name = "text|json",
+        value_enum,
+        default_value_t
+    )]
+    log_format: process::LogFormat,
 }
 
 /// A monitor socket to create.
@@ -113,6 +136,7 @@ enum Chardev {
 #[derive(Debug)]
 struct Plan {
     policy: CompatPolicy,
+    secrets: crate::secrets::CliSecrets,
     blockdevs: Vec<BlockdevOptions>,
     nbd: Option<NbdServerOptions>,
     exports: Vec<BlockExportOptions>,
@@ -120,7 +144,7 @@ struct Plan {
 }
 
 pub fn main(args: DaemonArgs) -> i32 {
-    process::init_logging(args.verbose);
+    process::init_logging(args.verbose, args.log_format);
     let plan = match plan(&args) {
         Ok(p) => p,
         Err(e) => {
@@ -214,6 +238,10 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
             }
         }
     };
+    let mut secrets = crate::secrets::CliSecrets::default();
+    for o in &args.object {
+        secrets.add(o)?;
+    }
     let mut blockdevs = Vec::new();
     for b in &args.blockdev {
         blockdevs.push(typed(
@@ -269,6 +297,7 @@ fn plan(args: &DaemonArgs) -> anyhow::Result<Plan> {
     monitors.extend(args.qmp.iter().map(|p| Chardev::Unix(p.clone())));
     Ok(Plan {
         policy,
+        secrets,
         blockdevs,
         nbd,
         exports,
@@ -378,9 +407,14 @@ fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let mut drivers = DriverRegistry::builtin(loader);
+    drivers.register(
+        BlockdevDriver::Rbd,
+        Arc::new(RbdDriver::new(Arc::new(plan.secrets))),
+    );
     let daemon = Daemon::new(DaemonConfig {
         policy: plan.policy,
-        drivers: DriverRegistry::builtin(loader),
+        drivers,
         nbd: sluice_server::ServerConfig::default(),
     });
     let hook = daemon.clone();
@@ -423,6 +457,13 @@ fn run(
             };
             daemon.spawn_monitor_listener(l);
         }
+        let _metrics = match &args.metrics {
+            Some(addr) => Some(
+                sluice_server::metrics::MetricsServer::start(addr, daemon.clone())
+                    .context("--metrics")?,
+            ),
+            None => None,
+        };
         if let Some(p) = &args.pidfile {
             process::write_pidfile(p)?;
         }

@@ -9,6 +9,7 @@ mod daemon;
 mod filters;
 mod process;
 mod qmp_client;
+mod secrets;
 mod serve;
 
 use clap::{Parser, Subcommand};

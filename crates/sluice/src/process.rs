@@ -18,26 +18,58 @@ use anyhow::{bail, Context};
 
 use crate::compat::LogTo;
 
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON layer), for log collectors. The
+    /// operator events (connection open/close/refused, failed requests, job state changes,
+    /// QMP commands with their outcome) are on by default in this format.
+    Json,
+}
+
 /// Logs to stderr: info by default, debug with `-v`, or as `SLUICE_LOG` says (tracing's
 /// env-filter syntax). Colours only on a terminal.
-pub fn init_logging(verbose: bool) {
+pub fn init_logging(verbose: bool, format: LogFormat) {
     use std::io::IsTerminal;
-    init_logging_to(verbose, LogTo::Stderr, std::io::stderr().is_terminal());
+    init_logging_to(
+        verbose,
+        LogTo::Stderr,
+        std::io::stderr().is_terminal(),
+        format,
+    );
 }
 
 /// Logs to `dest` (see [`set_log_destination`]), with colours only if `ansi` (a terminal
-/// that stays the destination).
-pub fn init_logging_to(verbose: bool, dest: LogTo, ansi: bool) {
-    let default = if verbose { "debug" } else { "info" };
+/// that stays the destination). The operator events (target `sluice::events`) are structured
+/// records meant for `--log-format=json`; the text log shows them only with `-v`, so its
+/// default lines stay nbdkit's.
+pub fn init_logging_to(verbose: bool, dest: LogTo, ansi: bool, format: LogFormat) {
+    let default = match (verbose, format) {
+        (true, _) => "debug",
+        (false, LogFormat::Json) => "info",
+        (false, LogFormat::Text) => "info,sluice::events=off",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     set_log_destination(dest);
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi && dest == LogTo::Stderr)
-        .with_writer(LogWriters)
-        .with_target(false)
-        .try_init();
+        .with_writer(LogWriters);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(ansi && dest == LogTo::Stderr)
+            .with_target(false)
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_target(true)
+            .with_current_span(false)
+            .try_init(),
+    };
 }
 
 /// Where log lines go now: 0 stderr, 1 syslog, 2 nowhere.

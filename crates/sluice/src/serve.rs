@@ -121,9 +121,37 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: u16,
 
+    /// Disconnect a client that has not finished negotiating (TLS included) after SECONDS;
+    /// 0 for no limit. qemu-nbd's option and default; nbdkit 1.32 has no such limit.
+    #[arg(long = "handshake-limit", value_name = "SECONDS", default_value_t = 10)]
+    handshake_limit: u32,
+
+    /// Serve at most N clients at once (0: no limit, the default); further clients wait
+    /// until one leaves, as with qemu-storage-daemon's max-connections. N=1 also stops
+    /// advertising multi-conn. (nbdkit's `--filter=limit limit=N` refuses them instead.)
+    #[arg(long = "max-connections", value_name = "N", default_value_t = 0)]
+    max_connections: u32,
+
     /// Debug messages on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
+
+    /// Serve Prometheus metrics on `GET /metrics` at HOST:PORT (e.g. 127.0.0.1:9100) or on
+    /// the Unix socket unix:PATH: requests, bytes, errors by errno, latency histograms and
+    /// requests in flight of the export, connections open/total/refused, TLS failures.
+    #[arg(long = "metrics", value_name = "HOST:PORT|unix:PATH",
+          value_parser = sluice_server::metrics::MetricsAddr::parse)]
+    metrics: Option<sluice_server::metrics::MetricsAddr>,
+
+    /// Log as `text` (the default) or `json` (one object per line, with the operator events:
+    /// connection open/close/refused, failed requests).
+    #[arg(
+        long = "log-format",
+        value_name = "text|json",
+        value_enum,
+        default_value_t
+    )]
+    log_format: crate::process::LogFormat,
 
     /// TLS, as nbdkit: `off` refuses it; `on` (the default) offers it when credentials are
     /// found and serves plaintext clients too; `require` serves only clients that upgrade
@@ -184,6 +212,26 @@ struct Failure {
     err: anyhow::Error,
 }
 
+/// What `/metrics` shows of `sluice serve`: its one export, labelled with the plugin's name,
+/// and its connections.
+struct ServeMetrics(Arc<NbdServer>);
+
+impl sluice_server::metrics::MetricsSource for ServeMetrics {
+    fn collect(&self) -> sluice_server::metrics::Collected {
+        let exports = match self.0.exports() {
+            sluice_server::Exports::Single(b) => {
+                vec![(b.plugin().name().to_string(), b.stats().snapshot())]
+            }
+            sluice_server::Exports::Table(_) => Vec::new(),
+        };
+        sluice_server::metrics::Collected {
+            exports,
+            connections: Some(self.0.connection_stats()),
+            ..Default::default()
+        }
+    }
+}
+
 fn usage(err: anyhow::Error) -> Failure {
     Failure { code: 2, err }
 }
@@ -196,6 +244,7 @@ pub fn main(args: ServeArgs) -> i32 {
         args.verbose,
         args.nbdkit.log.unwrap_or(crate::compat::LogTo::Stderr),
         stays && std::io::stderr().is_terminal(),
+        args.log_format,
     );
     match serve(args) {
         Ok(code) => code,
@@ -352,6 +401,9 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         tls,
         structured_replies: !args.nbdkit.no_sr,
         oldstyle: args.nbdkit.oldstyle,
+        handshake_timeout: (args.handshake_limit > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(args.handshake_limit))),
+        max_connections: (args.max_connections > 0).then_some(args.max_connections as usize),
         ..ServerConfig::default()
     };
     if let Some(mask) = args.nbdkit.mask_handshake {
@@ -383,6 +435,18 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         for l in listening.tcp {
             listeners.push(Listener::from_std_tcp(l).context("listening on TCP")?);
         }
+        // After any fork (the endpoint's threads must be the child's), before readiness, so a
+        // bad address fails the start.
+        let _metrics = match &args.metrics {
+            Some(addr) => Some(
+                sluice_server::metrics::MetricsServer::start(
+                    addr,
+                    Arc::new(ServeMetrics(server.clone())),
+                )
+                .context("--metrics")?,
+            ),
+            None => None,
+        };
         if let Some(pidfile) = &args.pidfile {
             crate::process::write_pidfile(pidfile)?;
         }

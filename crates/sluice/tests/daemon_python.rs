@@ -112,8 +112,12 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "block-job-pause",
         "block-job-resume",
         "block-job-set-speed",
+        "block-latency-histogram-set",
         "block-stream",
+        "block_resize",
         "blockdev-add",
+        "blockdev-backup",
+        "blockdev-create",
         "blockdev-del",
         "blockdev-mirror",
         "job-cancel",
@@ -129,12 +133,14 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "qmp_capabilities",
         "query-block-exports",
         "query-block-jobs",
+        "query-blockstats",
         "query-commands",
         "query-jobs",
         "query-named-block-nodes",
         "query-qmp-schema",
         "query-version",
         "quit",
+        "transaction",
     ]);
     let img_s = path_str(&img);
     let expected = json!({

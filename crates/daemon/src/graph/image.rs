@@ -349,7 +349,7 @@ fn spec(node: &sluice_image::Node) -> Value {
 }
 
 /// JSON as QEMU prints it: `", "` and `": "` between items.
-fn qemu_json(v: &Value) -> String {
+pub(super) fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let items: Vec<String> = m

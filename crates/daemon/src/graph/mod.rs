@@ -27,6 +27,7 @@
 pub mod bitmaps;
 pub mod drivers;
 pub mod image;
+pub mod rbd;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -151,7 +152,9 @@ impl std::fmt::Debug for DriverRegistry {
 }
 
 impl DriverRegistry {
-    /// The drivers sluice has: file, raw, qcow2 (images), null-co, null-aio, sluice-plugin.
+    /// The drivers sluice has: file, raw, qcow2 (images), null-co, null-aio, rbd (without
+    /// secret objects: register an [`rbd::RbdDriver`] with a lookup to have them),
+    /// sluice-plugin.
     pub fn builtin(loader: Arc<dyn PluginLoader>) -> DriverRegistry {
         let mut r = DriverRegistry {
             drivers: HashMap::new(),
@@ -162,6 +165,10 @@ impl DriverRegistry {
         r.register(BlockdevDriver::Qcow2, images);
         r.register(BlockdevDriver::NullCo, Arc::new(drivers::NullDriver));
         r.register(BlockdevDriver::NullAio, Arc::new(drivers::NullDriver));
+        r.register(
+            BlockdevDriver::Rbd,
+            Arc::new(rbd::RbdDriver::new(Arc::new(rbd::NoSecrets))),
+        );
         r.register(
             BlockdevDriver::SluicePlugin,
             Arc::new(drivers::PluginDriver { loader }),
@@ -195,6 +202,9 @@ pub struct Node {
     pub exports: usize,
     /// The node's dirty bitmaps (see [`bitmaps`]).
     pub bitmaps: Arc<sluice_image::Bitmaps>,
+    /// The requests of every export of this node, added up (`query-blockstats` with
+    /// `query-nodes`); each export's backend counts into it besides its own.
+    pub stats: Arc<sluice_block::BlockStats>,
     /// A handle kept open for size queries (opening it also proved the node works).
     probe: Box<dyn Handle>,
 }
@@ -521,6 +531,7 @@ impl Graph {
             detect_zeroes: BlockdevDetectZeroesOptions::Off,
             exports: 0,
             bitmaps: node_bitmaps,
+            stats: Arc::new(sluice_block::BlockStats::new()),
             probe,
         });
         Ok(())
@@ -547,16 +558,31 @@ impl Graph {
         self.get(c)
     }
 
-    /// Writes back what the writable image nodes cache and saves their persistent bitmaps
-    /// (at daemon exit). Errors are logged: there is no one left to report them to.
+    /// Writes back what the writable nodes cache and saves image nodes' persistent bitmaps
+    /// (at daemon exit): image nodes their metadata caches, other nodes through a flush
+    /// request (an rbd node: librbd's write-back window; it also lets go of the image's
+    /// exclusive lock, see [`rbd`]). Errors are logged: there is no one left to report them to.
     pub fn flush_all(&self) {
         for n in self.nodes.iter().filter(|n| !n.read_only) {
+            let r = match image::image_node(&n.opened) {
+                Some(img) => img.flush().map_err(|e| e.to_string()),
+                None if n.probe.can_flush().unwrap_or(false) => n
+                    .probe
+                    .flush(sluice_block::Flags::NONE)
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            if let Err(e) = r {
+                tracing::error!("flushing node '{}' at exit: {e}", n.name);
+            }
             if let Some(img) = image::image_node(&n.opened) {
-                if let Err(e) = img.flush() {
-                    tracing::error!("flushing node '{}' at exit: {e}", n.name);
-                }
                 if let Err(e) = img.store_bitmaps() {
                     tracing::error!("saving the bitmaps of node '{}' at exit: {e}", n.name);
+                }
+            }
+            if let Some(img) = rbd::rbd_plugin(&n.opened).and_then(|p| p.image().cloned()) {
+                if let Err(e) = img.release_lock() {
+                    tracing::error!("node '{}' at exit: {e}", n.name);
                 }
             }
         }
@@ -587,6 +613,68 @@ impl Graph {
             return Err(QmpError::generic(format!("Block device {name} is in use")));
         }
         self.remove_tree(name);
+        Ok(())
+    }
+
+    /// `block_resize` of node `name` (found, size checked non-negative, no job on it),
+    /// with qsd's refusals: an export or a format parent holds the node (qemu's permission
+    /// conflict, in its words), the node is read-only, the size does not suit the format.
+    ///
+    /// Differs from qsd: a node that is another node's backing is refused too (qsd allows
+    /// it), because the nodes above read it through the image object the resize replaces.
+    pub fn resize(&mut self, name: &str, size: u64) -> Result<(), QmpError> {
+        let Some(node) = self.get(name) else {
+            return Err(not_found("", name));
+        };
+        let unnamed =
+            |role: &str| format!("an unnamed block device (uses node '{name}' as '{role}' child)");
+        let unsharer = if node.exports > 0 {
+            Some(unnamed("root"))
+        } else {
+            self.nodes
+                .iter()
+                .find(|p| p.children.iter().any(|(r, c)| r == "file" && c == name))
+                .map(|p| format!("node '{}' (uses node '{name}' as 'file' child)", p.name))
+        };
+        if let Some(u) = unsharer {
+            return Err(QmpError::generic(format!(
+                "Permission conflict on node '{name}': permissions 'resize' are both required \
+                 by {} and unshared by {u}.",
+                unnamed("root")
+            )));
+        }
+        if let Some(p) = self.parents(name, "backing").next() {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is the backing of '{}': sluice cannot resize a backing node",
+                p.name
+            )));
+        }
+        let Some(img) = image::image_node(&node.opened) else {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' (driver {}) cannot be resized: sluice resizes file, raw and \
+                 qcow2 nodes",
+                node.driver.as_str()
+            )));
+        };
+        if node.read_only {
+            return Err(QmpError::generic("Image is read-only"));
+        }
+        // qsd rounds a raw or file size up to whole 512-byte sectors (qcow2 refuses it).
+        let size = match node.driver {
+            BlockdevDriver::Qcow2 => size,
+            _ => size.next_multiple_of(512),
+        };
+        img.resize(size).map_err(|e| match e {
+            sluice_image::ImageError::Permission(m)
+            | sluice_image::ImageError::InvalidOption(m) => QmpError::generic(m),
+            e => image::qmp_error(e),
+        })?;
+        let children: Vec<String> = node.children.iter().map(|(_, c)| c.clone()).collect();
+        for n in std::iter::once(name.to_string()).chain(children) {
+            if let Some(n) = self.get_mut(&n) {
+                image::refresh_info(&mut n.opened);
+            }
+        }
         Ok(())
     }
 

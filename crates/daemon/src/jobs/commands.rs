@@ -21,7 +21,7 @@ fn job(st: &State, id: &str) -> Result<Arc<Job<State>>, QmpError> {
 
 /// The job `id` for a `block-job-*` command.
 fn block_job(st: &State, id: &str) -> Result<Arc<Job<State>>, QmpError> {
-    st.jobs.get(id).ok_or_else(|| {
+    st.jobs.get(id).filter(|j| j.is_block()).ok_or_else(|| {
         QmpError::new(
             ErrorClass::DeviceNotActive,
             format!("Block job '{id}' not found"),
@@ -34,7 +34,11 @@ pub(crate) fn query_jobs(st: &mut State) -> Vec<JobInfo> {
 }
 
 pub(crate) fn query_block_jobs(st: &mut State) -> Vec<BlockJobInfo> {
-    st.jobs.iter().map(|j| j.block_info()).collect()
+    st.jobs
+        .iter()
+        .filter(|j| j.is_block())
+        .map(|j| j.block_info())
+        .collect()
 }
 
 pub(crate) fn pause(st: &mut State, id: &str, block: bool) -> Result<(), QmpError> {

@@ -37,8 +37,10 @@
 //! Lock order: daemon state, then a job's state, then its driver.
 
 pub mod active_commit;
+pub mod backup;
 pub mod commands;
 pub mod commit;
+pub mod create;
 pub mod mirror;
 pub mod mirror_engine;
 pub mod stream;
@@ -90,6 +92,12 @@ pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
         JobVerb::Finalize => status == Pending,
         JobVerb::Dismiss => status == Concluded,
     }
+}
+
+/// QEMU's split between generic jobs and block jobs: a `create` job is a plain job, with
+/// no `BLOCK_JOB_*` events, not in `query-block-jobs` and not found by `block-job-*`.
+pub fn is_block_job(t: JobType) -> bool {
+    t != JobType::Create
 }
 
 /// The step of copying jobs ([`JobCtx::copy_in_chunks`]): progress and pause/cancel points
@@ -348,7 +356,7 @@ impl<S: HasJobs> Job<S> {
                 drop(s);
                 job.finish(st);
             } else {
-                job.emit(&BlockJobPendingEvent {
+                job.emit_block(&BlockJobPendingEvent {
                     r#type: job.job_type,
                     id: job.id.clone(),
                 });
@@ -389,6 +397,13 @@ impl<S: HasJobs> Job<S> {
             s.status
         );
         s.status = to;
+        tracing::info!(
+            target: sluice_server::nbd::EVENTS,
+            event = "job_status_change",
+            job = %self.id,
+            status = %to,
+            error = s.error.as_deref().filter(|_| to == JobStatus::Concluded)
+        );
         self.emit(&JobStatusChangeEvent {
             id: self.id.clone(),
             status: to,
@@ -401,6 +416,18 @@ impl<S: HasJobs> Job<S> {
         if let Some(h) = self.host.upgrade() {
             h.events().emit(e);
         }
+    }
+
+    /// Emits a `BLOCK_JOB_*` event, if this job is a block job (see [`is_block_job`]).
+    fn emit_block<E: sluice_qapi::runtime::QapiEvent>(&self, e: &E) {
+        if is_block_job(self.job_type) {
+            self.emit(e);
+        }
+    }
+
+    /// True if this is a block job (listed by `query-block-jobs`, found by `block-job-*`).
+    pub fn is_block(&self) -> bool {
+        is_block_job(self.job_type)
     }
 
     fn check_verb(&self, s: &JobState, verb: JobVerb) -> Result<(), QmpError> {
@@ -472,7 +499,7 @@ impl<S: HasJobs> Job<S> {
                 self.set_status(&mut s, JobStatus::Waiting);
                 self.set_status(&mut s, JobStatus::Pending);
                 if !self.auto_finalize {
-                    self.emit(&BlockJobPendingEvent {
+                    self.emit_block(&BlockJobPendingEvent {
                         r#type: self.job_type,
                         id: self.id.clone(),
                     });
@@ -510,7 +537,7 @@ impl<S: HasJobs> Job<S> {
         let (len, offset, speed) = (s.total as i64, s.current as i64, s.speed as i64);
         match failure {
             None => {
-                self.emit(&BlockJobCompletedEvent {
+                self.emit_block(&BlockJobCompletedEvent {
                     r#type: self.job_type,
                     device: self.id.clone(),
                     len,
@@ -525,7 +552,7 @@ impl<S: HasJobs> Job<S> {
                 match f {
                     WorkError::Cancelled => {
                         s.error = Some("Operation canceled".to_string());
-                        self.emit(&BlockJobCancelledEvent {
+                        self.emit_block(&BlockJobCancelledEvent {
                             r#type: self.job_type,
                             device: self.id.clone(),
                             len,
@@ -535,7 +562,7 @@ impl<S: HasJobs> Job<S> {
                     }
                     WorkError::Failed(m) => {
                         s.error = Some(m.clone());
-                        self.emit(&BlockJobCompletedEvent {
+                        self.emit_block(&BlockJobCompletedEvent {
                             r#type: self.job_type,
                             device: self.id.clone(),
                             len,
@@ -749,6 +776,12 @@ impl<S: HasJobs> JobCtx<'_, S> {
         self.job.lock().current += n;
     }
 
+    /// Sets the progress done (a backup's, whose copies also happen outside the job's
+    /// thread, in clients' copy-before-write).
+    pub fn set_done(&mut self, current: u64) {
+        self.job.lock().current = current;
+    }
+
     /// Sets the work still to do: the total becomes what is done plus `remaining` (a job
     /// whose work grows, like QEMU's mirror: its `len` follows new writes).
     pub fn set_remaining(&mut self, remaining: u64) {
@@ -765,7 +798,7 @@ impl<S: HasJobs> JobCtx<'_, S> {
             return Err(WorkError::Cancelled);
         }
         self.job.set_status(&mut s, JobStatus::Ready);
-        self.job.emit(&BlockJobReadyEvent {
+        self.job.emit_block(&BlockJobReadyEvent {
             r#type: self.job.job_type,
             device: self.job.id.clone(),
             len: s.total as i64,
@@ -939,7 +972,7 @@ impl<S: HasJobs> JobCtx<'_, S> {
             BlockdevOnError::Enospc => BlockErrorAction::Report,
         };
         let mut s = self.job.lock();
-        self.job.emit(&BlockJobErrorEvent {
+        self.job.emit_block(&BlockJobErrorEvent {
             device: self.job.id.clone(),
             operation: op,
             action,

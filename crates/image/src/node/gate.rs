@@ -19,6 +19,14 @@
 //! The same place marks the node's named dirty bitmaps ([`crate::bitmaps`]), so that they
 //! see every change an NBD client, a job or an active commit's writer makes.
 //!
+//! A backup hangs a third thing there, [`BeforeWrite`]: QEMU's copy-before-write. Before
+//! a change runs, with the gate held shared, the hook is given the range and a way to read
+//! what the node holds now, and copies the old data of that range to the backup's target
+//! if the backup still needs it. The write waits for that copy, so the target holds the
+//! node as it was when the backup began, whatever clients write meanwhile. The hook reads
+//! through the pass this module gives it, never through [`Node::read`], so it cannot wait
+//! on the gate it is inside of.
+//!
 //! Block jobs' own steps (`jobs.rs`: stream copy-on-read, backing switch, reload) do not
 //! pass the gate: they change no data the guest sees, so there is nothing to mark, and the
 //! daemon refuses a second job on a node that already has one, so no commit tracks a node
@@ -38,10 +46,25 @@ pub(super) struct Tracking {
     state: RwLock<State>,
 }
 
+/// QEMU's copy-before-write, as a backup installs it on its source (see the module doc).
+pub trait BeforeWrite: Send + Sync + std::fmt::Debug {
+    /// Called before a request changes `[offset, offset+len)`, with the node's gate held;
+    /// `read(buf, at)` reads what the node holds now. An error fails the request unchanged
+    /// (QEMU's `on-cbw-error=break-guest-write`).
+    fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()>;
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Ranges written since tracking began.
     dirty: Option<Arc<DirtyMap>>,
+    /// A backup's copy-before-write.
+    before_write: Option<Arc<dyn BeforeWrite>>,
     /// Set by the pivot: this node's requests go to that node from now on.
     redirect: Option<Arc<Node>>,
     /// Set when the node saved its persistent bitmaps at close (`persist.rs`): from then on
@@ -101,6 +124,9 @@ impl Node {
                 ),
             ));
         }
+        if let Some(hook) = &state.before_write {
+            hook.before_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))?;
+        }
         let r = op(self, Changing(()));
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
@@ -137,6 +163,12 @@ impl Node {
     /// so every request that completes after this returns is recorded.
     pub fn track_writes(&self, map: Option<Arc<DirtyMap>>) {
         self.tracking.state.write().dirty = map;
+    }
+
+    /// Installs (Some) or removes (None) a backup's copy-before-write hook. Waits for the
+    /// requests in flight, so every change that starts after this returns is seen by it.
+    pub fn set_before_write(&self, hook: Option<Arc<dyn BeforeWrite>>) {
+        self.tracking.state.write().before_write = hook;
     }
 
     /// The end of an active commit: with every request of this node held off, copies what
@@ -234,6 +266,43 @@ mod tests {
         top.track_writes(None);
         top.write(&[1], 900_000).unwrap();
         assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+    }
+
+    /// Copy-before-write: the hook sees each change's range before it runs and reads the
+    /// old data; its error fails the request, which then changes nothing.
+    #[test]
+    fn before_write_sees_old_data_and_its_error_fails_the_write() {
+        #[derive(Debug, Default)]
+        struct Saved(parking_lot::Mutex<Vec<(u64, Vec<u8>)>>);
+        impl BeforeWrite for Saved {
+            fn before_write(
+                &self,
+                offset: u64,
+                len: u64,
+                read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+            ) -> Result<()> {
+                if offset == 0 {
+                    return Err(sluice_block::BlockError::new(Errno::EIO, "refused"));
+                }
+                let mut old = vec![0; len as usize];
+                read(&mut old, offset)?;
+                self.0.lock().push((offset, old));
+                Ok(())
+            }
+        }
+        let (_dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let before = read(&top, 4096, 70_000);
+        let hook = Arc::new(Saved::default());
+        top.set_before_write(Some(hook.clone()));
+        top.write(&[9; 4096], 70_000).unwrap();
+        assert_eq!(hook.0.lock()[0], (70_000, before));
+        let at0 = read(&top, 10, 0);
+        assert_eq!(top.write(&[8; 10], 0).unwrap_err().errno, Errno::EIO);
+        assert_eq!(read(&top, 10, 0), at0);
+        top.set_before_write(None);
+        top.write(&[8; 10], 0).unwrap();
+        assert_eq!(hook.0.lock().len(), 1);
     }
 
     /// Named bitmaps are marked by every change, also one made through an active commit's

@@ -50,6 +50,7 @@ use crate::lock::ImageLock;
 use crate::options::Driver;
 use crate::storage::OrderedFile;
 
+mod create;
 mod gate;
 mod io;
 mod jobs;
@@ -59,6 +60,8 @@ mod status;
 #[cfg(test)]
 mod test_support;
 
+pub use create::{create_file, Prealloc, Qcow2Create};
+pub use gate::BeforeWrite;
 use gate::Tracking;
 pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
 

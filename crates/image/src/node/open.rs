@@ -300,6 +300,11 @@ fn open_qcow2_node(
         fs.lock.lock().add(&fs.os, used, unshared)?;
     }
 
+    // A node named by reference may be writable: that is libvirt's pull-mode backup, a
+    // scratch qcow2 over the live disk, which a backup's copy-before-write fills with the
+    // disk's old data before the disk changes (see the daemon's `jobs/backup.rs`). What
+    // this node reads through it is then the live disk, as with qemu.
+    let by_reference = matches!(backing, BackingRef::Child(ChildRef::Node(_)));
     let backing = match backing {
         BackingRef::None => None,
         BackingRef::Deny => match &header.backing_file {
@@ -321,7 +326,7 @@ fn open_qcow2_node(
         },
     };
     if let Some(b) = &backing {
-        if !b.read_only {
+        if !b.read_only && !by_reference {
             return Err(ImageError::Permission(format!(
                 "node '{}' cannot be the backing of '{name}': backing nodes must be read-only",
                 b.name

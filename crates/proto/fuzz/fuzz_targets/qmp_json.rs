@@ -1,29 +1,8 @@
-//! Fuzzes the QMP JSON stream reader and the command check: arbitrary bytes, fed in two
-//! pieces split at an arbitrary point, must never panic, and every value it yields must
-//! survive the command check and re-encoding.
+//! The `qmp_json` fuzz target: libFuzzer drives the checks in `checks/qmp_json.rs`, which the
+//! crate's `tests/fuzz_seeds.rs` also runs over the committed seeds in every test run.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use sluice_proto::qmp::{parse_request, write_value, JsonStream, Limits};
+#[path = "../checks/qmp_json.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&cut, rest)) = data.split_first() else {
-        return;
-    };
-    let cut = (cut as usize).min(rest.len());
-    let limits = Limits {
-        max_bytes: 4096,
-        max_tokens: 512,
-        max_depth: 64,
-    };
-    let mut stream = JsonStream::new(limits);
-    let mut out = Vec::new();
-    stream.feed(&rest[..cut], &mut out);
-    stream.feed(&rest[cut..], &mut out);
-    stream.finish(&mut out);
-    let mut buf = Vec::new();
-    for v in out.into_iter().flatten() {
-        write_value(&v, &mut buf);
-        let _ = parse_request(v, true);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -1,25 +1,8 @@
-//! Fuzzes the transmission request decoder in both header styles.
-//!
-//! Properties: no panic, a decoded header uses exactly one header's worth of bytes, and
-//! encoding it again gives back those bytes.
+//! The `request` fuzz target: libFuzzer drives the checks in `checks/request.rs`, which the
+//! crate's `tests/fuzz_seeds.rs` also runs over the committed seeds in every test run.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use sluice_proto::nbd::request::{decode_request, encode_request};
-use sluice_proto::nbd::{EXTENDED_REQUEST_LEN, REQUEST_LEN};
+#[path = "../checks/request.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    for extended in [false, true] {
-        if let Ok(Some((header, used))) = decode_request(data, extended) {
-            let expected = if extended {
-                EXTENDED_REQUEST_LEN
-            } else {
-                REQUEST_LEN
-            };
-            assert_eq!(used, expected);
-            let mut again = Vec::new();
-            encode_request(&mut again, &header, extended);
-            assert_eq!(again, &data[..used]);
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

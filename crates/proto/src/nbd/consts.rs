@@ -115,6 +115,8 @@ pub const NBD_ESHUTDOWN: u32 = 108;
 // base:allocation flags.
 pub const NBD_STATE_HOLE: u32 = 1 << 0;
 pub const NBD_STATE_ZERO: u32 = 1 << 1;
+// qemu:dirty-bitmap:NAME flags.
+pub const NBD_STATE_DIRTY: u32 = 1 << 0;
 
 /// Longest string (export name, description, meta context query) the server accepts.
 pub const NBD_MAX_STRING: usize = 4096;

@@ -12,6 +12,25 @@ pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
 /// layer that holds it (0 = unallocated in the whole chain), as `qemu-nbd -A` reports it.
 pub const CONTEXT_QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
+/// The namespace of qemu's dirty-bitmap contexts: `qemu:dirty-bitmap:NAME` reports the
+/// export's bitmap NAME, each extent [`NBD_STATE_DIRTY`](super::consts::NBD_STATE_DIRTY) or
+/// clean. Unlike the two fixed contexts above, these exist per export (qsd's
+/// `block-export-add bitmaps: [...]`, qemu-nbd's `-B`).
+pub const CONTEXT_QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+
+/// The context name under which an export offers its dirty bitmap `bitmap`.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("{CONTEXT_QEMU_DIRTY_BITMAP}{bitmap}")
+}
+
+/// The bitmap a `qemu:dirty-bitmap:NAME` context names (None for any other name, and for
+/// the bare namespace, which a client may list but not select).
+pub fn dirty_bitmap_name(context: &str) -> Option<&str> {
+    context
+        .strip_prefix(CONTEXT_QEMU_DIRTY_BITMAP)
+        .filter(|n| !n.is_empty())
+}
+
 /// A metadata context sluice can answer block status for.
 ///
 /// Deliberately exhaustive: a context added here must fail to compile in the server until it
@@ -54,6 +73,14 @@ mod tests {
         }
         assert_eq!(CONTEXT_BASE_ALLOCATION, "base:allocation");
         assert_eq!(CONTEXT_QEMU_ALLOCATION_DEPTH, "qemu:allocation-depth");
+    }
+
+    #[test]
+    fn dirty_bitmap_name_round_trips_and_refuses_the_namespace() {
+        assert_eq!(dirty_bitmap_context("b0"), "qemu:dirty-bitmap:b0");
+        assert_eq!(dirty_bitmap_name("qemu:dirty-bitmap:b0"), Some("b0"));
+        assert_eq!(dirty_bitmap_name("qemu:dirty-bitmap:"), None);
+        assert_eq!(dirty_bitmap_name("qemu:allocation-depth"), None);
     }
 
     #[test]

@@ -187,6 +187,24 @@ impl Negotiated {
     }
 }
 
+/// The `(id, name)` candidates a LIST/SET_META_CONTEXT with `queries` matches: every one
+/// for a LIST without queries; else those named exactly, and for a LIST those in a
+/// namespace query (`qemu:`, `qemu:dirty-bitmap:`).
+fn select_contexts(
+    candidates: impl Iterator<Item = (u32, String)>,
+    queries: &[String],
+    set: bool,
+) -> Vec<(u32, String)> {
+    let all = !set && queries.is_empty();
+    candidates
+        .filter(|(_, ctx)| {
+            all || queries
+                .iter()
+                .any(|q| *q == *ctx || (!set && q.ends_with(':') && ctx.starts_with(q.as_str())))
+        })
+        .collect()
+}
+
 /// The oldstyle protocol's whole negotiation (nbdkit's `-o`): the server sends `NBDMAGIC`,
 /// the oldstyle magic, the export's size, 16 bits of handshake flags (none), 16 bits of
 /// transmission flags and 124 zero bytes, and transmission starts at once: no options, so
@@ -571,10 +589,12 @@ impl Handshake {
     }
 
     /// Answers an [`Event::ExportQuery`] with purpose `ListMetaContext` or `SetMetaContext`
-    /// for an export that offers only some of the configured meta contexts: `Ok(offered)`
-    /// lists or selects the configured contexts named in `offered` (the ids stay those of
-    /// [`HandshakeConfig::meta_contexts`], so every export agrees on them); `Err` sends the
-    /// error. For other purposes this is [`Handshake::answer_export`] refusing the export.
+    /// for an export that offers its own set of meta contexts: `Ok(offered)` lists or
+    /// selects the contexts named in `offered`. A configured context keeps the id of
+    /// [`HandshakeConfig::meta_contexts`], so every export agrees on them; a context only
+    /// this export offers (qemu's `qemu:dirty-bitmap:NAME`) gets an id after the configured
+    /// ones, from its place in `offered`. `Err` sends the error. For other purposes this is
+    /// [`Handshake::answer_export`] refusing the export.
     pub fn answer_meta_query(&mut self, answer: Result<&[String], ExportRefusal>) {
         let State::AwaitingExport(query) = std::mem::replace(&mut self.state, State::Options)
         else {
@@ -603,10 +623,25 @@ impl Handshake {
     fn meta_reply(&mut self, query: Query, offered: Option<&[String]>) {
         let option = query.purpose.option();
         let set = query.purpose == Purpose::SetMetaContext;
-        let mut contexts = self.matching_contexts(&query.meta_queries, set);
-        if let Some(offered) = offered {
-            contexts.retain(|(_, name)| offered.contains(name));
-        }
+        let contexts = match offered {
+            None => self.matching_contexts(&query.meta_queries, set),
+            Some(offered) => {
+                let configured = &self.config.meta_contexts;
+                let base = configured.len() as u32 + 1;
+                let candidates = offered.iter().enumerate().map(|(i, name)| {
+                    let id = match configured.iter().position(|c| c == name) {
+                        Some(at) => at as u32 + 1,
+                        None => base + i as u32,
+                    };
+                    (id, name.clone())
+                });
+                let mut contexts: Vec<(u32, String)> =
+                    select_contexts(candidates, &query.meta_queries, set);
+                // The configured ones in their (id) order, as without `offered`.
+                contexts.sort_by_key(|(id, _)| *id);
+                contexts
+            }
+        };
         for (id, name) in &contexts {
             // The spec reserves the id in LIST replies and asks for zero.
             let id = if set { *id } else { 0 };
@@ -910,18 +945,13 @@ impl Handshake {
     /// `base:` and should not select anything with an empty leaf name. LIST with no queries
     /// lists everything; SET with no queries selects nothing. Unknown names are ignored.
     fn matching_contexts(&self, queries: &[String], set: bool) -> Vec<(u32, String)> {
-        let all = !set && queries.is_empty();
-        self.config
+        let candidates = self
+            .config
             .meta_contexts
             .iter()
             .enumerate()
-            .filter(|(_, ctx)| {
-                all || queries.iter().any(|q| {
-                    *q == **ctx || (!set && q.ends_with(':') && ctx.starts_with(q.as_str()))
-                })
-            })
-            .map(|(i, ctx)| ((i + 1) as u32, ctx.clone()))
-            .collect()
+            .map(|(i, ctx)| ((i + 1) as u32, ctx.clone()));
+        select_contexts(candidates, queries, set)
     }
 
     fn send_info(&mut self, option: u32, query: &Query, details: &ExportDetails) {
@@ -1749,6 +1779,60 @@ mod tests {
             n.meta_contexts,
             vec![(2, "qemu:allocation-depth".to_owned())]
         );
+    }
+
+    #[test]
+    fn answer_meta_query_export_own_contexts_listed_by_namespace_with_ids_after_configured() {
+        let mut h = started(
+            config_with(&["base:allocation", "qemu:allocation-depth"]),
+            FIXED,
+        );
+        exchange(&mut h, NBD_OPT_STRUCTURED_REPLY, &[]).unwrap();
+        h.take_output();
+        let offered = [
+            "base:allocation".to_owned(),
+            "qemu:dirty-bitmap:b0".to_owned(),
+            "qemu:dirty-bitmap:b1".to_owned(),
+        ];
+        for (query, want) in [
+            (
+                "qemu:",
+                vec!["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"],
+            ),
+            (
+                "qemu:dirty-bitmap:",
+                vec!["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"],
+            ),
+            ("base:", vec!["base:allocation"]),
+        ] {
+            ask(
+                &mut h,
+                NBD_OPT_LIST_META_CONTEXT,
+                &meta_data("disk", &[query]),
+                "disk",
+                Purpose::ListMetaContext,
+            );
+            h.answer_meta_query(Ok(&offered));
+            let got: Vec<String> = meta_replies(&replies(&h.take_output()))
+                .into_iter()
+                .map(|(_, n)| n)
+                .collect();
+            assert_eq!(got, want, "{query}");
+        }
+        ask(
+            &mut h,
+            NBD_OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["qemu:dirty-bitmap:b1", "base:allocation"]),
+            "disk",
+            Purpose::SetMetaContext,
+        );
+        h.answer_meta_query(Ok(&offered));
+        let want = vec![
+            (1, "base:allocation".to_owned()),
+            (5, "qemu:dirty-bitmap:b1".to_owned()),
+        ];
+        assert_eq!(meta_replies(&replies(&h.take_output())), want);
+        assert_eq!(go(&mut h, "disk").meta_contexts, want);
     }
 
     #[test]

@@ -19,7 +19,10 @@ pub mod request;
 pub mod tls;
 
 pub use command::{check_request, command_name, CommandError};
-pub use context::{MetaContext, CONTEXT_BASE_ALLOCATION, CONTEXT_QEMU_ALLOCATION_DEPTH};
+pub use context::{
+    dirty_bitmap_context, dirty_bitmap_name, MetaContext, CONTEXT_BASE_ALLOCATION,
+    CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP,
+};
 pub use reply::ReplyForm;
 
 pub use handshake::{

@@ -4,11 +4,23 @@
 //! A connection holds an `Arc` of the entry it negotiated, so an entry removed from the table
 //! stays valid for clients already using it, and [`ExportTable::in_use`] can tell whether any
 //! client still does.
+//!
+//! An entry may answer meta contexts of its own besides its plugin's ([`ExportContext`]):
+//! qemu's `qemu:dirty-bitmap:NAME` reports a dirty bitmap the daemon keeps beside the node,
+//! not anything the plugin knows, so the entry carries it, and whatever it holds (the
+//! bitmap's "busy" mark) lives exactly as long as the entry and its connections.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use sluice_block::export::Backend;
+
+/// A meta context an export answers itself, outside its plugin (see the module doc).
+pub trait ExportContext: Send + Sync {
+    /// The status of `[offset, offset+len)` as `(length, flags)` runs in order, the first
+    /// starting at `offset`; at most `max` runs (the last may then end before `len`).
+    fn status(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)>;
+}
 
 /// One named export: a backend and how it is offered.
 pub struct NamedExport {
@@ -21,6 +33,8 @@ pub struct NamedExport {
     /// [`ServerConfig::meta_contexts`](super::ServerConfig::meta_contexts), whose order gives
     /// the context ids.
     pub meta_contexts: Vec<String>,
+    /// Contexts the export answers itself, by full name (also listed in `meta_contexts`).
+    pub own_contexts: Vec<(String, std::sync::Arc<dyn ExportContext>)>,
 }
 
 /// Named exports, looked up by clients at negotiation.

@@ -1,8 +1,9 @@
 //! The NBD server: accepting clients and running each connection.
 //!
 //! [`NbdServer::serve`] accepts on any number of listeners until told to stop. Each client
-//! gets a thread that negotiates ([`negotiate`]) and then runs the transmission phase
-//! ([`transmit`]) with up to [`ServerConfig::threads`] worker threads. Every live
+//! gets a thread (kept warm for the next client, see [`pool`]) that negotiates
+//! ([`negotiate`]) and then runs the transmission phase ([`transmit`]) with up to
+//! [`ServerConfig::threads`] worker threads. Every live
 //! connection is registered so that shutdown can wake its blocked readers: on SIGINT/SIGTERM
 //! the server stops accepting, shuts the read side of every socket (workers see end of
 //! input), lets in-flight requests finish and reply, then returns.
@@ -15,24 +16,44 @@
 //! runs once per connection and export, before its first open, and a failure ends the
 //! connection as with nbdkit. SerializeConnections is honoured in the same scopes.
 //! [`NbdServer::disconnect_export`] closes the connections of one named export.
+//!
+//! **Limits** ([`ServerConfig::handshake_timeout`], [`ServerConfig::max_connections`]), as
+//! qemu-storage-daemon's `handshake-max-seconds` and `max-connections`. A connection thread
+//! blocks in its reads, so the handshake clock is kept outside it: one watchdog thread per
+//! server wakes a few times a second and shuts the socket of every client still negotiating
+//! past its deadline, which ends that thread's blocked read (a client dripping one byte a
+//! second is cut as surely as a silent one). The clock starts when negotiation starts, after
+//! a serializing plugin's connection lock, so clients queued behind another are not cut for
+//! waiting. The connection limit is a semaphore taken before `accept`: at the limit the
+//! server stops accepting and further clients wait in the listen backlog until one leaves,
+//! which is what qsd does (it stops watching the listener), rather than being refused.
 
 mod negotiate;
+mod pool;
+mod spin;
 mod transmit;
 
-pub use exports::{ExportTable, NamedExport};
+pub use exports::{ExportContext, ExportTable, NamedExport};
 
 mod exports;
 
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use sluice_block::export::Backend;
 use sluice_block::{ConnectionInfo, Plugin};
 use sluice_proto::nbd::Purpose;
 
+use crate::metrics::ConnStats;
 use crate::stream::{Listener, Stream};
+
+/// The tracing target of the operator events (connection open/close/refused, failed
+/// requests): one structured event each, which `--log-format=json` shows by default and the
+/// text log only with `-v` (its lines stay nbdkit's).
+pub const EVENTS: &str = "sluice::events";
 
 /// Settings of an NBD server that apply to every connection.
 #[derive(Debug, Clone)]
@@ -55,7 +76,19 @@ pub struct ServerConfig {
     pub handshake_flags: u16,
     /// Speak the oldstyle protocol (nbdkit's `-o`): the default export, no options.
     pub oldstyle: bool,
+    /// Busy-poll the socket this long before a blocking read (`SLUICE_SPIN_US`; None = off).
+    pub spin: Option<std::time::Duration>,
+    /// Longest time a client may take to negotiate, TLS handshake included, before it is
+    /// disconnected (qsd's `handshake-max-seconds`, qemu-nbd's `--handshake-limit`; both
+    /// default to 10 s). None: no limit.
+    pub handshake_timeout: Option<Duration>,
+    /// Most clients served at once (qsd's `max-connections`); None: no limit. Further
+    /// clients wait in the listen backlog until one leaves.
+    pub max_connections: Option<usize>,
 }
+
+/// qsd's and qemu-nbd's default handshake limit.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -68,6 +101,9 @@ impl Default for ServerConfig {
             structured_replies: true,
             handshake_flags: sluice_proto::nbd::HandshakeConfig::default().handshake_flags,
             oldstyle: false,
+            spin: spin::budget_from_env(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            max_connections: None,
         }
     }
 }
@@ -88,6 +124,13 @@ pub struct NbdServer {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Live>>,
     idle: Condvar,
+    /// Connection threads, kept warm between clients.
+    threads: pool::ThreadPool,
+    /// Connection slots when `max_connections` is set (see the module doc).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Connections ended without a session (see [`ConnStats::refused`]).
+    refused: AtomicU64,
+    tls_failed: AtomicU64,
 }
 
 /// A live connection, as shutdown and [`NbdServer::disconnect_export`] see it.
@@ -96,6 +139,10 @@ struct Live {
     stream: Stream,
     /// The table export the client is using (after negotiation, in a daemon).
     export: Option<String>,
+    /// When the client must have finished negotiating (while it negotiates, with a limit).
+    deadline: Option<Instant>,
+    /// The client's address, for the log line when the watchdog cuts it.
+    peer: String,
 }
 
 impl NbdServer {
@@ -110,14 +157,54 @@ impl NbdServer {
     }
 
     fn with_exports(exports: Exports, config: ServerConfig) -> Arc<NbdServer> {
-        Arc::new(NbdServer {
+        let slots = config
+            .max_connections
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        let timeout = config.handshake_timeout;
+        let server = Arc::new(NbdServer {
             exports,
             config,
             shutting_down: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             idle: Condvar::new(),
-        })
+            threads: pool::ThreadPool::new(),
+            slots,
+            refused: AtomicU64::new(0),
+            tls_failed: AtomicU64::new(0),
+        });
+        if let Some(limit) = timeout {
+            let weak = Arc::downgrade(&server);
+            if let Err(e) = std::thread::Builder::new()
+                .name("nbd-handshake-watchdog".into())
+                .spawn(move || watchdog(&weak, limit))
+            {
+                tracing::warn!("no handshake time limit: cannot start its thread: {e}");
+            }
+        }
+        server
+    }
+
+    /// Connection figures for `/metrics`.
+    pub fn connection_stats(&self) -> ConnStats {
+        ConnStats {
+            open: self.live.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            total: self.next_id.load(Ordering::Relaxed) - 1,
+            refused: self.refused.load(Ordering::Relaxed),
+            tls_failed: self.tls_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A connection refused before any session: counted, and one `connection_refused` event.
+    fn refuse(&self, id: u64, peer: &str, reason: &dyn std::fmt::Display) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            target: EVENTS,
+            event = "connection_refused",
+            conn = id,
+            peer,
+            reason = %reason
+        );
     }
 
     pub fn exports(&self) -> &Exports {
@@ -139,8 +226,16 @@ impl NbdServer {
             let server = self.clone();
             tasks.spawn(async move {
                 loop {
+                    // At the connection limit, wait for a slot before accepting (module doc).
+                    let slot = match &server.slots {
+                        Some(s) => match s.clone().acquire_owned().await {
+                            Ok(p) => Some(p),
+                            Err(_) => return,
+                        },
+                        None => None,
+                    };
                     match l.accept().await {
-                        Ok(stream) => server.clone().spawn_connection(stream),
+                        Ok(stream) => server.clone().spawn_slotted(stream, slot),
                         Err(e) => {
                             tracing::warn!("accept failed: {e}");
                             // EMFILE and friends: back off instead of spinning.
@@ -155,8 +250,17 @@ impl NbdServer {
         self.begin_shutdown();
     }
 
-    /// Runs one client connection on a thread of its own.
+    /// Runs one client connection on a thread of its own (a pooled one, see [`pool`]).
     pub fn spawn_connection(self: Arc<Self>, stream: Stream) {
+        self.spawn_slotted(stream, None)
+    }
+
+    /// [`NbdServer::spawn_connection`] holding a connection slot until the connection ends.
+    fn spawn_slotted(
+        self: Arc<Self>,
+        stream: Stream,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
@@ -168,23 +272,29 @@ impl NbdServer {
                     Live {
                         stream: c,
                         export: None,
+                        deadline: None,
+                        peer: stream.peer(),
                     },
                 );
             }
             Err(e) => {
                 tracing::warn!("connection refused: cannot duplicate socket: {e}");
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
         let server = self.clone();
-        let r = std::thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
+        let r = self.threads.spawn(
+            format!("nbd-conn-{id}"),
+            Box::new(move || {
                 server.run_connection(id, stream);
                 server.forget(id);
-            });
+                drop(slot);
+            }),
+        );
         if let Err(e) = r {
             tracing::warn!("connection refused: cannot start thread: {e}");
+            self.refused.fetch_add(1, Ordering::Relaxed);
             self.forget(id);
         }
     }
@@ -197,9 +307,48 @@ impl NbdServer {
         }
     }
 
+    /// Starts connection `id`'s handshake clock (see the module doc).
+    fn start_clock(&self, id: u64) {
+        let Some(limit) = self.config.handshake_timeout else {
+            return;
+        };
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = live.get_mut(&id) {
+            l.deadline = Some(Instant::now() + limit);
+        }
+    }
+
+    /// Stops connection `id`'s handshake clock: it negotiated in time.
+    fn stop_clock(&self, id: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = live.get_mut(&id) {
+            l.deadline = None;
+        }
+    }
+
+    /// Shuts the sockets of clients negotiating past their deadline; returns how many.
+    fn cut_slow_handshakes(&self, now: Instant) -> usize {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (id, l) in live.iter_mut() {
+            if l.deadline.is_some_and(|d| d <= now) {
+                l.deadline = None;
+                tracing::info!(
+                    conn = id,
+                    "client {} did not finish negotiating in time: disconnected",
+                    l.peer
+                );
+                let _ = l.stream.shutdown(Shutdown::Both);
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn run_connection(self: &Arc<Self>, id: u64, stream: Stream) {
         let peer = stream.peer();
         tracing::debug!(conn = id, "new connection from {peer}");
+        tracing::info!(target: EVENTS, event = "connection_open", conn = id, peer = %peer);
         let info = stream.connection_info();
         match &self.exports {
             Exports::Single(backend) => {
@@ -211,8 +360,10 @@ impl NbdServer {
                 let mut stream = Some(stream);
                 plugin.with_connection(&info, &mut || {
                     let Some(stream) = stream.take() else { return };
+                    self.start_clock(id);
                     if let Err(e) = plugin.preconnect(self.config.readonly) {
                         tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                        self.refuse(id, &peer, &e);
                         return;
                     }
                     let r = negotiate::negotiate(self, stream);
@@ -222,6 +373,7 @@ impl NbdServer {
             Exports::Table(table) => self.run_table_connection(id, &peer, &info, table, stream),
         }
         tracing::debug!(conn = id, "connection closed");
+        tracing::info!(target: EVENTS, event = "connection_close", conn = id, peer = %peer);
     }
 
     /// A daemon's connection: each export open runs inside that export's plugin hooks, and
@@ -234,6 +386,7 @@ impl NbdServer {
         table: &ExportTable,
         stream: Stream,
     ) {
+        self.start_clock(id);
         let mut neg = negotiate::Negotiation::new(self, stream);
         // Backends whose preconnect has run on this connection.
         let mut preconnected: Vec<Arc<Backend>> = Vec::new();
@@ -261,6 +414,7 @@ impl NbdServer {
                 if !preconnected.iter().any(|b| Arc::ptr_eq(b, &backend)) {
                     if let Err(e) = plugin.preconnect(readonly) {
                         tracing::warn!(conn = id, "connection refused by plugin preconnect: {e}");
+                        self.refuse(id, peer, &e);
                         end = true;
                         return;
                     }
@@ -298,6 +452,7 @@ impl NbdServer {
     ) {
         match r {
             Ok(Some(session)) => {
+                self.stop_clock(id);
                 if let Some(named) = &session.named {
                     self.attach(id, &session.name, named);
                 }
@@ -307,7 +462,13 @@ impl NbdServer {
             Err(e) if e.is_disconnect() => {
                 tracing::debug!(conn = id, "client left during negotiation: {e}")
             }
-            Err(e) => tracing::info!(conn = id, "negotiation with {peer} failed: {e}"),
+            Err(e) => {
+                tracing::info!(conn = id, "negotiation with {peer} failed: {e}");
+                if matches!(e, negotiate::NegotiateError::Tls(_)) {
+                    self.tls_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.refuse(id, peer, &e);
+            }
         }
     }
 
@@ -367,5 +528,18 @@ impl NbdServer {
             .wait_timeout_while(live, timeout, |l| !l.is_empty())
             .unwrap_or_else(|e| e.into_inner());
         live.is_empty()
+    }
+}
+
+/// The handshake watchdog of one server (see the module doc): runs until the server is gone.
+fn watchdog(server: &Weak<NbdServer>, limit: Duration) {
+    // A tenth of the limit, between 20 ms and 250 ms: a cut comes at most that late.
+    let tick = (limit / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    loop {
+        std::thread::sleep(tick);
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        server.cut_slow_handshakes(Instant::now());
     }
 }

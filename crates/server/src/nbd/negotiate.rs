@@ -394,11 +394,16 @@ fn details(server: &NbdServer, opened: &Opened) -> ExportDetails {
         Some(n) if n.description.is_some() => n.description.clone(),
         _ => caps.description.clone(),
     };
+    let mut transmission_flags = caps.transmission_flags();
+    if server.config.max_connections == Some(1) {
+        // As qsd: a server of one client at a time does not advertise multi-conn.
+        transmission_flags &= !sluice_proto::nbd::consts::NBD_FLAG_CAN_MULTI_CONN;
+    }
     ExportDetails {
         name: opened.name.clone(),
         description,
         size: caps.size,
-        transmission_flags: caps.transmission_flags(),
+        transmission_flags,
         block_size: Some(block_size),
     }
 }

@@ -26,11 +26,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_block::plugin::Flags;
-use sluice_block::{BlockError, Errno, Export, ThreadModel};
+use sluice_block::stats::{now_ns, Op, Outcome};
+use sluice_block::{BlockError, BlockStats, Errno, Export, ThreadModel};
 use sluice_proto::nbd::command::{check_request, command_name, takes_payload, CommandError};
 use sluice_proto::nbd::consts::{
     NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
@@ -40,7 +42,8 @@ use sluice_proto::nbd::reply::MAX_READ_HEADER_LEN;
 use sluice_proto::nbd::{decode_request, MetaContext, ReplyForm, RequestHeader};
 
 use super::negotiate::Session;
-use super::NbdServer;
+use super::spin::Spinner;
+use super::{ExportContext, NbdServer};
 use crate::stream::Stream;
 
 /// Room in front of read data for the largest reply header (extended header + offset).
@@ -74,6 +77,10 @@ struct Reader {
     /// header is read without pulling much of the next payload into `buf` (which would then be
     /// copied again); otherwise it is the whole buffer, so many small requests cost one `read`.
     fill_limit: usize,
+    /// Busy-polling before a blocking read (see [`super::spin`]); None when off or on TLS.
+    spin: Option<Spinner>,
+    /// Set by the worker before it reads: polling is allowed now (no other worker is busy).
+    may_spin: bool,
 }
 
 /// Why a connection's input ended.
@@ -110,6 +117,19 @@ impl Reader {
             self.start = 0;
         }
         let stop = (self.end + self.fill_limit).min(self.buf.len());
+        if self.start == self.end && self.may_spin {
+            if let Some(spin) = &mut self.spin {
+                match spin.poll(self.stream.as_raw_fd(), &mut self.buf[self.end..stop]) {
+                    Some(Ok(0)) => return Ok(false),
+                    Some(Ok(n)) => {
+                        self.end += n;
+                        return Ok(true);
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {}
+                }
+            }
+        }
         loop {
             match self.stream.read(&mut self.buf[self.end..stop]) {
                 Ok(0) => return Ok(false),
@@ -198,14 +218,28 @@ struct Workers {
     closing: bool,
 }
 
+/// A negotiated meta context and who answers it.
+enum Answer {
+    /// One of the contexts every export answers through its plugin.
+    Plugin(MetaContext),
+    /// One the export answers itself (a dirty bitmap).
+    Export(Arc<dyn ExportContext>),
+}
+
+/// Most extents in one block-status chunk of an export's own context (qemu's
+/// `NBD_MAX_BLOCK_STATUS_EXTENTS`, 1 MiB of 8-byte extents).
+const MAX_OWN_EXTENTS: usize = (1 << 20) / 8;
+
 struct Conn<'a> {
     server: &'a NbdServer,
     id: u64,
     export: Export,
+    /// Where each finished request is counted (the export's statistics, then its node's).
+    stats: Vec<Arc<BlockStats>>,
     /// The negotiated reply form: it writes every reply and decodes the request style.
     form: ReplyForm,
     /// Negotiated meta contexts, in the order their block-status chunks are sent.
-    contexts: Vec<(u32, MetaContext)>,
+    contexts: Vec<(u32, Answer)>,
     /// Pure-memory plugin: one worker that coalesces replies (see [`batch_worker`]).
     batch: bool,
     /// The plugin may block: start a spare worker whenever all are busy.
@@ -238,10 +272,11 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         export,
         backend,
         name: _,
-        named: _named,
+        named,
         negotiated,
         leftover,
     } = session;
+    let stream_is_tls = stream.is_tls();
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -260,12 +295,21 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     let contexts = negotiated
         .meta_contexts
         .iter()
-        .filter_map(|(id, name)| MetaContext::from_name(name).map(|c| (*id, c)))
+        .filter_map(|(id, name)| match MetaContext::from_name(name) {
+            Some(c) => Some((*id, Answer::Plugin(c))),
+            None => named
+                .as_ref()?
+                .own_contexts
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| (*id, Answer::Export(c.clone()))),
+        })
         .collect();
     let conn = Conn {
         server,
         id,
         export,
+        stats: backend.stats_sinks().to_vec(),
         form: negotiated.reply_form(),
         contexts,
         batch,
@@ -279,6 +323,12 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             start: 0,
             end: leftover.len(),
             fill_limit: READ_BUF,
+            spin: server
+                .config()
+                .spin
+                .filter(|_| !stream_is_tls)
+                .map(Spinner::new),
+            may_spin: true,
         }),
         writer: Mutex::new(writer),
         workers: Mutex::new(Workers {
@@ -308,8 +358,13 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
     loop {
         let (next, backlog) = {
             let mut reader = lock(&conn.reader);
-            if lock(&conn.workers).closing {
-                return;
+            {
+                let w = lock(&conn.workers);
+                if w.closing {
+                    return;
+                }
+                // Poll only while no other worker runs a request: it needs the core more.
+                reader.may_spin = w.busy == 0;
             }
             match next_request(conn, &mut reader, &mut buf) {
                 Ok(n) => (n, conn.may_grow() && reader.has_more_input()),
@@ -346,10 +401,7 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
         hdr.clear();
         let reply_at = match next {
             Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
-            Next::Refused(req, err) => {
-                error_reply(conn, &req, &err, &mut hdr);
-                None
-            }
+            Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
         };
         let ok = {
             let mut out = lock(&conn.writer);
@@ -420,10 +472,7 @@ fn batch_worker(conn: &Conn) {
         }
         let data = match next {
             Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
-            Next::Refused(req, err) => {
-                error_reply(conn, &req, &err, &mut hdr);
-                None
-            }
+            Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
         };
         match data {
             Some(len) if len > COALESCE_MAX => {
@@ -498,10 +547,59 @@ fn small_read(
     dst: &mut [u8],
     hdr: &mut Vec<u8>,
 ) -> Result<(), BlockError> {
-    check_flags(conn, req)?;
-    conn.export.read(dst, req.offset)?;
+    let begun = begin(conn, req);
+    let r = check_flags(conn, req).and_then(|()| conn.export.read(dst, req.offset));
+    account(conn, req, begun, r.as_ref().map(|_| ()));
+    r?;
     conn.form.read_data(hdr, req);
     Ok(())
+}
+
+/// What a request counts as in the statistics (DISC and unknown commands are not counted).
+fn op_of(kind: u16) -> Option<Op> {
+    Some(match kind {
+        NBD_CMD_READ => Op::Read,
+        NBD_CMD_WRITE => Op::Write,
+        NBD_CMD_WRITE_ZEROES => Op::Zero,
+        NBD_CMD_TRIM => Op::Trim,
+        NBD_CMD_FLUSH => Op::Flush,
+        NBD_CMD_CACHE => Op::Cache,
+        NBD_CMD_BLOCK_STATUS => Op::BlockStatus,
+        _ => return None,
+    })
+}
+
+/// A request is about to run: counted as in flight (if of a counted kind); returns the clock
+/// reading.
+fn begin(conn: &Conn, req: &RequestHeader) -> u64 {
+    if op_of(req.kind).is_some() {
+        for s in &conn.stats {
+            s.start();
+        }
+    }
+    now_ns()
+}
+
+/// A request has finished: counted with its outcome and time in every statistics.
+fn account(conn: &Conn, req: &RequestHeader, begun: u64, r: Result<(), &BlockError>) {
+    let Some(op) = op_of(req.kind) else { return };
+    let done = now_ns();
+    let outcome = match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::of_error(e.errno),
+    };
+    let end = req.offset.saturating_add(req.length);
+    for s in &conn.stats {
+        s.record(op, req.length, end, begun, done, outcome);
+    }
+}
+
+/// A request refused before running (its payload already skipped): counted, then answered.
+fn refuse(conn: &Conn, req: &RequestHeader, err: &BlockError, hdr: &mut Vec<u8>) -> Option<usize> {
+    let begun = begin(conn, req);
+    account(conn, req, begun, Err(err));
+    error_reply(conn, req, err, hdr);
+    None
 }
 
 /// Reads the next request (and a write's payload into `buf[HEADROOM..]`).
@@ -564,7 +662,10 @@ fn execute(
     buf: &mut Vec<u8>,
     hdr: &mut Vec<u8>,
 ) -> Option<usize> {
-    match run_request(conn, req, buf, hdr) {
+    let begun = begin(conn, req);
+    let r = run_request(conn, req, buf, hdr);
+    account(conn, req, begun, r.as_ref().map(|_| ()));
+    match r {
         Ok(data) => data,
         Err(err) => {
             log_failure(conn, req, &err);
@@ -575,7 +676,35 @@ fn execute(
     }
 }
 
+/// Failed-request log lines per second, over all connections: a client hammering a failing
+/// disk must not flood the log. The ones over the limit are counted, and the next line that
+/// gets through says how many were left out.
+const FAILURE_LINES_PER_SEC: u64 = 10;
+
+/// True if this failure may be logged now; `suppressed` gets how many were dropped before it.
+fn failure_log_allowed(suppressed: &mut u64) -> bool {
+    use std::sync::atomic::AtomicU64;
+    static WINDOW: AtomicU64 = AtomicU64::new(u64::MAX);
+    static IN_WINDOW: AtomicU64 = AtomicU64::new(0);
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    let sec = now_ns() / 1_000_000_000;
+    if WINDOW.swap(sec, Ordering::Relaxed) != sec {
+        IN_WINDOW.store(0, Ordering::Relaxed);
+    }
+    if IN_WINDOW.fetch_add(1, Ordering::Relaxed) < FAILURE_LINES_PER_SEC {
+        *suppressed = DROPPED.swap(0, Ordering::Relaxed);
+        true
+    } else {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+}
+
 fn log_failure(conn: &Conn, req: &RequestHeader, err: &BlockError) {
+    let mut suppressed = 0;
+    if !failure_log_allowed(&mut suppressed) {
+        return;
+    }
     tracing::info!(
         conn = conn.id,
         "request {} at offset {} length {} failed: {}",
@@ -583,6 +712,17 @@ fn log_failure(conn: &Conn, req: &RequestHeader, err: &BlockError) {
         req.offset,
         req.length,
         err
+    );
+    tracing::info!(
+        target: super::EVENTS,
+        event = "request_failed",
+        conn = conn.id,
+        command = command_name(req.kind),
+        offset = req.offset,
+        length = req.length,
+        errno = err.errno.0,
+        error = %err.message,
+        suppressed_before = suppressed
     );
 }
 
@@ -647,14 +787,22 @@ fn run_request(
             }
             // One chunk per context, in negotiation order.
             for (i, (id, ctx)) in conn.contexts.iter().enumerate() {
+                let last = i + 1 == conn.contexts.len();
                 let ext = match ctx {
-                    MetaContext::BaseAllocation => export.extents(req.length, req.offset, flags)?,
-                    MetaContext::AllocationDepth => {
+                    Answer::Plugin(MetaContext::BaseAllocation) => {
+                        export.extents(req.length, req.offset, flags)?
+                    }
+                    Answer::Plugin(MetaContext::AllocationDepth) => {
                         export.allocation_depth(req.length, req.offset, flags)?
+                    }
+                    Answer::Export(own) => {
+                        let max = if req.req_one() { 1 } else { MAX_OWN_EXTENTS };
+                        let runs = own.status(req.offset, req.length, max);
+                        conn.form.block_status(hdr, req, *id, runs, last);
+                        continue;
                     }
                 };
                 let extents = ext.as_slice().iter().map(|e| (e.length, e.kind));
-                let last = i + 1 == conn.contexts.len();
                 conn.form.block_status(hdr, req, *id, extents, last);
             }
             return Ok(None);

@@ -1,0 +1,392 @@
+//! Making images and changing their size: what `blockdev-create` and `block_resize` do.
+//!
+//! **Creating.** A `file` image is made with plain file calls ([`create_file`]), as qemu's
+//! file-posix does: create, truncate to zero, grow to the size, then preallocate as asked.
+//! A qcow2 image is formatted onto an open `file` node ([`Node::format_qcow2`]) by imago's
+//! own builder, through the node's descriptor (so its image lock keeps other processes
+//! out while it is written). imago writes a version 3 header without lazy refcounts; the
+//! two header settings it has no option for (`version: v2`, `lazy-refcounts`) are then
+//! patched into the first cluster with sluice's header encoder, in one write and an
+//! `fdatasync`, before anyone opens the image. The checks run first, in qemu's order and
+//! with its messages, so that a refused request leaves the file as it was.
+//!
+//! **Resizing.** imago's resize needs exclusive access to its image object, which other
+//! nodes share (a backing node's object is read by the nodes above it). So a resize, like
+//! a backing switch (`jobs.rs`), happens under the exclusive `io` lock on a fresh imago
+//! object over the same file: flush, open, resize, flush, and swap the new view in. The
+//! `file` node below a format node is refreshed the same way, so that both report the
+//! new file length. Callers refuse nodes that others use (the daemon's permission rules).
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use imago::format::PreallocateMode;
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{FormatAccess, FormatCreateBuilder};
+
+use super::open::read_header;
+use super::{Layer, Node, Qcow2Info, Storage, View};
+use crate::error::ImageError;
+use crate::header::HeaderError;
+use crate::options::Driver;
+
+/// How much of a new image is allocated up front (QAPI's `PreallocMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prealloc {
+    #[default]
+    Off,
+    /// qcow2: the mapping tables (every cluster mapped, reading as zeroes).
+    Metadata,
+    /// `posix_fallocate` (qcow2: metadata as well).
+    Falloc,
+    /// Zeroes written (qcow2: metadata as well).
+    Full,
+}
+
+impl Prealloc {
+    /// QAPI's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prealloc::Off => "off",
+            Prealloc::Metadata => "metadata",
+            Prealloc::Falloc => "falloc",
+            Prealloc::Full => "full",
+        }
+    }
+}
+
+/// The options of a new qcow2 image (`BlockdevCreateOptionsQcow2`), defaults applied by
+/// the caller as qemu does: version 3, 64 KiB clusters, 16-bit refcounts.
+#[derive(Debug, Clone)]
+pub struct Qcow2Create {
+    pub size: u64,
+    /// 2 or 3.
+    pub version: u32,
+    pub cluster_size: u64,
+    pub refcount_bits: u64,
+    pub lazy_refcounts: bool,
+    pub preallocation: Prealloc,
+    /// The backing file name written into the header, and its format.
+    pub backing_file: Option<String>,
+    pub backing_fmt: Option<String>,
+}
+
+impl Default for Qcow2Create {
+    fn default() -> Self {
+        Qcow2Create {
+            size: 0,
+            version: 3,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            preallocation: Prealloc::Off,
+            backing_file: None,
+            backing_fmt: None,
+        }
+    }
+}
+
+impl Qcow2Create {
+    /// qemu's checks of `qcow2_co_create`, in its order and words.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.size.is_multiple_of(512) {
+            return Err("Image size must be a multiple of 512 bytes".into());
+        }
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err("Cluster size must be a power of two between 512 and 2048k".into());
+        }
+        if self.backing_file.is_some() && self.preallocation != Prealloc::Off {
+            return Err(
+                "Backing file and preallocation can only be used at the same time if \
+                 extended_l2 is on"
+                    .into(),
+            );
+        }
+        if self.backing_fmt.is_some() && self.backing_file.is_none() {
+            return Err("Backing format cannot be used without backing file".into());
+        }
+        if self.version < 3 && self.lazy_refcounts {
+            return Err(
+                "Lazy refcounts only supported with compatibility level 1.1 and above \
+                        (use version=v3 or greater)"
+                    .into(),
+            );
+        }
+        if self.version < 3 && self.refcount_bits != 16 {
+            return Err(
+                "Different refcount widths than 16 bits require compatibility level \
+                        1.1 or above (use version=v3 or greater)"
+                    .into(),
+            );
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err("Refcount width must be a power of two and may be at most 64 bits".into());
+        }
+        Ok(())
+    }
+}
+
+/// Creates (or truncates) the image file `path` with `size` bytes, as qemu's file-posix
+/// `blockdev-create` does.
+pub fn create_file(path: &Path, size: u64, prealloc: Prealloc) -> Result<(), String> {
+    if prealloc == Prealloc::Metadata {
+        return Err("Unsupported preallocation mode: metadata".into());
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        // Cleared below with its own error message, as qemu does.
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "Could not create '{}': {}",
+                path.display(),
+                sluice_block::error::strerror(&e)
+            )
+        })?;
+    let fail = |what: &str, e: std::io::Error| {
+        format!(
+            "Could not {what} '{}': {}",
+            path.display(),
+            sluice_block::error::strerror(&e)
+        )
+    };
+    f.set_len(0).map_err(|e| fail("clear", e))?;
+    match prealloc {
+        Prealloc::Off | Prealloc::Metadata => f.set_len(size).map_err(|e| fail("resize", e))?,
+        Prealloc::Falloc => {
+            if size > 0 {
+                // SAFETY: a valid descriptor that `f` owns for the call; no memory is passed.
+                let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as i64) };
+                if r != 0 {
+                    return Err(fail("preallocate", std::io::Error::from_raw_os_error(r)));
+                }
+            }
+        }
+        Prealloc::Full => {
+            let chunk = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(chunk.len() as u64) as usize;
+                f.write_all_at(&chunk[..n], at)
+                    .map_err(|e| fail("write zeroes to", e))?;
+                at += n as u64;
+            }
+        }
+    }
+    f.sync_all().map_err(|e| fail("sync", e))
+}
+
+impl Node {
+    /// Formats this `file` node's image as qcow2 (`blockdev-create driver=qcow2`), after
+    /// [`Qcow2Create::check`]. Whatever the file held is lost.
+    pub fn format_qcow2(&self, o: &Qcow2Create) -> Result<(), String> {
+        o.check()?;
+        if self.driver != Driver::File {
+            return Err(format!(
+                "Node '{}' is not a file node: sluice formats qcow2 images onto file nodes \
+                 only",
+                self.name
+            ));
+        }
+        self.check_writable("blockdev-create")
+            .map_err(|e| e.to_string())?;
+        let path = self.filename.clone();
+        let io_err = |e: std::io::Error| format!("Could not format '{}': {e}", path.display());
+        let _g = self.io.write();
+        let fs = self.file_state();
+        let storage: Storage = fs.storage.clone();
+        // imago's `full` writes the data; `falloc` allocates it.
+        let mode = match o.preallocation {
+            Prealloc::Off => PreallocateMode::None,
+            Prealloc::Metadata => PreallocateMode::FormatAllocate,
+            Prealloc::Falloc => PreallocateMode::FullAllocate,
+            Prealloc::Full => PreallocateMode::WriteData,
+        };
+        // Start from an empty file, as qemu does (it truncates the file to 0 first).
+        fs.os.set_len(0).map_err(io_err)?;
+        let mut b = Qcow2::<Storage, Arc<Layer>>::create_builder(storage.clone())
+            .size(o.size)
+            .preallocate(mode)
+            .cluster_size(o.cluster_size as usize)
+            .refcount_width(o.refcount_bits as usize);
+        if let Some(bf) = &o.backing_file {
+            let fmt = o.backing_fmt.clone().unwrap_or_default();
+            b = b.backing(bf.clone(), fmt);
+        }
+        b.create().map_err(io_err)?;
+        if o.version < 3 || o.lazy_refcounts || o.backing_fmt.is_none() {
+            let mut h = read_header(self).map_err(|e| e.to_string())?;
+            if o.lazy_refcounts {
+                h.compatible_features |= 1;
+            }
+            if o.backing_fmt.is_none() {
+                // imago wrote an empty format extension; qemu writes none.
+                h.extensions
+                    .retain(|e| e.kind != crate::header::EXT_BACKING_FORMAT);
+            }
+            if o.version < 3 {
+                h.version = 2;
+                h.incompatible_features = 0;
+                h.compatible_features = 0;
+                h.autoclear_features = 0;
+                h.extensions
+                    .retain(|e| e.kind == crate::header::EXT_BACKING_FORMAT);
+            }
+            let mut cluster = h.encode().map_err(|e| e.to_string())?;
+            if cluster.len() as u64 > o.cluster_size {
+                return Err(HeaderError::Unsupported("header too long".into()).to_string());
+            }
+            cluster.resize(o.cluster_size as usize, 0);
+            fs.os
+                .write_all_at(&cluster, 0)
+                .and_then(|()| fs.os.sync_data())
+                .map_err(io_err)?;
+        }
+        drop(_g);
+        self.refresh_layer().map_err(|e| e.to_string())
+    }
+
+    /// `block_resize`: makes the node's virtual size `new_size` (grow or shrink; what is cut
+    /// off is lost). A raw or qcow2 node's file node follows.
+    pub fn resize(&self, new_size: u64) -> Result<(), ImageError> {
+        let path = self.filename.clone();
+        let io_err = |e: std::io::Error| ImageError::open(&path, e);
+        if self.read_only {
+            return Err(ImageError::Permission("Image is read-only".into()));
+        }
+        if self.driver == Driver::Qcow2 && !new_size.is_multiple_of(512) {
+            return Err(ImageError::InvalidOption(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
+        {
+            let _g = self.io.write();
+            self.flush_locked()
+                .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+            let mut layer = self.fresh_layer()?;
+            let old = layer.size();
+            if new_size > old {
+                // The new range reads as zeroes, never as backing data.
+                let mode = if self.driver == Driver::Qcow2 {
+                    PreallocateMode::Zero
+                } else {
+                    PreallocateMode::None
+                };
+                layer.resize_grow(new_size, mode).map_err(io_err)?;
+            } else if new_size < old {
+                layer.resize_shrink(new_size).map_err(io_err)?;
+            }
+            layer.flush().map_err(io_err)?;
+            layer.sync().map_err(io_err)?;
+            self.swap_layer(layer)?;
+        }
+        if let Some(f) = &self.file {
+            f.refresh_layer()?;
+        }
+        Ok(())
+    }
+
+    /// A new imago object over this node's image, with the current backing.
+    fn fresh_layer(&self) -> Result<Layer, ImageError> {
+        let path = &self.filename;
+        let fs = self.file_state();
+        let writable = !self.read_only;
+        match self.driver {
+            Driver::Qcow2 => {
+                let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), writable)
+                    .map_err(|e| ImageError::open(path, e))?;
+                q.set_data_file(None);
+                q.set_backing(self.backing().map(|b| b.view().layer.clone()));
+                Ok(FormatAccess::new(q))
+            }
+            Driver::Raw | Driver::File => {
+                let r = Raw::open_image(fs.storage.clone(), writable)
+                    .map_err(|e| ImageError::open(path, e))?;
+                Ok(FormatAccess::new(r))
+            }
+        }
+    }
+
+    /// Installs `layer` as this node's imago object, with the header read again (the
+    /// caller holds `io` exclusively).
+    fn swap_layer(&self, layer: Layer) -> Result<(), ImageError> {
+        let qcow2 = match self.driver {
+            Driver::Qcow2 => Some(Qcow2Info {
+                header: read_header(self.file.as_ref().expect("format nodes have a file"))?,
+            }),
+            _ => None,
+        };
+        *self.view.write() = Arc::new(View::new(self.backing(), qcow2, layer));
+        Ok(())
+    }
+
+    /// Reopens this node's imago object (after its file changed size or format under it).
+    fn refresh_layer(&self) -> Result<(), ImageError> {
+        let _g = self.io.write();
+        let layer = self.fresh_layer()?;
+        self.swap_layer(layer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qcow2_create_check_refuses_as_qemu() {
+        let ok = Qcow2Create {
+            size: 1 << 20,
+            ..Qcow2Create::default()
+        };
+        assert_eq!(ok.check(), Ok(()));
+        let bad = |f: &dyn Fn(&mut Qcow2Create)| {
+            let mut o = ok.clone();
+            f(&mut o);
+            o.check().unwrap_err()
+        };
+        assert_eq!(
+            bad(&|o| o.size = 1000),
+            "Image size must be a multiple of 512 bytes"
+        );
+        assert!(bad(&|o| o.cluster_size = 1000).starts_with("Cluster size must be"));
+        assert!(bad(&|o| o.cluster_size = 4 << 20).starts_with("Cluster size must be"));
+        assert!(bad(&|o| {
+            o.backing_file = Some("b".into());
+            o.preallocation = Prealloc::Metadata;
+        })
+        .starts_with("Backing file and preallocation"));
+        assert_eq!(
+            bad(&|o| o.backing_fmt = Some("raw".into())),
+            "Backing format cannot be used without backing file"
+        );
+        assert!(bad(&|o| {
+            o.version = 2;
+            o.lazy_refcounts = true;
+        })
+        .starts_with("Lazy refcounts only supported"));
+    }
+
+    #[test]
+    fn create_file_sizes_and_preallocates() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.img");
+        std::fs::write(&p, b"old contents").unwrap();
+        create_file(&p, 1 << 20, Prealloc::Off).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 1 << 20);
+        assert!(std::fs::read(&p).unwrap().iter().all(|&b| b == 0));
+        create_file(&p, 1 << 20, Prealloc::Full).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 >= 1 << 20);
+        assert!(create_file(&p, 1, Prealloc::Metadata).is_err());
+    }
+}

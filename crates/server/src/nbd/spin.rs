@@ -1,0 +1,146 @@
+//! Busy-polling the socket briefly before sleeping in `read`.
+//!
+//! At queue depth 1 a client sends its next request a few microseconds after our reply
+//! reached it. A worker that blocks in `read` in between is put to sleep and woken again: on
+//! this machine kind the wake-up alone (scheduler, IPI, cache refill) is a large part of a
+//! 4 KiB round trip. Polling the socket with non-blocking `recv` for a short budget first
+//! catches the next request while the thread is still running. This is what `SO_BUSY_POLL`
+//! does for NIC queues, which a Unix socket has not, so it is done here.
+//!
+//! It costs CPU, so it is bounded three ways:
+//! - a budget per wait (`SLUICE_SPIN_US` microseconds; 0, the default, turns it off: see the
+//!   module's measurements in bench/README or issue notes before changing the default);
+//! - only while no other worker of the connection is running a request (the caller decides):
+//!   a busy worker needs the core more than a poller does;
+//! - after [`MISS_LIMIT`] waits in a row in which nothing came within the budget (an idle or
+//!   slow client), polling pauses for the next [`PAUSE_WAITS`] waits, so an idle connection
+//!   does not keep a core busy.
+//!
+//! Between polls the thread yields, so on a loaded machine another runnable thread (a peer's,
+//! or the client's own) gets the core first.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Waits in a row without input within the budget before polling pauses.
+pub(crate) const MISS_LIMIT: u32 = 4;
+/// Waits that go straight to a blocking read once polling has paused.
+pub(crate) const PAUSE_WAITS: u32 = 64;
+
+/// The process-wide polling budget: `SLUICE_SPIN_US`, read once; None when off.
+pub(crate) fn budget_from_env() -> Option<Duration> {
+    static BUDGET: OnceLock<Option<Duration>> = OnceLock::new();
+    *BUDGET.get_or_init(|| parse_budget(std::env::var("SLUICE_SPIN_US").ok().as_deref()))
+}
+
+fn parse_budget(v: Option<&str>) -> Option<Duration> {
+    let us: u64 = v?.trim().parse().ok()?;
+    // More than a millisecond of polling is never a latency win; cap it.
+    (us > 0).then(|| Duration::from_micros(us.min(1000)))
+}
+
+/// Per-connection polling state.
+#[derive(Debug)]
+pub(crate) struct Spinner {
+    budget: Duration,
+    misses: u32,
+    paused: u32,
+}
+
+impl Spinner {
+    pub(crate) fn new(budget: Duration) -> Spinner {
+        Spinner {
+            budget,
+            misses: 0,
+            paused: 0,
+        }
+    }
+
+    /// Polls `fd` for input into `buf` for up to the budget. Some(result of the read) when
+    /// input (or end of input, or an error) came; None when the caller should block in `read`.
+    pub(crate) fn poll(&mut self, fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return None;
+        }
+        let start = Instant::now();
+        loop {
+            // SAFETY: fd is the connection's open socket; buf is writable for buf.len() bytes.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                self.misses = 0;
+                return Some(Ok(n as usize));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
+                _ => return Some(Err(e)),
+            }
+            if start.elapsed() >= self.budget {
+                self.misses += 1;
+                if self.misses >= MISS_LIMIT {
+                    self.misses = 0;
+                    self.paused = PAUSE_WAITS;
+                }
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn budget_parse_off_on_and_capped() {
+        assert_eq!(parse_budget(None), None);
+        assert_eq!(parse_budget(Some("0")), None);
+        assert_eq!(parse_budget(Some("x")), None);
+        assert_eq!(parse_budget(Some("30")), Some(Duration::from_micros(30)));
+        assert_eq!(parse_budget(Some("50000")), Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn spinner_input_already_there_is_read() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"hello").unwrap();
+        let mut s = Spinner::new(Duration::from_micros(50));
+        let mut buf = [0u8; 16];
+        let n = s.poll(b.as_raw_fd(), &mut buf).unwrap().unwrap();
+        assert_eq!(&buf[..n], b"hello");
+    }
+
+    #[test]
+    fn spinner_end_of_input_is_reported() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        let mut s = Spinner::new(Duration::from_micros(50));
+        let mut buf = [0u8; 16];
+        assert_eq!(s.poll(b.as_raw_fd(), &mut buf).unwrap().unwrap(), 0);
+    }
+
+    #[test]
+    fn spinner_idle_peer_pauses_polling_after_misses() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        let mut s = Spinner::new(Duration::from_micros(20));
+        let mut buf = [0u8; 16];
+        for _ in 0..MISS_LIMIT {
+            assert!(s.poll(b.as_raw_fd(), &mut buf).is_none());
+        }
+        // Paused: returns at once without polling, PAUSE_WAITS times.
+        let t = Instant::now();
+        for _ in 0..PAUSE_WAITS {
+            assert!(s.poll(b.as_raw_fd(), &mut buf).is_none());
+        }
+        assert_eq!(s.paused, 0);
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+}

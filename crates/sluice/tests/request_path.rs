@@ -1,0 +1,170 @@
+//! The request path's fast paths, each checked for what it must keep: busy-polling before a
+//! blocking read (`SLUICE_SPIN_US`) keeps data, order and end-of-input handling on every
+//! thread model; connection threads kept warm between clients are really reused and never
+//! carry one client's state into the next.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sluice_proto::nbd::consts::{NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE};
+use sluice_proto::nbd::request::encode_request;
+use sluice_proto::nbd::RequestHeader;
+use support::raw::RawClient;
+use support::{random_bytes, sluice_bin, Server};
+
+/// `sluice serve` with busy-polling on (50 µs).
+fn spinning_server(args: &[&str]) -> Server {
+    let leading = ["SLUICE_SPIN_US=50", sluice_bin(), "serve", "-f", "-U"];
+    Server::try_start_program("env", &leading, args).expect("sluice with SLUICE_SPIN_US starts")
+}
+
+/// The server's thread ids.
+fn tids(server: &Server) -> BTreeSet<u32> {
+    std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect()
+}
+
+/// Writes, reads back and compares through libnbd, one request at a time (QD1) and then 16
+/// in flight, so both the polling path and the blocking path are taken.
+fn write_read_compare(server: &Server) {
+    let script = r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+import random
+rng = random.Random(7)
+size = h.get_size()
+model = bytearray(size)
+for i in range(300):
+    off = rng.randrange(0, size // 4096) * 4096
+    data = bytes([rng.randrange(256)]) * 4096
+    h.pwrite(data, off)
+    model[off:off+4096] = data
+    assert h.pread(4096, off) == data
+bufs = []
+for i in range(64):
+    off = rng.randrange(0, size // 4096) * 4096
+    buf = nbd.Buffer(4096)
+    bufs.append((off, buf, h.aio_pread(buf, off)))
+    while h.aio_in_flight() >= 16:
+        h.poll(-1)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for off, buf, cookie in bufs:
+    h.aio_command_completed(cookie)
+    assert buf.to_bytearray() == model[off:off+4096], off
+h.flush()
+print("ok")
+"#;
+    let out = support::nbdsh(&server.uri(), script);
+    assert_eq!(out.trim(), "ok", "nbdsh said: {out}");
+}
+
+#[test]
+fn spin_memory_qd1_and_qd16_data_correct() {
+    let mut server = spinning_server(&["memory", "size=16M"]);
+    write_read_compare(&server);
+    server.assert_alive();
+    server.assert_no_panic();
+}
+
+#[test]
+fn spin_file_parallel_data_correct() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk");
+    std::fs::write(&path, vec![0u8; 16 << 20]).unwrap();
+    let arg = format!("file={}", path.display());
+    let mut server = spinning_server(&["file", &arg]);
+    write_read_compare(&server);
+    server.assert_alive();
+    server.assert_no_panic();
+}
+
+#[test]
+fn spin_header_split_across_pauses_is_assembled() {
+    // A request header arriving in pieces with pauses longer than the polling budget: the
+    // worker polls, misses, blocks, and must still assemble the header.
+    let server = spinning_server(&["memory", "size=1M"]);
+    let (mut c, _) = RawClient::handshake(&server, false, false);
+    let data = random_bytes(4096, 3);
+    assert_eq!(c.simple_write(1, 8192, &data), 0);
+    let mut req = Vec::new();
+    let header = RequestHeader {
+        flags: 0,
+        kind: NBD_CMD_READ,
+        cookie: 2,
+        offset: 8192,
+        length: 4096,
+    };
+    encode_request(&mut req, &header, false);
+    for piece in req.chunks(7) {
+        c.send(piece);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let header = c.read_n(16);
+    assert_eq!(&header[4..8], &[0, 0, 0, 0], "no error");
+    assert_eq!(c.read_n(4096), data);
+}
+
+#[test]
+fn spin_client_gone_mid_request_connection_ends_server_serves_others() {
+    let mut server = spinning_server(&["memory", "size=1M"]);
+    {
+        let (mut c, _) = RawClient::handshake(&server, false, false);
+        c.send(&[0x25, 0x60, 0x95, 0x13, 0, 0]);
+        // Dropped with half a header sent.
+    }
+    write_read_compare(&server);
+    server.assert_alive();
+    server.assert_no_panic();
+}
+
+#[test]
+fn pool_next_connection_runs_on_the_finished_connections_thread() {
+    let server = Server::start(&["memory", "size=1M"]);
+    // The first client's connection thread stays after it leaves (idle in the pool)...
+    {
+        let (mut c, _) = RawClient::handshake(&server, false, false);
+        assert_eq!(c.simple_write(1, 0, &[7u8; 512]), 0);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let warm = tids(&server);
+    // ...and the next client is served by it: no thread is created for it.
+    let (mut c, _) = RawClient::handshake(&server, false, false);
+    assert_eq!(c.simple_read(2, 0, 512), vec![7u8; 512]);
+    assert_eq!(
+        tids(&server),
+        warm,
+        "a new thread was started for the second client"
+    );
+}
+
+#[test]
+fn pool_many_sequential_clients_bounded_threads_each_sees_its_own_export() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        std::fs::write(dir.path().join(name), name.repeat(4096)).unwrap();
+    }
+    let arg = format!("dir={}", dir.path().display());
+    let server = Server::start(&["file", &arg]);
+    let before = tids(&server).len();
+    for i in 0..40 {
+        let name = if i % 2 == 0 { "a" } else { "b" };
+        let mut c = RawClient::connect_with_flags(&server, NBD_FLAG_C_FIXED_NEWSTYLE);
+        c.go(name);
+        assert_eq!(
+            c.simple_read(1, 0, 16),
+            name.repeat(16).into_bytes(),
+            "client {i}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = tids(&server).len();
+    assert!(
+        after <= before + 8,
+        "{after} threads after 40 sequential clients ({before} before): idle threads not capped"
+    );
+}

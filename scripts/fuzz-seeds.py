@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Makes the seed corpora of sluice's fuzz targets (crates/*/fuzz/seeds/TARGET/).
+
+The seeds are real where a peer can make them: NBD handshakes and requests are the bytes
+nbdinfo, qemu-img, qemu-io and nbdcopy send to nbdkit (captured by a relay on a Unix socket),
+replies are what nbdkit sends back, qcow2 images are made by qemu-img and qemu-io. Where no
+peer speaks the input (QMP lines, keyval, size strings, plugin and filter words) the seeds are
+written here from the documented syntax. The output is committed; rerun this script after a
+target or a peer changes. Needs nbdkit, nbdinfo, nbdcopy, qemu-img and qemu-io on PATH.
+
+Usage: scripts/fuzz-seeds.py
+"""
+
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def seed_dir(crate, target):
+    d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds", target)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def put(crate, target, data, name=None):
+    if isinstance(data, str):
+        data = data.encode()
+    name = name or hashlib.sha1(data).hexdigest()[:16]
+    with open(os.path.join(seed_dir(crate, target), name), "wb") as f:
+        f.write(data)
+
+
+def clear(crate, target):
+    d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds", target)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# --- NBD: capture real client and server bytes through a relay ------------------------------
+
+def relay_once(listen_path, server_path, log):
+    """Accepts one client on listen_path, relays to server_path, records both directions."""
+    ls = socket.socket(socket.AF_UNIX)
+    ls.bind(listen_path)
+    ls.listen(1)
+
+    def run():
+        c, _ = ls.accept()
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(server_path)
+
+        def pump(src, dst, key):
+            while True:
+                try:
+                    b = src.recv(65536)
+                except OSError:
+                    b = b""
+                if not b:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                log[key] += b
+                try:
+                    dst.sendall(b)
+                except OSError:
+                    return
+
+        t = threading.Thread(target=pump, args=(s, c, "server"))
+        t.start()
+        pump(c, s, "client")
+        t.join()
+        c.close()
+        s.close()
+        ls.close()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def handshake_end(client):
+    """Offset in the client's bytes just after its last option (GO or EXPORT_NAME)."""
+    i = 4  # client flags
+    while i + 16 <= len(client) and client[i:i + 8] == b"IHAVEOPT":
+        opt, length = struct.unpack(">II", client[i + 8:i + 16])
+        i += 16 + length
+        if opt in (1, 7):  # EXPORT_NAME, GO
+            return i
+    return i
+
+
+def capture_nbd(tmp):
+    server_sock = os.path.join(tmp, "nbdkit.sock")
+    data = os.path.join(tmp, "disk.img")
+    with open(data, "wb") as f:
+        f.truncate(1 << 20)
+    nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", server_sock, "file", data])
+    for _ in range(100):
+        if os.path.exists(server_sock):
+            break
+        time.sleep(0.05)
+    relay = os.path.join(tmp, "relay.sock")
+    uri = "nbd+unix:///?socket=" + relay
+    clients = [
+        ["nbdinfo", uri],
+        ["nbdinfo", "--list", uri],
+        ["nbdinfo", "--map", uri],
+        ["qemu-img", "info", "-f", "raw", uri],
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4k", "-c", "read 0 4k",
+         "-c", "write -z 64k 64k", "-c", "discard 128k 4k", "-c", "flush", uri],
+        ["nbdcopy", "--connections=1", "--", "[", "nbdkit", "pattern", "64k", "]", uri],
+        ["nbdcopy", "--connections=1", uri, os.path.join(tmp, "out.img")],
+    ]
+    captured = []
+    try:
+        for argv in clients:
+            if os.path.exists(relay):
+                os.unlink(relay)
+            log = {"client": b"", "server": b""}
+            th = relay_once(relay, server_sock, log)
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=30)
+            th.join(10)
+            captured.append((argv[0], log["client"], log["server"]))
+    finally:
+        nbdkit.terminate()
+        nbdkit.wait()
+    return captured
+
+
+def nbd_seeds(tmp):
+    for t in ("handshake", "request", "reply"):
+        clear("proto", t)
+    for name, client, server in capture_nbd(tmp):
+        end = handshake_end(client)
+        # The handshake target's first byte picks the split and the TLS mode (top bits 0: off).
+        put("proto", "handshake", b"\x01" + client)
+        put("proto", "handshake", b"\x2a" + client[:end])
+        # TLS required: the options before STARTTLS are refused.
+        put("proto", "handshake", b"\x81" + client[:end])
+        requests = client[end:]
+        for i in range(0, min(len(requests), 28 * 8), 28):
+            put("proto", "request", requests[i:i + 28])
+        if requests:
+            put("proto", "request", requests[:4096])
+        # What nbdkit sent after the handshake: replies in the negotiated form.
+        greeting = server.find(b"IHAVEOPT")
+        if len(server) > 200:
+            put("proto", "reply", server[-min(len(server), 4096):])
+        del greeting
+    # Extended-header requests (no peer here sends them yet): read, write, block status.
+    for kind, flags, length in ((0, 0, 4096), (1, 1, 512), (7, 8, 1 << 20)):
+        put("proto", "request",
+            struct.pack(">IHHQQQ", 0x21e41c71, flags, kind, 0x1234, 0, length))
+
+
+# --- QMP, keyval, sizes, plugin and filter words ---------------------------------------------
+
+QMP_LINES = [
+    '{"execute": "qmp_capabilities"}',
+    '{"execute": "query-version", "id": 1}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f",'
+    ' "filename": "/tmp/x.img"}}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "q",'
+    ' "file": "f", "backing": null}}',
+    '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix",'
+    ' "data": {"path": "/tmp/n.sock"}}, "max-connections": 4, "handshake-max-seconds": 5}}',
+    '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e",'
+    ' "node-name": "q", "writable": true}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "j", "device": "q", "speed": 1e6}}',
+    '{"execute": "job-cancel", "arguments": {"id": "j"}}',
+    '{"exec-oob": "x", "id": ["a", {"b": -1.5e-3}]}',
+    '{"execute": "x", "arguments": "\\u00e9\\ud83d\\ude00"}',
+    '[1, 2, {"a": [true, false, null]}]',
+    '{"execute": "query-block-exports"}\n{"execute": "quit"}',
+]
+
+KEYVAL = [
+    "driver=file,filename=/tmp/a.img,node-name=f,locking=off",
+    "driver=qcow2,node-name=q,file.driver=file,file.filename=x.qcow2,backing=null",
+    "nbd,id=e0,node-name=q,writable=on,name=disk",
+    "type=unix,path=/tmp/s,,with,,commas",
+    "addr.type=inet,addr.host=::1,addr.port=10809,max-connections=2",
+    "a.0=x,a.1=y,a.2.b=z",
+    "list.0=null,list.2=zwei,list.1=eins",
+    "0=1",
+    "0.b=1",
+    "a..b=1",
+    "a.b=1,a=2",
+    '{"driver": "file", "filename": "x"}',
+]
+
+SIZES = ["1G", "512s", "0", "-0", "+7", "  10k", "9223372036854775807", "9223372036854775808",
+         "8E", "7E", "1e", "100M", "0x10", "1 ", "", "k", "-", "00012T", "1Kb"]
+
+CONFIG = [
+    "memory\nsize=1M",
+    "memory\n64M\nallocator=sparse",
+    "null\nsize=1G",
+    "pattern\nsize=4096",
+    "offset\noffset=512\nrange=1K",
+    "partition\npartition=1",
+    "truncate\ntruncate=1M\nround-up=4096\nround-down=512",
+    "blocksize\nminblock=512\nmaxdata=64K\nmaxlen=1M",
+    "blocksize-policy\nblocksize-preferred=4096\nblocksize-error-policy=error",
+    "error\nerror=EIO\nerror-rate=10%\nerror-pwrite-rate=1/4",
+    "delay\nrdelay=10ms\nwdelay=1",
+    "rate\nrate=1M\nburstiness=2",
+    "cow\ncow-block-size=64K\ncow-on-read=true",
+    "cache\ncache=writeback\ncache-max-size=1M",
+    "readahead",
+    "fua\nfuamode=force",
+    "retry\nretries=3\nretry-delay=1\nretry-exponential=no",
+    "swab\nswab-bits=32",
+    "protect\nprotect=0-1023\nprotect=~4096-8191",
+    "multi-conn\nmulti-conn-mode=emulate\nmulti-conn-track-dirty=conn",
+    "checkwrite",
+    "noextents",
+]
+
+
+def text_seeds():
+    for crate, target, items in (("qapi", "keyval", None), ("block", "size", SIZES),
+                                 ("block", "config", CONFIG)):
+        clear(crate, target)
+        if items is not None:
+            for s in items:
+                put(crate, target, s)
+    for s in KEYVAL:
+        put("qapi", "keyval", b"\x00" + s.encode())
+        put("qapi", "keyval", b"\x01" + s.encode())
+    clear("proto", "qmp_json")
+    for line in QMP_LINES:
+        b = line.encode()
+        put("proto", "qmp_json", bytes([len(b) // 2 % 256]) + b)
+
+
+# --- qcow2 images made by qemu-img -----------------------------------------------------------
+
+def run(*argv):
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def qcow2_seeds(tmp):
+    clear("image", "qcow2_open")
+    clear("image", "qcow2_header")
+    base = os.path.join(tmp, "base.raw")
+    run("qemu-img", "create", "-q", "-f", "raw", base, "64k")
+    images = []
+
+    def make(name, opts, size="64k", io=()):
+        p = os.path.join(tmp, name)
+        run("qemu-img", "create", "-q", "-f", "qcow2", *opts, p, *([size] if size else []))
+        for c in io:
+            run("qemu-io", "-f", "qcow2", "-c", c, p)
+        images.append(p)
+
+    # Small clusters keep the files a few KiB, so the fuzzer's mutations reach the tables.
+    make("empty.qcow2", ["-o", "cluster_size=512"])
+    make("data.qcow2", ["-o", "cluster_size=512"],
+         io=["write -P 0x11 0 1k", "write -z 4k 1k", "discard 0 512"])
+    make("v2.qcow2", ["-o", "cluster_size=512,compat=0.10"], io=["write 8k 512"])
+    make("refcount1.qcow2", ["-o", "cluster_size=512,refcount_bits=1"], io=["write 0 2k"])
+    make("refcount64.qcow2", ["-o", "cluster_size=512,refcount_bits=64"], io=["write 0 2k"])
+    make("lazy.qcow2", ["-o", "cluster_size=512,lazy_refcounts=on"], io=["write 0 512"])
+    make("extl2.qcow2", ["-o", "cluster_size=16k,extended_l2=on"], size="64k",
+         io=["write 0 2k"])
+    make("backing.qcow2", ["-o", "cluster_size=512", "-b", base, "-F", "raw"], size=None,
+         io=["write 1k 512"])
+    snap = os.path.join(tmp, "data.qcow2")
+    run("qemu-img", "snapshot", "-c", "s1", snap)
+    bitmap = os.path.join(tmp, "bitmap.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", bitmap, "64k")
+    run("qemu-img", "bitmap", "--add", bitmap, "b0")
+    images.append(bitmap)
+    for p in images:
+        with open(p, "rb") as f:
+            data = f.read()
+        name = os.path.basename(p)
+        if len(data) <= 256 * 1024:
+            put("image", "qcow2_open", data, name)
+        put("image", "qcow2_header", data[:4096], name)
+
+
+def main():
+    for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            sys.exit(f"fuzz-seeds.py: {tool} is not on PATH (run scripts/test.sh's installs)")
+    with tempfile.TemporaryDirectory() as tmp:
+        text_seeds()
+        nbd_seeds(tmp)
+        qcow2_seeds(tmp)
+    for crate in ("proto", "image", "block", "qapi"):
+        d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds")
+        for t in sorted(os.listdir(d)):
+            print(f"{crate}/{t}: {len(os.listdir(os.path.join(d, t)))} seeds")
+
+
+if __name__ == "__main__":
+    main()
