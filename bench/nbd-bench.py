@@ -805,7 +805,8 @@ def report(ctx, servers, rows, results):
                  f"fio runtime {ctx.runtime}s, copies={ctx.copies_used}")
     lines.append("")
     lines.append(f"{ctx.started} · {platform.node()} · {os.cpu_count()} CPUs · "
-                 f"kernel {platform.release()} · load {ctx.load0} -> {ctx.load1}")
+                 f"kernel {platform.release()} · load {ctx.load0} -> {ctx.load1}"
+                 + (" · with a spinner (one core kept busy)" if ctx.spinner else ""))
     if getattr(ctx, "interrupted", False):
         lines.append("**INTERRUPTED: partial results.**")
     lines.append("Medians over rounds; ratio = sluice/peer (throughput, IOPS, conn/s: "
@@ -837,6 +838,8 @@ def report(ctx, servers, rows, results):
                     va, vb = med[a][0], med[b][0]
                     cells.append(f"{va / vb:.2f}" if va is not None and vb else "-")
                 lines.append("| " + " | ".join(cells) + " |")
+    lines.extend(floor_report(ctx, servers, results))
+
     def measured(s):
         return any(results.get(r.name, {}).get(s.name) for r in rows)
     notes = [f"- {s.name}: {'stopped mid-run' if measured(s) else 'skipped'}: {s.skip}"
@@ -913,6 +916,11 @@ def parse_args(argv):
                     help="filter comparison: servers " + ",".join(FILTER_SERVERS)
                     + ", rows " + ",".join(FILTER_ROWS)
                     + " (unless --servers / --only say otherwise)")
+    ap.add_argument("--spinner", action="store_true",
+                    help="keep one core busy (a busy loop) while measuring: the loaded case")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the Floor section (the machine's own 4 KiB round trip over a "
+                         "Unix socket pair, bench/floor.c, measured every round)")
     ap.add_argument("--list", action="store_true", help="list rows and servers")
     a = ap.parse_args(argv)
     if a.qcow2:
@@ -955,6 +963,41 @@ def parse_args(argv):
     return a
 
 
+def build_floor(ctx):
+    """Compiles bench/floor.c (the Floor section's ping-pong) into the work dir."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.c")
+    out = os.path.join(ctx.work, "floor")
+    try:
+        run(["cc", "-O2", "-o", out, src], timeout=60)
+    except BenchError as e:
+        note(f"no Floor section: cannot compile {src}: {e}")
+        return None
+    return out
+
+
+def floor_report(ctx, servers, results):
+    """The Floor section: the machine's round trip, and each server's QD1 latency over it."""
+    if not ctx.floor:
+        return []
+    fl = statistics.median(ctx.floor)
+    lines = ["", "## Floor", "",
+             f"4 KiB request/reply over a Unix socket pair between two processes "
+             f"(bench/floor.c), median of {len(ctx.floor)}: **{fl:.1f} us** round trip.",
+             "QD1 mean completion latency (fio clat) as a multiple of it:", "",
+             "| row | " + " | ".join(s.name for s in servers) + " |",
+             "|---|" + "---:|" * len(servers)]
+    for row in ("randread-qd1", "randwrite-qd1"):
+        if row not in results:
+            continue
+        cells = []
+        for s in servers:
+            vals = [r["clat_mean_us"] for r in results[row].get(s.name, [])
+                    if "clat_mean_us" in r]
+            cells.append(f"{statistics.median(vals) / fl:.2f}" if vals else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def bench(ctx):
     servers = ctx.servers_run = [Server(n, SERVERS[n]) for n in ctx.server_names]
     for s in servers:
@@ -988,8 +1031,16 @@ def bench(ctx):
     if not live:
         raise BenchError("no server could be started")
     results = ctx.results = {r.name: {s.name: [] for s in servers} for r in ctx.rows}
+    floor_bin = None if ctx.no_floor else build_floor(ctx)
+    if ctx.spinner:
+        note("spinner: one busy loop runs while measuring")
+        spawn([sys.executable, "-c", "while True: pass"])
     t_start = time.monotonic()
     for rnd in range(ctx.rounds):
+        if floor_bin:
+            out, _, _ = run([floor_bin, str(ctx.runtime)], timeout=ctx.runtime + 30)
+            ctx.floor.append(float(out.split()[0]))
+            note(f"round {rnd + 1}/{ctx.rounds} floor: {ctx.floor[-1]:.1f} us round trip")
         for row in ctx.rows:
             k = rnd % len(servers)
             order = servers[k:] + servers[:k]
@@ -1034,6 +1085,7 @@ def main(argv=None):
     ctx.load0 = "%.2f" % os.getloadavg()[0]
     ctx.servers_run, ctx.results, rc = [], {}, 0
     ctx.interrupted = False
+    ctx.floor = []
     try:
         bench(ctx)
     except KeyboardInterrupt as e:
