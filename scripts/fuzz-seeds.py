@@ -199,6 +199,106 @@ KEYVAL = [
     '{"driver": "file", "filename": "x"}',
 ]
 
+# Real commands (from qemu-storage-daemon 10.0.2 sessions, paths made neutral) and a few
+# more for the commands those sessions do not reach: the qmp_dispatch target's seeds.
+DISPATCH = [
+    '{"execute": "qmp_capabilities"}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "disk-f", "filename": "/tmp/w/disk.qcow2"}}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "disk", "file": "disk-f"}}',
+    '{"execute": "block-dirty-bitmap-add", "arguments": {"node": "disk", "name": "b0", "persistent": true, "granularity": 65536}}',
+    '{"execute": "block-dirty-bitmap-add", "arguments": {"node": "disk", "name": "b0"}}',
+    '{"execute": "blockdev-backup", "arguments": {"job-id": "full", "device": "disk", "target": "full", "sync": "full"}}',
+    '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/tmp/w/nbd.sock"}}}}',
+    '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk", "name": "disk", "writable": true, "bitmaps": ["b0"]}}',
+    '{"execute": "query-named-block-nodes"}',
+    '{"execute": "block-export-del", "arguments": {"id": "e0"}}',
+    '{"execute": "blockdev-backup", "arguments": {"job-id": "inc", "device": "disk", "target": "inc", "sync": "incremental", "bitmap": "b0"}}',
+    '{"execute": "quit"}',
+    '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "vm", "node-name": "disk", "name": "vm", "writable": true}}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "scratch", "file": "scratch-f", "backing": "disk"}}',
+    '{"execute": "transaction", "arguments": {"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "scratch", "name": "backup-vm", "disabled": true}}, {"type": "block-dirty-bitmap-merge", "data": {"node": "scratch", "target": "backup-vm", "bitmaps": [{"node": "disk", "name": "b0"}]}}, {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "b1", "persistent": true}}, {"type": "block-dirty-bitmap-disable", "data": {"node": "disk", "name": "b0"}}, {"type": "blockdev-backup", "data": {"device": "disk", "job-id": "backup-vm", "target": "scratch", "sync": "none"}}]}}',
+    '{"execute": "job-cancel", "arguments": {"id": "backup-vm"}}',
+    '{"execute": "blockdev-del", "arguments": {"node-name": "scratch"}}',
+    '{"execute": "blockdev-mirror", "arguments": {"job-id": "m0", "device": "src", "target": "dst", "sync": "full"}}',
+    '{"execute": "job-complete", "arguments": {"id": "m0"}}',
+    '{"execute": "query-block-exports"}',
+    '{"execute": "blockdev-create", "arguments": {"job-id": "c0", "options": {"driver": "qcow2", "file": "new-f", "size": 33554432}}}',
+    '{"execute": "query-jobs"}',
+    '{"execute": "job-dismiss", "arguments": {"id": "c0"}}',
+    '{"execute": "blockdev-snapshot", "arguments": {"node": "dst", "overlay": "snap"}}',
+    '{"execute": "block_resize", "arguments": {"node-name": "snap", "size": 134217728}}',
+    '{"execute": "query-version"}',
+    '{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}',
+    '{"execute": "query-commands"}',
+    '{"execute": "query-qmp-schema"}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "base-file", "filename": "img/base.qcow2", "read-only": true}}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "base", "file": "base-file", "read-only": true}}',
+    '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "stream0", "device": "top", "auto-dismiss": false}}',
+    '{"execute": "query-block-jobs"}',
+    '{"execute": "frobnicate"}',
+    '{"execute": "block-stream", "arguments": {"job-id": "x"}}',
+    '{"execute": "query-version", "arguments": {"bogus": 1}}',
+    '{"execute": "block-stream", "arguments": {"device": 5}}',
+    '{"execute": "block-job-set-speed", "arguments": {"device": "nope", "speed": 1}}',
+    '{"execute": "block-export-add", "arguments": {"type": "bogus", "id": "x", "node-name": "top"}}',
+    '{"execute": 1}',
+    '{"execute": "block-stream", "arguments": {"job-id": "big0", "device": "bigtop", "speed": 8388608, "auto-finalize": false, "auto-dismiss": false}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "big0b", "device": "bigtop"}}',
+    '{"execute": "job-finalize", "arguments": {"id": "big0"}}',
+    '{"execute": "job-resume", "arguments": {"id": "big0"}}',
+    '{"execute": "job-pause", "arguments": {"id": "big0"}}',
+    '{"execute": "block-job-pause", "arguments": {"device": "big0"}}',
+    '{"execute": "block-job-resume", "arguments": {"device": "big0"}}',
+    '{"execute": "block-job-cancel", "arguments": {"device": "big0"}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "big1", "device": "bigtop", "auto-finalize": false, "auto-dismiss": false}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "e0", "device": "etop", "on-error": "stop"}}',
+    '{"execute": "block-job-cancel", "arguments": {"device": "e0", "force": true}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "s1", "device": "c1top", "base-node": "c1base", "backing-file": "c1base.qcow2", "filter-node-name": "cor1"}}',
+    '{"execute": "block-stream", "arguments": {"job-id": "s2", "device": "c2top", "bottom": "c2mid"}}',
+    '{"execute": "block-stream", "arguments": {"device": "c2top", "base": "x", "base-node": "c2base"}}',
+    '{"execute": "block-stream", "arguments": {"device": "c2top", "bottom": "c2base", "base-node": "c2base"}}',
+    '{"execute": "block-stream", "arguments": {"device": "c2top", "backing-file": "foo"}}',
+    '{"execute": "block-dirty-bitmap-remove", "arguments": {"node": "bm", "name": "b1"}}',
+    '{"execute": "block_resize", "arguments": {"device": "nope", "size": 1048576}}',
+    '{"execute": "blockdev-snapshot-sync", "arguments": {"device": "nope", "snapshot-file": "x.qcow2"}}',
+    '{"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "nope", "name": "s"}}',
+    '{"execute": "change-backing-file", "arguments": {"device": "nope", "image-node-name": "n", "backing-file": "b"}}',
+    '{"execute": "block-set-write-threshold", "arguments": {"node-name": "nope", "write-threshold": 1}}',
+    '{"execute": "block-commit", "arguments": {"device": "nope"}}',
+    '{"execute": "blockdev-mirror", "arguments": {"device": "nope", "target": "t", "sync": "full"}}',
+    '{"execute": "blockdev-backup", "arguments": {"device": "nope", "target": "t", "sync": "full"}}',
+    '{"execute": "block-job-complete", "arguments": {"device": "nope"}}',
+    '{"execute": "object-del", "arguments": {"id": "nope"}}',
+    '{"execute": "chardev-remove", "arguments": {"id": "nope"}}',
+    '{"execute": "nbd-server-stop"}',
+    '{"execute": "query-blockstats", "arguments": {"query-nodes": true}}',
+    '{"execute": "query-block"}',
+    '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0", "data": "cGFzcw==", "format": "base64"}}',
+    '{"execute": "object-add", "arguments": {"qom-type": "tls-creds-psk", "id": "t0", "endpoint": "server", "dir": "/tmp/w"}}',
+    '{"execute": "object-add", "arguments": {"qom-type": "authz-list", "id": "a0", "policy": "deny", "rules": [{"match": "CN=*", "policy": "allow", "format": "glob"}]}}',
+    '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "inet", "data": {"host": "::1", "port": "10809"}}, "tls-creds": "t0", "tls-authz": "a0"}}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "rbd", "node-name": "r", "pool": "rbd", "image": "i", "user": "admin", "key-secret": "s0", "auth-client-required": ["cephx"]}}',
+    '{"execute": "block-latency-histogram-set", "arguments": {"id": "e0", "boundaries": [10000, 50000]}}',
+    '{"execute": "nbd-server-add", "arguments": {"device": "disk", "writable": true}}',
+    '{"execute": "block-dirty-bitmap-merge", "arguments": {"node": "disk", "target": "b1", "bitmaps": ["b0", {"node": "other", "name": "b2"}]}}',
+]
+
+# Command-line options for qmp_dispatch's keyval mode: (option kind, text). Kinds as
+# checks/qmp_dispatch.rs picks them: 0 --blockdev, 1 --export, 2 --nbd-server, 3 --object.
+OPTIONS = [
+    (0, "driver=file,filename=/tmp/a.img,node-name=f,locking=off"),
+    (0, "driver=qcow2,node-name=q,file.driver=file,file.filename=x.qcow2,backing=null"),
+    (0, "driver=null-co,node-name=n,size=1G,read-only=on"),
+    (0, "driver=rbd,node-name=r,pool=rbd,image=i,conf=/etc/ceph/ceph.conf"),
+    (1, "nbd,id=e0,node-name=q,writable=on,name=disk,bitmaps.0=b0"),
+    (2, "addr.type=unix,addr.path=/tmp/n.sock,max-connections=4"),
+    (2, "addr.type=inet,addr.host=::1,addr.port=10809,tls-creds=t0"),
+    (3, "secret,id=s0,data=x,format=raw"),
+    (3, "tls-creds-x509,id=t0,endpoint=server,dir=/tmp/pki,verify-peer=on"),
+    (3, "authz-simple,id=a0,identity=CN=client"),
+]
+
 SIZES = ["1G", "512s", "0", "-0", "+7", "  10k", "9223372036854775807", "9223372036854775808",
          "8E", "7E", "1e", "100M", "0x10", "1 ", "", "k", "-", "00012T", "1Kb"]
 
@@ -242,12 +342,44 @@ def text_seeds():
     for line in QMP_LINES:
         b = line.encode()
         put("proto", "qmp_json", bytes([len(b) // 2 % 256]) + b)
+    # qmp_dispatch: the first byte's bit 0 picks JSON (0) or keyval (1), bit 1 the -compat
+    # policy (accept or reject), bits 2-3 the keyval option kind.
+    clear("daemon", "qmp_dispatch")
+    for line in QMP_LINES + DISPATCH:
+        put("daemon", "qmp_dispatch", b"\x00" + line.encode())
+    for line in DISPATCH[:8]:
+        put("daemon", "qmp_dispatch", b"\x02" + line.encode())
+    for kind, text in OPTIONS:
+        put("daemon", "qmp_dispatch", bytes([1 | kind << 2]) + text.encode())
 
 
 # --- qcow2 images made by qemu-img -----------------------------------------------------------
 
 def run(*argv):
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def bitmaps_seed(path, cluster):
+    """A qcow2_bitmaps input from a real image: the bitmaps extension's 24 bytes with its first
+    three bytes replaced by what the target derives its parameters from (bitmap count, cluster
+    size as 512 << n, a shift of the disk size), then the bitmap directory."""
+    with open(path, "rb") as f:
+        data = f.read()
+    ext_off = 104 if struct.unpack(">I", data[4:8])[0] >= 3 else 72
+    if ext_off == 104:
+        ext_off = struct.unpack(">I", data[100:104])[0]
+    while True:
+        kind, length = struct.unpack(">II", data[ext_off:ext_off + 8])
+        if kind == 0x23852875:
+            break
+        if kind == 0:
+            raise SystemExit(f"{path}: no bitmaps extension")
+        ext_off += 8 + (length + 7) // 8 * 8
+    ext = bytearray(data[ext_off + 8:ext_off + 32])
+    nb, _, dir_size, dir_off = struct.unpack(">IIQQ", bytes(ext))
+    ext[0:3] = bytes([nb, cluster.bit_length() - 10, 40])
+    ext[8:16] = struct.pack(">Q", (1 << 20) << 40)
+    return bytes(ext) + data[dir_off:dir_off + dir_size]
 
 
 def qcow2_seeds(tmp):
@@ -282,6 +414,16 @@ def qcow2_seeds(tmp):
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", bitmap, "64k")
     run("qemu-img", "bitmap", "--add", bitmap, "b0")
     images.append(bitmap)
+    clear("image", "qcow2_bitmaps")
+    for name, bitmaps, cluster in (("one", ["b0"], 512), ("three", ["a", "bb", "c" * 40], 65536)):
+        p = os.path.join(tmp, f"bitmaps-{name}.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", p, "1M")
+        for i, b in enumerate(bitmaps):
+            run("qemu-img", "bitmap", "--add", "-g", str(512 << i), p, b)
+        run("qemu-io", "-f", "qcow2", "-c", "write 0 64k", p)
+        put("image", "qcow2_bitmaps", bitmaps_seed(p, cluster), name)
+        if name == "one":
+            images.append(p)
     for p in images:
         with open(p, "rb") as f:
             data = f.read()
@@ -299,7 +441,7 @@ def main():
         text_seeds()
         nbd_seeds(tmp)
         qcow2_seeds(tmp)
-    for crate in ("proto", "image", "block", "qapi"):
+    for crate in ("proto", "image", "block", "qapi", "daemon"):
         d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds")
         for t in sorted(os.listdir(d)):
             print(f"{crate}/{t}: {len(os.listdir(os.path.join(d, t)))} seeds")

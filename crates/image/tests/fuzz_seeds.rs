@@ -1,7 +1,9 @@
-//! The fuzz targets' checks, run over their committed seed corpora (`fuzz/seeds/TARGET/`) as
-//! ordinary tests. Building the fuzzers takes minutes of CPU, too long for every CI run, so
-//! CI runs this smoke instead and `scripts/fuzz.sh` runs the fuzzers by hand; a crash the
-//! fuzzer finds is added to the seeds, and so stays a test here.
+//! The fuzz targets' checks over their committed seeds, as ordinary tests (see
+//! `crates/fuzz_seeds.rs`, shared by every crate with fuzz targets).
+
+#[path = "../../fuzz_seeds.rs"]
+mod seeds;
+use seeds::run_seeds;
 
 #[path = "../fuzz/checks/qcow2_header.rs"]
 mod qcow2_header;
@@ -9,24 +11,8 @@ mod qcow2_header;
 #[path = "../fuzz/checks/qcow2_open.rs"]
 mod qcow2_open;
 
-fn run_seeds(target: &str, check: fn(&[u8])) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/seeds")
-        .join(target);
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        let data = std::fs::read(&path).unwrap();
-        eprintln!("{}", path.display());
-        check(&data);
-        n += 1;
-    }
-    assert!(
-        n > 0,
-        "no seeds in {} (run scripts/fuzz-seeds.py)",
-        dir.display()
-    );
-}
+#[path = "../fuzz/checks/qcow2_bitmaps.rs"]
+mod qcow2_bitmaps;
 
 #[test]
 fn qcow2_header_seeds_pass_the_fuzz_checks() {
@@ -36,4 +22,34 @@ fn qcow2_header_seeds_pass_the_fuzz_checks() {
 #[test]
 fn qcow2_open_seeds_pass_the_fuzz_checks() {
     run_seeds("qcow2_open", qcow2_open::run);
+}
+
+#[test]
+fn qcow2_bitmaps_seeds_pass_the_fuzz_checks() {
+    run_seeds("qcow2_bitmaps", qcow2_bitmaps::run);
+}
+
+/// The seeds taken from qemu-img's images reach the round trip (their directories parse), so
+/// the target's checks are exercised past the parser's first refusal.
+#[test]
+fn qcow2_bitmaps_seeds_from_qemu_img_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/qcow2_bitmaps");
+    for (name, want) in [
+        ("one", vec!["b0"]),
+        ("three", vec!["a", "bb", &"c".repeat(40)]),
+    ] {
+        let data = std::fs::read(dir.join(name)).unwrap();
+        let (ext, directory) = data.split_at(24);
+        let cluster_size = 512u64 << ext[1];
+        let disk_size = u64::from_be_bytes(ext[8..16].try_into().unwrap()) >> ext[2];
+        let entries = sluice_image::qcow2_bitmaps::parse_directory(
+            directory,
+            u32::from(ext[0]),
+            cluster_size,
+            disk_size,
+        )
+        .unwrap();
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, want, "{name}");
+    }
 }

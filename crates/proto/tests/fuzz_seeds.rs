@@ -1,7 +1,9 @@
-//! The fuzz targets' checks, run over their committed seed corpora (`fuzz/seeds/TARGET/`) as
-//! ordinary tests. Building the fuzzers takes minutes of CPU, too long for every CI run, so
-//! CI runs this smoke instead and `scripts/fuzz.sh` runs the fuzzers by hand; a crash the
-//! fuzzer finds is added to the seeds, and so stays a test here.
+//! The fuzz targets' checks over their committed seeds, as ordinary tests (see
+//! `crates/fuzz_seeds.rs`, shared by every crate with fuzz targets).
+
+#[path = "../../fuzz_seeds.rs"]
+mod seeds;
+use seeds::run_seeds;
 
 #[path = "../fuzz/checks/handshake.rs"]
 mod handshake;
@@ -11,25 +13,6 @@ mod qmp_json;
 
 #[path = "../fuzz/checks/request.rs"]
 mod request;
-
-fn run_seeds(target: &str, check: fn(&[u8])) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/seeds")
-        .join(target);
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        let data = std::fs::read(&path).unwrap();
-        eprintln!("{}", path.display());
-        check(&data);
-        n += 1;
-    }
-    assert!(
-        n > 0,
-        "no seeds in {} (run scripts/fuzz-seeds.py)",
-        dir.display()
-    );
-}
 
 #[test]
 fn handshake_seeds_pass_the_fuzz_checks() {

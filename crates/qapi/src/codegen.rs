@@ -680,6 +680,7 @@ impl Gen<'_> {
         let mut methods = String::new();
         let mut calls = String::new();
         let mut arms = String::new();
+        let mut parse_arms = String::new();
         let mut table = String::new();
         let mut events = String::new();
         for e in &self.schema.entities {
@@ -724,16 +725,29 @@ impl Gen<'_> {
                     calls,
                     "fn call_{method}<H: Handlers + ?Sized>(h: &mut H, args: &::serde_json::Map<String, ::serde_json::Value>, inp: &mut q::Input<'_>, _out: &q::Output) -> Result<::serde_json::Value, ::sluice_proto::qmp::QmpError> {{\n    h.{method}(args, inp)\n}}\n"
                 );
+                let _ = writeln!(parse_arms, "        \"{}\" => Ok(()),", e.name);
                 continue;
             }
             let (param, read, pass) = match &c.data {
-                None => (
-                    String::new(),
-                    "    inp.check_unexpected(args, |_| false)?;\n".to_string(),
-                    String::new(),
-                ),
+                None => {
+                    let _ = writeln!(
+                        parse_arms,
+                        "        \"{}\" => inp.check_unexpected(args, |_| false),",
+                        e.name
+                    );
+                    (
+                        String::new(),
+                        "    inp.check_unexpected(args, |_| false)?;\n".to_string(),
+                        String::new(),
+                    )
+                }
                 Some(d) => {
                     let t = self.rust_name(d)?;
+                    let _ = writeln!(
+                        parse_arms,
+                        "        \"{}\" => {t}::from_args(inp, args).map(|_| ()),",
+                        e.name
+                    );
                     (
                         format!(", args: {t}"),
                         format!("    let a = {t}::from_args(inp, args)?;\n"),
@@ -766,6 +780,11 @@ impl Gen<'_> {
              /// calls the handler, converts the result. None if there is no such command.\n\
              pub fn dispatch<H: Handlers + ?Sized>(h: &mut H, name: &str, args: &::serde_json::Map<String, ::serde_json::Value>, inp: &mut q::Input<'_>, out: &q::Output) -> Option<Result<::serde_json::Value, ::sluice_proto::qmp::QmpError>> {{\n    \
              Some(match name {{\n{arms}        _ => return None,\n    }})\n}}\n\n\
+             /// Reads command `name`'s arguments as [`dispatch`] does, and stops there: no handler\n\
+             /// runs. Commands declared with `'gen': false` read their own arguments and pass.\n\
+             /// None if there is no such command. (The `qmp_dispatch` fuzz target drives it.)\n\
+             pub fn parse_arguments(name: &str, args: &::serde_json::Map<String, ::serde_json::Value>, inp: &mut q::Input<'_>) -> Option<Result<(), ::sluice_proto::qmp::QmpError>> {{\n    \
+             Some(match name {{\n{parse_arms}        _ => return None,\n    }})\n}}\n\n\
              /// Every command, in schema order.\npub const COMMANDS: &[q::CommandDef] = &[\n{table}];\n\n\
              /// Every event, in schema order.\npub const EVENTS: &[q::EventDef] = &[\n{events}];"
         );

@@ -1,27 +1,9 @@
-//! Fuzzes the qcow2 bitmaps extension and directory parsers with untrusted bytes.
-//!
-//! Properties: no panic, and a directory that parses, once encoded, parses back the same
-//! (padding bytes are not checked, as in qemu, so the bytes may differ there).
+//! The `qcow2_bitmaps` fuzz target: libFuzzer drives the checks in `checks/qcow2_bitmaps.rs`,
+//! which the crate's `tests/fuzz_seeds.rs` also runs over the committed seeds in every test
+//! run.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use sluice_image::qcow2_bitmaps::{encode_directory, parse_directory, BitmapsExt};
+#[path = "../checks/qcow2_bitmaps.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    if data.len() < 24 {
-        return;
-    }
-    let (ext, dir) = data.split_at(24);
-    let _ = BitmapsExt::parse(ext);
-    let nb = u32::from(ext[0]) % 8;
-    let cluster_size = 512u64 << (ext[1] % 13);
-    let disk_size = u64::from_be_bytes(ext[8..16].try_into().unwrap()) >> (ext[2] % 64);
-    if let Ok(entries) = parse_directory(dir, nb, cluster_size, disk_size) {
-        let again = encode_directory(&entries);
-        assert_eq!(again.len(), dir.len());
-        assert_eq!(
-            parse_directory(&again, nb, cluster_size, disk_size).ok(),
-            Some(entries)
-        );
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -1,0 +1,9 @@
+//! The `qmp_dispatch` fuzz target: libFuzzer drives the checks in `checks/qmp_dispatch.rs`,
+//! which the crate's `tests/fuzz_seeds.rs` also runs over the committed seeds in every test
+//! run.
+#![no_main]
+
+#[path = "../checks/qmp_dispatch.rs"]
+mod check;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -1,0 +1,14 @@
+//! The fuzz targets' checks over their committed seeds, as ordinary tests (see
+//! `crates/fuzz_seeds.rs`, shared by every crate with fuzz targets).
+
+#[path = "../../fuzz_seeds.rs"]
+mod seeds;
+use seeds::run_seeds;
+
+#[path = "../fuzz/checks/qmp_dispatch.rs"]
+mod qmp_dispatch;
+
+#[test]
+fn qmp_dispatch_seeds_pass_the_fuzz_checks() {
+    run_seeds("qmp_dispatch", qmp_dispatch::run);
+}
