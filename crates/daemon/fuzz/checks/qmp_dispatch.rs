@@ -6,7 +6,8 @@
 //!
 //! Properties: no panic; every command the request check lets through is in `COMMANDS`
 //! exactly when `parse_arguments` knows it; every argument error is a GenericError with a
-//! one-line description, as QEMU's visitors give.
+//! non-empty description of one line, as QEMU's visitors give, unless the input itself holds
+//! a line break (the description quotes the value, as QEMU's does: the first finding).
 
 use serde_json::Value;
 use sluice_daemon::generated::{
@@ -51,7 +52,12 @@ fn json_lines(data: &[u8], policy: &CompatPolicy) {
         let r = parse_arguments(&req.command, &req.arguments, &mut inp);
         assert_eq!(r.is_some(), known, "{}", req.command);
         if let Some(Err(e)) = r {
-            check_error(&e);
+            check_error(
+                &e,
+                Value::Object(req.arguments.clone())
+                    .to_string()
+                    .contains("\\n"),
+            );
         }
     }
 }
@@ -77,11 +83,12 @@ fn keyval_option(which: u8, data: &[u8], policy: &CompatPolicy) {
         _ => ObjectOptions::from_args(&mut inp, &obj).map(drop),
     };
     if let Err(e) = r {
-        check_error(&e);
+        check_error(&e, text.contains('\n'));
     }
 }
 
-fn check_error(e: &QmpError) {
+fn check_error(e: &QmpError, input_has_newline: bool) {
     assert_eq!(e.class, ErrorClass::GenericError, "{}", e.desc);
-    assert!(!e.desc.is_empty() && !e.desc.contains('\n'), "{:?}", e.desc);
+    assert!(!e.desc.is_empty(), "empty error description");
+    assert!(input_has_newline || !e.desc.contains('\n'), "{:?}", e.desc);
 }
