@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+import plot  # bench/plot.py: --plot
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LIBNBD_PYTHON = "/usr/bin/python3"
@@ -896,6 +898,8 @@ def parse_args(argv):
     ap.add_argument("--servers", help="comma-separated servers (default: "
                     + ",".join(n for n, s in SERVERS.items() if s["default"]) + ")")
     ap.add_argument("--out", help="directory for results.json, results.md and logs")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="also draw the ratio tables as a bar chart (bench/plot.py, matplotlib)")
     ap.add_argument("--workdir", help="use (and keep) this work dir; reuses data.raw "
                     "of the right size.  Default: a temp dir, removed at exit")
     ap.add_argument("--copies", choices=("auto", "separate", "shared"), default="auto",
@@ -1113,6 +1117,8 @@ def main(argv=None):
     if servers and results:
         md = report(ctx, servers, ctx.rows, results)
         print(md)
+        if ctx.plot:
+            plot.save(md, ctx.plot)
         if ctx.out:
             os.makedirs(ctx.out, exist_ok=True)
             with open(os.path.join(ctx.out, "results.md"), "w") as f:

@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+import plot  # bench/plot.py: --plot
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLUSTER = os.path.join(HERE, "..", "scripts", "ceph-cluster.sh")
@@ -108,6 +110,8 @@ def main():
                     help="bytes per random row at QD32 (QD1 does a quarter)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", help="comma-separated rows")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="also draw the ratio table as a bar chart (bench/plot.py, matplotlib)")
     ap.add_argument("--threads", type=int, default=16,
                     help="sluice serve -t: worker threads per connection (default 16)")
     args = ap.parse_args()
@@ -146,14 +150,18 @@ def main():
                 results[name][1].append(theirs)
                 print(f"round {rnd + 1} {name}: rbd bench {ours:.0f}/s, sluice {theirs:.0f}/s",
                       file=sys.stderr)
-        print(f"\n{'row':<16} {'rbd bench':>12} {'sluice':>12} {'sluice/rbd':>11}")
+        lines = ["# sluice rbd bench: sluice serve rbd (fio) vs rbd bench on the same image", "",
+                 "| row | metric | rbd bench | sluice | sluice/rbd |", "|---|---|---:|---:|---:|"]
         for name, io_type, pattern, bsize, depth, rw in rows:
             a = statistics.median(results[name][0])
             b = statistics.median(results[name][1])
             unit = "MiB/s" if bsize >= MiB else "IOPS"
             scale = bsize / MiB if bsize >= MiB else 1
-            print(f"{name:<16} {a * scale:>8.0f} {unit:<5} {b * scale:>6.0f} {unit:<5} "
-                  f"{b / a:>10.2f}")
+            lines.append(f"| {name} | {unit} | {a * scale:.0f} | {b * scale:.0f} | {b / a:.2f} |")
+        md = "\n".join(lines) + "\n"
+        print("\n" + md)
+        if args.plot:
+            plot.save(md, args.plot)
         run(["rbd", "-c", conf, "rm", "--no-progress", spec])
     finally:
         if cluster_dir:

@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # and Python bindings, fio, qemu's tools; GnuTLS's certtool and psktool for the TLS tests'
 # keys (sluice's own OpenSSL is built from source by the openssl crate's vendored feature);
 # parted and sgdisk make the partition tables the partition filter's tests read; prometheus
-# (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs.
+# (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs;
+# python3-matplotlib draws the benchmarks' --plot under /usr/bin/python3 (bench/plot.py).
 debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc
-      libpython3.11-dev gnutls-bin parted gdisk prometheus)
+      libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,8 +27,10 @@ fi
 # own throw-away cluster: the package list lives in ceph-cluster.sh.
 scripts/ceph-cluster.sh install
 
-python3 -m pip install --quiet --disable-pip-version-check qemu.qmp  # QMP client for the daemon tests
+# QMP client for the daemon tests; matplotlib for the benchmarks' --plot (bench/plot.py)
+python3 -m pip install --quiet --disable-pip-version-check qemu.qmp matplotlib
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --release
+python3 bench/plot.py --self-test
