@@ -19,10 +19,12 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import plot  # bench/plot.py: --plot
@@ -208,6 +210,12 @@ SERVERS = {
         cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s] + ["--filter=nofilter"] * 3
         + ["memory", str(c.size)],
         backing=None, sluice=True, default=False),
+    # --metrics: the same memory export with the Prometheus endpoint on (a Unix socket,
+    # scraped once a second while measuring): counting must not slow the request path.
+    "sluice-memory-metrics": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "--metrics",
+                             "unix:" + s + ".metrics", "memory", str(c.size)],
+        backing=None, sluice=True, default=False, metrics=True),
     "sluice-cow": dict(
         cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "--filter=cow", "file", f],
         backing="raw", sluice=True, default=False),
@@ -234,6 +242,7 @@ RATIOS = [
     ("sluice-file-tls", "qemu-nbd-raw-tls"),
     ("sluice-file-tls", "sluice-file"),
     ("sluice-nofilter3", "sluice-memory"),
+    ("sluice-memory-metrics", "sluice-memory"),
     ("sluice-cow", "nbdkit-cow"),
     ("sluice-cache", "nbdkit-cache"),
 ]
@@ -253,6 +262,9 @@ TLS_PSK_USER = "bench"
 FILTER_SERVERS = ["sluice-memory", "sluice-nofilter3", "sluice-cow", "nbdkit-cow",
                   "sluice-cache", "nbdkit-cache"]
 FILTER_ROWS = ["seq-read", "randread-qd32", "randwrite-qd32"]
+# --metrics: metrics on vs off (#18's target: within 3% on these rows).
+METRICS_SERVERS = ["sluice-memory", "sluice-memory-metrics"]
+METRICS_ROWS = ["seq-read", "randread-qd32"]
 # Backings that may be shared by several concurrently running servers.
 # A qcow2 file open read-write in two servers at once is not safe.
 SHAREABLE = {"raw"}
@@ -782,6 +794,31 @@ def start_server(ctx, srv):
         if bad:
             srv.skip = bad
             stop(srv.proc)
+    if srv.check_alive() and srv.spec.get("metrics"):
+        threading.Thread(target=scrape_metrics, args=(srv,), daemon=True).start()
+
+
+def scrape_metrics(srv):
+    """GET /metrics once a second while `srv` runs, as a Prometheus would (more often than its
+    default 15 s); counts scrapes in srv.scrapes, a failed one ends the server's row."""
+    path = srv.sock + ".metrics"
+    srv.scrapes = 0
+    while srv.alive:
+        try:
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(5)
+                c.connect(path)
+                c.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                reply = b""
+                while chunk := c.recv(65536):
+                    reply += chunk
+            if not reply.startswith(b"HTTP/1.1 200") or b"sluice_" not in reply:
+                raise OSError(f"bad reply {reply[:80]!r}")
+            srv.scrapes += 1
+        except OSError as e:
+            srv.skip = f"metrics scrape failed: {e}"
+            return
+        time.sleep(1)
 
 
 # ---------------------------------------------------------------------------
@@ -846,6 +883,8 @@ def report(ctx, servers, rows, results):
         return any(results.get(r.name, {}).get(s.name) for r in rows)
     notes = [f"- {s.name}: {'stopped mid-run' if measured(s) else 'skipped'}: {s.skip}"
              for s in servers if s.skip]
+    notes += [f"- {s.name}: /metrics scraped {s.scrapes} times (once a second) while measuring"
+              for s in servers if hasattr(s, "scrapes")]
     errs = []
     for r in rows:
         for s in servers:
@@ -916,6 +955,10 @@ def parse_args(argv):
                     help="TLS comparison (PSK, TLS required): servers "
                     + ",".join(TLS_SERVERS) + ", rows " + ",".join(TLS_ROWS)
                     + " (unless --servers / --only say otherwise)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="metrics on vs off: servers " + ",".join(METRICS_SERVERS)
+                    + ", rows " + ",".join(METRICS_ROWS)
+                    + " (unless --servers / --only say otherwise)")
     ap.add_argument("--filters", action="store_true",
                     help="filter comparison: servers " + ",".join(FILTER_SERVERS)
                     + ", rows " + ",".join(FILTER_ROWS)
@@ -936,6 +979,9 @@ def parse_args(argv):
     if a.filters:
         a.servers = a.servers or ",".join(FILTER_SERVERS)
         a.only = a.only or ",".join(FILTER_ROWS)
+    if a.metrics:
+        a.servers = a.servers or ",".join(METRICS_SERVERS)
+        a.only = a.only or ",".join(METRICS_ROWS)
     dflt = (512 * MiB, 1, 2) if a.quick else (4 * GiB, 3, 5)
     a.size = a.size if a.size is not None else dflt[0]
     a.rounds = a.rounds if a.rounds is not None else dflt[1]
