@@ -6,9 +6,9 @@ Each client negotiates (NBD_OPT_GO) and then sends nothing, as an idle qemu woul
 `sluice serve memory` and, for comparison, `nbdkit memory` (both a thread per connection).
 
   /usr/bin/python3 bench/idle-conns.py --connections 10000
-The server needs file descriptors for them (sluice holds three per idle connection: the
-socket, the duplicate that shutdown uses, and the transmission phase's writer), and one
-thread each: mind `kernel.pid_max` on a shared machine. The script raises the fd limit for
+The server needs a file descriptor for each (sluice's reader, writer and shutdown handle share
+the one socket) and one thread each: mind `kernel.pid_max` on a shared machine (10,000 idle
+connections to sluice and nbdkit at once exhaust a 32,768 pid_max together with a build). The script raises the fd limit for
 both ends where it may (root, outside a container that caps it).
 """
 

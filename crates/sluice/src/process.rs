@@ -302,9 +302,9 @@ pub fn stdio_stream() -> anyhow::Result<sluice_server::Stream> {
     Ok(match output {
         Some(output) => sluice_server::Stream::pipe(input.into(), output.into()),
         None if i32::from(ss.ss_family) == libc::AF_UNIX => {
-            sluice_server::Stream::Unix(std::os::unix::net::UnixStream::from(input))
+            sluice_server::Stream::unix(std::os::unix::net::UnixStream::from(input))
         }
-        None => sluice_server::Stream::Tcp(std::net::TcpStream::from(input)),
+        None => sluice_server::Stream::tcp(std::net::TcpStream::from(input)),
     })
 }
 

@@ -591,7 +591,7 @@ mod tests {
             }));
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let client = psk_client(b, "alice", |_| ());
-        let err = config.accept(Stream::Unix(a)).unwrap_err();
+        let err = config.accept(Stream::unix(a)).unwrap_err();
         assert!(
             matches!(&err, HandshakeError::Denied(PeerIdentity::Psk(u)) if u == "alice"),
             "{err}"
@@ -610,7 +610,7 @@ mod tests {
         let config = TlsConfig::psk(TlsMode::Require, &path).unwrap();
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let client = psk_client(b, "mallory", |_| ());
-        assert!(config.accept(Stream::Unix(a)).is_err());
+        assert!(config.accept(Stream::unix(a)).is_err());
         assert!(client.join().unwrap().is_none(), "client got through");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
@@ -631,7 +631,7 @@ mod tests {
             s.read_exact(&mut got).unwrap();
             got.iter().all(|&b| b == 0x22)
         });
-        let (stream, identity) = config.accept(Stream::Unix(a)).unwrap();
+        let (stream, identity) = config.accept(Stream::unix(a)).unwrap();
         assert_eq!(identity, PeerIdentity::Psk("alice".into()));
         let mut writer = stream.try_clone().unwrap();
         let w = std::thread::spawn(move || writer.write_all(&vec![0x22; LEN]));
