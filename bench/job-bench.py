@@ -8,6 +8,14 @@ job and times it from the command to BLOCK_JOB_COMPLETED.  Server CPU is
 utime+stime of the daemon from /proc/PID/stat over the same span.  Tables report
 medians over rounds and the ratio sluice/qsd.
 
+The mirror, backup and pull-mode rows (issues #15 and #16) have flows of their own:
+mirror-idle and mirror-busy time blockdev-mirror to BLOCK_JOB_READY and, after
+job-complete, to BLOCK_JOB_COMPLETED (mirror-busy with fio writing 4 KiB at random through
+the source's NBD export meanwhile); backup-full and backup-incr time blockdev-backup
+(sync=full, and sync=incremental on a persistent bitmap with 5% dirty); pull-read times
+libvirt's pull-mode setup and a libnbd client reading only the dirty extents from the
+scratch export.  Both daemons get the same QMP commands (qsd's, from its transcripts).
+
 Standard library only (QMP is spoken as raw JSON lines).  See bench/README.md.
 """
 
@@ -294,7 +302,25 @@ def build_chain3(ctx, d):
     return ["base.qcow2", "mid.qcow2", "top.qcow2"]
 
 
-CHAINS = {"chain2": build_chain2, "chain3": build_chain3}
+def dirty_stride():
+    """The dirtied fraction of the `dirty2` chain: 64 KiB (one bitmap granule) in every
+    20 * 64 KiB, i.e. 5% of the image."""
+    return 64 * KiB, 20 * 64 * KiB
+
+
+def build_dirty2(ctx, d):
+    """The chain2 chain, with a persistent bitmap b0 (64 KiB granules) on top and 5% of
+    the image then written through qemu-io (0x77, 64 KiB at a fixed stride): b0 marks
+    exactly those ranges, so both daemons load the same dirty bitmap from the image."""
+    names = build_chain2(ctx, d)
+    top = os.path.join(d, "top.qcow2")
+    run(["qemu-img", "bitmap", "--add", "-g", str(64 * KiB), top, "b0"])
+    n, stride = dirty_stride()
+    qemu_io_write(top, [f"write -P 0x77 {o} {n}" for o in range(0, ctx.size, stride)])
+    return names
+
+
+CHAINS = {"chain2": build_chain2, "chain3": build_chain3, "dirty2": build_dirty2}
 
 
 def qcow2(name, path, backing=None, read_only=False):
@@ -341,9 +367,16 @@ def check_backing_base(d):
 
 
 class Row:
-    def __init__(self, name, chain, setup, job, copied, check, what):
+    """A benchmark row. Without `flow`, the timed part is the job command up to
+    BLOCK_JOB_COMPLETED; a `flow(ctx, rt)` does its own timed part (see the flows below) and
+    returns the record's figures. `metrics` are the table's lines for the row."""
+
+    def __init__(self, name, chain, setup, job, copied, check, what, flow=None,
+                 metrics=None):
         self.name, self.chain, self.setup, self.job = name, chain, setup, job
         self.copied, self.check, self.what = copied, check, what
+        self.flow = flow
+        self.metrics = metrics or ["MiB/s", "CPU s"]
 
 
 ROWS = [
@@ -360,6 +393,278 @@ ROWS = [
                           "base-node": "base"}),
         lambda size: size // 2, check_backing_base,
         "block-commit of mid into base, same chain as stream-3 (moves half the size)"),
+]
+
+
+# ---------------------------------------------------------------------------
+# Flows of the mirror, backup and pull-mode rows (issues #15 and #16).  `rt` is the run:
+# the daemon (rt.proc), its QMP connection (rt.qmp) and the run's directory (rt.dir).
+# Everything before the timed part (target images, exports, fio's connection) is
+# untimed; each flow returns the record's figures.
+# ---------------------------------------------------------------------------
+
+
+class RunCtx:
+    def __init__(self, proc, qmp, rundir):
+        self.proc, self.qmp, self.dir = proc, qmp, rundir
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+def add_top_and_target(ctx, rt, target="dst"):
+    """Node top (its backing from the header) and a new empty qcow2 node `target`."""
+    qemu_img_create(rt.path(target + ".qcow2"), ctx.size)
+    rt.qmp.execute("blockdev-add", qcow2("top", rt.path("top.qcow2")))
+    rt.qmp.execute("blockdev-add", qcow2(target, rt.path(target + ".qcow2")))
+
+
+def export_top(rt):
+    """The NBD server on DIR/nbd.sock with top exported writable as `vm`; its URI."""
+    sock = rt.path("nbd.sock")
+    rt.qmp.execute("nbd-server-start",
+                   {"addr": {"type": "unix", "data": {"path": sock}}})
+    rt.qmp.execute("block-export-add", {"type": "nbd", "id": "vm", "node-name": "top",
+                                        "name": "vm", "writable": True})
+    return f"nbd+unix:///vm?socket={sock}"
+
+
+def wait_job_event(ctx, rt, names):
+    ev = rt.qmp.wait_event(set(names) | {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"},
+                           ctx.job_timeout)
+    if ev["event"] not in names:
+        raise BenchError(f"job ended with {ev['event']}: {ev['data']}")
+    if ev["data"].get("error"):
+        raise BenchError(f"job failed: {ev['data']['error']}")
+    return ev
+
+
+def start_fio(ctx, rt, uri):
+    """fio (nbd engine) writing 4 KiB at random offsets, 8 in flight, until stopped."""
+    out = rt.path("fio.json")
+    argv = ["fio", "--name=busy", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+            "--bs=4k", "--iodepth=8", f"--size={ctx.size}", "--time_based",
+            "--runtime=3600", "--output-format=json", f"--output={out}"]
+    if ctx.busy_iops:
+        argv.append(f"--rate_iops={ctx.busy_iops}")
+    p = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE)
+    time.sleep(1.0)  # untimed: connected and writing before the job starts
+    if p.poll() is not None:
+        raise BenchError(f"fio exited {p.returncode}: {tail(p.stderr.read().decode())}")
+    return p, out
+
+
+def stop_fio(p, out):
+    """Stops fio (SIGTERM: it writes its report); its write IOPS, or None."""
+    stop(p, grace=10.0)
+    try:
+        with open(out) as f:
+            text = f.read()
+        return json.loads(text[text.index("{"):])["jobs"][0]["write"]["iops"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def mirror_flow(busy):
+    """blockdev-mirror sync=full of top (over its backing) into a new qcow2: the time to
+    BLOCK_JOB_READY, then job-complete and the time to BLOCK_JOB_COMPLETED; with `busy`,
+    fio writes through top's export all along."""
+
+    def flow(ctx, rt):
+        add_top_and_target(ctx, rt)
+        fio = None
+        if busy:
+            fio = start_fio(ctx, rt, export_top(rt))
+        c0, t0 = cpu_ticks(rt.proc.pid), time.perf_counter()
+        rt.qmp.execute("blockdev-mirror", {"job-id": "m0", "device": "top",
+                                           "target": "dst", "sync": "full"})
+        wait_job_event(ctx, rt, {"BLOCK_JOB_READY"})
+        ready = time.perf_counter() - t0
+        rt.qmp.execute("job-complete", {"id": "m0"})
+        wait_job_event(ctx, rt, {"BLOCK_JOB_COMPLETED"})
+        secs, c1 = time.perf_counter() - t0, cpu_ticks(rt.proc.pid)
+        rec = {"READY s": ready, "done s": secs, "secs": secs,
+               "MiB/s": ctx.size / MiB / secs, "CPU s": (c1 - c0) / CLK_TCK}
+        if fio:
+            iops = stop_fio(*fio)
+            if iops is not None:
+                rec["fio IOPS"] = iops
+        return rec
+    return flow
+
+
+def backup_flow(incremental):
+    """blockdev-backup of top (dirty2 chain) into a new qcow2: sync=full, or
+    sync=incremental with the image's bitmap b0 (5% dirty)."""
+
+    def flow(ctx, rt):
+        add_top_and_target(ctx, rt)
+        args = {"job-id": "b0", "device": "top", "target": "dst", "sync": "full"}
+        if incremental:
+            args.update(sync="incremental", bitmap="b0")
+        c0, t0 = cpu_ticks(rt.proc.pid), time.perf_counter()
+        rt.qmp.execute("blockdev-backup", args)
+        wait_job_event(ctx, rt, {"BLOCK_JOB_COMPLETED"})
+        secs, c1 = time.perf_counter() - t0, cpu_ticks(rt.proc.pid)
+        copied = dirty_bytes(ctx.size) if incremental else ctx.size
+        return {"secs": secs, "MiB/s": copied / MiB / secs, "CPU s": (c1 - c0) / CLK_TCK}
+    return flow
+
+
+def dirty_bytes(size):
+    """The bytes bitmap b0 of the dirty2 chain marks."""
+    n, stride = dirty_stride()
+    return len(range(0, size, stride)) * n
+
+
+# The pull-mode client: the dirty extents from block status on the bitmap's context,
+# then aio reads of them (8 in flight, at most 4 MiB each); checks they read 0x77 and
+# prints what it read and how long it took (from connect to the last read).
+PULL_READER = r"""
+import json, nbd, sys, time
+uri, context = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+h = nbd.NBD()
+h.add_meta_context(context)
+h.connect_uri(uri)
+size = h.get_size()
+dirty, pos = [], [0]
+def extent(ctx, offset, entries, err):
+    if ctx != context:
+        return 0
+    o = offset
+    for i in range(0, len(entries), 2):
+        if entries[i + 1] & 1:
+            if dirty and dirty[-1][0] + dirty[-1][1] == o:
+                dirty[-1][1] += entries[i]
+            else:
+                dirty.append([o, entries[i]])
+        o += entries[i]
+    pos[0] = max(pos[0], o)
+    return 0
+while pos[0] < size:
+    start = pos[0]
+    h.block_status(min(size - start, 1 << 30), start, extent)
+    if pos[0] <= start:
+        sys.exit("block status made no progress")
+reqs = []
+for o, n in dirty:
+    while n > 0:
+        k = min(n, 4 << 20)
+        reqs.append((o, k))
+        o, n = o + k, n - k
+inflight, bad, total = [], 0, 0
+def reap():
+    global bad
+    for c, b in list(inflight):
+        if h.aio_command_completed(c):
+            inflight.remove((c, b))
+            data = b.to_bytearray()
+            bad += len(data) - data.count(0x77)
+for o, n in reqs:
+    while len(inflight) >= 8:
+        h.poll(-1)
+        reap()
+    b = nbd.Buffer(n)
+    inflight.append((h.aio_pread(b, o), b))
+    total += n
+while inflight:
+    h.poll(-1)
+    reap()
+secs = time.perf_counter() - t0
+h.shutdown()
+print(json.dumps({"extents": len(dirty), "bytes": total, "bad": bad, "secs": secs}))
+"""
+
+
+def pull_flow(ctx, rt):
+    """Pull-mode backup as libvirt does it (see the transcript): top exported as `vm`, a
+    scratch qcow2 whose backing is the live node, one transaction (backup bitmap on the
+    scratch merged from b0, new checkpoint b1, b0 disabled, blockdev-backup sync=none into
+    the scratch), the scratch exported read-only with the bitmap; then a libnbd client
+    reads only the dirty extents. Timed: the setup (from blockdev-add of the scratch to
+    the export) and the read."""
+    rt.qmp.execute("blockdev-add", qcow2("top", rt.path("top.qcow2")))
+    export_top(rt)
+    scratch = rt.path("scratch.qcow2")
+    qemu_img_create(scratch, ctx.size)
+    c0, t0 = cpu_ticks(rt.proc.pid), time.perf_counter()
+    rt.qmp.execute("blockdev-add", {"driver": "file", "node-name": "scratch-f",
+                                    "filename": scratch})
+    rt.qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "scratch",
+                                    "file": "scratch-f", "backing": "top"})
+    rt.qmp.execute("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "scratch", "name": "backup-vm", "disabled": True}},
+        {"type": "block-dirty-bitmap-merge",
+         "data": {"node": "scratch", "target": "backup-vm",
+                  "bitmaps": [{"node": "top", "name": "b0"}]}},
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "top", "name": "b1", "persistent": True}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "top", "name": "b0"}},
+        {"type": "blockdev-backup",
+         "data": {"device": "top", "job-id": "backup-vm", "target": "scratch",
+                  "sync": "none"}}]})
+    rt.qmp.execute("block-export-add", {"type": "nbd", "id": "backup",
+                                        "node-name": "scratch", "name": "backup-vm",
+                                        "writable": False, "bitmaps": ["backup-vm"]})
+    setup = time.perf_counter() - t0
+    sock = rt.path("nbd.sock")
+    out = run([ctx.libnbd_python, "-c", PULL_READER, f"nbd+unix:///backup-vm?socket={sock}",
+               "qemu:dirty-bitmap:backup-vm"])
+    secs, c1 = time.perf_counter() - t0, cpu_ticks(rt.proc.pid)
+    got = json.loads(out)
+    if got["bad"] or got["bytes"] != dirty_bytes(ctx.size):
+        raise BenchError(f"pull read {got}, expected {dirty_bytes(ctx.size)} bytes of 0x77")
+    rt.qmp.execute("job-cancel", {"id": "backup-vm"})
+    wait_job_event(ctx, rt, {"BLOCK_JOB_CANCELLED"})
+    return {"setup s": setup, "read s": got["secs"], "secs": secs,
+            "MiB/s": got["bytes"] / MiB / got["secs"], "CPU s": (c1 - c0) / CLK_TCK}
+
+
+def check_target_equals_top(rundir, tdir):
+    run(["qemu-img", "check", "-q", os.path.join(rundir, "dst.qcow2")])
+    run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
+         os.path.join(rundir, "dst.qcow2"), os.path.join(tdir, "top.qcow2")], timeout=1800)
+
+
+def check_target_clean(rundir, tdir):
+    run(["qemu-img", "check", "-q", os.path.join(rundir, "dst.qcow2")])
+
+
+def check_incremental(rundir, tdir):
+    """The target holds the dirty ranges (0x77) and nothing else."""
+    check_target_clean(rundir, tdir)
+    data = sum(e["length"] for e in json.loads(run(
+        ["qemu-img", "map", "--output=json", os.path.join(rundir, "dst.qcow2")]))
+        if e["data"])
+    size = img_info(os.path.join(rundir, "dst.qcow2"))["virtual-size"]
+    if data != dirty_bytes(size):
+        raise BenchError(f"incremental target holds {data} bytes of data")
+
+
+def no_check(rundir, tdir):
+    pass
+
+
+ROWS += [
+    Row("mirror-idle", "chain2", None, None, lambda size: size, check_target_equals_top,
+        "blockdev-mirror sync=full of top (chain2) into a new qcow2: READY, job-complete, "
+        "COMPLETED", flow=mirror_flow(False),
+        metrics=["READY s", "done s", "MiB/s", "CPU s"]),
+    Row("mirror-busy", "chain2", None, None, lambda size: size, check_target_clean,
+        "the same while fio (nbd engine, 4K randwrite, QD8) writes through top's export",
+        flow=mirror_flow(True), metrics=["READY s", "done s", "MiB/s", "CPU s", "fio IOPS"]),
+    Row("backup-full", "dirty2", None, None, lambda size: size, check_target_equals_top,
+        "blockdev-backup sync=full of top (dirty2) into a new qcow2", flow=backup_flow(False)),
+    Row("backup-incr", "dirty2", None, None, dirty_bytes, check_incremental,
+        "blockdev-backup sync=incremental bitmap=b0 (5% dirty: 64 KiB every 1.25 MiB)",
+        flow=backup_flow(True)),
+    Row("pull-read", "dirty2", None, None, dirty_bytes, no_check,
+        "pull mode: scratch over the live node, transaction with blockdev-backup sync=none, "
+        "export with the bitmap; libnbd reads the dirty extents (QD8)", flow=pull_flow,
+        metrics=["setup s", "read s", "MiB/s", "CPU s"]),
 ]
 
 
@@ -384,23 +689,33 @@ def drop_cache(path):
         os.close(fd)
 
 
+def job_flow(ctx, row, proc, qmp, rundir):
+    """The stream and commit rows: the job command to BLOCK_JOB_COMPLETED."""
+    for args in row.setup(rundir):
+        qmp.execute("blockdev-add", args)
+    cmd, args = row.job
+    c0, t0 = cpu_ticks(proc.pid), time.perf_counter()
+    qmp.execute(cmd, args)
+    ev = qmp.wait_event({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, ctx.job_timeout)
+    secs, c1 = time.perf_counter() - t0, cpu_ticks(proc.pid)
+    if ev["event"] != "BLOCK_JOB_COMPLETED":
+        raise BenchError(f"job ended with {ev['event']}: {ev['data']}")
+    if ev["data"].get("error"):
+        raise BenchError(f"job failed: {ev['data']['error']}")
+    return {"MiB/s": row.copied(ctx.size) / MiB / secs, "CPU s": (c1 - c0) / CLK_TCK,
+            "secs": secs}
+
+
 def measure(ctx, row, name, rnd):
     rundir = os.path.join(ctx.work, f"run-{row.name}-{name}-{rnd}")
     fresh_copy(ctx, row, rundir)
     proc = qmp = None
     try:
         proc, qmp, log = start_daemon(ctx, name, rundir)
-        for args in row.setup(rundir):
-            qmp.execute("blockdev-add", args)
-        cmd, args = row.job
-        c0, t0 = cpu_ticks(proc.pid), time.perf_counter()
-        qmp.execute(cmd, args)
-        ev = qmp.wait_event({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, ctx.job_timeout)
-        secs, c1 = time.perf_counter() - t0, cpu_ticks(proc.pid)
-        if ev["event"] != "BLOCK_JOB_COMPLETED":
-            raise BenchError(f"job ended with {ev['event']}: {ev['data']}")
-        if ev["data"].get("error"):
-            raise BenchError(f"job failed: {ev['data']['error']}")
+        if row.flow:
+            rec = row.flow(ctx, RunCtx(proc, qmp, rundir))
+        else:
+            rec = job_flow(ctx, row, proc, qmp, rundir)
         try:
             qmp.execute("quit")
         except BenchError:
@@ -413,16 +728,18 @@ def measure(ctx, row, name, rnd):
         if proc.returncode != 0:
             raise BenchError(f"{name} exited {proc.returncode} after quit: "
                              f"{tail(read_log(log))}")
-        cpu = (c1 - c0) / CLK_TCK
-        rec = {"MiB/s": row.copied(ctx.size) / MiB / secs, "CPU s": cpu,
-               "secs": secs, "cpu_s": cpu, "copied": row.copied(ctx.size)}
+        rec.update(cpu_s=rec["CPU s"], copied=row.copied(ctx.size))
         if rnd == 0 or ctx.check_all:
-            row.check(rundir)
-            run(["qemu-img", "check", "-q", os.path.join(rundir, "top.qcow2")])
             tdir = ctx.templates[row.chain][0]
-            run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
-                 os.path.join(rundir, "top.qcow2"), os.path.join(tdir, "top.qcow2")],
-                timeout=1800)
+            if row.flow:
+                row.check(rundir, tdir)
+                run(["qemu-img", "check", "-q", os.path.join(rundir, "top.qcow2")])
+            else:
+                row.check(rundir)
+                run(["qemu-img", "check", "-q", os.path.join(rundir, "top.qcow2")])
+                run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
+                     os.path.join(rundir, "top.qcow2"), os.path.join(tdir, "top.qcow2")],
+                    timeout=1800)
             rec["checked"] = True
         return rec
     finally:
@@ -438,7 +755,16 @@ def measure(ctx, row, name, rnd):
 # Reporting
 # ---------------------------------------------------------------------------
 
-METRICS = [("MiB/s", True, lambda v: f"{v:.0f}"), ("CPU s", False, lambda v: f"{v:.2f}")]
+# Each metric: higher is better?, format.
+METRICS = {
+    "MiB/s": (True, lambda v: f"{v:.0f}"),
+    "CPU s": (False, lambda v: f"{v:.2f}"),
+    "READY s": (False, lambda v: f"{v:.2f}"),
+    "done s": (False, lambda v: f"{v:.2f}"),
+    "setup s": (False, lambda v: f"{v:.3f}"),
+    "read s": (False, lambda v: f"{v:.3f}"),
+    "fio IOPS": (True, lambda v: f"{v:.0f}"),
+}
 
 
 def report(ctx, results):
@@ -451,13 +777,17 @@ def report(ctx, results):
     if ctx.interrupted:
         lines.append("**INTERRUPTED: partial results.**")
     lines += ["Medians over rounds; MiB/s = bytes the job copies / seconds from the "
-              "command to BLOCK_JOB_COMPLETED; CPU s = daemon utime+stime over that span.",
+              "command to BLOCK_JOB_COMPLETED (mirror: to COMPLETED after job-complete; "
+              "pull-read: bytes read / read s); CPU s = daemon utime+stime over that span "
+              "(pull-read: setup and read). sluice/qsd above 1 is better for MiB/s and "
+              "IOPS, below 1 for seconds.",
               "", "| row | metric | " + " | ".join(names)
               + (" | sluice/qsd |" if ratio else " |"),
               "|---|---|" + "---:|" * (len(names) + ratio)]
     errs = []
     for row in ctx.rows:
-        for key, higher, fmt in METRICS:
+        for key in row.metrics:
+            higher, fmt = METRICS[key]
             cells = [row.name, key + ("" if higher else " (lower better)")]
             med = {}
             for n in names:
@@ -513,6 +843,11 @@ def parse_args(argv):
     ap.add_argument("--check-all", action="store_true",
                     help="check every run's result (default: round 1 only)")
     ap.add_argument("--job-timeout", type=float, default=600.0)
+    ap.add_argument("--busy-iops", type=int, default=0,
+                    help="cap fio's writes in mirror-busy at this many IOPS (default: no "
+                    "cap), so that both daemons get the same write load")
+    ap.add_argument("--libnbd-python", default="/usr/bin/python3",
+                    help="a python that imports libnbd (pull-read row)")
     ap.add_argument("--start-timeout", type=float, default=30.0)
     a = ap.parse_args(argv)
     if a.rounds < 1:
@@ -557,8 +892,10 @@ def bench(ctx):
                 rec = {"round": rnd}
                 try:
                     rec.update(measure(ctx, row, n, rnd))
+                    extra = "".join(f", {k} {METRICS[k][1](rec[k])}" for k in row.metrics
+                                    if k not in ("MiB/s", "CPU s") and k in rec)
                     shown = (f"{rec['secs']:.2f} s, {rec['MiB/s']:.0f} MiB/s, "
-                             f"CPU {rec['CPU s']:.2f} s"
+                             f"CPU {rec['CPU s']:.2f} s{extra}"
                              + (", checked" if rec.get("checked") else ""))
                 except BenchError as e:
                     rec["error"] = str(e)

@@ -336,3 +336,67 @@ fn mirror_scenario_matches_qemu_storage_daemon_in_shape() {
     let got = scenario(&sluice, &p2);
     assert_eq!(got, want);
 }
+
+/// Regression: the pivot flushes the source. Writes before the pivot (never flushed by
+/// the client) into a source with no L2 table yet left the new table's L1 entry to be
+/// written at close while imago's caches (the table, its refcount) were never written
+/// back, since every flush after the pivot goes to the target: `qemu-img check` of the
+/// source then found an L1 entry pointing at a cluster with refcount 0. Now the source
+/// is, at the pivot, a clean image holding every write made before it.
+#[test]
+fn mirror_pivot_flushes_the_source_so_it_stays_a_clean_image_after_quit() {
+    let (dir, p) = images();
+    let fresh = dir.path().join("fresh.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&fresh),
+        "8M",
+    ]);
+    let expected = dir.path().join("expected.raw");
+    flatten(&fresh, &expected);
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    ok(&mut c, "blockdev-add", qcow2("src", &fresh, json!({})));
+    ok(&mut c, "blockdev-add", qcow2("dst", &p("full"), json!({})));
+    support::qmp::start_nbd(&mut c, &d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "name": "vm", "writable": true}),
+    );
+    let mut client = Client::connect(&d.nbd_uri("vm"));
+    client.write(&expected, 3 * MIB + 7, 5000, 0xa0);
+    run_names(
+        &mut c,
+        json!({"execute": "blockdev-mirror",
+               "arguments": {"job-id": "m0", "device": "src", "target": "dst",
+                             "sync": "full"}}),
+        "BLOCK_JOB_READY",
+    );
+    client.write(&expected, 7 * MIB, 65536, 0xa1);
+    let got = run_names(
+        &mut c,
+        json!({"execute": "job-complete", "arguments": {"id": "m0"}}),
+        "null",
+    );
+    assert_eq!(got, COMPLETED_AFTER_REPLY);
+    // After the pivot: the target's alone.
+    let source_then = dir.path().join("source-then.raw");
+    std::fs::copy(&expected, &source_then).unwrap();
+    client.write(&expected, 100, 4096, 0xa2);
+    client.close();
+    quit(c, d);
+    let (code, out) = qemu_img_check(&fresh);
+    assert_eq!(code, 0, "the source after the pivot and quit: {out}");
+    assert_same(&fresh, &source_then);
+    let (code, out) = qemu_img_check(&p("full"));
+    assert_eq!(code, 0, "{out}");
+    assert_same(&p("full"), &expected);
+}

@@ -24,11 +24,11 @@
 mod support;
 
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::crash::{check_leaks_only, env_u64, kill_9, Rng};
 use support::image::{qcow2_over, qemu_img, qemu_io};
 use support::qmp::{daemon_with_top, short, wait_for, Qmp};
 use support::{output, path_str, random_bytes, random_file};
@@ -43,22 +43,6 @@ const ITERS: u64 = 20;
 /// The speed limit of the killed streams, so that they last long enough (1.3 s or more for
 /// the ~300 MiB to copy) for random kill points to fall all along the copy.
 const SPEED: u64 = 224 * MIB;
-
-/// xorshift64*: the kill points, repeatable from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Where a kill lands.
 #[derive(Debug, Clone, Copy)]
@@ -282,18 +266,8 @@ fn stream_and_kill(top: &Path, kill: Kill) -> String {
         }
     };
     let elapsed = t0.elapsed();
-    let st = d.signal(libc::SIGKILL);
-    assert_eq!(
-        st.signal(),
-        Some(libc::SIGKILL),
-        "the daemon was not alive to be killed ({st}); stderr:\n{}",
-        d.stderr()
-    );
-    assert!(!d.stderr().contains("panicked"), "{}", d.stderr());
-    // Whatever was already sent (e.g. a failure) is in the buffer or the socket.
-    while let Some(line) = c.try_read_line(Duration::from_millis(1)) {
-        c.events.push(serde_json::from_str(&line).unwrap());
-    }
+    // Whatever was already sent (e.g. a failure) is read into the events.
+    kill_9(&mut d, &mut c);
     for e in &c.events {
         assert!(
             e.get("error").is_none() && e["data"].get("error").is_none(),
@@ -327,36 +301,6 @@ fn restart_and_complete(top: &Path) -> Value {
     done["data"].clone()
 }
 
-/// `qemu-img check --output=json`: the image's leaked clusters; panics on anything but
-/// "clean" and "leaked clusters only".
-fn check(path: &Path, ctx: &str) -> u64 {
-    let out = output("qemu-img", &["check", "--output=json", path_str(path)]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let code = out.status.code().unwrap_or(-1);
-    let v: Option<Value> = serde_json::from_str(&text).ok();
-    let field = |k: &str| {
-        v.as_ref()
-            .and_then(|v| v.get(k))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    let leaks = field("leaks");
-    let clean = v.is_some()
-        && field("check-errors") == 0
-        && field("corruptions") == 0
-        && ((code == 0 && leaks == 0) || (code == 3 && leaks > 0));
-    if !clean {
-        let human = output("qemu-img", &["check", path_str(path)]);
-        panic!(
-            "{ctx}: qemu-img check {} exit {code}:\n{text}{}\n{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&human.stdout)
-        );
-    }
-    leaks
-}
-
 /// The state of the chain after a kill.
 struct Verdict {
     /// Leaked clusters in the top.
@@ -369,9 +313,9 @@ struct Verdict {
 /// streamed): check without errors, a valid chain, and the reference's content.
 fn verify(dir: &Path, flat: &Path, ctx: &str) -> Verdict {
     let top = dir.join("top.qcow2");
-    let leaks = check(&top, ctx);
+    let leaks = check_leaks_only(&top, ctx);
     for lower in ["mid.qcow2", "base.qcow2"] {
-        let l = check(&dir.join(lower), ctx);
+        let l = check_leaks_only(&dir.join(lower), ctx);
         assert_eq!(l, 0, "{ctx}: {lower} (never written) has leaks");
     }
     let info: Value = serde_json::from_str(&qemu_img(&[
@@ -424,15 +368,6 @@ fn verify(dir: &Path, flat: &Path, ctx: &str) -> Verdict {
         String::from_utf8_lossy(&cmp.stderr)
     );
     Verdict { leaks, streamed }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    Some(match v.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
-        None => v.parse().unwrap(),
-    })
 }
 
 #[test]

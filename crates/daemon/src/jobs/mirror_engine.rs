@@ -11,8 +11,9 @@
 //! landing meanwhile marks it again. When the map is clean the job is `ready`
 //! (BLOCK_JOB_READY) and keeps mirroring new writes until `job-complete`; then, in the
 //! kind's `prepare` (the daemon's state lock held), [`MirrorEngine::pivot`] holds the
-//! source's requests off, copies what is still dirty, flushes the target and redirects the
-//! source node to it ([`sluice_image::Node::pivot`]), and [`move_exports`] makes the
+//! source's requests off, copies what is still dirty, flushes the target and the source
+//! (nothing reaches the source's own caches after the pivot) and redirects the
+//! source node to the target ([`sluice_image::Node::pivot`]), and [`move_exports`] makes the
 //! source's exports the target's in the graph. Open NBD connections keep their handle on
 //! the source node, which now forwards to the target: they survive the pivot.
 //!

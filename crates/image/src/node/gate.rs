@@ -171,11 +171,18 @@ impl Node {
         self.tracking.state.write().before_write = hook;
     }
 
-    /// The end of an active commit: with every request of this node held off, copies what
-    /// `dirty` still marks from this node into `target`, flushes `target`, and from then on
-    /// sends every request of this node to `target` (which holds the same data, and whose
-    /// backing must be what remains of this node's chain below it). Returns the bytes
-    /// copied. On error nothing is redirected and this node is unchanged.
+    /// The end of an active commit or a mirror: with every request of this node held off,
+    /// copies what `dirty` still marks from this node into `target`, flushes `target` and
+    /// this node, and from then on sends every request of this node to `target` (which
+    /// holds the same data, and whose backing must be what remains of this node's chain
+    /// below it). Returns the bytes copied. On error nothing is redirected.
+    ///
+    /// This node is flushed here because nothing reaches its own caches afterwards: every
+    /// later flush goes to `target`. Without it, what clients wrote before the pivot and
+    /// never flushed stayed in imago's caches while the L1 entries held back for them
+    /// (`storage.rs`) were written when the file closed: an L1 entry pointing at an L2
+    /// table whose refcount never reached the file, which `qemu-img check` reports as
+    /// corruption.
     pub fn pivot(&self, dirty: &DirtyMap, target: Arc<Node>) -> Result<u64> {
         let mut state = self.tracking.state.write();
         let mut copied = 0;
@@ -193,6 +200,10 @@ impl Node {
             copied += len;
         }
         target.flush()?;
+        if !self.read_only {
+            // The gate is held exclusively: this flush is inside it.
+            self.flush_body(Reading(()))?;
+        }
         state.dirty = None;
         state.redirect = Some(target);
         Ok(copied)

@@ -192,6 +192,7 @@ pub fn path_str(p: &Path) -> &str {
 
 pub mod captive;
 pub mod ceph;
+pub mod crash;
 pub mod image;
 pub mod live;
 pub mod raw;

@@ -1,0 +1,599 @@
+//! kill -9 of `sluice daemon` during a `blockdev-mirror` of an exported, written qcow2 (over
+//! a qcow2 backing) into a new qcow2, and during a `blockdev-snapshot-sync` of it (issue #16,
+//! item 4), as `daemon_stream_crash` does for stream.
+//!
+//! A python3-libnbd client writes through the export all along: write `i` puts byte
+//! `i % 255 + 1` over the 4 KiB slot `i` (its own 64 KiB cluster, see [`slot`]), one write
+//! at a time, with a flush after every [`FLUSH_EVERY`] writes; it reports each write and
+//! each flush the daemon acknowledged. A write is *durable* once a flush after it was
+//! acknowledged: writes without FUA and not flushed may be lost in a crash (their L2
+//! entries can still sit in the metadata cache), in sluice as in qemu. After each kill:
+//! `qemu-img check` of the source chain, the target or overlay finds no errors (leaks are
+//! allowed), and every slot of every image reads as either its pristine content or as the
+//! write the client made there — never anything else, never a write the client had not sent
+//! yet — and outside the slots the source is the pristine image. Then, by kill point:
+//! - **before READY** (a throttled mirror) and **in READY**: the source holds every durable
+//!   write.
+//! - **after `job-complete`** (a random few µs after it, or at BLOCK_JOB_COMPLETED): the
+//!   source holds every write that was durable when `job-complete` was sent; every durable
+//!   write is in the source or in the target (after the pivot the export writes the target);
+//!   once BLOCK_JOB_COMPLETED was seen the pivot had flushed the target, so the target is the
+//!   pristine image plus every write durable before `job-complete`.
+//! - **during `blockdev-snapshot-sync`** (a random few µs after it, or after its reply):
+//!   the overlay, once the reply came, is a clean qcow2 whose backing is the source; the
+//!   chain (the overlay if it is one, else the source) holds every durable write; and no
+//!   write is on the wrong layer: every write in the source came before every write found
+//!   only in the overlay (the switch flushes the source with the client's requests held
+//!   off, so everything before it is in the source and nothing after).
+//!
+//! Kill point `i % KINDS` runs in iteration `i`, on a fresh copy of the pristine images;
+//! delays come from a seeded PRNG (`SLUICE_MIRROR_CRASH_SEED` overrides the seed,
+//! `SLUICE_MIRROR_CRASH_ITERS` the number of iterations; every line printed names both).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::crash::{check_leaks_only, env_u64, kill_9, Rng};
+use support::image::{qcow2_over, qemu_img, qemu_io};
+use support::qmp::{daemon_with_top, ok, short, start_nbd, wait_for, Qmp, QmpDaemon};
+use support::{output, path_str, random_bytes, PYTHON};
+
+const MIB: u64 = 1024 * 1024;
+/// The images' virtual size: one slot per 64 KiB cluster.
+const SIZE: u64 = 64 * MIB;
+/// The bytes of a slot (one write).
+const SLOT: u64 = 4096;
+/// Slots, and the most writes the client makes.
+const SLOTS: u64 = SIZE / 65536;
+/// The client flushes after this many writes.
+const FLUSH_EVERY: u64 = 8;
+/// The default seed of the kill points.
+const SEED: u64 = 0x3a1e_c0de_5eed_0016;
+/// Iterations by default: every kind of kill point twice.
+const ITERS: u64 = 2 * KINDS;
+/// The throttled mirror's speed: 64 MiB take a second, so kills before READY land in the
+/// copy.
+const SPEED: u64 = 64 * MIB;
+
+/// Where write `i` goes: 4 KiB at a different 4 KiB of each 64 KiB cluster.
+fn slot(i: u64) -> u64 {
+    i * 65536 + (i * 7 % 16) * SLOT
+}
+
+/// The byte write `i` writes.
+fn byte(i: u64) -> u8 {
+    (i % 255 + 1) as u8
+}
+
+/// Where a kill lands.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// A throttled mirror, this many ms after the command was sent (before READY).
+    Copying(u64),
+    /// This many ms after BLOCK_JOB_READY, with the client writing.
+    Ready(u64),
+    /// This many µs after `job-complete` was sent.
+    Completing(u64),
+    /// This many µs after `pending` arrived (in the pivot, or just after).
+    Pivoting(u64),
+    /// As BLOCK_JOB_COMPLETED arrives (the pivot done).
+    Completed,
+    /// This many µs after `blockdev-snapshot-sync` was sent.
+    Snapshotting(u64),
+    /// This many ms after the `blockdev-snapshot-sync` reply.
+    Snapshotted(u64),
+}
+
+/// The kinds of [`Kill`] points, as [`kill_point`] numbers them.
+const KINDS: u64 = 7;
+
+fn kill_point(kind: u64, rng: &mut Rng) -> Kill {
+    match kind % KINDS {
+        0 => Kill::Copying(rng.below(800)),
+        1 => Kill::Ready(rng.below(200)),
+        2 => Kill::Completing(rng.below(1500)),
+        3 => Kill::Pivoting(rng.below(1500)),
+        4 => Kill::Completed,
+        5 => Kill::Snapshotting(rng.below(4000)),
+        _ => Kill::Snapshotted(rng.below(20)),
+    }
+}
+
+/// The pristine images in `dir`: `base.qcow2` (random data in regions all over it) under
+/// `src.qcow2` (other data, zeroes over base data, a relative backing name); returns the
+/// flattened content of `src.qcow2`. No constant range holds the byte a client write puts
+/// on a slot inside it (0xa1 is write 160's, at 10 MiB), so every write can be told from
+/// what was there.
+fn build_pristine(dir: &Path) -> Vec<u8> {
+    let raw = dir.join("base.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(SIZE).unwrap();
+    for (i, (off, len)) in [
+        (0, 3 * MIB),
+        (10 * MIB + 12_345, 7 * MIB),
+        (30 * MIB + 4095, 5 * MIB),
+        (SIZE - 2 * MIB - 3, 2 * MIB),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        f.write_all_at(&random_bytes(len as usize, 0x3a5e + i as u64), off)
+            .unwrap();
+    }
+    drop(f);
+    let base = dir.join("base.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", path_str(&raw), path_str(&base)]);
+    std::fs::remove_file(&raw).unwrap();
+    let src = dir.join("src.qcow2");
+    qcow2_over(&src, "base.qcow2", &[], None);
+    qemu_io(
+        "qcow2",
+        path_str(&src),
+        &[
+            "write -P 0xa1 1M 4M",
+            "write -z 11M 1M",
+            "write -P 0x42 40000001 3000000",
+            "write -P 0x43 60M 64k",
+        ],
+    );
+    read_flat(&src, &dir.join("flat.raw"))
+}
+
+/// The guest-visible content of `img` (with its chain).
+fn read_flat(img: &Path, scratch: &Path) -> Vec<u8> {
+    qemu_img(&["convert", "-O", "raw", path_str(img), path_str(scratch)]);
+    let v = std::fs::read(scratch).unwrap();
+    std::fs::remove_file(scratch).unwrap();
+    assert_eq!(v.len() as u64, SIZE);
+    v
+}
+
+/// What the client reported: writes and flushes the daemon acknowledged.
+#[derive(Debug, Default, Clone, Copy)]
+struct Acks {
+    /// Writes acknowledged (writes `0..written`).
+    written: u64,
+    /// Writes acknowledged before the last acknowledged flush: durable.
+    durable: u64,
+}
+
+/// The python3-libnbd client (see the module doc): one write at a time, `pause` seconds
+/// apart, until its connection fails or all slots are written.
+const WRITER: &str = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+slots, every, pause = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+print("connected", flush=True)
+try:
+    for i in range(slots):
+        h.pwrite(bytes([i % 255 + 1]) * 4096, i * 65536 + (i * 7 % 16) * 4096)
+        print("w", i + 1, flush=True)
+        if (i + 1) % every == 0:
+            h.flush()
+            print("f", i + 1, flush=True)
+        time.sleep(pause)
+    h.flush()
+    print("f", slots, flush=True)
+except nbd.Error as e:
+    print("error", e.errno, flush=True)
+"#;
+
+/// The client in its own process, its reports gathered by a thread.
+struct Writer {
+    child: Child,
+    acks: Arc<Mutex<Acks>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(uri: &str) -> Writer {
+        let mut child = Command::new(PYTHON)
+            .args(["-c", WRITER, uri, &SLOTS.to_string()])
+            .arg(FLUSH_EVERY.to_string())
+            .arg("0.0005")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3-libnbd");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "connected");
+        let acks = Arc::new(Mutex::new(Acks::default()));
+        let a = acks.clone();
+        let reader = std::thread::spawn(move || {
+            for line in out.lines() {
+                let line = line.unwrap();
+                let mut w = line.split_whitespace();
+                let (what, n) = (w.next(), w.next().and_then(|n| n.parse::<u64>().ok()));
+                let mut acks = a.lock().unwrap();
+                match (what, n) {
+                    (Some("w"), Some(n)) => acks.written = n,
+                    (Some("f"), Some(n)) => acks.durable = n,
+                    _ => {}
+                }
+            }
+        });
+        Writer {
+            child,
+            acks,
+            reader,
+        }
+    }
+
+    fn now(&self) -> Acks {
+        *self.acks.lock().unwrap()
+    }
+
+    /// Waits until `n` writes were acknowledged (or all were made).
+    fn wait_written(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.now().written < n.min(SLOTS) {
+            assert!(Instant::now() < deadline, "the client is stuck");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// What the client got acknowledged in all (after the daemon died).
+    fn finish(mut self) -> Acks {
+        self.child.wait().unwrap();
+        self.reader.join().unwrap();
+        let acks = *self.acks.lock().unwrap();
+        acks
+    }
+}
+
+/// What a slot of an image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Pristine,
+    Written,
+    /// Zeroes: in a target the mirror had not flushed yet, what a lost copy leaves.
+    Zero,
+}
+
+/// The slots of image content `img`: each pristine or the client's write (panics on
+/// anything else or on a write not yet sent), and everything outside the slots pristine.
+/// A `partial` image (a target before the pivot flushed it) may also hold zeroes, where
+/// a copy was lost, and is not checked outside the slots.
+fn slots(img: &[u8], pristine: &[u8], acks: Acks, partial: bool, ctx: &str) -> Vec<Slot> {
+    let mut out = Vec::with_capacity(SLOTS as usize);
+    let mut at = 0;
+    for i in 0..SLOTS {
+        let (s, e) = (slot(i) as usize, (slot(i) + SLOT) as usize);
+        if !partial && img[at..s] != pristine[at..s] {
+            let d = at + (at..s).position(|k| img[k] != pristine[k]).unwrap();
+            panic!("{ctx}: byte {d} (outside the slots) changed");
+        }
+        at = e;
+        let got = &img[s..e];
+        let state = if got.iter().all(|&b| b == byte(i)) {
+            Slot::Written
+        } else if got == &pristine[s..e] {
+            Slot::Pristine
+        } else if partial && got.iter().all(|&b| b == 0) {
+            Slot::Zero
+        } else {
+            panic!(
+                "{ctx}: slot {i} is neither pristine nor write {i}: {:?}",
+                &got[..16]
+            );
+        };
+        // The write in flight at the kill is write `written`.
+        assert!(
+            state != Slot::Written || i <= acks.written,
+            "{ctx}: slot {i} holds a write the client never sent (acks {acks:?})"
+        );
+        out.push(state);
+    }
+    if !partial {
+        assert!(img[at..] == pristine[at..], "{ctx}: the end changed");
+    }
+    out
+}
+
+/// Panics unless writes `0..n` are all in `s`.
+fn holds_all(s: &[Slot], n: u64, what: &str, ctx: &str) {
+    if let Some(i) = s[..n as usize].iter().position(|&x| x != Slot::Written) {
+        panic!("{ctx}: durable write {i} (of {n}) is not in the {what}");
+    }
+}
+
+/// The images of one iteration.
+struct Work {
+    dir: PathBuf,
+    src: PathBuf,
+    target: PathBuf,
+    overlay: PathBuf,
+}
+
+impl Work {
+    fn new(pristine: &Path, dir: PathBuf) -> Work {
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in ["base.qcow2", "src.qcow2"] {
+            std::fs::copy(pristine.join(n), dir.join(n)).unwrap();
+        }
+        let target = dir.join("target.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&target), "64M"]);
+        Work {
+            src: dir.join("src.qcow2"),
+            overlay: dir.join("overlay.qcow2"),
+            dir,
+            target,
+        }
+    }
+
+    fn flat(&self, img: &Path) -> Vec<u8> {
+        read_flat(img, &self.dir.join("scratch.raw"))
+    }
+}
+
+/// A daemon with the source as node `top` (its backing from the header), the target as
+/// node `dst`, and `top` exported writable as `vm`; the client connected to it.
+fn setup(w: &Work) -> (QmpDaemon, Qmp, Writer) {
+    let (d, mut c) = daemon_with_top(&w.src);
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "dst",
+               "file": {"driver": "file", "filename": path_str(&w.target)}}),
+    );
+    start_nbd(&mut c, &d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "top", "name": "vm", "writable": true}),
+    );
+    let writer = Writer::start(&d.nbd_uri("vm"));
+    (d, c, writer)
+}
+
+fn mirror(c: &mut Qmp, speed: u64) {
+    let r = c.exec(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "top", "target": "dst", "sync": "full",
+               "speed": speed}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+}
+
+/// What happened before the kill, for the verdict.
+#[derive(Debug, Default)]
+struct Before {
+    /// Durable writes when `job-complete` or `blockdev-snapshot-sync` was sent.
+    durable_at_command: u64,
+    /// The command's reply had arrived.
+    replied: bool,
+    /// BLOCK_JOB_COMPLETED had arrived.
+    completed: bool,
+}
+
+/// Runs the scenario of `kill` up to the kill; returns what the client got acknowledged.
+fn run_and_kill(w: &Work, kill: Kill, rng: &mut Rng) -> (Acks, Before, String) {
+    let (mut d, mut c, writer) = setup(w);
+    let mut before = Before::default();
+    let t0 = Instant::now();
+    match kill {
+        Kill::Copying(ms) => {
+            writer.wait_written(10);
+            mirror(&mut c, SPEED);
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        Kill::Ready(ms) => {
+            mirror(&mut c, 0);
+            wait_for(&mut c, "BLOCK_JOB_READY", Duration::from_secs(30));
+            let n = writer.now().written;
+            writer.wait_written(n + 10);
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        Kill::Completing(_) | Kill::Pivoting(_) | Kill::Completed => {
+            mirror(&mut c, 0);
+            wait_for(&mut c, "BLOCK_JOB_READY", Duration::from_secs(30));
+            let n = writer.now().written;
+            writer.wait_written(n + 20 + rng.below(40));
+            before.durable_at_command = writer.now().durable;
+            c.send(&json!({"execute": "job-complete", "arguments": {"id": "m"}}));
+            let until = match kill {
+                Kill::Completing(us) => {
+                    std::thread::sleep(Duration::from_micros(us));
+                    None
+                }
+                Kill::Pivoting(us) => Some(("pending", us)),
+                _ => Some(("BLOCK_JOB_COMPLETED", 0)),
+            };
+            if let Some((name, us)) = until {
+                // The reply comes first: kept in the events, as what the kill left.
+                loop {
+                    let v = c.read_value().expect("the daemon closed the monitor");
+                    let done = short(&v) == name;
+                    c.events.push(v);
+                    if done {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(us));
+            }
+        }
+        Kill::Snapshotting(_) | Kill::Snapshotted(_) => {
+            writer.wait_written(20 + rng.below(40));
+            before.durable_at_command = writer.now().durable;
+            c.send(&json!({"execute": "blockdev-snapshot-sync",
+                           "arguments": {"node-name": "top", "snapshot-node-name": "ov",
+                                         "snapshot-file": path_str(&w.overlay)}}));
+            if let Kill::Snapshotting(us) = kill {
+                std::thread::sleep(Duration::from_micros(us));
+            } else {
+                assert_eq!(c.reply(), json!({"return": {}}));
+                before.replied = true;
+                let n = writer.now().written;
+                writer.wait_written(n + 5);
+                std::thread::sleep(Duration::from_millis(kill_ms(kill)));
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    kill_9(&mut d, &mut c);
+    for e in &c.events {
+        assert!(e.get("error").is_none(), "the command failed: {e}");
+        assert!(e["data"].get("error").is_none(), "the job reported {e}");
+        before.replied |= e.get("return").is_some();
+        before.completed |= short(e) == "BLOCK_JOB_COMPLETED";
+    }
+    let acks = writer.finish();
+    let last = c.events.last().map(short).unwrap_or_default();
+    let at = format!(
+        "{} ms in, last message {last:?}, acks {acks:?}",
+        elapsed.as_millis()
+    );
+    (acks, before, at)
+}
+
+fn kill_ms(kill: Kill) -> u64 {
+    match kill {
+        Kill::Snapshotted(ms) => ms,
+        _ => 0,
+    }
+}
+
+/// The writes an image holds.
+fn count(s: &[Slot]) -> usize {
+    s.iter().filter(|&&x| x == Slot::Written).count()
+}
+
+/// Judges the images after a kill (see the module doc); says what it found.
+fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ctx: &str) -> String {
+    check_leaks_only(&w.src, ctx);
+    assert_eq!(
+        check_leaks_only(&w.dir.join("base.qcow2"), ctx),
+        0,
+        "{ctx}: the backing (never written) leaks"
+    );
+    let src = slots(
+        &w.flat(&w.src),
+        pristine,
+        acks,
+        false,
+        &format!("{ctx}: source"),
+    );
+    match kill {
+        Kill::Copying(_) | Kill::Ready(_) => {
+            check_leaks_only(&w.target, ctx);
+            holds_all(&src, acks.durable, "source", ctx);
+            let tctx = format!("{ctx}: target");
+            let dst = slots(&w.flat(&w.target), pristine, acks, true, &tctx);
+            format!(
+                "{} writes in the source, {} in the target",
+                count(&src),
+                count(&dst)
+            )
+        }
+        Kill::Completing(_) | Kill::Pivoting(_) | Kill::Completed => {
+            check_leaks_only(&w.target, ctx);
+            holds_all(&src, before.durable_at_command, "source", ctx);
+            let partial = !before.completed;
+            let tctx = format!("{ctx}: target");
+            let dst = slots(&w.flat(&w.target), pristine, acks, partial, &tctx);
+            if before.completed {
+                holds_all(&dst, before.durable_at_command, "target", ctx);
+            }
+            for i in 0..acks.durable as usize {
+                assert!(
+                    src[i] == Slot::Written || dst[i] == Slot::Written,
+                    "{ctx}: durable write {i} is neither in the source nor in the target"
+                );
+            }
+            let only = (0..SLOTS as usize)
+                .filter(|&i| dst[i] == Slot::Written && src[i] != Slot::Written)
+                .count();
+            format!(
+                "{} writes in the source, {} in the target ({only} only there)",
+                count(&src),
+                count(&dst)
+            )
+        }
+        Kill::Snapshotting(_) | Kill::Snapshotted(_) => {
+            holds_all(&src, before.durable_at_command, "source", ctx);
+            let is_qcow2 = std::fs::read(&w.overlay)
+                .map(|b| b.len() >= 104 && b[..4] == *b"QFI\xfb")
+                .unwrap_or(false);
+            let info = output(
+                "qemu-img",
+                &["info", "--output=json", "-f", "qcow2", path_str(&w.overlay)],
+            );
+            let complete = is_qcow2 && info.status.success();
+            if before.replied || complete {
+                assert!(complete, "{ctx}: the overlay is not a qcow2 image");
+                check_leaks_only(&w.overlay, ctx);
+                let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+                assert_eq!(info["backing-filename"], path_str(&w.src), "{ctx}: {info}");
+                assert_eq!(info["virtual-size"], SIZE, "{ctx}: {info}");
+            }
+            let chain = if complete {
+                let octx = format!("{ctx}: overlay");
+                slots(&w.flat(&w.overlay), pristine, acks, false, &octx)
+            } else {
+                src.clone()
+            };
+            holds_all(&chain, acks.durable, "chain", ctx);
+            // No write on the wrong layer: the source's writes all came first.
+            let last_in_src = src.iter().rposition(|&s| s == Slot::Written);
+            let first_in_overlay =
+                (0..SLOTS as usize).find(|&i| chain[i] == Slot::Written && src[i] != chain[i]);
+            if let (Some(l), Some(f)) = (last_in_src, first_in_overlay) {
+                assert!(
+                    l < f,
+                    "{ctx}: write {l} is in the source, but write {f} before it only in the \
+                     overlay"
+                );
+            }
+            format!(
+                "overlay {}, {} writes in the source, {} in the chain",
+                if complete {
+                    "complete"
+                } else {
+                    "absent or incomplete"
+                },
+                count(&src),
+                count(&chain)
+            )
+        }
+    }
+}
+
+#[test]
+fn kill_9_during_mirror_and_snapshot_keeps_every_durable_write_and_clean_images() {
+    let seed = env_u64("SLUICE_MIRROR_CRASH_SEED").unwrap_or(SEED);
+    let iters = env_u64("SLUICE_MIRROR_CRASH_ITERS").unwrap_or(ITERS);
+    let t_all = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let pristine_dir = dir.path().join("pristine");
+    std::fs::create_dir_all(&pristine_dir).unwrap();
+    let pristine = build_pristine(&pristine_dir);
+    let mut rng = Rng(seed | 1);
+    for iter in 0..iters {
+        let t = Instant::now();
+        let kill = kill_point(iter, &mut rng);
+        let ctx = format!("seed {seed:#x} iteration {iter} ({kill:?})");
+        let w = Work::new(&pristine_dir, dir.path().join(format!("it{iter}")));
+        let (acks, before, at) = run_and_kill(&w, kill, &mut rng);
+        let found = verify(&w, &pristine, kill, acks, &before, &ctx);
+        eprintln!(
+            "{ctx}: killed {at} ({before:?}); images clean, every durable write kept: {found}; \
+             {} ms",
+            t.elapsed().as_millis()
+        );
+        std::fs::remove_dir_all(&w.dir).unwrap();
+    }
+    eprintln!(
+        "seed {seed:#x}: {iters} kills in {} s",
+        t_all.elapsed().as_secs()
+    );
+}
