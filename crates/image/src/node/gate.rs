@@ -16,6 +16,10 @@
 //! [`Changing`], that only this module makes, so a new request method cannot reach a body
 //! without passing the gate, and a body that changes the image cannot run as a read.
 //!
+//! The gate also checks a format node's write threshold (`sluice_block::threshold`: one
+//! atomic load); a file node's is checked below it, in its storage, where the writes of the
+//! format node above arrive too.
+//!
 //! The same place marks the node's named dirty bitmaps ([`crate::bitmaps`]), so that they
 //! see every change an NBD client, a job or an active commit's writer makes.
 //!
@@ -104,16 +108,22 @@ impl Node {
     /// Runs a request that changes `[offset, offset+len)`: as [`Node::look`], and the range
     /// is marked in the dirty map (if someone is tracking) and in the node's recording dirty
     /// bitmaps before the gate is let go.
+    /// `writes`: the request writes data or zeroes (not a trim), so it counts against a
+    /// format node's write threshold, as in qemu.
     pub(super) fn change<R>(
         &self,
         offset: u64,
         len: u64,
+        writes: bool,
         op: impl FnOnce(&Node, Changing) -> Result<R>,
     ) -> Result<R> {
         let state = self.tracking.state.read();
         if let Some(target) = state.redirect.clone() {
             drop(state);
-            return target.change(offset, len, op);
+            return target.change(offset, len, writes, op);
+        }
+        if writes && self.file_state.is_none() {
+            self.threshold.check(offset, len);
         }
         if state.closed {
             return Err(sluice_block::BlockError::new(
