@@ -471,6 +471,13 @@ impl Handlers for Session<'_> {
         jobs::dismiss(self.state, &args.id, true)
     }
 
+    fn block_job_change(
+        &mut self,
+        args: crate::generated::BlockJobChangeOptions,
+    ) -> Result<(), QmpError> {
+        jobs::change(self.state, &args)
+    }
+
     fn block_stream(&mut self, args: BlockStreamArgs) -> Result<(), QmpError> {
         stream::block_stream(self.daemon, self.state, args)
     }

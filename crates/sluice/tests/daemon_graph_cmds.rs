@@ -3,7 +3,8 @@
 //! `BLOCK_WRITE_THRESHOLD` event (a qcow2 node on guest offsets, its file node on file
 //! offsets, once per arming, not for discards), `change-backing-file` (its refusals, the
 //! header as `qemu-img info` reads it afterwards, also of a read-only node in the chain),
-//! `x-debug-query-block-graph` and `query-block`.
+//! `x-debug-query-block-graph`, `query-block`, and `block-job-change` (its refusals, and a
+//! mirror switched to write-blocking copying a client's write into the target at once).
 //!
 //! Names qsd makes up for implicit nodes (`#blockNNN`, random there) are replaced by
 //! `#auto` before comparing; everything else must be equal. Known difference, not
@@ -389,4 +390,165 @@ fn debug_block_graph_and_query_block_match_qsd() {
     // Not empty: 8 nodes and 2 exports.
     assert_eq!(runs[0][8]["nodes"].as_array().unwrap().len(), 10);
     assert_eq!(runs[0][9], json!([]));
+}
+
+/// Reads `len` bytes at `offset` of the qcow2 image `path` and tells whether they are all
+/// `byte`.
+fn holds(path: &Path, offset: u64, len: u64, byte: u8) -> bool {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c"])
+        .arg(format!("read -P {byte} {offset} {len}"))
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    out.status.success() && !text.contains("Pattern verification failed")
+}
+
+fn job_change_scenario(d: &QmpDaemon) -> Vec<Value> {
+    const M: u64 = 1 << 20;
+    let dir = path_str(d.dir.path()).to_string();
+    let p = |n: &str| d.path(n);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path_str(&p("src.qcow2")),
+        "64M",
+    ]);
+    qemu_io("qcow2", path_str(&p("src.qcow2")), &["write -P 1 0 32M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path_str(&p("dst.qcow2")),
+        "64M",
+    ]);
+    // The stream's chain has a base of its own, so that its end does not race the mirror.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path_str(&p("sbase.qcow2")),
+        "64M",
+    ]);
+    qemu_io("qcow2", path_str(&p("sbase.qcow2")), &["write -P 1 0 32M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "sbase.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&p("top.qcow2")),
+    ]);
+    let mut c = d.connect_negotiated();
+    let mut out = Vec::new();
+    let change = |c: &mut Qmp, args: Value| reply(c, "block-job-change", args);
+    out.push(change(
+        &mut c,
+        json!({"id": "nosuch", "type": "mirror", "copy-mode": "write-blocking"}),
+    ));
+    // A stream job cannot change.
+    out.push(reply(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top",
+               "file": {"driver": "file", "filename": path_str(&p("top.qcow2"))}}),
+    ));
+    out.push(reply(
+        &mut c,
+        "block-stream",
+        json!({"job-id": "s", "device": "top", "speed": 1}),
+    ));
+    out.push(change(&mut c, json!({"id": "s", "type": "stream"})));
+    out.push(change(
+        &mut c,
+        json!({"id": "s", "type": "mirror", "copy-mode": "write-blocking"}),
+    ));
+    out.push(reply(
+        &mut c,
+        "block-job-cancel",
+        json!({"device": "s", "force": true}),
+    ));
+    wait_for(&mut c, "BLOCK_JOB_CANCELLED", Duration::from_secs(10));
+    // A slow mirror, exported so that a client writes to it.
+    for (n, f) in [("src", "src.qcow2"), ("dst", "dst.qcow2")] {
+        out.push(reply(
+            &mut c,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": n,
+                   "file": {"driver": "file", "filename": path_str(&p(f))}}),
+        ));
+    }
+    start_nbd(&mut c, d);
+    out.push(reply(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
+    ));
+    out.push(reply(
+        &mut c,
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full",
+               "speed": 1, "auto-dismiss": false}),
+    ));
+    let uri = d.nbd_uri("src");
+    // Background: the write only marks the range dirty.
+    qemu_io("raw", &uri, &["write -P 5 48M 1M"]);
+    out.push(change(&mut c, json!({"id": "m", "type": "commit"})));
+    out.push(change(
+        &mut c,
+        json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
+    ));
+    out.push(change(&mut c, json!({"id": "m", "type": "mirror"})));
+    out.push(change(
+        &mut c,
+        json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
+    ));
+    out.push(change(
+        &mut c,
+        json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
+    ));
+    out.push(change(
+        &mut c,
+        json!({"id": "m", "type": "mirror", "copy-mode": "background"}),
+    ));
+    // Write-blocking: the write completes once the target has it.
+    qemu_io("raw", &uri, &["write -P 7 40M 1M"]);
+    out.push(reply(
+        &mut c,
+        "block-job-cancel",
+        json!({"device": "m", "force": true}),
+    ));
+    wait_for(&mut c, "BLOCK_JOB_CANCELLED", Duration::from_secs(10));
+    out.push(change(
+        &mut c,
+        json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
+    ));
+    out.push(reply(&mut c, "job-dismiss", json!({"id": "m"})));
+    // Closing the target writes back its metadata; then the file shows what it got.
+    out.push(reply(&mut c, "blockdev-del", json!({"node-name": "dst"})));
+    out.push(json!([
+        holds(&p("dst.qcow2"), 40 * M, M, 7),
+        holds(&p("dst.qcow2"), 48 * M, M, 5),
+    ]));
+    out.iter().map(|v| normalize(v, &dir)).collect()
+}
+
+#[test]
+fn block_job_change_matches_qsd_and_write_blocking_copies_at_once() {
+    let ds = both();
+    let runs: Vec<_> = ds.iter().map(|(_, d)| job_change_scenario(d)).collect();
+    for (i, (s, q)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        assert_eq!(s, q, "step {i}: sluice (left) vs qsd (right)");
+    }
+    assert_eq!(runs[0].len(), runs[1].len());
+    // The write made while write-blocking is in the target; the one before is not.
+    assert_eq!(runs[0].last().unwrap(), &json!([true, false]));
 }

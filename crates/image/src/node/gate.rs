@@ -20,6 +20,12 @@
 //! atomic load); a file node's is checked below it, in its storage, where the writes of the
 //! format node above arrive too.
 //!
+//! A write-blocking mirror hangs a fourth, [`AfterWrite`]: after a change ran (and was
+//! marked dirty), with the gate still held, the hook copies the range to the mirror's
+//! target before the request completes. The range stays marked, so a background copy of
+//! the same range that read the old data before the change is copied again: the target
+//! ends right whichever finishes last.
+//!
 //! The same place marks the node's named dirty bitmaps ([`crate::bitmaps`]), so that they
 //! see every change an NBD client, a job or an active commit's writer makes.
 //!
@@ -63,8 +69,23 @@ pub trait BeforeWrite: Send + Sync + std::fmt::Debug {
     ) -> Result<()>;
 }
 
+/// A mirror's write-blocking copy (QEMU's active mirror), hung on its source.
+pub trait AfterWrite: Send + Sync + std::fmt::Debug {
+    /// Called after a request changed `[offset, offset+len)` and before it completes, with
+    /// the node's gate held; `read(buf, at)` reads what the node holds now. An error fails
+    /// the request (the node has the change, the copy does not; the range stays dirty).
+    fn after_write(
+        &self,
+        offset: u64,
+        len: u64,
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()>;
+}
+
 #[derive(Debug, Default)]
 struct State {
+    /// A write-blocking mirror's copy.
+    after_write: Option<Arc<dyn AfterWrite>>,
     /// Ranges written since tracking began.
     dirty: Option<Arc<DirtyMap>>,
     /// A backup's copy-before-write.
@@ -137,9 +158,16 @@ impl Node {
         if let Some(hook) = &state.before_write {
             hook.before_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))?;
         }
-        let r = op(self, Changing(()));
+        let mut r = op(self, Changing(()));
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
+        }
+        if let (Ok(_), Some(hook)) = (&r, &state.after_write) {
+            if let Err(e) =
+                hook.after_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))
+            {
+                r = Err(e);
+            }
         }
         if let Some(bitmaps) = self.bitmaps.get() {
             bitmaps.mark(offset, len);
@@ -181,6 +209,12 @@ impl Node {
         self.tracking.state.write().before_write = hook;
     }
 
+    /// Installs (Some) or removes (None) a write-blocking mirror's copy. Waits for the
+    /// requests in flight, so every change that completes after this returns was copied.
+    pub fn set_after_write(&self, hook: Option<Arc<dyn AfterWrite>>) {
+        self.tracking.state.write().after_write = hook;
+    }
+
     /// The end of an active commit: with every request of this node held off, copies what
     /// `dirty` still marks from this node into `target`, flushes `target`, and from then on
     /// sends every request of this node to `target` (which holds the same data, and whose
@@ -204,6 +238,7 @@ impl Node {
         }
         target.flush()?;
         state.dirty = None;
+        state.after_write = None;
         state.redirect = Some(target);
         Ok(copied)
     }

@@ -61,8 +61,8 @@ mod status;
 mod test_support;
 
 pub use create::{create_file, Prealloc, Qcow2Create};
-pub use gate::BeforeWrite;
 use gate::Tracking;
+pub use gate::{AfterWrite, BeforeWrite};
 pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
 
 /// imago's storage object for every node: shared, so a file node and the format node above
