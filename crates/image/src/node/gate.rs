@@ -376,6 +376,40 @@ mod tests {
         assert_eq!(hook.0.lock().len(), 1);
     }
 
+    /// Write-blocking: the hook sees each change after it ran, reading the new data; its
+    /// error fails the request; once removed it sees nothing.
+    #[test]
+    fn after_write_sees_new_data_and_its_error_fails_the_write() {
+        #[derive(Debug, Default)]
+        struct Copied(parking_lot::Mutex<Vec<(u64, Vec<u8>)>>);
+        impl AfterWrite for Copied {
+            fn after_write(
+                &self,
+                offset: u64,
+                len: u64,
+                read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+            ) -> Result<()> {
+                if offset == 0 {
+                    return Err(sluice_block::BlockError::new(Errno::EIO, "target failed"));
+                }
+                let mut now = vec![0; len as usize];
+                read(&mut now, offset)?;
+                self.0.lock().push((offset, now));
+                Ok(())
+            }
+        }
+        let (_dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let hook = Arc::new(Copied::default());
+        top.set_after_write(Some(hook.clone()));
+        top.write(&[9; 4096], 70_000).unwrap();
+        assert_eq!(hook.0.lock()[0], (70_000, vec![9; 4096]));
+        assert_eq!(top.write(&[8; 10], 0).unwrap_err().errno, Errno::EIO);
+        top.set_after_write(None);
+        top.write(&[7; 10], 0).unwrap();
+        assert_eq!(hook.0.lock().len(), 1);
+    }
+
     /// Named bitmaps are marked by every change, also one made through an active commit's
     /// writer into a base; a disabled bitmap is not.
     #[test]
