@@ -18,6 +18,7 @@ pub mod plugin;
 pub mod plugins;
 pub mod size;
 pub mod stats;
+pub mod threshold;
 
 pub use error::{BlockError, Errno, Result};
 
@@ -29,3 +30,4 @@ pub use plugin::{
     ThreadModel,
 };
 pub use stats::BlockStats;
+pub use threshold::WriteThreshold;

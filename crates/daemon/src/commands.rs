@@ -471,6 +471,13 @@ impl Handlers for Session<'_> {
         jobs::dismiss(self.state, &args.id, true)
     }
 
+    fn block_job_change(
+        &mut self,
+        args: crate::generated::BlockJobChangeOptions,
+    ) -> Result<(), QmpError> {
+        jobs::change(self.state, &args)
+    }
+
     fn block_stream(&mut self, args: BlockStreamArgs) -> Result<(), QmpError> {
         stream::block_stream(self.daemon, self.state, args)
     }
@@ -519,6 +526,66 @@ impl Handlers for Session<'_> {
 
     fn blockdev_backup(&mut self, args: crate::generated::BlockdevBackup) -> Result<(), QmpError> {
         crate::jobs::backup::blockdev_backup(self.daemon, self.state, args)
+    }
+
+    fn block_set_write_threshold(
+        &mut self,
+        args: crate::generated::BlockSetWriteThresholdArgs,
+    ) -> Result<(), QmpError> {
+        let name = args.node_name;
+        let Some(node) = self.state.graph.get(&name) else {
+            return Err(QmpError::generic(format!("Device '{name}' not found")));
+        };
+        // The event goes out from whichever I/O thread crosses; it holds the daemon weakly
+        // so that an armed threshold does not keep a stopped daemon alive.
+        let daemon = Arc::downgrade(self.daemon);
+        let node_name = name.clone();
+        let hook: sluice_block::threshold::OnExceeded = Arc::new(move |amount, threshold| {
+            if let Some(d) = daemon.upgrade() {
+                d.emit(&crate::generated::BlockWriteThresholdEvent {
+                    node_name: node_name.clone(),
+                    amount_exceeded: amount,
+                    write_threshold: threshold,
+                });
+            }
+        });
+        node.threshold.set(args.write_threshold, Some(hook));
+        Ok(())
+    }
+
+    fn change_backing_file(
+        &mut self,
+        args: crate::generated::ChangeBackingFileArgs,
+    ) -> Result<(), QmpError> {
+        let g = &self.state.graph;
+        if g.get(&args.device).is_some() && !g.has_parent(&args.device) {
+            if let Some(j) = self.state.jobs.using_node(&args.device) {
+                return Err(QmpError::generic(format!(
+                    "Node '{}' is busy: block device is in use by block job: {}",
+                    args.device, j.job_type
+                )));
+            }
+        }
+        self.state.graph.change_backing_file(
+            &args.device,
+            &args.image_node_name,
+            &args.backing_file,
+        )
+    }
+
+    fn x_debug_query_block_graph(&mut self) -> Result<crate::generated::XDbgBlockGraph, QmpError> {
+        let exports: Vec<(String, bool)> = self
+            .state
+            .exports
+            .iter()
+            .map(|e| (e.node.clone(), e.named.writable))
+            .collect();
+        Ok(self.state.graph.debug_graph(&exports))
+    }
+
+    fn query_block(&mut self) -> Result<Vec<crate::generated::BlockInfo>, QmpError> {
+        // qsd's exports are not guest devices: it lists none, export or not.
+        Ok(Vec::new())
     }
 
     fn transaction(&mut self, args: crate::generated::TransactionArgs) -> Result<(), QmpError> {

@@ -64,5 +64,7 @@ pub use error::ImageError;
 pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};
 pub use lock::Locking;
-pub use node::{create_file, open_node, BeforeWrite, Node, Prealloc, Qcow2Create, Resolve};
+pub use node::{
+    create_file, open_node, AfterWrite, BeforeWrite, Node, Prealloc, Qcow2Create, Resolve,
+};
 pub use options::{BackingRef, BlockdevOptions, ChildRef, Driver};

@@ -21,13 +21,14 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 use imago::storage::PreallocateMode;
 use imago::Storage;
 use parking_lot::Mutex;
+use sluice_block::WriteThreshold;
 
 /// imago's file storage, with L1 writes deferred to the next flush (see the module doc).
 #[derive(Debug)]
@@ -37,6 +38,10 @@ pub struct OrderedFile {
     l1: OnceLock<Range<u64>>,
     /// L1 entries written by imago but not yet to the file, by file offset.
     pending: Mutex<BTreeMap<u64, [u8; 8]>>,
+    /// The file node's write threshold: every write and zero of the file passes here,
+    /// whether a client of the file node or the format node above made it (host offsets,
+    /// as qemu's threshold on a protocol node).
+    threshold: Arc<WriteThreshold>,
 }
 
 impl OrderedFile {
@@ -45,7 +50,13 @@ impl OrderedFile {
             inner,
             l1: OnceLock::new(),
             pending: Mutex::new(BTreeMap::new()),
+            threshold: Arc::default(),
         }
+    }
+
+    /// The file node's write threshold (see the field).
+    pub fn write_threshold(&self) -> &Arc<WriteThreshold> {
+        &self.threshold
     }
 
     /// Starts holding back writes to `range` (the L1 table of the qcow2 image in this file).
@@ -124,6 +135,7 @@ impl Storage for OrderedFile {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> std::io::Result<()> {
+        self.threshold.check(offset, bufv.len());
         match self.in_l1(offset, bufv.len()) {
             Some(true) => {
                 let mut bytes = vec![0u8; bufv.len() as usize];
@@ -152,11 +164,13 @@ impl Storage for OrderedFile {
     }
 
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.threshold.check(offset, length);
         // SAFETY: the caller's alignment guarantee is passed on unchanged.
         unsafe { self.inner.pure_write_zeroes(offset, length) }
     }
 
     unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.threshold.check(offset, length);
         // SAFETY: the caller's alignment guarantee is passed on unchanged.
         unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
     }

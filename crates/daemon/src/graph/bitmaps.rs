@@ -28,9 +28,10 @@ use crate::generated::{
 };
 use crate::QmpError;
 
-/// Marks a plugin node's bitmaps after each write, zero and trim (see the module doc).
+/// Marks a plugin node's bitmaps after each write, zero and trim (see the module doc), and
+/// checks its write threshold on each write and zero (an image node does both in its gate).
 #[derive(Debug)]
-pub struct MarkBitmaps(pub Arc<Bitmaps>);
+pub struct MarkBitmaps(pub Arc<Bitmaps>, pub Arc<sluice_block::WriteThreshold>);
 
 impl Filter for MarkBitmaps {
     type Conn = ();
@@ -44,6 +45,7 @@ impl Filter for MarkBitmaps {
     }
 
     fn pwrite(&self, _: &(), next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        self.1.check(offset, buf.len() as u64);
         let r = next.pwrite(buf, offset, flags);
         self.0.mark(offset, buf.len() as u64);
         r
@@ -56,6 +58,7 @@ impl Filter for MarkBitmaps {
     }
 
     fn zero(&self, _: &(), next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.1.check(offset, count);
         let r = next.zero(count, offset, flags);
         self.0.mark(offset, count);
         r

@@ -28,6 +28,7 @@ pub mod bitmaps;
 pub mod drivers;
 pub mod image;
 pub mod rbd;
+pub mod xdbg;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -205,6 +206,9 @@ pub struct Node {
     /// The requests of every export of this node, added up (`query-blockstats` with
     /// `query-nodes`); each export's backend counts into it besides its own.
     pub stats: Arc<sluice_block::BlockStats>,
+    /// `block-set-write-threshold`: an image node's own (checked in its gate or storage),
+    /// any other node's checked by the filter over its plugin ([`bitmaps::MarkBitmaps`]).
+    pub threshold: Arc<sluice_block::WriteThreshold>,
     /// A handle kept open for size queries (opening it also proved the node works).
     probe: Box<dyn Handle>,
 }
@@ -512,17 +516,18 @@ impl Graph {
         // Image nodes mark their bitmaps in their own gate; any other node through a filter
         // over its plugin, which every export and job reaches. A qcow2 node brings the
         // persistent bitmaps of its image (marked in use while it is writable).
-        let node_bitmaps = match image::image_node(&opened) {
+        let (node_bitmaps, threshold) = match image::image_node(&opened) {
             Some(img) => {
                 img.load_bitmaps()
                     .map_err(|e| QmpError::generic(format!("Could not open node '{name}': {e}")))?;
-                img.bitmaps().clone()
+                (img.bitmaps().clone(), img.write_threshold().clone())
             }
             None => {
                 let set = Arc::<sluice_image::Bitmaps>::default();
-                let filter = bitmaps::MarkBitmaps(set.clone());
+                let threshold = Arc::<sluice_block::WriteThreshold>::default();
+                let filter = bitmaps::MarkBitmaps(set.clone(), threshold.clone());
                 opened.plugin = Arc::new(sluice_block::Filtered::new(filter, opened.plugin));
-                set
+                (set, threshold)
             }
         };
         let probe = opened
@@ -550,6 +555,7 @@ impl Graph {
             exports: 0,
             bitmaps: node_bitmaps,
             stats: Arc::new(sluice_block::BlockStats::new()),
+            threshold,
             probe,
         });
         Ok(())
@@ -696,6 +702,77 @@ impl Graph {
         Ok(())
     }
 
+    /// `change-backing-file`, with qemu-storage-daemon's checks in its order: `device` is
+    /// a node no other node uses, `image` a node with a backing, in `device`'s backing
+    /// chain; the name fits qemu's 1023 bytes. As qsd, the format written beside the name
+    /// is the image's own format (`qcow2`), whatever the backing's. A read-only image is
+    /// rewritten too (qsd reopens it read-write for the moment). Callers check jobs.
+    pub fn change_backing_file(
+        &mut self,
+        device: &str,
+        image: &str,
+        backing_file: &str,
+    ) -> Result<(), QmpError> {
+        if self.get(device).is_none() {
+            return Err(not_found(device, device));
+        }
+        if self.has_parent(device) {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        let Some(img) = self.get(image) else {
+            return Err(not_found("", image));
+        };
+        if self.child(img, "backing").is_none() {
+            return Err(QmpError::generic(
+                "not allowing backing file change on an image without a backing file",
+            ));
+        }
+        let mut at = self.get(device);
+        let mut contains = false;
+        while let Some(n) = at {
+            if n.name == image {
+                contains = true;
+                break;
+            }
+            at = self.child(n, "backing");
+        }
+        if !contains {
+            return Err(QmpError::generic(format!(
+                "'{device}' and image file are not in the same chain"
+            )));
+        }
+        // qsd reopens a read-only image read-write for the rewrite, which another node's
+        // hold on the same file (its unshared write) refuses; sluice writes through a
+        // descriptor of its own, so it asks the graph. (Other processes' holds are not seen.)
+        if let (true, Some(f)) = (img.read_only, self.child(img, "file")) {
+            let shared = self.nodes.iter().any(|n| {
+                n.name != f.name
+                    && n.driver == BlockdevDriver::File
+                    && n.opened.info.filename == f.opened.info.filename
+            });
+            if shared {
+                return Err(QmpError::generic("Failed to get \"write\" lock"));
+            }
+        }
+        let failed = |why: &str| {
+            QmpError::generic(format!(
+                "Could not change backing file to '{backing_file}': {why}"
+            ))
+        };
+        if backing_file.len() > 1023 {
+            return Err(failed("Invalid argument"));
+        }
+        let Some(node) = image::image_node(&img.opened) else {
+            return Err(failed("Operation not supported"));
+        };
+        node.change_backing_file(backing_file, Some(sluice_image::header::Format::Qcow2))
+            .map_err(|e| failed(&e.to_string()))?;
+        if let Some(n) = self.get_mut(image) {
+            image::refresh_info(&mut n.opened);
+        }
+        Ok(())
+    }
+
     /// Points `parent`'s `role` edge at `child` (None: drops the edge), refreshes the
     /// parent's image info, and removes the old child, recursively, if nothing else holds
     /// it (the layers a `block-stream` dropped from a chain opened from image headers).
@@ -785,7 +862,7 @@ impl Graph {
             iops_wr: 0,
             image: self.image_info(n, flat)?,
             cache: n.cache.clone(),
-            write_threshold: 0,
+            write_threshold: n.threshold.get() as i64,
             dirty_bitmaps: bitmaps::dirty_info(&n.bitmaps),
         })
     }

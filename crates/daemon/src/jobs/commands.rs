@@ -99,3 +99,10 @@ pub(crate) fn cancel(st: &mut State, id: &str, block: bool, force: bool) -> Resu
 pub(crate) fn set_speed(st: &mut State, id: &str, speed: i64) -> Result<(), QmpError> {
     block_job(st, id)?.set_speed(speed)
 }
+
+pub(crate) fn change(
+    st: &mut State,
+    opts: &crate::generated::BlockJobChangeOptions,
+) -> Result<(), QmpError> {
+    block_job(st, &opts.id)?.change(opts)
+}

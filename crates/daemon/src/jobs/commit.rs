@@ -254,7 +254,7 @@ pub(crate) fn block_commit(
     if top_at == 0 {
         let (driver, params) = active_job(args, &chain, base_at, nodes)?;
         let tracking = driver.engine.tracking();
-        return start_tracked(daemon, st, params, tracking, Box::new(driver));
+        return start_tracked(daemon, st, params, tracking, Box::new(driver)).map(|_| ());
     }
     let overlay = chain[top_at - 1];
     if overlay.read_only {

@@ -18,8 +18,11 @@
 //! refusal (a read-only target, a target someone uses), sluice refuses before creating it,
 //! so the `created`/`null` events qsd emits then are not sent.
 //!
-//! What sluice does not do: `copy-mode` `write-blocking` (every client write waiting for
-//! its copy) is refused with a clear error; `replaces` is accepted only naming the device
+//! `copy-mode: write-blocking`, at the start or switched to by `block-job-change`, makes
+//! every client write wait until the target has it too (see the mirror engine's
+//! `WriteBlocking`); switching back is refused, as in qsd.
+//!
+//! What sluice does not do: `replaces` is accepted only naming the device
 //! itself (sluice has no filter nodes above a device to replace); `filter-node-name` is
 //! accepted and no filter node is inserted. After a pivot the source node keeps
 //! forwarding to the target (it is how the open connections survive), so a new export of
@@ -28,7 +31,8 @@
 use std::sync::Arc;
 
 use crate::generated::{
-    BlockdevMirrorArgs, BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode,
+    BlockJobChangeOptions, BlockJobChangeOptionsBranch, BlockdevMirrorArgs, BlockdevOnError,
+    JobType, MirrorCopyMode, MirrorSyncMode,
 };
 use crate::graph::image::image_node;
 use crate::graph::not_found;
@@ -152,12 +156,6 @@ pub(crate) fn blockdev_mirror(
     if device.name == *t {
         return Err(QmpError::generic("Can't mirror node into itself"));
     }
-    if args.copy_mode == Some(MirrorCopyMode::WriteBlocking) {
-        return Err(QmpError::generic(
-            "blockdev-mirror: copy-mode 'write-blocking' is not supported by sluice (use \
-             'background', the default)",
-        ));
-    }
     // What qsd's permission system says of a target someone else uses.
     if let Some(e) = st.exports.iter().find(|e| e.node == *t) {
         let perms = if e.named.writable {
@@ -238,5 +236,33 @@ pub(crate) fn blockdev_mirror(
         engine,
         target: t.clone(),
     };
-    start_tracked(daemon, st, params, tracking, Box::new(driver))
+    let mode = args.copy_mode.unwrap_or(MirrorCopyMode::Background);
+    let job = start_tracked(daemon, st, params, tracking.clone(), Box::new(driver))?;
+    if mode == MirrorCopyMode::WriteBlocking {
+        tracking.write_blocking();
+    }
+    // The current mode; changed only here, with the daemon's state lock held.
+    let mode = std::sync::Mutex::new(mode);
+    job.set_changer(Arc::new(move |opts: &BlockJobChangeOptions| {
+        // qsd leaves a mirror given another job type alone.
+        let BlockJobChangeOptionsBranch::Mirror(m) = &opts.u else {
+            return Ok(());
+        };
+        let mut current = mode
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.copy_mode == *current {
+            return Ok(());
+        }
+        if m.copy_mode != MirrorCopyMode::WriteBlocking {
+            return Err(QmpError::generic(format!(
+                "Change to copy mode '{}' is not implemented",
+                m.copy_mode.as_str()
+            )));
+        }
+        tracking.write_blocking();
+        *current = MirrorCopyMode::WriteBlocking;
+        Ok(())
+    }));
+    Ok(())
 }

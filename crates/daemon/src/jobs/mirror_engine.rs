@@ -118,8 +118,10 @@ impl MirrorEngine {
         self.completed
     }
 
-    /// Stops tracking the source's writes (idempotent).
+    /// Stops tracking the source's writes, and copying them if write-blocking
+    /// (idempotent).
     pub fn stop_tracking(&self) {
+        self.source.1.set_after_write(None);
         self.source.1.track_writes(None);
     }
 
@@ -267,14 +269,23 @@ pub fn move_exports(st: &mut State, from: &str, to: &str) -> usize {
     moved
 }
 
-/// What [`start_tracked`] installs: the source node and the map its writes mark.
+/// What [`start_tracked`] installs: the source node and the map its writes mark (and the
+/// target, for [`Tracking::write_blocking`]).
 #[derive(Debug, Clone)]
-pub struct Tracking(Arc<sluice_image::Node>, Arc<DirtyMap>);
+pub struct Tracking(
+    Arc<sluice_image::Node>,
+    Arc<DirtyMap>,
+    Arc<sluice_image::Node>,
+);
 
 impl MirrorEngine {
     /// What [`start_tracked`] needs of this engine (taken before the driver is boxed).
     pub fn tracking(&self) -> Tracking {
-        Tracking(self.source.1.clone(), self.dirty.clone())
+        Tracking(
+            self.source.1.clone(),
+            self.dirty.clone(),
+            self.target.clone(),
+        )
     }
 }
 
@@ -286,12 +297,50 @@ pub fn start_tracked(
     params: JobParams,
     tracking: Tracking,
     driver: Box<dyn JobDriver<State>>,
-) -> Result<(), QmpError> {
-    let Tracking(source, dirty) = tracking;
+) -> Result<Arc<Job<State>>, QmpError> {
+    let Tracking(source, dirty, _) = tracking;
     source.track_writes(Some(dirty));
     let started = Job::start(daemon, st, params, driver);
     if started.is_err() {
         source.track_writes(None);
     }
-    started.map(|_| ())
+    started
+}
+
+/// QEMU's `write-blocking` copy mode: each change of the source is copied to the target
+/// before it completes (see `sluice_image::node::gate`). The range also stays marked in
+/// the job's dirty map, so the background copy goes over it again; that costs a second
+/// copy of actively written ranges and keeps the target right when a background copy of
+/// the same range read the old data first.
+#[derive(Debug)]
+struct WriteBlocking {
+    target: Arc<sluice_image::Node>,
+}
+
+impl sluice_image::AfterWrite for WriteBlocking {
+    fn after_write(
+        &self,
+        offset: u64,
+        len: u64,
+        read: &dyn Fn(&mut [u8], u64) -> sluice_block::Result<()>,
+    ) -> sluice_block::Result<()> {
+        let mut buf = vec![0u8; len as usize];
+        read(&mut buf, offset)?;
+        if buf.iter().all(|&b| b == 0) {
+            self.target.zero(len, offset, true, false)
+        } else {
+            self.target.write(&buf, offset)
+        }
+    }
+}
+
+impl Tracking {
+    /// Switches the mirror to write-blocking (idempotent: a second switch keeps the one
+    /// hook). Called with the daemon's state lock held, while the job runs.
+    pub fn write_blocking(&self) {
+        let Tracking(source, _, target) = self;
+        source.set_after_write(Some(Arc::new(WriteBlocking {
+            target: target.clone(),
+        })));
+    }
 }

@@ -53,9 +53,10 @@ use std::time::{Duration, Instant};
 
 use crate::events::EventBus;
 use crate::generated::{
-    BlockDeviceIoStatus, BlockErrorAction, BlockJobCancelledEvent, BlockJobCompletedEvent,
-    BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent, BlockJobReadyEvent, BlockdevOnError,
-    IoOperationType, JobInfo, JobStatus, JobStatusChangeEvent, JobType, JobVerb,
+    BlockDeviceIoStatus, BlockErrorAction, BlockJobCancelledEvent, BlockJobChangeOptions,
+    BlockJobCompletedEvent, BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent,
+    BlockJobReadyEvent, BlockdevOnError, IoOperationType, JobInfo, JobStatus, JobStatusChangeEvent,
+    JobType, JobVerb,
 };
 use crate::QmpError;
 
@@ -91,8 +92,13 @@ pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
         JobVerb::Complete => matches!(status, Ready | Standby),
         JobVerb::Finalize => status == Pending,
         JobVerb::Dismiss => status == Concluded,
+        JobVerb::Change => matches!(status, Running | Paused | Ready | Standby),
     }
 }
+
+/// What `block-job-change` does to a job of a kind that can change (mirror): set by the
+/// kind when it starts the job, called with the state lock held.
+pub type Changer = Arc<dyn Fn(&BlockJobChangeOptions) -> Result<(), QmpError> + Send + Sync>;
 
 /// QEMU's split between generic jobs and block jobs: a `create` job is a plain job, with
 /// no `BLOCK_JOB_*` events, not in `query-block-jobs` and not found by `block-job-*`.
@@ -230,6 +236,8 @@ pub struct Job<S: HasJobs> {
     cond: Condvar,
     driver: Mutex<Box<dyn JobDriver<S>>>,
     host: Weak<dyn JobHost<S>>,
+    /// `block-job-change` (see [`Changer`]); unset: the kind cannot change.
+    changer: std::sync::OnceLock<Changer>,
 }
 
 impl<S: HasJobs> std::fmt::Debug for Job<S> {
@@ -335,6 +343,7 @@ impl<S: HasJobs> Job<S> {
                 let h: Arc<dyn JobHost<S>> = host.clone();
                 Arc::downgrade(&h)
             },
+            changer: std::sync::OnceLock::new(),
         });
         {
             let mut s = job.lock();
@@ -580,6 +589,20 @@ impl<S: HasJobs> Job<S> {
             self.set_status(&mut s, JobStatus::Null);
             drop(s);
             st.jobs().remove(&self.id);
+        }
+    }
+
+    /// Lets `block-job-change` change this job (see [`Changer`]); once.
+    pub fn set_changer(&self, changer: Changer) {
+        let _ = self.changer.set(changer);
+    }
+
+    /// `block-job-change`: QEMU's verb check, then the kind's change.
+    pub fn change(&self, opts: &BlockJobChangeOptions) -> Result<(), QmpError> {
+        self.check_verb(&self.lock(), JobVerb::Change)?;
+        match self.changer.get() {
+            Some(c) => c(opts),
+            None => Err(QmpError::generic("Job type does not support change")),
         }
     }
 

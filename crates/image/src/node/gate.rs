@@ -16,6 +16,16 @@
 //! [`Changing`], that only this module makes, so a new request method cannot reach a body
 //! without passing the gate, and a body that changes the image cannot run as a read.
 //!
+//! The gate also checks a format node's write threshold (`sluice_block::threshold`: one
+//! atomic load); a file node's is checked below it, in its storage, where the writes of the
+//! format node above arrive too.
+//!
+//! A write-blocking mirror hangs a fourth, [`AfterWrite`]: after a change ran (and was
+//! marked dirty), with the gate still held, the hook copies the range to the mirror's
+//! target before the request completes. The range stays marked, so a background copy of
+//! the same range that read the old data before the change is copied again: the target
+//! ends right whichever finishes last.
+//!
 //! The same place marks the node's named dirty bitmaps ([`crate::bitmaps`]), so that they
 //! see every change an NBD client, a job or an active commit's writer makes.
 //!
@@ -59,8 +69,23 @@ pub trait BeforeWrite: Send + Sync + std::fmt::Debug {
     ) -> Result<()>;
 }
 
+/// A mirror's write-blocking copy (QEMU's active mirror), hung on its source.
+pub trait AfterWrite: Send + Sync + std::fmt::Debug {
+    /// Called after a request changed `[offset, offset+len)` and before it completes, with
+    /// the node's gate held; `read(buf, at)` reads what the node holds now. An error fails
+    /// the request (the node has the change, the copy does not; the range stays dirty).
+    fn after_write(
+        &self,
+        offset: u64,
+        len: u64,
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()>;
+}
+
 #[derive(Debug, Default)]
 struct State {
+    /// A write-blocking mirror's copy.
+    after_write: Option<Arc<dyn AfterWrite>>,
     /// Ranges written since tracking began.
     dirty: Option<Arc<DirtyMap>>,
     /// A backup's copy-before-write.
@@ -104,16 +129,22 @@ impl Node {
     /// Runs a request that changes `[offset, offset+len)`: as [`Node::look`], and the range
     /// is marked in the dirty map (if someone is tracking) and in the node's recording dirty
     /// bitmaps before the gate is let go.
+    /// `writes`: the request writes data or zeroes (not a trim), so it counts against a
+    /// format node's write threshold, as in qemu.
     pub(super) fn change<R>(
         &self,
         offset: u64,
         len: u64,
+        writes: bool,
         op: impl FnOnce(&Node, Changing) -> Result<R>,
     ) -> Result<R> {
         let state = self.tracking.state.read();
         if let Some(target) = state.redirect.clone() {
             drop(state);
-            return target.change(offset, len, op);
+            return target.change(offset, len, writes, op);
+        }
+        if writes && self.file_state.is_none() {
+            self.threshold.check(offset, len);
         }
         if state.closed {
             return Err(sluice_block::BlockError::new(
@@ -127,9 +158,16 @@ impl Node {
         if let Some(hook) = &state.before_write {
             hook.before_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))?;
         }
-        let r = op(self, Changing(()));
+        let mut r = op(self, Changing(()));
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
+        }
+        if let (Ok(_), Some(hook)) = (&r, &state.after_write) {
+            if let Err(e) =
+                hook.after_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))
+            {
+                r = Err(e);
+            }
         }
         if let Some(bitmaps) = self.bitmaps.get() {
             bitmaps.mark(offset, len);
@@ -171,6 +209,12 @@ impl Node {
         self.tracking.state.write().before_write = hook;
     }
 
+    /// Installs (Some) or removes (None) a write-blocking mirror's copy. Waits for the
+    /// requests in flight, so every change that completes after this returns was copied.
+    pub fn set_after_write(&self, hook: Option<Arc<dyn AfterWrite>>) {
+        self.tracking.state.write().after_write = hook;
+    }
+
     /// The end of an active commit or a mirror: with every request of this node held off,
     /// copies what `dirty` still marks from this node into `target`, flushes `target` and
     /// this node, and from then on sends every request of this node to `target` (which
@@ -205,6 +249,7 @@ impl Node {
             self.flush_body(Reading(()))?;
         }
         state.dirty = None;
+        state.after_write = None;
         state.redirect = Some(target);
         Ok(copied)
     }
@@ -339,6 +384,40 @@ mod tests {
         assert_eq!(read(&top, 10, 0), at0);
         top.set_before_write(None);
         top.write(&[8; 10], 0).unwrap();
+        assert_eq!(hook.0.lock().len(), 1);
+    }
+
+    /// Write-blocking: the hook sees each change after it ran, reading the new data; its
+    /// error fails the request; once removed it sees nothing.
+    #[test]
+    fn after_write_sees_new_data_and_its_error_fails_the_write() {
+        #[derive(Debug, Default)]
+        struct Copied(parking_lot::Mutex<Vec<(u64, Vec<u8>)>>);
+        impl AfterWrite for Copied {
+            fn after_write(
+                &self,
+                offset: u64,
+                len: u64,
+                read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+            ) -> Result<()> {
+                if offset == 0 {
+                    return Err(sluice_block::BlockError::new(Errno::EIO, "target failed"));
+                }
+                let mut now = vec![0; len as usize];
+                read(&mut now, offset)?;
+                self.0.lock().push((offset, now));
+                Ok(())
+            }
+        }
+        let (_dir, c) = chain3();
+        let top = open_json(qcow2_opts(&c, false)).unwrap();
+        let hook = Arc::new(Copied::default());
+        top.set_after_write(Some(hook.clone()));
+        top.write(&[9; 4096], 70_000).unwrap();
+        assert_eq!(hook.0.lock()[0], (70_000, vec![9; 4096]));
+        assert_eq!(top.write(&[8; 10], 0).unwrap_err().errno, Errno::EIO);
+        top.set_after_write(None);
+        top.write(&[7; 10], 0).unwrap();
         assert_eq!(hook.0.lock().len(), 1);
     }
 

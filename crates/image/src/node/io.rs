@@ -103,7 +103,7 @@ impl Node {
     /// Writes `buf` at `offset`, allocating (with copy-on-write from the backing for partial
     /// clusters) as needed.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.change(offset, buf.len() as u64, |n, pass| {
+        self.change(offset, buf.len() as u64, true, |n, pass| {
             n.write_body(pass, buf, offset)
         })
     }
@@ -167,7 +167,7 @@ impl Node {
     /// Makes `[offset, offset+count)` read as zeroes. `may_unmap`: clusters may be
     /// deallocated (NBD without NO_HOLE); `fast`: fail with ENOTSUP rather than write data.
     pub fn zero(&self, count: u64, offset: u64, may_unmap: bool, fast: bool) -> Result<()> {
-        self.change(offset, count, |n, pass| {
+        self.change(offset, count, true, |n, pass| {
             n.zero_body(pass, count, offset, may_unmap, fast)
         })
     }
@@ -319,7 +319,9 @@ impl Node {
     /// whole clusters, which then read as zeroes (v3) or are left alone (v2); unallocated
     /// clusters of an image without backing stay unallocated. Raw files get a hole punched.
     pub fn trim(&self, count: u64, offset: u64) -> Result<()> {
-        self.change(offset, count, |n, pass| n.trim_body(pass, count, offset))
+        self.change(offset, count, false, |n, pass| {
+            n.trim_body(pass, count, offset)
+        })
     }
 
     /// The body of [`Node::trim`].

@@ -103,7 +103,11 @@ impl Node {
         }
         self.check_writable("switch backing")
             .map_err(|e| unsupported(e.to_string()))?;
-        if let Some(b) = &backing {
+        let same = match (&backing, self.backing()) {
+            (Some(b), Some(cur)) => Arc::ptr_eq(b, &cur),
+            _ => false,
+        };
+        if let Some(b) = backing.as_ref().filter(|_| !same) {
             if !b.read_only {
                 return Err(ImageError::Permission(format!(
                     "node '{}' cannot be the backing of '{}': backing nodes must be read-only",
@@ -133,6 +137,52 @@ impl Node {
         q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
         let view = View::new(backing, Some(Qcow2Info { header }), FormatAccess::new(q));
         *self.view.write() = Arc::new(view);
+        Ok(())
+    }
+
+    /// `change-backing-file`: rewrites the backing file name (and format) this qcow2
+    /// node's header records, leaving its backing node as it is. A writable node does it as
+    /// [`Node::switch_backing`] to the same backing; a read-only one, like qemu's brief
+    /// reopen read-write, through a descriptor of its own opened for writing, then keeps
+    /// the new header for what it reports (its imago instance never writes the header).
+    pub fn change_backing_file(
+        &self,
+        name: &str,
+        format: Option<Format>,
+    ) -> std::result::Result<(), ImageError> {
+        use std::os::unix::fs::FileExt;
+        if !self.read_only && self.file_state().writable {
+            return self.switch_backing(self.backing(), Some(name), format);
+        }
+        let path = self.filename.clone();
+        if self.driver != Driver::Qcow2 {
+            return Err(ImageError::bad_image(
+                &path,
+                HeaderError::Unsupported(format!("node '{}' is not qcow2", self.name)),
+            ));
+        }
+        let _g = self.io.write();
+        let file = self.file.as_ref().expect("format nodes have a file child");
+        let mut header = read_header(file)?;
+        header.set_backing(Some(name), format);
+        let mut cluster = header
+            .encode()
+            .map_err(|e| ImageError::bad_image(&path, e))?;
+        cluster.resize(header.cluster_size() as usize, 0);
+        let rw = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| ImageError::open(&path, e))?;
+        rw.write_all_at(&cluster, 0)
+            .and_then(|()| rw.sync_data())
+            .map_err(|e| ImageError::open(&path, e))?;
+        let view = self.view();
+        let new = View {
+            backing: view.backing.clone(),
+            qcow2: Some(Qcow2Info { header }),
+            layer: view.layer.clone(),
+        };
+        *self.view.write() = Arc::new(new);
         Ok(())
     }
 

@@ -61,8 +61,8 @@ mod status;
 mod test_support;
 
 pub use create::{create_file, Prealloc, Qcow2Create};
-pub use gate::BeforeWrite;
 use gate::Tracking;
+pub use gate::{AfterWrite, BeforeWrite};
 pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
 
 /// imago's storage object for every node: shared, so a file node and the format node above
@@ -143,6 +143,9 @@ pub struct Node {
     bitmaps: std::sync::OnceLock<Arc<Bitmaps>>,
     /// Where the persistent bitmaps are in their life cycle (see `persist.rs`).
     persist: Mutex<persist::Persist>,
+    /// A format node's write threshold, checked in the gate on guest offsets (a file
+    /// node's is its storage's, which sees the writes of the format node above too).
+    threshold: Arc<sluice_block::WriteThreshold>,
     weak_self: Weak<Node>,
 }
 
@@ -188,6 +191,7 @@ impl Node {
             tracking: Tracking::default(),
             bitmaps: std::sync::OnceLock::new(),
             persist: Mutex::default(),
+            threshold: Arc::default(),
             weak_self: weak_self.clone(),
         })
     }
@@ -247,6 +251,15 @@ impl Node {
     /// The node's named dirty bitmaps (see [`crate::bitmaps`]).
     pub fn bitmaps(&self) -> &Arc<Bitmaps> {
         self.bitmaps.get_or_init(Arc::default)
+    }
+
+    /// The node's write threshold (`block-set-write-threshold`): a file node's is checked
+    /// by its storage on every write of the file, a format node's in its gate.
+    pub fn write_threshold(&self) -> &Arc<sluice_block::WriteThreshold> {
+        match &self.file_state {
+            Some(fs) => fs.ordered.write_threshold(),
+            None => &self.threshold,
+        }
     }
 
     /// The current view (see [`View`]); stable while the caller holds `io`.
