@@ -41,10 +41,14 @@ Examples:
                                    run an nbdkit Python plugin script, unmodified
   sluice serve -f -U /tmp/r.sock rbd rbd/disk1 conf=/etc/ceph/ceph.conf id=admin
                                    serve a Ceph RBD image (pool/image[@snapshot])
+  sluice serve -f -U /tmp/i.sock image disk.qcow2 format=qcow2 bitmap=daily
+                                   serve a disk image and its bitmap as
+                                   qemu:dirty-bitmap:daily (qemu-nbd -B daily)
   sluice serve -U - --filter=log memory 1G logfile=/tmp/log --run 'qemu-img info \"$uri\"'
                                    log every request (filters: --filter=NAME --help)
 
 Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=),
+image (raw or qcow2: file= format= backing= readonly= locking= bitmap=),
 rbd ([pool/]image[@snap] pool= namespace= snapshot= conf= id= keyring= key= timeout=
 ceph.OPTION=; see `sluice serve --dump-plugin rbd` for the librbd it loads).
 `python SCRIPT` runs nbdkit Python plugin scripts (API_VERSION 1 and 2); a script can
