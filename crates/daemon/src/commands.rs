@@ -275,7 +275,7 @@ impl Handlers for Session<'_> {
     }
 
     fn block_dirty_bitmap_add(&mut self, args: BlockDirtyBitmapAdd) -> Result<(), QmpError> {
-        self.state.graph.bitmap_add(&args)
+        self.state.graph.bitmap_add(&args).map(|_| ())
     }
 
     fn block_dirty_bitmap_remove(&mut self, args: BlockDirtyBitmap) -> Result<(), QmpError> {

@@ -360,6 +360,13 @@ impl ExportContext for BitmapContext {
     }
 }
 
+/// `qemu:dirty-bitmap:NAME` for the held bitmap: one of a server's own contexts (a daemon
+/// export's `bitmaps`, `sluice serve image ... bitmap=NAME`), by full name.
+pub fn bitmap_context(guard: BusyGuard) -> (String, Arc<dyn ExportContext>) {
+    let name = sluice_proto::nbd::dirty_bitmap_context(guard.bitmap().name());
+    (name, Arc::new(BitmapContext(guard)))
+}
+
 /// A new entry for the server's table: the node's plugin behind a gate, and the gate. The
 /// export's requests are counted in its backend's statistics and in `node_stats`.
 /// `allocation_depth`: offer `qemu:allocation-depth` besides `base:allocation`;
@@ -378,10 +385,7 @@ pub fn named_export(
         .collect();
     let own_contexts: Vec<(String, Arc<dyn ExportContext>)> = bitmaps
         .into_iter()
-        .map(|(name, guard)| {
-            let ctx: Arc<dyn ExportContext> = Arc::new(BitmapContext(guard));
-            (sluice_proto::nbd::dirty_bitmap_context(&name), ctx)
-        })
+        .map(|(_, guard)| bitmap_context(guard))
         .collect();
     meta_contexts.extend(own_contexts.iter().map(|(n, _)| n.clone()));
     let gate = Arc::new(AtomicBool::new(true));

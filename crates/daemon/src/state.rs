@@ -533,7 +533,7 @@ fn export_bitmaps(
         };
         bitmap
             .check(Use::Read)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+            .map_err(crate::graph::bitmaps::bitmap_error)?;
         found.push((name, bitmap));
     }
     Ok(found.into_iter().map(|(n, b)| (n, b.hold())).collect())

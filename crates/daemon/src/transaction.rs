@@ -3,7 +3,7 @@
 //! Each action runs in order with the same checks and messages as its command; the first
 //! that fails undoes, newest first, what the ones before it did, and its error is the
 //! transaction's. Every action that changes something records how to undo it ([`Undo`]):
-//! an added bitmap is removed, a cleared or merged one gets its old bits back, an enabled
+//! an added bitmap is removed (or the inconsistent one it replaced put back), a cleared or merged one gets its old bits back, an enabled
 //! or disabled one its old state. Two kinds wait for the end instead, as QEMU's commit
 //! phase: bitmap removals (so nothing has to be brought back; a later action of the same
 //! transaction still sees the bitmap, where QEMU would say it is gone) and backups, whose
@@ -30,6 +30,8 @@ use crate::QmpError;
 enum Undo {
     /// Remove the bitmap the action added.
     Added { node: String, name: String },
+    /// Put back the inconsistent bitmap the action's add replaced.
+    Replaced { node: String, old: Arc<Bitmap> },
     /// Give the bitmap these bits back.
     Bits(Arc<Bitmap>, DirtyMap),
     /// Give the bitmap this recording state back.
@@ -42,6 +44,13 @@ impl Undo {
             Undo::Added { node, name } => {
                 if let Some(n) = st.graph.get(&node) {
                     n.bitmaps.remove(&name);
+                }
+            }
+            Undo::Replaced { node, old } => {
+                if let Some(n) = st.graph.get(&node) {
+                    if let Some(new) = n.bitmaps.get(old.name()) {
+                        n.bitmaps.replace(&new, old);
+                    }
                 }
             }
             Undo::Bits(b, before) => {
@@ -132,10 +141,15 @@ fn run_action(
             Err(QmpError::generic("Transaction aborted using Abort action"))
         }
         TransactionActionBranch::BlockDirtyBitmapAdd(w) => {
-            graph.bitmap_add(&w.data)?;
-            undo.push(Undo::Added {
-                node: w.data.node,
-                name: w.data.name,
+            undo.push(match graph.bitmap_add(&w.data)? {
+                None => Undo::Added {
+                    node: w.data.node,
+                    name: w.data.name,
+                },
+                Some(old) => Undo::Replaced {
+                    node: w.data.node,
+                    old,
+                },
             });
             Ok(())
         }

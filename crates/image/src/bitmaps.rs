@@ -249,6 +249,32 @@ impl Bitmaps {
         Ok(())
     }
 
+    /// [`Bitmaps::check_new_name`] for a bitmap that may replace an inconsistent one of the
+    /// same name (sluice's way back from a crash, which QEMU lacks): returns the bitmap it
+    /// would replace, or QEMU's error when the name is taken by a usable bitmap.
+    pub fn check_replacement_name(&self, name: &str) -> Result<Option<Arc<Bitmap>>, BitmapError> {
+        match self.get(name) {
+            Some(old) if old.is_inconsistent() && !old.is_busy() => Ok(Some(old)),
+            _ => self.check_new_name(name).map(|()| None),
+        }
+    }
+
+    /// Puts `new` where `old` is, keeping its place in the list; false (nothing changed) if
+    /// `old` is no longer in the set or `new`'s name is another bitmap's.
+    pub fn replace(&self, old: &Arc<Bitmap>, new: Arc<Bitmap>) -> bool {
+        let mut list = self.list.write();
+        let clash = list
+            .iter()
+            .any(|b| b.name == new.name && !Arc::ptr_eq(b, old));
+        match list.iter().position(|b| Arc::ptr_eq(b, old)) {
+            Some(i) if !clash => {
+                list[i] = new;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Removes the bitmap named `name` (after [`Bitmap::check`] with [`Use::Remove`]).
     pub fn remove(&self, name: &str) -> Option<Arc<Bitmap>> {
         let mut list = self.list.write();
@@ -293,6 +319,34 @@ mod tests {
             Err(BitmapError::Exists("on".into()))
         );
         assert_eq!(set.list()[0].name(), "off");
+    }
+
+    #[test]
+    fn inconsistent_bitmap_name_may_be_replaced_in_place() {
+        let set = Bitmaps::default();
+        let bad = Arc::new(Bitmap::loaded(
+            "b",
+            DirtyMap::new(1 << 20, 65536),
+            true,
+            true,
+        ));
+        let good = Arc::new(Bitmap::new("g", 1 << 20, 65536, true));
+        set.insert(bad.clone()).unwrap();
+        set.insert(good.clone()).unwrap();
+        assert_eq!(
+            set.check_replacement_name("g").unwrap_err(),
+            BitmapError::Exists("g".into())
+        );
+        assert!(set.check_replacement_name("new").unwrap().is_none());
+        let old = set.check_replacement_name("b").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&old, &bad));
+        let fresh = Arc::new(Bitmap::new("b", 1 << 20, 65536, true));
+        assert!(set.replace(&old, fresh.clone()));
+        assert!(Arc::ptr_eq(&set.get("b").unwrap(), &fresh));
+        assert_eq!(set.list()[1].name(), "b");
+        // Gone already: nothing changes.
+        assert!(!set.replace(&old, Arc::new(Bitmap::new("b", 1, 512, true))));
+        assert!(Arc::ptr_eq(&set.get("b").unwrap(), &fresh));
     }
 
     #[test]

@@ -8,14 +8,20 @@
 //! layer alone). An image whose header names a backing file the user did not account for is
 //! refused with a message saying so. A format that is not given is probed, with qemu's
 //! warning that probing is unsafe for untrusted images.
+//!
+//! `bitmap=NAME` (qemu-nbd's `-B NAME`, repeatable) names a persistent bitmap of the image to
+//! offer as the meta context `qemu:dirty-bitmap:NAME`. The bitmap is looked up in the top
+//! image only (qemu-nbd also searches the backing files) and checked as qemu-nbd checks it:
+//! an unknown name or an inconsistent bitmap refuses the start. [`open_image_export`] returns
+//! the bitmaps held busy; the server wraps them as contexts (it owns the NBD side).
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sluice_block::plugins::ConfigArg;
-use sluice_block::Plugin;
 
+use crate::bitmaps::{BusyGuard, Use};
 use crate::error::ImageError;
 use crate::header::{Format, HeaderError, Qcow2Header};
 use crate::lock::Locking;
@@ -32,7 +38,8 @@ pub const HELP: &str = "[file=]<FILENAME>     The disk image to serve.\n\
                         backing=<FILENAME>    Name the next backing file down (repeat for each layer).\n\
                         backing=none          Serve the top layer alone (no backing).\n\
                         readonly=true         Open the image read-only.\n\
-                        locking=auto|on|off   qemu-compatible image locking (default auto).";
+                        locking=auto|on|off   qemu-compatible image locking (default auto).\n\
+                        bitmap=<NAME>         Offer its persistent bitmap NAME as qemu:dirty-bitmap:NAME (qemu-nbd's -B; repeatable).";
 
 /// What the user said about backing files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +57,8 @@ struct ImageArgs {
     backing: Vec<BackingArg>,
     readonly: Option<bool>,
     locking: Locking,
+    /// `bitmap=`: persistent bitmaps to serve, in command-line order, without repeats.
+    bitmaps: Vec<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> ImageError {
@@ -62,6 +71,7 @@ fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
     let mut backing = Vec::new();
     let mut readonly = None;
     let mut locking = Locking::Auto;
+    let mut bitmaps: Vec<String> = Vec::new();
     for arg in args {
         let key = arg.key.as_deref().unwrap_or(MAGIC_KEY);
         let value = arg.value.as_str();
@@ -107,6 +117,15 @@ fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
                     ))
                 })?
             }
+            "bitmap" => {
+                if value.is_empty() {
+                    return Err(invalid("bitmap= needs the name of a persistent bitmap"));
+                }
+                // qemu-nbd accepts `-B b -B b`; the context is offered once.
+                if !bitmaps.iter().any(|b| b == value) {
+                    bitmaps.push(value.to_string());
+                }
+            }
             _ => {
                 return Err(invalid(format!(
                     "unknown parameter '{key}' (see `--help` for this plugin's parameters)"
@@ -122,6 +141,7 @@ fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
         backing,
         readonly,
         locking,
+        bitmaps,
     })
 }
 
@@ -243,8 +263,21 @@ fn file_id(path: &Path) -> Result<(u64, u64), ImageError> {
     Ok((m.dev(), m.ino()))
 }
 
+/// What `sluice serve image` serves: the node, and the bitmaps `bitmap=` named, held busy
+/// (in command-line order) for as long as the server keeps them.
+pub struct ImageExport {
+    pub node: Arc<Node>,
+    pub bitmaps: Vec<BusyGuard>,
+}
+
 /// Opens the image the command line names (see the module doc) as one shared node.
+/// `bitmap=` names are checked (as by [`open_image_export`]) but not held.
 pub fn open_image_node(args: &[ConfigArg]) -> Result<Arc<Node>, ImageError> {
+    open_image_export(args).map(|e| e.node)
+}
+
+/// Opens the image the command line names and the bitmaps it asks to serve.
+pub fn open_image_export(args: &[ConfigArg]) -> Result<ImageExport, ImageError> {
     let a = parse_args(args)?;
     let no_nodes = |_: &str| None;
     let read_only = a.readonly.unwrap_or(false);
@@ -263,12 +296,39 @@ pub fn open_image_node(args: &[ConfigArg]) -> Result<Arc<Node>, ImageError> {
     // Persistent bitmaps: loaded and marked in use while served; saved when the server
     // drops the node at exit (see `node/persist.rs`).
     node.load_bitmaps()?;
-    Ok(node)
+    let bitmaps = hold_bitmaps(&node, &a.file, &a.bitmaps)?;
+    Ok(ImageExport { node, bitmaps })
 }
 
-/// `sluice serve image ...`: the plugin for the CLI (see [`open_image_node`]).
-pub fn open_image_plugin(args: &[ConfigArg]) -> Result<Arc<dyn Plugin>, ImageError> {
-    open_image_node(args).map(|n| n as Arc<dyn Plugin>)
+/// The bitmaps `bitmap=` named, checked as qemu-nbd's `-B` checks them (`nbd_export_create`:
+/// found, then not busy and not inconsistent), held busy.
+fn hold_bitmaps(node: &Node, file: &Path, names: &[String]) -> Result<Vec<BusyGuard>, ImageError> {
+    let mut held = Vec::with_capacity(names.len());
+    for name in names {
+        let Some(b) = node.bitmaps().get(name) else {
+            let have: Vec<String> = node
+                .bitmaps()
+                .list()
+                .iter()
+                .rev()
+                .map(|b| b.name().to_string())
+                .collect();
+            let have = match have.is_empty() {
+                true => format!("{} has no persistent bitmaps", file.display()),
+                false => format!("{} has: {}", file.display(), have.join(", ")),
+            };
+            // qemu-nbd's words, and what there is instead.
+            return Err(invalid(format!("Bitmap '{name}' is not found ({have})")));
+        };
+        b.check(Use::Read)
+            .map_err(|why| ImageError::BitmapUnusable {
+                path: file.to_owned(),
+                name: name.clone(),
+                why,
+            })?;
+        held.push(b.hold());
+    }
+    Ok(held)
 }
 
 #[cfg(test)]
@@ -293,6 +353,18 @@ mod tests {
         assert_eq!(
             a.backing,
             [BackingArg::Path("/x/b".into()), BackingArg::Auto]
+        );
+    }
+
+    #[test]
+    fn parse_args_bitmaps_keep_order_once_each() {
+        let a = parse_args(&args(&["a", "bitmap=b1", "bitmap=b0", "bitmap=b1"])).unwrap();
+        assert_eq!(a.bitmaps, ["b1", "b0"]);
+        assert_eq!(
+            parse_args(&args(&["a", "bitmap="]))
+                .unwrap_err()
+                .to_string(),
+            "image: bitmap= needs the name of a persistent bitmap"
         );
     }
 

@@ -89,6 +89,21 @@ pub enum ImageError {
         source: crate::qcow2_bitmaps::Qcow2BitmapError,
     },
 
+    /// A bitmap the command line asked to serve (`bitmap=NAME`) cannot be used: it was
+    /// loaded inconsistent (left `in_use` by a writer that did not close the image).
+    #[error(
+        "image: {why} ({} was not closed cleanly while it recorded): remove it with \
+         `qemu-img bitmap --remove {} {name}`, or replace it with block-dirty-bitmap-add \
+         in sluice daemon",
+        path.display(),
+        path.display()
+    )]
+    BitmapUnusable {
+        path: PathBuf,
+        name: String,
+        why: crate::bitmaps::BitmapError,
+    },
+
     /// An I/O error while opening (imago's own checks land here too).
     #[error("{context}: {source}")]
     Io {
@@ -111,7 +126,7 @@ impl ImageError {
             ImageError::BackingLoop { .. } | ImageError::ChainTooLong { .. } => Errno(libc::ELOOP),
             ImageError::Backing { source, .. } => source.errno(),
             ImageError::BackingNotAllowed { .. } => Errno::EPERM,
-            ImageError::Bitmaps { .. } => Errno::EIO,
+            ImageError::Bitmaps { .. } | ImageError::BitmapUnusable { .. } => Errno::EIO,
         }
     }
 

@@ -41,8 +41,8 @@
 //!
 //! # Command line
 //!
-//! [`open_image_plugin`] serves `sluice serve image file=PATH [format=] [backing=]` (see
-//! [`cli`] for the backing policy).
+//! [`open_image_export`] serves `sluice serve image file=PATH [format=] [backing=]
+//! [bitmap=]` (see [`cli`] for the backing policy and the bitmaps).
 
 pub mod bitmaps;
 pub mod cli;
@@ -58,7 +58,7 @@ pub mod refcounts;
 pub mod storage;
 
 pub use bitmaps::{Bitmap, BitmapError, Bitmaps};
-pub use cli::{open_image_node, open_image_plugin};
+pub use cli::{open_image_export, open_image_node, ImageExport};
 pub use dirty::DirtyMap;
 pub use error::ImageError;
 pub use handle::NodeHandle;

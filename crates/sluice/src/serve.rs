@@ -41,10 +41,14 @@ Examples:
                                    run an nbdkit Python plugin script, unmodified
   sluice serve -f -U /tmp/r.sock rbd rbd/disk1 conf=/etc/ceph/ceph.conf id=admin
                                    serve a Ceph RBD image (pool/image[@snapshot])
+  sluice serve -f -U /tmp/i.sock image disk.qcow2 format=qcow2 bitmap=daily
+                                   serve a disk image and its bitmap as
+                                   qemu:dirty-bitmap:daily (qemu-nbd -B daily)
   sluice serve -U - --filter=log memory 1G logfile=/tmp/log --run 'qemu-img info \"$uri\"'
                                    log every request (filters: --filter=NAME --help)
 
 Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=),
+image (raw or qcow2: file= format= backing= readonly= locking= bitmap=),
 rbd ([pool/]image[@snap] pool= namespace= snapshot= conf= id= keyring= key= timeout=
 ceph.OPTION=; see `sluice serve --dump-plugin rbd` for the librbd it loads).
 `python SCRIPT` runs nbdkit Python plugin scripts (API_VERSION 1 and 2); a script can
@@ -304,15 +308,19 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
         plugin,
         python,
         rbd,
+        contexts,
     } = if args.plugin == "python" {
         open_python(&params)?
     } else if args.plugin == sluice_rbd::NAME {
         open_rbd(&args, &params)?
+    } else if args.plugin == "image" {
+        open_image(&args, &params, &chosen)?
     } else {
         Loaded {
             plugin: open_plugin(&args, &params)?,
             python: None,
             rbd: None,
+            contexts: Vec::new(),
         }
     };
     let env = sluice_block::filters::FilterEnv::default();
@@ -415,7 +423,7 @@ fn serve(args: ServeArgs) -> Result<i32, Failure> {
             .push(sluice_proto::nbd::CONTEXT_QEMU_ALLOCATION_DEPTH.to_string());
     }
     let backend = Arc::new(Backend::new(plugin));
-    let server = NbdServer::new(backend, config);
+    let server = NbdServer::with_contexts(backend, config, contexts);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -563,6 +571,8 @@ struct Loaded {
     python: Option<Arc<sluice_python::PythonPlugin>>,
     /// librados starts threads, so the cluster connection is made after the fork.
     rbd: Option<Arc<sluice_rbd::RbdPlugin>>,
+    /// Meta contexts the server answers itself (`image ... bitmap=NAME`).
+    contexts: Vec<(String, Arc<dyn sluice_server::ExportContext>)>,
 }
 
 /// Configures the `rbd` plugin (`sluice serve rbd POOL/IMAGE conf=...`) without connecting.
@@ -577,6 +587,7 @@ fn open_rbd(args: &ServeArgs, params: &[ConfigArg]) -> Result<Loaded, Failure> {
         plugin: p.clone(),
         python: None,
         rbd: Some(p),
+        contexts: Vec::new(),
     })
 }
 
@@ -589,6 +600,7 @@ fn open_python(params: &[ConfigArg]) -> Result<Loaded, Failure> {
         plugin: p.clone(),
         python: Some(p),
         rbd: None,
+        contexts: Vec::new(),
     })
 }
 
@@ -604,6 +616,47 @@ fn python_failure(e: sluice_python::LoadError) -> Failure {
     }
 }
 
+/// Opens `sluice serve image ...`: the image node, and each `bitmap=NAME` as the context
+/// `qemu:dirty-bitmap:NAME`, offered in the reverse of the command line's order as qemu-nbd
+/// offers its `-B` bitmaps. Bitmaps are refused under filters: a filter may move or resize
+/// what the client sees (offset, partition, truncate), and the bitmap's offsets are the image's.
+fn open_image(
+    args: &ServeArgs,
+    params: &[ConfigArg],
+    chosen: &crate::filters::Chosen,
+) -> Result<Loaded, Failure> {
+    let mut params = params.to_vec();
+    if args.readonly {
+        params.push(ConfigArg::kv("readonly", "true"));
+    }
+    if !chosen.filters.is_empty() && params.iter().any(|p| p.key.as_deref() == Some("bitmap")) {
+        return Err(usage(anyhow::anyhow!(
+            "image: bitmap= cannot be used with filters (a filter may move or resize what \
+             clients see, the bitmap describes the image itself)"
+        )));
+    }
+    let e = sluice_image::open_image_export(&params).map_err(|e| Failure {
+        code: if matches!(e, sluice_image::ImageError::InvalidOption(_)) {
+            2
+        } else {
+            1
+        },
+        err: e.into(),
+    })?;
+    let contexts = e
+        .bitmaps
+        .into_iter()
+        .rev()
+        .map(sluice_daemon::exports::bitmap_context)
+        .collect();
+    Ok(Loaded {
+        plugin: e.node,
+        python: None,
+        rbd: None,
+        contexts,
+    })
+}
+
 /// Loads the plugin the user named: built-in first, then an nbdkit C plugin.
 fn open_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>, Failure> {
     if let Some(r) = plugins::open_builtin(&args.plugin, params) {
@@ -612,20 +665,6 @@ fn open_plugin(args: &ServeArgs, params: &[ConfigArg]) -> Result<Arc<dyn Plugin>
             tracing::warn!("-D flags are ignored by built-in plugins");
         }
         return r.map_err(|e| usage(e.into()));
-    }
-    if args.plugin == "image" {
-        let mut params = params.to_vec();
-        if args.readonly {
-            params.push(ConfigArg::kv("readonly", "true"));
-        }
-        return sluice_image::open_image_plugin(&params).map_err(|e| Failure {
-            code: if matches!(e, sluice_image::ImageError::InvalidOption(_)) {
-                2
-            } else {
-                1
-            },
-            err: e.into(),
-        });
     }
     let Some(path) = sluice_nbdkit::resolve(&args.plugin, &plugin_dirs(args)) else {
         return Err(usage(anyhow::anyhow!(

@@ -4,8 +4,7 @@
 //! writes `nbdinfo --map=qemu:dirty-bitmap:NAME`, `qemu-img map` with `x-dirty-bitmap` and
 //! `LIST_META_CONTEXT` for `qemu:` and `qemu:dirty-bitmap:` must print the same.
 //!
-//! Not compared: `sluice serve image ... bitmap=NAME` (qemu-nbd's `-B`), which needs the
-//! persistent bitmaps of the qcow2 image and is not there yet.
+//! `sluice serve image ... bitmap=NAME` against qemu-nbd's `-B` is in `serve_bitmaps.rs`.
 
 mod support;
 

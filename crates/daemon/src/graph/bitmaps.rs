@@ -15,6 +15,15 @@
 //! other tool ignore, so a raw disk copied, resized or written by them would carry a stale
 //! bitmap that looks valid; refusing as qsd does is the honest answer until such a file can
 //! be tied to the image it describes.
+//!
+//! **Beyond qsd: the way back from an inconsistent bitmap.** A bitmap loaded `in_use` (its
+//! writer crashed) refuses every use but removal, as in qsd. sluice adds two things:
+//! `block-dirty-bitmap-add` of the same name *replaces* it (qsd: "Bitmap already exists")
+//! with a new bitmap that starts all dirty, since what changed while nothing recorded is
+//! unknown: the next incremental backup from it copies everything, which is the full backup
+//! the broken chain needs anyway, and it records from then on; and the refusal's message,
+//! qsd's words first, says so ([`bitmap_error`]). Every other check of the add (granularity,
+//! `persistent`) is the usual one, and the replacement keeps the old one's place.
 
 use std::sync::Arc;
 
@@ -66,7 +75,19 @@ impl Filter for MarkBitmaps {
 }
 
 fn qmp(e: BitmapError) -> QmpError {
-    QmpError::generic(e.to_string())
+    bitmap_error(e)
+}
+
+/// A bitmap refusal as QMP reports it: qsd's message, and for an inconsistent bitmap the way
+/// back after it (see the module doc).
+pub fn bitmap_error(e: BitmapError) -> QmpError {
+    match &e {
+        BitmapError::Inconsistent(name) => QmpError::generic(format!(
+            "{e}; remove it with block-dirty-bitmap-remove, or replace it with \
+             block-dirty-bitmap-add of '{name}' (the new bitmap starts all dirty)"
+        )),
+        _ => QmpError::generic(e.to_string()),
+    }
 }
 
 /// What `query-named-block-nodes` shows of a node's bitmaps (absent when it has none).
@@ -101,8 +122,9 @@ impl Graph {
         Ok((n, b))
     }
 
-    /// `block-dirty-bitmap-add`.
-    pub fn bitmap_add(&self, args: &BlockDirtyBitmapAdd) -> Result<(), QmpError> {
+    /// `block-dirty-bitmap-add`; returns the inconsistent bitmap it replaced, if any (see
+    /// the module doc).
+    pub fn bitmap_add(&self, args: &BlockDirtyBitmapAdd) -> Result<Option<Arc<Bitmap>>, QmpError> {
         if args.name.is_empty() {
             return Err(qmp(BitmapError::EmptyName));
         }
@@ -140,7 +162,7 @@ impl Graph {
                 }
             }
         }
-        n.bitmaps.check_new_name(&args.name).map_err(qmp)?;
+        let replaces = n.bitmaps.check_replacement_name(&args.name).map_err(qmp)?;
         let size = n.size()?;
         let b = Bitmap::new(
             &args.name,
@@ -149,7 +171,23 @@ impl Graph {
             !args.disabled.unwrap_or(false),
         );
         b.set_persistent(persistent);
-        n.bitmaps.insert(Arc::new(b)).map_err(qmp)
+        let b = Arc::new(b);
+        match replaces {
+            None => n.bitmaps.insert(b).map_err(qmp).map(|()| None),
+            Some(old) => {
+                // Nothing is known of what changed since the crash: all of it may have.
+                b.map().mark(0, size);
+                if !n.bitmaps.replace(&old, b) {
+                    return Err(qmp(BitmapError::Exists(args.name.clone())));
+                }
+                tracing::info!(
+                    "node '{}': inconsistent bitmap '{}' replaced by a new one, all dirty",
+                    n.name,
+                    args.name
+                );
+                Ok(Some(old))
+            }
+        }
     }
 
     /// `block-dirty-bitmap-remove`.

@@ -290,7 +290,8 @@ pub(crate) fn prepare(st: &State, args: BlockdevBackup) -> Result<PreparedBackup
                 "Bitmap sync mode must be given when providing a bitmap",
             ));
         };
-        b.check(Use::Read).map_err(|e| generic(e.to_string()))?;
+        b.check(Use::Read)
+            .map_err(crate::graph::bitmaps::bitmap_error)?;
         if sync == MirrorSyncMode::None {
             return Err(generic(
                 "sync mode 'none' does not produce meaningful bitmap outputs",

@@ -120,6 +120,9 @@ pub enum Exports {
 pub struct NbdServer {
     exports: Exports,
     config: ServerConfig,
+    /// Contexts a single-plugin server answers itself ([`NbdServer::with_contexts`]); a
+    /// table's exports carry their own ([`NamedExport::own_contexts`]).
+    own_contexts: Vec<(String, Arc<dyn ExportContext>)>,
     shutting_down: AtomicBool,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Live>>,
@@ -148,15 +151,35 @@ struct Live {
 impl NbdServer {
     /// A server exporting one plugin (any export name reaches it, as with nbdkit).
     pub fn new(backend: Arc<Backend>, config: ServerConfig) -> Arc<NbdServer> {
-        Self::with_exports(Exports::Single(backend), config)
+        Self::with_exports(Exports::Single(backend), config, Vec::new())
+    }
+
+    /// A server exporting one plugin that also offers `contexts`, answered by the server
+    /// rather than the plugin (`sluice serve image ... bitmap=NAME`'s
+    /// `qemu:dirty-bitmap:NAME`); they are offered after the configured ones, in order.
+    pub fn with_contexts(
+        backend: Arc<Backend>,
+        mut config: ServerConfig,
+        contexts: Vec<(String, Arc<dyn ExportContext>)>,
+    ) -> Arc<NbdServer> {
+        for (name, _) in &contexts {
+            if !config.meta_contexts.contains(name) {
+                config.meta_contexts.push(name.clone());
+            }
+        }
+        Self::with_exports(Exports::Single(backend), config, contexts)
     }
 
     /// A server exporting the entries of `table` by name.
     pub fn with_table(table: Arc<ExportTable>, config: ServerConfig) -> Arc<NbdServer> {
-        Self::with_exports(Exports::Table(table), config)
+        Self::with_exports(Exports::Table(table), config, Vec::new())
     }
 
-    fn with_exports(exports: Exports, config: ServerConfig) -> Arc<NbdServer> {
+    fn with_exports(
+        exports: Exports,
+        config: ServerConfig,
+        own_contexts: Vec<(String, Arc<dyn ExportContext>)>,
+    ) -> Arc<NbdServer> {
         let slots = config
             .max_connections
             .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
@@ -164,6 +187,7 @@ impl NbdServer {
         let server = Arc::new(NbdServer {
             exports,
             config,
+            own_contexts,
             shutting_down: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),

@@ -302,8 +302,8 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         .filter_map(|(id, name)| match MetaContext::from_name(name) {
             Some(c) => Some((*id, Answer::Plugin(c))),
             None => named
-                .as_ref()?
-                .own_contexts
+                .as_ref()
+                .map_or(&server.own_contexts, |n| &n.own_contexts)
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, c)| (*id, Answer::Export(c.clone()))),
