@@ -45,6 +45,7 @@
 //! [`cli`] for the backing policy).
 
 pub mod bitmaps;
+pub mod blkdebug;
 pub mod cli;
 pub mod dirty;
 pub mod error;
@@ -64,5 +65,7 @@ pub use error::ImageError;
 pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};
 pub use lock::Locking;
-pub use node::{create_file, open_node, BeforeWrite, Node, Prealloc, Qcow2Create, Resolve};
+pub use node::{
+    create_file, open_blkdebug_node, open_node, BeforeWrite, Node, Prealloc, Qcow2Create, Resolve,
+};
 pub use options::{BackingRef, BlockdevOptions, ChildRef, Driver};
