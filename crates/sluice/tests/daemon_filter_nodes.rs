@@ -1,7 +1,9 @@
 //! qemu-storage-daemon's filter nodes on `sluice daemon`, each scenario run on both daemons
 //! with the same inputs and compared: `blkdebug` (its rules seen through qemu-io on an NBD
 //! export of a raw node over it, its refusals, its `query-named-block-nodes` entry, and a
-//! block-stream whose reads of the base fail through it, with on-error stop and report).
+//! block-stream whose reads of the base fail through it, with on-error stop and report);
+//! `copy-on-read` (reads through an export populate the top image, seen with `qemu-img map`,
+//! and the node's entry).
 //!
 //! Compared loosely where the daemons differ on purpose (reported): a `json:` filename is
 //! compared as parsed JSON (qemu writes its keys in hash order, sluice sorted); a failed
@@ -331,4 +333,86 @@ fn stream_on_error_through_blkdebug_matches_qsd() {
         got[0].iter().any(|e| e["event"] == "BLOCK_JOB_ERROR"),
         "{got:?}"
     );
+}
+
+/// The allocation of a qcow2 image as (start, length, depth, data) runs.
+fn map_runs(path: &Path) -> Vec<Value> {
+    let out = qemu_img(&["map", "-U", "--output=json", path_str(path)]);
+    let runs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    runs.iter()
+        .map(|r| json!([r["start"], r["length"], r["depth"], r["data"]]))
+        .collect()
+}
+
+/// What one daemon gave for the copy-on-read scenario.
+#[derive(Debug, PartialEq)]
+struct CorRun {
+    refusals: Vec<String>,
+    nodes: Vec<Value>,
+    io: Vec<String>,
+    map: Vec<Value>,
+}
+
+fn cor_scenario(d: &QmpDaemon) -> CorRun {
+    two_layers(d.dir.path());
+    let mut c = d.connect_negotiated();
+    let refusals = vec![reply(
+        &mut c,
+        d,
+        "blockdev-add",
+        json!({"driver": "copy-on-read", "node-name": "bad", "file": "nosuch"}),
+    )];
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "copy-on-read", "node-name": "cor",
+               "file": {"driver": "qcow2", "node-name": "top",
+                        "file": file_opts(d, "top.qcow2")}}),
+    );
+    let nodes = [
+        node_entries(&mut c, d, &["cor"], false),
+        node_entries(&mut c, d, &["cor"], true),
+    ]
+    .concat();
+    start_nbd(&mut c, d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "cor", "node-name": "cor", "writable": true}),
+    );
+    // Two cluster-aligned reads and one unaligned read inside a third cluster.
+    let io = io_results(
+        &d.nbd_uri("cor"),
+        &[
+            "read -P 0x5a 0 64k",
+            "read -P 0x5a 1M 64k",
+            "read -P 0x5a 2097252 1000",
+        ],
+    );
+    CorRun {
+        refusals,
+        nodes,
+        io,
+        map: map_runs(&d.path("top.qcow2")),
+    }
+}
+
+#[test]
+fn copy_on_read_populates_top_as_qsd() {
+    let [(_, s), (_, q)] = both();
+    let got = cor_scenario(&s);
+    let want = cor_scenario(&q);
+    assert_eq!(got.refusals, want.refusals);
+    assert_eq!(got.io, want.io);
+    for (g, w) in got.nodes.iter().zip(&want.nodes) {
+        assert_eq!(g, w, "\nsluice: {g:#}\nqsd: {w:#}");
+    }
+    assert_eq!(got.map, want.map);
+    // The reads did copy: the top holds three clusters of its own.
+    let own: Vec<&Value> = got
+        .map
+        .iter()
+        .filter(|r| r[2] == 0 && r[3] == true)
+        .collect();
+    assert_eq!(own.len(), 3, "{:?}", got.map);
 }

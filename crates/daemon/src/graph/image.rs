@@ -479,7 +479,7 @@ fn over_rules(node: &sluice_image::Node) -> bool {
 }
 
 /// A node's options as qemu rebuilds them for a `json:` filename (keys sorted).
-fn spec(node: &sluice_image::Node) -> Value {
+pub(super) fn spec(node: &sluice_image::Node) -> Value {
     let mut m = Map::new();
     match node.driver() {
         Driver::Blkdebug => return node.blkdebug_spec().cloned().unwrap_or(Value::Null),

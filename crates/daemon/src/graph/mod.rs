@@ -26,6 +26,7 @@
 
 pub mod bitmaps;
 pub mod drivers;
+pub mod filters;
 pub mod image;
 pub mod rbd;
 
@@ -164,6 +165,10 @@ impl DriverRegistry {
         r.register(BlockdevDriver::Raw, images.clone());
         r.register(BlockdevDriver::Qcow2, images.clone());
         r.register(BlockdevDriver::Blkdebug, images);
+        r.register(
+            BlockdevDriver::CopyOnRead,
+            Arc::new(filters::CopyOnReadDriver),
+        );
         r.register(BlockdevDriver::NullCo, Arc::new(drivers::NullDriver));
         r.register(BlockdevDriver::NullAio, Arc::new(drivers::NullDriver));
         r.register(
