@@ -3,7 +3,9 @@
 //! export of a raw node over it, its refusals, its `query-named-block-nodes` entry, and a
 //! block-stream whose reads of the base fail through it, with on-error stop and report);
 //! `copy-on-read` (reads through an export populate the top image, seen with `qemu-img map`,
-//! and the node's entry).
+//! and the node's entry); `throttle` with `throttle-group` objects (`--object` with `x-` and
+//! `limits.` members, object-add's and qom-set's checks, qom-get, object-del of a group in
+//! use, the node's entry) and the rates a group enforces, measured through an export.
 //!
 //! Compared loosely where the daemons differ on purpose (reported): a `json:` filename is
 //! compared as parsed JSON (qemu writes its keys in hash order, sluice sorted); a failed
@@ -415,4 +417,162 @@ fn copy_on_read_populates_top_as_qsd() {
         .filter(|r| r[2] == 0 && r[3] == true)
         .collect();
     assert_eq!(own.len(), 3, "{:?}", got.map);
+}
+
+/// What one daemon gave for the throttle scenario.
+#[derive(Debug, PartialEq)]
+struct ThrottleRun {
+    replies: Vec<String>,
+    values: Vec<Value>,
+    nodes: Vec<Value>,
+}
+
+fn throttle_scenario(d: &QmpDaemon) -> ThrottleRun {
+    let mut c = d.connect_negotiated();
+    raw_image(&d.path("t.raw"), 8 * MIB, 0x33);
+    let mut replies = Vec::new();
+    let mut values = Vec::new();
+    let mut get = |c: &mut Qmp, path: &str, prop: &str| {
+        let r = c.exec("qom-get", json!({"path": path, "property": prop}));
+        values.push(r.get("return").cloned().unwrap_or(Value::Null));
+    };
+    get(&mut c, "tg0", "limits");
+    let group =
+        |id: &str, limits: Value| json!({"qom-type": "throttle-group", "id": id, "limits": limits});
+    for args in [
+        group("bad", json!({"iops-total": 100, "iops-read": 5})),
+        group("bad", json!({"iops-total": -1})),
+        group("bad", json!({"iops-total-max": 10})),
+        group("bad", json!({"iops-total": 100, "iops-total-max": 10})),
+        group("tg", json!({"iops-total": 100})),
+        json!({"qom-type": "secret", "id": "sec", "data": "x"}),
+    ] {
+        replies.push(reply(&mut c, d, "object-add", args));
+    }
+    for (path, prop, value) in [
+        ("nosuch", "limits", json!({})),
+        ("tg", "nosuch", json!(1)),
+        ("tg", "x-iops-total", json!(5)),
+        ("tg", "limits", json!({"iops-total": -5})),
+        ("tg", "limits", json!({"iops-read": 5})),
+        ("tg", "limits", json!({"iops-foo": 5})),
+        ("tg", "limits", json!(5)),
+        ("sec", "limits", json!({})),
+        ("/objects/tg0", "limits", json!({"bps-total": 2000})),
+    ] {
+        replies.push(reply(
+            &mut c,
+            d,
+            "qom-set",
+            json!({"path": path, "property": prop, "value": value}),
+        ));
+    }
+    for (path, prop) in [("nosuch", "limits"), ("tg", "nosuch"), ("sec", "limits")] {
+        replies.push(reply(
+            &mut c,
+            d,
+            "qom-get",
+            json!({"path": path, "property": prop}),
+        ));
+    }
+    get(&mut c, "tg0", "limits");
+    get(&mut c, "tg0", "x-bps-total");
+    get(&mut c, "/objects/tg", "x-iops-total");
+    let node = |name: &str, group: &str| {
+        json!({"driver": "throttle", "node-name": name, "throttle-group": group,
+               "file": {"driver": "raw", "file": file_opts(d, "t.raw")}})
+    };
+    for args in [node("bad", "nosuch"), node("bad", "sec"), node("thr", "tg")] {
+        replies.push(reply(&mut c, d, "blockdev-add", args));
+    }
+    replies.push(reply(&mut c, d, "object-del", json!({"id": "tg"})));
+    let nodes = [
+        node_entries(&mut c, d, &["thr"], false),
+        node_entries(&mut c, d, &["thr"], true),
+    ]
+    .concat();
+    ThrottleRun {
+        replies,
+        values,
+        nodes,
+    }
+}
+
+const GROUP0: &str = "throttle-group,id=tg0,x-iops-total=50,limits.bps-total=1000";
+
+#[test]
+fn throttle_groups_and_nodes_match_qsd() {
+    let s = QmpDaemon::sluice(&["--object", GROUP0]);
+    let q = QmpDaemon::qsd(&["--object", GROUP0]);
+    let got = throttle_scenario(&s);
+    let want = throttle_scenario(&q);
+    assert_eq!(got.replies, want.replies);
+    assert_eq!(got.values, want.values);
+    for (g, w) in got.nodes.iter().zip(&want.nodes) {
+        assert_eq!(g, w, "\nsluice: {g:#}\nqsd: {w:#}");
+    }
+    assert_eq!(got.values[0]["iops-total"], 50);
+    assert_eq!(got.values[1]["bps-total"], 2000);
+}
+
+/// Runs qemu-io with `cmds` on `uri` and returns how long it took.
+fn timed_io(uri: &str, cmds: &[String]) -> f64 {
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let t = std::time::Instant::now();
+    support::qemu_io_with(&["-r"], uri, &cmds);
+    t.elapsed().as_secs_f64()
+}
+
+#[test]
+fn throttle_group_limits_the_rate_and_qom_set_changes_it() {
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    raw_image(&d.path("t.raw"), 8 * MIB, 0x33);
+    ok(
+        &mut c,
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "tg", "limits": {"iops-total": 100}}),
+    );
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "thr", "throttle-group": "tg",
+               "file": {"driver": "raw", "file": file_opts(&d, "t.raw")}}),
+    );
+    start_nbd(&mut c, &d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "thr", "node-name": "thr"}),
+    );
+    let uri = d.nbd_uri("thr");
+    // 160 requests at 100/s: the first 10 are the burst (a tenth of a second), the rest
+    // take 1.5 s.
+    let reads: Vec<String> = (0..160).map(|i| format!("read {} 4k", i * 4096)).collect();
+    let secs = timed_io(&uri, &reads);
+    let iops = 150.0 / secs;
+    assert!(
+        (80.0..=120.0).contains(&iops),
+        "{iops:.1} IOPS in {secs:.2} s (limit 100)"
+    );
+    // Now bytes: 2 MiB/s, no request limit (0 lifts it).
+    ok(
+        &mut c,
+        "qom-set",
+        json!({"path": "tg", "property": "limits",
+               "value": {"iops-total": 0, "bps-total": 2 * MIB}}),
+    );
+    let reads: Vec<String> = (0..48).map(|i| format!("read {} 64k", i * 65536)).collect();
+    let secs = timed_io(&uri, &reads);
+    // 3 MiB, of which a tenth of a second's worth is the burst.
+    let bps = (3.0 * MIB as f64 - 0.2 * MIB as f64) / secs;
+    assert!(
+        (0.8..=1.2).contains(&(bps / (2 * MIB) as f64)),
+        "{bps:.0} B/s in {secs:.2} s (limit {})",
+        2 * MIB
+    );
+    eprintln!(
+        "throttle: {iops:.1} IOPS (limit 100), {bps:.0} B/s (limit {})",
+        2 * MIB
+    );
 }

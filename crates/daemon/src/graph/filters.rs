@@ -24,6 +24,8 @@ use sluice_block::{Flags, Handle, OpenContext, Plugin, Result};
 
 use super::{image, NodeDriver, NodeInfo, OpenCtx, OpenedNode};
 use crate::generated::{BlockdevOptions, BlockdevOptionsBranch};
+use crate::objects::Objects;
+use crate::throttle::ThrottleGroup;
 use crate::QmpError;
 
 /// The options qemu shows for a node, inline in a parent's `json:` filename: those of its
@@ -137,5 +139,112 @@ impl Filter for CopyOnRead {
             self.node.stream_range(start, end - start, None)?;
         }
         next.pread(buf, off, f)
+    }
+}
+
+/// Finds a `throttle-group` object by its id.
+pub trait ThrottleGroups: Send + Sync {
+    /// The group, or qemu's error message for the id.
+    fn group(&self, id: &str) -> std::result::Result<Arc<ThrottleGroup>, QmpError>;
+}
+
+/// A daemon without objects: every group is unknown.
+#[derive(Debug, Default)]
+pub struct NoGroups;
+
+impl ThrottleGroups for NoGroups {
+    fn group(&self, id: &str) -> std::result::Result<Arc<ThrottleGroup>, QmpError> {
+        Err(QmpError::generic(format!(
+            "Throttle group '{id}' does not exist"
+        )))
+    }
+}
+
+/// The daemon's object table: `--object throttle-group,...` and `object-add`.
+impl ThrottleGroups for Objects {
+    fn group(&self, id: &str) -> std::result::Result<Arc<ThrottleGroup>, QmpError> {
+        self.throttle_group(id)
+    }
+}
+
+/// `throttle` nodes.
+pub struct ThrottleDriver {
+    groups: Arc<dyn ThrottleGroups>,
+}
+
+impl std::fmt::Debug for ThrottleDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThrottleDriver").finish_non_exhaustive()
+    }
+}
+
+impl ThrottleDriver {
+    pub fn new(groups: Arc<dyn ThrottleGroups>) -> ThrottleDriver {
+        ThrottleDriver { groups }
+    }
+}
+
+impl NodeDriver for ThrottleDriver {
+    fn open(
+        &self,
+        opts: &BlockdevOptions,
+        _json: &Value,
+        ctx: &mut OpenCtx<'_>,
+    ) -> std::result::Result<OpenedNode, QmpError> {
+        let BlockdevOptionsBranch::Throttle(o) = &opts.u else {
+            unreachable!("registered for driver throttle only");
+        };
+        // qemu looks the group up before it opens the child.
+        let group = self.groups.group(&o.throttle_group)?;
+        let file = ctx.child("file", &o.file)?;
+        let child = ctx
+            .node(&file)
+            .ok_or_else(|| super::not_found(&file, &file))?;
+        let spec = json!({"driver": "throttle", "throttle-group": o.throttle_group,
+                          "file": child_spec(child)});
+        let info = filter_info("throttle", &spec, child);
+        let plugin = Arc::new(sluice_block::Filtered::new(
+            Throttle { group },
+            child.plugin().clone(),
+        ));
+        Ok(OpenedNode::new(plugin, info))
+    }
+}
+
+/// The throttle filter: every request waits for its group's tokens.
+struct Throttle {
+    group: Arc<ThrottleGroup>,
+}
+
+impl Filter for Throttle {
+    type Conn = ();
+    fn name(&self) -> &str {
+        "throttle"
+    }
+    /// It limits reads: each must reach it.
+    fn must_see_every_read(&self) -> bool {
+        true
+    }
+    fn may_block(&self) -> bool {
+        true
+    }
+    fn open(&self, next: &Arc<dyn Plugin>, ctx: &OpenContext<'_>) -> Result<((), Next)> {
+        Ok(((), Next::open(next, ctx)?))
+    }
+    fn pread(&self, _: &(), next: &Next, buf: &mut [u8], off: u64, f: Flags) -> Result<()> {
+        self.group.charge(false, buf.len() as u64)?;
+        next.pread(buf, off, f)
+    }
+    fn pwrite(&self, _: &(), next: &Next, buf: &[u8], off: u64, f: Flags) -> Result<()> {
+        self.group.charge(true, buf.len() as u64)?;
+        next.pwrite(buf, off, f)
+    }
+    fn zero(&self, _: &(), next: &Next, count: u64, off: u64, f: Flags) -> Result<()> {
+        self.group.charge(true, count)?;
+        next.zero(count, off, f)
+    }
+    fn trim(&self, _: &(), next: &Next, count: u64, off: u64, f: Flags) -> Result<()> {
+        self.group.charge(true, count)?;
+        next.trim(count, off, f)
     }
 }
