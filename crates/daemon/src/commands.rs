@@ -22,8 +22,9 @@ use crate::generated::{
     JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
     JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
     NbdServerRemoveArgs, ObjectDelArgs, ObjectOptions, QMPCapability, QmpCapabilitiesArgs,
-    QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause, SocketAddress,
-    SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS, INTROSPECTION,
+    QomGetArgs, QomSetArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause,
+    SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS,
+    INTROSPECTION,
 };
 use crate::generated::{BlockdevSnapshotArgs, BlockdevSnapshotSyncArgs};
 use crate::jobs::commands as jobs;
@@ -339,6 +340,16 @@ impl Handlers for Session<'_> {
 
     fn object_del(&mut self, args: ObjectDelArgs) -> Result<(), QmpError> {
         self.daemon.objects().del(&args.id)
+    }
+
+    fn qom_get(&mut self, args: QomGetArgs) -> Result<serde_json::Value, QmpError> {
+        self.daemon.objects().qom_get(&args.path, &args.property)
+    }
+
+    fn qom_set(&mut self, args: QomSetArgs) -> Result<(), QmpError> {
+        self.daemon
+            .objects()
+            .qom_set(&args.path, &args.property, &args.value)
     }
 
     fn nbd_server_stop(&mut self) -> Result<(), QmpError> {

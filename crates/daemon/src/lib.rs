@@ -52,6 +52,7 @@ pub mod monitor;
 pub mod objects;
 pub mod snapshot;
 pub mod state;
+pub mod throttle;
 pub mod transaction;
 
 pub use commands::MonitorState;

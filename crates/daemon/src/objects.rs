@@ -36,11 +36,16 @@ use std::sync::{Arc, RwLock};
 use sluice_block::error::strerror;
 use sluice_server::{PeerIdentity, TlsConfig, TlsMode, X509Files};
 
+use serde_json::{json, Value};
+use sluice_proto::qmp::ErrorClass;
+use sluice_qapi::runtime::FromQapi;
+
 use crate::generated::{
     AuthZListProperties, ObjectOptions, ObjectOptionsBranch, QAuthZListFormat, QAuthZListPolicy,
-    QCryptoSecretFormat, QCryptoTLSCredsEndpoint, SecretProperties, TlsCredsPskProperties,
-    TlsCredsX509Properties,
+    QCryptoSecretFormat, QCryptoTLSCredsEndpoint, SecretProperties, ThrottleGroupProperties,
+    ThrottleLimits, TlsCredsPskProperties, TlsCredsX509Properties,
 };
+use crate::throttle::{Limits, ThrottleGroup};
 use crate::QmpError;
 
 /// TLS credentials: what `nbd-server-start tls-creds=ID` takes.
@@ -79,6 +84,8 @@ pub enum Object {
     },
     /// A secret's bytes.
     Secret(Vec<u8>),
+    /// A throttle group, shared with the `throttle` nodes that name it.
+    ThrottleGroup(Arc<ThrottleGroup>),
 }
 
 impl Object {
@@ -98,7 +105,19 @@ impl Object {
                     })
                     .map_or(*allow, |r| r.allow),
             ),
-            Object::TlsCreds(_) | Object::Secret(_) => None,
+            Object::TlsCreds(_) | Object::Secret(_) | Object::ThrottleGroup(_) => None,
+        }
+    }
+
+    /// The object's QOM type name, as qemu's property errors show it.
+    fn type_name(&self) -> &'static str {
+        match self {
+            Object::TlsCreds(c) if c.server.is_none() => "tls-creds",
+            Object::TlsCreds(_) => "tls-creds",
+            Object::AuthzSimple(_) => "authz-simple",
+            Object::AuthzList { .. } => "authz-list",
+            Object::Secret(_) => "secret",
+            Object::ThrottleGroup(_) => "throttle-group",
         }
     }
 }
@@ -144,8 +163,74 @@ impl Objects {
             ObjectOptionsBranch::AuthzSimple(p) => Object::AuthzSimple(p.identity.clone()),
             ObjectOptionsBranch::AuthzList(p) => authz_list(p),
             ObjectOptionsBranch::Secret(p) => Object::Secret(self.secret(p)?),
+            ObjectOptionsBranch::ThrottleGroup(p) => {
+                Object::ThrottleGroup(Arc::new(ThrottleGroup::new(throttle_limits(p)?)))
+            }
         };
         self.write().push((opts.id.clone(), object));
+        Ok(())
+    }
+
+    /// The throttle group `id`, for a `throttle` node (qsd's message otherwise).
+    pub fn throttle_group(&self, id: &str) -> Result<Arc<ThrottleGroup>, QmpError> {
+        match self.get(id) {
+            Some(Object::ThrottleGroup(g)) => Ok(g),
+            _ => Err(QmpError::generic(format!(
+                "Throttle group '{id}' does not exist"
+            ))),
+        }
+    }
+
+    /// The object a QOM path names: its id, or `/objects/ID`.
+    fn by_path(&self, path: &str) -> Result<Object, QmpError> {
+        let id = path.strip_prefix("/objects/").unwrap_or(path);
+        self.get(id).ok_or_else(|| {
+            QmpError::new(
+                ErrorClass::DeviceNotFound,
+                format!("Device '{path}' not found"),
+            )
+        })
+    }
+
+    /// `qom-get`: a throttle group's `limits` or one of its `x-` members.
+    pub fn qom_get(&self, path: &str, property: &str) -> Result<Value, QmpError> {
+        let object = self.by_path(path)?;
+        if let Object::ThrottleGroup(g) = &object {
+            let limits = g.limits().to_json();
+            if property == "limits" {
+                return Ok(limits);
+            }
+            if let Some(v) = property.strip_prefix("x-").and_then(|k| limits.get(k)) {
+                return Ok(v.clone());
+            }
+        }
+        Err(no_property(&object, property))
+    }
+
+    /// `qom-set`: a throttle group's `limits` (members not given keep their value); its `x-`
+    /// members can only be given at creation, as in qemu.
+    pub fn qom_set(&self, path: &str, property: &str, value: &Value) -> Result<(), QmpError> {
+        let object = self.by_path(path)?;
+        let Object::ThrottleGroup(g) = &object else {
+            return Err(no_property(&object, property));
+        };
+        if property.starts_with("x-") && g.limits().to_json().get(&property[2..]).is_some() {
+            return Err(QmpError::generic(
+                "Property cannot be set after initialization",
+            ));
+        }
+        if property != "limits" {
+            return Err(no_property(&object, property));
+        }
+        // Read as the group's properties, so that errors name `limits.MEMBER` as qemu's do.
+        let policy = sluice_qapi::runtime::CompatPolicy::default();
+        let mut inp = sluice_qapi::runtime::Input::json(&policy);
+        let props = ThrottleGroupProperties::from_qapi(&mut inp, &json!({"limits": value}))?;
+        let limits = match &props.limits {
+            Some(l) => g.limits().merge(l)?,
+            None => g.limits(),
+        };
+        g.set_limits(limits);
         Ok(())
     }
 
@@ -155,6 +240,13 @@ impl Objects {
         let Some(i) = t.iter().position(|(o, _)| o == id) else {
             return Err(QmpError::generic(format!("object '{id}' not found")));
         };
+        if let Object::ThrottleGroup(g) = &t[i].1 {
+            if Arc::strong_count(g) > 1 {
+                return Err(QmpError::generic(format!(
+                    "object '{id}' is in use, can not be deleted"
+                )));
+            }
+        }
         t.remove(i);
         Ok(())
     }
@@ -271,6 +363,51 @@ impl Objects {
         }
         Ok(bytes)
     }
+}
+
+/// qemu's message for a property an object does not have.
+fn no_property(object: &Object, property: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Property '{}.{property}' not found",
+        object.type_name()
+    ))
+}
+
+/// A throttle group's limits from its properties: `limits`, then the `x-` members.
+fn throttle_limits(p: &ThrottleGroupProperties) -> Result<Limits, QmpError> {
+    let mut limits = Limits::default();
+    if let Some(l) = &p.limits {
+        limits = limits.merge(l)?;
+    }
+    let x = json!({
+        "iops-total": p.x_iops_total, "iops-total-max": p.x_iops_total_max,
+        "iops-total-max-length": p.x_iops_total_max_length,
+        "iops-read": p.x_iops_read, "iops-read-max": p.x_iops_read_max,
+        "iops-read-max-length": p.x_iops_read_max_length,
+        "iops-write": p.x_iops_write, "iops-write-max": p.x_iops_write_max,
+        "iops-write-max-length": p.x_iops_write_max_length,
+        "bps-total": p.x_bps_total, "bps-total-max": p.x_bps_total_max,
+        "bps-total-max-length": p.x_bps_total_max_length,
+        "bps-read": p.x_bps_read, "bps-read-max": p.x_bps_read_max,
+        "bps-read-max-length": p.x_bps_read_max_length,
+        "bps-write": p.x_bps_write, "bps-write-max": p.x_bps_write_max,
+        "bps-write-max-length": p.x_bps_write_max_length,
+        "iops-size": p.x_iops_size,
+    });
+    let given: serde_json::Map<String, Value> = x
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if given.is_empty() {
+        return Ok(limits);
+    }
+    let policy = sluice_qapi::runtime::CompatPolicy::default();
+    let mut inp = sluice_qapi::runtime::Input::json(&policy);
+    let l = ThrottleLimits::from_qapi(&mut inp, &Value::Object(given))?;
+    limits.merge(&l)
 }
 
 /// A well-formed object id: QEMU's `id_wellformed` (a letter, then letters, digits, `-`,

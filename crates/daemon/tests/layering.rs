@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["generated"],
     &["events"],
+    &["throttle"],
     &["objects"],
     &["graph"],
     &["exports"],

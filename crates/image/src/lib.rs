@@ -45,6 +45,7 @@
 //! [bitmap=]` (see [`cli`] for the backing policy and the bitmaps).
 
 pub mod bitmaps;
+pub mod blkdebug;
 pub mod cli;
 pub mod dirty;
 pub mod error;
@@ -65,6 +66,7 @@ pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};
 pub use lock::Locking;
 pub use node::{
-    create_file, open_node, AfterWrite, BeforeWrite, Node, Prealloc, Qcow2Create, Resolve,
+    create_file, open_blkdebug_node, open_node, AfterWrite, BeforeWrite, Node, Prealloc,
+    Qcow2Create, Resolve,
 };
 pub use options::{BackingRef, BlockdevOptions, ChildRef, Driver};

@@ -22,6 +22,9 @@ pub enum Driver {
     Raw,
     /// The qcow2 format over a `file` child, with an optional backing node.
     Qcow2,
+    /// Error injection over a `file` child (qemu's blkdebug; see [`crate::blkdebug`]).
+    /// Opened by [`crate::open_blkdebug_node`] only.
+    Blkdebug,
 }
 
 impl Driver {
@@ -30,6 +33,7 @@ impl Driver {
             Driver::File => "file",
             Driver::Raw => "raw",
             Driver::Qcow2 => "qcow2",
+            Driver::Blkdebug => "blkdebug",
         }
     }
 

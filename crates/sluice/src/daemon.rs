@@ -24,6 +24,7 @@ use sluice_daemon::generated::{
     BlockExportOptions, BlockdevDriver, BlockdevOptions, CompatPolicy as CompatOptions,
     CompatPolicyInput, CompatPolicyOutput, NbdServerOptions, ObjectOptions, ShutdownCause,
 };
+use sluice_daemon::graph::filters::ThrottleDriver;
 use sluice_daemon::graph::rbd::RbdDriver;
 use sluice_daemon::graph::{DriverRegistry, PluginLoader};
 use sluice_daemon::objects::Objects;
@@ -425,6 +426,11 @@ fn run(
     drivers.register(
         BlockdevDriver::Rbd,
         Arc::new(RbdDriver::new(objects.clone())),
+    );
+    // Throttle nodes share the daemon's throttle-group objects.
+    drivers.register(
+        BlockdevDriver::Throttle,
+        Arc::new(ThrottleDriver::new(objects.clone())),
     );
     let daemon = Daemon::new(DaemonConfig {
         policy: plan.policy,

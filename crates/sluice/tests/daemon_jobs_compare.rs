@@ -12,11 +12,11 @@
 //! after them and the image content; a throttled stream driven through pause, resume,
 //! set-speed and cancel, with the verbs each state refuses; manual finalize and dismiss; an
 //! intermediate commit and commit's refusals (including nodes busy with a running commit); and
-//! on-error policies with an injected read error. qsd injects it with blkdebug on the base's
-//! file (as in the reference transcript, B8); sluice has no blkdebug, so its base file is
-//! truncated before its first data cluster, and sluice refuses to read a data cluster past
-//! the end of the file with EIO. A sluice-only test then restores the cut tail while the
-//! stopped job is paused and resumes it to completion.
+//! on-error policies with an injected read error: both daemons inject it with blkdebug on the
+//! base's file (as in the reference transcript, B8). A sluice-only test then fails the reads
+//! by truncating the base (sluice refuses to read a data cluster past the end of the file
+//! with EIO), restores the cut tail while the stopped job is paused and resumes it to
+//! completion.
 //!
 //! Compared exactly since sluice was fixed to match: errno text ("Input/output error"),
 //! on-error=ignore failing the job at the end, block-commit's messages and its root-node
@@ -415,12 +415,6 @@ fn data_runs(img: &Path) -> Vec<(u64, u64)> {
     runs
 }
 
-/// The host offset of the first data cluster of a qcow2 image (data clusters are allocated
-/// after the metadata, so everything from there on is data).
-fn first_data_cluster(img: &Path) -> u64 {
-    data_runs(img)[0].1
-}
-
 /// Truncates the file at `at` and returns what was cut off.
 fn cut_tail(path: &Path, at: u64) -> Vec<u8> {
     let bytes = std::fs::read(path).unwrap();
@@ -740,22 +734,15 @@ fn ignore_shape(_: &Value) -> bool {
 }
 
 /// One stream per policy (stop, report, ignore), each of its own chain whose base fails
-/// every data read: on qsd through blkdebug, on sluice by truncating the base before its
-/// first data cluster.
+/// every data read through blkdebug.
 fn on_error_scenario(s: &mut Session, tpl: &Path) {
     copy_files(tpl, &s.dir());
     for p in ["stp", "rep", "ign"] {
         let base = s.path(&format!("{p}base.qcow2"));
         let file = json!({"driver": "file", "filename": path_str(&base)});
-        let base_file = match s.kind {
-            Kind::Qsd => json!({"driver": "blkdebug",
-                                "inject-error": [{"event": "read_aio", "errno": 5}],
-                                "image": file}),
-            Kind::Sluice => {
-                cut_tail(&base, first_data_cluster(&base));
-                file
-            }
-        };
+        let base_file = json!({"driver": "blkdebug",
+                               "inject-error": [{"event": "read_aio", "errno": 5}],
+                               "image": file});
         let label = match p {
             "stp" => "<blockdev-add stpbase, reads fail>",
             "rep" => "<blockdev-add repbase, reads fail>",

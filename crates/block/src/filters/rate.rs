@@ -112,14 +112,15 @@ impl Bucket {
         }
     }
 
-    fn adjust(&mut self, rate: u64) {
+    /// Changes the rate (and with it the capacity), keeping the tokens it holds.
+    pub fn adjust(&mut self, rate: u64) {
         self.rate = rate;
         self.capacity = (rate as f64 * self.capacity_secs) as u64;
         self.level = self.level.min(self.capacity);
     }
 
     /// Takes up to `n` tokens; returns the tokens still missing and how long they take.
-    fn run(&mut self, n: u64) -> (u64, Duration) {
+    pub fn run(&mut self, n: u64) -> (u64, Duration) {
         if self.rate == 0 {
             return (0, Duration::ZERO);
         }
@@ -171,7 +172,13 @@ fn maybe_adjust(file: Option<&PathBuf>, bucket: &Mutex<Bucket>) {
 
 /// Waits until `bytes` may pass `bucket`.
 fn maybe_sleep(bucket: &Mutex<Bucket>, bytes: usize) -> Result<()> {
-    let mut bits = bytes as u64 * 8;
+    take(bucket, bytes as u64 * 8)
+}
+
+/// Waits until `units` tokens could be taken from `bucket`, taking them (the daemon's
+/// throttle groups count bytes and requests with the same buckets).
+pub fn take(bucket: &Mutex<Bucket>, units: u64) -> Result<()> {
+    let mut bits = units;
     while bits > 0 {
         let (missing, wait) = bucket
             .lock()

@@ -24,14 +24,16 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use sluice_block::error::strerror;
+use sluice_image::blkdebug::{Blkdebug, DebugEvent, InjectRule, IoType, IoTypes, SetStateRule};
 use sluice_image::header::HeaderError;
 use sluice_image::{BackingRef, ChildRef, Driver, ImageError, Locking};
 
 use super::{not_found, NodeDriver, NodeInfo, OpenCtx, OpenedNode};
 use crate::generated::{
-    BlockdevDriver, BlockdevOptions, BlockdevOptionsBranch, BlockdevRefOrNull, ImageInfoSpecific,
-    ImageInfoSpecificBranch, ImageInfoSpecificFile, ImageInfoSpecificFileWrapper,
-    ImageInfoSpecificQCow2, ImageInfoSpecificQCow2Wrapper, OnOffAuto, Qcow2CompressionType,
+    BlkdebugEvent, BlkdebugIOType, BlockdevDriver, BlockdevOptions, BlockdevOptionsBlkdebug,
+    BlockdevOptionsBranch, BlockdevRefOrNull, ImageInfoSpecific, ImageInfoSpecificBranch,
+    ImageInfoSpecificFile, ImageInfoSpecificFileWrapper, ImageInfoSpecificQCow2,
+    ImageInfoSpecificQCow2Wrapper, OnOffAuto, Qcow2CompressionType,
 };
 use crate::QmpError;
 
@@ -49,7 +51,7 @@ impl NodeDriver for ImageDriver {
     fn open(
         &self,
         opts: &BlockdevOptions,
-        _json: &Value,
+        json: &Value,
         ctx: &mut OpenCtx<'_>,
     ) -> Result<OpenedNode, QmpError> {
         let read_only = ctx.read_only();
@@ -112,7 +114,24 @@ impl NodeDriver for ImageDriver {
                 let node = open_with_graph(ctx, &o)?;
                 Ok(opened(node, Some(explicit_backing)))
             }
-            _ => unreachable!("registered for file, raw and qcow2 only"),
+            BlockdevOptionsBranch::Blkdebug(b) => {
+                let rules = blkdebug_rules(b)?;
+                let file = ctx.child("image", &b.image)?;
+                let child = check_image_child(ctx, &file, "image", &name)?;
+                if child.driver() != Driver::File {
+                    return Err(QmpError::generic(format!(
+                        "Node '{file}' cannot be the image child of '{name}': sluice's \
+                         blkdebug driver reads 'file' nodes only, not '{}'",
+                        child.driver().as_str()
+                    )));
+                }
+                let spec = blkdebug_spec(json, spec(&child));
+                let node =
+                    sluice_image::open_blkdebug_node(name, child, read_only, Arc::new(rules), spec)
+                        .map_err(qmp_error)?;
+                Ok(opened(node, None))
+            }
+            _ => unreachable!("registered for file, raw, qcow2 and blkdebug only"),
         }
     }
 }
@@ -130,10 +149,10 @@ impl ImageDriver {
         let file = ctx.child("file", r)?;
         let me = ctx.node_name().to_string();
         let node = check_image_child(ctx, &file, "file", &me)?;
-        if node.driver() != Driver::File {
+        if !matches!(node.driver(), Driver::File | Driver::Blkdebug) {
             return Err(QmpError::generic(format!(
                 "Node '{file}' cannot be the file child of '{me}': sluice's {} driver reads \
-                 'file' nodes only, not '{}'",
+                 'file' and 'blkdebug' nodes only, not '{}'",
                 driver.as_str(),
                 node.driver().as_str()
             )));
@@ -175,6 +194,115 @@ fn check_image_child(
             node.driver.as_str()
         ))
     })
+}
+
+/// blkdebug's options as the rules of [`sluice_image::blkdebug`], refusing what sluice
+/// does not do (a config file, alignment and limits, events it does not raise).
+fn blkdebug_rules(b: &BlockdevOptionsBlkdebug) -> Result<Blkdebug, QmpError> {
+    let unsupported = |what: &str| {
+        QmpError::generic(format!(
+            "blkdebug: {what} is not supported by sluice (give the rules as inject-error and \
+             set-state)"
+        ))
+    };
+    if b.config.is_some() {
+        return Err(unsupported("a config file"));
+    }
+    if b.align.is_some_and(|a| a != 1) {
+        return Err(unsupported("align other than 1"));
+    }
+    let limits = [
+        ("max-transfer", b.max_transfer),
+        ("opt-write-zero", b.opt_write_zero),
+        ("max-write-zero", b.max_write_zero),
+        ("opt-discard", b.opt_discard),
+        ("max-discard", b.max_discard),
+    ];
+    if let Some((key, _)) = limits.iter().find(|(_, v)| v.is_some_and(|v| v != 0)) {
+        return Err(unsupported(key));
+    }
+    if b.take_child_perms.as_ref().is_some_and(|p| !p.is_empty())
+        || b.unshare_child_perms
+            .as_ref()
+            .is_some_and(|p| !p.is_empty())
+    {
+        return Err(unsupported("take-child-perms / unshare-child-perms"));
+    }
+    let event = |e: BlkdebugEvent| match e {
+        BlkdebugEvent::ReadAio => Ok(DebugEvent::ReadAio),
+        BlkdebugEvent::WriteAio => Ok(DebugEvent::WriteAio),
+        BlkdebugEvent::FlushToDisk => Ok(DebugEvent::FlushToDisk),
+        e => Err(QmpError::generic(format!(
+            "blkdebug: event '{}' is never raised by sluice (it raises read_aio, write_aio and \
+             flush_to_disk)",
+            e.as_str()
+        ))),
+    };
+    // qemu: state 0 (the default) means any state.
+    let state = |s: Option<i64>| s.filter(|&s| s != 0);
+    let mut inject = Vec::new();
+    for r in b.inject_error.iter().flatten() {
+        let mut rule = InjectRule::new(event(r.event)?);
+        rule.state = state(r.state);
+        if let Some(e) = r.errno {
+            rule.errno = i32::try_from(e)
+                .ok()
+                .filter(|e| (0..4096).contains(e))
+                .ok_or_else(|| {
+                    QmpError::generic(format!("blkdebug: errno {e} is not an errno (0 to 4095)"))
+                })?;
+        }
+        rule.offset = match r.sector {
+            None | Some(-1) => None,
+            Some(s) if (0..=i64::MAX / 512).contains(&s) => Some(s as u64 * 512),
+            Some(s) => {
+                return Err(QmpError::generic(format!(
+                    "blkdebug: sector {s} is neither -1 (any) nor a sector number"
+                )))
+            }
+        };
+        rule.once = r.once.unwrap_or(false);
+        rule.iotypes = match r.iotype {
+            None => IoTypes::ALL,
+            Some(BlkdebugIOType::Read) => IoTypes::only(IoType::Read),
+            Some(BlkdebugIOType::Write) => IoTypes::only(IoType::Write),
+            Some(BlkdebugIOType::WriteZeroes) => IoTypes::only(IoType::WriteZeroes),
+            Some(BlkdebugIOType::Discard) => IoTypes::only(IoType::Discard),
+            Some(BlkdebugIOType::Flush) => IoTypes::only(IoType::Flush),
+            Some(BlkdebugIOType::BlockStatus) => {
+                return Err(unsupported("iotype block-status"));
+            }
+        };
+        inject.push(rule);
+    }
+    let mut set_state = Vec::new();
+    for r in b.set_state.iter().flatten() {
+        set_state.push(SetStateRule {
+            event: event(r.event)?,
+            state: state(r.state),
+            new_state: r.new_state,
+        });
+    }
+    Ok(Blkdebug::new(inject, set_state))
+}
+
+/// A blkdebug node's options as qemu shows them in a `json:` filename: the driver, the
+/// image's options, and the rules flattened (`inject-error.0.event`), as given.
+fn blkdebug_spec(json: &Value, image: Value) -> Value {
+    let mut m = Map::new();
+    m.insert("driver".into(), "blkdebug".into());
+    m.insert("image".into(), image);
+    for key in ["inject-error", "set-state"] {
+        for (i, rule) in json[key].as_array().into_iter().flatten().enumerate() {
+            for (k, v) in rule.as_object().into_iter().flatten() {
+                m.insert(format!("{key}.{i}.{k}"), v.clone());
+            }
+        }
+    }
+    if let Some(a) = json.get("align") {
+        m.insert("align".into(), a.clone());
+    }
+    Value::Object(m)
 }
 
 fn format_options(
@@ -244,6 +372,7 @@ fn driver_of(node: &sluice_image::Node) -> BlockdevDriver {
         Driver::File => BlockdevDriver::File,
         Driver::Raw => BlockdevDriver::Raw,
         Driver::Qcow2 => BlockdevDriver::Qcow2,
+        Driver::Blkdebug => BlockdevDriver::Blkdebug,
     }
 }
 
@@ -269,6 +398,20 @@ fn node_info(node: &sluice_image::Node, explicit_backing: bool) -> NodeInfo {
                     },
                 }),
             });
+        }
+        Driver::Blkdebug => {
+            info.actual_size = None;
+            let spec = spec(node);
+            // qemu names the node `blkdebug::FILE` while its options hold nothing but the
+            // image, and by its options once they hold rules.
+            let only_image = spec
+                .as_object()
+                .is_some_and(|m| m.keys().all(|k| k == "driver" || k == "image"));
+            info.filename = if only_image {
+                format!("blkdebug::{path}")
+            } else {
+                format!("json:{}", qemu_json(&spec))
+            };
         }
         Driver::Raw => {}
         Driver::Qcow2 => {
@@ -310,13 +453,36 @@ fn node_info(node: &sluice_image::Node, explicit_backing: bool) -> NodeInfo {
             }
         }
     }
+    let over_debug = node
+        .file_child()
+        .is_some_and(|f| f.driver() == Driver::Blkdebug);
+    if over_debug {
+        // qemu: blkdebug is a protocol driver without an allocated size, and a format node
+        // over it is named as its file node is (`blkdebug::FILE`) or by its options.
+        info.actual_size = None;
+        if over_rules(node) || explicit_backing {
+            info.filename = format!("json:{}", qemu_json(&spec(node)));
+        } else {
+            info.filename = format!("blkdebug::{path}");
+        }
+    }
     info
 }
 
+/// True if `node` reads its file through a blkdebug node with rules: its file name alone
+/// would not give it back, so qemu names it by its options.
+fn over_rules(node: &sluice_image::Node) -> bool {
+    node.file_child()
+        .and_then(|f| f.blkdebug_spec())
+        .and_then(Value::as_object)
+        .is_some_and(|m| m.keys().any(|k| k != "driver" && k != "image"))
+}
+
 /// A node's options as qemu rebuilds them for a `json:` filename (keys sorted).
-fn spec(node: &sluice_image::Node) -> Value {
+pub(super) fn spec(node: &sluice_image::Node) -> Value {
     let mut m = Map::new();
     match node.driver() {
+        Driver::Blkdebug => return node.blkdebug_spec().cloned().unwrap_or(Value::Null),
         Driver::File => {
             m.insert("driver".into(), "file".into());
             m.insert(

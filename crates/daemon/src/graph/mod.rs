@@ -26,6 +26,7 @@
 
 pub mod bitmaps;
 pub mod drivers;
+pub mod filters;
 pub mod image;
 pub mod rbd;
 pub mod xdbg;
@@ -163,7 +164,12 @@ impl DriverRegistry {
         let images: Arc<dyn NodeDriver> = Arc::new(image::ImageDriver);
         r.register(BlockdevDriver::File, images.clone());
         r.register(BlockdevDriver::Raw, images.clone());
-        r.register(BlockdevDriver::Qcow2, images);
+        r.register(BlockdevDriver::Qcow2, images.clone());
+        r.register(BlockdevDriver::Blkdebug, images);
+        r.register(
+            BlockdevDriver::CopyOnRead,
+            Arc::new(filters::CopyOnReadDriver),
+        );
         r.register(BlockdevDriver::NullCo, Arc::new(drivers::NullDriver));
         r.register(BlockdevDriver::NullAio, Arc::new(drivers::NullDriver));
         r.register(
@@ -833,15 +839,25 @@ impl Graph {
         self.iter().map(|n| self.info(n, flat)).collect()
     }
 
+    /// The child qemu shows as a node's `backing-image` (and counts in its backing depth):
+    /// its backing, or the child a filter node filters (qemu's `bdrv_filter_or_cow_bs`).
+    fn filtered_or_backing(&self, n: &Node) -> Option<&Node> {
+        match n.driver {
+            BlockdevDriver::Blkdebug => self.child(n, "image"),
+            BlockdevDriver::CopyOnRead | BlockdevDriver::Throttle => self.child(n, "file"),
+            _ => self.child(n, "backing"),
+        }
+    }
+
     fn info(&self, n: &Node, flat: bool) -> Result<BlockDeviceInfo, QmpError> {
         let i = &n.opened.info;
         let backing = self.child(n, "backing");
         let mut depth = 0;
         if !flat {
-            let mut b = backing;
+            let mut b = self.filtered_or_backing(n);
             while let Some(node) = b {
                 depth += 1;
-                b = self.child(node, "backing");
+                b = self.filtered_or_backing(node);
             }
         }
         Ok(BlockDeviceInfo {
@@ -870,7 +886,7 @@ impl Graph {
     /// A node's `ImageInfo`, with its backing chain's unless `flat`.
     fn image_info(&self, n: &Node, flat: bool) -> Result<ImageInfo, QmpError> {
         let i = &n.opened.info;
-        let backing_image = match self.child(n, "backing") {
+        let backing_image = match self.filtered_or_backing(n) {
             Some(b) if !flat => Some(Box::new(self.image_info(b, false)?)),
             _ => None,
         };

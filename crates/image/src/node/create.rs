@@ -203,7 +203,7 @@ impl Node {
         let io_err = |e: std::io::Error| format!("Could not format '{}': {e}", path.display());
         let _g = self.io.write();
         let fs = self.file_state();
-        let storage: Storage = fs.storage.clone();
+        let storage: Storage = self.storage().clone();
         // imago's `full` writes the data; `falloc` allocates it.
         let mode = match o.preallocation {
             Prealloc::Off => PreallocateMode::None,
@@ -298,18 +298,18 @@ impl Node {
     /// A new imago object over this node's image, with the current backing.
     fn fresh_layer(&self) -> Result<Layer, ImageError> {
         let path = &self.filename;
-        let fs = self.file_state();
         let writable = !self.read_only;
         match self.driver {
             Driver::Qcow2 => {
-                let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), writable)
-                    .map_err(|e| ImageError::open(path, e))?;
+                let mut q =
+                    Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), writable)
+                        .map_err(|e| ImageError::open(path, e))?;
                 q.set_data_file(None);
                 q.set_backing(self.backing().map(|b| b.view().layer.clone()));
                 Ok(FormatAccess::new(q))
             }
-            Driver::Raw | Driver::File => {
-                let r = Raw::open_image(fs.storage.clone(), writable)
+            Driver::Raw | Driver::File | Driver::Blkdebug => {
+                let r = Raw::open_image(self.layer_storage().clone(), writable)
                     .map_err(|e| ImageError::open(path, e))?;
                 Ok(FormatAccess::new(r))
             }

@@ -76,6 +76,7 @@ impl Node {
                     storage, offset, ..
                 } => {
                     self.check_host(storage, offset, len as u64, true, "read")?;
+                    crate::blkdebug::raise(storage, crate::blkdebug::DebugEvent::ReadAio);
                     storage
                         .readv(IoVectorMut::from(chunk), offset)
                         .map_err(|e| io_error(format_args!("read at {at}"), e))?;
@@ -133,6 +134,7 @@ impl Node {
             let host = mapping.offset();
             let len = (mapping.length() as usize).min(rest.len());
             self.check_host(storage, host, len as u64, mapping.is_nonblocking(), "write")?;
+            crate::blkdebug::raise(storage, crate::blkdebug::DebugEvent::WriteAio);
             storage
                 .writev(IoVector::from(&rest[..len]), host)
                 .map_err(|e| io_error(format_args!("write at {at}"), e))?;
@@ -190,9 +192,9 @@ impl Node {
                 }
                 Ok(())
             }
-            Driver::Raw | Driver::File => {
+            Driver::Raw | Driver::File | Driver::Blkdebug => {
                 let _g = self.io.read();
-                let st = &self.file_state().storage;
+                let st = self.storage();
                 let r = if may_unmap {
                     st.write_zeroes(offset, count)
                 } else {
@@ -376,10 +378,9 @@ impl Node {
                 }
                 Ok(())
             }
-            Driver::Raw | Driver::File => {
+            Driver::Raw | Driver::File | Driver::Blkdebug => {
                 let _g = self.io.read();
-                self.file_state()
-                    .storage
+                self.storage()
                     .discard(offset, count)
                     .map_err(|e| io_error(ctx(), e))
             }
@@ -429,12 +430,12 @@ impl Node {
 
     /// The node of this chain whose file is `storage` (self if none matches).
     fn owner_of(&self, storage: &Storage) -> Arc<Node> {
-        if Arc::ptr_eq(&self.file_state().storage, storage) {
+        if Arc::ptr_eq(self.storage(), storage) {
             return self.arc();
         }
         let mut next = self.backing();
         while let Some(node) = next {
-            if Arc::ptr_eq(&node.file_state().storage, storage) {
+            if Arc::ptr_eq(node.storage(), storage) {
                 return node;
             }
             next = node.backing();

@@ -131,7 +131,7 @@ impl Node {
             .write_all_at(&cluster, 0)
             .and_then(|()| fs.os.sync_data())
             .map_err(|e| ImageError::open(&path, e))?;
-        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), true)
+        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), true)
             .map_err(|e| ImageError::open(&path, e))?;
         q.set_data_file(None);
         q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));
@@ -201,9 +201,9 @@ impl Node {
         let _g = self.io.write();
         self.flush_locked()
             .map_err(|e| ImageError::open(&path, std::io::Error::other(e.to_string())))?;
-        let fs = self.file_state();
-        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), !self.read_only)
-            .map_err(|e| ImageError::open(&path, e))?;
+        let mut q =
+            Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), !self.read_only)
+                .map_err(|e| ImageError::open(&path, e))?;
         q.set_data_file(None);
         q.set_backing(Some(backing.view().layer.clone()));
         let header = self.view().qcow2.clone();
@@ -255,7 +255,7 @@ impl Node {
     fn driver_of_image(&self) -> Driver {
         match self.driver {
             Driver::Qcow2 => Driver::Qcow2,
-            Driver::Raw | Driver::File => Driver::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug => Driver::Raw,
         }
     }
 

@@ -45,6 +45,7 @@ use parking_lot::{Mutex, RwLock};
 use sluice_block::{BlockError, Errno, Result};
 
 use crate::bitmaps::Bitmaps;
+use crate::blkdebug::Blkdebug;
 use crate::header::Qcow2Header;
 use crate::lock::ImageLock;
 use crate::options::Driver;
@@ -63,7 +64,7 @@ mod test_support;
 pub use create::{create_file, Prealloc, Qcow2Create};
 use gate::Tracking;
 pub use gate::{AfterWrite, BeforeWrite};
-pub use open::{open_node, probe_file, Resolve, MAX_CHAIN};
+pub use open::{open_blkdebug_node, open_node, probe_file, Resolve, MAX_CHAIN};
 
 /// imago's storage object for every node: shared, so a file node and the format node above
 /// it use one descriptor.
@@ -112,6 +113,19 @@ enum Base {
     Own(PathBuf, FileState),
     /// A format node: its `file` child.
     Child(Arc<Node>),
+    /// A blkdebug node: its `image` child, seen through the rules.
+    Debug(Arc<Node>, DebugParts),
+}
+
+/// What a blkdebug node adds to its file child (see [`crate::blkdebug`]).
+struct DebugParts {
+    rules: Arc<Blkdebug>,
+    /// The storage of the node's own requests: checks the rules, raises no event.
+    own_storage: Storage,
+    /// The storage format nodes above read: raises events and checks the rules.
+    parent_storage: Storage,
+    /// The node's options as qemu shows them in a `json:` filename.
+    spec: serde_json::Value,
 }
 
 /// One node of the block graph (see the module doc).
@@ -123,6 +137,8 @@ pub struct Node {
     filename: PathBuf,
     file: Option<Arc<Node>>,
     file_state: Option<FileState>,
+    /// Set for blkdebug nodes.
+    debug: Option<DebugParts>,
     /// The backing, header and imago instance: replaced together by
     /// [`Node::switch_backing`], under the exclusive `io` lock, so a request that holds
     /// `io` sees one view from start to end.
@@ -173,9 +189,10 @@ impl Node {
         view: View,
         probed_raw: bool,
     ) -> Arc<Node> {
-        let (filename, file, file_state) = match base {
-            Base::Own(path, state) => (path, None, Some(state)),
-            Base::Child(file) => (file.filename.clone(), Some(file), None),
+        let (filename, file, file_state, debug) = match base {
+            Base::Own(path, state) => (path, None, Some(state), None),
+            Base::Child(file) => (file.filename.clone(), Some(file), None, None),
+            Base::Debug(file, d) => (file.filename.clone(), Some(file), None, Some(d)),
         };
         Arc::new_cyclic(|weak_self| Node {
             name,
@@ -184,6 +201,7 @@ impl Node {
             filename,
             file,
             file_state,
+            debug,
             view: RwLock::new(Arc::new(view)),
             probed_raw,
             prealloc_guess: std::sync::OnceLock::new(),
@@ -273,6 +291,35 @@ impl Node {
             (None, Some(f)) => f.file_state(),
             (None, None) => unreachable!("every node has a file node at its bottom"),
         }
+    }
+
+    /// The storage a node above reads this node's file through (the image file's, or for a
+    /// blkdebug node, the file's seen through its rules).
+    fn storage(&self) -> &Storage {
+        match (&self.debug, &self.file_state, &self.file) {
+            (Some(d), _, _) => &d.parent_storage,
+            (None, Some(fs), _) => &fs.storage,
+            (None, None, Some(f)) => f.storage(),
+            (None, None, None) => unreachable!("every node has a file node at its bottom"),
+        }
+    }
+
+    /// The storage this node's own imago object reads (see [`crate::blkdebug`]).
+    fn layer_storage(&self) -> &Storage {
+        match &self.debug {
+            Some(d) => &d.own_storage,
+            None => self.storage(),
+        }
+    }
+
+    /// A blkdebug node's rules.
+    pub fn blkdebug(&self) -> Option<&Arc<Blkdebug>> {
+        self.debug.as_ref().map(|d| &d.rules)
+    }
+
+    /// A blkdebug node's options, as qemu shows them in a `json:` filename.
+    pub fn blkdebug_spec(&self) -> Option<&serde_json::Value> {
+        self.debug.as_ref().map(|d| &d.spec)
     }
 
     fn check_writable(&self, what: &str) -> Result<()> {

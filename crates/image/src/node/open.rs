@@ -28,7 +28,8 @@ use imago::{FormatAccess, Storage as _, StorageExt, StorageOpenOptions};
 use parking_lot::Mutex;
 use sluice_block::Result;
 
-use super::{Base, FileState, Layer, Node, Qcow2Info, Storage, View};
+use super::{Base, DebugParts, FileState, Layer, Node, Qcow2Info, Storage, View};
+use crate::blkdebug::{Blkdebug, DebugStorage};
 use crate::error::ImageError;
 use crate::header::{self, Format, HeaderError, Qcow2Header};
 use crate::lock::{ImageLock, Locking, Perms};
@@ -69,6 +70,9 @@ fn open_with_chain(
             })?;
             open_file_node(name, path, opts.read_only, opts.locking)
         }
+        Driver::Blkdebug => Err(ImageError::InvalidOption(
+            "blkdebug nodes are opened with their rules (open_blkdebug_node)".into(),
+        )),
         Driver::Raw | Driver::Qcow2 => {
             let file = match &opts.file {
                 Some(ChildRef::Node(n)) => {
@@ -81,7 +85,7 @@ fn open_with_chain(
                     ))
                 }
             };
-            if file.driver != Driver::File {
+            if !matches!(file.driver, Driver::File | Driver::Blkdebug) {
                 return Err(ImageError::Permission(format!(
                     "node '{}': the file child of a {} node must be a 'file' node, not '{}'",
                     file.name,
@@ -152,6 +156,50 @@ pub(super) fn open_file_node(
     ))
 }
 
+/// Opens a blkdebug node over `file` (a `file` node) with `rules`; `spec` is the node's
+/// options as qemu shows them in a `json:` filename (see [`crate::blkdebug`]). The node
+/// takes no lock of its own: the file node has taken the image's, and a format node above
+/// adds its own needs to it.
+pub fn open_blkdebug_node(
+    name: String,
+    file: Arc<Node>,
+    read_only: bool,
+    rules: Arc<Blkdebug>,
+    spec: serde_json::Value,
+) -> Result<Arc<Node>, ImageError> {
+    if file.driver != Driver::File {
+        return Err(ImageError::Permission(format!(
+            "node '{name}': the image child of a blkdebug node must be a 'file' node, not '{}'",
+            file.driver.as_str()
+        )));
+    }
+    if !read_only && file.read_only {
+        return Err(ImageError::Permission(format!(
+            "node '{name}' cannot be writable: its file node '{}' is read-only",
+            file.name
+        )));
+    }
+    let inner = file.storage().clone();
+    let own_storage: Storage = Arc::new(DebugStorage::new(inner.clone(), rules.clone(), false));
+    let parent_storage: Storage = Arc::new(DebugStorage::new(inner, rules.clone(), true));
+    let raw = Raw::open_image(own_storage.clone(), !read_only)
+        .map_err(|e| ImageError::open(&file.filename, e))?;
+    let parts = DebugParts {
+        rules,
+        own_storage,
+        parent_storage,
+        spec,
+    };
+    Ok(Node::new_arc(
+        name,
+        Driver::Blkdebug,
+        read_only,
+        Base::Debug(file, parts),
+        View::new(None, None, FormatAccess::new(raw)),
+        false,
+    ))
+}
+
 /// (used, unshared) permissions of a raw user (see `lock.rs` for why).
 fn raw_perms(read_only: bool) -> (Perms, Perms) {
     if read_only {
@@ -180,8 +228,7 @@ pub(super) fn open_raw_node(
     read_only: bool,
     probed: bool,
 ) -> Result<Arc<Node>, ImageError> {
-    let fs = file.file_state();
-    let raw = Raw::open_image(fs.storage.clone(), !read_only)
+    let raw = Raw::open_image(file.storage().clone(), !read_only)
         .map_err(|e| ImageError::open(&file.filename, e))?;
     Ok(Node::new_arc(
         name,
@@ -195,14 +242,16 @@ pub(super) fn open_raw_node(
 
 /// Reads and checks a qcow2 header from a file node.
 pub(super) fn read_header(file: &Node) -> Result<Qcow2Header, ImageError> {
-    let fs = file.file_state();
     let path = &file.filename;
-    let file_len = fs.storage.size().map_err(|e| ImageError::open(path, e))?;
+    let file_len = file
+        .storage()
+        .size()
+        .map_err(|e| ImageError::open(path, e))?;
     let mut want = 4096usize;
     loop {
         let len = want.min(file_len as usize);
         let mut buf = vec![0u8; len];
-        fs.storage
+        file.storage()
             .read(&mut buf[..], 0)
             .map_err(|e| ImageError::open(path, e))?;
         match Qcow2Header::parse(&buf) {
@@ -229,13 +278,15 @@ pub(super) fn read_header(file: &Node) -> Result<Qcow2Header, ImageError> {
 /// L1 and refcount tables, so that a truncated or corrupt image fails at open instead of
 /// reading zeroes from (or allocating over) a table that is not there.
 fn check_l1(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
-    let fs = file.file_state();
     let path = &file.filename;
-    let file_len = fs.storage.size().map_err(|e| ImageError::open(path, e))?;
+    let file_len = file
+        .storage()
+        .size()
+        .map_err(|e| ImageError::open(path, e))?;
     h.check_layout(file_len)
         .map_err(|e| ImageError::bad_image(path, e))?;
     let mut l1 = vec![0u8; h.l1_size as usize * 8];
-    fs.storage
+    file.storage()
         .read(&mut l1[..], h.l1_table_offset)
         .map_err(|e| ImageError::open(path, e))?;
     let cs = h.cluster_size();
@@ -282,7 +333,6 @@ fn check_l1(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
 /// writable open instead, with qemu-img check's advice. Reads never allocate, so read-only
 /// opens are not checked.
 fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
-    let fs = file.file_state();
     let path = &file.filename;
     let bad = |why: String| {
         ImageError::bad_image(
@@ -293,7 +343,10 @@ fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
             )),
         )
     };
-    let file_len = fs.storage.size().map_err(|e| ImageError::open(path, e))?;
+    let file_len = file
+        .storage()
+        .size()
+        .map_err(|e| ImageError::open(path, e))?;
     let cs = h.cluster_size();
     if h.refcount_order > 6 {
         return Err(bad(format!(
@@ -311,7 +364,7 @@ fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
     }
     let l1_range = h.l1_table_offset..h.l1_table_offset + u64::from(h.l1_size) * 8;
     let mut rt = vec![0u8; rt_len as usize];
-    fs.storage
+    file.storage()
         .read(&mut rt[..], h.refcount_table_offset)
         .map_err(|e| ImageError::open(path, e))?;
     let rt: Vec<u64> = rt
@@ -355,7 +408,7 @@ fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
         };
         if let std::collections::hash_map::Entry::Vacant(slot) = blocks.entry(index) {
             let mut b = vec![0u8; cs as usize];
-            fs.storage
+            file.storage()
                 .read(&mut b[..], rb)
                 .map_err(|e| ImageError::open(path, e))?;
             slot.insert(b);
@@ -454,7 +507,7 @@ fn open_qcow2_node(
         let l1 = header.l1_table_offset..header.l1_table_offset + u64::from(header.l1_size) * 8;
         fs.ordered.defer_l1_writes(l1);
     }
-    let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(fs.storage.clone(), !read_only)
+    let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(file.storage().clone(), !read_only)
         .map_err(|e| ImageError::open(&path, e))?;
     q.set_data_file(None);
     q.set_backing(backing.as_ref().map(|b| b.view().layer.clone()));

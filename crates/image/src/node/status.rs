@@ -250,7 +250,8 @@ impl Node {
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let end_cluster = meta.len().div_ceil(cs);
         let mut table = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
-        fs.storage.read(&mut table[..], h.refcount_table_offset)?;
+        self.storage()
+            .read(&mut table[..], h.refcount_table_offset)?;
         let bits = 1u64 << h.refcount_order;
         let per_block = cs * 8 / bits;
         let mut block = vec![0u8; cs as usize];
@@ -268,7 +269,7 @@ impl Node {
                 continue;
             }
             if loaded != Some(rb_offset) {
-                fs.storage.read(&mut block[..], rb_offset)?;
+                self.storage().read(&mut block[..], rb_offset)?;
                 loaded = Some(rb_offset);
             }
             let bit = (i % per_block) * bits;
