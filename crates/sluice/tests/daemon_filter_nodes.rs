@@ -47,9 +47,17 @@ fn norm(value: &Value, dir: &Path) -> Value {
             Value::String(s)
         }
         Value::Array(a) => Value::Array(a.iter().map(|v| norm(v, dir)).collect()),
-        Value::Object(m) => {
-            Value::Object(m.iter().map(|(k, v)| (k.clone(), norm(v, dir))).collect())
-        }
+        // An image file's allocated size depends on how the filesystem placed the writes
+        // that made it (4 KiB apart between two copies made the same way): whether it is
+        // reported is compared, not its value.
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| match k.as_str() {
+                    "actual-size" => (k.clone(), json!("<bytes>")),
+                    _ => (k.clone(), norm(v, dir)),
+                })
+                .collect(),
+        ),
         v => v.clone(),
     }
 }
