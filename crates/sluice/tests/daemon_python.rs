@@ -106,6 +106,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "block-export-add",
         "block-export-del",
         "block-job-cancel",
+        "block-job-change",
         "block-job-complete",
         "block-job-dismiss",
         "block-job-finalize",
@@ -113,6 +114,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "block-job-resume",
         "block-job-set-speed",
         "block-latency-histogram-set",
+        "block-set-write-threshold",
         "block-stream",
         "block_resize",
         "blockdev-add",
@@ -122,6 +124,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "blockdev-mirror",
         "blockdev-snapshot",
         "blockdev-snapshot-sync",
+        "change-backing-file",
         "job-cancel",
         "job-complete",
         "job-dismiss",
@@ -135,6 +138,9 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "object-add",
         "object-del",
         "qmp_capabilities",
+        "qom-get",
+        "qom-set",
+        "query-block",
         "query-block-exports",
         "query-block-jobs",
         "query-blockstats",
@@ -145,6 +151,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "query-version",
         "quit",
         "transaction",
+        "x-debug-query-block-graph",
     ]);
     let img_s = path_str(&img);
     let expected = json!({
@@ -160,6 +167,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
             "BLOCK_JOB_ERROR",
             "BLOCK_JOB_PENDING",
             "BLOCK_JOB_READY",
+            "BLOCK_WRITE_THRESHOLD",
             "JOB_STATUS_CHANGE",
             "SHUTDOWN"
         ],
