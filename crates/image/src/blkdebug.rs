@@ -254,27 +254,7 @@ impl std::fmt::Display for DebugStorage {
 }
 
 impl imago::Storage for DebugStorage {
-    fn mem_align(&self) -> usize {
-        self.inner.mem_align()
-    }
-    fn req_align(&self) -> usize {
-        self.inner.req_align()
-    }
-    fn zero_align(&self) -> usize {
-        self.inner.zero_align()
-    }
-    fn discard_align(&self) -> usize {
-        self.inner.discard_align()
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        self.inner.size()
-    }
-    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> std::io::Result<PathBuf> {
-        self.inner.resolve_relative_path(relative)
-    }
-    fn get_filename(&self) -> Option<PathBuf> {
-        self.inner.get_filename()
-    }
+    crate::storage::forward_storage_geometry!();
 
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> std::io::Result<()> {
         self.gate(None, IoType::Read, offset, bufv.len())?;

@@ -99,28 +99,38 @@ impl std::fmt::Display for OrderedFile {
     }
 }
 
+/// The imago `Storage` methods a wrapper over another storage (`self.inner`) passes through
+/// unchanged: alignments, size, names. Used inside `impl Storage for` of [`OrderedFile`] and
+/// the blkdebug wrapper, which differ only in the I/O methods.
+macro_rules! forward_storage_geometry {
+    () => {
+        fn mem_align(&self) -> usize {
+            self.inner.mem_align()
+        }
+        fn req_align(&self) -> usize {
+            self.inner.req_align()
+        }
+        fn zero_align(&self) -> usize {
+            self.inner.zero_align()
+        }
+        fn discard_align(&self) -> usize {
+            self.inner.discard_align()
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            self.inner.size()
+        }
+        fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> std::io::Result<PathBuf> {
+            self.inner.resolve_relative_path(relative)
+        }
+        fn get_filename(&self) -> Option<PathBuf> {
+            self.inner.get_filename()
+        }
+    };
+}
+pub(crate) use forward_storage_geometry;
+
 impl Storage for OrderedFile {
-    fn mem_align(&self) -> usize {
-        self.inner.mem_align()
-    }
-    fn req_align(&self) -> usize {
-        self.inner.req_align()
-    }
-    fn zero_align(&self) -> usize {
-        self.inner.zero_align()
-    }
-    fn discard_align(&self) -> usize {
-        self.inner.discard_align()
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        self.inner.size()
-    }
-    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> std::io::Result<PathBuf> {
-        self.inner.resolve_relative_path(relative)
-    }
-    fn get_filename(&self) -> Option<PathBuf> {
-        self.inner.get_filename()
-    }
+    forward_storage_geometry!();
 
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> std::io::Result<()> {
         let overlaps = self
