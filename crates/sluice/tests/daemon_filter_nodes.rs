@@ -17,7 +17,7 @@ mod support;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::image::qemu_img;
+use support::image::{qcow2_over, qemu_img};
 use support::path_str;
 use support::qmp::{ok, run_until, start_nbd, Qmp, QmpDaemon};
 
@@ -260,17 +260,7 @@ fn stream_scenario(d: &QmpDaemon) -> Vec<Vec<Value>> {
     two_layers(d.dir.path());
     std::fs::copy(d.path("base.qcow2"), d.path("base2.qcow2")).unwrap();
     let top2 = d.path("top2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        path_str(&d.path("base2.qcow2")),
-        "-F",
-        "qcow2",
-        path_str(&top2),
-    ]);
+    qcow2_over(&top2, path_str(&d.path("base2.qcow2")), &[], None);
     let mut c = d.connect_negotiated();
     let chains = [
         ("s", "base.qcow2", "top.qcow2", true),

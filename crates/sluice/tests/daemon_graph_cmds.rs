@@ -15,7 +15,7 @@ mod support;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::image::{image_info, qemu_img, qemu_io};
+use support::image::{image_info, qcow2_over, qemu_img, qemu_io};
 use support::path_str;
 use support::qmp::{short, wait_for, Qmp, QmpDaemon};
 
@@ -97,18 +97,7 @@ fn threshold_scenario(d: &QmpDaemon) -> Vec<Value> {
         path_str(&d.path("base.qcow2")),
         "4M",
     ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&top),
-        "4M",
-    ]);
+    qcow2_over(&top, "base.qcow2", &[], Some("4M"));
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
     out.push(reply(
@@ -228,18 +217,7 @@ fn change_backing_scenario(d: &QmpDaemon) -> Vec<Value> {
         path_str(&p("mid.qcow2")),
         "4M",
     ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&p("top.qcow2")),
-        "4M",
-    ]);
+    qcow2_over(&p("top.qcow2"), "mid.qcow2", &[], Some("4M"));
     qemu_img(&["create", "-q", "-f", "raw", path_str(&p("r.raw")), "1M"]);
     // What mid's header will name, with the format both daemons write there (qcow2), so
     // that qemu-img can still open the chain at the end.
@@ -338,18 +316,7 @@ fn graph_scenario(d: &QmpDaemon) -> Vec<Value> {
         path_str(&p("base.qcow2")),
         "4M",
     ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&p("top.qcow2")),
-        "4M",
-    ]);
+    qcow2_over(&p("top.qcow2"), "base.qcow2", &[], Some("4M"));
     qemu_img(&["create", "-q", "-f", "raw", path_str(&p("r.raw")), "1M"]);
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
@@ -436,17 +403,7 @@ fn job_change_scenario(d: &QmpDaemon) -> Vec<Value> {
         "64M",
     ]);
     qemu_io("qcow2", path_str(&p("sbase.qcow2")), &["write -P 1 0 32M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "sbase.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&p("top.qcow2")),
-    ]);
+    qcow2_over(&p("top.qcow2"), "sbase.qcow2", &[], None);
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
     let change = |c: &mut Qmp, args: Value| reply(c, "block-job-change", args);

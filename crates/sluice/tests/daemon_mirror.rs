@@ -11,7 +11,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use support::image::{qemu_img, qemu_img_check, qemu_io};
+use support::image::{qcow2_over, qemu_img, qemu_img_check, qemu_io};
 use support::live::{assert_same, query_job, run_names, Client};
 use support::path_str;
 use support::qmp::{ok, Qmp, QmpDaemon};
@@ -347,18 +347,7 @@ fn mirror_scenario_matches_qemu_storage_daemon_in_shape() {
 fn mirror_pivot_flushes_the_source_so_it_stays_a_clean_image_after_quit() {
     let (dir, p) = images();
     let fresh = dir.path().join("fresh.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&fresh),
-        "8M",
-    ]);
+    qcow2_over(&fresh, "base.qcow2", &[], Some("8M"));
     let expected = dir.path().join("expected.raw");
     flatten(&fresh, &expected);
     let d = QmpDaemon::sluice(&[]);
