@@ -163,9 +163,15 @@ impl JobDriver<State> for BackupDriver {
     fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         ctx.set_total(self.total);
         if self.hook_only {
+            // Clients' hooks copy; the job only publishes their progress, every 20 ms
+            // while it runs and once more when cancelled, so the event's offset counts
+            // every copy made before the cancel (qsd's counts them as they happen).
             loop {
                 ctx.set_done(self.done());
-                ctx.idle(std::time::Duration::from_millis(20))?;
+                if let Err(e) = ctx.idle(std::time::Duration::from_millis(20)) {
+                    ctx.set_done(self.done());
+                    return Err(e);
+                }
             }
         }
         let mut at = 0;
