@@ -46,6 +46,7 @@ import nbd
 MiB = 1 << 20
 SIZE = 256 * MiB
 REGION = 8 * MiB  # each fio client owns one region; nbdcopy owns region 0
+POOL_IDLE_S = 10  # how long an idle connection thread waits for the next (IDLE_TIMEOUT)
 
 
 def wait_for_socket(path, proc, timeout=20):
@@ -419,17 +420,25 @@ class Soak:
         warm = min(10.0, self.args.seconds / 5)
         time.sleep(warm)
         start = self.stats()
-        time.sleep(max(0.0, self.args.seconds - warm))
+        # RSS ten times over the run: a leak climbs to the end, a working set levels off.
+        series = {name: [st["rss_kib"]] for name, st in start.items()}
+        end_at = time.time() + max(0.0, self.args.seconds - warm)
+        for k in range(1, 11):
+            time.sleep(max(0.0, end_at - time.time()) / (11 - k))
+            for name, st in self.stats().items():
+                series.setdefault(name, []).append(st["rss_kib"])
         self.stop.set()
         for t in threads:
             t.join(120)
-        time.sleep(3)  # let connection threads and job threads end
+        # Let connection and job threads end; the connection thread pool keeps idle
+        # threads for POOL_IDLE_S (crates/server/src/nbd/pool.rs), so wait that out too.
+        time.sleep(POOL_IDLE_S + 2)
         end = self.stats()
         dead = [n for n, p in self.procs.items() if p.poll() is not None]
         return {"clients": len(threads), "seconds": self.args.seconds,
                 "counts": self.counts, "errors": self.errors,
                 "verify_failures": self.verify_failures, "dead_servers": dead,
-                "idle": idle, "start": start, "end": end}
+                "idle": idle, "start": start, "end": end, "rss_series": series}
 
     def cleanup(self):
         for p in self.procs.values():
@@ -478,6 +487,8 @@ def main():
         print(f"  {name:7} {i['rss_kib'] // 1024}/{s['rss_kib'] // 1024}/"
               f"{e.get('rss_kib', 0) // 1024}, {i['fds']}/{s['fds']}/{e.get('fds')}, "
               f"{i['threads']}/{s['threads']}/{e.get('threads')}")
+        rss = report["rss_series"].get(name, [])
+        print(f"          RSS MiB over the run: {' '.join(str(k // 1024) for k in rss)}")
         s = i
         for key in ("fd_targets", "thread_names"):
             grown = list(e.get(key, []))
