@@ -20,11 +20,15 @@
 //! A soft cancel (`block-job-cancel` without force while ready) copies what is dirty and
 //! ends without the pivot. A failure or a forced cancel leaves the source as it was.
 //!
-//! Each step is one dirty run of at most [`MirrorEngine::step`] bytes, read through the
-//! source: a run that reads as zeroes is written as a zero request (which keeps a sparse
-//! target sparse, as QEMU's mirror does with block status), anything else as data. A
-//! failed read goes to the on-source-error policy, a failed write to on-target-error;
-//! ranges skipped under `ignore` stay dirty, so the pivot copies them or fails.
+//! Each step takes up to [`IN_FLIGHT`] dirty runs of at most [`MirrorEngine::step`] bytes
+//! and copies them at once, each on its own thread (QEMU's mirror keeps up to 16 copies in
+//! flight): while clients write, the runs are small and scattered, and one copy at a time
+//! could not clean the map faster than the writes dirty it, so READY came late or not at
+//! all. Each run is read through the source: a run that reads as zeroes is written as a
+//! zero request (which keeps a sparse target sparse, as QEMU's mirror does with block
+//! status), anything else as data. A failed read goes to the on-source-error policy, a
+//! failed write to on-target-error; ranges skipped under `ignore` stay dirty, so the pivot
+//! copies them or fails.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +45,9 @@ use crate::QmpError;
 /// How long a ready job waits for new writes before it looks again (also the longest a
 /// write waits to be mirrored).
 const IDLE: Duration = Duration::from_millis(20);
+
+/// The most dirty runs copied at once (see the module doc).
+pub const IN_FLIGHT: usize = 8;
 
 /// What the first pass marks dirty (QEMU's sync modes, and active commit's layers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,38 +176,70 @@ impl MirrorEngine {
         r.map_err(Side::Target)
     }
 
-    /// One step: copies the next dirty run (applying the on-error policies). Ok(false)
-    /// when nothing was dirty.
+    /// One step: copies the next dirty runs, up to one per buffer, at once (applying the
+    /// on-error policies in order). Ok(false) when nothing was dirty.
     fn step(
         &self,
         ctx: &mut JobCtx<'_, State>,
         cursor: &mut u64,
-        buf: &mut Vec<u8>,
+        bufs: &mut [Vec<u8>],
     ) -> Result<bool, WorkError> {
-        let Some((offset, len)) = self.dirty.take(*cursor, self.step) else {
-            return Ok(false);
+        let most = if ctx.rate_limited() { 1 } else { bufs.len() };
+        let mut runs = Vec::with_capacity(most);
+        while runs.len() < most {
+            let Some((offset, len)) = self.dirty.take(*cursor, self.step) else {
+                break;
+            };
+            *cursor = offset + len;
+            runs.push((offset, len));
+        }
+        let results: Vec<Result<(), Side>> = match runs.as_slice() {
+            [] => return Ok(false),
+            [(offset, len)] => vec![self.copy(*offset, *len, &mut bufs[0])],
+            _ => std::thread::scope(|s| {
+                let copies: Vec<_> = runs
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(&(offset, len), buf)| s.spawn(move || self.copy(offset, len, buf)))
+                    .collect();
+                copies
+                    .into_iter()
+                    .map(|c| c.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            }),
         };
-        *cursor = offset + len;
-        match self.copy(offset, len, buf) {
-            Ok(()) => {
-                ctx.progress(len);
-                ctx.set_remaining(self.dirty.dirty_bytes());
-                ctx.throttle(len)?;
-            }
-            Err(side) => {
-                self.dirty.mark(offset, len);
-                let (policy, op, e) = match side {
-                    Side::Source(e) => (self.on_source_error, IoOperationType::Read, e),
-                    Side::Target(e) => (self.on_target_error, IoOperationType::Write, e),
-                };
-                tracing::warn!("{} of '{}': {e}", self.label, self.source.0);
-                let enospc = e.errno.0 == libc::ENOSPC;
-                match ctx.io_error_with(policy, op, enospc)? {
-                    ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
-                    // Ignored ranges stay dirty: the pivot copies them or fails.
-                    ErrorAction::Retry | ErrorAction::Ignore => {}
+        // Runs that failed go back into the map before any policy is applied, so a
+        // reported error or a cancel leaves every uncopied byte dirty.
+        let mut failed = None;
+        let mut copied = 0;
+        for (&(offset, len), r) in runs.iter().zip(results) {
+            match r {
+                Ok(()) => copied += len,
+                Err(side) => {
+                    self.dirty.mark(offset, len);
+                    failed.get_or_insert(side);
                 }
             }
+        }
+        if copied > 0 {
+            ctx.progress(copied);
+            ctx.set_remaining(self.dirty.dirty_bytes());
+        }
+        if let Some(side) = failed {
+            let (policy, op, e) = match side {
+                Side::Source(e) => (self.on_source_error, IoOperationType::Read, e),
+                Side::Target(e) => (self.on_target_error, IoOperationType::Write, e),
+            };
+            tracing::warn!("{} of '{}': {e}", self.label, self.source.0);
+            let enospc = e.errno.0 == libc::ENOSPC;
+            match ctx.io_error_with(policy, op, enospc)? {
+                ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
+                // Ignored ranges stay dirty: the pivot copies them or fails.
+                ErrorAction::Retry | ErrorAction::Ignore => {}
+            }
+        }
+        if copied > 0 {
+            ctx.throttle(copied)?;
         }
         Ok(true)
     }
@@ -215,7 +254,7 @@ impl MirrorEngine {
         self.mark_initial(ctx)?;
         ctx.set_remaining(self.dirty.dirty_bytes());
         let mut cursor = 0;
-        let mut buf = Vec::new();
+        let mut bufs = vec![Vec::new(); IN_FLIGHT];
         let mut ready = false;
         loop {
             match ctx.completion() {
@@ -225,12 +264,12 @@ impl MirrorEngine {
                 }
                 Some(Completion::SoftCancel) => {
                     // The target gets what is dirty now; no pivot.
-                    while self.step(ctx, &mut cursor, &mut buf)? {}
+                    while self.step(ctx, &mut cursor, &mut bufs)? {}
                     return Ok(());
                 }
                 None => {}
             }
-            if self.step(ctx, &mut cursor, &mut buf)? {
+            if self.step(ctx, &mut cursor, &mut bufs)? {
                 continue;
             }
             if ready {

@@ -883,6 +883,13 @@ impl<S: HasJobs> JobCtx<'_, S> {
         s
     }
 
+    /// True while the job has a speed limit (`speed`, `block-job-set-speed`): a job that
+    /// copies several ranges at once copies one at a time then, so the limit is kept in
+    /// small steps.
+    pub fn rate_limited(&self) -> bool {
+        self.job.lock().speed != 0
+    }
+
     /// Charges `bytes` of I/O to the rate limit and sleeps until the average since the
     /// window began is back under the speed; also a pause point. Err if cancelled. A new
     /// speed, or a pause, starts a new window (what was charged before is forgiven).
