@@ -19,7 +19,9 @@
 //! be exported (`Node x is in use`), must not be another node's backing (`Node 'x' is busy:
 //! node is used as backing hd of 'y'`), must have been added by the monitor (`... is not owned
 //! by the monitor`), and must not be a child of another node (`Block device x is in use`).
-//! Deleting a node deletes its inline children.
+//! Deleting a node deletes its inline children. `blockdev-reopen` is [`reopen`]: it compares
+//! new options with the ones each node keeps ([`Node::options`]) and reopens the children a
+//! node created itself ([`Node::inherits_from`]) with it.
 //!
 //! The graph is plain data behind the daemon's state lock; nothing here blocks except the
 //! drivers' opens, which the daemon runs off its async threads.
