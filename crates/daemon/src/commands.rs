@@ -20,7 +20,7 @@ use crate::generated::{
     BlockJobSetSpeedArgs, BlockLatencyHistogramSetArgs, BlockResizeArgs, BlockStats,
     BlockStreamArgs, BlockdevCreateArgs, BlockdevDelArgs, BlockdevOptions, CommandInfo, Handlers,
     JobCancelArgs, JobCompleteArgs, JobDismissArgs, JobFinalizeArgs, JobInfo, JobPauseArgs,
-    JobResumeArgs, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
+    JobResumeArgs, JobStatus, NbdServerAddOptions, NbdServerOptions, NbdServerOptionsLegacy,
     NbdServerRemoveArgs, ObjectDelArgs, ObjectOptions, QMPCapability, QmpCapabilitiesArgs,
     QomGetArgs, QomSetArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs, ShutdownCause,
     SocketAddress, SocketAddressBranch, SocketAddressLegacyBranch, VersionInfo, COMMANDS,
@@ -273,6 +273,34 @@ impl Handlers for Session<'_> {
             )));
         }
         self.state.graph.del(name)
+    }
+
+    fn blockdev_reopen(
+        &mut self,
+        args: crate::generated::BlockdevReopenArgs,
+    ) -> Result<(), QmpError> {
+        use crate::graph::reopen::{JobUse, Users};
+        let users = Users {
+            writable_exports: self
+                .state
+                .exports
+                .iter()
+                .filter(|e| e.named.writable && !e.shutting_down)
+                .map(|e| e.node.clone())
+                .collect(),
+            jobs: self
+                .state
+                .jobs
+                .iter()
+                .filter(|j| !matches!(j.status(), JobStatus::Concluded | JobStatus::Null))
+                .map(|j| JobUse {
+                    kind: j.job_type.to_string(),
+                    nodes: j.nodes().to_vec(),
+                    writes: j.writes().to_vec(),
+                })
+                .collect(),
+        };
+        self.state.graph.reopen(&args.options, &users)
     }
 
     fn block_dirty_bitmap_add(&mut self, args: BlockDirtyBitmapAdd) -> Result<(), QmpError> {

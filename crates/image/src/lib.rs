@@ -28,9 +28,10 @@
 //! Rules, the same as qemu's where qemu has one:
 //! - `driver`: `file` (`filename`, `locking=auto|on|off`), `raw` (`file`), `qcow2` (`file`,
 //!   `backing`). `file` and `backing` take a node name or inline options.
-//! - Permissions: a node is read-only or read-write for its whole life (`read-only`). A
-//!   writable format node needs a writable file node; backing nodes must be read-only, except
-//!   a node named by reference (a pull-mode backup's scratch over the live disk).
+//! - Permissions: a node is opened read-only or read-write (`read-only`) and may be
+//!   reopened the other way ([`Node::reopen`], the daemon's `blockdev-reopen`). A writable
+//!   format node needs a writable file node; backing nodes must be read-only, except a node
+//!   named by reference (a pull-mode backup's scratch over the live disk).
 //! - Exclusion: every file node takes qemu's OFD lock bytes (see [`lock`]), so one image cannot
 //!   be opened writable twice — not by two nodes of one process, not by two sluice processes,
 //!   not by sluice and qemu-img/qemu-io/QEMU — and a qcow2 image in use cannot be written by

@@ -87,10 +87,16 @@ impl Locking {
 }
 
 /// What a file's users need, accumulated over the nodes that use it.
+///
+/// Each user (the file node itself, a qcow2 node above it) is remembered with its own
+/// permissions, so that a reopen can change one user's ([`ImageLock::update`]) or move the
+/// whole set to a new open file description ([`ImageLock::move_to`]).
 #[derive(Debug)]
 pub struct ImageLock {
     path: PathBuf,
     locking: Locking,
+    /// (user, used, unshared), one entry per user.
+    users: Vec<(String, Perms, Perms)>,
     used: Perms,
     unshared: Perms,
     /// False once we found the file system cannot lock (Auto only).
@@ -102,18 +108,26 @@ impl ImageLock {
         ImageLock {
             path: path.to_owned(),
             locking,
+            users: Vec::new(),
             used: Perms::NONE,
             unshared: Perms::NONE,
             active: locking != Locking::Off,
         }
     }
 
-    /// Adds a user that needs `used` and refuses to share `unshared`: takes the lock bytes on
-    /// `file` (which must stay open as long as the locks should hold), then tests that no
-    /// other open file description conflicts. On a conflict the bytes taken stay locked (they
-    /// are released with the file), as in qemu.
-    pub fn add(&mut self, file: &File, used: Perms, unshared: Perms) -> Result<(), ImageError> {
+    /// Adds user `user` (a node name), which needs `used` and refuses to share `unshared`:
+    /// takes the lock bytes on `file` (which must stay open as long as the locks should
+    /// hold), then tests that no other open file description conflicts. On a conflict the
+    /// bytes taken stay locked (they are released with the file), as in qemu.
+    pub fn add(
+        &mut self,
+        file: &File,
+        user: &str,
+        used: Perms,
+        unshared: Perms,
+    ) -> Result<(), ImageError> {
         if !self.active {
+            self.remember(user, used, unshared);
             return Ok(());
         }
         for (i, _) in used.bits() {
@@ -144,8 +158,132 @@ impl ImageLock {
                 });
             }
         }
+        self.remember(user, used, unshared);
+        Ok(())
+    }
+
+    /// Records `user`'s permissions (added to what it had) and the totals.
+    fn remember(&mut self, user: &str, used: Perms, unshared: Perms) {
+        match self.users.iter_mut().find(|(u, _, _)| u == user) {
+            Some(e) => {
+                e.1 = e.1 | used;
+                e.2 = e.2 | unshared;
+            }
+            None => self.users.push((user.to_string(), used, unshared)),
+        }
         self.used = self.used | used;
         self.unshared = self.unshared | unshared;
+    }
+
+    /// The users with `user`'s permissions replaced, and their totals.
+    fn replaced(&self, user: &str, used: Perms, unshared: Perms) -> UserSet {
+        let mut users = self.users.clone();
+        match users.iter_mut().find(|(u, _, _)| u == user) {
+            Some(e) => (e.1, e.2) = (used, unshared),
+            None => users.push((user.to_string(), used, unshared)),
+        }
+        let (mut u, mut s) = (Perms::NONE, Perms::NONE);
+        for (_, used, unshared) in &users {
+            u = u | *used;
+            s = s | *unshared;
+        }
+        (users, u, s)
+    }
+
+    /// A reopen changes what `user` needs, on the same open file description `file`: the
+    /// bytes of the new totals are taken and tested against other descriptions, then the
+    /// bytes no longer needed are let go. On a conflict nothing changes.
+    pub fn update(
+        &mut self,
+        file: &File,
+        user: &str,
+        used: Perms,
+        unshared: Perms,
+    ) -> Result<(), ImageError> {
+        let (users, new_used, new_unshared) = self.replaced(user, used, unshared);
+        if self.active {
+            let added_used = Perms(new_used.0 & !self.used.0);
+            let added_unshared = Perms(new_unshared.0 & !self.unshared.0);
+            let r = self.take_and_test(file, added_used, added_unshared, new_used, new_unshared);
+            if let Err(e) = r {
+                unlock_bits(file, added_used, added_unshared);
+                return Err(e);
+            }
+            unlock_bits(
+                file,
+                Perms(self.used.0 & !new_used.0),
+                Perms(self.unshared.0 & !new_unshared.0),
+            );
+        }
+        (self.users, self.used, self.unshared) = (users, new_used, new_unshared);
+        Ok(())
+    }
+
+    /// A reopen moves the file to a new open file description `new` (opened with another
+    /// access mode), with `user`'s needs changed: every byte is let go on `old` (so that the
+    /// test does not meet this process's own locks), the new totals are taken on `new` and
+    /// tested. On a conflict the old bytes are taken again on `old` and nothing changes; the
+    /// caller closes `new`, which lets its bytes go.
+    pub fn move_to(
+        &mut self,
+        old: &File,
+        new: &File,
+        user: &str,
+        used: Perms,
+        unshared: Perms,
+    ) -> Result<(), ImageError> {
+        let (users, new_used, new_unshared) = self.replaced(user, used, unshared);
+        if self.active {
+            unlock_bits(old, self.used, self.unshared);
+            let r = self.take_and_test(new, new_used, new_unshared, new_used, new_unshared);
+            if let Err(e) = r {
+                for (i, _) in self.used.bits() {
+                    let _ = ofd_lock(old, PERM_BASE + i as i64);
+                }
+                for (i, _) in self.unshared.bits() {
+                    let _ = ofd_lock(old, SHARED_BASE + i as i64);
+                }
+                return Err(e);
+            }
+        }
+        (self.users, self.used, self.unshared) = (users, new_used, new_unshared);
+        Ok(())
+    }
+
+    /// Takes the bytes of `lock_used`/`lock_unshared` on `file`, then tests `used` and
+    /// `unshared` against other descriptions (qemu's check at a permission change).
+    fn take_and_test(
+        &self,
+        file: &File,
+        lock_used: Perms,
+        lock_unshared: Perms,
+        used: Perms,
+        unshared: Perms,
+    ) -> Result<(), ImageError> {
+        for (i, _) in lock_used.bits() {
+            ofd_lock(file, PERM_BASE + i as i64).map_err(|e| self.io(e))?;
+        }
+        for (i, _) in lock_unshared.bits() {
+            ofd_lock(file, SHARED_BASE + i as i64).map_err(|e| self.io(e))?;
+        }
+        for (i, _) in used.bits() {
+            if ofd_test(file, SHARED_BASE + i as i64).map_err(|e| self.io(e))? {
+                return Err(ImageError::Locked {
+                    path: self.path.clone(),
+                    perm: perm_name(i),
+                    shared: false,
+                });
+            }
+        }
+        for (i, _) in unshared.bits() {
+            if ofd_test(file, PERM_BASE + i as i64).map_err(|e| self.io(e))? {
+                return Err(ImageError::Locked {
+                    path: self.path.clone(),
+                    perm: perm_name(i),
+                    shared: true,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -189,6 +327,24 @@ fn flock_at(byte: i64, kind: libc::c_short) -> libc::flock {
     fl.l_start = byte;
     fl.l_len = 1;
     fl
+}
+
+/// The users of a file with their permissions, and the totals (used, unshared).
+type UserSet = (Vec<(String, Perms, Perms)>, Perms, Perms);
+
+/// Lets go of the bytes of `used` and `unshared` on `file` (errors ignored: a byte not
+/// held is no error, and there is nothing else to do).
+fn unlock_bits(file: &File, used: Perms, unshared: Perms) {
+    let bytes = used
+        .bits()
+        .map(|(i, _)| PERM_BASE + i as i64)
+        .chain(unshared.bits().map(|(i, _)| SHARED_BASE + i as i64));
+    for byte in bytes {
+        let fl = flock_at(byte, libc::F_UNLCK as libc::c_short);
+        // SAFETY: fcntl on a descriptor owned by `file`, which outlives the call; `fl` is a
+        // valid flock that the kernel only reads.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    }
 }
 
 /// Takes a shared OFD lock on one byte, without waiting.
@@ -241,9 +397,9 @@ mod tests {
         let (a, b) = (open(f.path()), open(f.path()));
         let mut la = ImageLock::new(f.path(), Locking::On);
         let (used, unshared) = writer();
-        la.add(&a, used, unshared).unwrap();
+        la.add(&a, "a", used, unshared).unwrap();
         let mut lb = ImageLock::new(f.path(), Locking::On);
-        let err = lb.add(&b, used, unshared).unwrap_err();
+        let err = lb.add(&b, "b", used, unshared).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -263,7 +419,12 @@ mod tests {
         let (a, b) = (open(f.path()), open(f.path()));
         for file in [&a, &b] {
             ImageLock::new(f.path(), Locking::On)
-                .add(file, Perms::CONSISTENT_READ, Perms::WRITE | Perms::RESIZE)
+                .add(
+                    file,
+                    "r",
+                    Perms::CONSISTENT_READ,
+                    Perms::WRITE | Perms::RESIZE,
+                )
                 .unwrap();
         }
     }
@@ -273,11 +434,16 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         let (a, b) = (open(f.path()), open(f.path()));
         ImageLock::new(f.path(), Locking::On)
-            .add(&a, Perms::CONSISTENT_READ, Perms::WRITE | Perms::RESIZE)
+            .add(
+                &a,
+                "a",
+                Perms::CONSISTENT_READ,
+                Perms::WRITE | Perms::RESIZE,
+            )
             .unwrap();
         let (used, unshared) = writer();
         let err = ImageLock::new(f.path(), Locking::On)
-            .add(&b, used, unshared)
+            .add(&b, "b", used, unshared)
             .unwrap_err();
         assert!(
             matches!(err, ImageError::Locked { perm: "write", .. }),
@@ -292,12 +458,12 @@ mod tests {
         {
             let a = open(f.path());
             ImageLock::new(f.path(), Locking::On)
-                .add(&a, used, unshared)
+                .add(&a, "a", used, unshared)
                 .unwrap();
         }
         let b = open(f.path());
         ImageLock::new(f.path(), Locking::On)
-            .add(&b, used, unshared)
+            .add(&b, "b", used, unshared)
             .unwrap();
     }
 
@@ -307,10 +473,10 @@ mod tests {
         let (a, b) = (open(f.path()), open(f.path()));
         let (used, unshared) = writer();
         ImageLock::new(f.path(), Locking::On)
-            .add(&a, used, unshared)
+            .add(&a, "a", used, unshared)
             .unwrap();
         ImageLock::new(f.path(), Locking::Off)
-            .add(&b, used, unshared)
+            .add(&b, "b", used, unshared)
             .unwrap();
     }
 }

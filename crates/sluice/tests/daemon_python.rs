@@ -122,6 +122,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "blockdev-create",
         "blockdev-del",
         "blockdev-mirror",
+        "blockdev-reopen",
         "blockdev-snapshot",
         "blockdev-snapshot-sync",
         "change-backing-file",

@@ -333,9 +333,11 @@ fn open_with_graph(
 }
 
 /// A graph node for `node`. `explicit_backing`: for qcow2, whether the options chose the
-/// backing (Some(false): the header's chain, whose nodes become implicit children).
+/// backing (Some(false): the header's chain, whose nodes become implicit children); it is
+/// named by its options when they chose another backing than its header's.
 fn opened(node: Arc<sluice_image::Node>, explicit_backing: Option<bool>) -> OpenedNode {
-    let info = node_info(&node, explicit_backing.unwrap_or(false));
+    let named_by_options = explicit_backing == Some(true) && backing_overridden(&node);
+    let info = node_info(&node, named_by_options);
     let mut o = OpenedNode::new(node.clone(), info);
     if explicit_backing == Some(false) {
         if let Some(b) = node.backing() {
@@ -353,6 +355,28 @@ pub fn refresh_info(opened: &mut OpenedNode) {
     if let Some(node) = image_node(opened) {
         let explicit_backing = opened.info.filename.starts_with("json:");
         opened.info = node_info(&node, explicit_backing);
+    }
+}
+
+/// Recomputes what `query-named-block-nodes` says of an image node whose backing a reopen
+/// chose (see [`backing_overridden`]).
+pub fn refresh_info_after_backing_change(opened: &mut OpenedNode) {
+    if let Some(node) = image_node(opened) {
+        opened.info = node_info(&node, backing_overridden(&node));
+    }
+}
+
+/// True if a qcow2 node's backing is not the file its header names (or it has none while
+/// the header names one): qemu then names the node by its options (`json:{...}`), since
+/// its file name alone would not give it back.
+fn backing_overridden(node: &sluice_image::Node) -> bool {
+    let header = node.qcow2().and_then(|q| q.header.backing_file).map(|b| {
+        let dir = node.filename().parent().unwrap_or(Path::new("."));
+        dir.join(b)
+    });
+    match node.backing() {
+        None => header.is_some(),
+        Some(b) => header.as_deref() != Some(b.filename()),
     }
 }
 

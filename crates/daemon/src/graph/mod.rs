@@ -19,7 +19,9 @@
 //! be exported (`Node x is in use`), must not be another node's backing (`Node 'x' is busy:
 //! node is used as backing hd of 'y'`), must have been added by the monitor (`... is not owned
 //! by the monitor`), and must not be a child of another node (`Block device x is in use`).
-//! Deleting a node deletes its inline children.
+//! Deleting a node deletes its inline children. `blockdev-reopen` is [`reopen`]: it compares
+//! new options with the ones each node keeps ([`Node::options`]) and reopens the children a
+//! node created itself ([`Node::inherits_from`]) with it.
 //!
 //! The graph is plain data behind the daemon's state lock; nothing here blocks except the
 //! drivers' opens, which the daemon runs off its async threads.
@@ -29,6 +31,7 @@ pub mod drivers;
 pub mod filters;
 pub mod image;
 pub mod rbd;
+pub mod reopen;
 pub mod xdbg;
 
 use std::any::Any;
@@ -202,6 +205,14 @@ pub struct Node {
     pub monitor_owned: bool,
     /// Edges to children: (role, child name).
     pub children: Vec<(String, String)>,
+    /// The options the node was opened (or last reopened) with, as given (canonical JSON;
+    /// children given inline are objects, children by name strings); for a node opened
+    /// from an image header, its driver and file name. `blockdev-reopen` compares against
+    /// them.
+    pub options: Value,
+    /// The parent this node was created for (inline in its options, or from its image
+    /// header): such a child is reopened with its parent, as in qemu.
+    pub inherits_from: Option<String>,
     pub opened: OpenedNode,
     pub cache: BlockdevCacheInfo,
     pub detect_zeroes: BlockdevDetectZeroesOptions,
@@ -442,6 +453,9 @@ impl Graph {
             no_flush,
             created,
         )?;
+        if let Some(n) = self.get_mut(&name) {
+            n.options = json;
+        }
         // Inline backing nodes were opened first (the driver needed them) but go after
         // their parent, as in qemu.
         if !after.is_empty() {
@@ -482,7 +496,7 @@ impl Graph {
                 after.push((child_name, child_driver, child));
             } else {
                 self.insert_tree(
-                    child_name,
+                    child_name.clone(),
                     child_driver,
                     read_only,
                     child,
@@ -490,6 +504,9 @@ impl Graph {
                     no_flush,
                     created,
                 )?;
+                if let Some(c) = self.get_mut(&child_name) {
+                    c.inherits_from = Some(name.clone());
+                }
             }
         }
         self.insert(name.clone(), driver, read_only, opened, no_flush, created)?;
@@ -498,7 +515,7 @@ impl Graph {
         }
         for (child_name, child_driver, child) in after {
             self.insert_tree(
-                child_name,
+                child_name.clone(),
                 child_driver,
                 true,
                 child,
@@ -506,6 +523,9 @@ impl Graph {
                 no_flush,
                 created,
             )?;
+            if let Some(c) = self.get_mut(&child_name) {
+                c.inherits_from = Some(name.clone());
+            }
         }
         Ok(())
     }
@@ -551,6 +571,8 @@ impl Graph {
             read_only,
             monitor_owned: false,
             children: Vec::new(),
+            options: implicit_options(driver, &opened.info),
+            inherits_from: None,
             opened,
             cache: BlockdevCacheInfo {
                 writeback: true,
@@ -907,6 +929,18 @@ impl Graph {
     }
 }
 
+/// The options qemu keeps for a node it opened from an image header (its driver, and a
+/// file node's file name): what `blockdev-reopen` compares a child's inline options with.
+/// Nodes opened from options get those instead ([`Graph::open_node`]).
+fn implicit_options(driver: BlockdevDriver, info: &NodeInfo) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("driver".into(), driver.as_str().into());
+    if driver == BlockdevDriver::File {
+        m.insert("filename".into(), info.filename.clone().into());
+    }
+    Value::Object(m)
+}
+
 /// What a driver may do while opening a node.
 pub struct OpenCtx<'g> {
     graph: &'g mut Graph,
@@ -961,6 +995,9 @@ impl OpenCtx<'_> {
                 let n = self
                     .graph
                     .open_node(opts, None, Some(inherit), self.created)?;
+                if let Some(c) = self.graph.get_mut(&n) {
+                    c.inherits_from = Some(self.node.clone());
+                }
                 if backing {
                     let new = self.graph.nodes[start..].iter().map(|n| n.name.clone());
                     self.after.extend(new);

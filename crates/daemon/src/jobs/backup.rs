@@ -373,6 +373,7 @@ pub(crate) fn prepare(st: &State, args: BlockdevBackup) -> Result<PreparedBackup
             speed,
             on_error: on_target_error,
             nodes: vec![device.name.clone(), target.name.clone()],
+            writes: vec![target.name.clone()],
             total: 0,
             completable: false,
         },

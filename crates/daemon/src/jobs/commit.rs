@@ -287,6 +287,8 @@ pub(crate) fn block_commit(
         speed: args.speed.unwrap_or(0),
         on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
         nodes,
+        // The base takes the data; the overlay's header is rewritten at the end.
+        writes: vec![base.name.clone(), overlay.name.clone()],
         total: size,
         completable: false,
     };
@@ -338,6 +340,7 @@ fn active_job(
         speed: args.speed.unwrap_or(0),
         on_error,
         nodes,
+        writes: vec![base.name.clone()],
         total: 0,
         completable: true,
     };

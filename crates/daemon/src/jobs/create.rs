@@ -164,6 +164,7 @@ pub(crate) fn blockdev_create(
         auto_dismiss: false,
         speed: 0,
         on_error: BlockdevOnError::Report,
+        writes: nodes.clone(),
         nodes,
         total: 1,
         completable: false,

@@ -228,6 +228,7 @@ pub(crate) fn blockdev_mirror(
         speed: args.speed.unwrap_or(0),
         on_error: on_target_error,
         nodes: vec![device.name.clone(), t.clone()],
+        writes: vec![t.clone()],
         total: 0,
         completable: true,
     };

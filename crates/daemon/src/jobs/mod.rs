@@ -212,6 +212,9 @@ pub struct JobParams {
     pub on_error: BlockdevOnError,
     /// Nodes the job uses: others may not start a job on them.
     pub nodes: Vec<String>,
+    /// Those of `nodes` the job writes (a mirror's or backup's target, a commit's base, a
+    /// stream's top): `blockdev-reopen` may not make them read-only while it runs.
+    pub writes: Vec<String>,
     /// The progress total known at the start (a stream's or commit's size), so that
     /// queries right after the command see it, as in QEMU.
     pub total: u64,
@@ -261,6 +264,7 @@ pub struct Job<S: HasJobs> {
     pub auto_dismiss: bool,
     on_error: BlockdevOnError,
     nodes: Vec<String>,
+    writes: Vec<String>,
     completable: bool,
     st: Mutex<JobState>,
     cond: Condvar,
@@ -351,6 +355,7 @@ impl<S: HasJobs> Job<S> {
             auto_dismiss: params.auto_dismiss,
             on_error: params.on_error,
             nodes: params.nodes,
+            writes: params.writes,
             completable: params.completable,
             st: Mutex::new(JobState {
                 status: JobStatus::Undefined,
@@ -465,6 +470,16 @@ impl<S: HasJobs> Job<S> {
     }
 
     /// True if this is a block job (listed by `query-block-jobs`, found by `block-job-*`).
+    /// The nodes the job uses (see [`JobParams::nodes`]).
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// The nodes the job writes (see [`JobParams::writes`]).
+    pub fn writes(&self) -> &[String] {
+        &self.writes
+    }
+
     pub fn is_block(&self) -> bool {
         is_block_job(self.job_type)
     }

@@ -210,6 +210,7 @@ pub(crate) fn block_stream(
         auto_dismiss: args.auto_dismiss.unwrap_or(true),
         speed: args.speed.unwrap_or(0),
         on_error: args.on_error.unwrap_or(BlockdevOnError::Report),
+        writes: vec![args.device.clone()],
         nodes,
         total: driver.size,
         completable: false,

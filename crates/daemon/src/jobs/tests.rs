@@ -69,6 +69,7 @@ fn params(id: &str) -> JobParams {
         speed: 0,
         on_error: BlockdevOnError::Report,
         nodes: vec![format!("{id}-node")],
+        writes: Vec::new(),
         total: 0,
         completable: false,
     }

@@ -260,7 +260,7 @@ impl Node {
     pub fn resize(&self, new_size: u64) -> Result<(), ImageError> {
         let path = self.filename.clone();
         let io_err = |e: std::io::Error| ImageError::open(&path, e);
-        if self.read_only {
+        if self.is_read_only() {
             return Err(ImageError::Permission("Image is read-only".into()));
         }
         if self.driver == Driver::Qcow2 && !new_size.is_multiple_of(512) {
@@ -298,7 +298,7 @@ impl Node {
     /// A new imago object over this node's image, with the current backing.
     fn fresh_layer(&self) -> Result<Layer, ImageError> {
         let path = &self.filename;
-        let writable = !self.read_only;
+        let writable = !self.is_read_only();
         match self.driver {
             Driver::Qcow2 => {
                 let mut q =

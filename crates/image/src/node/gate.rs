@@ -244,7 +244,7 @@ impl Node {
             copied += len;
         }
         target.flush()?;
-        if !self.read_only {
+        if !self.is_read_only() {
             // The gate is held exclusively: this flush is inside it.
             self.flush_body(Reading(()))?;
         }
@@ -269,7 +269,7 @@ impl Node {
                 self.name
             )));
         }
-        if !self.read_only {
+        if !self.is_read_only() {
             // The gate is held exclusively: this flush is inside it.
             self.flush_body(Reading(())).map_err(|e| {
                 crate::ImageError::open(&self.filename, std::io::Error::other(e.to_string()))

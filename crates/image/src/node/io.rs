@@ -473,7 +473,7 @@ impl Node {
             let cs = owner.cluster_size();
             let last = (host + len.max(1) - 1) / cs * cs;
             let mut size = storage.size().map_err(|e| io_error(what, e))?;
-            if last >= size && owner.read_only {
+            if last >= size && owner.is_read_only() {
                 // imago remembers the size from open; a read-only node's image may have
                 // grown since (a writer of the daemon's own, see `open_writer`, or the file
                 // was restored).

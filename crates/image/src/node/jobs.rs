@@ -108,7 +108,7 @@ impl Node {
             _ => false,
         };
         if let Some(b) = backing.as_ref().filter(|_| !same) {
-            if !b.read_only {
+            if !b.is_read_only() {
                 return Err(ImageError::Permission(format!(
                     "node '{}' cannot be the backing of '{}': backing nodes must be read-only",
                     b.name, self.name
@@ -151,7 +151,12 @@ impl Node {
         format: Option<Format>,
     ) -> std::result::Result<(), ImageError> {
         use std::os::unix::fs::FileExt;
-        if !self.read_only && self.file_state().writable {
+        if !self.is_read_only()
+            && self
+                .file_state()
+                .writable
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
             return self.switch_backing(self.backing(), Some(name), format);
         }
         let path = self.filename.clone();
@@ -202,7 +207,7 @@ impl Node {
         self.flush_locked()
             .map_err(|e| ImageError::open(&path, std::io::Error::other(e.to_string())))?;
         let mut q =
-            Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), !self.read_only)
+            Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), !self.is_read_only())
                 .map_err(|e| ImageError::open(&path, e))?;
         q.set_data_file(None);
         q.set_backing(Some(backing.view().layer.clone()));
@@ -270,7 +275,7 @@ impl Node {
         }
         let path = self.filename.clone();
         let _g = self.io.write();
-        if !self.read_only {
+        if !self.is_read_only() {
             self.flush_locked()
                 .map_err(|e| ImageError::open(&path, std::io::Error::other(e.to_string())))?;
         }

@@ -30,6 +30,8 @@
 //!   writable, saved at close.
 //! - `jobs.rs`: what block jobs build on: stream copy-on-read, the backing switch, a
 //!   writer into a read-only base, and reloading a node another writer changed.
+//! - `reopen.rs`: `blockdev-reopen` in place: a file node's descriptor and lock bytes, a
+//!   node's imago object, a qcow2 node's backing in memory.
 //!
 //! **Locks**, each held for one request or one job step, taken in this order: the gate
 //! (shared by requests, exclusive for tracking changes and the pivot), then `io` (shared by
@@ -37,7 +39,9 @@
 //! then, for a moment, `view` (to clone the current `View`).
 
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use imago::{DynStorage, FormatAccess};
@@ -57,6 +61,7 @@ mod io;
 mod jobs;
 mod open;
 mod persist;
+mod reopen;
 mod status;
 #[cfg(test)]
 mod test_support;
@@ -76,12 +81,17 @@ pub(crate) type Layer = FormatAccess<Storage>;
 struct FileState {
     /// Used for locks, `lseek` (block status) and `posix_fadvise` (both through
     /// [`sluice_block::fileio`]); imago's storage object holds a duplicate of it (same open
-    /// file description, so the same locks).
+    /// file description, so the same locks). A reopen (`reopen.rs`) replaces the open file
+    /// description behind both descriptor numbers.
     os: File,
+    /// The number of imago's duplicate of `os` (owned by the imago object in `ordered`).
+    storage_fd: RawFd,
     ordered: Arc<OrderedFile>,
     storage: Storage,
     lock: Mutex<ImageLock>,
-    writable: bool,
+    /// The descriptors are open for writing (changed by a reopen, under the node's
+    /// exclusive `io` lock).
+    writable: AtomicBool,
 }
 
 /// What a qcow2 node remembers of its header.
@@ -132,7 +142,8 @@ struct DebugParts {
 pub struct Node {
     name: String,
     driver: Driver,
-    read_only: bool,
+    /// Changed only by a reopen (`reopen.rs`), under the exclusive `io` lock.
+    read_only: AtomicBool,
     /// The image file's path (for a format node, its file child's).
     filename: PathBuf,
     file: Option<Arc<Node>>,
@@ -170,7 +181,7 @@ impl std::fmt::Debug for Node {
         f.debug_struct("Node")
             .field("name", &self.name)
             .field("driver", &self.driver)
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.is_read_only())
             .field("filename", &self.filename)
             .field("file", &self.file.as_ref().map(|n| n.name()))
             .field("backing", &self.backing().map(|n| n.name().to_string()))
@@ -197,7 +208,7 @@ impl Node {
         Arc::new_cyclic(|weak_self| Node {
             name,
             driver,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             filename,
             file,
             file_state,
@@ -221,7 +232,7 @@ impl Node {
         self.driver
     }
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
     }
     /// The image file (for format nodes, their file child's).
     pub fn filename(&self) -> &Path {
@@ -323,7 +334,7 @@ impl Node {
     }
 
     fn check_writable(&self, what: &str) -> Result<()> {
-        if self.read_only || !self.file_state().writable {
+        if self.is_read_only() || !self.file_state().writable.load(Ordering::Acquire) {
             return Err(BlockError::new(
                 Errno::EROFS,
                 format!("{what}: node '{}' is read-only", self.name),

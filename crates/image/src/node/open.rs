@@ -17,9 +17,10 @@
 //! path is checked there (see `io.rs`). Nothing panics on image content.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use imago::qcow2::Qcow2;
@@ -93,7 +94,7 @@ fn open_with_chain(
                     file.driver.as_str()
                 )));
             }
-            if !opts.read_only && file.read_only {
+            if !opts.read_only && file.is_read_only() {
                 return Err(ImageError::Permission(format!(
                     "node '{name}' cannot be writable: its file node '{}' is read-only",
                     file.name
@@ -130,8 +131,9 @@ pub(super) fn open_file_node(
         .map_err(|e| ImageError::open(path, e))?;
     let mut lock = ImageLock::new(path, locking);
     // A file node alone is used like a raw image; a qcow2 node on top adds its own needs.
-    lock.add(&os, raw_perms(read_only).0, raw_perms(read_only).1)?;
+    lock.add(&os, &name, raw_perms(read_only).0, raw_perms(read_only).1)?;
     let dup = os.try_clone().map_err(|e| ImageError::open(path, e))?;
+    let storage_fd = dup.as_raw_fd();
     let st_opts = StorageOpenOptions::new().write(!read_only).filename(path);
     let ordered = Arc::new(OrderedFile::new(
         imago::file::File::from_open_file(dup, st_opts).map_err(|e| ImageError::open(path, e))?,
@@ -141,10 +143,11 @@ pub(super) fn open_file_node(
         Raw::open_image(storage.clone(), !read_only).map_err(|e| ImageError::open(path, e))?;
     let state = FileState {
         os,
+        storage_fd,
         ordered,
         storage,
         lock: Mutex::new(lock),
-        writable: !read_only,
+        writable: AtomicBool::new(!read_only),
     };
     Ok(Node::new_arc(
         name,
@@ -173,7 +176,7 @@ pub fn open_blkdebug_node(
             file.driver.as_str()
         )));
     }
-    if !read_only && file.read_only {
+    if !read_only && file.is_read_only() {
         return Err(ImageError::Permission(format!(
             "node '{name}' cannot be writable: its file node '{}' is read-only",
             file.name
@@ -201,7 +204,7 @@ pub fn open_blkdebug_node(
 }
 
 /// (used, unshared) permissions of a raw user (see `lock.rs` for why).
-fn raw_perms(read_only: bool) -> (Perms, Perms) {
+pub(super) fn raw_perms(read_only: bool) -> (Perms, Perms) {
     if read_only {
         (Perms::CONSISTENT_READ, Perms::NONE)
     } else {
@@ -213,7 +216,7 @@ fn raw_perms(read_only: bool) -> (Perms, Perms) {
 }
 
 /// (used, unshared) permissions of a qcow2 user.
-fn qcow2_perms(read_only: bool) -> (Perms, Perms) {
+pub(super) fn qcow2_perms(read_only: bool) -> (Perms, Perms) {
     let used = if read_only {
         Perms::CONSISTENT_READ
     } else {
@@ -332,7 +335,7 @@ fn check_l1(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
 /// write that would overlap metadata (marking the image corrupt); sluice refuses the
 /// writable open instead, with qemu-img check's advice. Reads never allocate, so read-only
 /// opens are not checked.
-fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
+pub(super) fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageError> {
     let path = &file.filename;
     let bad = |why: String| {
         ImageError::bad_image(
@@ -464,7 +467,7 @@ fn open_qcow2_node(
     {
         let fs = file.file_state();
         let (used, unshared) = qcow2_perms(read_only);
-        fs.lock.lock().add(&fs.os, used, unshared)?;
+        fs.lock.lock().add(&fs.os, &name, used, unshared)?;
     }
 
     // A node named by reference may be writable: that is libvirt's pull-mode backup, a
@@ -493,7 +496,7 @@ fn open_qcow2_node(
         },
     };
     if let Some(b) = &backing {
-        if !b.read_only && !by_reference {
+        if !b.is_read_only() && !by_reference {
             return Err(ImageError::Permission(format!(
                 "node '{}' cannot be the backing of '{name}': backing nodes must be read-only",
                 b.name

@@ -84,7 +84,7 @@ impl Node {
                 .insert(Arc::new(b))
                 .expect("names in a directory are unique");
         }
-        if self.read_only {
+        if self.is_read_only() {
             *st = Persist::ReadOnly;
         } else {
             qcow2_bitmaps::mark_in_use(os, &header).map_err(|e| self.bitmap_error(e))?;
@@ -99,7 +99,7 @@ impl Node {
         let Some(q) = self.qcow2() else {
             return Err("Operation not supported".into());
         };
-        if self.read_only {
+        if self.is_read_only() {
             return Err("Cannot store persistent bitmaps in a read-only node".into());
         }
         let count = self

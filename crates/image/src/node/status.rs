@@ -240,7 +240,7 @@ impl Node {
         };
         let h = &q.header;
         let fs = self.file_state();
-        if !self.read_only {
+        if !self.is_read_only() {
             // The refcounts must be read from the file: write back imago's cache first.
             view.layer.flush()?;
         }
