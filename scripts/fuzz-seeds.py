@@ -436,6 +436,37 @@ def qcow2_seeds(tmp):
         put("image", "qcow2_header", data[:4096], name)
 
 
+# --- raw images' sidecar bitmap files (crates/image/src/sidecar.rs) ---------------------------
+
+def sidecar_file(in_use, size, bitmaps):
+    """A sidecar file, encoded here from the format's table in sidecar.rs (an encoder of its
+    own, so the seeds also check that the documentation and the code agree). `bitmaps`:
+    (name, granularity_bits, enabled, inconsistent, bits)."""
+    import zlib
+    out = b"SLUICEBM" + struct.pack(">II", 1, 1 if in_use else 0)
+    out += struct.pack(">QqII", size, 1700000000, 123456789, len(bitmaps))
+    out += struct.pack(">QQQ", 0x803, 4242, 0)
+    for name, gbits, enabled, inconsistent, bits in bitmaps:
+        flags = (1 if enabled else 0) | (2 if inconsistent else 0)
+        name = name.encode()
+        out += struct.pack(">HHB3xQ", len(name), flags, gbits, len(bits)) + name + bits
+    return out + struct.pack(">I", zlib.crc32(out))
+
+
+def sidecar_seeds():
+    clear("image", "sidecar")
+    size = 1 << 20  # 16 bits at 64 KiB: 2 bytes
+    put("image", "sidecar", sidecar_file(False, size, []), "empty")
+    put("image", "sidecar", sidecar_file(False, size, [
+        ("daily", 16, True, False, bytes([0b101, 0x80])),
+        ("old", 9, True, True, b""),
+    ]), "two")
+    put("image", "sidecar", sidecar_file(True, size, [
+        ("daily", 16, True, False, b""),
+        ("old", 9, False, True, b""),
+    ]), "in-use")
+
+
 def main():
     for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -444,6 +475,7 @@ def main():
         text_seeds()
         nbd_seeds(tmp)
         qcow2_seeds(tmp)
+        sidecar_seeds()
     for crate in ("proto", "image", "block", "qapi", "daemon"):
         d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds")
         for t in sorted(os.listdir(d)):

@@ -10,8 +10,10 @@
 //! warning that probing is unsafe for untrusted images.
 //!
 //! `bitmap=NAME` (qemu-nbd's `-B NAME`, repeatable) names a persistent bitmap of the image to
-//! offer as the meta context `qemu:dirty-bitmap:NAME`. The bitmap is looked up in the top
-//! image only (qemu-nbd also searches the backing files) and checked as qemu-nbd checks it:
+//! offer as the meta context `qemu:dirty-bitmap:NAME`: a qcow2 image's own, or one a raw
+//! image keeps in its sidecar file (`crate::sidecar`; qemu-nbd has none for raw images). The
+//! bitmap is looked up in the top image only (qemu-nbd also searches the backing files) and
+//! checked as qemu-nbd checks it:
 //! an unknown name or an inconsistent bitmap refuses the start. [`open_image_export`] returns
 //! the bitmaps held busy; the server wraps them as contexts (it owns the NBD side).
 
@@ -325,6 +327,7 @@ fn hold_bitmaps(node: &Node, file: &Path, names: &[String]) -> Result<Vec<BusyGu
                 path: file.to_owned(),
                 name: name.clone(),
                 why,
+                sidecar: node.sidecar_path(),
             })?;
         held.push(b.hold());
     }

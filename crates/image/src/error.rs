@@ -89,19 +89,35 @@ pub enum ImageError {
         source: crate::qcow2_bitmaps::Qcow2BitmapError,
     },
 
-    /// A bitmap the command line asked to serve (`bitmap=NAME`) cannot be used: it was
-    /// loaded inconsistent (left `in_use` by a writer that did not close the image).
+    /// A raw image's sidecar bitmap file could not be written (or read).
+    #[error("{}: its bitmap file {}: {source}", image.display(), path.display())]
+    Sidecar {
+        path: PathBuf,
+        image: PathBuf,
+        source: crate::sidecar::SidecarError,
+    },
+
+    /// A raw image's sidecar bitmap file is not one this sluice can read (bad magic, a newer
+    /// version, truncated, corrupt): the image is not opened rather than opened without it.
     #[error(
-        "image: {why} ({} was not closed cleanly while it recorded): remove it with \
-         `qemu-img bitmap --remove {} {name}`, or replace it with block-dirty-bitmap-add \
-         in sluice daemon",
-        path.display(),
+        "{}: {source}; move the file away to open the image without its bitmaps",
         path.display()
     )]
+    SidecarUnreadable {
+        path: PathBuf,
+        source: crate::sidecar::SidecarError,
+    },
+
+    /// A bitmap the command line asked to serve (`bitmap=NAME`) cannot be used: it was
+    /// loaded inconsistent (left `in_use` by a writer that did not close the image, or, for
+    /// a raw image's sidecar, the image changed since it was saved).
+    #[error("{}", unusable(path, name, why, sidecar.as_deref()))]
     BitmapUnusable {
         path: PathBuf,
         name: String,
         why: crate::bitmaps::BitmapError,
+        /// The raw image's sidecar file (None: a qcow2 image).
+        sidecar: Option<PathBuf>,
     },
 
     /// An I/O error while opening (imago's own checks land here too).
@@ -110,6 +126,31 @@ pub enum ImageError {
         context: String,
         source: std::io::Error,
     },
+}
+
+/// [`ImageError::BitmapUnusable`]'s message: qemu-nbd's words, why, and the way back.
+fn unusable(
+    path: &Path,
+    name: &str,
+    why: &crate::bitmaps::BitmapError,
+    sidecar: Option<&Path>,
+) -> String {
+    let p = path.display();
+    match sidecar {
+        None => format!(
+            "image: {why} ({p} was not closed cleanly while it recorded): remove it with \
+             `qemu-img bitmap --remove {p} {name}`, or replace it with block-dirty-bitmap-add \
+             in sluice daemon"
+        ),
+        Some(s) => format!(
+            "image: {why} ({p} was changed by another program, or not closed cleanly, since \
+             its bitmaps were saved in {}): remove it with block-dirty-bitmap-remove or \
+             replace it with block-dirty-bitmap-add in sluice daemon, or delete {} to drop \
+             every bitmap of the image",
+            s.display(),
+            s.display()
+        ),
+    }
 }
 
 impl ImageError {
@@ -126,7 +167,10 @@ impl ImageError {
             ImageError::BackingLoop { .. } | ImageError::ChainTooLong { .. } => Errno(libc::ELOOP),
             ImageError::Backing { source, .. } => source.errno(),
             ImageError::BackingNotAllowed { .. } => Errno::EPERM,
-            ImageError::Bitmaps { .. } | ImageError::BitmapUnusable { .. } => Errno::EIO,
+            ImageError::Bitmaps { .. }
+            | ImageError::BitmapUnusable { .. }
+            | ImageError::Sidecar { .. }
+            | ImageError::SidecarUnreadable { .. } => Errno::EIO,
         }
     }
 

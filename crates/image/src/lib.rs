@@ -57,6 +57,7 @@ pub mod node;
 pub mod options;
 pub mod qcow2_bitmaps;
 pub mod refcounts;
+pub mod sidecar;
 pub mod storage;
 
 pub use bitmaps::{Bitmap, BitmapError, Bitmaps};

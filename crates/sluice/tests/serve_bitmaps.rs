@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use support::image::{image_info, nbdinfo_map, qemu_img, qemu_img_check, qemu_io, QemuNbd};
 use support::qmp::{ok, Qmp, QmpDaemon};
-use support::{path_str, sluice_bin, Server};
+use support::{message_lines, path_str, serve_fails, Server};
 
 /// 64 MiB qcow2 with qemu-made bitmaps `b0` (64 KiB), `fine` (4 KiB) and `dis` (disabled),
 /// and writes qemu-io made while they recorded.
@@ -117,19 +117,6 @@ fn assert_clean(path: &Path) {
     assert_eq!(code, 0, "qemu-img check {}:\n{out}", path.display());
 }
 
-/// Runs `sluice serve -f -U SOCK ARGS...` that must fail: (exit code, stderr).
-fn serve_fails(args: &[&str]) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s.sock");
-    let mut all = vec!["serve", "-f", "-U", path_str(&sock)];
-    all.extend_from_slice(args);
-    let out = support::output(sluice_bin(), &all);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Runs `qemu-nbd ARGS...` that must fail: (exit code, stderr).
 fn qemu_nbd_fails(args: &[&str]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -141,14 +128,6 @@ fn qemu_nbd_fails(args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// The lines of `stderr` that are not log lines (timestamped warnings).
-fn message_lines(stderr: &str) -> Vec<&str> {
-    stderr
-        .lines()
-        .filter(|l| l.starts_with("sluice:"))
-        .collect()
 }
 
 /// `image` with bitmap `b` left `in_use`: served writable by sluice, killed with SIGKILL.

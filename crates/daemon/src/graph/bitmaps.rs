@@ -10,11 +10,12 @@
 //! this module adds the node lookups and the order of the checks.
 //!
 //! `persistent: true` is accepted on writable qcow2 nodes, whose image saves the bitmap at
-//! close (`sluice_image::qcow2_bitmaps`); on any other node it is refused with qsd's error.
-//! Raw images get no sidecar file: a bitmap kept beside the image would be one qemu and every
-//! other tool ignore, so a raw disk copied, resized or written by them would carry a stale
-//! bitmap that looks valid; refusing as qsd does is the honest answer until such a file can
-//! be tied to the image it describes.
+//! close (`sluice_image::qcow2_bitmaps`), and, beyond qsd (which refuses them), on writable
+//! raw nodes over a regular file, which keep it in a sidecar file beside the image
+//! (`sluice_image::sidecar`). That file records the image's size, mtime and inode, so a raw
+//! disk that qemu or any other tool wrote meanwhile loads its bitmaps inconsistent, never
+//! stale. On any other node (`file`, plugins, a raw block device) it is refused with qsd's
+//! error.
 //!
 //! **Beyond qsd: the way back from an inconsistent bitmap.** A bitmap loaded `in_use` (its
 //! writer crashed) refuses every use but removal, as in qsd. sluice adds two things:
@@ -143,8 +144,9 @@ impl Graph {
             // qsd's checks and words. Deliberate difference: qsd accepts a persistent
             // bitmap on a read-only qcow2 node and loses it at close ("Lost persistent
             // bitmaps during inactivation"); sluice refuses it up front.
+            use sluice_image::Driver;
             match super::image::image_node(&n.opened) {
-                Some(img) if img.qcow2().is_some() => {
+                Some(img) if matches!(img.driver(), Driver::Qcow2 | Driver::Raw) => {
                     img.can_store_bitmap(granularity).map_err(|why| {
                         QmpError::generic(format!(
                             "Can't make bitmap '{}' persistent in '{}': {why}",
@@ -152,8 +154,7 @@ impl Graph {
                         ))
                     })?
                 }
-                // Raw images, plugins: qsd refuses them too (no sidecar file, see the
-                // module doc).
+                // File nodes, plugins: refused as qsd refuses them (and raw nodes).
                 _ => {
                     return Err(QmpError::generic(format!(
                         "Can't store persistent bitmaps to {}: Operation not supported",

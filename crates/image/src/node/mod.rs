@@ -27,7 +27,7 @@
 //! - `status.rs`: block status and allocation depth as qemu-nbd reports them, with qemu's
 //!   guess of metadata preallocation.
 //! - `persist.rs`: a qcow2 node's persistent bitmaps: loaded at open, in use while
-//!   writable, saved at close.
+//!   writable, saved at close; `raw_bitmaps.rs`: the same for a raw node, in a sidecar file.
 //! - `jobs.rs`: what block jobs build on: stream copy-on-read, the backing switch, a
 //!   writer into a read-only base, and reloading a node another writer changed.
 //! - `reopen.rs`: `blockdev-reopen` in place: a file node's descriptor and lock bytes, a
@@ -61,6 +61,7 @@ mod io;
 mod jobs;
 mod open;
 mod persist;
+mod raw_bitmaps;
 mod reopen;
 mod status;
 #[cfg(test)]

@@ -1,9 +1,10 @@
-//! A qcow2 node's persistent bitmaps over its life: loaded at open, marked in use while the
-//! node may write, saved when it closes.
+//! A node's persistent bitmaps over its life: loaded at open, marked in use while the
+//! node may write, saved when it closes. qcow2 images keep them in the image; raw images in
+//! a sidecar file beside it (`raw_bitmaps.rs`, the same life cycle); other nodes have none.
 //!
-//! The format and the on-disk steps are `crate::qcow2_bitmaps`'s; this file decides when
-//! they run, as qemu's `qcow2_load_dirty_bitmaps` / `qcow2_store_persistent_dirty_bitmaps`
-//! do:
+//! For qcow2 the format and the on-disk steps are `crate::qcow2_bitmaps`'s; this file
+//! decides when they run, as qemu's `qcow2_load_dirty_bitmaps` /
+//! `qcow2_store_persistent_dirty_bitmaps` do:
 //! - [`Node::load_bitmaps`] is called by whoever opens a node for a user (the daemon's
 //!   graph, `sluice serve image`), after imago opened the image. Not by [`Node::open_writer`]
 //!   (a commit's second instance over the same file), whose bitmaps are its node's. Loading
@@ -23,6 +24,7 @@
 
 use std::sync::Arc;
 
+use super::raw_bitmaps::Kept;
 use super::Node;
 use crate::bitmaps::Bitmap;
 use crate::error::ImageError;
@@ -31,16 +33,21 @@ use crate::options::Driver;
 use crate::qcow2_bitmaps::{self, Qcow2BitmapError, ToStore, AUTOCLEAR_BITMAPS};
 
 /// Where a node is in the life cycle of the module doc.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(super) enum Persist {
-    /// Not loaded (raw and file nodes, a commit's writer, nodes no user opened yet).
+    /// Not loaded (file nodes, raw nodes over a block device, a commit's writer, nodes no
+    /// user opened yet).
     #[default]
     NotLoaded,
     /// Loaded by a read-only node: nothing to save.
     ReadOnly,
-    /// Loaded by a writable node, the entries marked in use. `trusted`: the directory was
-    /// valid at open, so its clusters may be freed when it is replaced.
+    /// Loaded by a writable qcow2 node, the entries marked in use. `trusted`: the directory
+    /// was valid at open, so its clusters may be freed when it is replaced.
     Open { trusted: bool },
+    /// Loaded by a writable raw node, which keeps the image's sidecar (see `raw_bitmaps.rs`).
+    Sidecar(Kept),
+    /// A writable raw node whose image's sidecar another node of this process keeps.
+    Elsewhere,
     /// Saved; the node takes no more changes.
     Stored,
 }
@@ -54,15 +61,20 @@ impl Node {
     }
 
     /// Loads the image's persistent bitmaps into [`Node::bitmaps`] and, for a writable
-    /// node, marks them in use on disk (see the module doc). Does nothing for other
-    /// drivers or a second time.
+    /// node, marks them in use on disk (see the module doc): a qcow2 image's, or a raw
+    /// image's sidecar. Does nothing for other drivers or a second time.
     pub fn load_bitmaps(&self) -> Result<(), ImageError> {
-        if self.driver != Driver::Qcow2 {
-            return Ok(());
-        }
         let mut st = self.persist.lock();
         if *st != Persist::NotLoaded {
             return Ok(());
+        }
+        match self.driver {
+            Driver::Qcow2 => {}
+            Driver::Raw => {
+                *st = self.load_sidecar()?;
+                return Ok(());
+            }
+            _ => return Ok(()),
         }
         let header = self.qcow2().expect("qcow2 nodes have a header").header;
         let os = &self.file_state().os;
@@ -94,14 +106,17 @@ impl Node {
     }
 
     /// Why a new persistent bitmap of `granularity` could not be saved in this node's
-    /// image (qemu's words), or Ok.
+    /// image or its sidecar (qemu's words where qemu has the case), or Ok.
     pub fn can_store_bitmap(&self, granularity: u64) -> Result<(), String> {
+        if self.is_read_only() && matches!(self.driver, Driver::Qcow2 | Driver::Raw) {
+            return Err("Cannot store persistent bitmaps in a read-only node".into());
+        }
+        if self.driver == Driver::Raw {
+            return self.can_store_in_sidecar(&self.persist.lock(), granularity);
+        }
         let Some(q) = self.qcow2() else {
             return Err("Operation not supported".into());
         };
-        if self.is_read_only() {
-            return Err("Cannot store persistent bitmaps in a read-only node".into());
-        }
         let count = self
             .bitmaps()
             .list()
@@ -120,6 +135,13 @@ impl Node {
     /// already saved.
     pub fn store_bitmaps(&self) -> Result<(), ImageError> {
         let mut st = self.persist.lock();
+        if let Persist::Sidecar(kept) = &*st {
+            if self.store_sidecar(kept)? {
+                Node::release_sidecar(kept);
+                *st = Persist::Stored;
+            }
+            return Ok(());
+        }
         let Persist::Open { trusted } = *st else {
             return Ok(());
         };
@@ -168,10 +190,17 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if matches!(*self.persist.get_mut(), Persist::Open { .. }) {
+        if matches!(
+            *self.persist.get_mut(),
+            Persist::Open { .. } | Persist::Sidecar(_)
+        ) {
             if let Err(e) = self.store_bitmaps() {
                 tracing::error!("saving the bitmaps of node '{}': {e}", self.name);
             }
+        }
+        if let Persist::Sidecar(kept) = self.persist.get_mut() {
+            // Not saved (an error, or nothing to save): another node may keep it now.
+            Node::release_sidecar(kept);
         }
     }
 }

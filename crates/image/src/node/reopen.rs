@@ -31,7 +31,8 @@
 //! another process, imago) fails in [`Node::reopen`] with this node left as it was.
 //!
 //! Not done: a qcow2 image with persistent bitmaps is not reopened (its bitmaps would have
-//! to be saved and marked in use again, which imago's own header writes undo), nor a node
+//! to be saved and marked in use again, which imago's own header writes undo), nor a raw
+//! node with persistent bitmaps in its sidecar file (the same life cycle), nor a node
 //! an active commit or a snapshot forwards to another node.
 
 use std::os::fd::AsRawFd;
@@ -69,11 +70,19 @@ impl Node {
                 self.name
             )));
         }
+        // A raw node's persistent bitmaps live in its sidecar file (`raw_bitmaps.rs`), whose
+        // in-use mark follows the mode it was opened in: refused as a qcow2 node's are.
+        let persistent = self.bitmaps().list().iter().any(|b| b.is_persistent());
+        if persistent && self.driver == Driver::Raw {
+            return Err(ImageError::Permission(format!(
+                "node '{}' has persistent dirty bitmaps: sluice cannot reopen it yet",
+                self.name
+            )));
+        }
         let Some(q) = self.qcow2() else {
             return Ok(());
         };
-        let has_bitmaps = q.header.extensions.iter().any(|e| e.kind == EXT_BITMAPS)
-            || self.bitmaps().list().iter().any(|b| b.is_persistent());
+        let has_bitmaps = q.header.extensions.iter().any(|e| e.kind == EXT_BITMAPS) || persistent;
         if has_bitmaps {
             return Err(ImageError::Permission(format!(
                 "node '{}' has persistent dirty bitmaps: sluice cannot reopen it yet",

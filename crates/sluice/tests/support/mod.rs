@@ -409,3 +409,24 @@ pub fn c_plugin_build_dir() -> &'static Path {
     })
 }
 pub mod filters;
+
+/// Runs `sluice serve -f -U SOCK ARGS...` that must fail: (exit code, stderr).
+pub fn serve_fails(args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut all = vec!["serve", "-f", "-U", path_str(&sock)];
+    all.extend_from_slice(args);
+    let out = output(sluice_bin(), &all);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The lines of `stderr` that are not log lines (timestamped warnings).
+pub fn message_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("sluice:"))
+        .collect()
+}

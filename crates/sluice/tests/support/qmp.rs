@@ -469,3 +469,47 @@ pub fn start_nbd(c: &mut Qmp, d: &QmpDaemon) {
         json!({"addr": {"type": "unix", "data": {"path": super::path_str(&d.path("nbd.sock"))}}}),
     );
 }
+
+/// The `dirty-bitmaps` of node `node`, as (name, count, granularity, recording, persistent,
+/// inconsistent) sorted by name.
+pub fn node_bitmaps(q: &mut Qmp, node: &str) -> Vec<(String, u64, u64, bool, bool, bool)> {
+    let r = q.exec("query-named-block-nodes", json!({"flat": true}));
+    let n = r["return"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("no node {node}: {r}"))
+        .clone();
+    let mut v: Vec<_> = n["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["count"].as_u64().unwrap(),
+                b["granularity"].as_u64().unwrap(),
+                b["recording"].as_bool().unwrap(),
+                b["persistent"].as_bool().unwrap(),
+                b["inconsistent"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Exports `node` writable as `node` on the daemon's NBD server, runs qemu-io `cmds` on it,
+/// then deletes the export and waits until it is gone.
+pub fn write_through_export(q: &mut Qmp, d: &QmpDaemon, node: &str, cmds: &[&str]) {
+    ok(
+        q,
+        "block-export-add",
+        json!({"type": "nbd", "id": node, "node-name": node, "writable": true}),
+    );
+    super::qemu_io(&d.nbd_uri(node), cmds);
+    ok(q, "block-export-del", json!({"id": node}));
+    wait_for(q, "BLOCK_EXPORT_DELETED", Duration::from_secs(10));
+}

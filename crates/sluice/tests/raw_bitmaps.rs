@@ -1,0 +1,446 @@
+//! Persistent dirty bitmaps of raw images, kept in a sidecar file `IMAGE.bitmaps` beside the
+//! image (issue #15 item 6, beyond qsd; `docs/compat/qcow2-bitmaps.md`). qemu refuses
+//! persistent bitmaps on raw nodes, so an incremental backup of a raw or LVM disk cannot
+//! outlive its daemon there; sluice saves them at close and loads them back, and because
+//! qemu and every other tool write raw images without knowing of that file, it loads them
+//! *inconsistent* (never stale) when the image was not closed by sluice or changed since.
+//!
+//! Deliberate difference, asserted here: qsd answers `persistent: true` on a raw node with
+//! "Can't store persistent bitmaps to NODE: Operation not supported"; sluice keeps it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use support::image::{nbdinfo_map, qemu_img, qemu_io, QemuNbd};
+use support::qmp::{node_bitmaps, ok, run_until, start_nbd, write_through_export, Qmp, QmpDaemon};
+use support::{message_lines, path_str, serve_fails, Server};
+
+/// Writes a client makes after the checkpoint.
+const WRITES: [&str; 4] = [
+    "write -P 0x22 8M 64k",
+    "write -P 0x23 20M 128k",
+    "write -P 0x24 33000 1000",
+    "write -z 1M 64k",
+];
+/// The 64 KiB blocks [`WRITES`] dirty, as (offset, length) runs.
+const DIRTY: [(u64, u64); 4] = [
+    (0, 65536),
+    (1 << 20, 65536),
+    (8 << 20, 65536),
+    (20 << 20, 131072),
+];
+const MIB_64: u64 = 64 << 20;
+
+/// A raw image of 64 MiB, with data in its first 4 MiB.
+fn raw_disk(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&p), "64M"]);
+    qemu_io("raw", path_str(&p), &["write -P 0x11 0 4M"]);
+    p
+}
+
+fn sidecar(image: &Path) -> PathBuf {
+    let mut name = image.file_name().unwrap().to_os_string();
+    name.push(".bitmaps");
+    image.with_file_name(name)
+}
+
+/// The sidecar's header flag `in_use` (byte 15, bit 0: see `crates/image/src/sidecar.rs`).
+fn sidecar_in_use(image: &Path) -> bool {
+    let b = std::fs::read(sidecar(image)).unwrap();
+    assert_eq!(&b[..8], b"SLUICEBM");
+    b[15] & 1 == 1
+}
+
+fn add_raw(q: &mut Qmp, node: &str, image: &Path, read_only: bool) {
+    ok(
+        q,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": node, "read-only": read_only,
+               "file": support::qmp::file(image, read_only)}),
+    );
+}
+
+fn add_bitmap(q: &mut Qmp, node: &str, name: &str) {
+    ok(
+        q,
+        "block-dirty-bitmap-add",
+        json!({"node": node, "name": name, "persistent": true}),
+    );
+}
+
+/// `quit`, then waits for the daemon to exit successfully.
+fn quit(mut d: QmpDaemon, mut q: Qmp) {
+    ok(&mut q, "quit", json!({}));
+    drop(q);
+    assert!(d.wait().success(), "{}", d.stderr());
+    assert!(!d.stderr().contains("panicked"), "{}", d.stderr());
+}
+
+/// The dirty runs of an `nbdinfo --map=qemu:dirty-bitmap:...` listing.
+fn dirty_runs(map: &str) -> Vec<(u64, u64)> {
+    map.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[2] == "1").then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+        })
+        .collect()
+}
+
+/// The dirty runs of bitmap `name` of `node`, read through an NBD export of it (writable:
+/// qemu exports a recording bitmap only so).
+fn exported_dirty_runs(q: &mut Qmp, d: &QmpDaemon, node: &str, name: &str) -> Vec<(u64, u64)> {
+    ok(
+        q,
+        "block-export-add",
+        json!({"type": "nbd", "id": "map", "node-name": node, "bitmaps": [name],
+               "writable": true}),
+    );
+    let map = nbdinfo_map(&d.nbd_uri(node), &format!("qemu:dirty-bitmap:{name}"));
+    ok(q, "block-export-del", json!({"id": "map"}));
+    support::qmp::wait_for(
+        q,
+        "BLOCK_EXPORT_DELETED",
+        std::time::Duration::from_secs(10),
+    );
+    dirty_runs(&map)
+}
+
+/// A checkpoint saved by a first run: `disk.raw` with persistent bitmap `b`, [`WRITES`]
+/// recorded in it, the daemon quit.
+fn checkpoint(dir: &Path) -> PathBuf {
+    let disk = raw_disk(dir, "disk.raw");
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    add_bitmap(&mut q, "disk", "b");
+    start_nbd(&mut q, &d);
+    write_through_export(&mut q, &d, "disk", &WRITES);
+    quit(d, q);
+    assert!(!sidecar_in_use(&disk));
+    disk
+}
+
+#[test]
+fn raw_bitmap_survives_a_restart_and_drives_an_incremental_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path(), "disk.raw");
+    // The full backup taken at the checkpoint.
+    let full = dir.path().join("full.raw");
+    std::fs::copy(&disk, &full).unwrap();
+
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    add_bitmap(&mut q, "disk", "b0");
+    start_nbd(&mut q, &d);
+    write_through_export(&mut q, &d, "disk", &WRITES);
+    let shown = node_bitmaps(&mut q, "disk");
+    assert_eq!(
+        shown,
+        [("b0".to_string(), 5 * 65536, 65536, true, true, false)]
+    );
+    // No sidecar until the first save: there was nothing to mark in use.
+    assert!(!sidecar(&disk).exists());
+    quit(d, q);
+    assert!(!sidecar_in_use(&disk));
+
+    // Restarted: the same bitmap, the same dirty blocks; in use while open read-write.
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    assert_eq!(node_bitmaps(&mut q, "disk"), shown);
+    assert!(sidecar_in_use(&disk));
+    start_nbd(&mut q, &d);
+    assert_eq!(exported_dirty_runs(&mut q, &d, "disk", "b0"), DIRTY);
+
+    // The incremental backup copies what the bitmap says, and clears it.
+    let inc = dir.path().join("inc.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&inc), "64M"]);
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "inc", "file": support::qmp::file(&inc, false)}),
+    );
+    let msgs = run_until(
+        &mut q,
+        json!({"execute": "blockdev-backup", "arguments": {"job-id": "inc", "device": "disk",
+            "target": "inc", "sync": "incremental", "bitmap": "b0"}}),
+        "null",
+    );
+    let done = msgs
+        .iter()
+        .find(|m| m["event"] == "BLOCK_JOB_COMPLETED")
+        .unwrap_or_else(|| panic!("{msgs:?}"));
+    assert_eq!(done["data"].get("error"), None, "{done}");
+    assert_eq!(done["data"]["offset"], json!(5 * 65536), "{done}");
+    assert_eq!(node_bitmaps(&mut q, "disk")[0].1, 0);
+    quit(d, q);
+
+    // Exactly the dirty blocks were copied, and full + incremental is the disk.
+    let map: Value = serde_json::from_str(&support::image::qemu_img_map(path_str(&inc))).unwrap();
+    let own: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(own, DIRTY, "{map}");
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&full),
+        "-F",
+        "raw",
+        path_str(&inc),
+    ]);
+    let cmp = support::output(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            path_str(&inc),
+            path_str(&disk),
+        ],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    // The cleared bitmap was saved: a third run finds it clean and consistent.
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, true);
+    assert_eq!(
+        node_bitmaps(&mut q, "disk"),
+        [("b0".to_string(), 0, 65536, true, true, false)]
+    );
+}
+
+#[test]
+fn kill_9_while_writable_leaves_raw_bitmaps_inconsistent_until_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = checkpoint(dir.path());
+    let mut d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    assert!(sidecar_in_use(&disk));
+    start_nbd(&mut q, &d);
+    write_through_export(&mut q, &d, "disk", &["write -P 5 40M 4k"]);
+    support::crash::kill_9(&mut d, &mut q);
+    assert!(sidecar_in_use(&disk));
+
+    // `serve image` refuses it with qemu-nbd's words and this image's way back.
+    let (code, err) = serve_fails(&["-r", "image", path_str(&disk), "format=raw", "bitmap=b"]);
+    assert_eq!(code, 1, "{err}");
+    let lines = message_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    let side = sidecar(&disk).canonicalize().unwrap();
+    assert!(
+        lines[0].starts_with("sluice: image: Bitmap 'b' is inconsistent and cannot be used (")
+            && lines[0].ends_with(&format!(
+                "or delete {} to drop every bitmap of the image",
+                side.display()
+            )),
+        "{err}"
+    );
+
+    // The daemon shows it inconsistent, refuses it with qsd's words and the way back...
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    assert_eq!(
+        node_bitmaps(&mut q, "disk"),
+        [("b".to_string(), 0, 65536, false, true, true)]
+    );
+    let refused = q.exec(
+        "block-dirty-bitmap-clear",
+        json!({"node": "disk", "name": "b"}),
+    );
+    assert_eq!(
+        Qmp::error(&refused),
+        (
+            "GenericError".into(),
+            "Bitmap 'b' is inconsistent and cannot be used; remove it with \
+             block-dirty-bitmap-remove, or replace it with block-dirty-bitmap-add of 'b' (the \
+             new bitmap starts all dirty)"
+                .into()
+        )
+    );
+    assert!(
+        d.stderr().contains("did not close it (a crash, kill -9)"),
+        "{}",
+        d.stderr()
+    );
+    // ...and the replacement starts all dirty, is saved, and comes back consistent.
+    add_bitmap(&mut q, "disk", "b");
+    let all_dirty = [("b".to_string(), MIB_64, 65536, true, true, false)];
+    assert_eq!(node_bitmaps(&mut q, "disk"), all_dirty);
+    quit(d, q);
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    assert_eq!(node_bitmaps(&mut q, "disk"), all_dirty);
+}
+
+#[test]
+fn raw_image_written_by_another_program_loads_its_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = checkpoint(dir.path());
+    // Same size, same inode: only the mtime tells.
+    qemu_io("raw", path_str(&disk), &["write -P 9 4M 4k"]);
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    assert_eq!(
+        node_bitmaps(&mut q, "disk"),
+        [("b".to_string(), 0, 65536, false, true, true)]
+    );
+    assert!(
+        d.stderr()
+            .contains("the image was written, resized or replaced since sluice saved its bitmaps"),
+        "{}",
+        d.stderr()
+    );
+    // Removing the last persistent bitmap removes the sidecar at close.
+    ok(
+        &mut q,
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk", "name": "b"}),
+    );
+    quit(d, q);
+    assert!(!sidecar(&disk).exists());
+}
+
+#[test]
+fn raw_image_replaced_by_a_copy_with_its_mtime_loads_its_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = checkpoint(dir.path());
+    let copy = dir.path().join("copy.raw");
+    support::run("cp", &["-p", path_str(&disk), path_str(&copy)]);
+    std::fs::rename(&copy, &disk).unwrap();
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, true);
+    assert_eq!(
+        node_bitmaps(&mut q, "disk"),
+        [("b".to_string(), 0, 65536, false, true, true)]
+    );
+}
+
+#[test]
+fn persistent_bitmap_on_raw_refused_by_qsd_is_kept_by_sluice() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |d: &QmpDaemon, tag: &str| {
+        let rw = raw_disk(dir.path(), &format!("{tag}-rw.raw"));
+        let ro = raw_disk(dir.path(), &format!("{tag}-ro.raw"));
+        let f = raw_disk(dir.path(), &format!("{tag}-f.raw"));
+        let mut q = d.connect_negotiated();
+        add_raw(&mut q, "rw", &rw, false);
+        add_raw(&mut q, "ro", &ro, true);
+        ok(
+            &mut q,
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "f", "filename": path_str(&f)}),
+        );
+        let out: Vec<Option<String>> = ["rw", "ro", "f"]
+            .iter()
+            .map(|node| {
+                let r = q.exec(
+                    "block-dirty-bitmap-add",
+                    json!({"node": node, "name": "p", "persistent": true}),
+                );
+                r.get("error").map(|_| Qmp::error(&r).1)
+            })
+            .collect();
+        (q, rw, out)
+    };
+    let qsd = QmpDaemon::qsd(&[]);
+    let (_, _, refused) = run(&qsd, "q");
+    let unsupported =
+        |n: &str| format!("Can't store persistent bitmaps to {n}: Operation not supported");
+    assert_eq!(
+        refused,
+        [
+            Some(unsupported("rw")),
+            Some(unsupported("ro")),
+            Some(unsupported("f"))
+        ]
+    );
+    let s = QmpDaemon::sluice(&[]);
+    let (mut q, rw, out) = run(&s, "s");
+    assert_eq!(
+        out,
+        [
+            None,
+            Some(
+                "Can't make bitmap 'p' persistent in 'ro': Cannot store persistent bitmaps in \
+                 a read-only node"
+                    .to_string()
+            ),
+            Some(unsupported("f"))
+        ]
+    );
+    // Added and removed again: nothing is left beside the image.
+    ok(
+        &mut q,
+        "block-dirty-bitmap-remove",
+        json!({"node": "rw", "name": "p"}),
+    );
+    quit(s, q);
+    assert!(!sidecar(&rw).exists());
+}
+
+#[test]
+fn serve_image_offers_a_raw_images_bitmap_as_qemu_nbd_offers_a_qcow2_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path(), "disk.raw");
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &disk, false);
+    add_bitmap(&mut q, "disk", "b");
+    quit(d, q);
+    // The same bitmap in a qcow2 image, for qemu-nbd.
+    let twin = dir.path().join("twin.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&twin), "64M"]);
+    qemu_img(&["bitmap", "--add", path_str(&twin), "b"]);
+
+    let writes = [
+        "write -P 3 20M 128k",
+        "write -P 4 63M 4k",
+        "write -z 50M 8k",
+    ];
+    let mut s = Server::start(&["image", path_str(&disk), "format=raw", "bitmap=b"]);
+    assert!(sidecar_in_use(&disk));
+    support::qemu_io(&s.uri(), &writes);
+    assert!(s.stop().success(), "{}", s.stderr());
+    assert!(!sidecar_in_use(&disk));
+    qemu_io("qcow2", path_str(&twin), &writes);
+
+    let saved = std::fs::read(sidecar(&disk)).unwrap();
+    let s = Server::start(&["-r", "image", path_str(&disk), "format=raw", "bitmap=b"]);
+    let sluice = nbdinfo_map(&s.uri(), "qemu:dirty-bitmap:b");
+    drop(s);
+    let qemu = {
+        let n = QemuNbd::start(&["-r", "-f", "qcow2", "-B", "b", path_str(&twin)]);
+        nbdinfo_map(&n.uri(), "qemu:dirty-bitmap:b")
+    };
+    assert_eq!(sluice, qemu);
+    assert_eq!(
+        dirty_runs(&sluice),
+        [(20 << 20, 131072), (50 << 20, 65536), (63 << 20, 65536)]
+    );
+    // A read-only serve leaves the sidecar as it was.
+    assert!(std::fs::read(sidecar(&disk)).unwrap() == saved);
+}
