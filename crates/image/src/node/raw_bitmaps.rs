@@ -359,6 +359,12 @@ impl Node {
         Ok(true)
     }
 
+    /// Whether the image had a sidecar file when the node took it (`blockdev-reopen`
+    /// leaves such a node alone: the file's in-use mark follows the mode).
+    pub(super) fn sidecar_on_disk(kept: &Kept) -> bool {
+        kept.on_disk
+    }
+
     /// Lets another node keep this image's sidecar (at close).
     pub(super) fn release_sidecar(kept: &Kept) {
         release(kept.key);

@@ -73,7 +73,9 @@ impl Node {
         // A raw node's persistent bitmaps live in its sidecar file (`raw_bitmaps.rs`), whose
         // in-use mark follows the mode it was opened in: refused as a qcow2 node's are.
         let persistent = self.bitmaps().list().iter().any(|b| b.is_persistent());
-        if persistent && self.driver == Driver::Raw {
+        let sidecar =
+            matches!(&*self.persist.lock(), Persist::Sidecar(k) if Node::sidecar_on_disk(k));
+        if (persistent || sidecar) && self.driver == Driver::Raw {
             return Err(ImageError::Permission(format!(
                 "node '{}' has persistent dirty bitmaps: sluice cannot reopen it yet",
                 self.name
@@ -291,7 +293,25 @@ impl Node {
     /// [`Node::check_reopen`]): a writable node saves the ones created later at close.
     fn reopen_persist(&self, read_only: bool) {
         let mut st = self.persist.lock();
-        *st = match (*st, read_only) {
+        if self.driver == Driver::Raw {
+            // No sidecar file and no persistent bitmap here (see check_reopen): only the
+            // claim on the image's sidecar follows the mode.
+            let next = match (&*st, read_only) {
+                (Persist::NotLoaded | Persist::Stored, _) => return,
+                (Persist::Sidecar(kept), true) => {
+                    Node::release_sidecar(kept);
+                    Persist::ReadOnly
+                }
+                (_, true) => Persist::ReadOnly,
+                (_, false) => self.load_sidecar().unwrap_or_else(|e| {
+                    tracing::warn!("{}: {e}", self.name);
+                    Persist::NotLoaded
+                }),
+            };
+            *st = next;
+            return;
+        }
+        *st = match (&*st, read_only) {
             (Persist::NotLoaded, _) | (Persist::Stored, _) => return,
             (_, true) => Persist::ReadOnly,
             (_, false) => {
