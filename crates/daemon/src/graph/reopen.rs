@@ -169,10 +169,10 @@ impl Graph {
         // Backing changes already checked, seen by the cycle check of the later ones (qsd
         // changes the links one by one in its transaction).
         let mut relinked = HashMap::new();
-        for i in 0..queue.len() {
-            queue[i].backing = self.check_options(&queue[i], users, &relinked)?;
-            if let Some(b) = &queue[i].backing {
-                relinked.insert(queue[i].name.clone(), b.clone());
+        for q in queue.iter_mut() {
+            q.backing = self.check_options(q, users, &relinked)?;
+            if let Some(b) = &q.backing {
+                relinked.insert(q.name.clone(), b.clone());
             }
         }
         let ro: HashMap<&str, bool> = queue
