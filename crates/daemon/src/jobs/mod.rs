@@ -989,10 +989,11 @@ impl<S: HasJobs> JobCtx<'_, S> {
         let mut offset = 0;
         let mut skipped = None;
         'chunks: while offset < size {
-            // One chunk at a time for now: with several in flight, chunks after a failed one
-            // were copied too, so a stream stopped by an error left a different image than
-            // qsd's (daemon_filter_nodes). Parallel copies need the error to stop the rest.
-            let most = 1;
+            let most = if self.rate_limited() {
+                1
+            } else {
+                COPY_IN_FLIGHT
+            };
             let chunks: Vec<(u64, u64)> = (0..most as u64)
                 .map(|i| offset + i * COPY_CHUNK)
                 .take_while(|&o| o < size)
