@@ -20,7 +20,7 @@
 //! A soft cancel (`block-job-cancel` without force while ready) copies what is dirty and
 //! ends without the pivot. A failure or a forced cancel leaves the source as it was.
 //!
-//! Each step takes up to [`COPY_IN_FLIGHT`] dirty runs of at most [`MirrorEngine::step`] bytes
+//! Each step takes up to [`IN_FLIGHT`] dirty runs of at most [`MirrorEngine::step`] bytes
 //! and copies them at once, each on its own thread (QEMU's mirror keeps up to 16 copies in
 //! flight): while clients write, the runs are small and scattered, and one copy at a time
 //! could not clean the map faster than the writes dirty it, so READY came late or not at
@@ -38,15 +38,16 @@ use sluice_block::BlockError;
 use sluice_image::DirtyMap;
 
 use crate::generated::{BlockdevOnError, IoOperationType};
-use crate::jobs::{
-    Completion, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError, COPY_IN_FLIGHT,
-};
+use crate::jobs::{Completion, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::state::{Daemon, State};
 use crate::QmpError;
 
 /// How long a ready job waits for new writes before it looks again (also the longest a
 /// write waits to be mirrored).
 const IDLE: Duration = Duration::from_millis(20);
+
+/// The most dirty runs copied at once (see the module doc).
+pub const IN_FLIGHT: usize = 8;
 
 /// What the first pass marks dirty (QEMU's sync modes, and active commit's layers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +254,7 @@ impl MirrorEngine {
         self.mark_initial(ctx)?;
         ctx.set_remaining(self.dirty.dirty_bytes());
         let mut cursor = 0;
-        let mut bufs = vec![Vec::new(); COPY_IN_FLIGHT];
+        let mut bufs = vec![Vec::new(); IN_FLIGHT];
         let mut ready = false;
         loop {
             match ctx.completion() {

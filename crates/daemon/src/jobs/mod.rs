@@ -110,36 +110,6 @@ pub fn is_block_job(t: JobType) -> bool {
 /// come at least this often (QEMU's stream and commit buffers are 512 KiB too).
 pub const COPY_CHUNK: u64 = 512 * 1024;
 
-/// The most chunks a copying job (stream, commit, mirror) copies at once, each on its own
-/// thread, while it has no speed limit: one copy at a time leaves the second core idle
-/// while a read or a write waits (QEMU keeps up to 16 copies in flight).
-pub const COPY_IN_FLIGHT: usize = 8;
-
-/// Runs `f` on every chunk at once, one scoped thread each (the first on the calling
-/// thread), and returns the results in the chunks' order.
-pub fn in_parallel<T: Send>(chunks: &[(u64, u64)], f: impl Fn(u64, u64) -> T + Sync) -> Vec<T> {
-    let Some((&(o, n), rest)) = chunks.split_first() else {
-        return Vec::new();
-    };
-    std::thread::scope(|s| {
-        let others: Vec<_> = rest
-            .iter()
-            .map(|&(o, n)| {
-                let f = &f;
-                s.spawn(move || f(o, n))
-            })
-            .collect();
-        let mut out = Vec::with_capacity(chunks.len());
-        out.push(f(o, n));
-        out.extend(
-            others
-                .into_iter()
-                .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
-        );
-        out
-    })
-}
-
 /// Why a job's work stopped early.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkError {
@@ -973,52 +943,34 @@ impl<S: HasJobs> JobCtx<'_, S> {
     }
 
     /// The loop of a copying job (stream, commit): walks `[0, size)` in [`COPY_CHUNK`] steps,
-    /// [`COPY_IN_FLIGHT`] of them at once (one at a time under a speed limit), calling
-    /// `copy(offset, len)` (which returns the bytes it really copied, what the rate limit
-    /// charges), reporting progress in order, and applying the on-error policy to failures:
-    /// a write-side errno (ENOSPC, EROFS) is a write error, anything else a read error.
-    /// `retry` starts again from the failed chunk (copying a chunk twice is harmless). A
+    /// calling `copy(offset, len)` (which returns the bytes it really copied, what the rate
+    /// limit charges), reporting progress, and applying the on-error policy to failures: a
+    /// write-side errno (ENOSPC, EROFS) is a write error, anything else a read error. A
     /// range skipped under `ignore` was not copied, so the job then fails at the end (its
     /// graph change would lose that data), as QEMU's stream does.
     pub fn copy_in_chunks(
         &mut self,
         size: u64,
-        copy: impl Fn(u64, u64) -> sluice_block::Result<u64> + Sync,
+        mut copy: impl FnMut(u64, u64) -> sluice_block::Result<u64>,
     ) -> Result<(), WorkError> {
         self.set_total(size);
         let mut offset = 0;
         let mut skipped = None;
-        'chunks: while offset < size {
-            let most = if self.rate_limited() {
-                1
-            } else {
-                COPY_IN_FLIGHT
-            };
-            let chunks: Vec<(u64, u64)> = (0..most as u64)
-                .map(|i| offset + i * COPY_CHUNK)
-                .take_while(|&o| o < size)
-                .map(|o| (o, COPY_CHUNK.min(size - o)))
-                .collect();
-            for (&(at, n), r) in chunks.iter().zip(in_parallel(&chunks, &copy)) {
-                match r {
-                    Ok(copied) => self.throttle(copied)?,
-                    Err(e) => {
-                        tracing::warn!("job '{}': {e}", self.job.id);
-                        match self.block_error(&e)? {
-                            ErrorAction::Report => {
-                                return Err(WorkError::Failed(e.errno.describe()))
-                            }
-                            ErrorAction::Retry => {
-                                offset = at;
-                                continue 'chunks;
-                            }
-                            ErrorAction::Ignore => skipped = Some(e.errno.describe()),
-                        }
+        while offset < size {
+            let n = COPY_CHUNK.min(size - offset);
+            match copy(offset, n) {
+                Ok(copied) => self.throttle(copied)?,
+                Err(e) => {
+                    tracing::warn!("job '{}': {e}", self.job.id);
+                    match self.block_error(&e)? {
+                        ErrorAction::Report => return Err(WorkError::Failed(e.errno.describe())),
+                        ErrorAction::Retry => continue,
+                        ErrorAction::Ignore => skipped = Some(e.errno.describe()),
                     }
                 }
-                self.progress(n);
-                offset = at + n;
             }
+            self.progress(n);
+            offset += n;
         }
         match skipped {
             Some(m) => Err(WorkError::Failed(m)),
