@@ -140,24 +140,7 @@ impl ImageLock {
                 return self.unsupported(e);
             }
         }
-        for (i, _) in used.bits() {
-            if ofd_test(file, SHARED_BASE + i as i64).map_err(|e| self.io(e))? {
-                return Err(ImageError::Locked {
-                    path: self.path.clone(),
-                    perm: perm_name(i),
-                    shared: false,
-                });
-            }
-        }
-        for (i, _) in unshared.bits() {
-            if ofd_test(file, PERM_BASE + i as i64).map_err(|e| self.io(e))? {
-                return Err(ImageError::Locked {
-                    path: self.path.clone(),
-                    perm: perm_name(i),
-                    shared: true,
-                });
-            }
-        }
+        self.test_conflicts(file, used, unshared)?;
         self.remember(user, used, unshared);
         Ok(())
     }
@@ -266,6 +249,13 @@ impl ImageLock {
         for (i, _) in lock_unshared.bits() {
             ofd_lock(file, SHARED_BASE + i as i64).map_err(|e| self.io(e))?;
         }
+        self.test_conflicts(file, used, unshared)
+    }
+
+    /// Err when another open file description of the image holds a byte that conflicts
+    /// with `used` (its "shared" byte: someone refuses to share it) or with `unshared`
+    /// (its permission byte: someone uses what we refuse to share): qemu's check.
+    fn test_conflicts(&self, file: &File, used: Perms, unshared: Perms) -> Result<(), ImageError> {
         for (i, _) in used.bits() {
             if ofd_test(file, SHARED_BASE + i as i64).map_err(|e| self.io(e))? {
                 return Err(ImageError::Locked {
