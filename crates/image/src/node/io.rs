@@ -405,6 +405,17 @@ impl Node {
         v.layer.sync().map_err(|e| io_error("sync", e))
     }
 
+    /// [`Node::flush_locked`] for the node's own life-cycle steps (saving bitmaps,
+    /// reopening), whose errors are [`crate::ImageError`]s naming the node.
+    pub(super) fn flush_for_change(&self) -> std::result::Result<(), crate::ImageError> {
+        self.flush_locked().map_err(|e| {
+            crate::ImageError::io(
+                format!("flushing '{}'", self.name),
+                std::io::Error::other(e.to_string()),
+            )
+        })
+    }
+
     /// NBD_CMD_CACHE: asks the kernel to read ahead the file ranges that hold the data.
     pub fn cache(&self, count: u64, offset: u64) -> Result<()> {
         self.look(|n, pass| n.cache_body(pass, count, offset))

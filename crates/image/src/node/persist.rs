@@ -175,12 +175,7 @@ impl Node {
         let os = &self.file_state().os;
         self.close_changes(|| {
             let _io = self.io.write();
-            self.flush_locked().map_err(|e| {
-                ImageError::io(
-                    format!("flushing '{}'", self.name),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+            self.flush_for_change()?;
             qcow2_bitmaps::store(os, trusted, &keep, &store).map_err(|e| self.bitmap_error(e))
         })?;
         *st = Persist::Stored;

@@ -322,12 +322,7 @@ impl Node {
         let os = &self.file_state().os;
         self.close_changes(|| {
             let _io = self.io.write();
-            self.flush_locked().map_err(|e| {
-                ImageError::io(
-                    format!("flushing '{}'", self.name),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+            self.flush_for_change()?;
             if list.is_empty() {
                 return sidecar::remove(&kept.path).map_err(|e| self.sidecar_error(&kept.path, e));
             }

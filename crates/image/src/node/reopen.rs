@@ -138,12 +138,7 @@ impl Node {
         self.check_reopen(read_only)?;
         let _g = self.io.write();
         if !was_read_only {
-            self.flush_locked().map_err(|e| {
-                ImageError::io(
-                    format!("flushing '{}'", self.name),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+            self.flush_for_change()?;
         }
         let changes_mode = read_only != was_read_only;
         if changes_mode {
@@ -180,12 +175,7 @@ impl Node {
         let _g = self.io.write();
         let read_only = self.is_read_only();
         if !read_only {
-            self.flush_locked().map_err(|e| {
-                ImageError::io(
-                    format!("flushing '{}'", self.name),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+            self.flush_for_change()?;
         }
         let view = self.build_view(read_only, Some(backing))?;
         *self.view.write() = Arc::new(view);
