@@ -45,19 +45,6 @@ fn normalize(v: &Value, dir: &str) -> Value {
     }
 }
 
-/// A command's reply without the event noise: the return value or `error:CLASS:DESC`.
-fn reply(c: &mut Qmp, cmd: &str, args: Value) -> Value {
-    let r = c.exec(cmd, args);
-    match r.get("error") {
-        Some(e) => json!(format!(
-            "error:{}:{}",
-            e["class"].as_str().unwrap(),
-            e["desc"].as_str().unwrap()
-        )),
-        None => r["return"].clone(),
-    }
-}
-
 /// `nbd-server-start` on `{dir}/nbd.sock`.
 fn start_nbd(c: &mut Qmp, d: &QmpDaemon) {
     support::qmp::start_nbd(c, d);
@@ -100,8 +87,7 @@ fn threshold_scenario(d: &QmpDaemon) -> Vec<Value> {
     qcow2_over(&top, "base.qcow2", &[], Some("4M"));
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "node-name": "top-f", "filename": path_str(&top)}}),
@@ -111,15 +97,13 @@ fn threshold_scenario(d: &QmpDaemon) -> Vec<Value> {
         ("nosuch", json!(1)),
         ("top-f", json!(300_000)),
     ] {
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "block-set-write-threshold",
             json!({"node-name": node, "write-threshold": t}),
         ));
     }
     for bad in [json!(-2), json!(1.5), json!("1")] {
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "block-set-write-threshold",
             json!({"node-name": "top", "write-threshold": bad}),
         ));
@@ -132,8 +116,7 @@ fn threshold_scenario(d: &QmpDaemon) -> Vec<Value> {
     out.push(threshold_of(&mut c, "top"));
     out.push(threshold_of(&mut c, "top-f"));
     start_nbd(&mut c, d);
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "e", "node-name": "top", "writable": true}),
     ));
@@ -174,8 +157,7 @@ fn threshold_scenario(d: &QmpDaemon) -> Vec<Value> {
     );
     qemu_io("raw", &uri, &["discard 0 65536"]);
     out.push(threshold_of(&mut c, "top"));
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-set-write-threshold",
         json!({"node-name": "top", "write-threshold": 0}),
     ));
@@ -239,7 +221,7 @@ fn change_backing_scenario(d: &QmpDaemon) -> Vec<Value> {
         json!({"driver": "qcow2", "node-name": "lone", "read-only": true, "backing": null,
                "file": {"driver": "file", "filename": path_str(&p("mid.qcow2")), "read-only": true}}),
     ] {
-        out.push(reply(&mut c, "blockdev-add", args));
+        out.push(c.outcome("blockdev-add", args));
     }
     // The read-only mid layer qsd and sluice opened from the header.
     let nodes = c.exec("query-named-block-nodes", json!({}));
@@ -269,8 +251,7 @@ fn change_backing_scenario(d: &QmpDaemon) -> Vec<Value> {
         ("top", "top", "mid.qcow2".into()),
     ];
     for (device, image, name) in steps {
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "change-backing-file",
             json!({"device": device, "image-node-name": image, "backing-file": name}),
         ));
@@ -280,8 +261,7 @@ fn change_backing_scenario(d: &QmpDaemon) -> Vec<Value> {
     // The image is still whole and the daemon still reads it.
     qemu_img(&["check", "-U", path_str(&p("top.qcow2"))]);
     start_nbd(&mut c, d);
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "e", "node-name": "top", "writable": true}),
     ));
@@ -320,8 +300,8 @@ fn graph_scenario(d: &QmpDaemon) -> Vec<Value> {
     qemu_img(&["create", "-q", "-f", "raw", path_str(&p("r.raw")), "1M"]);
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
-    out.push(reply(&mut c, "x-debug-query-block-graph", json!({})));
-    out.push(reply(&mut c, "query-block", json!({})));
+    out.push(c.outcome("x-debug-query-block-graph", json!({})));
+    out.push(c.outcome("query-block", json!({})));
     for args in [
         json!({"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "node-name": "top-f", "filename": path_str(&p("top.qcow2"))}}),
@@ -330,20 +310,19 @@ fn graph_scenario(d: &QmpDaemon) -> Vec<Value> {
         json!({"driver": "qcow2", "node-name": "ro", "read-only": true, "backing": null,
                "file": {"driver": "file", "filename": path_str(&p("base.qcow2")), "read-only": true}}),
     ] {
-        out.push(reply(&mut c, "blockdev-add", args));
+        out.push(c.outcome("blockdev-add", args));
     }
     // Without exports, then with a read-only and a writable one.
-    out.push(reply(&mut c, "x-debug-query-block-graph", json!({})));
+    out.push(c.outcome("x-debug-query-block-graph", json!({})));
     start_nbd(&mut c, d);
     for (id, node, w) in [("e", "r", false), ("e2", "top", true)] {
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "block-export-add",
             json!({"type": "nbd", "id": id, "node-name": node, "writable": w}),
         ));
     }
-    out.push(reply(&mut c, "x-debug-query-block-graph", json!({})));
-    out.push(reply(&mut c, "query-block", json!({})));
+    out.push(c.outcome("x-debug-query-block-graph", json!({})));
+    out.push(c.outcome("query-block", json!({})));
     out.iter().map(|v| normalize(v, &dir)).collect()
 }
 
@@ -406,20 +385,18 @@ fn job_change_scenario(d: &QmpDaemon) -> Vec<Value> {
     qcow2_over(&p("top.qcow2"), "sbase.qcow2", &[], None);
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
-    let change = |c: &mut Qmp, args: Value| reply(c, "block-job-change", args);
+    let change = |c: &mut Qmp, args: Value| c.outcome("block-job-change", args);
     out.push(change(
         &mut c,
         json!({"id": "nosuch", "type": "mirror", "copy-mode": "write-blocking"}),
     ));
     // A stream job cannot change.
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "filename": path_str(&p("top.qcow2"))}}),
     ));
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-stream",
         json!({"job-id": "s", "device": "top", "speed": 1}),
     ));
@@ -428,29 +405,22 @@ fn job_change_scenario(d: &QmpDaemon) -> Vec<Value> {
         &mut c,
         json!({"id": "s", "type": "mirror", "copy-mode": "write-blocking"}),
     ));
-    out.push(reply(
-        &mut c,
-        "block-job-cancel",
-        json!({"device": "s", "force": true}),
-    ));
+    out.push(c.outcome("block-job-cancel", json!({"device": "s", "force": true})));
     wait_for(&mut c, "BLOCK_JOB_CANCELLED", Duration::from_secs(10));
     // A slow mirror, exported so that a client writes to it.
     for (n, f) in [("src", "src.qcow2"), ("dst", "dst.qcow2")] {
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "blockdev-add",
             json!({"driver": "qcow2", "node-name": n,
                    "file": {"driver": "file", "filename": path_str(&p(f))}}),
         ));
     }
     start_nbd(&mut c, d);
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
     ));
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "blockdev-mirror",
         json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full",
                "speed": 1, "auto-dismiss": false}),
@@ -478,19 +448,15 @@ fn job_change_scenario(d: &QmpDaemon) -> Vec<Value> {
     ));
     // Write-blocking: the write completes once the target has it.
     qemu_io("raw", &uri, &["write -P 7 40M 1M"]);
-    out.push(reply(
-        &mut c,
-        "block-job-cancel",
-        json!({"device": "m", "force": true}),
-    ));
+    out.push(c.outcome("block-job-cancel", json!({"device": "m", "force": true})));
     wait_for(&mut c, "BLOCK_JOB_CANCELLED", Duration::from_secs(10));
     out.push(change(
         &mut c,
         json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
     ));
-    out.push(reply(&mut c, "job-dismiss", json!({"id": "m"})));
+    out.push(c.outcome("job-dismiss", json!({"id": "m"})));
     // Closing the target writes back its metadata; then the file shows what it got.
-    out.push(reply(&mut c, "blockdev-del", json!({"node-name": "dst"})));
+    out.push(c.outcome("blockdev-del", json!({"node-name": "dst"})));
     out.push(json!([
         holds(&p("dst.qcow2"), 40 * M, M, 7),
         holds(&p("dst.qcow2"), 48 * M, M, 5),

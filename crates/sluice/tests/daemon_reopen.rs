@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::image::{image_info, qcow2_over, qemu_img, qemu_io};
-use support::output;
 use support::path_str;
 use support::qmp::{start_nbd, wait_for, Qmp, QmpDaemon};
+use support::{output, qemu_io_run};
 
 /// Both daemons, each in its own directory.
 fn both() -> [(&'static str, QmpDaemon); 2] {
@@ -59,21 +59,8 @@ fn normalize(v: &Value, dir: &str) -> Value {
     }
 }
 
-/// A command's reply: the return value or `error:CLASS:DESC`.
-fn reply(c: &mut Qmp, cmd: &str, args: Value) -> Value {
-    let r = c.exec(cmd, args);
-    match r.get("error") {
-        Some(e) => json!(format!(
-            "error:{}:{}",
-            e["class"].as_str().unwrap(),
-            e["desc"].as_str().unwrap()
-        )),
-        None => r["return"].clone(),
-    }
-}
-
 fn reopen(c: &mut Qmp, options: Value) -> Value {
-    reply(c, "blockdev-reopen", json!({ "options": options }))
+    c.outcome("blockdev-reopen", json!({ "options": options }))
 }
 
 /// `[name, ro, file, backing_file]` of every node, sorted (implicit names as `#auto`).
@@ -115,17 +102,8 @@ fn nbd_io(d: &QmpDaemon, export: &str, cmds: &[&str]) -> Value {
     // Reads open the export read-only (qemu-io opens read-write otherwise, which a
     // read-only export refuses).
     let reads = cmds.iter().all(|c| c.starts_with("read"));
-    let mut args = if reads { vec!["-r"] } else { vec![] };
-    args.extend(["-f", "raw", uri.as_str()]);
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    let out = output("qemu-io", &args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let options: &[&str] = if reads { &["-r"] } else { &[] };
+    let (out, text) = qemu_io_run(options, &uri, cmds);
     let failure = text.lines().find(|l| {
         l.contains("failed") || l.contains("Pattern verification") || l.contains("can't open")
     });
@@ -160,7 +138,7 @@ fn read_only_scenario(d: &QmpDaemon) -> Vec<Value> {
         json!({"driver": "file", "node-name": "a-f", "filename": path_str(&a)}),
         json!({"driver": "qcow2", "node-name": "a", "file": "a-f"}),
     ] {
-        out.push(reply(&mut c, "blockdev-add", args));
+        out.push(c.outcome("blockdev-add", args));
     }
     start_nbd(&mut c, d);
     let ro = json!([{"driver": "qcow2", "node-name": "a", "file": "a-f", "read-only": true},
@@ -169,27 +147,24 @@ fn read_only_scenario(d: &QmpDaemon) -> Vec<Value> {
     let rw = json!([{"driver": "qcow2", "node-name": "a", "file": "a-f"},
                     {"driver": "file", "node-name": "a-f", "filename": path_str(&a)}]);
     // A writable export is a writer: neither the node nor its file may become read-only.
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "w", "node-name": "a", "writable": true}),
     ));
     out.push(reopen(&mut c, json!([ro[0]])));
     out.push(reopen(&mut c, json!([ro[1]])));
     out.push(reopen(&mut c, ro.clone()));
-    out.push(reply(&mut c, "block-export-del", json!({"id": "w"})));
+    out.push(c.outcome("block-export-del", json!({"id": "w"})));
     wait_for(&mut c, "BLOCK_EXPORT_DELETED", Duration::from_secs(30));
     // Read-only: both nodes, writes through an export refused, no writable export.
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "r", "node-name": "a"}),
     ));
     out.push(reopen(&mut c, ro.clone()));
     out.push(nodes(&mut c, &dir));
     out.push(nbd_io(d, "a", &["write -P 0x22 0 4k"]));
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "w2", "node-name": "a", "name": "aw", "writable": true}),
     ));
@@ -201,8 +176,7 @@ fn read_only_scenario(d: &QmpDaemon) -> Vec<Value> {
     // Both writable again: a writable export works, and the read-only one sees its write.
     out.push(reopen(&mut c, rw.clone()));
     out.push(nodes(&mut c, &dir));
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "w2", "node-name": "a", "name": "aw", "writable": true}),
     ));
@@ -295,21 +269,18 @@ fn backing_scenario(d: &QmpDaemon) -> Vec<Value> {
     qemu_io("qcow2", path_str(&top), &["write -P 0x33 512k 64k"]);
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "node-name": "top-f", "filename": path_str(&top)}}),
     ));
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "other", "read-only": true,
                "file": {"driver": "file", "filename": path_str(&other)}}),
     ));
     start_nbd(&mut c, d);
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "t", "node-name": "top"}),
     ));
@@ -344,7 +315,7 @@ fn backing_scenario(d: &QmpDaemon) -> Vec<Value> {
         "top",
         &["read -P 0x22 0 64k", "read -P 0x33 512k 64k"],
     ));
-    out.push(reply(&mut c, "blockdev-del", json!({"node-name": "other"})));
+    out.push(c.outcome("blockdev-del", json!({"node-name": "other"})));
     // None: what the top does not hold reads as zeroes.
     out.push(reopen(&mut c, with(Value::Null)));
     out.push(nodes(&mut c, &dir));
@@ -353,7 +324,7 @@ fn backing_scenario(d: &QmpDaemon) -> Vec<Value> {
         "top",
         &["read -P 0 0 64k", "read -P 0x33 512k 64k"],
     ));
-    out.push(reply(&mut c, "blockdev-del", json!({"node-name": "other"})));
+    out.push(c.outcome("blockdev-del", json!({"node-name": "other"})));
     let info = image_info(&top);
     out.push(json!([
         info["backing-filename"],
@@ -406,11 +377,10 @@ fn all_or_nothing_scenario(d: &QmpDaemon) -> Vec<Value> {
         json!({"driver": "raw", "node-name": "r",
                "file": {"driver": "file", "filename": path_str(&r)}}),
     ] {
-        out.push(reply(&mut c, "blockdev-add", args));
+        out.push(c.outcome("blockdev-add", args));
     }
     start_nbd(&mut c, d);
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "block-export-add",
         json!({"type": "nbd", "id": "w", "node-name": "r", "writable": true}),
     ));
@@ -446,7 +416,7 @@ fn all_or_nothing_scenario(d: &QmpDaemon) -> Vec<Value> {
         out.push(reopen(&mut c, json!([bad])));
     }
     // A child given inline is reopened with its parent, and follows its read-only.
-    out.push(reply(&mut c, "block-export-del", json!({"id": "w"})));
+    out.push(c.outcome("block-export-del", json!({"id": "w"})));
     wait_for(&mut c, "BLOCK_EXPORT_DELETED", Duration::from_secs(30));
     let inline = |ro: Value| {
         json!([{"driver": "raw", "node-name": "r", "read-only": ro,
@@ -517,21 +487,18 @@ fn job_scenario(d: &QmpDaemon) -> Vec<Value> {
     let mut c = d.connect_negotiated();
     let mut out = Vec::new();
     for n in ["src", "dst"] {
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "blockdev-add",
             json!({"driver": "file", "node-name": format!("{n}-f"),
                    "filename": path_str(&d.path(&format!("{n}.qcow2")))}),
         ));
-        out.push(reply(
-            &mut c,
+        out.push(c.outcome(
             "blockdev-add",
             json!({"driver": "qcow2", "node-name": n, "file": format!("{n}-f")}),
         ));
     }
     // One byte a second: the job is still copying when the reopens come.
-    out.push(reply(
-        &mut c,
+    out.push(c.outcome(
         "blockdev-mirror",
         json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full", "speed": 1}),
     ));
@@ -549,11 +516,7 @@ fn job_scenario(d: &QmpDaemon) -> Vec<Value> {
         &mut c,
         json!([{"driver": "qcow2", "node-name": "dst", "file": "dst-f"}]),
     ));
-    out.push(reply(
-        &mut c,
-        "block-job-cancel",
-        json!({"device": "m", "force": true}),
-    ));
+    out.push(c.outcome("block-job-cancel", json!({"device": "m", "force": true})));
     wait_for(&mut c, "BLOCK_JOB_CANCELLED", Duration::from_secs(60));
     out.iter().map(|v| normalize(v, &dir)).collect()
 }
@@ -593,7 +556,7 @@ fn file_child_naming_another_node_is_refused_where_qsd_swaps_it() {
         json!({"driver": "qcow2", "node-name": "a", "file": "a-f"}),
         json!({"driver": "file", "node-name": "r-f", "filename": path_str(&r)}),
     ] {
-        assert_eq!(reply(&mut c, "blockdev-add", args), json!({}));
+        assert_eq!(c.outcome("blockdev-add", args), json!({}));
     }
     assert_eq!(
         reopen(
@@ -619,8 +582,7 @@ fn node_a_job_uses_is_not_reopened_where_qsd_would() {
     for n in ["src", "dst"] {
         let f = d.path(&format!("{n}.qcow2"));
         assert_eq!(
-            reply(
-                &mut c,
+            c.outcome(
                 "blockdev-add",
                 json!({"driver": "qcow2", "node-name": n,
                        "file": {"driver": "file", "filename": path_str(&f)}})
@@ -629,8 +591,7 @@ fn node_a_job_uses_is_not_reopened_where_qsd_would() {
         );
     }
     assert_eq!(
-        reply(
-            &mut c,
+        c.outcome(
             "blockdev-mirror",
             json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full", "speed": 1})
         ),

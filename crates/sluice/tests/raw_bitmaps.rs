@@ -63,6 +63,14 @@ fn add_raw(q: &mut Qmp, node: &str, image: &Path, read_only: bool) {
     );
 }
 
+/// The bitmaps a new daemon finds on `image`, opened read-only as node `disk`.
+fn bitmaps_seen_by_a_new_daemon(image: &Path) -> Vec<(String, u64, u64, bool, bool, bool)> {
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", image, true);
+    node_bitmaps(&mut q, "disk")
+}
+
 fn add_bitmap(q: &mut Qmp, node: &str, name: &str) {
     ok(
         q,
@@ -219,11 +227,8 @@ fn raw_bitmap_survives_a_restart_and_drives_an_incremental_backup() {
         String::from_utf8_lossy(&cmp.stdout)
     );
     // The cleared bitmap was saved: a third run finds it clean and consistent.
-    let d = QmpDaemon::sluice(&[]);
-    let mut q = d.connect_negotiated();
-    add_raw(&mut q, "disk", &disk, true);
     assert_eq!(
-        node_bitmaps(&mut q, "disk"),
+        bitmaps_seen_by_a_new_daemon(&disk),
         [("b0".to_string(), 0, 65536, true, true, false)]
     );
 }
@@ -330,11 +335,8 @@ fn raw_image_replaced_by_a_copy_with_its_mtime_loads_its_bitmaps_inconsistent() 
     let copy = dir.path().join("copy.raw");
     support::run("cp", &["-p", path_str(&disk), path_str(&copy)]);
     std::fs::rename(&copy, &disk).unwrap();
-    let d = QmpDaemon::sluice(&[]);
-    let mut q = d.connect_negotiated();
-    add_raw(&mut q, "disk", &disk, true);
     assert_eq!(
-        node_bitmaps(&mut q, "disk"),
+        bitmaps_seen_by_a_new_daemon(&disk),
         [("b".to_string(), 0, 65536, false, true, true)]
     );
 }

@@ -313,8 +313,9 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     qemu_io_with(&[], uri, cmds)
 }
 
-/// [`qemu_io`] with extra qemu-io options before the image (`-r` for read-only exports).
-pub fn qemu_io_with(options: &[&str], uri: &str, cmds: &[&str]) -> String {
+/// Runs `qemu-io OPTIONS -f raw URI -c CMD...` and returns its output and its stdout
+/// followed by its stderr as text, whatever they say.
+pub fn qemu_io_run(options: &[&str], uri: &str, cmds: &[&str]) -> (std::process::Output, String) {
     let mut args = options.to_vec();
     args.extend(["-f", "raw", uri]);
     for c in cmds {
@@ -326,6 +327,12 @@ pub fn qemu_io_with(options: &[&str], uri: &str, cmds: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (out, text)
+}
+
+/// [`qemu_io`] with extra qemu-io options before the image (`-r` for read-only exports).
+pub fn qemu_io_with(options: &[&str], uri: &str, cmds: &[&str]) -> String {
+    let (out, text) = qemu_io_run(options, uri, cmds);
     assert!(
         out.status.success()
             && !text.contains("Pattern verification failed")

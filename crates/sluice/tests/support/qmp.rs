@@ -254,6 +254,20 @@ impl Qmp {
         self.cmd(json!({"execute": name, "arguments": args}))
     }
 
+    /// Runs a command and gives its outcome as one comparable value: the return value, or
+    /// the string `error:CLASS:DESC` (for transcripts compared between sluice and qsd).
+    pub fn outcome(&mut self, name: &str, args: Value) -> Value {
+        let r = self.exec(name, args);
+        match r.get("error") {
+            Some(e) => json!(format!(
+                "error:{}:{}",
+                e["class"].as_str().unwrap(),
+                e["desc"].as_str().unwrap()
+            )),
+            None => r["return"].clone(),
+        }
+    }
+
     /// The `error` of a reply as (class, desc); panics on success.
     pub fn error(reply: &Value) -> (String, String) {
         let e = reply
