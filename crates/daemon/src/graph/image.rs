@@ -366,17 +366,17 @@ pub fn refresh_info_after_backing_change(opened: &mut OpenedNode) {
     }
 }
 
-/// True if a qcow2 node's backing is not the file its header names (or it has none while
-/// the header names one): qemu then names the node by its options (`json:{...}`), since
-/// its file name alone would not give it back.
+/// True if a qcow2 node's backing is not, to the letter, the file its header names (or it
+/// has none while the header names one): qemu then names the node by its options
+/// (`json:{...}`), since its file name alone would not give it back. qemu compares the
+/// header's string as written (`bdrv_backing_overridden`: `auto_backing_file` against the
+/// backing's file name), so a relative name in the header counts as overridden when the
+/// backing was chosen by the options, as qsd shows it.
 fn backing_overridden(node: &sluice_image::Node) -> bool {
-    let header = node.qcow2().and_then(|q| q.header.backing_file).map(|b| {
-        let dir = node.filename().parent().unwrap_or(Path::new("."));
-        dir.join(b)
-    });
+    let header = node.qcow2().and_then(|q| q.header.backing_file);
     match node.backing() {
         None => header.is_some(),
-        Some(b) => header.as_deref() != Some(b.filename()),
+        Some(b) => header.as_deref().map(Path::new) != Some(b.filename()),
     }
 }
 
