@@ -27,7 +27,6 @@
 use std::path::Path;
 
 use serde_json::json;
-use sluice_image::{Prealloc, Qcow2Create};
 use sluice_qapi::runtime::{CompatPolicy, FromQapi, Input};
 
 use crate::generated::{
@@ -35,6 +34,7 @@ use crate::generated::{
 };
 use crate::graph::image::{image_node, refresh_info};
 use crate::graph::not_found;
+use crate::jobs::create::create_image;
 use crate::jobs::mirror_engine::move_exports;
 use crate::state::State;
 use crate::QmpError;
@@ -141,19 +141,14 @@ pub(crate) fn blockdev_snapshot_sync(
             "sluice takes snapshots of file, raw and qcow2 nodes only",
         ));
     };
-    let path = Path::new(&args.snapshot_file);
     if args.mode != Some(NewImageMode::Existing) {
-        let o = Qcow2Create {
-            size: old.size(),
-            backing_file: Some(n.opened.info.filename.clone()),
-            backing_fmt: Some(n.driver.as_str().to_string()),
-            ..Qcow2Create::default()
-        };
-        sluice_image::create_file(path, 0, Prealloc::Off).map_err(QmpError::generic)?;
-        let file =
-            sluice_image::open_node(&sluice_image::BlockdevOptions::file(path, false), &|_| None)
-                .map_err(crate::graph::image::qmp_error)?;
-        file.format_qcow2(&o).map_err(QmpError::generic)?;
+        let backing = (n.opened.info.filename.as_str(), n.driver.as_str());
+        create_image(
+            Path::new(&args.snapshot_file),
+            "qcow2",
+            old.size(),
+            Some(backing),
+        )?;
     }
     let exported = n.exports > 0;
     let mut opts = json!({

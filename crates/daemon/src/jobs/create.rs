@@ -15,8 +15,13 @@
 //! [`sluice_image::Node::format_qcow2`]). What sluice refuses that qsd can do, each with
 //! its own message in the job: an inline `file` definition (add the node first),
 //! `extended-l2: true`, `compression-type: zstd`.
+//!
+//! Commands that make an image file as one step of something else (`blockdev-snapshot-sync`'s
+//! overlay, `drive-mirror`'s target) use [`create_image`], qemu's `bdrv_img_create`: one
+//! function, so that both take the file's lock before they clear it and write the same
+//! header for the same backing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sluice_image::{Prealloc, Qcow2Create};
@@ -25,7 +30,7 @@ use crate::generated::{
     BlockdevCreateArgs, BlockdevCreateOptionsBranch, BlockdevCreateOptionsQcow2, BlockdevOnError,
     BlockdevQcow2Version, BlockdevRef, JobType, PreallocMode, Qcow2CompressionType,
 };
-use crate::graph::image::{image_node, refresh_info};
+use crate::graph::image::{image_node, qmp_error, refresh_info};
 use crate::graph::not_found;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::state::{Daemon, State};
@@ -171,4 +176,77 @@ pub(crate) fn blockdev_create(
     };
     Job::start(daemon, st, params, Box::new(CreateDriver { work }))?;
     Ok(())
+}
+
+/// The formats [`create_image`] makes: qemu's names (`file` is a raw image without a format
+/// node, as a source opened with the `file` driver alone has it).
+const CREATABLE: [&str; 3] = ["qcow2", "raw", "file"];
+
+/// Image formats qemu knows and sluice cannot create, for an honest refusal rather than
+/// qemu's `Unknown file format`.
+const OTHER_QEMU_FORMATS: [&str; 12] = [
+    "bochs",
+    "cloop",
+    "dmg",
+    "luks",
+    "parallels",
+    "qcow",
+    "qed",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// Checks that [`create_image`] can make `format`, before anything is created (qemu's
+/// `bdrv_find_format`, with its message for a name it does not know).
+pub(crate) fn check_format(format: &str) -> Result<(), QmpError> {
+    if CREATABLE.contains(&format) {
+        Ok(())
+    } else if OTHER_QEMU_FORMATS.contains(&format) {
+        Err(QmpError::generic(format!(
+            "sluice creates raw and qcow2 images only, not '{format}'"
+        )))
+    } else {
+        Err(QmpError::generic(format!("Unknown file format '{format}'")))
+    }
+}
+
+/// Makes the image file `path` of `size` bytes in `format` (see [`check_format`]), with
+/// `backing` (file name, format) written into its header, as qemu's `bdrv_img_create`
+/// does for `blockdev-snapshot-sync` and `drive-mirror`. The file's write lock is taken
+/// before anything is cleared, so a file another node or process has open is refused with
+/// qemu's `Failed to get "write" lock` and left as it was; a missing file is created first
+/// (a missing directory: `Could not create '...': No such file or directory`).
+pub(crate) fn create_image(
+    path: &Path,
+    format: &str,
+    size: u64,
+    backing: Option<(&str, &str)>,
+) -> Result<(), QmpError> {
+    check_format(format)?;
+    if backing.is_some() && format != "qcow2" {
+        return Err(QmpError::generic(format!(
+            "Backing file not supported for file format '{format}'"
+        )));
+    }
+    if !path.exists() {
+        sluice_image::create_file(path, 0, Prealloc::Off).map_err(QmpError::generic)?;
+    }
+    // Held until the image is made: the lock that keeps everyone else out meanwhile.
+    let file =
+        sluice_image::open_node(&sluice_image::BlockdevOptions::file(path, false), &|_| None)
+            .map_err(qmp_error)?;
+    if format == "qcow2" {
+        let o = Qcow2Create {
+            size,
+            backing_file: backing.map(|(f, _)| f.to_string()),
+            backing_fmt: backing.map(|(_, f)| f.to_string()),
+            ..Qcow2Create::default()
+        };
+        file.format_qcow2(&o).map_err(QmpError::generic)
+    } else {
+        sluice_image::create_file(path, size, Prealloc::Off).map_err(QmpError::generic)
+    }
 }
