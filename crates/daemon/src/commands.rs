@@ -563,6 +563,10 @@ impl Handlers for Session<'_> {
         crate::jobs::mirror::blockdev_mirror(self.daemon, self.state, args)
     }
 
+    fn drive_mirror(&mut self, args: crate::generated::DriveMirror) -> Result<(), QmpError> {
+        crate::jobs::drive_mirror::drive_mirror(self.daemon, self.state, args)
+    }
+
     fn blockdev_backup(&mut self, args: crate::generated::BlockdevBackup) -> Result<(), QmpError> {
         crate::jobs::backup::blockdev_backup(self.daemon, self.state, args)
     }

@@ -366,6 +366,16 @@ pub fn refresh_info_after_backing_change(opened: &mut OpenedNode) {
     }
 }
 
+/// Recomputes what `query-named-block-nodes` says of an image node whose backing is now
+/// the node its header names (drive-mirror's target after the pivot: the header was
+/// written with the backing node's own name, `json:{...}` included, which qemu's
+/// `bdrv_backing_overridden` compares with, so the node is named by its file again).
+pub fn refresh_info_backing_from_header(opened: &mut OpenedNode) {
+    if let Some(node) = image_node(opened) {
+        opened.info = node_info(&node, false);
+    }
+}
+
 /// True if a qcow2 node's backing is not, to the letter, the file its header names (or it
 /// has none while the header names one): qemu then names the node by its options
 /// (`json:{...}`), since its file name alone would not give it back. qemu compares the

@@ -22,8 +22,13 @@
 //! every client write wait until the target has it too (see the mirror engine's
 //! `WriteBlocking`); switching back is refused, as in qsd.
 //!
+//! `drive-mirror` ([`super::drive_mirror`]) is this job too, onto a node it made itself
+//! ([`OwnedTarget`]): dropped from the graph when the job ends without the pivot, given
+//! its backing edge at the pivot.
+//!
 //! What sluice does not do: `replaces` is accepted only naming the device
-//! itself (sluice has no filter nodes above a device to replace); `filter-node-name` is
+//! itself (sluice has no filter nodes above a device to replace; a node that is busy gets
+//! qsd's `Node 'x' is busy: ...`); `filter-node-name` is
 //! accepted and no filter node is inserted. After a pivot the source node keeps
 //! forwarding to the target (it is how the open connections survive), so a new export of
 //! the source serves the target too.
@@ -34,12 +39,20 @@ use crate::generated::{
     BlockJobChangeOptions, BlockJobChangeOptionsBranch, BlockdevMirrorArgs, BlockdevOnError,
     JobType, MirrorCopyMode, MirrorSyncMode,
 };
-use crate::graph::image::image_node;
+use crate::graph::image::{image_node, refresh_info_backing_from_header};
 use crate::graph::not_found;
 use crate::jobs::mirror_engine::{move_exports, start_tracked, Initial, MirrorEngine};
 use crate::jobs::{JobCtx, JobDriver, JobParams, WorkError, COPY_CHUNK};
 use crate::state::{Daemon, State};
 use crate::QmpError;
+
+/// A target node the command made (drive-mirror's), not the user.
+#[derive(Debug, Clone, Default)]
+pub struct OwnedTarget {
+    /// The graph node that becomes the target's `backing` child at the pivot (its image
+    /// is already the target image's backing, see [`super::drive_mirror`]).
+    pub backing: Option<String>,
+}
 
 /// The mirror job's work.
 #[derive(Debug)]
@@ -48,13 +61,20 @@ pub struct MirrorDriver {
     engine: MirrorEngine,
     /// The target's graph name.
     target: String,
+    /// Set when the command made the target (drive-mirror).
+    owned: Option<OwnedTarget>,
 }
 
 impl MirrorDriver {
-    /// Stops tracking and writes the target back (the end without a pivot).
-    fn close(&self) -> Result<(), String> {
+    /// Stops tracking and writes the target back (the end without a pivot); a target the
+    /// command made leaves the graph, as in qsd (its file stays).
+    fn close(&self, st: &mut State) -> Result<(), String> {
         self.engine.stop_tracking();
-        self.engine.target.flush().map_err(|e| e.errno.describe())
+        let r = self.engine.target.flush().map_err(|e| e.errno.describe());
+        if self.owned.is_some() {
+            st.graph.drop_unowned(&self.target);
+        }
+        r
     }
 }
 
@@ -63,20 +83,39 @@ impl JobDriver<State> for MirrorDriver {
         self.engine.run(ctx)
     }
 
+    /// Sync `none` has nothing to copy first: ready before the command's reply, as qsd.
+    fn ready_at_start(&self) -> bool {
+        self.engine.initial == Initial::Nothing
+    }
+
     /// The pivot and the exports' move (see the module doc), or, after a soft cancel, the
     /// target written back.
     fn prepare(&mut self, st: &mut State) -> Result<(), String> {
         if !self.engine.wants_pivot() {
-            return self.close();
+            return self.close(st);
         }
         self.engine.pivot()?;
         let device = self.engine.source.0.clone();
-        move_exports(st, &device, &self.target);
+        let moved = move_exports(st, &device, &self.target);
+        if let Some(owned) = &self.owned {
+            if moved == 0 {
+                // Nothing uses the new node: qsd drops it (the device, which forwards to
+                // it, keeps the image open).
+                st.graph.drop_unowned(&self.target);
+            } else if let Some(t) = st.graph.get_mut(&self.target) {
+                if let Some(b) = &owned.backing {
+                    t.children.push(("backing".to_string(), b.clone()));
+                }
+                // qsd names the node by its file again: its backing is what its header
+                // says now.
+                refresh_info_backing_from_header(&mut t.opened);
+            }
+        }
         Ok(())
     }
 
-    fn abort(&mut self, _st: &mut State) {
-        if let Err(e) = self.close() {
+    fn abort(&mut self, st: &mut State) {
+        if let Err(e) = self.close(st) {
             tracing::warn!(
                 "blockdev-mirror: flushing the target '{}': {e}",
                 self.target
@@ -98,13 +137,23 @@ pub(crate) fn blockdev_mirror(
     let Some(device) = st.graph.get(&args.device) else {
         return Err(not_found(&args.device, &args.device));
     };
-    let Some(target) = st.graph.get(&args.target) else {
+    if st.graph.get(&args.target).is_none() {
         return Err(not_found(&args.target, &args.target));
-    };
-    if st.graph.has_parent(&device.name) || st.jobs.using_node(&device.name).is_some() {
+    }
+    root_device(st, &device.name)?;
+    start(daemon, st, args, None)
+}
+
+/// qsd's `qmp_get_root_bs` check of a mirror's device: no parent, no job's filter above.
+pub(crate) fn root_device(st: &State, device: &str) -> Result<(), QmpError> {
+    if st.graph.has_parent(device) || st.jobs.using_node(device).is_some() {
         return Err(QmpError::generic("Need a root block node"));
     }
-    let t = &target.name;
+    Ok(())
+}
+
+/// qsd's refusal of a node a job or a parent holds as its backing (`bdrv_op_is_blocked`).
+fn busy(st: &State, t: &str) -> Result<(), QmpError> {
     if let Some(j) = st.jobs.using_node(t) {
         return Err(QmpError::generic(format!(
             "Node '{t}' is busy: block device is in use by block job: {}",
@@ -118,6 +167,24 @@ pub(crate) fn blockdev_mirror(
             p.name
         )));
     }
+    Ok(())
+}
+
+/// The checks and the start that blockdev-mirror and drive-mirror share (qsd's
+/// `blockdev_mirror_common` and `mirror_start_job`), once both nodes exist and the device
+/// is known to be a root node. `owned`: the command made the target (see [`OwnedTarget`]).
+pub(crate) fn start(
+    daemon: &Arc<Daemon>,
+    st: &mut State,
+    args: BlockdevMirrorArgs,
+    owned: Option<OwnedTarget>,
+) -> Result<(), QmpError> {
+    let (Some(device), Some(target)) = (st.graph.get(&args.device), st.graph.get(&args.target))
+    else {
+        return Err(not_found(&args.target, &args.target));
+    };
+    let t = &target.name;
+    busy(st, t)?;
     let sync = args.sync;
     if matches!(sync, MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap) {
         return Err(QmpError::generic(format!(
@@ -141,6 +208,7 @@ pub(crate) fn blockdev_mirror(
                 "Failed to find node with node-name='{r}'"
             )));
         }
+        busy(st, r)?;
         if *r != device.name {
             return Err(QmpError::generic(format!(
                 "Cannot replace '{r}' by a node mirrored from '{}', because it cannot be \
@@ -233,14 +301,20 @@ pub(crate) fn blockdev_mirror(
         completable: true,
     };
     let tracking = engine.tracking();
+    let synced = engine.active.flag();
     let driver = MirrorDriver {
         engine,
         target: t.clone(),
+        owned,
     };
     let mode = args.copy_mode.unwrap_or(MirrorCopyMode::Background);
     let job = start_tracked(daemon, st, params, tracking.clone(), Box::new(driver))?;
+    job.set_actively_synced(synced);
     if mode == MirrorCopyMode::WriteBlocking {
         tracking.write_blocking();
+        if initial == Initial::Nothing {
+            tracking.clean_at_start();
+        }
     }
     // The current mode; changed only here, with the daemon's state lock held.
     let mode = std::sync::Mutex::new(mode);

@@ -29,7 +29,13 @@
 //! status), anything else as data. A failed read goes to the on-source-error policy, a
 //! failed write to on-target-error; ranges skipped under `ignore` stay dirty, so the pivot
 //! copies them or fails.
+//!
+//! [`ActiveSync`] is QEMU's `actively_synced` (what `query-block-jobs` reports of a mirror):
+//! set when the job, in copy mode `write-blocking`, is ready and finds nothing dirty (from
+//! then on every write completes on both sides), cleared when a write-blocking copy fails,
+//! as `block/mirror.c` does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +96,32 @@ pub struct MirrorEngine {
     pub same_size: bool,
     /// Set when the job was asked to complete (job-complete): prepare pivots.
     completed: bool,
+    /// The copy mode and `actively-synced` (see the module doc).
+    pub active: Arc<ActiveSync>,
+}
+
+/// A mirror's copy mode and QEMU's `actively_synced` (see the module doc), shared by the
+/// job, its write-blocking hook and `query-block-jobs`.
+#[derive(Debug, Default)]
+pub struct ActiveSync {
+    /// Copy mode `write-blocking` is on.
+    write_blocking: AtomicBool,
+    /// QEMU's `actively_synced`.
+    synced: Arc<AtomicBool>,
+}
+
+impl ActiveSync {
+    /// The flag `query-block-jobs` reads ([`crate::jobs::Job::set_actively_synced`]).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.synced.clone()
+    }
+
+    /// The job is ready and nothing is dirty: synced, if write-blocking.
+    fn clean(&self) {
+        if self.write_blocking.load(Ordering::Acquire) {
+            self.synced.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl MirrorEngine {
@@ -117,6 +149,7 @@ impl MirrorEngine {
             on_target_error,
             same_size: false,
             completed: false,
+            active: Arc::default(),
         }
     }
 
@@ -255,7 +288,7 @@ impl MirrorEngine {
         ctx.set_remaining(self.dirty.dirty_bytes());
         let mut cursor = 0;
         let mut bufs = vec![Vec::new(); IN_FLIGHT];
-        let mut ready = false;
+        let mut ready = ctx.is_ready();
         loop {
             match ctx.completion() {
                 Some(Completion::Complete) => {
@@ -273,6 +306,7 @@ impl MirrorEngine {
                 continue;
             }
             if ready {
+                self.active.clean();
                 ctx.idle(IDLE)?;
             } else {
                 ctx.set_ready()?;
@@ -309,12 +343,13 @@ pub fn move_exports(st: &mut State, from: &str, to: &str) -> usize {
 }
 
 /// What [`start_tracked`] installs: the source node and the map its writes mark (and the
-/// target, for [`Tracking::write_blocking`]).
+/// target and the copy mode, for [`Tracking::write_blocking`]).
 #[derive(Debug, Clone)]
 pub struct Tracking(
     Arc<sluice_image::Node>,
     Arc<DirtyMap>,
     Arc<sluice_image::Node>,
+    Arc<ActiveSync>,
 );
 
 impl MirrorEngine {
@@ -324,6 +359,7 @@ impl MirrorEngine {
             self.source.1.clone(),
             self.dirty.clone(),
             self.target.clone(),
+            self.active.clone(),
         )
     }
 }
@@ -337,7 +373,7 @@ pub fn start_tracked(
     tracking: Tracking,
     driver: Box<dyn JobDriver<State>>,
 ) -> Result<Arc<Job<State>>, QmpError> {
-    let Tracking(source, dirty, _) = tracking;
+    let Tracking(source, dirty, ..) = tracking;
     source.track_writes(Some(dirty));
     let started = Job::start(daemon, st, params, driver);
     if started.is_err() {
@@ -354,6 +390,7 @@ pub fn start_tracked(
 #[derive(Debug)]
 struct WriteBlocking {
     target: Arc<sluice_image::Node>,
+    active: Arc<ActiveSync>,
 }
 
 impl sluice_image::AfterWrite for WriteBlocking {
@@ -364,12 +401,18 @@ impl sluice_image::AfterWrite for WriteBlocking {
         read: &dyn Fn(&mut [u8], u64) -> sluice_block::Result<()>,
     ) -> sluice_block::Result<()> {
         let mut buf = vec![0u8; len as usize];
-        read(&mut buf, offset)?;
-        if buf.iter().all(|&b| b == 0) {
-            self.target.zero(len, offset, true, false)
-        } else {
-            self.target.write(&buf, offset)
+        let r = read(&mut buf, offset).and_then(|()| {
+            if buf.iter().all(|&b| b == 0) {
+                self.target.zero(len, offset, true, false)
+            } else {
+                self.target.write(&buf, offset)
+            }
+        });
+        if r.is_err() {
+            // The target lacks this write: no longer in sync (block/mirror.c).
+            self.active.synced.store(false, Ordering::Release);
         }
+        r
     }
 }
 
@@ -377,9 +420,21 @@ impl Tracking {
     /// Switches the mirror to write-blocking (idempotent: a second switch keeps the one
     /// hook). Called with the daemon's state lock held, while the job runs.
     pub fn write_blocking(&self) {
-        let Tracking(source, _, target) = self;
+        let Tracking(source, _, target, active) = self;
+        active.write_blocking.store(true, Ordering::Release);
         source.set_after_write(Some(Arc::new(WriteBlocking {
             target: target.clone(),
+            active: active.clone(),
         })));
+    }
+
+    /// For a job ready from the start: synced at once if write-blocking and nothing was
+    /// written since tracking began (as QEMU's first loop turn finds it, before the
+    /// command's reply).
+    pub fn clean_at_start(&self) {
+        let Tracking(_, dirty, _, active) = self;
+        if dirty.is_clean() {
+            active.clean();
+        }
     }
 }

@@ -41,6 +41,7 @@ pub mod backup;
 pub mod commands;
 pub mod commit;
 pub mod create;
+pub mod drive_mirror;
 pub mod mirror;
 pub mod mirror_engine;
 pub mod stream;
@@ -48,15 +49,16 @@ pub mod stream;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::events::EventBus;
 use crate::generated::{
     BlockDeviceIoStatus, BlockErrorAction, BlockJobCancelledEvent, BlockJobChangeOptions,
-    BlockJobCompletedEvent, BlockJobErrorEvent, BlockJobInfo, BlockJobPendingEvent,
-    BlockJobReadyEvent, BlockdevOnError, IoOperationType, JobInfo, JobStatus, JobStatusChangeEvent,
-    JobType, JobVerb,
+    BlockJobCompletedEvent, BlockJobErrorEvent, BlockJobInfo, BlockJobInfoBranch,
+    BlockJobInfoMirror, BlockJobPendingEvent, BlockJobReadyEvent, BlockdevOnError, IoOperationType,
+    JobInfo, JobStatus, JobStatusChangeEvent, JobType, JobVerb,
 };
 use crate::QmpError;
 
@@ -154,6 +156,13 @@ pub trait JobDriver<S: HasJobs>: Send {
         false
     }
 
+    /// True if the job is `ready` from the start: it then enters `ready` (with
+    /// BLOCK_JOB_READY) inside the creating command, before its reply, as QEMU's mirror
+    /// with nothing to copy first (sync `none`) does before its coroutine first yields.
+    fn ready_at_start(&self) -> bool {
+        false
+    }
+
     /// The work, on the job thread; calls `ctx` between chunks.
     fn run(&mut self, ctx: &mut JobCtx<'_, S>) -> Result<(), WorkError>;
 
@@ -242,6 +251,8 @@ pub struct Job<S: HasJobs> {
     host: Weak<dyn JobHost<S>>,
     /// `block-job-change` (see [`Changer`]); unset: the kind cannot change.
     changer: std::sync::OnceLock<Changer>,
+    /// A mirror's `actively-synced` (see [`Job::set_actively_synced`]).
+    actively_synced: std::sync::OnceLock<Arc<AtomicBool>>,
 }
 
 impl<S: HasJobs> std::fmt::Debug for Job<S> {
@@ -349,6 +360,7 @@ impl<S: HasJobs> Job<S> {
                 Arc::downgrade(&h)
             },
             changer: std::sync::OnceLock::new(),
+            actively_synced: std::sync::OnceLock::new(),
         });
         {
             let mut s = job.lock();
@@ -356,11 +368,21 @@ impl<S: HasJobs> Job<S> {
             job.set_status(&mut s, JobStatus::Running);
         }
         st.jobs().list.push(job.clone());
-        let trivial = job
-            .driver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .nothing_to_do();
+        let (trivial, ready) = {
+            let d = job.driver.lock().unwrap_or_else(|e| e.into_inner());
+            (d.nothing_to_do(), d.ready_at_start())
+        };
+        if ready {
+            let mut s = job.lock();
+            job.set_status(&mut s, JobStatus::Ready);
+            job.emit_block(&BlockJobReadyEvent {
+                r#type: job.job_type,
+                device: job.id.clone(),
+                len: s.total as i64,
+                offset: s.current as i64,
+                speed: s.speed as i64,
+            });
+        }
         if trivial {
             let mut s = job.lock();
             s.work_done = Some(Ok(()));
@@ -607,6 +629,12 @@ impl<S: HasJobs> Job<S> {
         }
     }
 
+    /// Gives `query-block-jobs` a mirror's `actively-synced` flag, which the kind keeps
+    /// (QEMU's `mirror_query`); once. A mirror job without one reports false.
+    pub fn set_actively_synced(&self, flag: Arc<AtomicBool>) {
+        let _ = self.actively_synced.set(flag);
+    }
+
     /// Lets `block-job-change` change this job (see [`Changer`]); once.
     pub fn set_changer(&self, changer: Changer) {
         let _ = self.changer.set(changer);
@@ -765,17 +793,31 @@ impl<S: HasJobs> Job<S> {
         }
     }
 
-    /// What `query-block-jobs` says.
+    /// What `query-block-jobs` says: the common members, and a mirror's own (QEMU 10's
+    /// union on `type`).
     pub fn block_info(&self) -> BlockJobInfo {
         let s = self.lock();
+        let u = match self.job_type {
+            JobType::Mirror => BlockJobInfoBranch::Mirror(BlockJobInfoMirror {
+                actively_synced: self
+                    .actively_synced
+                    .get()
+                    .is_some_and(|f| f.load(Ordering::Acquire)),
+            }),
+            JobType::Commit => BlockJobInfoBranch::Commit,
+            JobType::Stream => BlockJobInfoBranch::Stream,
+            JobType::Create => BlockJobInfoBranch::Create,
+            JobType::Backup => BlockJobInfoBranch::Backup,
+        };
         BlockJobInfo {
-            r#type: self.job_type,
+            u,
             device: self.id.clone(),
             len: s.total as i64,
             offset: s.current as i64,
-            // A job whose thread has not started yet is about to work (QEMU: busy).
-            busy: (s.busy || (!s.started && s.work_done.is_none()))
-                && matches!(s.status, JobStatus::Running | JobStatus::Ready),
+            // A job whose thread has not started yet is about to work (QEMU: busy), unless
+            // it is ready from the start (then it waits, as QEMU's does).
+            busy: (s.busy && matches!(s.status, JobStatus::Running | JobStatus::Ready))
+                || (!s.started && s.work_done.is_none() && s.status == JobStatus::Running),
             paused: s.user_paused,
             speed: s.speed as i64,
             io_status: s.io_status,
@@ -844,6 +886,15 @@ impl<S: HasJobs> JobCtx<'_, S> {
             speed: s.speed as i64,
         });
         Ok(())
+    }
+
+    /// True once the job is `ready` (or paused in `standby`), also when it was ready from
+    /// the start ([`JobDriver::ready_at_start`]).
+    pub fn is_ready(&self) -> bool {
+        matches!(
+            self.job.lock().status,
+            JobStatus::Ready | JobStatus::Standby
+        )
     }
 
     /// How the job was asked to end its `ready` phase, if it was.
