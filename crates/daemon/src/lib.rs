@@ -24,7 +24,8 @@
 //! Modules import only modules below them, in this order: `generated`, `events`, `objects`,
 //! `graph`, `exports`, `jobs` (the framework), `state`, the job kinds (`jobs::stream`,
 //! `jobs::mirror_engine`, `jobs::create` and `jobs::backup`; `jobs::active_commit` and
-//! `jobs::mirror` on the engine; `jobs::commit`), `jobs::commands` and `transaction`,
+//! `jobs::mirror` on the engine; `jobs::commit` and `jobs::drive_mirror`), `jobs::commands`
+//! and `transaction`,
 //! `snapshot`, `blockstats`, `commands`, `monitor`.
 //! `tests/layering.rs` reads the sources and fails on an import that goes up.
 //!

@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "jobs::backup",
     ],
     &["jobs::active_commit", "jobs::mirror"],
-    &["jobs::commit"],
+    &["jobs::commit", "jobs::drive_mirror"],
     &["jobs::commands", "transaction"],
     &["snapshot"],
     &["blockstats"],
