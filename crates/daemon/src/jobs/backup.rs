@@ -5,11 +5,14 @@
 //! as a hook on the source's request gate ([`sluice_image::BeforeWrite`], see
 //! `sluice_image::node::gate`): [`Copier`] holds `todo`, a map of what the target still
 //! needs from the source. Before any change to the source runs, the hook claims the part of
-//! `todo` it touches and copies that old data into the target; the job's thread claims and
-//! copies the rest, chunk by chunk. Every copy, the hook's and the job's, runs under one
-//! mutex ([`Copier::copy`]), so a range is claimed and copied by one of them only, and a
-//! write to a range the job is copying waits until that copy is in the target. What a
-//! client writes after its range was copied is not the backup's business.
+//! `todo` it touches and copies that old data into the target; the job's thread claims the
+//! rest, up to [`IN_FLIGHT`] chunks at a time, and copies them at once on scoped threads
+//! (QEMU's block-copy also keeps several copies in flight). A range leaves `todo` under the
+//! copier's lock, so one of them only copies it; the hook copies under the lock, and the
+//! job's copies run outside it but are listed in `copying` until they are in the target: a
+//! write to a range the job is copying waits until that copy is done (a failed one goes
+//! back into `todo`, and the waiting hook then copies it itself). What a client writes
+//! after its range was copied is not the backup's business.
 //!
 //! The sync modes only differ in the first `todo`: `full` everything, `top` what the
 //! source's own layer holds, `bitmap` (and `incremental`) what the job's bitmap marks,
@@ -24,20 +27,21 @@
 //! is merged back (`never`, or `on-success` after a failure) or dropped, and `always`
 //! after a failure merges back what was not copied.
 //!
-//! Locks: a hook runs inside the source's gate (shared) and takes the copy mutex; the job
-//! takes the copy mutex and then reads the source through its gate. That order is safe
-//! while nothing waits for the gate exclusively, and only an active commit or a mirror
-//! does (track writes, pivot), which the daemon refuses on a node a job holds.
+//! Locks: a hook runs inside the source's gate (shared) and takes the copier's lock, and
+//! waits there for the job's copies that overlap its write; the job's copies read the
+//! source through its gate (shared). That is safe while nothing waits for the gate
+//! exclusively, and only an active commit or a mirror does (track writes, pivot), which
+//! the daemon refuses on a node a job holds.
 //!
 //! The command checks its arguments in qsd's order with its messages (`blockdev.c`
 //! `do_backup_common`, `block/backup.c` `backup_job_create`). Refused by sluice, with a
 //! clear message: `compress` and `discard-source`. `filter-node-name` is accepted and no
 //! filter node appears in the graph.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use sluice_block::extents::Extents;
-use sluice_block::{BlockError, Result as BlockResult};
+use sluice_block::Result as BlockResult;
 use sluice_image::bitmaps::{Bitmap, BusyGuard, Use};
 use sluice_image::{BeforeWrite, DirtyMap, Node as ImageNode};
 
@@ -46,7 +50,11 @@ use crate::generated::{
 };
 use crate::graph::image::image_node;
 use crate::graph::not_found;
-use crate::jobs::{ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError, COPY_CHUNK};
+use crate::jobs::mirror_engine::IN_FLIGHT;
+use crate::jobs::{
+    at_once, copy_run, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError,
+    COPY_CHUNK,
+};
 use crate::state::{Daemon, State};
 use crate::QmpError;
 
@@ -54,37 +62,50 @@ use crate::QmpError;
 /// target's cluster if larger).
 const MIN_CLUSTER: u64 = 64 * 1024;
 
-/// What the target still needs and the one lock every copy takes (see the module doc).
+/// What the target still needs, and the lock and runs that keep each range copied once
+/// (see the module doc).
 #[derive(Debug)]
 pub struct Copier {
     todo: DirtyMap,
-    copy: Mutex<()>,
+    /// The runs the job's threads are copying, outside the lock: claimed from `todo`
+    /// under it, removed (failed ones marked back) under it when their copies end.
+    copying: Mutex<Vec<(u64, u64)>>,
+    /// Signalled when runs leave `copying`.
+    copied: Condvar,
     target: Arc<ImageNode>,
 }
 
-/// Which half of a copy failed.
-enum Side {
-    Read(BlockError),
-    Write(BlockError),
-}
-
 impl Copier {
-    /// Copies `[offset, offset+len)` with `read` into the target: a run of zeroes as a
-    /// zero request (a fresh target stays sparse), else as data.
-    fn copy_run(
-        &self,
-        offset: u64,
-        len: u64,
-        read: &dyn Fn(&mut [u8], u64) -> BlockResult<()>,
-    ) -> Result<(), Side> {
-        let mut buf = vec![0u8; len as usize];
-        read(&mut buf, offset).map_err(Side::Read)?;
-        let w = if buf.iter().all(|&b| b == 0) {
-            self.target.zero(len, offset, true, false)
-        } else {
-            self.target.write(&buf, offset)
-        };
-        w.map_err(Side::Write)
+    fn lock(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
+        self.copying.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims up to `most` runs of `todo` from `at` on (wrapping), for the job to copy.
+    fn claim(&self, at: u64, most: usize) -> Vec<(u64, u64)> {
+        let mut copying = self.lock();
+        let mut runs = Vec::with_capacity(most);
+        let mut at = at;
+        while runs.len() < most {
+            let Some((o, l)) = self.todo.take(at, COPY_CHUNK) else {
+                break;
+            };
+            runs.push((o, l));
+            at = o + l;
+        }
+        copying.extend_from_slice(&runs);
+        runs
+    }
+
+    /// Ends the job's copies of `runs`: the failed ones are needed again.
+    fn release(&self, runs: &[(u64, u64)], failed: impl Fn(usize) -> bool) {
+        let mut copying = self.lock();
+        for (i, &(o, l)) in runs.iter().enumerate() {
+            if failed(i) {
+                self.todo.mark(o, l);
+            }
+        }
+        copying.retain(|r| !runs.contains(r));
+        self.copied.notify_all();
     }
 }
 
@@ -95,10 +116,20 @@ impl BeforeWrite for Copier {
         len: u64,
         read: &dyn Fn(&mut [u8], u64) -> BlockResult<()>,
     ) -> BlockResult<()> {
-        let _g = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copying = self.lock();
+        // A run the job is copying is old data on its way to the target: wait for it.
+        while copying
+            .iter()
+            .any(|&(o, l)| o < offset + len && offset < o + l)
+        {
+            copying = self.copied.wait(copying).unwrap_or_else(|e| e.into_inner());
+        }
         let runs = self.todo.take_within(offset, len);
+        let mut buf = Vec::new();
         for (i, &(o, l)) in runs.iter().enumerate() {
-            if let Err(Side::Read(e) | Side::Write(e)) = self.copy_run(o, l, read) {
+            if let Err(CopyError::Source(e) | CopyError::Target(e)) =
+                copy_run(read, &self.target, o, l, &mut buf)
+            {
                 // Not copied: still needed (QEMU's on-cbw-error=break-guest-write: the
                 // client's write fails and the old data stays for the job).
                 for &(o, l) in &runs[i..] {
@@ -107,6 +138,7 @@ impl BeforeWrite for Copier {
                 return Err(e);
             }
         }
+        drop(copying);
         Ok(())
     }
 }
@@ -175,35 +207,44 @@ impl JobDriver<State> for BackupDriver {
             }
         }
         let mut at = 0;
+        let mut bufs = vec![Vec::new(); IN_FLIGHT];
         loop {
             ctx.checkpoint()?;
-            let copied = {
-                let _g = self.copier.copy.lock().unwrap_or_else(|e| e.into_inner());
-                let Some((o, l)) = self.copier.todo.take(at, COPY_CHUNK) else {
-                    break;
-                };
-                let read = |buf: &mut [u8], off: u64| self.source.read(buf, off);
-                match self.copier.copy_run(o, l, &read) {
-                    Ok(()) => {
-                        at = o + l;
-                        Ok(l)
-                    }
-                    Err(side) => {
-                        self.copier.todo.mark(o, l);
-                        at = o;
-                        Err(side)
-                    }
-                }
+            let most = if ctx.rate_limited() { 1 } else { IN_FLIGHT };
+            let runs = self.copier.claim(at, most);
+            let Some(&(last, last_len)) = runs.last() else {
+                break;
             };
-            match copied {
-                Ok(l) => {
-                    ctx.set_done(self.done());
-                    ctx.throttle(l)?;
+            let results = at_once(&runs, &mut bufs, |&(o, l), buf| {
+                copy_run(
+                    |b, o| self.source.read(b, o),
+                    &self.copier.target,
+                    o,
+                    l,
+                    buf,
+                )
+            });
+            self.copier.release(&runs, |i| results[i].is_err());
+            let copied: u64 = (runs.iter().zip(&results))
+                .filter(|(_, r)| r.is_ok())
+                .map(|(&(_, l), _)| l)
+                .sum();
+            ctx.set_done(self.done());
+            // The first failure (in offset order) decides, as one copy at a time would.
+            let failed = runs
+                .iter()
+                .zip(results)
+                .find_map(|(&(o, _), r)| r.err().map(|e| (o, e)));
+            match failed {
+                None => {
+                    at = last + last_len;
+                    ctx.throttle(copied)?;
                 }
-                Err(side) => {
+                Some((o, side)) => {
+                    at = o;
                     let (policy, op, e) = match side {
-                        Side::Read(e) => (self.on_source_error, IoOperationType::Read, e),
-                        Side::Write(e) => (self.on_target_error, IoOperationType::Write, e),
+                        CopyError::Source(e) => (self.on_source_error, IoOperationType::Read, e),
+                        CopyError::Target(e) => (self.on_target_error, IoOperationType::Write, e),
                     };
                     tracing::warn!("blockdev-backup: {e}");
                     let enospc = e.errno.0 == libc::ENOSPC;
@@ -431,7 +472,8 @@ pub(crate) fn start(
     };
     let copier = Arc::new(Copier {
         todo,
-        copy: Mutex::new(()),
+        copying: Mutex::new(Vec::new()),
+        copied: Condvar::new(),
         target: p.target,
     });
     p.source.set_before_write(Some(copier.clone()));

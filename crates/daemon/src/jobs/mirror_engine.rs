@@ -40,11 +40,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_block::extents::Extents;
-use sluice_block::BlockError;
 use sluice_image::DirtyMap;
 
 use crate::generated::{BlockdevOnError, IoOperationType};
-use crate::jobs::{Completion, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::jobs::{
+    at_once, copy_run, Completion, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams,
+    WorkError,
+};
 use crate::state::{Daemon, State};
 use crate::QmpError;
 
@@ -69,11 +71,6 @@ pub enum Initial {
 }
 
 /// Which half of a copy failed.
-enum Side {
-    Source(BlockError),
-    Target(BlockError),
-}
-
 /// A mirror's state (see the module doc): owned by the kind's driver.
 #[derive(Debug)]
 pub struct MirrorEngine {
@@ -198,15 +195,14 @@ impl MirrorEngine {
     }
 
     /// Copies one range from the source into the target.
-    fn copy(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), Side> {
-        buf.resize(len as usize, 0);
-        self.source.1.read(buf, offset).map_err(Side::Source)?;
-        let r = if buf.iter().all(|&b| b == 0) {
-            self.target.zero(len, offset, true, false)
-        } else {
-            self.target.write(buf, offset)
-        };
-        r.map_err(Side::Target)
+    fn copy(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+        copy_run(
+            |b, o| self.source.1.read(b, o),
+            &self.target,
+            offset,
+            len,
+            buf,
+        )
     }
 
     /// One step: copies the next dirty runs, up to one per buffer, at once (applying the
@@ -226,21 +222,12 @@ impl MirrorEngine {
             *cursor = offset + len;
             runs.push((offset, len));
         }
-        let results: Vec<Result<(), Side>> = match runs.as_slice() {
-            [] => return Ok(false),
-            [(offset, len)] => vec![self.copy(*offset, *len, &mut bufs[0])],
-            _ => std::thread::scope(|s| {
-                let copies: Vec<_> = runs
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|(&(offset, len), buf)| s.spawn(move || self.copy(offset, len, buf)))
-                    .collect();
-                copies
-                    .into_iter()
-                    .map(|c| c.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            }),
-        };
+        if runs.is_empty() {
+            return Ok(false);
+        }
+        let results = at_once(&runs, bufs, |&(offset, len), buf| {
+            self.copy(offset, len, buf)
+        });
         // Runs that failed go back into the map before any policy is applied, so a
         // reported error or a cancel leaves every uncopied byte dirty.
         let mut failed = None;
@@ -260,8 +247,8 @@ impl MirrorEngine {
         }
         if let Some(side) = failed {
             let (policy, op, e) = match side {
-                Side::Source(e) => (self.on_source_error, IoOperationType::Read, e),
-                Side::Target(e) => (self.on_target_error, IoOperationType::Write, e),
+                CopyError::Source(e) => (self.on_source_error, IoOperationType::Read, e),
+                CopyError::Target(e) => (self.on_target_error, IoOperationType::Write, e),
             };
             tracing::warn!("{} of '{}': {e}", self.label, self.source.0);
             let enospc = e.errno.0 == libc::ENOSPC;

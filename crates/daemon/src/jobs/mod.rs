@@ -112,6 +112,64 @@ pub fn is_block_job(t: JobType) -> bool {
 /// come at least this often (QEMU's stream and commit buffers are 512 KiB too).
 pub const COPY_CHUNK: u64 = 512 * 1024;
 
+/// How many chunks [`JobCtx::copy_in_chunks_read_ahead`] reads ahead of the one it writes.
+pub const READ_AHEAD: usize = 4;
+
+/// Which half of a copy failed ([`copy_run`]): the read of the source or the write of
+/// the target, which have separate on-error policies in mirror and backup.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the source failed.
+    Source(sluice_block::BlockError),
+    /// Writing the target failed.
+    Target(sluice_block::BlockError),
+}
+
+/// Copies `[offset, offset+len)` from `read` into `target` through `buf`: a run that reads
+/// as zeroes becomes a zero request (a sparse target stays sparse, as QEMU's mirror and
+/// backup keep it with block status), anything else a write.
+pub fn copy_run(
+    read: impl FnOnce(&mut [u8], u64) -> sluice_block::Result<()>,
+    target: &sluice_image::Node,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), CopyError> {
+    buf.resize(len as usize, 0);
+    read(buf, offset).map_err(CopyError::Source)?;
+    let r = if buf.iter().all(|&b| b == 0) {
+        target.zero(len, offset, true, false)
+    } else {
+        target.write(buf, offset)
+    };
+    r.map_err(CopyError::Target)
+}
+
+/// Runs `f` on each of `items` at once, each with its own buffer from `bufs` (as many as
+/// items at least) and its own scoped thread, and returns the results in the items' order.
+/// One item runs on the calling thread.
+pub fn at_once<I: Sync, B: Send, R: Send>(
+    items: &[I],
+    bufs: &mut [B],
+    f: impl Fn(&I, &mut B) -> R + Sync,
+) -> Vec<R> {
+    if let ([item], [buf, ..]) = (items, &mut *bufs) {
+        return vec![f(item, buf)];
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let running: Vec<_> = items
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(item, buf)| s.spawn(move || f(item, buf)))
+            .collect();
+        running
+            .into_iter()
+            .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 /// Why a job's work stopped early.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkError {
@@ -1027,6 +1085,53 @@ impl<S: HasJobs> JobCtx<'_, S> {
             Some(m) => Err(WorkError::Failed(m)),
             None => Ok(()),
         }
+    }
+
+    /// [`JobCtx::copy_in_chunks`] with the reads of the next [`READ_AHEAD`] chunks made on a
+    /// second thread while this one writes: `read(offset, len)` fetches a chunk's data,
+    /// `write(data)` stores it and returns the bytes copied. Writes, progress, the rate
+    /// limit and the on-error policy stay in order on the job's thread, so a failed chunk
+    /// stops the job before anything after it is written, as a one-chunk-at-a-time loop
+    /// would; a read error is met when its chunk's turn comes, and a retry reads the chunk
+    /// again. Only for sources that nothing changes while the job runs (commit's layers
+    /// above its base): data read ahead must still be current when it is written.
+    pub fn copy_in_chunks_read_ahead<T: Send>(
+        &mut self,
+        size: u64,
+        read: impl Fn(u64, u64) -> sluice_block::Result<T> + Sync,
+        mut write: impl FnMut(T) -> sluice_block::Result<u64>,
+    ) -> Result<(), WorkError> {
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+            let read = &read;
+            scope.spawn(move || {
+                let mut offset = 0;
+                while offset < size {
+                    let n = COPY_CHUNK.min(size - offset);
+                    // Stops when the job's loop is over (the receiver is gone).
+                    if tx.send((offset, read(offset, n))).is_err() {
+                        break;
+                    }
+                    offset += n;
+                }
+            });
+            let mut next: Option<(u64, sluice_block::Result<T>)> = None;
+            self.copy_in_chunks(size, |offset, n| {
+                if next.is_none() {
+                    next = rx.recv().ok();
+                }
+                let data = match next.take() {
+                    Some((at, data)) if at == offset => data,
+                    // A retried chunk: what was read ahead is the next chunk's.
+                    ahead => {
+                        next = ahead;
+                        read(offset, n)
+                    }
+                };
+                data.and_then(&mut write)
+            })
+            // `rx` is dropped here, before the scope joins the reader.
+        })
     }
 
     /// [`JobCtx::io_error`] for a failed copy: a write-side errno (ENOSPC, EROFS) is a write
