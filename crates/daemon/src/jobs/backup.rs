@@ -50,10 +50,9 @@ use crate::generated::{
 };
 use crate::graph::image::image_node;
 use crate::graph::not_found;
-use crate::jobs::mirror_engine::IN_FLIGHT;
 use crate::jobs::{
     at_once, copy_run, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError,
-    COPY_CHUNK,
+    COPY_CHUNK, IN_FLIGHT,
 };
 use crate::state::{Daemon, State};
 use crate::QmpError;

@@ -45,7 +45,7 @@ use sluice_image::DirtyMap;
 use crate::generated::{BlockdevOnError, IoOperationType};
 use crate::jobs::{
     at_once, copy_run, Completion, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams,
-    WorkError,
+    WorkError, IN_FLIGHT,
 };
 use crate::state::{Daemon, State};
 use crate::QmpError;
@@ -53,9 +53,6 @@ use crate::QmpError;
 /// How long a ready job waits for new writes before it looks again (also the longest a
 /// write waits to be mirrored).
 const IDLE: Duration = Duration::from_millis(20);
-
-/// The most dirty runs copied at once (see the module doc).
-pub const IN_FLIGHT: usize = 8;
 
 /// What the first pass marks dirty (QEMU's sync modes, and active commit's layers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -112,6 +112,10 @@ pub fn is_block_job(t: JobType) -> bool {
 /// come at least this often (QEMU's stream and commit buffers are 512 KiB too).
 pub const COPY_CHUNK: u64 = 512 * 1024;
 
+/// The most runs a mirror or a backup copies at once ([`at_once`]; see
+/// `mirror_engine`'s module doc).
+pub const IN_FLIGHT: usize = 8;
+
 /// How many chunks [`JobCtx::copy_in_chunks_read_ahead`] reads ahead of the one it writes.
 pub const READ_AHEAD: usize = 4;
 
