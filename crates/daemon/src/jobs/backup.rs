@@ -51,8 +51,8 @@ use crate::generated::{
 use crate::graph::image::image_node;
 use crate::graph::not_found;
 use crate::jobs::{
-    at_once, copy_run, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError,
-    COPY_CHUNK, IN_FLIGHT,
+    copy_run, with_workers, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams, WorkError,
+    Workers, COPY_CHUNK, IN_FLIGHT,
 };
 use crate::state::{Daemon, State};
 use crate::QmpError;
@@ -176,6 +176,52 @@ impl BackupDriver {
         self.total.saturating_sub(self.copier.todo.dirty_bytes())
     }
 
+    /// The job's copies: claims up to [`IN_FLIGHT`] chunks of `todo` at a time and copies
+    /// them at once, until `todo` is empty.
+    fn copy_all(
+        &self,
+        ctx: &mut JobCtx<'_, State>,
+        workers: &mut Workers<'_>,
+    ) -> Result<(), WorkError> {
+        let mut at = 0;
+        loop {
+            ctx.checkpoint()?;
+            let most = if ctx.rate_limited() { 1 } else { IN_FLIGHT };
+            let runs = self.copier.claim(at, most);
+            let Some(&(last, last_len)) = runs.last() else {
+                return Ok(());
+            };
+            let results = workers.copy(&runs);
+            self.copier.release(&runs, |i| results[i].is_err());
+            let copied: u64 = (runs.iter().zip(&results))
+                .filter(|(_, r)| r.is_ok())
+                .map(|(&(_, l), _)| l)
+                .sum();
+            ctx.set_done(self.done());
+            // The first failure (in offset order) decides, as one copy at a time would.
+            let failed = runs
+                .iter()
+                .zip(results)
+                .find_map(|(&(o, _), r)| r.err().map(|e| (o, e)));
+            let Some((o, side)) = failed else {
+                at = last + last_len;
+                ctx.throttle(copied)?;
+                continue;
+            };
+            at = o;
+            let (policy, op, e) = match side {
+                CopyError::Source(e) => (self.on_source_error, IoOperationType::Read, e),
+                CopyError::Target(e) => (self.on_target_error, IoOperationType::Write, e),
+            };
+            tracing::warn!("blockdev-backup: {e}");
+            let enospc = e.errno.0 == libc::ENOSPC;
+            // As QEMU's backup: anything but report retries the range.
+            if ctx.io_error_with(policy, op, enospc)? == ErrorAction::Report {
+                return Err(WorkError::Failed(e.errno.describe()));
+            }
+        }
+    }
+
     /// What `bitmap-mode` does at the end (QEMU's `backup_cleanup_sync_bitmap`).
     fn end_bitmap(&mut self, ok: bool) {
         let Some(b) = self.bitmap.take() else {
@@ -205,55 +251,9 @@ impl JobDriver<State> for BackupDriver {
                 }
             }
         }
-        let mut at = 0;
-        let mut bufs = vec![Vec::new(); IN_FLIGHT];
-        loop {
-            ctx.checkpoint()?;
-            let most = if ctx.rate_limited() { 1 } else { IN_FLIGHT };
-            let runs = self.copier.claim(at, most);
-            let Some(&(last, last_len)) = runs.last() else {
-                break;
-            };
-            let results = at_once(&runs, &mut bufs, |&(o, l), buf| {
-                copy_run(
-                    |b, o| self.source.read(b, o),
-                    &self.copier.target,
-                    o,
-                    l,
-                    buf,
-                )
-            });
-            self.copier.release(&runs, |i| results[i].is_err());
-            let copied: u64 = (runs.iter().zip(&results))
-                .filter(|(_, r)| r.is_ok())
-                .map(|(&(_, l), _)| l)
-                .sum();
-            ctx.set_done(self.done());
-            // The first failure (in offset order) decides, as one copy at a time would.
-            let failed = runs
-                .iter()
-                .zip(results)
-                .find_map(|(&(o, _), r)| r.err().map(|e| (o, e)));
-            match failed {
-                None => {
-                    at = last + last_len;
-                    ctx.throttle(copied)?;
-                }
-                Some((o, side)) => {
-                    at = o;
-                    let (policy, op, e) = match side {
-                        CopyError::Source(e) => (self.on_source_error, IoOperationType::Read, e),
-                        CopyError::Target(e) => (self.on_target_error, IoOperationType::Write, e),
-                    };
-                    tracing::warn!("blockdev-backup: {e}");
-                    let enospc = e.errno.0 == libc::ENOSPC;
-                    // As QEMU's backup: anything but report retries the range.
-                    if ctx.io_error_with(policy, op, enospc)? == ErrorAction::Report {
-                        return Err(WorkError::Failed(e.errno.describe()));
-                    }
-                }
-            }
-        }
+        let read = |buf: &mut [u8], offset| self.source.read(buf, offset);
+        let copy = |o, l, buf: &mut Vec<u8>| copy_run(read, &self.copier.target, o, l, buf);
+        with_workers(IN_FLIGHT, copy, |workers| self.copy_all(ctx, workers))?;
         ctx.set_done(self.total);
         Ok(())
     }

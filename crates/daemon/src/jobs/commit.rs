@@ -6,11 +6,7 @@
 //! image in [`COPY_CHUNK`](crate::jobs::COPY_CHUNK)-sized steps: each step finds (by allocation depth, seen from `top`)
 //! the ranges that a layer from `top` down to above `base` holds, reads them through `top`
 //! (the newest of those layers wins) and writes them into `base`, charges the copied bytes
-//! to the rate limit and advances the progress by the step. The reads of the next few steps
-//! run on a second thread while the job's thread writes
-//! ([`JobCtx::copy_in_chunks_read_ahead`]): the layers above the base are backing layers that
-//! nothing writes meanwhile, and the writes stay in order, so an error stops the job where
-//! a one-step-at-a-time loop would.
+//! to the rate limit and advances the progress by the step.
 //!
 //! `base` is a read-only backing node; as qsd reopens it read-write for the job, the driver
 //! writes through a writable node over the same image ([`sluice_image::Node::open_writer`]),
@@ -58,32 +54,23 @@ pub struct CommitDriver {
 }
 
 impl CommitDriver {
-    /// Reads the ranges of `[offset, offset+n)` held above the base (through `top`: the
-    /// newest layer wins), with their offsets.
-    fn read_range(&self, offset: u64, n: u64) -> sluice_block::Result<Vec<(u64, Vec<u8>)>> {
-        let mut depths = Extents::new(offset, offset + n);
-        self.top.allocation_depth(n, offset, &mut depths)?;
-        let mut held = Vec::new();
-        for e in depths.as_slice() {
-            if e.kind >= 1 && e.kind < self.base_depth {
-                let mut buf = vec![0; e.length as usize];
-                self.top.read(&mut buf, e.offset)?;
-                held.push((e.offset, buf));
-            }
-        }
-        Ok(held)
-    }
-
-    /// Writes what [`CommitDriver::read_range`] read into the base; returns the bytes.
-    fn write_range(&self, held: Vec<(u64, Vec<u8>)>) -> sluice_block::Result<u64> {
+    /// Copies the ranges of `[offset, offset+n)` held above the base; returns the bytes.
+    fn commit_range(&self, offset: u64, n: u64) -> sluice_block::Result<u64> {
         let writer = self
             .writer
             .as_ref()
             .ok_or_else(|| sluice_block::BlockError::new(Errno::EROFS, "base not writable"))?;
+        let mut depths = Extents::new(offset, offset + n);
+        self.top.allocation_depth(n, offset, &mut depths)?;
         let mut copied = 0;
-        for (offset, buf) in held {
-            writer.write(&buf, offset)?;
-            copied += buf.len() as u64;
+        let mut buf = Vec::new();
+        for e in depths.as_slice() {
+            if e.kind >= 1 && e.kind < self.base_depth {
+                buf.resize(e.length as usize, 0);
+                self.top.read(&mut buf, e.offset)?;
+                writer.write(&buf, e.offset)?;
+                copied += e.length;
+            }
         }
         Ok(copied)
     }
@@ -130,14 +117,8 @@ fn base_writer(
 
 impl JobDriver<State> for CommitDriver {
     fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
-        // The layers above the base are backing layers: nothing writes them during the
-        // job, so chunks can be read ahead while earlier ones are written.
-        let this = &*self;
-        ctx.copy_in_chunks_read_ahead(
-            this.size,
-            |offset, n| this.read_range(offset, n),
-            |held| this.write_range(held),
-        )
+        let size = self.size;
+        ctx.copy_in_chunks(size, |offset, n| self.commit_range(offset, n))
     }
 
     /// Closes the base's writer, then switches the overlay's backing to the base, in its

@@ -44,8 +44,8 @@ use sluice_image::DirtyMap;
 
 use crate::generated::{BlockdevOnError, IoOperationType};
 use crate::jobs::{
-    at_once, copy_run, Completion, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams,
-    WorkError, IN_FLIGHT,
+    copy_run, with_workers, Completion, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams,
+    WorkError, Workers, IN_FLIGHT,
 };
 use crate::state::{Daemon, State};
 use crate::QmpError;
@@ -208,9 +208,9 @@ impl MirrorEngine {
         &self,
         ctx: &mut JobCtx<'_, State>,
         cursor: &mut u64,
-        bufs: &mut [Vec<u8>],
+        workers: &mut Workers<'_>,
     ) -> Result<bool, WorkError> {
-        let most = if ctx.rate_limited() { 1 } else { bufs.len() };
+        let most = if ctx.rate_limited() { 1 } else { IN_FLIGHT };
         let mut runs = Vec::with_capacity(most);
         while runs.len() < most {
             let Some((offset, len)) = self.dirty.take(*cursor, self.step) else {
@@ -222,9 +222,7 @@ impl MirrorEngine {
         if runs.is_empty() {
             return Ok(false);
         }
-        let results = at_once(&runs, bufs, |&(offset, len), buf| {
-            self.copy(offset, len, buf)
-        });
+        let results = workers.copy(&runs);
         // Runs that failed go back into the map before any policy is applied, so a
         // reported error or a cancel leaves every uncopied byte dirty.
         let mut failed = None;
@@ -271,22 +269,19 @@ impl MirrorEngine {
         self.mark_initial(ctx)?;
         ctx.set_remaining(self.dirty.dirty_bytes());
         let mut cursor = 0;
-        let mut bufs = vec![Vec::new(); IN_FLIGHT];
         let mut ready = ctx.is_ready();
-        loop {
+        let copy = |offset, len, buf: &mut Vec<u8>| self.copy(offset, len, buf);
+        let completed = with_workers(IN_FLIGHT, copy, |workers| loop {
             match ctx.completion() {
-                Some(Completion::Complete) => {
-                    self.completed = true;
-                    return Ok(());
-                }
+                Some(Completion::Complete) => return Ok(true),
                 Some(Completion::SoftCancel) => {
                     // The target gets what is dirty now; no pivot.
-                    while self.step(ctx, &mut cursor, &mut bufs)? {}
-                    return Ok(());
+                    while self.step(ctx, &mut cursor, workers)? {}
+                    return Ok(false);
                 }
                 None => {}
             }
-            if self.step(ctx, &mut cursor, &mut bufs)? {
+            if self.step(ctx, &mut cursor, workers)? {
                 continue;
             }
             if ready {
@@ -296,7 +291,9 @@ impl MirrorEngine {
                 ctx.set_ready()?;
                 ready = true;
             }
-        }
+        })?;
+        self.completed = completed;
+        Ok(())
     }
 
     /// The pivot (see the module doc): on success the source's requests go to the target.

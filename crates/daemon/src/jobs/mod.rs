@@ -112,12 +112,9 @@ pub fn is_block_job(t: JobType) -> bool {
 /// come at least this often (QEMU's stream and commit buffers are 512 KiB too).
 pub const COPY_CHUNK: u64 = 512 * 1024;
 
-/// The most runs a mirror or a backup copies at once ([`at_once`]; see
+/// The most runs a mirror or a backup copies at once ([`Workers`]; see
 /// `mirror_engine`'s module doc).
 pub const IN_FLIGHT: usize = 8;
-
-/// How many chunks [`JobCtx::copy_in_chunks_read_ahead`] reads ahead of the one it writes.
-pub const READ_AHEAD: usize = 4;
 
 /// Which half of a copy failed ([`copy_run`]): the read of the source or the write of
 /// the target, which have separate on-error policies in mirror and backup.
@@ -149,29 +146,108 @@ pub fn copy_run(
     r.map_err(CopyError::Target)
 }
 
-/// Runs `f` on each of `items` at once, each with its own buffer from `bufs` (as many as
-/// items at least) and its own scoped thread, and returns the results in the items' order.
-/// One item runs on the calling thread.
-pub fn at_once<I: Sync, B: Send, R: Send>(
-    items: &[I],
-    bufs: &mut [B],
-    f: impl Fn(&I, &mut B) -> R + Sync,
-) -> Vec<R> {
-    if let ([item], [buf, ..]) = (items, &mut *bufs) {
-        return vec![f(item, buf)];
-    }
-    let f = &f;
+/// What [`Workers`] copy with: `copy(offset, len, buf)`.
+type CopyFn<'a> = &'a (dyn Fn(u64, u64, &mut Vec<u8>) -> Result<(), CopyError> + Sync);
+
+/// A run for a worker: its index in the batch, the run, a buffer.
+type Work = (usize, (u64, u64), Vec<u8>);
+
+/// A worker's answer: the index, the buffer back, the copy's result (or its panic).
+type Done = (usize, Vec<u8>, std::thread::Result<Result<(), CopyError>>);
+
+/// Threads that copy runs at once for a job (mirror's dirty runs, backup's chunks), started
+/// once for the job's work by [`with_workers`]: a thread started per run cost more than a
+/// 64 KiB copy (a backup with 5% dirty spent its time in `clone3` and `mmap`).
+pub struct Workers<'a> {
+    copy: CopyFn<'a>,
+    /// None without workers (`threads` 1).
+    work: Option<std::sync::mpsc::Sender<Work>>,
+    done: std::sync::mpsc::Receiver<Done>,
+    /// Buffers not in use, kept between batches.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Runs `body` with [`Workers`]: `threads - 1` threads beside the calling one, all copying
+/// with `copy`; they end with `body`.
+pub fn with_workers<T>(
+    threads: usize,
+    copy: impl Fn(u64, u64, &mut Vec<u8>) -> Result<(), CopyError> + Sync,
+    body: impl FnOnce(&mut Workers<'_>) -> T,
+) -> T {
+    use std::sync::mpsc;
+    let (work, queue) = mpsc::channel::<Work>();
+    let queue = Mutex::new(queue);
+    let (answer, done) = mpsc::channel::<Done>();
+    let copy: CopyFn<'_> = &copy;
     std::thread::scope(|s| {
-        let running: Vec<_> = items
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|(item, buf)| s.spawn(move || f(item, buf)))
-            .collect();
-        running
-            .into_iter()
-            .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+        for _ in 1..threads {
+            let (queue, answer) = (&queue, answer.clone());
+            s.spawn(move || loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                // The sender is gone: the job's work is over.
+                let Ok((i, (offset, len), mut buf)) = next else {
+                    break;
+                };
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    copy(offset, len, &mut buf)
+                }));
+                if answer.send((i, buf, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(answer);
+        let mut workers = Workers {
+            copy,
+            work: (threads > 1).then_some(work),
+            done,
+            spare: Vec::new(),
+        };
+        body(&mut workers)
+        // `workers` (the sender) is dropped here, before the scope joins the threads.
     })
+}
+
+impl Workers<'_> {
+    /// Copies `runs` at once, the first on this thread, the others on the workers (at most
+    /// one run per thread is useful: the caller batches no more than it started); returns
+    /// the results in the runs' order.
+    pub fn copy(&mut self, runs: &[(u64, u64)]) -> Vec<Result<(), CopyError>> {
+        let Some((&(offset, len), rest)) = runs.split_first() else {
+            return Vec::new();
+        };
+        let mut results: Vec<Option<Result<(), CopyError>>> = runs.iter().map(|_| None).collect();
+        let mut sent = 0;
+        for (i, &run) in rest.iter().enumerate() {
+            let buf = self.spare.pop().unwrap_or_default();
+            let unsent = match &self.work {
+                Some(work) => work.send((i + 1, run, buf)).err().map(|e| e.0),
+                None => Some((i + 1, run, buf)),
+            };
+            if let Some((_, run, mut buf)) = unsent {
+                // No worker: this thread copies it.
+                results[i + 1] = Some((self.copy)(run.0, run.1, &mut buf));
+                self.spare.push(buf);
+            } else {
+                sent += 1;
+            }
+        }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        results[0] = Some((self.copy)(offset, len, &mut buf));
+        self.spare.push(buf);
+        for _ in 0..sent {
+            let (i, buf, r) = self
+                .done
+                .recv()
+                .expect("a worker answers every run it took");
+            self.spare.push(buf);
+            results[i] = Some(r.unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every run copied"))
+            .collect()
+    }
 }
 
 /// Why a job's work stopped early.
@@ -1089,53 +1165,6 @@ impl<S: HasJobs> JobCtx<'_, S> {
             Some(m) => Err(WorkError::Failed(m)),
             None => Ok(()),
         }
-    }
-
-    /// [`JobCtx::copy_in_chunks`] with the reads of the next [`READ_AHEAD`] chunks made on a
-    /// second thread while this one writes: `read(offset, len)` fetches a chunk's data,
-    /// `write(data)` stores it and returns the bytes copied. Writes, progress, the rate
-    /// limit and the on-error policy stay in order on the job's thread, so a failed chunk
-    /// stops the job before anything after it is written, as a one-chunk-at-a-time loop
-    /// would; a read error is met when its chunk's turn comes, and a retry reads the chunk
-    /// again. Only for sources that nothing changes while the job runs (commit's layers
-    /// above its base): data read ahead must still be current when it is written.
-    pub fn copy_in_chunks_read_ahead<T: Send>(
-        &mut self,
-        size: u64,
-        read: impl Fn(u64, u64) -> sluice_block::Result<T> + Sync,
-        mut write: impl FnMut(T) -> sluice_block::Result<u64>,
-    ) -> Result<(), WorkError> {
-        std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
-            let read = &read;
-            scope.spawn(move || {
-                let mut offset = 0;
-                while offset < size {
-                    let n = COPY_CHUNK.min(size - offset);
-                    // Stops when the job's loop is over (the receiver is gone).
-                    if tx.send((offset, read(offset, n))).is_err() {
-                        break;
-                    }
-                    offset += n;
-                }
-            });
-            let mut next: Option<(u64, sluice_block::Result<T>)> = None;
-            self.copy_in_chunks(size, |offset, n| {
-                if next.is_none() {
-                    next = rx.recv().ok();
-                }
-                let data = match next.take() {
-                    Some((at, data)) if at == offset => data,
-                    // A retried chunk: what was read ahead is the next chunk's.
-                    ahead => {
-                        next = ahead;
-                        read(offset, n)
-                    }
-                };
-                data.and_then(&mut write)
-            })
-            // `rx` is dropped here, before the scope joins the reader.
-        })
     }
 
     /// [`JobCtx::io_error`] for a failed copy: a write-side errno (ENOSPC, EROFS) is a write

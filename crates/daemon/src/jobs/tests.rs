@@ -2,7 +2,7 @@
 //! on-error policies. Slow jobs are made with a rate limit of 1 byte/s, so they sleep
 //! (interruptibly) after their first step and tests never depend on timing for correctness.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -610,96 +610,58 @@ fn jobs_using_node_sees_only_live_jobs() {
     assert!(f.daemon.lock().jobs.using_node("j0-node").is_none());
 }
 
-/// What a [`ReadAhead`] job's reads and writes saw, by chunk index.
-#[derive(Default)]
-struct Seen {
-    reads: Mutex<Vec<u64>>,
-    writes: Mutex<Vec<u64>>,
-    cond: Condvar,
-}
-
-/// A driver of six chunks copied by [`JobCtx::copy_in_chunks_read_ahead`]: the read of
-/// chunk `fail_at` fails once with EIO; the write of chunk 0 waits until four chunks have
-/// been read, so the reads are known to run ahead of the writes.
-struct ReadAhead {
-    seen: Arc<Seen>,
-    fail_at: u64,
-    failed: std::sync::atomic::AtomicBool,
-}
-
-impl JobDriver<State> for ReadAhead {
-    fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
-        let seen = &self.seen;
-        let read = |offset: u64, _n: u64| {
-            let chunk = offset / COPY_CHUNK;
-            seen.reads.lock().unwrap().push(chunk);
-            seen.cond.notify_all();
-            if chunk == self.fail_at && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
-                return Err(sluice_block::BlockError::new(
-                    sluice_block::Errno::EIO,
-                    "injected",
-                ));
-            }
-            Ok(chunk)
-        };
-        let write = |chunk: u64| {
-            if chunk == 0 {
-                let reads = seen.reads.lock().unwrap();
-                let (reads, timeout) = seen
-                    .cond
-                    .wait_timeout_while(reads, Duration::from_secs(20), |r| r.len() < 4)
-                    .unwrap();
-                assert!(!timeout.timed_out(), "no read ahead: {:?}", *reads);
-            }
-            seen.writes.lock().unwrap().push(chunk);
-            Ok(COPY_CHUNK)
-        };
-        ctx.copy_in_chunks_read_ahead(6 * COPY_CHUNK, read, write)
-    }
-}
-
-impl Fixture {
-    fn read_ahead(&self, p: JobParams, fail_at: u64) -> (Arc<Job<State>>, Arc<Seen>) {
-        let seen = Arc::new(Seen::default());
-        let d = ReadAhead {
-            seen: seen.clone(),
-            fail_at,
-            failed: false.into(),
-        };
-        let mut st = self.daemon.lock();
-        let job = Job::start(&self.daemon, &mut st, p, Box::new(d)).unwrap();
-        (job, seen)
+/// A copy function for [`Workers`] tests: fills the buffer with the run's first byte of
+/// offset, fails the run at offset 3 with EIO, panics at offset 13; records the threads.
+fn scripted_copy(
+    threads: &Mutex<std::collections::HashSet<std::thread::ThreadId>>,
+) -> impl Fn(u64, u64, &mut Vec<u8>) -> Result<(), CopyError> + Sync + '_ {
+    move |offset, len, buf| {
+        threads.lock().unwrap().insert(std::thread::current().id());
+        assert_ne!(offset, 13, "scripted panic");
+        buf.clear();
+        buf.resize(len as usize, offset as u8);
+        if offset == 3 {
+            return Err(CopyError::Source(sluice_block::BlockError::new(
+                sluice_block::Errno::EIO,
+                "scripted",
+            )));
+        }
+        Ok(())
     }
 }
 
 #[test]
-fn read_ahead_failed_chunk_stops_writes_before_the_chunks_read_after_it() {
-    let mut f = fixture();
-    let (_job, seen) = f.read_ahead(params("ra0"), 2);
-    let names = f.names(4);
-    assert_eq!(names[2], "BLOCK_JOB_ERROR");
-    // Chunks 3 and 4 were read before chunk 2's error was met; none of them was written.
-    assert!(seen.reads.lock().unwrap().len() >= 4);
-    assert_eq!(*seen.writes.lock().unwrap(), [0, 1]);
+fn workers_copy_a_batch_at_once_and_answer_in_order() {
+    let threads = Mutex::new(Default::default());
+    let copy = scripted_copy(&threads);
+    let results = with_workers(4, copy, |w| {
+        let mut all = Vec::new();
+        for batch in [&[(1, 8), (2, 8), (3, 8), (4, 8)][..], &[(5, 8)], &[]] {
+            all.extend(w.copy(batch).into_iter().map(|r| r.is_ok()));
+        }
+        all
+    });
+    assert_eq!(results, [true, true, false, true, true]);
+    // The workers took part (a batch of 4 on 4 threads), and were started once.
+    let n = threads.lock().unwrap().len();
+    assert!((2..=4).contains(&n), "{n} threads");
 }
 
 #[test]
-fn read_ahead_retry_reads_the_failed_chunk_again_and_writes_in_order() {
-    let mut f = fixture();
-    let p = JobParams {
-        on_error: BlockdevOnError::Stop,
-        ..params("ra1")
-    };
-    let (job, seen) = f.read_ahead(p, 2);
-    assert_eq!(f.names(2), status_names(&["created", "running"]));
-    assert_eq!(f.event().0, "BLOCK_JOB_ERROR");
-    assert_eq!(f.names(1), status_names(&["paused"]));
-    assert_eq!(*seen.writes.lock().unwrap(), [0, 1]);
-    job.resume().unwrap();
-    let end = f.names(6);
-    assert_eq!(end[3], "BLOCK_JOB_COMPLETED");
-    assert_eq!(*seen.writes.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
-    let reads = seen.reads.lock().unwrap();
-    assert_eq!(reads.iter().filter(|&&c| c == 2).count(), 2, "{reads:?}");
+fn workers_with_one_thread_copy_everything_on_the_caller() {
+    let threads = Mutex::new(Default::default());
+    let copy = scripted_copy(&threads);
+    let results = with_workers(1, copy, |w| w.copy(&[(1, 8), (3, 8), (4, 8)]));
+    assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+    assert_eq!(threads.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn workers_pass_a_panic_on_to_the_caller() {
+    let threads = Mutex::new(Default::default());
+    let copy = scripted_copy(&threads);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        with_workers(3, copy, |w| w.copy(&[(1, 8), (13, 8), (2, 8)]))
+    }));
+    assert!(r.is_err());
 }
