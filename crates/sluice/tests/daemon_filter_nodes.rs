@@ -1,7 +1,8 @@
 //! qemu-storage-daemon's filter nodes on `sluice daemon`, each scenario run on both daemons
 //! with the same inputs and compared: `blkdebug` (its rules seen through qemu-io on an NBD
 //! export of a raw node over it, its refusals, its `query-named-block-nodes` entry, and a
-//! block-stream whose reads of the base fail through it, with on-error stop and report);
+//! block-stream whose reads of the base fail through it, with on-error stop and report, and
+//! a mirror whose target's flush before `ready` fails through it, with on-target-error stop);
 //! `copy-on-read` (reads through an export populate the top image, seen with `qemu-img map`,
 //! and the node's entry); `throttle` with `throttle-group` objects (`--object` with `x-` and
 //! `limits.` members, object-add's and qom-set's checks, qom-get, object-del of a group in
@@ -333,6 +334,74 @@ fn stream_on_error_through_blkdebug_matches_qsd() {
         got[0].iter().any(|e| e["event"] == "BLOCK_JOB_ERROR"),
         "{got:?}"
     );
+}
+
+/// The mirror scenario on one daemon: a target whose first flush fails (blkdebug
+/// `flush_to_disk`, once), mirrored into with on-target-error stop. The mirror flushes the
+/// target before it is ready, so the job pauses with a write error there; the resumed job
+/// flushes again and is ready. Returns the events of each step.
+fn mirror_flush_scenario(d: &QmpDaemon) -> Vec<Vec<Value>> {
+    let (src, tgt) = (d.path("src.qcow2"), d.path("tgt.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&src), "4M"]);
+    support::image::qemu_io("qcow2", path_str(&src), &["write -P 0x6b 0 4M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&tgt), "4M"]);
+    let mut c = d.connect_negotiated();
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "src", "file": file_opts(d, "src.qcow2")}),
+    );
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "tgt",
+               "file": {"driver": "blkdebug", "image": file_opts(d, "tgt.qcow2"),
+                        "inject-error": [{"event": "flush_to_disk", "errno": 5, "once": true}]}}),
+    );
+    let mut steps = Vec::new();
+    let got = run_until(
+        &mut c,
+        json!({"execute": "blockdev-mirror",
+               "arguments": {"job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
+                             "on-target-error": "stop"}}),
+        "paused",
+    );
+    steps.push(events(&got));
+    let got = run_until(
+        &mut c,
+        json!({"execute": "job-resume", "arguments": {"id": "m0"}}),
+        "ready",
+    );
+    steps.push(events(&got));
+    let got = run_until(
+        &mut c,
+        json!({"execute": "job-complete", "arguments": {"id": "m0"}}),
+        "null",
+    );
+    steps.push(events(&got));
+    steps
+}
+
+#[test]
+fn mirror_flushes_its_target_before_ready_as_qsd() {
+    let [(_, s), (_, q)] = both();
+    let got = mirror_flush_scenario(&s);
+    let want = mirror_flush_scenario(&q);
+    assert_eq!(got, want);
+    assert!(
+        got[0].iter().any(|e| e["event"] == "BLOCK_JOB_ERROR"),
+        "{got:?}"
+    );
+    let compare = |d: &QmpDaemon| {
+        qemu_img(&[
+            "compare",
+            "-U",
+            path_str(&d.path("src.qcow2")),
+            path_str(&d.path("tgt.qcow2")),
+        ])
+    };
+    compare(&s);
+    compare(&q);
 }
 
 /// The allocation of a qcow2 image as (start, length, depth, data) runs.

@@ -8,7 +8,8 @@
 //! range a write, zero or trim changes once it has completed. The job first marks what
 //! its sync mode copies ([`Initial`]), then takes dirty runs one at a time — a run is
 //! cleared before it is read through the source and written into the target, so a write
-//! landing meanwhile marks it again. When the map is clean the job is `ready`
+//! landing meanwhile marks it again. When the map is first clean the target is flushed (as
+//! QEMU's mirror does, so the pivot has little to write back) and the job is `ready`
 //! (BLOCK_JOB_READY) and keeps mirroring new writes until `job-complete`; then, in the
 //! kind's `prepare` (the daemon's state lock held), [`MirrorEngine::pivot`] holds the
 //! source's requests off, copies what is still dirty, flushes the target and the source
@@ -259,6 +260,27 @@ impl MirrorEngine {
         Ok(true)
     }
 
+    /// Writes the target back before the job first becomes ready, as QEMU's mirror does:
+    /// the pivot, which holds the source's requests off, then only flushes what was copied
+    /// since. A failure goes to the on-target-error policy; Ok(false) to try again.
+    fn flush_target(&self, ctx: &mut JobCtx<'_, State>) -> Result<bool, WorkError> {
+        let Err(e) = self.target.flush() else {
+            return Ok(true);
+        };
+        tracing::warn!("{} of '{}': {e}", self.label, self.source.0);
+        let enospc = e.errno.0 == libc::ENOSPC;
+        match ctx.io_error_with(self.on_target_error, IoOperationType::Write, enospc)? {
+            ErrorAction::Report => Err(WorkError::Failed(e.errno.describe())),
+            ErrorAction::Retry => Ok(false),
+            ErrorAction::Ignore => {
+                // QEMU retries too; not at once, so a flush that keeps failing is not a
+                // busy loop of error events.
+                ctx.idle(IDLE)?;
+                Ok(false)
+            }
+        }
+    }
+
     /// The job's work: the first pass, the copy, `ready`, mirroring until asked to end.
     pub fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         if self.same_size && self.source.1.size() != self.target.size() {
@@ -287,7 +309,7 @@ impl MirrorEngine {
             if ready {
                 self.active.clean();
                 ctx.idle(IDLE)?;
-            } else {
+            } else if self.flush_target(ctx)? {
                 ctx.set_ready()?;
                 ready = true;
             }
