@@ -397,6 +397,8 @@ fn driver_of(node: &sluice_image::Node) -> BlockdevDriver {
         Driver::Raw => BlockdevDriver::Raw,
         Driver::Qcow2 => BlockdevDriver::Qcow2,
         Driver::Blkdebug => BlockdevDriver::Blkdebug,
+        // Never opened from a header: plugin nodes stand for graph nodes of their own.
+        Driver::Plugin => BlockdevDriver::SluicePlugin,
     }
 }
 
@@ -437,7 +439,7 @@ fn node_info(node: &sluice_image::Node, explicit_backing: bool) -> NodeInfo {
                 format!("json:{}", qemu_json(&spec))
             };
         }
-        Driver::Raw => {}
+        Driver::Raw | Driver::Plugin => {}
         Driver::Qcow2 => {
             let Some(q) = node.qcow2() else { return info };
             let h = &q.header;
@@ -507,6 +509,15 @@ pub(super) fn spec(node: &sluice_image::Node) -> Value {
     let mut m = Map::new();
     match node.driver() {
         Driver::Blkdebug => return node.blkdebug_spec().cloned().unwrap_or(Value::Null),
+        // A device's node is named by its options (an rbd node's `json:{...}`).
+        Driver::Plugin => {
+            let name = node.filename().display().to_string();
+            let options = name.strip_prefix("json:").map(serde_json::from_str);
+            return match options {
+                Some(Ok(v)) => v,
+                _ => Value::String(name),
+            };
+        }
         Driver::File => {
             m.insert("driver".into(), "file".into());
             m.insert(

@@ -133,7 +133,7 @@ impl JobDriver<State> for CommitDriver {
             .unwrap_or_else(|| base.filename().display().to_string());
         let format = match base.driver() {
             Driver::Qcow2 => Format::Qcow2,
-            Driver::Raw | Driver::File | Driver::Blkdebug => Format::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => Format::Raw,
         };
         overlay
             .switch_backing(Some(base.clone()), Some(&name), Some(format))

@@ -83,7 +83,7 @@ impl JobDriver<State> for StreamDriver {
         });
         let format = self.base.as_ref().map(|(_, b)| match b.driver() {
             Driver::Qcow2 => Format::Qcow2,
-            Driver::Raw | Driver::File | Driver::Blkdebug => Format::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => Format::Raw,
         });
         let base = self.base.as_ref().map(|(_, b)| b.clone());
         top.switch_backing(base, name.as_deref(), format)

@@ -223,7 +223,16 @@ impl Node {
     /// the writer lives, this node must not read the ranges written through it; once done,
     /// flush and drop the writer, then [`Node::reload`] this node. Its writes mark this
     /// node's dirty bitmaps.
+    ///
+    /// A plugin node has no image to open again: the owner of its device opens a writable
+    /// device and makes it a node ([`crate::open_plugin_node`]).
     pub fn open_writer(&self) -> std::result::Result<Arc<Node>, ImageError> {
+        if self.driver == Driver::Plugin {
+            return Err(ImageError::Permission(format!(
+                "node '{}' is a device seen as a layer: open the device writable instead",
+                self.name
+            )));
+        }
         let backing = self.backing();
         let mut opts = BlockdevOptions::image(self.driver_of_image(), &self.filename, false);
         opts.locking = Locking::Off;
@@ -260,7 +269,7 @@ impl Node {
     fn driver_of_image(&self) -> Driver {
         match self.driver {
             Driver::Qcow2 => Driver::Qcow2,
-            Driver::Raw | Driver::File | Driver::Blkdebug => Driver::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => Driver::Raw,
         }
     }
 
