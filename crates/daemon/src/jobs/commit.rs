@@ -5,8 +5,10 @@
 //! resolves the top and the base, and starts a [`Job`] whose [`CommitDriver`] walks the
 //! image in [`COPY_CHUNK`](crate::jobs::COPY_CHUNK)-sized steps: each step finds (by allocation depth, seen from `top`)
 //! the ranges that a layer from `top` down to above `base` holds, reads them through `top`
-//! (the newest of those layers wins) and writes them into `base`, charges the copied bytes
-//! to the rate limit and advances the progress by the step.
+//! (the newest of those layers wins) and writes them into `base`
+//! ([`sluice_image::Node::commit_range`], which reads `top`'s own chain even after an
+//! external snapshot sent `top`'s requests to its overlay), charges the copied bytes to the
+//! rate limit and advances the progress by the step.
 //!
 //! `base` is a read-only backing node; as qsd reopens it read-write for the job, the driver
 //! writes through a writable node over the same image ([`sluice_image::Node::open_writer`]),
@@ -22,7 +24,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice_block::extents::Extents;
 use sluice_block::Errno;
 use sluice_image::{Driver, Format};
 
@@ -60,19 +61,7 @@ impl CommitDriver {
             .writer
             .as_ref()
             .ok_or_else(|| sluice_block::BlockError::new(Errno::EROFS, "base not writable"))?;
-        let mut depths = Extents::new(offset, offset + n);
-        self.top.allocation_depth(n, offset, &mut depths)?;
-        let mut copied = 0;
-        let mut buf = Vec::new();
-        for e in depths.as_slice() {
-            if e.kind >= 1 && e.kind < self.base_depth {
-                buf.resize(e.length as usize, 0);
-                self.top.read(&mut buf, e.offset)?;
-                writer.write(&buf, e.offset)?;
-                copied += e.length;
-            }
-        }
-        Ok(copied)
+        self.top.commit_range(offset, n, self.base_depth, writer)
     }
 
     /// Flushes and closes the writer, then makes the base node forget its stale caches.
