@@ -30,6 +30,7 @@ pub mod bitmaps;
 pub mod drivers;
 pub mod filters;
 pub mod image;
+pub mod layers;
 pub mod rbd;
 pub mod reopen;
 pub mod xdbg;

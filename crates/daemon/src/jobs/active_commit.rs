@@ -8,7 +8,8 @@
 //! device become exports of the base.
 //!
 //! What is particular to a commit: the base is a read-only backing node, so the job writes
-//! through a writable node over the same image ([`sluice_image::Node::open_writer`]),
+//! through a writable node over the same image ([`crate::graph::layers::open_writer`]: an
+//! image opened again, or an rbd base's image opened again read-write),
 //! which after the pivot *is* the base: the graph node of the base gets it (and becomes
 //! writable, as in qsd). Without a pivot (soft cancel, failure, forced cancel) the writer
 //! is flushed and the base node drops its stale caches; the chain stays as it was (the
@@ -69,8 +70,12 @@ impl JobDriver<State> for ActiveCommitDriver {
             let writer = self.engine.target.clone();
             n.read_only = false;
             n.opened.plugin = writer.clone() as Arc<dyn Plugin>;
-            n.opened.payload = Some(writer);
-            refresh_info(&mut n.opened);
+            // A device base (rbd) keeps its driver's payload and what it reports: the
+            // writer is only the device opened again read-write (see graph::layers).
+            if writer.driver() != sluice_image::Driver::Plugin {
+                n.opened.payload = Some(writer);
+                refresh_info(&mut n.opened);
+            }
         }
         Ok(())
     }

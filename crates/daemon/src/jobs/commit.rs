@@ -18,6 +18,11 @@
 //! gets `base` as its backing in its header ([`sluice_image::Node::switch_backing`]) and in
 //! the graph, which drops the committed layers that nothing else holds.
 //!
+//! The base may be an `rbd` node under a qcow2 layer: the job reads the chain as it stands
+//! (the base through its plugin node) and writes through the rbd image opened again
+//! read-write for the job, whose exclusive lock goes when the writer is closed (see
+//! [`crate::graph::layers::open_writer`]).
+//!
 //! Active commit (`top` is the device itself) is a mirror job: see [`super::active_commit`].
 //! The overlay must be writable (its header is rewritten).
 
@@ -29,6 +34,7 @@ use sluice_image::{Driver, Format};
 
 use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
 use crate::graph::image::{close_writer, image_node, qmp_error};
+use crate::graph::layers::{self, layer_in_chain};
 use crate::jobs::active_commit::ActiveCommitDriver;
 use crate::jobs::mirror_engine::{start_tracked, Initial, MirrorEngine};
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError, COPY_CHUNK};
@@ -80,11 +86,28 @@ fn image_of(device: &str, n: &crate::graph::Node) -> Result<Arc<sluice_image::No
     })
 }
 
-/// Checks that `base` can take `top`'s data and opens the writable node over its image.
+/// The layer of `base` in the chain below `top` (an image node, or the plugin node over an
+/// rbd base, see [`crate::graph::layers`]).
+fn base_layer(
+    device: &str,
+    base: &crate::graph::Node,
+    top: &Arc<sluice_image::Node>,
+) -> Result<Arc<sluice_image::Node>, QmpError> {
+    layer_in_chain(base, top).ok_or_else(|| {
+        QmpError::generic(format!(
+            "block-commit of '{device}': node '{}' is not an image node",
+            base.name
+        ))
+    })
+}
+
+/// Checks that `base` can take `top`'s data and opens the writable node over its image
+/// (qsd's reopen of the base read-write; for an rbd base, its image opened again
+/// read-write, with its exclusive lock, until the job ends).
 fn base_writer(
     top: &crate::graph::Node,
     base: &crate::graph::Node,
-    base_image: &sluice_image::Node,
+    base_image: &Arc<sluice_image::Node>,
 ) -> Result<(u64, Arc<sluice_image::Node>), QmpError> {
     let size = top.size()?;
     if base.size()? < size {
@@ -94,13 +117,7 @@ fn base_writer(
             base.name, top.name
         )));
     }
-    let writer = base_image.open_writer().map_err(|e| {
-        let e = qmp_error(e);
-        QmpError::generic(format!(
-            "Could not reopen '{}' read-write: {}",
-            base.name, e.desc
-        ))
-    })?;
+    let writer = layers::open_writer(base, base_image)?;
     Ok((size, writer))
 }
 
@@ -256,7 +273,7 @@ pub(crate) fn block_commit(
     let top = chain[top_at];
     let base = chain[base_at];
     let top_image = image(top)?;
-    let base_image = image(base)?;
+    let base_image = base_layer(&args.device, base, &top_image)?;
     let (size, writer) = base_writer(top, base, &base_image)?;
     let driver = CommitDriver {
         size,
@@ -301,7 +318,8 @@ fn active_job(
         )));
     }
     let image = |n: &crate::graph::Node| image_of(&args.device, n);
-    let (device_image, base_image) = (image(device)?, image(base)?);
+    let device_image = image(device)?;
+    let base_image = base_layer(&args.device, base, &device_image)?;
     let (_, writer) = base_writer(device, base, &base_image)?;
     let on_error = args.on_error.unwrap_or(BlockdevOnError::Report);
     let mut engine = MirrorEngine::new(
