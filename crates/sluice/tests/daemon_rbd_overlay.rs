@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::ceph::{self, Cluster};
-use support::image::{image_info, qemu_img};
+use support::image::{image_info, nbdinfo_map, qemu_img};
 use support::qmp::{names, ok, run_until, start_nbd, Qmp, QmpDaemon, JOB_RUNS_TO_THE_END};
 use support::{assert_same_bytes, export_bytes, path_str, qemu_io, random_bytes};
 
@@ -163,10 +163,24 @@ fn delete(q: &mut Qmp, nodes: &[&str]) {
     }
 }
 
+/// `qemu:allocation-depth` of an export of `node` (added with `allocation-depth`), as
+/// nbdinfo prints it; the export is deleted again.
+fn depth_map(q: &mut Qmp, d: &QmpDaemon, node: &str) -> String {
+    ok(
+        q,
+        "block-export-add",
+        json!({"type": "nbd", "id": node, "node-name": node, "allocation-depth": true}),
+    );
+    let map = nbdinfo_map(&d.nbd_uri(node), "qemu:allocation-depth");
+    ok(q, "block-export-del", json!({"id": node}));
+    support::qmp::wait_for(q, "BLOCK_EXPORT_DELETED", Duration::from_secs(10));
+    map
+}
+
 /// Scenario 1 on one daemon: the base node, an overlay added with `backing: null`, and
 /// `blockdev-snapshot` onto it; writes through an export of the overlay. Returns the
-/// snapshot's reply and what the export read.
-fn snapshot_scenario(base: &Base<'_>, dir: &Path) -> (Value, Vec<u8>) {
+/// snapshot's reply, what the export read, and its allocation depth.
+fn snapshot_scenario(base: &Base<'_>, dir: &Path) -> (Value, Vec<u8>, String) {
     let d = base.daemon();
     let mut q = d.connect_negotiated();
     ok(&mut q, "blockdev-add", base.options(true));
@@ -182,8 +196,9 @@ fn snapshot_scenario(base: &Base<'_>, dir: &Path) -> (Value, Vec<u8>) {
     );
     start_nbd(&mut q, &d);
     let read = write_and_read(&mut q, &d, "top", &WRITES);
+    let depth = depth_map(&mut q, &d, "top");
     delete(&mut q, &["top", "base"]);
-    (reply, read)
+    (reply, read, depth)
 }
 
 #[test]
@@ -195,10 +210,17 @@ fn daemon_rbd_overlay_writes_land_in_overlay_and_reads_fall_through() {
     let want = after_writes(&bytes);
 
     let ours = tempfile::tempdir().unwrap();
-    let (reply, read) = snapshot_scenario(&Base::Rbd(c, "ovl-snap"), ours.path());
+    let (reply, read, depth) = snapshot_scenario(&Base::Rbd(c, "ovl-snap"), ours.path());
     let qsd = tempfile::tempdir().unwrap();
-    let (qsd_reply, qsd_read) = snapshot_scenario(&Base::Raw(&raw), qsd.path());
+    let (qsd_reply, qsd_read, qsd_depth) = snapshot_scenario(&Base::Raw(&raw), qsd.path());
     assert_eq!(reply, qsd_reply, "blockdev-snapshot's reply, sluice vs qsd");
+    // The written clusters at depth 1 (the overlay), the rest at depth 2 (the base), as
+    // qsd reports them over a raw base.
+    assert_eq!(depth, qsd_depth, "allocation depth, sluice vs qsd");
+    assert!(
+        depth.contains("1  local") && depth.contains("2  backing depth 2"),
+        "{depth}"
+    );
     assert_same_bytes(
         &qsd_read,
         &want,
