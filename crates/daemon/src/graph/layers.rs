@@ -16,6 +16,7 @@
 //! (taking its exclusive lock) for as long as the writer lives, so the lock goes with the
 //! job, as a file base's write permission does.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use sluice_block::{Filtered, Plugin};
@@ -94,14 +95,20 @@ pub fn snapshot_base(n: &Node) -> Option<Arc<sluice_image::Node>> {
     }
 }
 
+/// A writable node over a base, for a job that writes into it (see [`open_writer`]).
+pub struct Writer {
+    pub node: Arc<sluice_image::Node>,
+    /// For a device base, what its graph node's driver keeps for a writable node (an rbd
+    /// node's writable plugin, whose lock the daemon lets go of at exit): what the graph
+    /// node gets if the job makes the writer the base for good (an active commit's pivot).
+    pub payload: Option<Arc<dyn Any + Send + Sync>>,
+}
+
 /// A writable node over `base`'s image or device, for a job that writes into it (a
 /// commit); `layer` is `base`'s layer in the job's chain. See the module doc. The writer
 /// marks `base`'s dirty bitmaps; dropping it gives the write access back (an rbd image's
 /// exclusive lock with it).
-pub fn open_writer(
-    base: &Node,
-    layer: &Arc<sluice_image::Node>,
-) -> Result<Arc<sluice_image::Node>, QmpError> {
+pub fn open_writer(base: &Node, layer: &Arc<sluice_image::Node>) -> Result<Writer, QmpError> {
     let reopen_failed = |desc: String| {
         QmpError::generic(format!(
             "Could not reopen '{}' read-write: {desc}",
@@ -109,15 +116,23 @@ pub fn open_writer(
         ))
     };
     if layer.driver() != Driver::Plugin {
-        return layer
+        let node = layer
             .open_writer()
-            .map_err(|e| reopen_failed(qmp_error(e).desc));
+            .map_err(|e| reopen_failed(qmp_error(e).desc))?;
+        return Ok(Writer {
+            node,
+            payload: None,
+        });
     }
     if !base.read_only {
         // Already writable (its image's lock held by the node): write through its plugin.
-        return device_layer(base, false).map_err(|e| reopen_failed(e.desc));
+        let node = device_layer(base, false).map_err(|e| reopen_failed(e.desc))?;
+        return Ok(Writer {
+            node,
+            payload: base.opened.payload.clone(),
+        });
     }
-    let device: Arc<dyn Plugin> = match base.driver {
+    let device = match base.driver {
         BlockdevDriver::Rbd => super::rbd::reopen_writable(&base.opened).map_err(reopen_failed)?,
         _ => {
             return Err(reopen_failed(format!(
@@ -127,7 +142,17 @@ pub fn open_writer(
         }
     };
     let marked = MarkBitmaps(base.bitmaps.clone(), base.threshold.clone());
-    let plugin: Arc<dyn Plugin> = Arc::new(Filtered::new(marked, device));
-    sluice_image::open_plugin_node(base.name.clone(), plugin, false, &base.opened.info.filename)
-        .map_err(|e| reopen_failed(qmp_error(e).desc))
+    let plugin: Arc<dyn Plugin> =
+        Arc::new(Filtered::new(marked, device.clone() as Arc<dyn Plugin>));
+    let node = sluice_image::open_plugin_node(
+        base.name.clone(),
+        plugin,
+        false,
+        &base.opened.info.filename,
+    )
+    .map_err(|e| reopen_failed(qmp_error(e).desc))?;
+    Ok(Writer {
+        node,
+        payload: Some(device),
+    })
 }

@@ -34,6 +34,9 @@ pub struct ActiveCommitDriver {
     pub engine: MirrorEngine,
     /// The base (graph name, image node): the commit's target.
     pub base: (String, Arc<sluice_image::Node>),
+    /// What a device base's graph node keeps once the writer is the base (its writable
+    /// rbd plugin, see [`crate::graph::layers::Writer`]).
+    pub base_payload: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// The writer was flushed and the base node reloaded (a run without pivot is over).
     pub closed: bool,
 }
@@ -70,9 +73,11 @@ impl JobDriver<State> for ActiveCommitDriver {
             let writer = self.engine.target.clone();
             n.read_only = false;
             n.opened.plugin = writer.clone() as Arc<dyn Plugin>;
-            // A device base (rbd) keeps its driver's payload and what it reports: the
-            // writer is only the device opened again read-write (see graph::layers).
-            if writer.driver() != sluice_image::Driver::Plugin {
+            // A device base (rbd) keeps what it reports; its driver's payload is now the
+            // device opened read-write (see graph::layers), which holds the lock.
+            if writer.driver() == sluice_image::Driver::Plugin {
+                n.opened.payload = self.base_payload.take();
+            } else {
                 n.opened.payload = Some(writer);
                 refresh_info(&mut n.opened);
             }

@@ -108,7 +108,7 @@ fn base_writer(
     top: &crate::graph::Node,
     base: &crate::graph::Node,
     base_image: &Arc<sluice_image::Node>,
-) -> Result<(u64, Arc<sluice_image::Node>), QmpError> {
+) -> Result<(u64, layers::Writer), QmpError> {
     let size = top.size()?;
     if base.size()? < size {
         return Err(QmpError::generic(format!(
@@ -282,7 +282,7 @@ pub(crate) fn block_commit(
         base: (base.name.clone(), base_image),
         overlay: (overlay.name.clone(), image(overlay)?),
         backing_file: args.backing_file.clone(),
-        writer: Some(writer),
+        writer: Some(writer.node),
     };
     let params = JobParams {
         // QEMU's default is the device's name, and qsd's nodes have none: '' (refused).
@@ -321,6 +321,8 @@ fn active_job(
     let device_image = image(device)?;
     let base_image = base_layer(&args.device, base, &device_image)?;
     let (_, writer) = base_writer(device, base, &base_image)?;
+    let base_payload = writer.payload;
+    let writer = writer.node;
     let on_error = args.on_error.unwrap_or(BlockdevOnError::Report);
     let mut engine = MirrorEngine::new(
         "block-commit",
@@ -337,6 +339,7 @@ fn active_job(
     let driver = ActiveCommitDriver {
         engine,
         base: (base.name.clone(), base_image),
+        base_payload,
         closed: false,
     };
     let params = JobParams {
