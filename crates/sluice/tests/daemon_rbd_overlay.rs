@@ -3,7 +3,8 @@
 //! an overlay put over the rbd node by `blockdev-snapshot` (reads fall through, writes land
 //! in the overlay), `block-stream` from the rbd base into an overlay added with
 //! `backing: <rbd node>`, and `block-commit` of a middle layer into the rbd base (after
-//! which the image's exclusive lock is free again).
+//! which the image's exclusive lock is free again), and an active commit of an overlay
+//! into the rbd base, completed (the base then writable, its lock let go of at exit).
 //!
 //! qemu-storage-daemon has no rbd driver here, so the reference for events and replies is
 //! qsd running the same steps with a raw file holding the same bytes in the base's place;
@@ -399,4 +400,74 @@ fn daemon_rbd_overlay_block_commit_writes_into_rbd_and_frees_its_lock() {
         "top over the committed base",
     );
     delete(&mut q, &["top", "mid", "base"]);
+}
+
+/// Scenario 4 on one daemon: an overlay added with `backing: "base"`, written through an
+/// export, then an active `block-commit` of it into the base, completed. Returns the
+/// messages up to READY and from `job-complete` on; the daemon is then told to quit with
+/// the base (writable since the pivot) still open.
+fn active_commit_scenario(base: &Base<'_>, dir: &Path) -> (Vec<Value>, Vec<Value>) {
+    let mut d = base.daemon();
+    let mut q = d.connect_negotiated();
+    ok(&mut q, "blockdev-add", base.options(true));
+    let top = qcow2(dir, "top.qcow2");
+    ok(
+        &mut q,
+        "blockdev-add",
+        qcow2_node("top", &top, json!("base"), false),
+    );
+    start_nbd(&mut q, &d);
+    write_and_read(&mut q, &d, "top", &WRITES);
+    let ready = run_until(
+        &mut q,
+        json!({"execute": "block-commit", "arguments": {"job-id": "c0", "device": "top",
+               "base-node": "base"}}),
+        "BLOCK_JOB_READY",
+    );
+    let done = run_until(
+        &mut q,
+        json!({"execute": "job-complete", "arguments": {"id": "c0"}}),
+        "null",
+    );
+    ok(&mut q, "quit", json!({}));
+    assert!(d.wait().success(), "{}", d.stderr());
+    (ready, done)
+}
+
+#[test]
+fn daemon_rbd_overlay_active_commit_pivots_onto_rbd_and_frees_its_lock_at_exit() {
+    let c = ceph::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = random_bytes(SIZE as usize, 31);
+    let raw = image_with(c, dir.path(), "ovl-active", &bytes);
+    let want = after_writes(&bytes);
+
+    let qsd = tempfile::tempdir().unwrap();
+    let (qsd_ready, qsd_done) = active_commit_scenario(&Base::Raw(&raw), qsd.path());
+    let ours = tempfile::tempdir().unwrap();
+    let (ready, done) = active_commit_scenario(&Base::Rbd(c, "ovl-active"), ours.path());
+    assert_eq!(names(&ready), names(&qsd_ready), "sluice: {ready:?}");
+    assert_eq!(names(&done), names(&qsd_done), "sluice: {done:?}");
+    assert_same_bytes(
+        &c.export_image("rbd/ovl-active"),
+        &want,
+        "rbd export after the active commit",
+    );
+    // The base was writable after the pivot (holding the image's lock); the daemon let go
+    // of the lock at exit, so a plain writable open (no break-lock) takes it at once, where
+    // a lock left to time out would take ~30 s. (Not a snapshot: its notification waits
+    // for the exited daemon's watch to time out, lock or no lock.)
+    let start = Instant::now();
+    let next = QmpDaemon::sluice(&[]);
+    let mut nq = next.connect_negotiated();
+    ok(
+        &mut nq,
+        "blockdev-add",
+        Base::Rbd(c, "ovl-active").options(false),
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the image's lock was still held: {:?}",
+        start.elapsed()
+    );
 }
