@@ -18,8 +18,13 @@
 //! it is, and `blockdev-snapshot-sync` writes the node's file name (qemu's `json:` name
 //! when the node's options chose its backing) and format into the new overlay's header.
 //!
+//! A device node (`rbd`) can be the node snapshotted: the overlay then reads it through a
+//! plugin node (see [`crate::graph::layers`]); since no gate of ours sits in front of a
+//! device's open connections, that is refused while the device is exported.
+//!
 //! Differs from qsd: sluice refuses nodes that are another node's child in a role other
-//! than `backing` (a `file` child), and non-image nodes. When `blockdev-snapshot-sync`
+//! than `backing` (a `file` child), non-image nodes other than devices, and exported
+//! devices. When `blockdev-snapshot-sync`
 //! snapshots a node nothing uses, qsd creates the file, opens the overlay and drops it
 //! again at once (nothing holds it) and leaves the node read-only; sluice creates the file
 //! and leaves the node as it was.
@@ -33,6 +38,7 @@ use crate::generated::{
     BlockdevOptions, BlockdevSnapshotArgs, BlockdevSnapshotSyncArgs, NewImageMode,
 };
 use crate::graph::image::{image_node, refresh_info};
+use crate::graph::layers::snapshot_base;
 use crate::graph::not_found;
 use crate::jobs::create::create_image;
 use crate::jobs::mirror_engine::move_exports;
@@ -77,9 +83,18 @@ fn snapshot(st: &mut State, node: &str, overlay: &str) -> Result<(), QmpError> {
     if st.graph.child(o, "backing").is_some() {
         return Err(QmpError::generic("The overlay already has a backing image"));
     }
-    let (Some(old), Some(new)) = (image_node(&n.opened), image_node(&o.opened)) else {
+    // A device (an rbd node) has no gate of ours that could move the requests of its
+    // open connections to the overlay: it is only snapshotted while nothing exports it.
+    if image_node(&n.opened).is_none() && n.exports > 0 {
+        return Err(QmpError::generic(format!(
+            "Node '{node}' is exported: sluice snapshots a {} node only while no export              uses it",
+            n.driver.as_str()
+        )));
+    }
+    let (Some(old), Some(new)) = (snapshot_base(n), image_node(&o.opened)) else {
         return Err(QmpError::generic(
-            "sluice takes snapshots of file, raw and qcow2 nodes onto qcow2 nodes only",
+            "sluice takes snapshots of file, raw, qcow2 and device (rbd) nodes onto qcow2 \
+             nodes only",
         ));
     };
     if new.driver() != sluice_image::Driver::Qcow2 {

@@ -213,9 +213,12 @@ impl From<ImageError> for BlockError {
 
 /// An imago I/O error on the request path, as the client's errno plus context.
 pub(crate) fn io_error(context: impl std::fmt::Display, err: std::io::Error) -> BlockError {
-    let errno = match err.raw_os_error() {
-        Some(e) => Errno(e),
-        None => match err.kind() {
+    // A plugin node's device failed: its own errno (see `node/plugin.rs`).
+    let inner = err.get_ref().and_then(|e| e.downcast_ref::<BlockError>());
+    let errno = match (err.raw_os_error(), inner) {
+        (Some(e), _) => Errno(e),
+        (None, Some(b)) => b.errno,
+        (None, None) => match err.kind() {
             std::io::ErrorKind::Unsupported => Errno::ENOTSUP,
             std::io::ErrorKind::StorageFull => Errno::ENOSPC,
             std::io::ErrorKind::PermissionDenied => Errno::EPERM,

@@ -85,7 +85,7 @@ impl Handle for NodeHandle {
         Ok(match self.node.driver() {
             Driver::Qcow2 => self.node.qcow2().is_some_and(|q| q.header.version >= 3),
             // imago's file driver may fall back to writing zeroes: no promise to make.
-            Driver::Raw | Driver::File | Driver::Blkdebug => false,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => false,
         })
     }
     fn can_fua(&self) -> Result<Support> {

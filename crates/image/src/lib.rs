@@ -68,7 +68,7 @@ pub use handle::NodeHandle;
 pub use header::{Format, Qcow2Header};
 pub use lock::Locking;
 pub use node::{
-    create_file, open_blkdebug_node, open_node, AfterWrite, BeforeWrite, Node, Prealloc,
-    Qcow2Create, Resolve,
+    create_file, open_blkdebug_node, open_node, open_plugin_node, AfterWrite, BeforeWrite, Node,
+    Prealloc, Qcow2Create, Resolve,
 };
 pub use options::{BackingRef, BlockdevOptions, ChildRef, Driver};

@@ -25,6 +25,9 @@ pub enum Driver {
     /// Error injection over a `file` child (qemu's blkdebug; see [`crate::blkdebug`]).
     /// Opened by [`crate::open_blkdebug_node`] only.
     Blkdebug,
+    /// Any block device of the block layer (an RBD image, a plugin) as a node, so that a
+    /// qcow2 node can stand on it. Opened by [`crate::open_plugin_node`] only.
+    Plugin,
 }
 
 impl Driver {
@@ -34,6 +37,7 @@ impl Driver {
             Driver::Raw => "raw",
             Driver::Qcow2 => "qcow2",
             Driver::Blkdebug => "blkdebug",
+            Driver::Plugin => "plugin",
         }
     }
 

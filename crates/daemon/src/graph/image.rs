@@ -28,7 +28,7 @@ use sluice_image::blkdebug::{Blkdebug, DebugEvent, InjectRule, IoType, IoTypes, 
 use sluice_image::header::HeaderError;
 use sluice_image::{BackingRef, ChildRef, Driver, ImageError, Locking};
 
-use super::{not_found, NodeDriver, NodeInfo, OpenCtx, OpenedNode};
+use super::{layers, not_found, NodeDriver, NodeInfo, OpenCtx, OpenedNode};
 use crate::generated::{
     BlkdebugEvent, BlkdebugIOType, BlockdevDriver, BlockdevOptions, BlockdevOptionsBlkdebug,
     BlockdevOptionsBranch, BlockdevRefOrNull, ImageInfoSpecific, ImageInfoSpecificBranch,
@@ -85,11 +85,13 @@ impl NodeDriver for ImageDriver {
                 }
                 let file = self.file_child(ctx, &r.file, Driver::Raw)?;
                 let o = format_options(Driver::Raw, name, read_only, file, BackingRef::None);
-                let node = open_with_graph(ctx, &o)?;
+                let node = open_with_graph(ctx, &o, None)?;
                 Ok(opened(node, None))
             }
             BlockdevOptionsBranch::Qcow2(q) => {
                 let file = self.file_child(ctx, &q.file, Driver::Qcow2)?;
+                // The backing's layer: its image node, or a plugin node over its device.
+                let mut layer = None;
                 let backing = match &q.backing {
                     None => BackingRef::FromHeader,
                     Some(BlockdevRefOrNull::Null) => BackingRef::None,
@@ -105,13 +107,14 @@ impl NodeDriver for ImageDriver {
                         let b = ctx
                             .child_or_null("backing", r)?
                             .expect("not null: matched above");
-                        check_image_child(ctx, &b, "backing", &name)?;
+                        let node = ctx.node(&b).ok_or_else(|| not_found(&b, &b))?;
+                        layer = Some(layers::backing_layer(node, &name)?);
                         BackingRef::Child(ChildRef::Node(b))
                     }
                 };
                 let explicit_backing = !matches!(backing, BackingRef::FromHeader);
                 let o = format_options(Driver::Qcow2, name, read_only, file, backing);
-                let node = open_with_graph(ctx, &o)?;
+                let node = open_with_graph(ctx, &o, layer)?;
                 Ok(opened(node, Some(explicit_backing)))
             }
             BlockdevOptionsBranch::Blkdebug(b) => {
@@ -323,12 +326,17 @@ fn format_options(
     }
 }
 
-/// Opens a format node whose named children are graph nodes.
+/// Opens a format node whose named children are graph nodes; `backing` is the layer
+/// found for its backing (see [`layers::backing_layer`]).
 fn open_with_graph(
     ctx: &OpenCtx<'_>,
     o: &sluice_image::BlockdevOptions,
+    backing: Option<Arc<sluice_image::Node>>,
 ) -> Result<Arc<sluice_image::Node>, QmpError> {
-    let resolve = |n: &str| ctx.node(n).and_then(|n| image_node(&n.opened));
+    let resolve = |n: &str| match &backing {
+        Some(b) if b.name() == n => Some(b.clone()),
+        _ => ctx.node(n).and_then(|n| image_node(&n.opened)),
+    };
     sluice_image::open_node(o, &resolve).map_err(qmp_error)
 }
 
@@ -407,6 +415,8 @@ fn driver_of(node: &sluice_image::Node) -> BlockdevDriver {
         Driver::Raw => BlockdevDriver::Raw,
         Driver::Qcow2 => BlockdevDriver::Qcow2,
         Driver::Blkdebug => BlockdevDriver::Blkdebug,
+        // Never opened from a header: plugin nodes stand for graph nodes of their own.
+        Driver::Plugin => BlockdevDriver::SluicePlugin,
     }
 }
 
@@ -447,7 +457,7 @@ fn node_info(node: &sluice_image::Node, explicit_backing: bool) -> NodeInfo {
                 format!("json:{}", qemu_json(&spec))
             };
         }
-        Driver::Raw => {}
+        Driver::Raw | Driver::Plugin => {}
         Driver::Qcow2 => {
             let Some(q) = node.qcow2() else { return info };
             let h = &q.header;
@@ -517,6 +527,15 @@ pub(super) fn spec(node: &sluice_image::Node) -> Value {
     let mut m = Map::new();
     match node.driver() {
         Driver::Blkdebug => return node.blkdebug_spec().cloned().unwrap_or(Value::Null),
+        // A device's node is named by its options (an rbd node's `json:{...}`).
+        Driver::Plugin => {
+            let name = node.filename().display().to_string();
+            let options = name.strip_prefix("json:").map(serde_json::from_str);
+            return match options {
+                Some(Ok(v)) => v,
+                _ => Value::String(name),
+            };
+        }
         Driver::File => {
             m.insert("driver".into(), "file".into());
             m.insert(

@@ -30,6 +30,7 @@ pub mod bitmaps;
 pub mod drivers;
 pub mod filters;
 pub mod image;
+pub mod layers;
 pub mod rbd;
 pub mod reopen;
 pub mod xdbg;
@@ -632,6 +633,11 @@ impl Graph {
                     tracing::error!("saving the bitmaps of node '{}' at exit: {e}", n.name);
                 }
             }
+        }
+        // Once every node is written back: a node flushed after an rbd node let go of its
+        // lock could write into it (a qcow2 node whose requests an active commit sent to
+        // it), which librbd refuses, or takes the lock again for.
+        for n in self.nodes.iter().filter(|n| !n.read_only) {
             if let Some(img) = rbd::rbd_plugin(&n.opened).and_then(|p| p.image().cloned()) {
                 if let Err(e) = img.release_lock() {
                     tracing::error!("node '{}' at exit: {e}", n.name);

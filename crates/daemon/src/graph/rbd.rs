@@ -210,6 +210,31 @@ pub fn rbd_plugin(opened: &OpenedNode) -> Option<Arc<RbdPlugin>> {
     opened.payload.clone()?.downcast::<RbdPlugin>().ok()
 }
 
+/// The image of a read-only rbd node opened again, read-write, for a job that writes into
+/// it (a commit into an rbd base, see [`super::layers`]): a second connection that takes
+/// the image's exclusive lock now and lets go of it when the last reference goes. Fails
+/// as `blockdev-add` would (a snapshot, a client that may only read, another writer
+/// holding the lock), with the rbd crate's message.
+pub fn reopen_writable(opened: &OpenedNode) -> Result<Arc<RbdPlugin>, String> {
+    let Some(node) = rbd_plugin(opened) else {
+        return Err("not an rbd node".to_string());
+    };
+    let o = node.options().clone();
+    if o.snapshot.is_some() {
+        return Err("rbd snapshots are read-only".to_string());
+    }
+    let plugin = RbdPlugin::new(o, false);
+    let image = plugin.connect().map_err(|e| e.to_string())?;
+    if !image.writable() {
+        return Err(format!(
+            "rbd: client.{} may only read {}",
+            plugin.options().client_id(),
+            image.spec()
+        ));
+    }
+    Ok(Arc::new(plugin))
+}
+
 /// The options that select the image (qemu's strong runtime options of rbd), keys sorted
 /// as the image driver's `json:` names are.
 fn filename_spec(json: &Value) -> Value {

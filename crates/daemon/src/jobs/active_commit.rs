@@ -8,7 +8,8 @@
 //! device become exports of the base.
 //!
 //! What is particular to a commit: the base is a read-only backing node, so the job writes
-//! through a writable node over the same image ([`sluice_image::Node::open_writer`]),
+//! through a writable node over the same image ([`crate::graph::layers::open_writer`]: an
+//! image opened again, or an rbd base's image opened again read-write),
 //! which after the pivot *is* the base: the graph node of the base gets it (and becomes
 //! writable, as in qsd). Without a pivot (soft cancel, failure, forced cancel) the writer
 //! is flushed and the base node drops its stale caches; the chain stays as it was (the
@@ -33,6 +34,9 @@ pub struct ActiveCommitDriver {
     pub engine: MirrorEngine,
     /// The base (graph name, image node): the commit's target.
     pub base: (String, Arc<sluice_image::Node>),
+    /// What a device base's graph node keeps once the writer is the base (its writable
+    /// rbd plugin, see [`crate::graph::layers::Writer`]).
+    pub base_payload: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// The writer was flushed and the base node reloaded (a run without pivot is over).
     pub closed: bool,
 }
@@ -69,8 +73,14 @@ impl JobDriver<State> for ActiveCommitDriver {
             let writer = self.engine.target.clone();
             n.read_only = false;
             n.opened.plugin = writer.clone() as Arc<dyn Plugin>;
-            n.opened.payload = Some(writer);
-            refresh_info(&mut n.opened);
+            // A device base (rbd) keeps what it reports; its driver's payload is now the
+            // device opened read-write (see graph::layers), which holds the lock.
+            if writer.driver() == sluice_image::Driver::Plugin {
+                n.opened.payload = self.base_payload.take();
+            } else {
+                n.opened.payload = Some(writer);
+                refresh_info(&mut n.opened);
+            }
         }
         Ok(())
     }

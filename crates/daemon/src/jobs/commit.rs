@@ -5,8 +5,10 @@
 //! resolves the top and the base, and starts a [`Job`] whose [`CommitDriver`] walks the
 //! image in [`COPY_CHUNK`](crate::jobs::COPY_CHUNK)-sized steps: each step finds (by allocation depth, seen from `top`)
 //! the ranges that a layer from `top` down to above `base` holds, reads them through `top`
-//! (the newest of those layers wins) and writes them into `base`, charges the copied bytes
-//! to the rate limit and advances the progress by the step.
+//! (the newest of those layers wins) and writes them into `base`
+//! ([`sluice_image::Node::commit_range`], which reads `top`'s own chain even after an
+//! external snapshot sent `top`'s requests to its overlay), charges the copied bytes to the
+//! rate limit and advances the progress by the step.
 //!
 //! `base` is a read-only backing node; as qsd reopens it read-write for the job, the driver
 //! writes through a writable node over the same image ([`sluice_image::Node::open_writer`]),
@@ -16,18 +18,23 @@
 //! gets `base` as its backing in its header ([`sluice_image::Node::switch_backing`]) and in
 //! the graph, which drops the committed layers that nothing else holds.
 //!
+//! The base may be an `rbd` node under a qcow2 layer: the job reads the chain as it stands
+//! (the base through its plugin node) and writes through the rbd image opened again
+//! read-write for the job, whose exclusive lock goes when the writer is closed (see
+//! [`crate::graph::layers::open_writer`]).
+//!
 //! Active commit (`top` is the device itself) is a mirror job: see [`super::active_commit`].
 //! The overlay must be writable (its header is rewritten).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use sluice_block::extents::Extents;
 use sluice_block::Errno;
 use sluice_image::{Driver, Format};
 
 use crate::generated::{BlockCommitArgs, BlockdevOnError, JobType};
 use crate::graph::image::{close_writer, image_node, qmp_error};
+use crate::graph::layers::{self, layer_in_chain};
 use crate::jobs::active_commit::ActiveCommitDriver;
 use crate::jobs::mirror_engine::{start_tracked, Initial, MirrorEngine};
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError, COPY_CHUNK};
@@ -60,19 +67,7 @@ impl CommitDriver {
             .writer
             .as_ref()
             .ok_or_else(|| sluice_block::BlockError::new(Errno::EROFS, "base not writable"))?;
-        let mut depths = Extents::new(offset, offset + n);
-        self.top.allocation_depth(n, offset, &mut depths)?;
-        let mut copied = 0;
-        let mut buf = Vec::new();
-        for e in depths.as_slice() {
-            if e.kind >= 1 && e.kind < self.base_depth {
-                buf.resize(e.length as usize, 0);
-                self.top.read(&mut buf, e.offset)?;
-                writer.write(&buf, e.offset)?;
-                copied += e.length;
-            }
-        }
-        Ok(copied)
+        self.top.commit_range(offset, n, self.base_depth, writer)
     }
 
     /// Flushes and closes the writer, then makes the base node forget its stale caches.
@@ -91,12 +86,29 @@ fn image_of(device: &str, n: &crate::graph::Node) -> Result<Arc<sluice_image::No
     })
 }
 
-/// Checks that `base` can take `top`'s data and opens the writable node over its image.
+/// The layer of `base` in the chain below `top` (an image node, or the plugin node over an
+/// rbd base, see [`crate::graph::layers`]).
+fn base_layer(
+    device: &str,
+    base: &crate::graph::Node,
+    top: &Arc<sluice_image::Node>,
+) -> Result<Arc<sluice_image::Node>, QmpError> {
+    layer_in_chain(base, top).ok_or_else(|| {
+        QmpError::generic(format!(
+            "block-commit of '{device}': node '{}' is not an image node",
+            base.name
+        ))
+    })
+}
+
+/// Checks that `base` can take `top`'s data and opens the writable node over its image
+/// (qsd's reopen of the base read-write; for an rbd base, its image opened again
+/// read-write, with its exclusive lock, until the job ends).
 fn base_writer(
     top: &crate::graph::Node,
     base: &crate::graph::Node,
-    base_image: &sluice_image::Node,
-) -> Result<(u64, Arc<sluice_image::Node>), QmpError> {
+    base_image: &Arc<sluice_image::Node>,
+) -> Result<(u64, layers::Writer), QmpError> {
     let size = top.size()?;
     if base.size()? < size {
         return Err(QmpError::generic(format!(
@@ -105,13 +117,7 @@ fn base_writer(
             base.name, top.name
         )));
     }
-    let writer = base_image.open_writer().map_err(|e| {
-        let e = qmp_error(e);
-        QmpError::generic(format!(
-            "Could not reopen '{}' read-write: {}",
-            base.name, e.desc
-        ))
-    })?;
+    let writer = layers::open_writer(base, base_image)?;
     Ok((size, writer))
 }
 
@@ -133,7 +139,7 @@ impl JobDriver<State> for CommitDriver {
             .unwrap_or_else(|| base.filename().display().to_string());
         let format = match base.driver() {
             Driver::Qcow2 => Format::Qcow2,
-            Driver::Raw | Driver::File | Driver::Blkdebug => Format::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => Format::Raw,
         };
         overlay
             .switch_backing(Some(base.clone()), Some(&name), Some(format))
@@ -267,7 +273,7 @@ pub(crate) fn block_commit(
     let top = chain[top_at];
     let base = chain[base_at];
     let top_image = image(top)?;
-    let base_image = image(base)?;
+    let base_image = base_layer(&args.device, base, &top_image)?;
     let (size, writer) = base_writer(top, base, &base_image)?;
     let driver = CommitDriver {
         size,
@@ -276,7 +282,7 @@ pub(crate) fn block_commit(
         base: (base.name.clone(), base_image),
         overlay: (overlay.name.clone(), image(overlay)?),
         backing_file: args.backing_file.clone(),
-        writer: Some(writer),
+        writer: Some(writer.node),
     };
     let params = JobParams {
         // QEMU's default is the device's name, and qsd's nodes have none: '' (refused).
@@ -312,8 +318,11 @@ fn active_job(
         )));
     }
     let image = |n: &crate::graph::Node| image_of(&args.device, n);
-    let (device_image, base_image) = (image(device)?, image(base)?);
+    let device_image = image(device)?;
+    let base_image = base_layer(&args.device, base, &device_image)?;
     let (_, writer) = base_writer(device, base, &base_image)?;
+    let base_payload = writer.payload;
+    let writer = writer.node;
     let on_error = args.on_error.unwrap_or(BlockdevOnError::Report);
     let mut engine = MirrorEngine::new(
         "block-commit",
@@ -330,6 +339,7 @@ fn active_job(
     let driver = ActiveCommitDriver {
         engine,
         base: (base.name.clone(), base_image),
+        base_payload,
         closed: false,
     };
     let params = JobParams {

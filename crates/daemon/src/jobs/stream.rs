@@ -16,6 +16,11 @@
 //! nothing) and the graph's `backing` edge follows, dropping the streamed layers that
 //! nothing else holds.
 //!
+//! The base may be a device (an `rbd` node under a qcow2 overlay): the copy reads it
+//! through the plugin node the top's chain stands on (see [`crate::graph::layers`]), and
+//! the header then names it by its options (`json:{...}`), format raw, as qemu does for a
+//! protocol node.
+//!
 //! Nodes without a backing chain (file, null, plugins, qcow2 without backing) have nothing
 //! to copy: as in qsd, the job then runs through all its states inside the command, before
 //! the reply, with `len` and `offset` 0.
@@ -27,6 +32,7 @@ use sluice_image::{Driver, Format};
 
 use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
 use crate::graph::image::{image_node, qmp_error};
+use crate::graph::layers::layer_in_chain;
 use crate::graph::not_found;
 use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
 use crate::state::{Daemon, State};
@@ -83,7 +89,7 @@ impl JobDriver<State> for StreamDriver {
         });
         let format = self.base.as_ref().map(|(_, b)| match b.driver() {
             Driver::Qcow2 => Format::Qcow2,
-            Driver::Raw | Driver::File | Driver::Blkdebug => Format::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => Format::Raw,
         });
         let base = self.base.as_ref().map(|(_, b)| b.clone());
         top.switch_backing(base, name.as_deref(), format)
@@ -172,14 +178,13 @@ pub(crate) fn block_stream(
             )));
         }
     }
-    let image = |n: &crate::graph::Node| {
-        image_node(&n.opened).ok_or_else(|| {
-            QmpError::generic(format!(
-                "block-stream of '{}': node '{}' is not an image node",
-                args.device, n.name
-            ))
-        })
+    let not_image = |n: &crate::graph::Node| {
+        QmpError::generic(format!(
+            "block-stream of '{}': node '{}' is not an image node",
+            args.device, n.name
+        ))
     };
+    let image = |n: &crate::graph::Node| image_node(&n.opened).ok_or_else(|| not_image(n));
     let driver = if chain.is_empty() {
         StreamDriver {
             size: 0,
@@ -191,13 +196,19 @@ pub(crate) fn block_stream(
         if top.read_only {
             return Err(QmpError::generic("Block node is read-only"));
         }
+        let top_image = image(top)?;
+        // The base may be a device (an rbd image): its layer is the plugin node the top's
+        // chain reads it through.
         let base = match chain.get(base_at) {
-            Some(b) => Some((b.name.clone(), image(b)?)),
+            Some(b) => Some((
+                b.name.clone(),
+                layer_in_chain(b, &top_image).ok_or_else(|| not_image(b))?,
+            )),
             None => None,
         };
         StreamDriver {
             size: top.size()?,
-            top: Some((args.device.clone(), image(top)?)),
+            top: Some((args.device.clone(), top_image)),
             base,
             backing_file: args.backing_file.clone(),
         }

@@ -308,7 +308,7 @@ impl Node {
                 q.set_backing(self.backing().map(|b| b.view().layer.clone()));
                 Ok(FormatAccess::new(q))
             }
-            Driver::Raw | Driver::File | Driver::Blkdebug => {
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => {
                 let r = Raw::open_image(self.layer_storage().clone(), writable)
                     .map_err(|e| ImageError::open(path, e))?;
                 Ok(FormatAccess::new(r))

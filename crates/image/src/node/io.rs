@@ -192,7 +192,7 @@ impl Node {
                 }
                 Ok(())
             }
-            Driver::Raw | Driver::File | Driver::Blkdebug => {
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => {
                 let _g = self.io.read();
                 let st = self.storage();
                 let r = if may_unmap {
@@ -378,7 +378,7 @@ impl Node {
                 }
                 Ok(())
             }
-            Driver::Raw | Driver::File | Driver::Blkdebug => {
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => {
                 let _g = self.io.read();
                 self.storage()
                     .discard(offset, count)

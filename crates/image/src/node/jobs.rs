@@ -10,7 +10,9 @@
 //! swaps that view (backing, header, imago instance) in. Requests take the view after
 //! their `io` guard, so each sees one chain from start to end.
 //!
-//! **Commits** ([`Node::open_writer`], [`Node::reload`]). `block-commit` writes into a
+//! **Commits** ([`Node::commit_range`], [`Node::open_writer`], [`Node::reload`]).
+//! `block-commit` copies what the committed layers hold, read from the top layer's own
+//! chain (not through its gate, which an external snapshot turned to the overlay), into a
 //! read-only base through a second, writable node over the same image; afterwards the base
 //! drops what it cached, since the file changed under it. An active commit's write tracking
 //! and pivot are the other side of the request gate, and live with it in `gate.rs`.
@@ -74,6 +76,38 @@ impl Node {
                 buf.resize(seg.len as usize, 0);
                 self.read_locked(&mut buf, at)?;
                 self.write_locked(&buf, at)?;
+                copied += seg.len;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// A commit's copy of `[offset, offset+count)`: writes into `writer` (the base's
+    /// writer, see [`Node::open_writer`]) what this node and the layers below it hold down
+    /// to, not including, the layer at `base_depth` (1 = this node). Returns the bytes
+    /// copied.
+    ///
+    /// This node's own chain is read, not through its gate: after an external snapshot
+    /// the gate sends this node's requests to the overlay, whose data is not this commit's
+    /// (and whose depths are one deeper). Nothing writes to a committed layer meanwhile
+    /// (it is a read-only backing node, and the daemon runs one job per node).
+    pub fn commit_range(
+        &self,
+        offset: u64,
+        count: u64,
+        base_depth: u32,
+        writer: &Node,
+    ) -> Result<u64> {
+        let end = offset.saturating_add(count).min(self.size());
+        let _g = self.io.read();
+        let mut copied = 0u64;
+        let mut buf = Vec::new();
+        for seg in self.segments(offset, end, Some("commit")) {
+            let (at, seg) = seg?;
+            if seg.depth >= 1 && seg.depth < base_depth {
+                buf.resize(seg.len as usize, 0);
+                self.read_locked(&mut buf, at)?;
+                writer.write(&buf, at)?;
                 copied += seg.len;
             }
         }
@@ -223,7 +257,16 @@ impl Node {
     /// the writer lives, this node must not read the ranges written through it; once done,
     /// flush and drop the writer, then [`Node::reload`] this node. Its writes mark this
     /// node's dirty bitmaps.
+    ///
+    /// A plugin node has no image to open again: the owner of its device opens a writable
+    /// device and makes it a node ([`crate::open_plugin_node`]).
     pub fn open_writer(&self) -> std::result::Result<Arc<Node>, ImageError> {
+        if self.driver == Driver::Plugin {
+            return Err(ImageError::Permission(format!(
+                "node '{}' is a device seen as a layer: open the device writable instead",
+                self.name
+            )));
+        }
         let backing = self.backing();
         let mut opts = BlockdevOptions::image(self.driver_of_image(), &self.filename, false);
         opts.locking = Locking::Off;
@@ -260,7 +303,7 @@ impl Node {
     fn driver_of_image(&self) -> Driver {
         match self.driver {
             Driver::Qcow2 => Driver::Qcow2,
-            Driver::Raw | Driver::File | Driver::Blkdebug => Driver::Raw,
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => Driver::Raw,
         }
     }
 
@@ -343,6 +386,28 @@ mod tests {
             "{info}"
         );
         assert_image_is(&c, &before);
+    }
+
+    #[test]
+    fn commit_range_after_snapshot_copies_the_layer_not_its_overlay() {
+        let (dir, c) = chain3();
+        let node = open_json(qcow2_opts(&c, false)).unwrap();
+        let before = read(&node, 1 << 20, 0);
+        let o = create(dir.path(), "o.qcow2", &["-f", "qcow2"], Some("1M"));
+        let mut v = qcow2_opts(&o, false);
+        v["backing"] = serde_json::Value::Null;
+        let overlay = open_json(v).unwrap();
+        node.snapshot_onto(overlay.clone()).unwrap();
+        // The node's requests go to the overlay now; this write is not the node's data.
+        overlay.write(&[0x77; 4096], 69632).unwrap();
+        let a = node.backing().unwrap().backing().unwrap();
+        let writer = a.open_writer().unwrap();
+        // c and b (depths 1 and 2) into a (depth 3).
+        assert!(node.commit_range(0, 1 << 20, 3, &writer).unwrap() > 0);
+        writer.flush().unwrap();
+        drop(writer);
+        a.reload().unwrap();
+        assert_eq!(read(&a, 1 << 20, 0), before);
     }
 
     #[test]

@@ -32,6 +32,8 @@
 //!   writer into a read-only base, and reloading a node another writer changed.
 //! - `reopen.rs`: `blockdev-reopen` in place: a file node's descriptor and lock bytes, a
 //!   node's imago object, a qcow2 node's backing in memory.
+//! - `plugin.rs`: plugin nodes: any block device of the block layer (an RBD image) as a
+//!   node, so that a qcow2 node's backing can be one.
 //!
 //! **Locks**, each held for one request or one job step, taken in this order: the gate
 //! (shared by requests, exclusive for tracking changes and the pivot), then `io` (shared by
@@ -61,6 +63,7 @@ mod io;
 mod jobs;
 mod open;
 mod persist;
+mod plugin;
 mod raw_bitmaps;
 mod reopen;
 mod status;
@@ -71,6 +74,7 @@ pub use create::{create_file, Prealloc, Qcow2Create};
 use gate::Tracking;
 pub use gate::{AfterWrite, BeforeWrite};
 pub use open::{open_blkdebug_node, open_node, probe_file, Resolve, MAX_CHAIN};
+pub use plugin::open_plugin_node;
 
 /// imago's storage object for every node: shared, so a file node and the format node above
 /// it use one descriptor.
@@ -126,6 +130,8 @@ enum Base {
     Child(Arc<Node>),
     /// A blkdebug node: its `image` child, seen through the rules.
     Debug(Arc<Node>, DebugParts),
+    /// A plugin node: the name it reports as its file, and its device (see `plugin.rs`).
+    Device(PathBuf, plugin::DeviceParts),
 }
 
 /// What a blkdebug node adds to its file child (see [`crate::blkdebug`]).
@@ -151,6 +157,8 @@ pub struct Node {
     file_state: Option<FileState>,
     /// Set for blkdebug nodes.
     debug: Option<DebugParts>,
+    /// Set for plugin nodes.
+    device: Option<plugin::DeviceParts>,
     /// The backing, header and imago instance: replaced together by
     /// [`Node::switch_backing`], under the exclusive `io` lock, so a request that holds
     /// `io` sees one view from start to end.
@@ -201,10 +209,11 @@ impl Node {
         view: View,
         probed_raw: bool,
     ) -> Arc<Node> {
-        let (filename, file, file_state, debug) = match base {
-            Base::Own(path, state) => (path, None, Some(state), None),
-            Base::Child(file) => (file.filename.clone(), Some(file), None, None),
-            Base::Debug(file, d) => (file.filename.clone(), Some(file), None, Some(d)),
+        let (filename, file, file_state, debug, device) = match base {
+            Base::Own(path, state) => (path, None, Some(state), None, None),
+            Base::Child(file) => (file.filename.clone(), Some(file), None, None, None),
+            Base::Debug(file, d) => (file.filename.clone(), Some(file), None, Some(d), None),
+            Base::Device(name, d) => (name, None, None, None, Some(d)),
         };
         Arc::new_cyclic(|weak_self| Node {
             name,
@@ -214,6 +223,7 @@ impl Node {
             file,
             file_state,
             debug,
+            device,
             view: RwLock::new(Arc::new(view)),
             probed_raw,
             prealloc_guess: std::sync::OnceLock::new(),
@@ -235,7 +245,8 @@ impl Node {
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
     }
-    /// The image file (for format nodes, their file child's).
+    /// The image file (for format nodes, their file child's; for plugin nodes, the name
+    /// they were opened with).
     pub fn filename(&self) -> &Path {
         &self.filename
     }
@@ -297,22 +308,30 @@ impl Node {
         self.view.read().clone()
     }
 
+    /// The descriptor of the image file. Plugin nodes have none: callers reach this only
+    /// for file, raw, blkdebug and qcow2 nodes.
     fn file_state(&self) -> &FileState {
+        self.file_state_if_any()
+            .expect("every node but a plugin node has a file node at its bottom")
+    }
+
+    fn file_state_if_any(&self) -> Option<&FileState> {
         match (&self.file_state, &self.file) {
-            (Some(fs), _) => fs,
-            (None, Some(f)) => f.file_state(),
-            (None, None) => unreachable!("every node has a file node at its bottom"),
+            (Some(fs), _) => Some(fs),
+            (None, Some(f)) => f.file_state_if_any(),
+            (None, None) => None,
         }
     }
 
     /// The storage a node above reads this node's file through (the image file's, or for a
     /// blkdebug node, the file's seen through its rules).
     fn storage(&self) -> &Storage {
-        match (&self.debug, &self.file_state, &self.file) {
-            (Some(d), _, _) => &d.parent_storage,
-            (None, Some(fs), _) => &fs.storage,
-            (None, None, Some(f)) => f.storage(),
-            (None, None, None) => unreachable!("every node has a file node at its bottom"),
+        match (&self.debug, &self.file_state, &self.file, &self.device) {
+            (Some(d), ..) => &d.parent_storage,
+            (None, Some(fs), ..) => &fs.storage,
+            (None, None, Some(f), _) => f.storage(),
+            (None, None, None, Some(d)) => &d.dyn_storage,
+            (None, None, None, None) => unreachable!("every node has a file or a device"),
         }
     }
 
@@ -335,7 +354,10 @@ impl Node {
     }
 
     fn check_writable(&self, what: &str) -> Result<()> {
-        if self.is_read_only() || !self.file_state().writable.load(Ordering::Acquire) {
+        let file_read_only = self
+            .file_state_if_any()
+            .is_some_and(|fs| !fs.writable.load(Ordering::Acquire));
+        if self.is_read_only() || file_read_only {
             return Err(BlockError::new(
                 Errno::EROFS,
                 format!("{what}: node '{}' is read-only", self.name),

@@ -74,6 +74,9 @@ fn open_with_chain(
         Driver::Blkdebug => Err(ImageError::InvalidOption(
             "blkdebug nodes are opened with their rules (open_blkdebug_node)".into(),
         )),
+        Driver::Plugin => Err(ImageError::InvalidOption(
+            "plugin nodes are opened over their device (open_plugin_node)".into(),
+        )),
         Driver::Raw | Driver::Qcow2 => {
             let file = match &opts.file {
                 Some(ChildRef::Node(n)) => {

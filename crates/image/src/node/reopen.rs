@@ -56,6 +56,12 @@ impl Node {
     /// Why this node cannot be reopened `read_only` (or, with `read_only` unchanged, get a
     /// new imago object for a backing change), or Ok. No side effect.
     pub fn check_reopen(&self, read_only: bool) -> Result<(), ImageError> {
+        if self.driver == Driver::Plugin {
+            return Err(ImageError::Permission(format!(
+                "node '{}' is a device seen as a layer: reopen the device's own node",
+                self.name
+            )));
+        }
         if !Arc::ptr_eq(&self.active(), &self.arc()) {
             return Err(ImageError::Permission(format!(
                 "node '{}' forwards its requests to node '{}' (after a commit or a snapshot): \
@@ -192,7 +198,7 @@ impl Node {
                 let (used, unshared) = qcow2_perms(read_only);
                 fs.lock.lock().update(&fs.os, &self.name, used, unshared)
             }
-            Driver::Raw | Driver::Blkdebug => Ok(()),
+            Driver::Raw | Driver::Blkdebug | Driver::Plugin => Ok(()),
         }
     }
 
@@ -271,7 +277,7 @@ impl Node {
                     FormatAccess::new(q),
                 ))
             }
-            Driver::Raw | Driver::File | Driver::Blkdebug => {
+            Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => {
                 let r =
                     Raw::open_image(self.layer_storage().clone(), !read_only).map_err(open_err)?;
                 Ok(View::new(None, None, FormatAccess::new(r)))

@@ -13,7 +13,7 @@
 //! once, at the first block status, and so does sluice (`metadata_preallocated`). Raw
 //! layers report their file's holes, found with `SEEK_DATA`/`SEEK_HOLE` (see
 //! [`sluice_block::fileio`]); where the file system cannot tell, everything is data, as in
-//! qemu. With REQ_ONE, the first extent runs on while its kind stays the same, as in qemu.
+//! qemu. A plugin layer (an RBD image) reports its device's extents. With REQ_ONE, the first extent runs on while its kind stays the same, as in qemu.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -46,6 +46,9 @@ pub(crate) enum SegmentKind {
     /// Stored 1:1 in the file of a raw (or file) layer at `host`; the file's holes tell data
     /// from zeroes. `layer` is the node whose file holds it.
     RawFile { host: u64, layer: Arc<Node> },
+    /// Stored 1:1 in the device of a plugin node `layer` at `host`; the device's extents
+    /// tell data from zeroes.
+    Device { host: u64, layer: Arc<Node> },
     /// Reads as zeroes (zero clusters, unallocated to the bottom, past a shorter backing).
     Zero,
     /// A compressed cluster: data.
@@ -100,6 +103,9 @@ impl Node {
                 SegmentKind::RawFile { host, ref layer } => {
                     let hole = EXTENT_HOLE | EXTENT_ZERO;
                     raw_file_extents(layer.file_state(), at, host, seg.len, hole, out)?;
+                }
+                SegmentKind::Device { host, ref layer } => {
+                    layer.device_extents(at, host, seg.len, out)?
                 }
             }
             // REQ_ONE: like qemu, the first extent runs on while the kind stays the same.
@@ -167,10 +173,10 @@ impl Node {
             let seg = |len, depth, kind| Segment { len, depth, kind };
             match m {
                 ShallowMapping::Raw { offset: host, .. } => {
-                    let kind = if node.driver == Driver::Qcow2 {
-                        SegmentKind::Cluster { host, layer: node }
-                    } else {
-                        SegmentKind::RawFile { host, layer: node }
+                    let kind = match node.driver {
+                        Driver::Qcow2 => SegmentKind::Cluster { host, layer: node },
+                        Driver::Plugin => SegmentKind::Device { host, layer: node },
+                        _ => SegmentKind::RawFile { host, layer: node },
                     };
                     return Ok(seg(len, depth, kind));
                 }
