@@ -126,6 +126,7 @@ fn qemu_qmp_client_runs_every_command_and_sees_qemu_errors_and_events() {
         "blockdev-snapshot",
         "blockdev-snapshot-sync",
         "change-backing-file",
+        "drive-mirror",
         "job-cancel",
         "job-complete",
         "job-dismiss",
