@@ -262,20 +262,27 @@ fn daemon_rbd_overlay_writes_land_in_overlay_and_reads_fall_through() {
     assert!(alone[131072..3 * MIB as usize].iter().all(|&b| b == 0));
 }
 
-/// Scenario 2 on one daemon: an overlay added with `backing: "base"`, written through an
-/// export, then `block-stream` of the whole chain into it. Returns the stream's messages.
-fn stream_scenario(base: &Base<'_>, dir: &Path) -> Vec<Value> {
-    let mut d = base.daemon();
+/// A daemon with the base node and, over it (`backing: "base"`), a new qcow2 overlay
+/// `NAME.qcow2` named NAME, exported, into which [`WRITES`] went through the export.
+fn written_overlay(base: &Base<'_>, dir: &Path, name: &str) -> (QmpDaemon, Qmp) {
+    let d = base.daemon();
     let mut q = d.connect_negotiated();
     ok(&mut q, "blockdev-add", base.options(true));
-    let top = qcow2(dir, "top.qcow2");
+    let path = qcow2(dir, &format!("{name}.qcow2"));
     ok(
         &mut q,
         "blockdev-add",
-        qcow2_node("top", &top, json!("base"), false),
+        qcow2_node(name, &path, json!("base"), false),
     );
     start_nbd(&mut q, &d);
-    write_and_read(&mut q, &d, "top", &WRITES);
+    write_and_read(&mut q, &d, name, &WRITES);
+    (d, q)
+}
+
+/// Scenario 2 on one daemon: an overlay added with `backing: "base"`, written through an
+/// export, then `block-stream` of the whole chain into it. Returns the stream's messages.
+fn stream_scenario(base: &Base<'_>, dir: &Path) -> Vec<Value> {
+    let (mut d, mut q) = written_overlay(base, dir, "top");
     let msgs = run_job(
         &mut q,
         &mut d,
@@ -325,17 +332,7 @@ fn daemon_rbd_overlay_block_stream_copies_the_rbd_base_up() {
 /// Returns the commit's messages; the daemon stays up (the base node open, read-only) for
 /// the lock check.
 fn commit_scenario(base: &Base<'_>, dir: &Path) -> (QmpDaemon, Qmp, Vec<Value>) {
-    let mut d = base.daemon();
-    let mut q = d.connect_negotiated();
-    ok(&mut q, "blockdev-add", base.options(true));
-    let mid = qcow2(dir, "mid.qcow2");
-    ok(
-        &mut q,
-        "blockdev-add",
-        qcow2_node("mid", &mid, json!("base"), false),
-    );
-    start_nbd(&mut q, &d);
-    write_and_read(&mut q, &d, "mid", &WRITES);
+    let (mut d, mut q) = written_overlay(base, dir, "mid");
     let top = qcow2(dir, "top.qcow2");
     ok(
         &mut q,
@@ -407,17 +404,7 @@ fn daemon_rbd_overlay_block_commit_writes_into_rbd_and_frees_its_lock() {
 /// messages up to READY and from `job-complete` on; the daemon is then told to quit with
 /// the base (writable since the pivot) still open.
 fn active_commit_scenario(base: &Base<'_>, dir: &Path) -> (Vec<Value>, Vec<Value>) {
-    let mut d = base.daemon();
-    let mut q = d.connect_negotiated();
-    ok(&mut q, "blockdev-add", base.options(true));
-    let top = qcow2(dir, "top.qcow2");
-    ok(
-        &mut q,
-        "blockdev-add",
-        qcow2_node("top", &top, json!("base"), false),
-    );
-    start_nbd(&mut q, &d);
-    write_and_read(&mut q, &d, "top", &WRITES);
+    let (mut d, mut q) = written_overlay(base, dir, "top");
     let ready = run_until(
         &mut q,
         json!({"execute": "block-commit", "arguments": {"job-id": "c0", "device": "top",
