@@ -7,8 +7,9 @@
 //! [`sluice_image::Node::snapshot_onto`], which holds the node's requests off at its gate,
 //! writes the node back, attaches it under the overlay and forwards the node's requests to
 //! the overlay — so connections opened before keep working, now on the overlay. The graph
-//! then follows as qsd's: the overlay's `backing` edge, the node read-only, its exports
-//! moved to the overlay ([`move_exports`]).
+//! then follows as qsd's: the overlay's `backing` edge, the node and its file node reopened
+//! read-only ([`sluice_image::Node::freeze`], which lets go of the image's write lock, as
+//! qemu's snapshot does), its exports moved to the overlay ([`move_exports`]).
 //!
 //! Checks and messages are qsd 10.0.2's (`Cannot find device=... nor node-name=...`,
 //! `Making 'x' a backing child of 'y' would create a cycle`, `The overlay is already in
@@ -87,7 +88,8 @@ fn snapshot(st: &mut State, node: &str, overlay: &str) -> Result<(), QmpError> {
     // open connections to the overlay: it is only snapshotted while nothing exports it.
     if image_node(&n.opened).is_none() && n.exports > 0 {
         return Err(QmpError::generic(format!(
-            "Node '{node}' is exported: sluice snapshots a {} node only while no export              uses it",
+            "Node '{node}' is exported: sluice snapshots a {} node only while no export \
+             uses it",
             n.driver.as_str()
         )));
     }
@@ -124,6 +126,27 @@ fn snapshot(st: &mut State, node: &str, overlay: &str) -> Result<(), QmpError> {
     }
     if let Some(n) = st.graph.get_mut(node) {
         n.read_only = true;
+    }
+    // qemu's external_snapshot_commit reopens the old node read-only (its file node too),
+    // which lets go of its image's write lock; an error there leaves the snapshot standing.
+    match old.freeze() {
+        Ok(()) => {
+            let files: Vec<String> = st
+                .graph
+                .get(node)
+                .map(|n| n.children.iter().filter(|(r, _)| r == "file"))
+                .into_iter()
+                .flatten()
+                .map(|(_, c)| c.clone())
+                .collect();
+            for f in files {
+                if let Some(f) = st.graph.get_mut(&f) {
+                    f.read_only = true;
+                    refresh_info(&mut f.opened);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("blockdev-snapshot: reopening '{node}' read-only: {e}"),
     }
     move_exports(st, node, overlay);
     Ok(())

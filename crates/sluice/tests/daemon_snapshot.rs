@@ -306,3 +306,84 @@ fn snapshot_refusals_match_qsd() {
     let q = refusals(&QmpDaemon::qsd(&[]));
     assert_eq!(s, q);
 }
+
+/// What one daemon shows after `blockdev-snapshot-sync` of an exported qcow2 node: each
+/// node's read-only flag (auto-generated names as `#`), and whether another program can
+/// open the old image for reading with qemu's locking (`qemu-img info` without `-U`) and
+/// the new one (it cannot: the overlay is written).
+fn frozen_base(d: &QmpDaemon) -> (Vec<(String, bool)>, bool, bool) {
+    let base = d.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
+    let mut c = d.connect_negotiated();
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "b",
+               "file": {"driver": "file", "filename": path_str(&base)}}),
+    );
+    support::qmp::start_nbd(&mut c, d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "b", "writable": true}),
+    );
+    let opens = |name: &str| {
+        Command::new("qemu-img")
+            .args(["info", path_str(&d.path(name))])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        !opens("base.qcow2"),
+        "the image is locked while it is written"
+    );
+    ok(
+        &mut c,
+        "blockdev-snapshot-sync",
+        json!({"node-name": "b", "snapshot-file": path_str(&d.path("top.qcow2")),
+               "snapshot-node-name": "t", "format": "qcow2"}),
+    );
+    let r = c.exec("query-named-block-nodes", json!({}));
+    let mut nodes: Vec<(String, bool)> = r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let name = n["node-name"].as_str().unwrap();
+            let name = if name.starts_with('#') {
+                format!(
+                    "#{}",
+                    n["file"].as_str().unwrap().rsplit('/').next().unwrap()
+                )
+            } else {
+                name.to_string()
+            };
+            (name, n["ro"].as_bool().unwrap())
+        })
+        .collect();
+    nodes.sort();
+    (nodes, opens("base.qcow2"), opens("top.qcow2"))
+}
+
+#[test]
+fn snapshot_reopens_the_old_node_read_only_and_frees_its_image_as_qsd() {
+    let s = QmpDaemon::sluice(&[]);
+    let q = QmpDaemon::qsd(&[]);
+    let got = frozen_base(&s);
+    assert_eq!(got, frozen_base(&q));
+    assert_eq!(
+        got,
+        (
+            vec![
+                ("#base.qcow2".to_string(), true),
+                ("#top.qcow2".to_string(), false),
+                ("b".to_string(), true),
+                ("t".to_string(), false),
+            ],
+            true,
+            false
+        )
+    );
+}

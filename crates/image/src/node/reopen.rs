@@ -56,18 +56,23 @@ impl Node {
     /// Why this node cannot be reopened `read_only` (or, with `read_only` unchanged, get a
     /// new imago object for a backing change), or Ok. No side effect.
     pub fn check_reopen(&self, read_only: bool) -> Result<(), ImageError> {
-        if self.driver == Driver::Plugin {
-            return Err(ImageError::Permission(format!(
-                "node '{}' is a device seen as a layer: reopen the device's own node",
-                self.name
-            )));
-        }
         if !Arc::ptr_eq(&self.active(), &self.arc()) {
             return Err(ImageError::Permission(format!(
                 "node '{}' forwards its requests to node '{}' (after a commit or a snapshot): \
                  sluice cannot reopen it",
                 self.name,
                 self.active().name
+            )));
+        }
+        self.check_mode_change(read_only)
+    }
+
+    /// [`Node::check_reopen`] without its refusal of a node that forwards its requests.
+    fn check_mode_change(&self, read_only: bool) -> Result<(), ImageError> {
+        if self.driver == Driver::Plugin {
+            return Err(ImageError::Permission(format!(
+                "node '{}' is a device seen as a layer: reopen the device's own node",
+                self.name
             )));
         }
         if *self.persist.lock() == Persist::Stored {
@@ -142,6 +147,40 @@ impl Node {
             }
         }
         self.check_reopen(read_only)?;
+        self.reopen_unchecked(read_only, backing)
+    }
+
+    /// A node whose requests now go to the overlay of a snapshot (`snapshot_onto`), and its
+    /// file node, reopened read-only, as qemu's external snapshot does (`bdrv_reopen_set_
+    /// read_only` of the old node in `external_snapshot_commit`): nothing writes them any
+    /// more, and their image's write lock is let go, so other programs can read the frozen
+    /// image (`qemu-img convert` of the base, the usual backup after a snapshot). The
+    /// overlay's view is rebuilt over the node's new one. On an error the node keeps what it
+    /// had (qemu ignores this step's errors too).
+    pub fn freeze(&self) -> Result<(), ImageError> {
+        let overlay = self.active();
+        // A device seen as a layer (rbd) is locked by its own node, not by this one.
+        if Arc::ptr_eq(&overlay, &self.arc())
+            || self.is_read_only()
+            || self.driver == Driver::Plugin
+        {
+            return Ok(());
+        }
+        self.check_mode_change(true)?;
+        self.reopen_unchecked(true, None)?;
+        if let Some(f) = &self.file {
+            f.reopen(true, None)?;
+        }
+        overlay.rebind_backing()
+    }
+
+    /// [`Node::reopen`] once its checks passed.
+    fn reopen_unchecked(
+        &self,
+        read_only: bool,
+        backing: Option<Option<Arc<Node>>>,
+    ) -> Result<(), ImageError> {
+        let was_read_only = self.is_read_only();
         let _g = self.io.write();
         if !was_read_only {
             self.flush_for_change()?;
