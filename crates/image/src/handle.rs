@@ -26,7 +26,9 @@ impl Plugin for Node {
 
     fn open(&self, ctx: &OpenContext<'_>) -> Result<Box<dyn Handle>> {
         Ok(Box::new(NodeHandle {
-            writable: !ctx.readonly && !self.is_read_only(),
+            // The node that serves the requests decides: after a snapshot this node is
+            // read-only and forwards to its writable overlay.
+            writable: !ctx.readonly && !self.active().is_read_only(),
             node: self.arc(),
         }))
     }

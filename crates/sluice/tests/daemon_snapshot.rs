@@ -364,6 +364,10 @@ fn frozen_base(d: &QmpDaemon) -> (Vec<(String, bool)>, bool, bool) {
         })
         .collect();
     nodes.sort();
+    // A client that connects after the snapshot writes (into the overlay).
+    let uri = format!("nbd+unix:///b?socket={}", path_str(&d.path("nbd.sock")));
+    let out = support::run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 64k", &uri]);
+    assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
     (nodes, opens("base.qcow2"), opens("top.qcow2"))
 }
 
