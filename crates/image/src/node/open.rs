@@ -722,6 +722,11 @@ mod tests {
         assert!(Arc::ptr_eq(&node.backing().unwrap(), &base));
         assert_eq!(read(&node, 1, 0), [0x11]);
         drop(node);
+        // Another image: the dropped node's lock can outlive it for as long as a process
+        // another test spawns at that moment holds its descriptor (between fork and exec).
+        let other = dir.path().join("other.qcow2");
+        std::fs::copy(&top, &other).unwrap();
+        let mut v = qcow2_opts(&other, false);
         v["backing"] = json!("nope");
         let err = open_node(&BlockdevOptions::from_json(&v).unwrap(), &resolve).unwrap_err();
         assert_eq!(err.to_string(), "cannot find node 'nope'");
