@@ -131,13 +131,10 @@ fn snapshot(st: &mut State, node: &str, overlay: &str) -> Result<(), QmpError> {
     // which lets go of its image's write lock; an error there leaves the snapshot standing.
     match old.freeze() {
         Ok(()) => {
-            let files: Vec<String> = st
-                .graph
-                .get(node)
-                .map(|n| n.children.iter().filter(|(r, _)| r == "file"))
-                .into_iter()
-                .flatten()
-                .map(|(_, c)| c.clone())
+            let files: Vec<String> = (st.graph.get(node).into_iter())
+                .flat_map(|n| &n.children)
+                .filter(|(role, _)| role == "file")
+                .map(|(_, child)| child.clone())
                 .collect();
             for f in files {
                 if let Some(f) = st.graph.get_mut(&f) {

@@ -68,14 +68,30 @@ impl Node {
             }
         }
         let _g = self.io.write();
+        self.copy_held(offset, end, "stream", 2..base_depth, |buf, at| {
+            self.write_locked(buf, at)
+        })
+    }
+
+    /// The copy loop of stream and commit, with `io` held by the caller: reads (through
+    /// this node's own chain) each range of `[offset, end)` held at a depth in `depths`
+    /// (1 = this node) and hands it to `write`. Returns the bytes copied.
+    fn copy_held(
+        &self,
+        offset: u64,
+        end: u64,
+        what: &'static str,
+        depths: std::ops::Range<u32>,
+        mut write: impl FnMut(&[u8], u64) -> Result<()>,
+    ) -> Result<u64> {
         let mut copied = 0u64;
         let mut buf = Vec::new();
-        for seg in self.segments(offset, end, Some("stream")) {
+        for seg in self.segments(offset, end, Some(what)) {
             let (at, seg) = seg?;
-            if seg.depth >= 2 && seg.depth < base_depth {
+            if depths.contains(&seg.depth) {
                 buf.resize(seg.len as usize, 0);
                 self.read_locked(&mut buf, at)?;
-                self.write_locked(&buf, at)?;
+                write(&buf, at)?;
                 copied += seg.len;
             }
         }
@@ -100,18 +116,9 @@ impl Node {
     ) -> Result<u64> {
         let end = offset.saturating_add(count).min(self.size());
         let _g = self.io.read();
-        let mut copied = 0u64;
-        let mut buf = Vec::new();
-        for seg in self.segments(offset, end, Some("commit")) {
-            let (at, seg) = seg?;
-            if seg.depth >= 1 && seg.depth < base_depth {
-                buf.resize(seg.len as usize, 0);
-                self.read_locked(&mut buf, at)?;
-                writer.write(&buf, at)?;
-                copied += seg.len;
-            }
-        }
-        Ok(copied)
+        self.copy_held(offset, end, "commit", 1..base_depth, |buf, at| {
+            writer.write(buf, at)
+        })
     }
 
     /// Makes `backing` this qcow2 node's backing, durably: writes back everything, writes

@@ -13,7 +13,8 @@
 //! once, at the first block status, and so does sluice (`metadata_preallocated`). Raw
 //! layers report their file's holes, found with `SEEK_DATA`/`SEEK_HOLE` (see
 //! [`sluice_block::fileio`]); where the file system cannot tell, everything is data, as in
-//! qemu. A plugin layer (an RBD image) reports its device's extents. With REQ_ONE, the first extent runs on while its kind stays the same, as in qemu.
+//! qemu. A plugin layer (an RBD image) reports its device's extents. With REQ_ONE, the
+//! first extent runs on while its kind stays the same, as in qemu.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
