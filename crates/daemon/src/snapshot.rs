@@ -9,7 +9,10 @@
 //! the overlay — so connections opened before keep working, now on the overlay. The graph
 //! then follows as qsd's: the overlay's `backing` edge, the node and its file node reopened
 //! read-only ([`sluice_image::Node::freeze`], which lets go of the image's write lock, as
-//! qemu's snapshot does), its exports moved to the overlay ([`move_exports`]).
+//! qemu's snapshot does), its exports moved to the overlay ([`move_exports`]). Once the
+//! overlay leaves the graph (`blockdev-del`), the old node stops forwarding and serves its
+//! own image again (the snapshot's point in time), so the two, which hold each other, both
+//! close when unused, as in qsd ([`sluice_image::Node::release_backing_forwards`]).
 //!
 //! Checks and messages are qsd 10.0.2's (`Cannot find device=... nor node-name=...`,
 //! `Making 'x' a backing child of 'y' would create a cycle`, `The overlay is already in

@@ -391,3 +391,97 @@ fn snapshot_reopens_the_old_node_read_only_and_frees_its_image_as_qsd() {
         )
     );
 }
+
+/// The images daemon `d` holds open, by file name.
+fn open_images(d: &QmpDaemon) -> Vec<String> {
+    let pid = d.child.as_ref().unwrap().id();
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.extension().is_some_and(|x| x == "qcow2"))
+        .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// One daemon's side of the teardown after `blockdev-snapshot`: an exported node `b`
+/// snapshotted onto a monitor-owned overlay `t`, the export deleted, then `t` deleted, then
+/// `b`. Returns the images the daemon holds open after each of the three steps, and the
+/// first byte a new export of `b` shows between the two deletions.
+fn snapshot_teardown(d: &QmpDaemon) -> (Vec<Vec<String>>, String) {
+    let (base, top) = (d.path("base.qcow2"), d.path("top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&top), "4M"]);
+    let mut c = d.connect_negotiated();
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "b",
+               "file": {"driver": "file", "filename": path_str(&base)}}),
+    );
+    ok(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t", "backing": null,
+               "file": {"driver": "file", "filename": path_str(&top)}}),
+    );
+    support::qmp::start_nbd(&mut c, d);
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "b", "name": "b", "writable": true}),
+    );
+    let uri = d.nbd_uri("b");
+    let out = support::run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64k", &uri]);
+    assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
+    ok(
+        &mut c,
+        "blockdev-snapshot",
+        json!({"node": "b", "overlay": "t"}),
+    );
+    let out = support::run("qemu-io", &["-f", "raw", "-c", "write -P 0x22 0 64k", &uri]);
+    assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
+    ok(&mut c, "block-export-del", json!({"id": "e"}));
+    c.wait_event("BLOCK_EXPORT_DELETED");
+    let mut open = vec![open_images(d)];
+    ok(&mut c, "blockdev-del", json!({"node-name": "t"}));
+    open.push(open_images(d));
+    // What is left of `b` is its own image, the snapshot's point in time.
+    ok(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "node-name": "b", "name": "b2"}),
+    );
+    let out = support::run(
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read -v 0 1", &d.nbd_uri("b2")],
+    );
+    let first = out.lines().next().unwrap_or("").to_string();
+    ok(&mut c, "block-export-del", json!({"id": "e2"}));
+    c.wait_event("BLOCK_EXPORT_DELETED");
+    ok(&mut c, "blockdev-del", json!({"node-name": "b"}));
+    open.push(open_images(d));
+    (open, first)
+}
+
+/// Deleting the overlay after a snapshot closes it, and deleting the old node then closes
+/// that too: neither keeps the other alive (the old node forwards to the overlay, the
+/// overlay has the old node as its backing), as in qsd.
+#[test]
+fn snapshot_overlay_and_old_node_close_when_deleted_as_qsd() {
+    let s = QmpDaemon::sluice(&[]);
+    let q = QmpDaemon::qsd(&[]);
+    let got = snapshot_teardown(&s);
+    assert_eq!(got, snapshot_teardown(&q));
+    assert_eq!(
+        got.0,
+        vec![
+            vec!["base.qcow2".to_string(), "top.qcow2".to_string()],
+            vec!["base.qcow2".to_string()],
+            vec![],
+        ]
+    );
+    assert!(got.1.starts_with("00000000:  11"), "{}", got.1);
+}

@@ -848,6 +848,9 @@ impl Graph {
             if let Err(e) = img.store_bitmaps() {
                 tracing::error!("saving the bitmaps of node '{name}': {e}");
             }
+            // A snapshot's overlay (a `sync: none` mirror's target) and the node below it
+            // that forwards to it hold each other: let go, so both close when unused.
+            img.release_backing_forwards();
         }
         for (_, child) in &node.children {
             let orphan = !self.has_parent(child)

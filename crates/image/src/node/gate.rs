@@ -279,6 +279,30 @@ impl Node {
         state.redirect = Some(overlay);
         Ok(())
     }
+
+    /// For a node that goes out of use: every node of its backing chain that forwards its
+    /// requests to it (a snapshot's old node, a `sync: none` mirror's source) serves its
+    /// own image again. Each of the two held the other (the forward and the backing), so
+    /// without this neither would ever be freed, nor its image closed. Returns how many
+    /// forwards were dropped.
+    pub fn release_backing_forwards(&self) -> usize {
+        let mut dropped = 0;
+        let mut below = self.backing();
+        while let Some(b) = below {
+            let mut state = b.tracking.state.write();
+            if state
+                .redirect
+                .as_ref()
+                .is_some_and(|r| std::ptr::eq(Arc::as_ptr(r), self))
+            {
+                state.redirect = None;
+                dropped += 1;
+            }
+            drop(state);
+            below = b.backing();
+        }
+        dropped
+    }
 }
 
 #[cfg(test)]
@@ -441,5 +465,37 @@ mod tests {
         let writer = a.open_writer().unwrap();
         writer.write(&[2; 10], 0).unwrap();
         assert_eq!(in_a.count(), 65536);
+    }
+
+    /// A snapshot's old node and its overlay hold each other until the overlay goes out
+    /// of use: then the old node serves its own image (the snapshot's point in time) and
+    /// both are freed once nothing else holds them.
+    #[test]
+    fn release_backing_forwards_frees_a_snapshot_pair() {
+        let (dir, c) = chain3();
+        let node = open_json(qcow2_opts(&c, false)).unwrap();
+        let before = read(&node, 4096, 65536);
+        let o = create(dir.path(), "o.qcow2", &["-f", "qcow2"], Some("1M"));
+        let mut v = qcow2_opts(&o, false);
+        v["backing"] = serde_json::Value::Null;
+        let overlay = open_json(v).unwrap();
+        node.snapshot_onto(overlay.clone()).unwrap();
+        node.write(&[0x77; 4096], 65536).unwrap();
+        assert_eq!(read(&overlay, 4096, 65536), vec![0x77; 4096]);
+        let (weak_node, weak_overlay) = (Arc::downgrade(&node), Arc::downgrade(&overlay));
+        // Another node's release leaves the forward alone.
+        assert_eq!(node.release_backing_forwards(), 0);
+        assert_eq!(overlay.release_backing_forwards(), 1);
+        assert_eq!(read(&node, 4096, 65536), before);
+        drop(overlay);
+        assert!(
+            weak_overlay.upgrade().is_none(),
+            "the overlay outlived its last user"
+        );
+        drop(node);
+        assert!(
+            weak_node.upgrade().is_none(),
+            "the old node outlived its last user"
+        );
     }
 }
