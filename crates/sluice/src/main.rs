@@ -42,6 +42,7 @@ enum Command {
 }
 
 fn main() {
+    process::fix_malloc_threshold();
     if compat::invoked_as_nbdkit() {
         std::process::exit(compat::main());
     }
