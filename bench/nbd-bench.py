@@ -43,6 +43,7 @@ class BenchError(Exception):
 # ---------------------------------------------------------------------------
 
 _children = []  # Popen objects started by this script (servers and tools)
+_stopping = threading.Event()  # set once the run ends: servers go away from then on
 
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -83,6 +84,7 @@ def stop(p, grace=5.0):
 
 
 def stop_all():
+    _stopping.set()
     for p in list(_children):
         try:
             stop(p, grace=3.0)
@@ -800,10 +802,12 @@ def start_server(ctx, srv):
 
 def scrape_metrics(srv):
     """GET /metrics once a second while `srv` runs, as a Prometheus would (more often than its
-    default 15 s); counts scrapes in srv.scrapes, a failed one ends the server's row."""
+    default 15 s); counts scrapes in srv.scrapes, a failed one ends the server's row. Once
+    the run ends the servers are stopped, and a server removes its socket before it exits: a
+    scrape failing then is not the server's fault (it was reported as one)."""
     path = srv.sock + ".metrics"
     srv.scrapes = 0
-    while srv.alive:
+    while srv.alive and not _stopping.is_set():
         try:
             with socket.socket(socket.AF_UNIX) as c:
                 c.settimeout(5)
@@ -816,7 +820,8 @@ def scrape_metrics(srv):
                 raise OSError(f"bad reply {reply[:80]!r}")
             srv.scrapes += 1
         except OSError as e:
-            srv.skip = f"metrics scrape failed: {e}"
+            if not _stopping.is_set():
+                srv.skip = f"metrics scrape failed: {e}"
             return
         time.sleep(1)
 
