@@ -12,7 +12,9 @@
 //! qemu's snapshot does), its exports moved to the overlay ([`move_exports`]). Once the
 //! overlay leaves the graph (`blockdev-del`), the old node stops forwarding and serves its
 //! own image again (the snapshot's point in time), so the two, which hold each other, both
-//! close when unused, as in qsd ([`sluice_image::Node::release_backing_forwards`]).
+//! close when unused, as in qsd ([`sluice_image::Node::release_backing_forwards`]). The
+//! overlay `blockdev-snapshot-sync` makes is the monitor's only through the export that moved
+//! onto it: deleting that export frees it, as qsd does (`Daemon::finish_export`).
 //!
 //! Checks and messages are qsd 10.0.2's (`Cannot find device=... nor node-name=...`,
 //! `Making 'x' a backing child of 'y' would create a cycle`, `The overlay is already in

@@ -406,14 +406,14 @@ fn open_images(d: &QmpDaemon) -> Vec<String> {
     names
 }
 
-/// One daemon's side of the teardown after `blockdev-snapshot`: an exported node `b`
-/// snapshotted onto a monitor-owned overlay `t`, the export deleted, then `t` deleted, then
-/// `b`. Returns the images the daemon holds open after each of the three steps, and the
-/// first byte a new export of `b` shows between the two deletions.
-fn snapshot_teardown(d: &QmpDaemon) -> (Vec<Vec<String>>, String) {
+/// One daemon's side of the teardown after a snapshot of an exported node `b`: with `sync`
+/// false, `blockdev-snapshot` onto a monitor-owned overlay `t`, then the export deleted,
+/// then `t`, then `b`; with `sync` true, `blockdev-snapshot-sync` (an overlay only the export
+/// holds), then the export deleted, then `b`. Returns the images the daemon holds open after
+/// each step, and the first byte a new export of `b` shows before `b` is deleted.
+fn snapshot_teardown(d: &QmpDaemon, sync: bool) -> (Vec<Vec<String>>, String) {
     let (base, top) = (d.path("base.qcow2"), d.path("top.qcow2"));
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&top), "4M"]);
     let mut c = d.connect_negotiated();
     ok(
         &mut c,
@@ -421,12 +421,15 @@ fn snapshot_teardown(d: &QmpDaemon) -> (Vec<Vec<String>>, String) {
         json!({"driver": "qcow2", "node-name": "b",
                "file": {"driver": "file", "filename": path_str(&base)}}),
     );
-    ok(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "t", "backing": null,
-               "file": {"driver": "file", "filename": path_str(&top)}}),
-    );
+    if !sync {
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&top), "4M"]);
+        ok(
+            &mut c,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "t", "backing": null,
+                   "file": {"driver": "file", "filename": path_str(&top)}}),
+        );
+    }
     support::qmp::start_nbd(&mut c, d);
     ok(
         &mut c,
@@ -436,18 +439,29 @@ fn snapshot_teardown(d: &QmpDaemon) -> (Vec<Vec<String>>, String) {
     let uri = d.nbd_uri("b");
     let out = support::run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64k", &uri]);
     assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
-    ok(
-        &mut c,
-        "blockdev-snapshot",
-        json!({"node": "b", "overlay": "t"}),
-    );
+    if sync {
+        ok(
+            &mut c,
+            "blockdev-snapshot-sync",
+            json!({"node-name": "b", "snapshot-file": path_str(&top),
+                   "snapshot-node-name": "t", "format": "qcow2"}),
+        );
+    } else {
+        ok(
+            &mut c,
+            "blockdev-snapshot",
+            json!({"node": "b", "overlay": "t"}),
+        );
+    }
     let out = support::run("qemu-io", &["-f", "raw", "-c", "write -P 0x22 0 64k", &uri]);
     assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
     ok(&mut c, "block-export-del", json!({"id": "e"}));
     c.wait_event("BLOCK_EXPORT_DELETED");
     let mut open = vec![open_images(d)];
-    ok(&mut c, "blockdev-del", json!({"node-name": "t"}));
-    open.push(open_images(d));
+    if !sync {
+        ok(&mut c, "blockdev-del", json!({"node-name": "t"}));
+        open.push(open_images(d));
+    }
     // What is left of `b` is its own image, the snapshot's point in time.
     ok(
         &mut c,
@@ -473,8 +487,8 @@ fn snapshot_teardown(d: &QmpDaemon) -> (Vec<Vec<String>>, String) {
 fn snapshot_overlay_and_old_node_close_when_deleted_as_qsd() {
     let s = QmpDaemon::sluice(&[]);
     let q = QmpDaemon::qsd(&[]);
-    let got = snapshot_teardown(&s);
-    assert_eq!(got, snapshot_teardown(&q));
+    let got = snapshot_teardown(&s, false);
+    assert_eq!(got, snapshot_teardown(&q, false));
     assert_eq!(
         got.0,
         vec![
@@ -483,5 +497,18 @@ fn snapshot_overlay_and_old_node_close_when_deleted_as_qsd() {
             vec![],
         ]
     );
+    assert!(got.1.starts_with("00000000:  11"), "{}", got.1);
+}
+
+/// The overlay `blockdev-snapshot-sync` made is held only by the export that moved onto it:
+/// deleting the export frees it and closes its image, and the old node shows the snapshot's
+/// point in time again, as in qsd.
+#[test]
+fn snapshot_sync_overlay_goes_with_its_export_as_qsd() {
+    let s = QmpDaemon::sluice(&[]);
+    let q = QmpDaemon::qsd(&[]);
+    let got = snapshot_teardown(&s, true);
+    assert_eq!(got, snapshot_teardown(&q, true));
+    assert_eq!(got.0, vec![vec!["base.qcow2".to_string()], vec![]]);
     assert!(got.1.starts_with("00000000:  11"), "{}", got.1);
 }
