@@ -212,6 +212,11 @@ fn absolute_paths(d: QmpDaemon, dir: &Path, sync: &str) -> Vec<String> {
     client.write(&expected, 6 * MIB, 4096, 0xc1);
     client.op("f", 0, 0, 0);
     client.close();
+    // Only the export holds the target now: deleting it frees the target node.
+    ok(&mut c, "block-export-del", json!({"id": "e0"}));
+    c.wait_event("BLOCK_EXPORT_DELETED");
+    out.push("export deleted".to_string());
+    out.extend(node_files(&mut c, dir));
     quit(c, d);
     out.push(info_line(&target, dir));
     out
