@@ -388,9 +388,10 @@ pub const MMAP_THRESHOLD: usize = (4 << 20) + 4096;
 /// each once freed. A server whose connections come and go on many threads kept more memory
 /// after every busy spell: with `bench/soak.py`'s fio and nbdcopy clients against the daemon,
 /// its idle RSS after five 40-second spells was 29, 34, 38, 43, 43 MiB; with the threshold
-/// fixed, 17 MiB after each. `bench/nbd-bench.py` measured no cost (seq-read, seq-write and
-/// randwrite-qd32 within 6% of the default, both ways). A `MALLOC_MMAP_THRESHOLD_` in the
-/// environment is glibc's own setting and wins. Does nothing on other C libraries.
+/// fixed, 16 to 17 MiB after each. `bench/nbd-bench.py` measured no cost (seq-read,
+/// seq-write and randwrite-qd32 within 6% of the default, both ways). A
+/// `MALLOC_MMAP_THRESHOLD_` in the environment is glibc's own setting and wins. Does nothing
+/// on other C libraries.
 pub fn fix_malloc_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
