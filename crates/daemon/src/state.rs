@@ -400,14 +400,7 @@ impl Daemon {
         // A node only the export held (the overlay `blockdev-snapshot-sync` made, the target
         // `drive-mirror` made, once they pivoted) goes with it, as qemu frees a node when its
         // last reference goes. At shutdown the graph closes every node in its own order.
-        let unused = !st.shutting_down
-            && st
-                .graph
-                .get(&e.node)
-                .is_some_and(|n| !n.monitor_owned && n.exports == 0)
-            && !st.graph.has_parent(&e.node)
-            && st.jobs.using_node(&e.node).is_none();
-        if unused {
+        if !st.shutting_down && st.graph.unheld(&e.node) && st.jobs.using_node(&e.node).is_none() {
             st.graph.drop_unowned(&e.node);
         }
         self.emit(&BlockExportDeletedEvent { id: e.id });

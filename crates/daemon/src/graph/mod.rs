@@ -356,6 +356,15 @@ impl Graph {
         r
     }
 
+    /// True if node `name` exists and nothing in the graph holds it: no parent, no export,
+    /// and not the monitor's (jobs are the caller's to check).
+    pub fn unheld(&self, name: &str) -> bool {
+        !self.has_parent(name)
+            && self
+                .get(name)
+                .is_some_and(|n| !n.monitor_owned && n.exports == 0)
+    }
+
     /// Removes a node [`Graph::add_unowned`] made, with its children no one else holds.
     pub fn drop_unowned(&mut self, name: &str) {
         self.remove_tree(name);
@@ -824,11 +833,7 @@ impl Graph {
         }
         image::refresh_info(&mut p.opened);
         if let Some(old) = old {
-            let orphan = Some(old.as_str()) != child
-                && !self.has_parent(&old)
-                && self
-                    .get(&old)
-                    .is_some_and(|c| !c.monitor_owned && c.exports == 0);
+            let orphan = Some(old.as_str()) != child && self.unheld(&old);
             if orphan {
                 self.remove_tree(&old);
             }
@@ -853,10 +858,7 @@ impl Graph {
             img.release_backing_forwards();
         }
         for (_, child) in &node.children {
-            let orphan = !self.has_parent(child)
-                && self
-                    .get(child)
-                    .is_some_and(|c| !c.monitor_owned && c.exports == 0);
+            let orphan = self.unheld(child);
             if orphan {
                 self.remove_tree(child);
             }
