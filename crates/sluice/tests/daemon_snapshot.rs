@@ -44,25 +44,33 @@ fn firsts(raw: &Path) -> Vec<u8> {
     (0..WRITES).map(|i| data[(i * 32768) as usize]).collect()
 }
 
-/// One scenario on daemon `d`: an empty 8 MiB base.qcow2
-/// exported writable as `vm`, the writer running, a snapshot taken by `take` meanwhile.
-/// Returns `query-block-exports` after the snapshot.
-fn live_snapshot(d: &mut QmpDaemon, take: &dyn Fn(&mut Qmp, &QmpDaemon)) -> Value {
+/// On daemon `d`: a new empty qcow2 `base.qcow2` of `size` added as node `node`, the NBD
+/// server started, and the node exported writable as `name` (export id `id`). Returns the
+/// negotiated monitor.
+fn exported_base(d: &QmpDaemon, size: &str, node: &str, id: &str, name: &str) -> Qmp {
     let base = d.path("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "8M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), size]);
     let mut c = d.connect_negotiated();
     ok(
         &mut c,
         "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "disk",
+        json!({"driver": "qcow2", "node-name": node,
                "file": {"driver": "file", "filename": path_str(&base)}}),
     );
     support::qmp::start_nbd(&mut c, d);
     ok(
         &mut c,
         "block-export-add",
-        json!({"type": "nbd", "id": "e0", "node-name": "disk", "name": "vm", "writable": true}),
+        json!({"type": "nbd", "id": id, "node-name": node, "name": name, "writable": true}),
     );
+    c
+}
+
+/// One scenario on daemon `d`: an empty 8 MiB base.qcow2
+/// exported writable as `vm`, the writer running, a snapshot taken by `take` meanwhile.
+/// Returns `query-block-exports` after the snapshot.
+fn live_snapshot(d: &mut QmpDaemon, take: &dyn Fn(&mut Qmp, &QmpDaemon)) -> Value {
+    let mut c = exported_base(d, "8M", "disk", "e0", "vm");
     let mut w = Command::new("/usr/bin/python3")
         .args(["-c", WRITER, &d.nbd_uri("vm"), &WRITES.to_string()])
         .stdout(Stdio::piped())
@@ -312,21 +320,7 @@ fn snapshot_refusals_match_qsd() {
 /// open the old image for reading with qemu's locking (`qemu-img info` without `-U`) and
 /// the new one (it cannot: the overlay is written).
 fn frozen_base(d: &QmpDaemon) -> (Vec<(String, bool)>, bool, bool) {
-    let base = d.path("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
-    let mut c = d.connect_negotiated();
-    ok(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "b",
-               "file": {"driver": "file", "filename": path_str(&base)}}),
-    );
-    support::qmp::start_nbd(&mut c, d);
-    ok(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "b", "writable": true}),
-    );
+    let mut c = exported_base(d, "4M", "b", "e", "b");
     let opens = |name: &str| {
         Command::new("qemu-img")
             .args(["info", path_str(&d.path(name))])
@@ -412,15 +406,8 @@ fn open_images(d: &QmpDaemon) -> Vec<String> {
 /// holds), then the export deleted, then `b`. Returns the images the daemon holds open after
 /// each step, and the first byte a new export of `b` shows before `b` is deleted.
 fn snapshot_teardown(d: &QmpDaemon, sync: bool) -> (Vec<Vec<String>>, String) {
-    let (base, top) = (d.path("base.qcow2"), d.path("top.qcow2"));
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
-    let mut c = d.connect_negotiated();
-    ok(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "b",
-               "file": {"driver": "file", "filename": path_str(&base)}}),
-    );
+    let top = d.path("top.qcow2");
+    let mut c = exported_base(d, "4M", "b", "e", "b");
     if !sync {
         qemu_img(&["create", "-q", "-f", "qcow2", path_str(&top), "4M"]);
         ok(
@@ -430,12 +417,6 @@ fn snapshot_teardown(d: &QmpDaemon, sync: bool) -> (Vec<Vec<String>>, String) {
                    "file": {"driver": "file", "filename": path_str(&top)}}),
         );
     }
-    support::qmp::start_nbd(&mut c, d);
-    ok(
-        &mut c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "b", "name": "b", "writable": true}),
-    );
     let uri = d.nbd_uri("b");
     let out = support::run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64k", &uri]);
     assert!(out.contains("wrote 65536/65536 bytes"), "{out}");

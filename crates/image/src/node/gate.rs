@@ -475,10 +475,7 @@ mod tests {
         let (dir, c) = chain3();
         let node = open_json(qcow2_opts(&c, false)).unwrap();
         let before = read(&node, 4096, 65536);
-        let o = create(dir.path(), "o.qcow2", &["-f", "qcow2"], Some("1M"));
-        let mut v = qcow2_opts(&o, false);
-        v["backing"] = serde_json::Value::Null;
-        let overlay = open_json(v).unwrap();
+        let overlay = bare_overlay(dir.path());
         node.snapshot_onto(overlay.clone()).unwrap();
         node.write(&[0x77; 4096], 65536).unwrap();
         assert_eq!(read(&overlay, 4096, 65536), vec![0x77; 4096]);

@@ -400,10 +400,7 @@ mod tests {
         let (dir, c) = chain3();
         let node = open_json(qcow2_opts(&c, false)).unwrap();
         let before = read(&node, 1 << 20, 0);
-        let o = create(dir.path(), "o.qcow2", &["-f", "qcow2"], Some("1M"));
-        let mut v = qcow2_opts(&o, false);
-        v["backing"] = serde_json::Value::Null;
-        let overlay = open_json(v).unwrap();
+        let overlay = bare_overlay(dir.path());
         node.snapshot_onto(overlay.clone()).unwrap();
         // The node's requests go to the overlay now; this write is not the node's data.
         overlay.write(&[0x77; 4096], 69632).unwrap();

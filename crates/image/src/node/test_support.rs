@@ -58,6 +58,15 @@ pub(super) fn qcow2_opts(path: &Path, read_only: bool) -> serde_json::Value {
            "file": {"driver": "file", "filename": path, "read-only": read_only}})
 }
 
+/// A new writable 1 MiB qcow2 `o.qcow2` in `dir`, opened without a backing: a snapshot's
+/// overlay.
+pub(super) fn bare_overlay(dir: &Path) -> Arc<Node> {
+    let o = create(dir, "o.qcow2", &["-f", "qcow2"], Some("1M"));
+    let mut v = qcow2_opts(&o, false);
+    v["backing"] = serde_json::Value::Null;
+    open_json(v).unwrap()
+}
+
 pub(super) fn read(node: &Node, len: usize, offset: u64) -> Vec<u8> {
     let mut buf = vec![0xee; len];
     node.read(&mut buf, offset).unwrap();
