@@ -388,8 +388,10 @@ pub const MMAP_THRESHOLD: usize = (4 << 20) + 4096;
 /// each once freed. A server whose connections come and go on many threads kept more memory
 /// after every busy spell: with `bench/soak.py`'s fio and nbdcopy clients against the daemon,
 /// its idle RSS after five 40-second spells was 29, 34, 38, 43, 43 MiB; with the threshold
-/// fixed, 16 to 17 MiB after each. `bench/nbd-bench.py` measured no cost (seq-read,
-/// seq-write and randwrite-qd32 within 6% of the default, both ways). A
+/// fixed, 16 to 17 MiB after each. `bench/nbd-bench.py` measured no cost on throughput
+/// (seq-read, seq-write and randwrite-qd32 within 6% of the default, both ways), but its
+/// `connections` row costs more CPU per connection: the trim threshold stays at 128 KiB, so
+/// each connection's buffers go back to the kernel when it closes (not yet mended). A
 /// `MALLOC_MMAP_THRESHOLD_` in the environment is glibc's own setting and wins. Does nothing
 /// on other C libraries.
 pub fn fix_malloc_threshold() {
