@@ -42,7 +42,7 @@ enum Command {
 }
 
 fn main() {
-    process::fix_malloc_threshold();
+    process::fix_malloc_thresholds();
     if compat::invoked_as_nbdkit() {
         std::process::exit(compat::main());
     }

@@ -381,25 +381,47 @@ pub fn lock_memory() -> anyhow::Result<()> {
 /// qemu's 2 MiB, with the worker's headroom) still come from the arenas and are reused.
 pub const MMAP_THRESHOLD: usize = (4 << 20) + 4096;
 
-/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`], which also stops glibc from moving
-/// its trim threshold (128 KiB). By default glibc raises the mmap threshold to the size of
-/// each mapped block freed (up to 32 MiB) and the trim threshold to twice that, so after a
-/// few large requests its arenas (one per busy thread, up to 16 here) keep up to tens of MiB
-/// each once freed. A server whose connections come and go on many threads kept more memory
-/// after every busy spell: with `bench/soak.py`'s fio and nbdcopy clients against the daemon,
-/// its idle RSS after five 40-second spells was 29, 34, 38, 43, 43 MiB; with the threshold
-/// fixed, 16 to 17 MiB after each. `bench/nbd-bench.py` measured no cost on throughput
-/// (seq-read, seq-write and randwrite-qd32 within 6% of the default, both ways), but its
-/// `connections` row costs more CPU per connection: the trim threshold stays at 128 KiB, so
-/// each connection's buffers go back to the kernel when it closes (not yet mended). A
-/// `MALLOC_MMAP_THRESHOLD_` in the environment is glibc's own setting and wins. Does nothing
-/// on other C libraries.
-pub fn fix_malloc_threshold() {
+/// How much free memory at the top of an arena glibc keeps instead of giving it back: 1 MiB,
+/// so one connection's buffers (a 256 KiB read buffer, a 64 KiB worker buffer) stay for the
+/// next connection, while sixteen idle arenas keep at most 16 MiB.
+pub const TRIM_THRESHOLD: usize = 1 << 20;
+
+/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`] and its trim threshold at
+/// [`TRIM_THRESHOLD`]. By default glibc raises the mmap threshold to the size of each mapped
+/// block freed (up to 32 MiB) and the trim threshold to twice that, so after a few large
+/// requests its arenas (one per busy thread, up to 16 here) keep up to tens of MiB each once
+/// freed. A server whose connections come and go on many threads kept more memory after
+/// every busy spell: with `bench/soak.py`'s fio and nbdcopy clients against the daemon, its
+/// idle RSS after five 40-second spells was 29, 34, 38, 43, 43 MiB; with the mmap threshold
+/// fixed, 16 to 17 MiB after each. Fixing the mmap threshold alone also pins the trim
+/// threshold at glibc's 128 KiB, so every connection's buffers went back to the kernel when
+/// it closed and were faulted in again by the next: `bench/nbd-bench.py`'s `connections` row
+/// lost 16 to 19% of its rate; the 1 MiB trim threshold gives it back (see the commit that
+/// set it for the figures). `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` in the
+/// environment are glibc's own settings and each wins over ours. Does nothing on other C
+/// libraries.
+pub fn fix_malloc_thresholds() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-        // SAFETY: mallopt only changes malloc's parameters; main calls this before any
-        // thread exists.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) };
+    {
+        let settings = [
+            (
+                "MALLOC_MMAP_THRESHOLD_",
+                libc::M_MMAP_THRESHOLD,
+                MMAP_THRESHOLD,
+            ),
+            (
+                "MALLOC_TRIM_THRESHOLD_",
+                libc::M_TRIM_THRESHOLD,
+                TRIM_THRESHOLD,
+            ),
+        ];
+        for (env, param, value) in settings {
+            if std::env::var_os(env).is_none() {
+                // SAFETY: mallopt only changes malloc's parameters; main calls this before
+                // any thread exists.
+                unsafe { libc::mallopt(param, value as libc::c_int) };
+            }
+        }
     }
 }
 

@@ -302,7 +302,7 @@ fn rss_mib(pid: i32) -> u64 {
 /// spells over, and the idle server then holds at most 40 MiB more than before (the 8 MiB
 /// written, and slack). With glibc's default, which raises its mmap and trim thresholds
 /// after the first large block is freed, the arenas kept the buffers: 76 MiB more
-/// (`process::fix_malloc_threshold` in the binary).
+/// (`process::fix_malloc_thresholds` in the binary).
 #[test]
 fn serve_gives_back_the_memory_of_large_requests() {
     let mut server = Server::start(&["memory", "64M"]);
