@@ -2,9 +2,9 @@
 //! crate that includes this file) as an ordinary test. Every crate with fuzz targets has a
 //! `tests/fuzz_seeds.rs` that includes this file with `#[path]` and names its targets.
 //!
-//! Building the fuzzers takes minutes of CPU, too long for every CI run, so CI runs this
-//! smoke instead and `scripts/fuzz.sh` runs the fuzzers by hand; a crash the fuzzer finds is
-//! added to the seeds, and so stays a test here.
+//! The seeds run here in every test run, with the ordinary build; `scripts/fuzz.sh` runs the
+//! fuzzers themselves (in CI for 20 s each, all but the daemon's, whose build is too long),
+//! and a crash the fuzzer finds is added to the seeds, and so stays a test here.
 
 /// Runs `check` on every seed of `target`; fails if there are none.
 pub fn run_seeds(target: &str, check: fn(&[u8])) {
