@@ -348,14 +348,28 @@ pub struct BitmapContext(pub BusyGuard);
 
 impl ExportContext for BitmapContext {
     /// qemu's `bitmap_to_extents`: alternating clean and dirty runs (flag
-    /// `NBD_STATE_DIRTY`), cut off after `max` runs.
+    /// `NBD_STATE_DIRTY`), cut off after `max` runs. Past the bitmap's end (a backing
+    /// layer's bitmap under a larger top) everything is clean, as in qemu.
     fn status(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
-        let mut out = Vec::new();
-        self.0.bitmap().map().status(offset, len, |_, n, dirty| {
+        let map = self.0.bitmap().map();
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut end = offset;
+        map.status(offset, len, |_, n, dirty| {
             if out.len() < max {
                 out.push((n, if dirty { NBD_STATE_DIRTY } else { 0 }));
+                end += n;
             }
         });
+        let stop = offset.saturating_add(len);
+        // The clean rest, once every run up to the bitmap's end was given.
+        if end >= map.size().max(offset) && end < stop {
+            let room = out.len() < max;
+            match out.last_mut() {
+                Some((n, 0)) => *n += stop - end,
+                _ if room => out.push((stop - end, 0)),
+                _ => {}
+            }
+        }
         out
     }
 }
@@ -474,6 +488,44 @@ mod tests {
         assert!(h.can_multi_conn().unwrap());
         assert_eq!(h.can_cache().unwrap(), Support::Native);
         assert!(h.can_extents().unwrap());
+    }
+
+    /// A 1 MiB bitmap (64 KiB granules) with one dirty granule at 128 KiB, as a context.
+    fn bitmap_1m() -> BitmapContext {
+        let b = Arc::new(sluice_image::bitmaps::Bitmap::new(
+            "b",
+            1 << 20,
+            64 << 10,
+            true,
+        ));
+        b.map().mark(128 << 10, 4096);
+        BitmapContext(b.hold())
+    }
+
+    #[test]
+    fn bitmap_context_past_the_bitmaps_end_is_clean_as_in_qemu() {
+        let c = bitmap_1m();
+        // Within: clean, dirty, clean to the end; past it the clean run goes on (qemu's
+        // bitmap_to_extents adds "the rest as clean" to the last run).
+        let d = NBD_STATE_DIRTY;
+        let (k64, m1) = (64 << 10, 1 << 20);
+        assert_eq!(
+            c.status(0, 2 * m1, 16),
+            [(2 * k64, 0), (k64, d), (2 * m1 - 3 * k64, 0)]
+        );
+        assert_eq!(
+            c.status(0, m1, 16),
+            [(2 * k64, 0), (k64, d), (m1 - 3 * k64, 0)]
+        );
+        // Wholly past the end: one clean run.
+        assert_eq!(c.status(m1 + 4096, 8192, 16), [(8192, 0)]);
+        // Ending dirty at the bitmap's end: the clean rest is a run of its own.
+        c.0.bitmap().map().mark(m1 - 4096, 4096);
+        assert_eq!(c.status(m1 - k64, 2 * k64, 16), [(k64, d), (k64, 0)]);
+        // Cut off by `max` before the bitmap's end: nothing is added.
+        assert_eq!(c.status(0, 2 * m1, 2), [(2 * k64, 0), (k64, d)]);
+        // Cut off by `max` at the bitmap's end, on a dirty run: no room for the rest.
+        assert_eq!(c.status(m1 - k64, 2 * k64, 1), [(k64, d)]);
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //! `bitmap=NAME` (qemu-nbd's `-B NAME`, repeatable) names a persistent bitmap of the image to
 //! offer as the meta context `qemu:dirty-bitmap:NAME`: a qcow2 image's own, or one a raw
 //! image keeps in its sidecar file (`crate::sidecar`; qemu-nbd has none for raw images). The
-//! bitmap is looked up in the top image only (qemu-nbd also searches the backing files) and
-//! checked as qemu-nbd checks it:
+//! bitmap is looked up in the top image, then down its backing chain (as qemu-nbd does; a
+//! backing layer's bitmaps are loaded then, read-only), and checked as qemu-nbd checks it:
 //! an unknown name or an inconsistent bitmap refuses the start. [`open_image_export`] returns
 //! the bitmaps held busy; the server wraps them as contexts (it owns the NBD side).
 
@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use sluice_block::plugins::ConfigArg;
 
-use crate::bitmaps::{BusyGuard, Use};
+use crate::bitmaps::{Bitmap, BusyGuard, Use};
 use crate::error::ImageError;
 use crate::header::{Format, HeaderError, Qcow2Header};
 use crate::lock::Locking;
@@ -41,7 +41,7 @@ pub const HELP: &str = "[file=]<FILENAME>     The disk image to serve.\n\
                         backing=none          Serve the top layer alone (no backing).\n\
                         readonly=true         Open the image read-only.\n\
                         locking=auto|on|off   qemu-compatible image locking (default auto).\n\
-                        bitmap=<NAME>         Offer its persistent bitmap NAME as qemu:dirty-bitmap:NAME (qemu-nbd's -B; repeatable).";
+                        bitmap=<NAME>         Offer its persistent bitmap NAME (or its backing chain's) as qemu:dirty-bitmap:NAME (qemu-nbd's -B; repeatable).";
 
 /// What the user said about backing files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,7 +307,7 @@ pub fn open_image_export(args: &[ConfigArg]) -> Result<ImageExport, ImageError> 
 fn hold_bitmaps(node: &Node, file: &Path, names: &[String]) -> Result<Vec<BusyGuard>, ImageError> {
     let mut held = Vec::with_capacity(names.len());
     for name in names {
-        let Some(b) = node.bitmaps().get(name) else {
+        let Some((owner, b)) = find_in_chain(node, name)? else {
             let have: Vec<String> = node
                 .bitmaps()
                 .list()
@@ -324,14 +324,33 @@ fn hold_bitmaps(node: &Node, file: &Path, names: &[String]) -> Result<Vec<BusyGu
         };
         b.check(Use::Read)
             .map_err(|why| ImageError::BitmapUnusable {
-                path: file.to_owned(),
+                path: owner.filename().to_owned(),
                 name: name.clone(),
                 why,
-                sidecar: node.sidecar_path(),
+                sidecar: owner.sidecar_path(),
             })?;
         held.push(b.hold());
     }
     Ok(held)
+}
+
+/// A bitmap found in a chain, and the layer that has it.
+type Found = (Arc<Node>, Arc<Bitmap>);
+
+/// The bitmap `name` of `node` or, failing that, of the first layer down its backing chain
+/// that has one, with that layer: qemu-nbd's `-B` looks down the chain the same way. A
+/// backing layer's persistent bitmaps are loaded when it is first looked at; backing layers
+/// are read-only, so loading them writes nothing.
+fn find_in_chain(node: &Node, name: &str) -> Result<Option<Found>, ImageError> {
+    let mut at = Some(node.arc());
+    while let Some(n) = at {
+        n.load_bitmaps()?;
+        if let Some(b) = n.bitmaps().get(name) {
+            return Ok(Some((n, b)));
+        }
+        at = n.backing();
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -231,6 +231,50 @@ fn serve_image_read_only_bitmap_matches_qemu_nbd() {
     );
 }
 
+/// A bitmap of a backing file: `bitmap=b0` on a top layer without bitmaps finds `b0` in its
+/// backing, as qemu-nbd's `-B` does; the top is 16 MiB larger than the backing, and past the
+/// bitmap's end the context reads clean, as from qemu-nbd. The backing file is not changed.
+#[test]
+fn serve_image_bitmap_of_a_backing_file_matches_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = image_with_bitmaps(dir.path());
+    let top = dir.path().join("top.qcow2");
+    let top_s = path_str(&top);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", top_s, "80M",
+    ]);
+    qemu_io("qcow2", top_s, &["write -P 9 2M 64k"]);
+    let before = std::fs::read(&base).unwrap();
+    let names = ["b0", "fine"];
+    let qemu = {
+        let q = QemuNbd::start(&["-A", "-f", "qcow2", "-B", "b0", "-B", "fine", top_s]);
+        observe(&q.uri(), &q.socket, &names)
+    };
+    let mut s = Server::start(&[
+        "image",
+        top_s,
+        "format=qcow2",
+        "backing=auto",
+        "bitmap=b0",
+        "bitmap=fine",
+    ]);
+    let seen = observe(&s.uri(), &s.socket, &names);
+    assert!(s.stop().success(), "{}", s.stderr());
+    s.assert_no_panic();
+    assert_eq!(seen, qemu);
+    // Not vacuous: the backing's dirty granule, and clean up to the top's end.
+    let b0 = &seen[0].1;
+    assert!(b0.contains("8388608       65536    1  dirty"), "{b0}");
+    let last: Vec<&str> = b0.lines().last().unwrap().split_whitespace().collect();
+    let end = last[0].parse::<u64>().unwrap() + last[1].parse::<u64>().unwrap();
+    assert_eq!((end, last[3]), (80 << 20, "clean"), "{b0}");
+    assert!(
+        std::fs::read(&base).unwrap() == before,
+        "serving the top changed its backing file"
+    );
+    assert_clean(&base);
+}
+
 #[test]
 fn serve_image_unknown_bitmap_exits_2_with_qemu_nbd_words() {
     let dir = tempfile::tempdir().unwrap();
