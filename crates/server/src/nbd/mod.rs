@@ -30,6 +30,7 @@
 
 mod negotiate;
 mod pool;
+mod spare;
 mod spin;
 mod transmit;
 

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use sluice_block::export::Backend;
 
+use super::spare::{self, Recycled};
 use super::{Exports, NamedExport, NbdServer};
 use crate::stream::Stream;
 
@@ -94,7 +95,7 @@ pub(super) struct Negotiation<'s> {
     hs: Handshake,
     /// The export opened for the final GO or EXPORT_NAME, kept for transmission.
     kept: Option<Opened>,
-    buf: Vec<u8>,
+    buf: Recycled,
 }
 
 impl<'s> Negotiation<'s> {
@@ -117,7 +118,7 @@ impl<'s> Negotiation<'s> {
             stream: Some(stream),
             hs: Handshake::new(config),
             kept: None,
-            buf: vec![0u8; 16 * 1024],
+            buf: spare::take(16 * 1024),
         }
     }
 

@@ -42,6 +42,7 @@ use sluice_proto::nbd::reply::MAX_READ_HEADER_LEN;
 use sluice_proto::nbd::{decode_request, MetaContext, ReplyForm, RequestHeader};
 
 use super::negotiate::Session;
+use super::spare::{self, Recycled};
 use super::spin::Spinner;
 use super::{ExportContext, NbdServer};
 use crate::stream::Stream;
@@ -71,7 +72,7 @@ const MAX_DISCARD: u64 = 64 * 1024 * 1024;
 /// Buffered reader of requests.
 struct Reader {
     stream: Stream,
-    buf: Box<[u8]>,
+    buf: Recycled,
     start: usize,
     end: usize,
     /// Most bytes one `read` asks for. After a large write payload it is small, so the next
@@ -288,7 +289,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             return;
         }
     };
-    let mut buf = vec![0u8; READ_BUF.max(leftover.len())].into_boxed_slice();
+    let mut buf = spare::take(READ_BUF.max(leftover.len()));
     buf[..leftover.len()].copy_from_slice(&leftover);
     let batch = !backend.plugin().may_block();
     let max_workers = if batch || backend.thread_model() < ThreadModel::Parallel {
@@ -358,7 +359,7 @@ enum Next {
 }
 
 fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>) {
-    let mut buf: Vec<u8> = vec![0u8; HEADROOM + 64 * 1024];
+    let mut buf = spare::take(HEADROOM + 64 * 1024);
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
     loop {
         let (next, backlog) = {
@@ -437,7 +438,7 @@ const COALESCE_MAX: usize = 64 * 1024;
 /// order, gathering small replies and sending them in one `write` before it waits for input
 /// again; a large read reply is sent straight from its buffer.
 fn batch_worker(conn: &Conn) {
-    let mut buf: Vec<u8> = vec![0u8; HEADROOM + 64 * 1024];
+    let mut buf = spare::take(HEADROOM + 64 * 1024);
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
     let mut out = Gather::default();
     // Length of a successful read reply's header (the data follows it in `out`).
@@ -516,7 +517,7 @@ fn batch_worker(conn: &Conn) {
 /// slot costs no zeroing; `used` says how much of it is output.
 #[derive(Default)]
 struct Gather {
-    buf: Vec<u8>,
+    buf: Recycled,
     used: usize,
 }
 
@@ -533,7 +534,9 @@ impl Gather {
     /// The next `n` bytes of output, to be filled in by the caller.
     fn slot(&mut self, n: usize) -> &mut [u8] {
         let end = self.used + n;
-        if self.buf.len() < end {
+        if self.buf.is_empty() {
+            self.buf = spare::take(end.max(256 * 1024));
+        } else if self.buf.len() < end {
             self.buf.resize(end.max(256 * 1024), 0);
         }
         let start = self.used;
