@@ -264,7 +264,9 @@ pub struct QemuNbd {
 }
 
 impl QemuNbd {
-    /// `qemu-nbd -t -k SOCKET ARGS...`, waiting until the socket accepts clients.
+    /// `qemu-nbd -t -k SOCKET ARGS...`, waiting until it greets a client. qemu-nbd listens
+    /// before it opens (and locks) the image, so a socket that accepts a connection is not
+    /// enough: the greeting comes once the export is up.
     pub fn start(args: &[&str]) -> QemuNbd {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("q.sock");
@@ -278,7 +280,15 @@ impl QemuNbd {
             .spawn()
             .expect("cannot run qemu-nbd (run scripts/test.sh to install it)");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        let greeted = || {
+            use std::io::Read;
+            let mut s = std::os::unix::net::UnixStream::connect(&socket).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut magic = [0u8; 8];
+            s.read_exact(&mut magic).ok()?;
+            (&magic == b"NBDMAGIC").then_some(())
+        };
+        while greeted().is_none() {
             assert!(Instant::now() < deadline, "qemu-nbd {args:?} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
