@@ -5,13 +5,17 @@
 //! [`BlockStats`] and in its node's (so a node's figures add up every export that was ever on
 //! it). Nodes below an export (a qcow2 node's `file`, its `backing`) are reached through the
 //! format layer, not through an export, and report zeros, as qemu-storage-daemon's nodes do.
+//! Jobs' copies (stream, commit, mirror, backup) are not counted either: QEMU keeps these
+//! counters per BlockBackend, and a job's I/O goes through an anonymous BlockBackend of its
+//! own that `query-blockstats` does not list, so its figures are the clients' I/O alone.
 //!
 //! Deliberate differences from qemu-storage-daemon 10.0, whose NBD server does no accounting:
 //! its `query-blockstats` lists no devices (`[]`) and its nodes' counters stay zero except
 //! `wr_highest_offset`. Here, without `query-nodes`, each export is a device (`device` is the
 //! export id, with its node's `parent`/`backing` children); with `query-nodes`, each node
 //! carries its exports' figures. `driver-specific` (the file driver's discard counts) is not
-//! reported. `timed_stats` is always empty (no `stats-intervals`), `*_merged` always 0
+//! reported. `timed_stats` is always empty (QEMU fills it from a device's `stats-intervals`,
+//! which qsd cannot set), `*_merged` always 0
 //! (requests are never merged), and failed and invalid requests are not in the time or idle
 //! figures (`account_failed`/`account_invalid` false, qsd's values). qsd has no
 //! `block-latency-histogram-set` at all; QEMU's system emulator does, and its rules are
