@@ -26,13 +26,19 @@ thread_local! {
 /// A buffer that goes back to its thread's spares when dropped.
 pub(crate) struct Recycled(Vec<u8>);
 
-/// A buffer of `len` bytes: a spare of this thread if one is large enough (its contents
-/// are whatever they were), else a new zeroed one.
+/// A buffer of `len` bytes: the smallest spare of this thread that is large enough (its
+/// contents are whatever they were), else a new zeroed one. The smallest, so a handshake's
+/// 16 KiB does not cut down the 256 KiB input buffer the next `take` wants (a spare keeps
+/// only the length its last user left it).
 pub(crate) fn take(len: usize) -> Recycled {
     let spare = SPARE
         .try_with(|s| {
             let mut s = s.borrow_mut();
-            let i = s.iter().position(|b| b.len() >= len)?;
+            let (i, _) = s
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())?;
             Some(s.swap_remove(i))
         })
         .ok()
@@ -128,6 +134,22 @@ mod tests {
             let held: usize = SPARE.with(|s| s.borrow().iter().map(Vec::capacity).sum());
             assert!(held <= KEEP, "{held}");
             assert_eq!(SPARE.with(|s| s.borrow().len()), 2);
+        });
+    }
+
+    #[test]
+    fn the_smallest_spare_that_fits_is_taken() {
+        on_new_thread(|| {
+            // A connection's buffers, given back in any order.
+            let big = take(256 << 10);
+            let small = take(16 << 10);
+            let (big_ptr, small_ptr) = (big.as_ptr(), small.as_ptr());
+            drop(big);
+            drop(small);
+            // The handshake's take gets the small one; the input buffer's the big one, whole.
+            let hs = take(16 << 10);
+            let input = take(256 << 10);
+            assert_eq!((hs.as_ptr(), input.as_ptr()), (small_ptr, big_ptr));
         });
     }
 
