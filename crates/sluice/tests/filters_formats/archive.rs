@@ -1,0 +1,1 @@
+//! Tests of the scan, tar and ddrescue format filters (filled in by their change).

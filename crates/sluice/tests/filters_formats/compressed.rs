@@ -1,0 +1,1 @@
+//! Tests of the gzip and xz filters (filled in by their change).

@@ -1,0 +1,1 @@
+//! Tests of the luks filter (filled in by their change).
