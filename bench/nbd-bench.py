@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -346,15 +347,29 @@ def copy_timeout(ctx):
     return max(120.0, ctx.size / (20 * MiB))  # generous: 20 MiB/s floor
 
 
+def children_cpu():
+    """User+system CPU seconds of this process's reaped children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def nbdcopy_row(ctx, srv, args, src_dst):
-    """Time one nbdcopy run; MiB/s and server CPU seconds per GiB moved."""
-    c0 = srv.cpu()
+    """Time one nbdcopy run: MiB/s, server and client (nbdcopy) CPU seconds per GiB moved,
+    and the CPU-bound ceiling: the MiB/s this server and client could reach if every core
+    of the machine did nothing but their work (cores / CPU seconds per MiB). A row well under
+    its ceiling waits on something other than CPU; a ratio of two ceilings (TLS and plaintext,
+    say) is the most the ratio of the two rows can be on this machine."""
+    c0, k0 = srv.cpu(), children_cpu()
     _, _, secs = run(["nbdcopy", *args, *src_dst], timeout=copy_timeout(ctx))
-    c1 = srv.cpu()
-    cpu_s = (c1 - c0) / CLK_TCK
+    c1, k1 = srv.cpu(), children_cpu()
+    cpu_s, client_s = (c1 - c0) / CLK_TCK, k1 - k0
+    gib = ctx.size / GiB
+    both = cpu_s + client_s
     return {"MiB/s": ctx.size / MiB / secs,
-            "CPU s/GiB": cpu_s / (ctx.size / GiB),
-            "secs": secs, "cpu_s": cpu_s}
+            "CPU s/GiB": cpu_s / gib,
+            "client CPU s/GiB": client_s / gib,
+            "CPU ceiling MiB/s": (os.cpu_count() * ctx.size / MiB / both) if both else 0.0,
+            "secs": secs, "cpu_s": cpu_s, "client_cpu_s": client_s}
 
 
 def seq_read(ctx, srv):
@@ -541,7 +556,8 @@ def randread_libnbd(ctx, srv):
             "n": r["n"], "secs": r["secs"]}
 
 
-SEQ = [Metric("MiB/s", True, fmt_int), Metric("CPU s/GiB", False, fmt_2)]
+SEQ = [Metric("MiB/s", True, fmt_int), Metric("CPU s/GiB", False, fmt_2),
+       Metric("client CPU s/GiB", False, fmt_2), Metric("CPU ceiling MiB/s", True, fmt_int)]
 IOPS = [Metric("IOPS", True, fmt_k), Metric("CPU us/op", False, fmt_2)]
 
 ROWS = [
