@@ -48,6 +48,7 @@ pub mod readahead;
 pub mod retry;
 pub mod retry_request;
 pub mod swab;
+pub mod tar;
 pub mod tls_fallback;
 pub mod truncate;
 
@@ -126,6 +127,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     retry::SPEC,
     retry_request::SPEC,
     swab::SPEC,
+    tar::SPEC,
     tls_fallback::SPEC,
     truncate::SPEC,
 ];
