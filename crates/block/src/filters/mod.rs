@@ -28,6 +28,7 @@ pub mod cacheextents;
 pub mod checkwrite;
 pub mod cli_registered;
 pub mod cow;
+pub mod ddrescue;
 pub mod delay;
 pub mod error;
 pub mod extentlist;
@@ -109,6 +110,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     cacheextents::SPEC,
     checkwrite::SPEC,
     cow::SPEC,
+    ddrescue::SPEC,
     delay::SPEC,
     error::SPEC,
     extentlist::SPEC,
