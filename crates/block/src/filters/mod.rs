@@ -48,6 +48,7 @@ pub mod rate;
 pub mod readahead;
 pub mod retry;
 pub mod retry_request;
+pub mod scan;
 pub mod swab;
 pub mod tar;
 pub mod tls_fallback;
@@ -128,6 +129,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     readahead::SPEC,
     retry::SPEC,
     retry_request::SPEC,
+    scan::SPEC,
     swab::SPEC,
     tar::SPEC,
     tls_fallback::SPEC,
