@@ -149,10 +149,8 @@ fn scan_long(s: &str) -> Option<(i64, &str)> {
         return None;
     }
     let text = &s[start..start + digits];
-    let v = match i128::from_str_radix(text, radix) {
-        Ok(v) => v,
-        Err(_) => i128::MAX,
-    };
+    // Only too many digits fail here: saturate, as strtol does.
+    let v = i128::from_str_radix(text, radix).unwrap_or(i128::MAX);
     let v = if neg { -v } else { v };
     let v = v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
     Some((v, &s[start + digits..]))
