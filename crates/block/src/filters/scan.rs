@@ -15,19 +15,19 @@
 //! requests, so the filter scans only when that is safe and useful, and otherwise warns and
 //! passes everything through: the export must be the default one (""), the layer below must
 //! run in the parallel thread model, and it must cache natively (put the cache or cow filter
-//! below this one otherwise). A client's reads only post the offset they end at to the
-//! thread through a channel (no lock on the request path); the thread takes every posted
-//! offset before each prefetch. The thread ends when the scan is done (unless
-//! `scan-forever`), when the connection closes ([`Filter::close`] drops the sender and joins
-//! the thread, so no thread outlives its connection), or when the server begins to shut
-//! down ([`crate::host::shutdown_requested`], checked before each prefetch). The clock is one
+//! below this one otherwise). A client's read only raises the connection's "furthest read
+//! end" with one atomic `fetch_max` (no lock, no allocation, no queue to grow on the request
+//! path, where nbdkit appends to a locked command queue); the thread takes it before each
+//! prefetch. The thread ends when the scan is done (unless `scan-forever`), when the
+//! connection closes ([`Filter::close`] raises its quit flag and joins it, so no thread
+//! outlives its connection), or when the server begins to shut down
+//! ([`crate::host::shutdown_requested`]), both checked before each prefetch. The clock is one
 //! atomic for the export. A failed prefetch is a missed optimisation and is ignored, as
 //! nbdkit ignores it; client data never passes through the thread.
 //!
 //! The filter only issues cache requests; it never reads on the client's behalf, as nbdkit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -95,10 +95,19 @@ pub struct Scan {
     clock: Arc<AtomicU64>,
 }
 
-/// Per connection: the scanning thread and the sender that feeds it read offsets (None when
+/// Per connection: the scanning thread and what it shares with the connection (None when
 /// this connection does not scan).
 pub struct Conn {
-    worker: Option<(Sender<u64>, JoinHandle<()>)>,
+    worker: Option<(Arc<Control>, JoinHandle<()>)>,
+}
+
+/// What a connection tells its scanning thread.
+#[derive(Default)]
+struct Control {
+    /// The furthest end of a client read not yet taken by the thread (0: none).
+    read_end: AtomicU64,
+    /// The connection is closing.
+    quit: AtomicBool,
 }
 
 impl Scan {
@@ -139,30 +148,32 @@ impl Filter for Scan {
             return Ok((Conn { worker: None }, next));
         }
         let handle = next.handle()?;
-        let (tx, rx) = channel();
-        let (opts, clock) = (self.opts, self.clock.clone());
+        let control = Arc::new(Control::default());
+        let (ctl, opts, clock) = (control.clone(), self.opts, self.clock.clone());
         let thread = std::thread::Builder::new()
             .name("scan".into())
-            .spawn(move || scan(handle.as_ref(), &rx, opts, &clock))
+            .spawn(move || scan(handle.as_ref(), &ctl, opts, &clock))
             .map_err(|e| crate::BlockError::io("scan: spawn", e))?;
         Ok((
             Conn {
-                worker: Some((tx, thread)),
+                worker: Some((control, thread)),
             },
             next,
         ))
     }
     fn close(&self, conn: &mut Conn, _: &Next) {
-        if let Some((tx, thread)) = conn.worker.take() {
-            drop(tx);
+        if let Some((control, thread)) = conn.worker.take() {
+            control.quit.store(true, Ordering::Release);
             let _ = thread.join();
         }
     }
     fn pread(&self, c: &Conn, next: &Next, buf: &mut [u8], off: u64, f: Flags) -> Result<()> {
         if self.opts.ahead {
-            if let Some((tx, _)) = &c.worker {
-                // The thread may have finished; then there is nothing to tell it.
-                let _ = tx.send(off + buf.len() as u64);
+            if let Some((control, _)) = &c.worker {
+                // Nobody reads it once the thread has finished; that costs nothing.
+                control
+                    .read_end
+                    .fetch_max(off + buf.len() as u64, Ordering::Relaxed);
             }
         }
         next.pread(buf, off, f)
@@ -170,9 +181,9 @@ impl Filter for Scan {
 }
 
 /// The scanning thread's loop: prefetch `opts.size` bytes at a time from the clock (or 0) to
-/// the end, taking read offsets from `rx` before each prefetch; stop when `rx`'s sender is
-/// gone or the server shuts down.
-fn scan(below: &dyn Handle, rx: &Receiver<u64>, opts: Options, clock: &AtomicU64) {
+/// the end, skipping past client reads before each prefetch; stop when the connection closes
+/// or the server shuts down.
+fn scan(below: &dyn Handle, control: &Control, opts: Options, clock: &AtomicU64) {
     let Ok(size) = below.get_size() else {
         return;
     };
@@ -183,19 +194,14 @@ fn scan(below: &dyn Handle, rx: &Receiver<u64>, opts: Options, clock: &AtomicU64
             0
         };
         while offset < size {
-            loop {
-                match rx.try_recv() {
-                    Ok(read_end) => offset = offset.max(read_end),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        tracing::debug!("scan: exiting background thread on connection close");
-                        return;
-                    }
-                }
+            if control.quit.load(Ordering::Acquire) {
+                tracing::debug!("scan: exiting background thread on connection close");
+                return;
             }
             if crate::host::shutdown_requested() {
                 return;
             }
+            offset = offset.max(control.read_end.swap(0, Ordering::Relaxed));
             clock.fetch_max(offset, Ordering::Relaxed);
             if offset < size {
                 let n = opts.size.min(size - offset);
