@@ -6,7 +6,7 @@ nbdinfo, qemu-img, qemu-io and nbdcopy send to nbdkit (captured by a relay on a 
 replies are what nbdkit sends back, qcow2 images are made by qemu-img and qemu-io. Where no
 peer speaks the input (QMP lines, keyval, size strings, plugin and filter words) the seeds are
 written here from the documented syntax. The output is committed; rerun this script after a
-target or a peer changes. Needs nbdkit, nbdinfo, nbdcopy, qemu-img and qemu-io on PATH.
+target or a peer changes. Needs nbdkit, nbdinfo, nbdcopy, qemu-img, qemu-io and GNU tar on PATH.
 
 Usage: scripts/fuzz-seeds.py
 """
@@ -467,6 +467,41 @@ def sidecar_seeds():
     ]), "in-use")
 
 
+# --- tar archives made by GNU tar, ddrescue map files ----------------------------------------
+
+# Map files as GNU ddrescue writes them, and the odd forms nbdkit's parser also reads.
+MAPFILES = [
+    "# Mapfile. Created by GNU ddrescue version 1.27\n"
+    "# current_pos  current_status  current_pass\n0x00008000     +               1\n"
+    "#      pos        size  status\n0x00000000  0x00004000  +\n0x00004000  0x00001000  -\n"
+    "0x00005000  0x00001000  /\n0x00006000  0x00001000  *\n0x00007000  0x00009000  +\n",
+    "0 + 1\n0 512 +\n512 512 +\n01000 0x200 +\n",
+    "\n\n0x10 ?\n-1 5 +\n",
+    "0 + 1\n99999999999999999999999 1 +\n",
+]
+
+
+def archive_seeds(tmp):
+    """block/archive: 'T' + a tar archive (GNU tar's gnu, pax, ustar and v7 formats, with a
+    directory, an entry that is not the first and a name longer than 100 bytes where the
+    format allows one), or 'M' + a ddrescue map file."""
+    clear("block", "archive")
+    src = os.path.join(tmp, "archive-src")
+    long = "sub/" + "n" * 120
+    os.makedirs(os.path.join(src, "sub"), exist_ok=True)
+    for name, size in (("first.txt", 700), ("disk.img", 1500), (long, 300)):
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(bytes(i % 251 for i in range(size)))
+    for fmt in ("gnu", "pax", "ustar", "v7"):
+        out = os.path.join(tmp, fmt + ".tar")
+        names = ["first.txt", "sub", "disk.img"] + ([long] if fmt in ("gnu", "pax") else [])
+        run("tar", f"--format={fmt}", "--no-recursion", "-C", src, "-cf", out, *names)
+        with open(out, "rb") as f:
+            put("block", "archive", b"T" + f.read(), "tar-" + fmt)
+    for text in MAPFILES:
+        put("block", "archive", "M" + text)
+
+
 def main():
     for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -476,6 +511,7 @@ def main():
         nbd_seeds(tmp)
         qcow2_seeds(tmp)
         sidecar_seeds()
+        archive_seeds(tmp)
     for crate in ("proto", "image", "block", "qapi", "daemon"):
         d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds")
         for t in sorted(os.listdir(d)):

@@ -28,6 +28,7 @@ pub mod cacheextents;
 pub mod checkwrite;
 pub mod cli_registered;
 pub mod cow;
+pub mod ddrescue;
 pub mod delay;
 pub mod error;
 pub mod extentlist;
@@ -47,7 +48,9 @@ pub mod rate;
 pub mod readahead;
 pub mod retry;
 pub mod retry_request;
+pub mod scan;
 pub mod swab;
+pub mod tar;
 pub mod tls_fallback;
 pub mod truncate;
 
@@ -108,6 +111,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     cacheextents::SPEC,
     checkwrite::SPEC,
     cow::SPEC,
+    ddrescue::SPEC,
     delay::SPEC,
     error::SPEC,
     extentlist::SPEC,
@@ -125,7 +129,9 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     readahead::SPEC,
     retry::SPEC,
     retry_request::SPEC,
+    scan::SPEC,
     swab::SPEC,
+    tar::SPEC,
     tls_fallback::SPEC,
     truncate::SPEC,
 ];
