@@ -5,8 +5,9 @@
 //! which would open whatever path the fuzzer names) or a filter over a 1 MiB memory plugin;
 //! every other line is one command-line word, split as nbdkit splits it
 //! ([`ConfigArg::parse`]). Filters that read files named by a parameter (extentlist) are
-//! left out for the same reason. Property: no panic, every refusal is an error value. Only configuration runs: no I/O, so the delay and
-//! rate filters never sleep here.
+//! left out for the same reason, and so is luks, whose `passphrase=-FD` would take and close
+//! a descriptor of the fuzzer's own process. Property: no panic, every refusal is an error
+//! value. Only configuration runs: no I/O, so the delay and rate filters never sleep here.
 
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ pub fn run(data: &[u8]) {
     }
     let Some(spec) = DATA_FILTERS
         .iter()
-        .find(|f| f.name == pick && f.name != "extentlist")
+        .find(|f| f.name == pick && !["extentlist", "luks"].contains(&f.name))
     else {
         return;
     };

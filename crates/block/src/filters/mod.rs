@@ -33,6 +33,7 @@ pub mod error;
 pub mod extentlist;
 pub mod fua;
 pub mod lower;
+pub mod luks;
 pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
@@ -112,6 +113,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     error::SPEC,
     extentlist::SPEC,
     fua::SPEC,
+    luks::SPEC,
     multi_conn::SPEC,
     nocache::SPEC,
     noextents::SPEC,
