@@ -11,6 +11,9 @@ mod size;
 #[path = "../fuzz/checks/config.rs"]
 mod config;
 
+#[path = "../fuzz/checks/luks_header.rs"]
+mod luks_header;
+
 #[test]
 fn size_seeds_pass_the_fuzz_checks() {
     run_seeds("size", size::run);
@@ -19,4 +22,9 @@ fn size_seeds_pass_the_fuzz_checks() {
 #[test]
 fn config_seeds_pass_the_fuzz_checks() {
     run_seeds("config", config::run);
+}
+
+#[test]
+fn luks_header_seeds_pass_the_fuzz_checks() {
+    run_seeds("luks_header", luks_header::run);
 }
