@@ -31,8 +31,9 @@
 //!   1.32.5 patches the ciphertext, which garbles the rest of the sector).
 //! - A connection refused for a wrong passphrase leaves the server running (nbdkit 1.32.5
 //!   crashes in `.close` after its failed `.prepare`).
-//! - Key material that is not a whole number of sectors (aes-192, 24 × 4000 bytes) is
-//!   decrypted to its end, as qemu does.
+//! - Key material that is not a whole number of sectors (aes-192: 24 × 4000 bytes) is
+//!   decrypted to its end, so cryptsetup's aes-192 disks unlock (nbdkit 1.32.5 stops at the
+//!   last whole sector and calls the passphrase wrong; qemu-img cannot make such disks).
 //! - Aligned runs of sectors are read and written below in one call, not one per sector.
 
 pub mod cipher;
