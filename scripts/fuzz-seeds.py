@@ -502,6 +502,29 @@ def archive_seeds(tmp):
         put("block", "archive", "M" + text)
 
 
+# --- LUKSv1 headers made by qemu-img ---------------------------------------------------------
+
+def luks_seeds(tmp):
+    """The luks filter's header parser: an 8-byte big-endian disk size, then the first 592
+    bytes of a LUKSv1 image made by qemu-img with each cipher layout the filter knows."""
+    clear("block", "luks_header")
+    for name, opts in (("xts-plain64", ""),
+                       ("xts128-sha1", ",cipher-alg=aes-128,hash-alg=sha1"),
+                       ("cbc-plain64", ",cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain64"),
+                       ("cbc-essiv", ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,"
+                                     "ivgen-hash-alg=sha256")):
+        p = os.path.join(tmp, f"luks-{name}.img")
+        run("qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s,data=x",
+            "-o", f"key-secret=s,iter-time=10{opts}", p, "1M")
+        with open(p, "rb") as f:
+            header = f.read(592)
+        size = os.path.getsize(p)
+        put("block", "luks_header", struct.pack(">Q", size) + header, name)
+        if name == "xts-plain64":
+            v2 = header[:6] + struct.pack(">H", 2) + header[8:]
+            put("block", "luks_header", struct.pack(">Q", size) + v2, "version-2")
+
+
 def main():
     for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -512,6 +535,7 @@ def main():
         qcow2_seeds(tmp)
         sidecar_seeds()
         archive_seeds(tmp)
+        luks_seeds(tmp)
     for crate in ("proto", "image", "block", "qapi", "daemon"):
         d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds")
         for t in sorted(os.listdir(d)):

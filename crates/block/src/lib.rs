@@ -14,6 +14,7 @@ pub mod fileio;
 pub mod filter;
 pub mod filters;
 pub mod host;
+pub mod password;
 pub mod plugin;
 pub mod plugins;
 pub mod size;

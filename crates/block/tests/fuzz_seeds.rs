@@ -13,6 +13,8 @@ mod config;
 
 #[path = "../fuzz/checks/archive.rs"]
 mod archive;
+#[path = "../fuzz/checks/luks_header.rs"]
+mod luks_header;
 
 #[test]
 fn size_seeds_pass_the_fuzz_checks() {
@@ -27,4 +29,9 @@ fn config_seeds_pass_the_fuzz_checks() {
 #[test]
 fn archive_seeds_pass_the_fuzz_checks() {
     run_seeds("archive", archive::run);
+}
+
+#[test]
+fn luks_header_seeds_pass_the_fuzz_checks() {
+    run_seeds("luks_header", luks_header::run);
 }

@@ -5,9 +5,10 @@
 //! which would open whatever path the fuzzer names) or a filter over a 1 MiB memory plugin;
 //! every other line is one command-line word, split as nbdkit splits it
 //! ([`ConfigArg::parse`]). Filters that read files named by a parameter (extentlist,
-//! ddrescue) are
-//! left out for the same reason. Property: no panic, every refusal is an error value. Only configuration runs: no I/O, so the delay and
-//! rate filters never sleep here.
+//! ddrescue) are left out for the same reason, and so is luks, whose `passphrase=-FD` would
+//! take and close a descriptor of the fuzzer's own process. Property: no panic, every refusal
+//! is an error value. Only configuration runs: no I/O, so the delay and rate filters never
+//! sleep here.
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ pub fn run(data: &[u8]) {
     }
     let Some(spec) = DATA_FILTERS
         .iter()
-        .find(|f| f.name == pick && !["extentlist", "ddrescue"].contains(&f.name))
+        .find(|f| f.name == pick && !["extentlist", "ddrescue", "luks"].contains(&f.name))
     else {
         return;
     };

@@ -34,6 +34,7 @@ pub mod error;
 pub mod extentlist;
 pub mod fua;
 pub mod lower;
+pub mod luks;
 pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
@@ -116,6 +117,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     error::SPEC,
     extentlist::SPEC,
     fua::SPEC,
+    luks::SPEC,
     multi_conn::SPEC,
     nocache::SPEC,
     noextents::SPEC,

@@ -3,10 +3,7 @@
 //!
 //! Strings returned to the plugin are `malloc`'d because the plugin `free`s them.
 
-use std::ffi::{c_char, c_int, CStr, CString};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::FromRawFd;
+use std::ffi::{c_char, c_int, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_block::Errno;
@@ -120,7 +117,8 @@ pub extern "C" fn nbdkit_stdio_safe() -> c_int {
 
 /// `int nbdkit_read_password (const char *value, char **password)`: the value itself, `-`
 /// (ask on the terminal), `-FD` (read and close an inherited fd) or `+FILE`. The password
-/// is the first line, without its newline, `malloc`'d into `*password`.
+/// is the first line, without its newline, `malloc`'d into `*password`. The spellings are
+/// [`sluice_block::password`]'s, shared with the built-in filters that take a secret.
 ///
 /// # Safety
 /// `value` is a NUL-terminated string; `password` is writable.
@@ -140,15 +138,7 @@ pub unsafe extern "C" fn nbdkit_read_password(
         report_error("nbdkit_read_password: NULL value".into());
         return -1;
     };
-    let result = if v == b"-" {
-        read_interactive()
-    } else if let Some(fd) = v.strip_prefix(b"-") {
-        read_fd(fd)
-    } else if let Some(file) = v.strip_prefix(b"+") {
-        read_file(file)
-    } else {
-        Ok(v.to_vec())
-    };
+    let result = sluice_block::password::read_password(v, nbdkit_stdio_safe() != 0);
     match result {
         Ok(pw) => {
             let p = malloc_cstring(&pw);
@@ -167,104 +157,12 @@ pub unsafe extern "C" fn nbdkit_read_password(
     }
 }
 
-/// The first line of `r` (empty at EOF), without the newline and cut at any NUL.
-fn first_line(r: impl std::io::Read, what: &str) -> Result<Vec<u8>, String> {
-    let mut line = Vec::new();
-    BufReader::new(r)
-        .read_until(b'\n', &mut line)
-        .map_err(|e| format!("could not read password from {what}: {e}"))?;
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    }
-    if let Some(nul) = line.iter().position(|&b| b == 0) {
-        line.truncate(nul);
-    }
-    Ok(line)
-}
-
-fn read_fd(fd_text: &[u8]) -> Result<Vec<u8>, String> {
-    let shown = String::from_utf8_lossy(fd_text).into_owned();
-    let c =
-        CString::new(fd_text).map_err(|_| "password file descriptor: bad number".to_string())?;
-    let mut fd: c_int = 0;
-    // SAFETY: valid C strings and out-pointer.
-    if unsafe {
-        crate::api::parse::nbdkit_parse_int(
-            c"password file descriptor".as_ptr(),
-            c.as_ptr(),
-            &mut fd,
-        )
-    } == -1
-    {
-        return Err(context::take_last_error().unwrap_or_default());
-    }
-    if (0..=2).contains(&fd) {
-        return Err("cannot use password -FD for stdin/stdout/stderr".into());
-    }
-    // SAFETY: fcntl F_GETFD only queries whether the descriptor is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        return Err(format!(
-            "fdopen {shown}: {}",
-            Errno(context::errno()).describe()
-        ));
-    }
-    // SAFETY: the user handed this descriptor to the plugin for reading the password; nbdkit
-    // takes ownership of it the same way (fdopen + fclose), so closing it on drop is intended.
-    let file = unsafe { File::from_raw_fd(fd) };
-    first_line(file, &shown)
-}
-
-fn read_file(path: &[u8]) -> Result<Vec<u8>, String> {
-    use std::os::unix::ffi::OsStrExt;
-    let shown = String::from_utf8_lossy(path).into_owned();
-    let file = File::open(std::ffi::OsStr::from_bytes(path)).map_err(|e| {
-        format!(
-            "open {shown}: {}",
-            Errno(e.raw_os_error().unwrap_or(libc::EIO)).describe()
-        )
-    })?;
-    first_line(file, &shown)
-}
-
-fn read_interactive() -> Result<Vec<u8>, String> {
-    if nbdkit_stdio_safe() == 0 {
-        return Err("stdin is not available for reading password".into());
-    }
-    // SAFETY: isatty only queries the descriptor.
-    if unsafe { libc::isatty(0) } == 0 {
-        return Err("stdin is not a tty, cannot read password interactively".into());
-    }
-    let mut out = std::io::stdout();
-    let _ = write!(out, "password: ");
-    let _ = out.flush();
-    // SAFETY: termios is plain data; tcgetattr fills it for fd 0, a tty (checked above).
-    let mut orig: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let have_termios = unsafe { libc::tcgetattr(0, &mut orig) } == 0;
-    if have_termios {
-        let mut noecho = orig;
-        noecho.c_lflag &= !libc::ECHO;
-        // SAFETY: a valid termios for fd 0; best effort, as in nbdkit.
-        unsafe { libc::tcsetattr(0, libc::TCSAFLUSH, &noecho) };
-    }
-    let mut line = String::new();
-    let r = std::io::stdin().read_line(&mut line);
-    if have_termios {
-        // SAFETY: restores the settings read above.
-        unsafe { libc::tcsetattr(0, libc::TCSAFLUSH, &orig) };
-    }
-    let _ = writeln!(out);
-    r.map_err(|e| format!("could not read password from stdin: {e}"))?;
-    if line.ends_with('\n') {
-        line.pop();
-    }
-    Ok(line.into_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::context::{take_last_error, Frame, PluginScope, Scope};
+    use std::ffi::CString;
+    use std::fs::File;
     use std::os::fd::IntoRawFd;
 
     fn read(value: &[u8]) -> Result<String, String> {
