@@ -32,6 +32,7 @@ pub mod delay;
 pub mod error;
 pub mod extentlist;
 pub mod fua;
+pub mod gzip;
 pub mod lower;
 pub mod multi_conn;
 pub mod nocache;
@@ -50,6 +51,7 @@ pub mod retry_request;
 pub mod swab;
 pub mod tls_fallback;
 pub mod truncate;
+pub mod xz;
 
 #[cfg(test)]
 mod test_support;
@@ -112,6 +114,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     error::SPEC,
     extentlist::SPEC,
     fua::SPEC,
+    gzip::SPEC,
     multi_conn::SPEC,
     nocache::SPEC,
     noextents::SPEC,
@@ -128,6 +131,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     swab::SPEC,
     tls_fallback::SPEC,
     truncate::SPEC,
+    xz::SPEC,
 ];
 
 /// Every filter sluice has, sorted by name.
