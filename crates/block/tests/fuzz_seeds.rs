@@ -20,3 +20,11 @@ fn size_seeds_pass_the_fuzz_checks() {
 fn config_seeds_pass_the_fuzz_checks() {
     run_seeds("config", config::run);
 }
+
+#[path = "../fuzz/checks/xz_index.rs"]
+mod xz_index;
+
+#[test]
+fn xz_index_seeds_pass_the_fuzz_checks() {
+    run_seeds("xz_index", xz_index::run);
+}
