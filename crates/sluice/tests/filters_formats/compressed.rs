@@ -350,3 +350,22 @@ fn xz_help_lists_the_same_parameters_as_nbdkit() {
     assert_eq!(s.len(), 2, "{s:?}");
     assert_eq!(s, section(Peer::Nbdkit));
 }
+
+#[test]
+fn gzip_and_xz_thread_models_match_nbdkit() {
+    // xz serializes requests (its per-connection block cache); gzip stays parallel.
+    for (filter, model) in [("xz", "serialize_requests"), ("gzip", "parallel")] {
+        for peer in BOTH {
+            let f = format!("--filter={filter}");
+            let out = peer
+                .command(&[&f, "null", "--dump-plugin"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.lines().any(|l| l == format!("thread_model={model}")),
+                "{peer:?} {filter}:\n{text}"
+            );
+        }
+    }
+}
