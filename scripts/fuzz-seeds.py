@@ -3,10 +3,11 @@
 
 The seeds are real where a peer can make them: NBD handshakes and requests are the bytes
 nbdinfo, qemu-img, qemu-io and nbdcopy send to nbdkit (captured by a relay on a Unix socket),
-replies are what nbdkit sends back, qcow2 images are made by qemu-img and qemu-io. Where no
-peer speaks the input (QMP lines, keyval, size strings, plugin and filter words) the seeds are
-written here from the documented syntax. The output is committed; rerun this script after a
-target or a peer changes. Needs nbdkit, nbdinfo, nbdcopy, qemu-img, qemu-io and GNU tar on PATH.
+replies are what nbdkit sends back, qcow2 images are made by qemu-img and qemu-io, LUKS
+headers by qemu-img, tar archives by GNU tar, xz files by xz. Where no peer speaks the input
+(QMP lines, keyval, size strings, plugin and filter words) the seeds are written here from the
+documented syntax. The output is committed; rerun this script after a target or a peer
+changes. Needs nbdkit, nbdinfo, nbdcopy, qemu-img, qemu-io, GNU tar and xz on PATH.
 
 Usage: scripts/fuzz-seeds.py
 """
@@ -356,6 +357,29 @@ def text_seeds():
         put("daemon", "qmp_dispatch", bytes([1 | kind << 2]) + text.encode())
 
 
+# --- xz files made by xz (the xz filter's container parser) ---------------------------------
+
+def xz_seeds(tmp):
+    clear("block", "xz_index")
+    noise = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(150))
+    data = b"".join(b"line %d of a seed\n" % i for i in range(600)) + noise
+
+    def xz(args, payload):
+        return subprocess.run(["xz", "-c", "-z"] + args, input=payload, check=True,
+                              stdout=subprocess.PIPE).stdout
+
+    one = xz([], data)
+    many = xz(["-0", "--block-size=2048"], data)
+    put("block", "xz_index", xz([], b""))
+    put("block", "xz_index", one)
+    put("block", "xz_index", many)
+    put("block", "xz_index", xz(["--check=sha256", "--x86", "--lzma2=preset=1",
+                                 "--block-size=5000"], data))
+    put("block", "xz_index", xz(["--check=none"], data[:100]) + one + bytes(8))
+    # A block header alone (the file's bytes after the stream header).
+    put("block", "xz_index", one[12:12 + (one[12] + 1) * 4])
+
+
 # --- qcow2 images made by qemu-img -----------------------------------------------------------
 
 def run(*argv):
@@ -526,7 +550,7 @@ def luks_seeds(tmp):
 
 
 def main():
-    for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io"):
+    for tool in ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io", "xz"):
         if shutil.which(tool) is None:
             sys.exit(f"fuzz-seeds.py: {tool} is not on PATH (run scripts/test.sh's installs)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -536,6 +560,7 @@ def main():
         sidecar_seeds()
         archive_seeds(tmp)
         luks_seeds(tmp)
+        xz_seeds(tmp)
     for crate in ("proto", "image", "block", "qapi", "daemon"):
         d = os.path.join(ROOT, "crates", crate, "fuzz", "seeds")
         for t in sorted(os.listdir(d)):

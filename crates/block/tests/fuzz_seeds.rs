@@ -15,6 +15,8 @@ mod config;
 mod archive;
 #[path = "../fuzz/checks/luks_header.rs"]
 mod luks_header;
+#[path = "../fuzz/checks/xz_index.rs"]
+mod xz_index;
 
 #[test]
 fn size_seeds_pass_the_fuzz_checks() {
@@ -34,4 +36,9 @@ fn archive_seeds_pass_the_fuzz_checks() {
 #[test]
 fn luks_header_seeds_pass_the_fuzz_checks() {
     run_seeds("luks_header", luks_header::run);
+}
+
+#[test]
+fn xz_index_seeds_pass_the_fuzz_checks() {
+    run_seeds("xz_index", xz_index::run);
 }

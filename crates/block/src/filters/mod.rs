@@ -33,6 +33,7 @@ pub mod delay;
 pub mod error;
 pub mod extentlist;
 pub mod fua;
+pub mod gzip;
 pub mod lower;
 pub mod luks;
 pub mod multi_conn;
@@ -54,6 +55,7 @@ pub mod swab;
 pub mod tar;
 pub mod tls_fallback;
 pub mod truncate;
+pub mod xz;
 
 #[cfg(test)]
 mod test_support;
@@ -117,6 +119,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     error::SPEC,
     extentlist::SPEC,
     fua::SPEC,
+    gzip::SPEC,
     luks::SPEC,
     multi_conn::SPEC,
     nocache::SPEC,
@@ -136,6 +139,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     tar::SPEC,
     tls_fallback::SPEC,
     truncate::SPEC,
+    xz::SPEC,
 ];
 
 /// Every filter sluice has, sorted by name.
