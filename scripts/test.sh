@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 # (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs;
 # python3-matplotlib draws the benchmarks' --plot under /usr/bin/python3 (bench/plot.py).
 debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc
-      libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib)
+      libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib cryptsetup-bin
+      xz-utils)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

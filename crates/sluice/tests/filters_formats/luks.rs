@@ -9,7 +9,6 @@
 //! after a refused connection nbdkit 1.32.5 crashes, so only its message is compared.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::support::filters::{caps, Pair};
 use crate::support::{output, path_str, run, serve_fails, Server, PYTHON};
@@ -201,40 +200,20 @@ fn luks_essiv_images_read_as_qemu_reads_them_though_nbdkit_refuses_them() {
 
 #[test]
 fn luks_cryptsetup_luks1_images_read_as_qemu_reads_them() {
-    if Command::new("cryptsetup")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("cryptsetup is not installed: skipped");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    // cryptsetup takes a key file whole, newline included: none here.
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, PASS).unwrap();
-    let img = dir.path().join("cs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    run(
-        "cryptsetup",
+    let img = cryptsetup_format(
+        dir.path(),
+        "cs.img",
+        16,
         &[
-            "luksFormat",
             "--type",
             "luks1",
-            "--batch-mode",
-            "--pbkdf-force-iterations",
-            "1000",
             "--cipher",
             "aes-xts-plain64",
             "--key-size",
             "256",
             "--hash",
             "sha256",
-            path_str(&img),
-            path_str(&pw),
         ],
     );
     fill_small(&img);
@@ -400,31 +379,13 @@ fn luks_not_luks_and_luks2_are_refused_like_nbdkit() {
     let plain = dir.path().join("plain.img");
     std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
     let mut cases = vec![(plain, "this disk does not contain a LUKS header")];
-    if Command::new("cryptsetup").arg("--version").output().is_ok() {
-        let pw = dir.path().join("pw");
-        std::fs::write(&pw, PASS).unwrap();
-        let v2 = dir.path().join("v2.img");
-        std::fs::File::create(&v2)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
-        run(
-            "cryptsetup",
-            &[
-                "luksFormat",
-                "--type",
-                "luks2",
-                "--batch-mode",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                path_str(&v2),
-                path_str(&pw),
-            ],
-        );
-        cases.push((v2, "LUKS version 2 header"));
-    }
+    let v2 = cryptsetup_format(
+        dir.path(),
+        "v2.img",
+        32,
+        &["--type", "luks2", "--pbkdf", "pbkdf2"],
+    );
+    cases.push((v2, "LUKS version 2 header"));
     for (img, msg) in cases {
         let pair = Pair::start(&luks_args(&img));
         for (who, server) in [("sluice", &pair.sluice), ("nbdkit", &pair.nbdkit)] {
@@ -469,40 +430,21 @@ fn luks_passphrase_from_an_inherited_fd_like_nbdkit() {
 
 #[test]
 fn luks_cryptsetup_aes192_key_material_unlocks_though_nbdkit_cannot() {
-    if Command::new("cryptsetup")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("cryptsetup is not installed: skipped");
-        return;
-    }
     // 24-byte keys × 4000 stripes is 187.5 sectors of key material: sluice decrypts it to
     // its end and the master key digest matches; nbdkit 1.32.5 stops at 187 sectors and
     // reports a wrong passphrase (qemu-img cannot make such images at all).
     let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, PASS).unwrap();
-    let img = dir.path().join("c192.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    run(
-        "cryptsetup",
+    let img = cryptsetup_format(
+        dir.path(),
+        "c192.img",
+        16,
         &[
-            "luksFormat",
             "--type",
             "luks1",
-            "--batch-mode",
-            "--pbkdf-force-iterations",
-            "1000",
             "--cipher",
             "aes-cbc-plain64",
             "--key-size",
             "192",
-            path_str(&img),
-            path_str(&pw),
         ],
     );
     let pair = Pair::start(&luks_args(&img));
@@ -517,4 +459,27 @@ fn luks_cryptsetup_aes192_key_material_unlocks_though_nbdkit_cannot() {
         .nbdkit
         .stderr()
         .contains("LUKS passphrase is not correct"));
+}
+
+/// A `size_mib` MiB disk `name` in `dir`, formatted by cryptsetup with `opts` and the test
+/// passphrase (a key file without a newline: cryptsetup takes the file whole), at 1000
+/// PBKDF2 iterations so the test stays quick.
+fn cryptsetup_format(dir: &Path, name: &str, size_mib: u64, opts: &[&str]) -> PathBuf {
+    let pw = dir.join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let img = dir.join(name);
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(size_mib << 20)
+        .unwrap();
+    let mut args = vec![
+        "luksFormat",
+        "--batch-mode",
+        "--pbkdf-force-iterations",
+        "1000",
+    ];
+    args.extend_from_slice(opts);
+    args.extend([path_str(&img), path_str(&pw)]);
+    run("cryptsetup", &args);
+    img
 }
