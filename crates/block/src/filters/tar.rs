@@ -29,7 +29,9 @@
 //!   by name instead of being served as whatever `tar` printed for it;
 //! - an entry running past the end of the archive is refused (nbdkit's "XXX" check);
 //! - `tar-limit=SIZE` (the most bytes of the archive read looking for the entry, 0 for no
-//!   limit, the default) is later nbdkit's parameter; 1.32.5 does not have it. `tar=PROGRAM`
+//!   limit, the default) is not in nbdkit 1.32.5, where the key would go to the plugin; it is
+//!   meant as later nbdkit's guard, whose exact semantics could not be checked here (no newer
+//!   nbdkit on these machines), so this reading of it is our own. `tar=PROGRAM`
 //!   is accepted for compatibility and unused, since no program runs.
 
 use std::sync::{Arc, Mutex, PoisonError};
