@@ -27,7 +27,8 @@
 //! - the name must match exactly (`tar` would also match a directory prefix or a name
 //!   differing in a leading `./`), and a directory, link, device or sparse entry is refused
 //!   by name instead of being served as whatever `tar` printed for it;
-//! - an entry running past the end of the archive is refused (nbdkit's "XXX" check);
+//! - an entry whose data runs past the end of the archive is refused at open, as a truncated
+//!   archive ([`TarError::Truncated`]), rather than served short;
 //! - `tar-limit=SIZE` (the most bytes of the archive read looking for the entry, 0 for no
 //!   limit, the default) is not in nbdkit 1.32.5, where the key would go to the plugin; it is
 //!   meant as later nbdkit's guard, whose exact semantics could not be checked here (no newer
