@@ -90,7 +90,7 @@ pub struct Xz {
 /// Per connection: the file's block map and the decoded blocks, most recent first.
 pub struct Conn {
     map: XzMap,
-    cache: Mutex<VecDeque<(u64, Arc<[u8]>)>>,
+    cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl From<XzError> for BlockError {
@@ -172,7 +172,7 @@ impl Filter for Xz {
 
 impl Xz {
     /// The decoded `block`, from the connection's cache or decoded now (and cached).
-    fn block(&self, c: &Conn, next: &Next, block: &Block) -> Result<Arc<[u8]>> {
+    fn block(&self, c: &Conn, next: &Next, block: &Block) -> Result<Arc<Vec<u8>>> {
         {
             let mut cache = c.cache.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(i) = cache.iter().position(|(s, _)| *s == block.start) {
@@ -182,7 +182,8 @@ impl Xz {
                 return Ok(data);
             }
         }
-        let data: Arc<[u8]> = decode_block(next, block)?.into();
+        // Arc::new keeps the decoded Vec as it is; `Arc<[u8]>::from` would copy the whole block.
+        let data = Arc::new(decode_block(next, block)?);
         let mut cache = c.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= self.max_depth {
             cache.pop_back();
