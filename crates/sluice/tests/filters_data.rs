@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::filters::{caps, map, same_caps, Pair};
+use support::filters::{caps, map, same_caps, sluice_refuses, Pair};
 use support::{path_str, random_file, run, Server};
 
 /// The sha256 (first 16 hex digits) of a file, via Python to avoid a hashing dependency.
@@ -616,18 +616,6 @@ fn bad_filter_parameters_exit_2_with_one_line_naming_filter_and_key() {
             "partition: partition",
         ),
     ] {
-        let out = Command::new(support::sluice_bin())
-            .arg("serve")
-            .args(args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        let lines: Vec<&str> = err.lines().collect();
-        assert_eq!(lines.len(), 1, "{args:?}: {err}");
-        assert!(
-            lines[0].starts_with("sluice:") && lines[0].contains(want),
-            "{args:?}: {err}"
-        );
+        sluice_refuses(args, want);
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::filters::{caps, py, same_caps, Pair};
+use crate::support::filters::{caps, py, same_caps, sluice_refuses, Pair};
 use crate::support::{path_str, random_bytes, run, NbdHolder, Server};
 
 /// The sha256 prefix of `bytes`, as the Python prelude's `sha` prints it.
@@ -31,25 +31,6 @@ fn sha(bytes: &[u8]) -> String {
     )
     .trim()
     .to_string()
-}
-
-/// Runs `sluice serve ARGS...`, which must refuse its configuration: asserts exit 2 and one
-/// `sluice:` line containing `want`.
-#[track_caller]
-fn sluice_refuses(args: &[&str], want: &str) {
-    let out = Command::new(crate::support::sluice_bin())
-        .arg("serve")
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: {err}");
-    assert!(
-        lines[0].starts_with("sluice:") && lines[0].contains(want),
-        "{args:?}: {err}"
-    );
 }
 
 /// Asserts nbdkit refuses the same configuration (it exits 1).

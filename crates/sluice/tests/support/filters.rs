@@ -105,3 +105,22 @@ pub fn py(uri: &str, script: &str) -> String {
     );
     run(PYTHON, &["-c", &full])
 }
+
+/// Runs `sluice serve ARGS...`, which must refuse its configuration: asserts exit status 2
+/// and exactly one `sluice:` line on stderr, containing `want`.
+#[track_caller]
+pub fn sluice_refuses(args: &[&str], want: &str) {
+    let out = std::process::Command::new(super::sluice_bin())
+        .arg("serve")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {err}");
+    assert!(
+        lines[0].starts_with("sluice:") && lines[0].contains(want),
+        "{args:?}: {err}"
+    );
+}
