@@ -16,11 +16,22 @@ off rbd_cache_writethrough_until_flush (write-around from the first write),
 and fio sends no flush before writing, so sluice is given the same setting
 (ceph.rbd_cache_writethrough_until_flush=false); sluice's own default keeps
 Ceph's (write-through until the client's first flush).  Standard library only.
+
+CPU: for each row and side the script also counts the CPU seconds of the
+cluster's daemons (/proc/PID/stat of the PIDs scripts/ceph-cluster.sh
+recorded; not with --conf), of the client (rbd bench, or fio: the children's
+rusage) and of the sluice server (its /proc/PID/stat), per request.  On this
+machine's two cores every process shares the same CPUs, so where a row is CPU
+bound its ratio is at most (rbd bench side CPU per request) / (sluice side CPU
+per request); the "bound" column is that ratio with sluice's own share taken
+out (the server charged only what librbd costs rbd bench): the best any server
+could reach there, given librbd, the cluster and an NBD client.
 """
 
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -44,6 +55,31 @@ ROWS = [
     ("randwrite-qd1", "write", "rand", 4 * KiB, 1, "randwrite"),
     ("randwrite-qd32", "write", "rand", 4 * KiB, 32, "randwrite"),
 ]
+
+
+def proc_cpu(pid):
+    """CPU seconds (user + system, all threads) a live process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds of the cluster's daemons and of the waited-for children."""
+
+    def __init__(self, cluster_dir):
+        self.pids = []
+        if cluster_dir:
+            with open(os.path.join(cluster_dir, "pids")) as f:
+                self.pids = [int(line.split()[0]) for line in f if line.strip()]
+
+    def cluster(self):
+        return sum(proc_cpu(p) for p in self.pids)
 
 
 def run(argv, timeout=600, env=None):
@@ -137,17 +173,35 @@ def main():
         # Fill the image once, so that reads read data rather than holes.
         rbd_bench(conf, spec, "write", "seq", 4 * MiB, 16, size)
         results = {r[0]: ([], []) for r in rows}
+        # Per row: lists of CPU µs per request, keyed by part.
+        cpu = {r[0]: {} for r in rows}
+        meter = CpuMeter(cluster_dir)
+
+        def note(row, part, seconds, ops):
+            cpu[row].setdefault(part, []).append(seconds / ops * 1e6)
+
         for rnd in range(args.rounds):
             for name, io_type, pattern, bsize, depth, rw in rows:
                 total = size if pattern == "seq" else rand_total // (4 if depth == 1 else 1)
+                ops = total // bsize
+                c0, k0 = children_cpu(), meter.cluster()
                 ours = rbd_bench(conf, spec, io_type, pattern, bsize, depth, total)
+                c1, k1 = children_cpu(), meter.cluster()
                 srv = Server(args.sluice, conf, spec, workdir, args.threads)
                 try:
+                    s0, k2 = proc_cpu(srv.p.pid), meter.cluster()
                     theirs = fio(srv.uri, rw, bsize, depth, total, size)
+                    s1, c2, k3 = proc_cpu(srv.p.pid), children_cpu(), meter.cluster()
                 finally:
                     srv.stop()
                 results[name][0].append(ours)
                 results[name][1].append(theirs)
+                note(name, "rbd", c1 - c0, ops)
+                note(name, "fio", c2 - c1, ops)
+                note(name, "sluice", s1 - s0, ops)
+                if meter.pids:
+                    note(name, "cluster-rbd", k1 - k0, ops)
+                    note(name, "cluster-sluice", k3 - k2, ops)
                 print(f"round {rnd + 1} {name}: rbd bench {ours:.0f}/s, sluice {theirs:.0f}/s",
                       file=sys.stderr)
         lines = ["# sluice rbd bench: sluice serve rbd (fio) vs rbd bench on the same image", "",
@@ -160,6 +214,26 @@ def main():
             lines.append(f"| {name} | {unit} | {a * scale:.0f} | {b * scale:.0f} | {b / a:.2f} |")
         md = "\n".join(lines) + "\n"
         print("\n" + md)
+        lines = ["CPU µs per request (medians): the cluster's daemons during each side, the "
+                 "client (rbd bench / fio), the sluice server; load on each side = CPU "
+                 "seconds per second of wall time, out of "
+                 f"{os.cpu_count()} cores.", "",
+                 "| row | cluster (rbd) | rbd bench | load | cluster (sluice) | fio | sluice "
+                 "| load | CPU ratio | bound |", "|---|" + "---:|" * 9]
+        for name, io_type, pattern, bsize, depth, rw in rows:
+            m = {k: statistics.median(v) for k, v in cpu[name].items()}
+            a_iops = statistics.median(results[name][0])
+            b_iops = statistics.median(results[name][1])
+            k_r, k_s = m.get("cluster-rbd", 0.0), m.get("cluster-sluice", 0.0)
+            side_a = k_r + m["rbd"]
+            side_b = k_s + m["fio"] + m["sluice"]
+            best_b = k_s + m["fio"] + min(m["sluice"], m["rbd"])
+            load_a = side_a * a_iops / 1e6
+            load_b = side_b * b_iops / 1e6
+            lines.append(f"| {name} | {k_r:.0f} | {m['rbd']:.0f} | {load_a:.2f} | {k_s:.0f} "
+                         f"| {m['fio']:.0f} | {m['sluice']:.0f} | {load_b:.2f} "
+                         f"| {side_a / side_b:.2f} | {side_a / best_b:.2f} |")
+        print("\n".join(lines) + "\n")
         if args.plot:
             plot.save(md, args.plot)
         run(["rbd", "-c", conf, "rm", "--no-progress", spec])

@@ -17,6 +17,13 @@
 //! handle and not tried again. With FAST_ZERO only methods that are known not to write
 //! zeroes are tried: on a block device `ZERO_RANGE` may make the kernel write them, so it is
 //! skipped.
+//!
+//! Deliberate difference: this plugin advertises fast zero (`can_fast_zero`), where nbdkit
+//! 1.32.5's file plugin has no such callback and so tells clients it cannot (`nbdinfo`
+//! shows `can_fast_zero: false` for it). The contract of a fast zero is to fail with
+//! ENOTSUP rather than write zeroes, and that is what the ladder above does with FAST_ZERO,
+//! so the promise holds; a client such as `qemu-img convert` then learns cheaply whether it
+//! can skip pre-zeroing the target.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
