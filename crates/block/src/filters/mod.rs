@@ -120,6 +120,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     extentlist::SPEC,
     fua::SPEC,
     gzip::SPEC,
+    #[cfg(feature = "luks")]
     luks::SPEC,
     multi_conn::SPEC,
     nocache::SPEC,

@@ -12,11 +12,16 @@
 //! worker, not once per sector. A context is not shareable between threads, so each request
 //! takes a worker from its connection's pool (see the filter module).
 
+#[cfg(feature = "luks")]
 use openssl::cipher::{Cipher, CipherRef};
+#[cfg(feature = "luks")]
 use openssl::cipher_ctx::CipherCtx;
+#[cfg(feature = "luks")]
 use openssl::error::ErrorStack;
+#[cfg(feature = "luks")]
 use openssl::hash::{hash, MessageDigest};
 
+#[cfg(feature = "luks")]
 use super::header::SECTOR;
 
 /// A block cipher mode LUKSv1 disks use and OpenSSL provides for AES.
@@ -70,6 +75,7 @@ impl Hash {
     }
 
     /// OpenSSL's digest.
+    #[cfg(feature = "luks")]
     pub fn digest(self) -> MessageDigest {
         match self {
             Hash::Md5 => MessageDigest::md5(),
@@ -82,9 +88,16 @@ impl Hash {
         }
     }
 
-    /// Digest length in bytes.
+    /// Digest length in bytes (a unit test checks it against OpenSSL's).
     pub fn size(self) -> usize {
-        self.digest().size()
+        match self {
+            Hash::Md5 => 16,
+            Hash::Sha1 | Hash::Ripemd160 => 20,
+            Hash::Sha224 => 28,
+            Hash::Sha256 => 32,
+            Hash::Sha384 => 48,
+            Hash::Sha512 => 64,
+        }
     }
 
     /// The header's spelling.
@@ -159,7 +172,7 @@ impl CipherSpec {
             hash: Hash::parse(hash_spec)?,
             key_len,
         };
-        if spec.cipher().is_none() {
+        if !key_fits(mode, key_len) {
             return Err(format!(
                 "cipher aes in mode {} does not take a {}-bit key",
                 mode_name(mode),
@@ -167,7 +180,7 @@ impl CipherSpec {
             ));
         }
         if let IvGen::Essiv(h) = ivgen {
-            if aes_ecb(h.size()).is_none() {
+            if !AES_KEY_LENS.contains(&h.size()) {
                 return Err(format!(
                     "ESSIV hash {} gives a {}-byte key, which is no AES key size",
                     h.name(),
@@ -178,7 +191,9 @@ impl CipherSpec {
         Ok(spec)
     }
 
-    /// OpenSSL's cipher for this mode and key length.
+    /// OpenSSL's cipher for this mode and key length (`Some` for every key length
+    /// [`key_fits`] accepts).
+    #[cfg(feature = "luks")]
     fn cipher(&self) -> Option<&'static CipherRef> {
         Some(match (self.mode, self.key_len) {
             (Mode::Xts, 32) => Cipher::aes_128_xts(),
@@ -191,6 +206,18 @@ impl CipherSpec {
     }
 }
 
+/// AES's key lengths in bytes.
+const AES_KEY_LENS: [usize; 3] = [16, 24, 32];
+
+/// Whether AES in `mode` takes a master key of `key_len` bytes (XTS's is two AES keys; the
+/// 192-bit XTS OpenSSL lacks, as do qemu and nbdkit).
+fn key_fits(mode: Mode, key_len: usize) -> bool {
+    match mode {
+        Mode::Xts => key_len == 32 || key_len == 64,
+        Mode::Cbc => AES_KEY_LENS.contains(&key_len),
+    }
+}
+
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Xts => "xts",
@@ -199,6 +226,7 @@ fn mode_name(m: Mode) -> &'static str {
 }
 
 /// AES-ECB with a key of `len` bytes (ESSIV's IV cipher).
+#[cfg(feature = "luks")]
 fn aes_ecb(len: usize) -> Option<&'static CipherRef> {
     Some(match len {
         16 => Cipher::aes_128_ecb(),
@@ -209,9 +237,11 @@ fn aes_ecb(len: usize) -> Option<&'static CipherRef> {
 }
 
 /// AES's block (and IV) length.
+#[cfg(feature = "luks")]
 const IV_LEN: usize = 16;
 
 /// Encrypts and decrypts sectors under one key. Not `Sync`: one per request in flight.
+#[cfg(feature = "luks")]
 pub struct Worker {
     enc: CipherCtx,
     dec: CipherCtx,
@@ -222,6 +252,7 @@ pub struct Worker {
     pub scratch: Vec<u8>,
 }
 
+#[cfg(feature = "luks")]
 impl Worker {
     /// Contexts for `spec` keyed with `key` (the master key, or a candidate slot key).
     pub fn new(spec: &CipherSpec, key: &[u8]) -> Result<Worker, ErrorStack> {
@@ -303,9 +334,39 @@ impl Worker {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "luks"))]
 mod tests {
     use super::*;
+
+    /// The pure checks that `CipherSpec::parse` makes agree with OpenSSL's tables.
+    #[test]
+    fn pure_key_and_digest_sizes_match_openssl() {
+        for mode in [Mode::Xts, Mode::Cbc] {
+            for key_len in 0..=128 {
+                let spec = CipherSpec {
+                    mode,
+                    ivgen: IvGen::Plain64,
+                    hash: Hash::Sha256,
+                    key_len,
+                };
+                assert_eq!(key_fits(mode, key_len), spec.cipher().is_some(), "{spec:?}");
+            }
+        }
+        for h in [
+            Hash::Md5,
+            Hash::Sha1,
+            Hash::Sha224,
+            Hash::Sha256,
+            Hash::Sha384,
+            Hash::Sha512,
+            Hash::Ripemd160,
+        ] {
+            assert_eq!(h.size(), h.digest().size(), "{h:?}");
+        }
+        for len in 0..=128 {
+            assert_eq!(AES_KEY_LENS.contains(&len), aes_ecb(len).is_some(), "{len}");
+        }
+    }
 
     /// The plaintext of the vectors: byte `i % 251`.
     fn plain() -> Vec<u8> {
