@@ -31,6 +31,7 @@ pub mod cow;
 pub mod ddrescue;
 pub mod delay;
 pub mod error;
+pub mod ext2;
 pub mod extentlist;
 pub mod fua;
 pub mod gzip;
@@ -117,6 +118,7 @@ pub const DATA_FILTERS: &[FilterSpec] = &[
     ddrescue::SPEC,
     delay::SPEC,
     error::SPEC,
+    ext2::SPEC,
     extentlist::SPEC,
     fua::SPEC,
     gzip::SPEC,
