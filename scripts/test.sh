@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 # keys (sluice's own OpenSSL is built from source by the openssl crate's vendored feature);
 # parted and sgdisk make the partition tables the partition filter's tests read; prometheus
 # (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs;
-# python3-matplotlib draws the benchmarks' --plot under /usr/bin/python3 (bench/plot.py).
+# python3-matplotlib draws the benchmarks' --plot under /usr/bin/python3 (bench/plot.py);
+# e2fsprogs (mke2fs, debugfs, e2fsck) makes and checks the ext2 filter's filesystems.
 debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc
       libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib cryptsetup-bin
-      xz-utils)
+      xz-utils e2fsprogs)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
