@@ -82,14 +82,12 @@ impl Images {
 
 /// What `READ_ALL` prints for `bytes`.
 fn read_all_of(bytes: &[u8]) -> String {
-    let script = format!(
-        "import hashlib,sys\nb=open(sys.argv[1],'rb').read()\n\
-         print(len(b), hashlib.sha256(b).hexdigest()[:16])"
-    );
+    let script = "import hashlib,sys\nb=open(sys.argv[1],'rb').read()\n\
+                  print(len(b), hashlib.sha256(b).hexdigest()[:16])";
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("b");
     std::fs::write(&f, bytes).unwrap();
-    run(crate::support::PYTHON, &["-c", &script, path_str(&f)])
+    run(crate::support::PYTHON, &["-c", script, path_str(&f)])
 }
 
 const READ_ALL: &str = "print(h.get_size(), sha(h.pread(h.get_size(), 0)))";
