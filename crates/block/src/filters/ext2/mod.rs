@@ -649,6 +649,76 @@ mod tests {
         );
     }
 
+    /// The layer below, whose reads can be made to fail (1) or panic (2).
+    struct Switch {
+        inner: Arc<dyn Plugin>,
+        mode: Arc<std::sync::atomic::AtomicU8>,
+    }
+
+    struct SwitchHandle {
+        inner: Box<dyn crate::plugin::Handle>,
+        mode: Arc<std::sync::atomic::AtomicU8>,
+    }
+
+    impl Plugin for Switch {
+        fn name(&self) -> &str {
+            "switch"
+        }
+        fn open(&self, ctx: &OpenContext<'_>) -> Result<Box<dyn crate::plugin::Handle>> {
+            Ok(Box::new(SwitchHandle {
+                inner: self.inner.open(ctx)?,
+                mode: self.mode.clone(),
+            }))
+        }
+    }
+
+    impl crate::plugin::Handle for SwitchHandle {
+        fn get_size(&self) -> Result<u64> {
+            self.inner.get_size()
+        }
+        fn can_write(&self) -> Result<bool> {
+            self.inner.can_write()
+        }
+        fn pread(&self, buf: &mut [u8], off: u64, f: Flags) -> Result<()> {
+            match self.mode.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => self.inner.pread(buf, off, f),
+                1 => Err(BlockError::new(Errno(libc::ENODATA), "switch: injected")),
+                _ => panic!("switch: injected panic"),
+            }
+        }
+        fn pwrite(&self, buf: &[u8], off: u64, f: Flags) -> Result<()> {
+            self.inner.pwrite(buf, off, f)
+        }
+    }
+
+    #[test]
+    fn ext2_errors_and_panics_below_reach_the_client_as_errors() {
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let below = Arc::new(Switch {
+            inner: image(&pattern(200_000)),
+            mode: mode.clone(),
+        });
+        let e = export(filter("ext2", &[("ext2file", "/disk.raw")], below), true);
+        let mut buf = [0u8; 10];
+        e.read(&mut buf, 0).unwrap();
+        // The layer below's errno and message, through libext2fs.
+        mode.store(1, std::sync::atomic::Ordering::SeqCst);
+        let err = e.read(&mut buf, 100_000).unwrap_err();
+        assert_eq!(err.errno, Errno(libc::ENODATA));
+        assert_eq!(
+            err.message,
+            "ext2: /disk.raw: reading at 100000: switch: injected"
+        );
+        // A panic below is caught in the callback, not unwound through C.
+        mode.store(2, std::sync::atomic::Ordering::SeqCst);
+        let err = e.read(&mut buf, 150_000).unwrap_err();
+        assert_eq!(err.errno, Errno::EIO);
+        assert!(err.message.contains("read callback panicked"), "{err}");
+        mode.store(0, std::sync::atomic::Ordering::SeqCst);
+        e.read(&mut buf, 150_000).unwrap();
+        assert_eq!(buf[..], pattern(150_010)[150_000..]);
+    }
+
     #[test]
     fn ext2_exportname_mode_refuses_the_default_export() {
         let top = filter("ext2", &[("ext2file", "exportname")], memory(1 << 20));
