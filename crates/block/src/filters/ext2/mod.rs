@@ -5,7 +5,9 @@
 //! `ext2file=exportname` serves the file the client names as its export name (with or
 //! without the leading `/`), and then the client's export name is not passed down: the layer
 //! below is opened with the default export `""`. In that mode no exports are listed and the
-//! default export `""` is refused, as in nbdkit.
+//! default export `""` is refused, as in nbdkit. The path must name a regular file: a
+//! directory, device or symbolic link (links are not followed, as in nbdkit) is refused when
+//! the client connects.
 //!
 //! **How.** libext2fs (e2fsprogs' library, the code behind debugfs and fuse2fs) does the
 //! filesystem work: finding the file, mapping its blocks (extents or block maps, inline
@@ -25,7 +27,16 @@
 //! a second client waits until the first disconnects, and requests of a connection run one
 //! at a time (the connection's filesystem handle is also behind a mutex, so that holding it
 //! is what makes a call into libext2fs sound, whatever the server's scheduling). The size is
-//! the file's size when the connection opened it; writes stay inside it.
+//! the file's size when the connection opened it; writes stay inside it. Different exports
+//! (a daemon can serve several) have handles of their own that may run at once on different
+//! threads: libext2fs keeps its state in the handle, and com_err's error table is set up
+//! once, before any handle exists ([`sys::api`]).
+//!
+//! **Durability.** A flush (and FUA) writes libext2fs' buffered block of the file to the
+//! layer below and flushes that, so overwritten data is durable. A write into a hole of a
+//! sparse file also allocates blocks: the inode and extent tree are written at once, the
+//! block bitmaps and free counts when the connection closes (as in nbdkit), so a server
+//! killed in between leaves an image that `e2fsck` must repair.
 //!
 //! **Capabilities (nbdkit's).** Writes go through `ext2fs_file_write`; FUA is native (the
 //! write is followed by a flush); flush is always offered; zero is emulated by writes of
@@ -37,7 +48,8 @@
 //!   where the file has data). Here the file is reported as all data (and no
 //!   `qemu:allocation-depth`), which is true to within the file's own holes;
 //! - flush and FUA also flush the layer below (when it can), so that the data is durable
-//!   when the client is told so; nbdkit's only write libext2fs' buffer to the layer below;
+//!   when the client is told so; nbdkit's flush only writes libext2fs' buffered block to the
+//!   layer below;
 //! - the layer below is opened read-only when the export is (`-r`); nbdkit opens it
 //!   writable "for journal replay", which libext2fs does not do, so `-r` here can never
 //!   write to the image;

@@ -258,10 +258,13 @@ pub const LIBCOM_ERR: &str = "libcom_err.so.2";
 /// The loaded API, or why it could not be loaded (the same answer for the whole process).
 pub fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(load).as_ref().map_err(Clone::clone)
+    API.get_or_init(|| load(LIBEXT2FS, LIBCOM_ERR))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
-fn load() -> Result<Api, String> {
+/// Opens the two libraries by these sonames and resolves every function.
+fn load(libext2fs: &str, libcom_err: &str) -> Result<Api, String> {
     let open = |soname: &str| {
         // SAFETY: both libraries are plain C libraries whose initialisers only register
         // error tables; loading them has no other side effect.
@@ -273,8 +276,8 @@ fn load() -> Result<Api, String> {
             )
         })
     };
-    let ext2fs = open(LIBEXT2FS)?;
-    let com_err = open(LIBCOM_ERR)?;
+    let ext2fs = open(libext2fs)?;
+    let com_err = open(libcom_err)?;
     // SAFETY: each symbol is the C function of its name in these libraries, whose signature
     // is the one declared in `Api` (copied from e2fsprogs 1.47's headers); the libraries are
     // moved into the `Api`, so they stay loaded as long as the pointers.
@@ -298,8 +301,8 @@ fn load() -> Result<Api, String> {
             _libs: (ext2fs, com_err),
         }
     };
-    // SAFETY: registers libext2fs' error table with com_err; called once per process (this
-    // runs inside a OnceLock), as e2fsprogs' tools do at start.
+    // SAFETY: registers libext2fs' error table with com_err, as e2fsprogs' tools do at
+    // start; only `api()` gets this far, once per process (inside its OnceLock).
     unsafe { (api.initialize_ext2_error_table)() };
     Ok(api)
 }
@@ -426,6 +429,17 @@ mod tests {
         assert_eq!(offset_of!(Inode, i_block), 40);
         assert_eq!(offset_of!(Inode, i_size_high), 108);
         assert_eq!(size_of::<Errcode>(), 8);
+    }
+
+    #[test]
+    fn load_without_the_library_says_which_and_what_to_install() {
+        let e = load("libext2fs.so.999", LIBCOM_ERR).err().unwrap();
+        assert!(e.starts_with("cannot load libext2fs.so.999 ("), "{e}");
+        assert!(
+            e.ends_with("install e2fsprogs' runtime library (Debian: libext2fs2)"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]
