@@ -12,8 +12,8 @@
 //! **How.** libext2fs (e2fsprogs' library, the code behind debugfs and fuse2fs) does the
 //! filesystem work: finding the file, mapping its blocks (extents or block maps, inline
 //! data), allocating blocks when a write fills a hole, checksums. It reaches the layer below
-//! through a custom I/O manager ([`io`]) whose callbacks read and write through the filter's
-//! handle of the layer below. The library is loaded at run time ([`sys`]) the first time an
+//! through a custom I/O manager (`io.rs`) whose callbacks read and write through the filter's
+//! handle of the layer below. The library is loaded at run time (`sys.rs`) the first time an
 //! ext2 filter is configured, so building sluice needs none of its headers; a machine without
 //! `libext2fs.so.2` gets one error at start naming it.
 //!
@@ -30,7 +30,7 @@
 //! the file's size when the connection opened it; writes stay inside it. Different exports
 //! (a daemon can serve several) have handles of their own that may run at once on different
 //! threads: libext2fs keeps its state in the handle, and com_err's error table is set up
-//! once, before any handle exists ([`sys::api`]).
+//! once, before any handle exists (`sys::api`).
 //!
 //! **Durability.** A flush (and FUA) writes libext2fs' buffered block of the file to the
 //! layer below and flushes that, so overwritten data is durable. A write into a hole of a
