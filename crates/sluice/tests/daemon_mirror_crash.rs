@@ -20,11 +20,22 @@
 //!   once BLOCK_JOB_COMPLETED was seen the pivot had flushed the target, so the target is the
 //!   pristine image plus every write durable before `job-complete`.
 //! - **during `blockdev-snapshot-sync`** (a random few µs after it, or after its reply):
-//!   the overlay, once the reply came, is a clean qcow2 whose backing is the source; the
-//!   chain (the overlay if it is one, else the source) holds every durable write; and no
-//!   write is on the wrong layer: every write in the source came before every write found
-//!   only in the overlay (the switch flushes the source with the client's requests held
-//!   off, so everything before it is in the source and nothing after).
+//!   the overlay is what its creation left (see below); once it is complete, its backing is
+//!   the source; the chain (the overlay if complete, else the source) holds every durable
+//!   write; and no write is on the wrong layer: every write in the source came before every
+//!   write found only in the overlay (the switch flushes the source with the client's
+//!   requests held off, so everything before it is in the source and nothing after).
+//!
+//! An image file the daemon creates (the snapshot's overlay) passes through these states,
+//! in the order of the daemon's `create_image` (the file is created empty; imago writes the
+//! refcount block, the refcount table and, last, the header; then it grows the image to its
+//! size): no file, an empty file, a file of at most three clusters without a qcow2 header,
+//! a qcow2 image of virtual size 0, the complete image. A kill may leave any of them before
+//! the command's reply, only the last after it; every qcow2 image among them is clean for
+//! `qemu-img check` and names the right backing ([`created`]). No one opened such a
+//! leftover, and the next command that creates the file clears it. (qemu-storage-daemon
+//! 10.0.2 writes the header first: killed just after, it leaves a qcow2 image in which the
+//! header and the refcount table and block have refcount 0, three `qemu-img check` errors.)
 //!
 //! Kill point `i % KINDS` runs in iteration `i`, on a fresh copy of the pristine images;
 //! delays come from a seeded PRNG (`SLUICE_MIRROR_CRASH_SEED` overrides the seed,
@@ -41,9 +52,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::crash::{check_leaks_only, env_u64, kill_9, Rng};
-use support::image::{qcow2_over, qemu_img, qemu_io};
+use support::image::{image_info, qcow2_over, qemu_img, qemu_io};
 use support::qmp::{daemon_with_top, ok, short, start_nbd, wait_for, Qmp, QmpDaemon};
-use support::{output, path_str, random_bytes, PYTHON};
+use support::{path_str, random_bytes, PYTHON};
 
 const MIB: u64 = 1024 * 1024;
 /// The images' virtual size: one slot per 64 KiB cluster.
@@ -468,6 +479,64 @@ fn count(s: &[Slot]) -> usize {
     s.iter().filter(|&&x| x == Slot::Written).count()
 }
 
+/// What a kill left of an image file the daemon creates as qemu's `bdrv_img_create` does
+/// (`create_image` in the daemon: the snapshot's overlay, drive-mirror's target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Created {
+    /// No file.
+    Absent,
+    /// A file of this many bytes without a qcow2 header.
+    Unformatted(u64),
+    /// A qcow2 image of virtual size 0: not grown to its size yet.
+    Empty,
+    /// The qcow2 image of [`SIZE`].
+    Complete,
+}
+
+/// What is left of `path` after a kill while the daemon created it (see the module doc),
+/// checked: the steps of the creation are no file, an empty file, imago's refcount block
+/// and table (at most three clusters, the header not written yet), a qcow2 image of size 0
+/// (then grown); every qcow2 image among them is clean for `qemu-img check` and names
+/// `backing`. Once the command `replied`, only the complete image.
+fn created(path: &Path, backing: Option<&Path>, replied: bool, ctx: &str) -> Created {
+    let f = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                !replied,
+                "{ctx}: the command replied, and there is no {path:?}"
+            );
+            return Created::Absent;
+        }
+        r => r.unwrap(),
+    };
+    let len = f.metadata().unwrap().len();
+    let mut magic = [0; 4];
+    if len < 4 || f.read_exact_at(&mut magic, 0).is_err() || magic != *b"QFI\xfb" {
+        assert!(
+            !replied,
+            "{ctx}: the command replied, and {path:?} is no qcow2"
+        );
+        assert!(
+            len <= 3 * 65536,
+            "{ctx}: {path:?} has {len} bytes, and no qcow2 header"
+        );
+        return Created::Unformatted(len);
+    }
+    check_leaks_only(path, ctx);
+    let info = image_info(path);
+    assert_eq!(
+        info["backing-filename"],
+        json!(backing.map(path_str)),
+        "{ctx}: {info}"
+    );
+    let size = info["virtual-size"].as_u64().unwrap();
+    match size {
+        SIZE => Created::Complete,
+        0 if !replied => Created::Empty,
+        _ => panic!("{ctx}: {path:?} is of virtual size {size}: {info}"),
+    }
+}
+
 /// Judges the images after a kill (see the module doc); says what it found.
 fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ctx: &str) -> String {
     check_leaks_only(&w.src, ctx);
@@ -521,21 +590,8 @@ fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ct
         }
         Kill::Snapshotting(_) | Kill::Snapshotted(_) => {
             holds_all(&src, before.durable_at_command, "source", ctx);
-            let is_qcow2 = std::fs::read(&w.overlay)
-                .map(|b| b.len() >= 104 && b[..4] == *b"QFI\xfb")
-                .unwrap_or(false);
-            let info = output(
-                "qemu-img",
-                &["info", "--output=json", "-f", "qcow2", path_str(&w.overlay)],
-            );
-            let complete = is_qcow2 && info.status.success();
-            if before.replied || complete {
-                assert!(complete, "{ctx}: the overlay is not a qcow2 image");
-                check_leaks_only(&w.overlay, ctx);
-                let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-                assert_eq!(info["backing-filename"], path_str(&w.src), "{ctx}: {info}");
-                assert_eq!(info["virtual-size"], SIZE, "{ctx}: {info}");
-            }
+            let overlay = created(&w.overlay, Some(&w.src), before.replied, ctx);
+            let complete = overlay == Created::Complete;
             let chain = if complete {
                 let octx = format!("{ctx}: overlay");
                 slots(&w.flat(&w.overlay), pristine, acks, false, &octx)
@@ -555,12 +611,7 @@ fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ct
                 );
             }
             format!(
-                "overlay {}, {} writes in the source, {} in the chain",
-                if complete {
-                    "complete"
-                } else {
-                    "absent or incomplete"
-                },
+                "overlay {overlay:?}, {} writes in the source, {} in the chain",
                 count(&src),
                 count(&chain)
             )
