@@ -86,8 +86,11 @@ const SEED: u64 = 0x3a1e_c0de_5eed_0016;
 const TWICE: u64 = 7;
 /// Iterations by default: every kind of kill point once, the first [`TWICE`] twice.
 const ITERS: u64 = KINDS + TWICE;
-/// The longest delay of [`Kill::Creating`]: about the drive-mirror command's run time.
-const CREATING_US: u64 = 3000;
+/// The longest delay of [`Kill::Creating`]: a little more than the drive-mirror command
+/// takes in a debug build (its target's creation, the first few ms, then opening it and
+/// starting the job), so that kills land in every step of the creation and some after the
+/// reply.
+const CREATING_US: u64 = 8_000;
 /// The throttled mirror's speed: 64 MiB take a second, so kills before READY land in the
 /// copy.
 const SPEED: u64 = 64 * MIB;
