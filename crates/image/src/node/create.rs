@@ -489,19 +489,25 @@ mod tests {
     }
 
     /// A kill at every point of a qcow2 creation (with and without a backing, 64 KiB and
-    /// 512-byte clusters) leaves no image or one `qemu-img check` finds clean (leaks
-    /// allowed): imago alone wrote the L1 pointer into the header before the new L1 table's
-    /// refcount.
+    /// 512-byte clusters, preallocated metadata) leaves no image or one `qemu-img check`
+    /// finds clean (leaks allowed): imago alone wrote the L1 pointer into the header before
+    /// the new L1 table's refcount.
     #[test]
     fn format_qcow2_killed_at_any_write_leaves_no_image_or_a_clean_one() {
         use crate::node::test_support::{create, no_nodes, run};
         let dir = tempfile::tempdir().unwrap();
         create(dir.path(), "b.qcow2", &["-f", "qcow2"], Some("16M"));
         let p = dir.path().join("new.qcow2");
-        for (cluster_size, backing) in [(65536, None), (65536, Some("b.qcow2")), (512, None)] {
+        for (cluster_size, backing, preallocation) in [
+            (65536, None, Prealloc::Off),
+            (65536, Some("b.qcow2"), Prealloc::Off),
+            (512, None, Prealloc::Off),
+            (65536, None, Prealloc::Metadata),
+        ] {
             let o = Qcow2Create {
                 size: 16 << 20,
                 cluster_size,
+                preallocation,
                 backing_file: backing.map(String::from),
                 backing_fmt: backing.map(|_| "qcow2".to_string()),
                 ..Qcow2Create::default()
@@ -518,7 +524,7 @@ mod tests {
                 let done = create_qcow2(killed, &o).is_ok();
                 drop(file);
                 let bytes = std::fs::read(&p).unwrap();
-                let ctx = format!("{cluster_size}-byte clusters, backing {backing:?}, kill {k}");
+                let ctx = format!("{o:?}, kill {k}");
                 if bytes.starts_with(b"QFI\xfb") {
                     let out = std::process::Command::new("qemu-img")
                         .args(["check", "--output=json", p.to_str().unwrap()])
