@@ -1,5 +1,5 @@
-//! The storage object under every node: imago's file driver, plus the one write-ordering rule
-//! imago 0.2 does not keep.
+//! The storage object under every node: imago's file driver, plus the write-ordering rules
+//! imago 0.2 does not keep (for a new image's header, see [`HeaderLast`]).
 //!
 //! imago caches L2 tables and refcount blocks and writes them back in dependency order
 //! (refcounts before the L2 entries that use them, L2 entries before the refcounts they
@@ -223,5 +223,149 @@ impl Drop for OrderedFile {
         if let Err(e) = self.write_pending() {
             tracing::error!("{}: writing the L1 table at close: {e}", self.inner);
         }
+    }
+}
+
+/// The storage a new qcow2 image is formatted through ([`crate::Node::format_qcow2`]): writes
+/// into the header cluster are held back until the next flush (see the module doc).
+///
+/// imago's creation writes the refcount block, the refcount table and the header, then grows
+/// the image: it allocates the L1 table (its refcount only in imago's cache), writes it, and
+/// writes the header's L1 pointer and size at once. A crash before the creation's final
+/// flush wrote the refcount block back left a header naming an L1 table with refcount 0:
+/// `qemu-img check` found the image corrupt. Held back, the header reaches the file after
+/// the refcounts it depends on, at the flush (imago writes its caches back first), so a
+/// crash leaves the header as it was before (no image yet, or one of size 0 without an L1
+/// table) and at most a leaked cluster. A read that overlaps a held write (imago reads the
+/// header once, to open the image it has just written, before it allocates anything) and
+/// any other request there write the held writes out first, in order.
+pub(crate) struct HeaderLast {
+    inner: crate::node::Storage,
+    /// The header cluster's length: writes that start in it are held back.
+    header: u64,
+    /// The held writes, in the order they were made.
+    held: Mutex<Vec<(u64, imago::io_buffers::IoBuffer)>>,
+}
+
+impl HeaderLast {
+    /// Formats through `inner`, holding back writes into `0..cluster_size`.
+    pub(crate) fn new(inner: crate::node::Storage, cluster_size: u64) -> HeaderLast {
+        HeaderLast {
+            inner,
+            header: cluster_size,
+            held: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Writes out the held writes, in order, if one overlaps `[offset, offset+len)`.
+    fn settle(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut held = self.held.lock();
+        let end = offset.saturating_add(len);
+        if held
+            .iter()
+            .any(|(o, b)| *o < end && o + b.len() as u64 > offset)
+        {
+            self.write_held(&mut held)?;
+        }
+        Ok(())
+    }
+
+    fn write_held(
+        &self,
+        held: &mut Vec<(u64, imago::io_buffers::IoBuffer)>,
+    ) -> std::io::Result<()> {
+        while !held.is_empty() {
+            let (offset, buf) = &held[0];
+            // SAFETY: the buffer was allocated with the storage's memory alignment, and
+            // offset and length are those imago gave, which met its request alignment.
+            unsafe { self.inner.pure_writev(IoVector::from(buf), *offset)? };
+            held.remove(0);
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for HeaderLast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeaderLast")
+            .field("inner", &self.inner)
+            .field("header", &self.header)
+            .field("held", &self.held.lock().len())
+            .finish()
+    }
+}
+
+impl std::fmt::Display for HeaderLast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Storage for HeaderLast {
+    forward_storage_geometry!();
+
+    unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> std::io::Result<()> {
+        self.settle(offset, bufv.len())?;
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_readv(bufv, offset) }
+    }
+
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> std::io::Result<()> {
+        if offset < self.header {
+            let mut buf =
+                imago::io_buffers::IoBuffer::new(bufv.len() as usize, self.inner.mem_align())?;
+            bufv.copy_into_slice(buf.as_mut().into_slice());
+            self.held.lock().push((offset, buf));
+            return Ok(());
+        }
+        self.settle(offset, bufv.len())?;
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_writev(bufv, offset) }
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.settle(offset, length)?;
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_write_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.settle(offset, length)?;
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.settle(offset, length)?;
+        // SAFETY: the caller's alignment guarantee is passed on unchanged.
+        unsafe { self.inner.pure_discard(offset, length) }
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.write_held(&mut self.held.lock())?;
+        self.inner.flush()
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.write_held(&mut self.held.lock())?;
+        self.inner.sync()
+    }
+
+    fn settle_writes(&self) -> std::io::Result<()> {
+        self.inner.settle_writes()
+    }
+
+    unsafe fn invalidate_cache(&self) -> std::io::Result<()> {
+        // SAFETY: the caller's guarantee (on-disk state consistent) is passed on.
+        unsafe { self.inner.invalidate_cache() }
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        self.inner.get_storage_helper()
+    }
+
+    fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> std::io::Result<()> {
+        self.settle(new_size, u64::MAX)?;
+        self.inner.resize(new_size, prealloc_mode)
     }
 }

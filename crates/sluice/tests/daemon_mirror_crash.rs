@@ -1,6 +1,7 @@
-//! kill -9 of `sluice daemon` during a `blockdev-mirror` of an exported, written qcow2 (over
-//! a qcow2 backing) into a new qcow2, and during a `blockdev-snapshot-sync` of it (issue #16,
-//! item 4), as `daemon_stream_crash` does for stream.
+//! kill -9 of `sluice daemon` during a `blockdev-mirror` or a `drive-mirror` of an exported,
+//! written qcow2 (over a qcow2 backing) into a new qcow2, and during a
+//! `blockdev-snapshot-sync` of it (issue #16, item 4), as `daemon_stream_crash` does for
+//! stream.
 //!
 //! A python3-libnbd client writes through the export all along: write `i` puts byte
 //! `i % 255 + 1` over the 4 KiB slot `i` (its own 64 KiB cluster, see [`slot`]), one write
@@ -11,24 +12,49 @@
 //! `qemu-img check` of the source chain, the target or overlay finds no errors (leaks are
 //! allowed), and every slot of every image reads as either its pristine content or as the
 //! write the client made there — never anything else, never a write the client had not sent
-//! yet — and outside the slots the source is the pristine image. Then, by kill point:
+//! yet — and outside the slots the source is the pristine image.
+//!
+//! The mirrors are `blockdev-mirror` (sync `full`) onto a qcow2 made beforehand, and
+//! `drive-mirror` (format qcow2, mode `absolute-paths`), which creates the target itself:
+//! with sync `full`, and with sync `top`, whose target's backing is the source's backing,
+//! `base.qcow2` (the created target's header is checked, and it is read through that
+//! backing). Then, by kill point:
 //! - **before READY** (a throttled mirror) and **in READY**: the source holds every durable
 //!   write.
-//! - **after `job-complete`** (a random few µs after it, or at BLOCK_JOB_COMPLETED): the
-//!   source holds every write that was durable when `job-complete` was sent; every durable
-//!   write is in the source or in the target (after the pivot the export writes the target);
-//!   once BLOCK_JOB_COMPLETED was seen the pivot had flushed the target, so the target is the
-//!   pristine image plus every write durable before `job-complete`.
+//! - **after `job-complete`** (a random few µs after it, after `pending`, or at
+//!   BLOCK_JOB_COMPLETED): the source holds every write that was durable when
+//!   `job-complete` was sent; every durable write is in the source or in the target (after
+//!   the pivot the export writes the target); once BLOCK_JOB_COMPLETED was seen the pivot had
+//!   flushed the target, so the target is the pristine image plus every write durable before
+//!   `job-complete`.
+//! - **while `drive-mirror` creates its target** (a random few µs after the command): the
+//!   source holds every durable write, and the target is what its creation left (see
+//!   below), with no backing (sync `full`).
 //! - **during `blockdev-snapshot-sync`** (a random few µs after it, or after its reply):
-//!   the overlay, once the reply came, is a clean qcow2 whose backing is the source; the
-//!   chain (the overlay if it is one, else the source) holds every durable write; and no
-//!   write is on the wrong layer: every write in the source came before every write found
-//!   only in the overlay (the switch flushes the source with the client's requests held
-//!   off, so everything before it is in the source and nothing after).
+//!   the overlay is what its creation left (see below); once it is complete, its backing is
+//!   the source; the chain (the overlay if complete, else the source) holds every durable
+//!   write; and no write is on the wrong layer: every write in the source came before every
+//!   write found only in the overlay (the switch flushes the source with the client's
+//!   requests held off, so everything before it is in the source and nothing after).
 //!
-//! Kill point `i % KINDS` runs in iteration `i`, on a fresh copy of the pristine images;
-//! delays come from a seeded PRNG (`SLUICE_MIRROR_CRASH_SEED` overrides the seed,
-//! `SLUICE_MIRROR_CRASH_ITERS` the number of iterations; every line printed names both).
+//! An image file the daemon creates (drive-mirror's target, the snapshot's overlay) passes
+//! through these states, in the order of the daemon's `create_image`: no file, an empty
+//! file, a file of at most three clusters without a qcow2 header (imago writes the refcount
+//! block and table first), a qcow2 image of virtual size 0 (the header, written when imago
+//! opens what it made), the complete image (grown, the header's new size and L1 table
+//! written only after the refcounts that count them, see `HeaderLast` in
+//! `crates/image/src/storage.rs`). A kill may leave any of them before the command's
+//! reply, only the last after it; every qcow2 image among them is clean for `qemu-img
+//! check` (leaks allowed) and names the right backing ([`created`]). No one opened such a
+//! leftover, and the next command that creates the file clears it. (qemu-storage-daemon
+//! 10.0.2 writes the header before the refcount structures: killed in between, it leaves a
+//! qcow2 image whose first three clusters have refcount 0, three `qemu-img check` errors.)
+//!
+//! Kill point `i % KINDS` runs in iteration `i`, on a fresh copy of the pristine images; by
+//! default each kind runs once and the first [`TWICE`] (before READY, the snapshot's, and
+//! blockdev-mirror's in the pivot) twice. Delays come from a seeded PRNG
+//! (`SLUICE_MIRROR_CRASH_SEED` overrides the seed, `SLUICE_MIRROR_CRASH_ITERS` the number of
+//! iterations; every line printed names both).
 
 mod support;
 
@@ -39,11 +65,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use support::crash::{check_leaks_only, env_u64, kill_9, Rng};
-use support::image::{qcow2_over, qemu_img, qemu_io};
+use support::image::{image_info, qcow2_over, qemu_img, qemu_io};
 use support::qmp::{daemon_with_top, ok, short, start_nbd, wait_for, Qmp, QmpDaemon};
-use support::{output, path_str, random_bytes, PYTHON};
+use support::{path_str, random_bytes, PYTHON};
 
 const MIB: u64 = 1024 * 1024;
 /// The images' virtual size: one slot per 64 KiB cluster.
@@ -56,8 +82,20 @@ const SLOTS: u64 = SIZE / 65536;
 const FLUSH_EVERY: u64 = 8;
 /// The default seed of the kill points.
 const SEED: u64 = 0x3a1e_c0de_5eed_0016;
-/// Iterations by default: every kind of kill point twice.
-const ITERS: u64 = 2 * KINDS;
+/// The kinds of kill points run twice by default (the first ones of [`kill_point`]): those
+/// before READY, the snapshot's and blockdev-mirror's in the pivot. The other kinds after
+/// `job-complete` run once with blockdev-mirror and once with drive-mirror, whose pivot is
+/// the same engine's: every kind twice would make the test 40% slower than with the seven
+/// kinds it had before, this 15%.
+const TWICE: u64 = 5;
+/// Iterations by default: every kind of kill point once, the first [`TWICE`] twice
+/// (`2 * KINDS` runs every kind twice).
+const ITERS: u64 = KINDS + TWICE;
+/// The longest delay of [`Kill::Creating`]: a little more than the drive-mirror command
+/// takes in a debug build (its target's creation, the first few ms, then opening it and
+/// starting the job), so that kills land in every step of the creation and some after the
+/// reply.
+const CREATING_US: u64 = 8_000;
 /// The throttled mirror's speed: 64 MiB take a second, so kills before READY land in the
 /// copy.
 const SPEED: u64 = 64 * MIB;
@@ -72,37 +110,97 @@ fn byte(i: u64) -> u8 {
     (i % 255 + 1) as u8
 }
 
+/// The mirror command a kill point runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mirror {
+    /// `blockdev-mirror` (sync `full`) onto the node `dst`, an empty qcow2 made and added
+    /// beforehand.
+    Blockdev,
+    /// `drive-mirror` with sync `full`, format qcow2, mode `absolute-paths`: the daemon
+    /// creates `target.qcow2` itself, without a backing.
+    DriveFull,
+    /// The same with sync `top`: the created target's backing is `base.qcow2` (the source's
+    /// backing) and the job copies only what the source's own layer holds.
+    DriveTop,
+}
+
+impl Mirror {
+    /// The daemon creates the target file (drive-mirror).
+    fn creates_target(self) -> bool {
+        self != Mirror::Blockdev
+    }
+
+    /// The command that starts the job `m` of `top` into `target` at `speed` (0: unlimited).
+    fn command(self, target: &Path, speed: u64) -> Value {
+        let (name, args) = match self {
+            Mirror::Blockdev => (
+                "blockdev-mirror",
+                json!({"job-id": "m", "device": "top", "target": "dst", "sync": "full",
+                       "speed": speed}),
+            ),
+            Mirror::DriveFull | Mirror::DriveTop => (
+                "drive-mirror",
+                json!({"job-id": "m", "device": "top", "target": path_str(target),
+                       "format": "qcow2", "mode": "absolute-paths",
+                       "sync": if self == Mirror::DriveTop { "top" } else { "full" },
+                       "speed": speed}),
+            ),
+        };
+        json!({"execute": name, "arguments": args})
+    }
+}
+
 /// Where a kill lands.
 #[derive(Debug, Clone, Copy)]
 enum Kill {
-    /// A throttled mirror, this many ms after the command was sent (before READY).
+    /// A throttled blockdev-mirror, this many ms after the command was sent (before READY).
     Copying(u64),
-    /// This many ms after BLOCK_JOB_READY, with the client writing.
+    /// This many ms after BLOCK_JOB_READY of a blockdev-mirror, with the client writing.
     Ready(u64),
+    /// This many µs after a [`Mirror::DriveFull`] was sent: while the daemon creates the
+    /// target file, or soon after.
+    Creating(u64),
     /// This many µs after `job-complete` was sent.
-    Completing(u64),
+    Completing(Mirror, u64),
     /// This many µs after `pending` arrived (in the pivot, or just after).
-    Pivoting(u64),
+    Pivoting(Mirror, u64),
     /// As BLOCK_JOB_COMPLETED arrives (the pivot done).
-    Completed,
+    Completed(Mirror),
     /// This many µs after `blockdev-snapshot-sync` was sent.
     Snapshotting(u64),
     /// This many ms after the `blockdev-snapshot-sync` reply.
     Snapshotted(u64),
 }
 
+impl Kill {
+    /// The mirror the kill point runs (None: a snapshot).
+    fn mirror(self) -> Option<Mirror> {
+        match self {
+            Kill::Copying(_) | Kill::Ready(_) => Some(Mirror::Blockdev),
+            Kill::Creating(_) => Some(Mirror::DriveFull),
+            Kill::Completing(m, _) | Kill::Pivoting(m, _) | Kill::Completed(m) => Some(m),
+            Kill::Snapshotting(_) | Kill::Snapshotted(_) => None,
+        }
+    }
+}
+
 /// The kinds of [`Kill`] points, as [`kill_point`] numbers them.
-const KINDS: u64 = 7;
+const KINDS: u64 = 12;
 
 fn kill_point(kind: u64, rng: &mut Rng) -> Kill {
     match kind % KINDS {
         0 => Kill::Copying(rng.below(800)),
         1 => Kill::Ready(rng.below(200)),
-        2 => Kill::Completing(rng.below(1500)),
-        3 => Kill::Pivoting(rng.below(1500)),
-        4 => Kill::Completed,
-        5 => Kill::Snapshotting(rng.below(4000)),
-        _ => Kill::Snapshotted(rng.below(20)),
+        2 => Kill::Snapshotting(rng.below(4000)),
+        3 => Kill::Snapshotted(rng.below(20)),
+        4 => Kill::Pivoting(Mirror::Blockdev, rng.below(1500)),
+        5 => Kill::Completing(Mirror::Blockdev, rng.below(1500)),
+        6 => Kill::Completed(Mirror::Blockdev),
+        7 => Kill::Creating(rng.below(CREATING_US)),
+        8 => Kill::Completing(Mirror::DriveFull, rng.below(1500)),
+        9 => Kill::Pivoting(Mirror::DriveFull, rng.below(1500)),
+        10 => Kill::Completed(Mirror::DriveFull),
+        _ => Kill::Pivoting(Mirror::DriveTop, rng.below(1500)),
     }
 }
 
@@ -312,22 +410,30 @@ struct Work {
     dir: PathBuf,
     src: PathBuf,
     target: PathBuf,
+    /// The target was made beforehand and is added as node `dst` (blockdev-mirror's, and
+    /// the snapshot's unused one); drive-mirror creates it.
+    dst: bool,
     overlay: PathBuf,
 }
 
 impl Work {
-    fn new(pristine: &Path, dir: PathBuf) -> Work {
+    /// Fresh copies of the pristine images in `dir`, for the scenario of `kill`.
+    fn new(pristine: &Path, dir: PathBuf, kill: Kill) -> Work {
         std::fs::create_dir_all(&dir).unwrap();
         for n in ["base.qcow2", "src.qcow2"] {
             std::fs::copy(pristine.join(n), dir.join(n)).unwrap();
         }
         let target = dir.join("target.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&target), "64M"]);
+        let dst = !kill.mirror().is_some_and(Mirror::creates_target);
+        if dst {
+            qemu_img(&["create", "-q", "-f", "qcow2", path_str(&target), "64M"]);
+        }
         Work {
             src: dir.join("src.qcow2"),
             overlay: dir.join("overlay.qcow2"),
             dir,
             target,
+            dst,
         }
     }
 
@@ -337,15 +443,18 @@ impl Work {
 }
 
 /// A daemon with the source as node `top` (its backing from the header), the target as
-/// node `dst`, and `top` exported writable as `vm`; the client connected to it.
+/// node `dst` if [`Work::dst`], and `top` exported writable as `vm`; the client connected
+/// to it.
 fn setup(w: &Work) -> (QmpDaemon, Qmp, Writer) {
     let (d, mut c) = daemon_with_top(&w.src);
-    ok(
-        &mut c,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "dst",
-               "file": {"driver": "file", "filename": path_str(&w.target)}}),
-    );
+    if w.dst {
+        ok(
+            &mut c,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "dst",
+                   "file": {"driver": "file", "filename": path_str(&w.target)}}),
+        );
+    }
     start_nbd(&mut c, &d);
     ok(
         &mut c,
@@ -356,13 +465,10 @@ fn setup(w: &Work) -> (QmpDaemon, Qmp, Writer) {
     (d, c, writer)
 }
 
-fn mirror(c: &mut Qmp, speed: u64) {
-    let r = c.exec(
-        "blockdev-mirror",
-        json!({"job-id": "m", "device": "top", "target": "dst", "sync": "full",
-               "speed": speed}),
-    );
-    assert_eq!(r, json!({"return": {}}));
+/// Starts the job `m` of `mirror` (see [`Mirror::command`]).
+fn mirror(c: &mut Qmp, w: &Work, mirror: Mirror, speed: u64) {
+    let r = c.cmd(mirror.command(&w.target, speed));
+    assert_eq!(r, json!({"return": {}}), "{mirror:?}");
 }
 
 /// What happened before the kill, for the verdict.
@@ -384,29 +490,34 @@ fn run_and_kill(w: &Work, kill: Kill, rng: &mut Rng) -> (Acks, Before, String) {
     match kill {
         Kill::Copying(ms) => {
             writer.wait_written(10);
-            mirror(&mut c, SPEED);
+            mirror(&mut c, w, Mirror::Blockdev, SPEED);
             std::thread::sleep(Duration::from_millis(ms));
         }
         Kill::Ready(ms) => {
-            mirror(&mut c, 0);
+            mirror(&mut c, w, Mirror::Blockdev, 0);
             wait_for(&mut c, "BLOCK_JOB_READY", Duration::from_secs(30));
             let n = writer.now().written;
             writer.wait_written(n + 10);
             std::thread::sleep(Duration::from_millis(ms));
         }
-        Kill::Completing(_) | Kill::Pivoting(_) | Kill::Completed => {
-            mirror(&mut c, 0);
+        Kill::Creating(us) => {
+            writer.wait_written(10);
+            c.send(&Mirror::DriveFull.command(&w.target, 0));
+            std::thread::sleep(Duration::from_micros(us));
+        }
+        Kill::Completing(m, _) | Kill::Pivoting(m, _) | Kill::Completed(m) => {
+            mirror(&mut c, w, m, 0);
             wait_for(&mut c, "BLOCK_JOB_READY", Duration::from_secs(30));
             let n = writer.now().written;
             writer.wait_written(n + 20 + rng.below(40));
             before.durable_at_command = writer.now().durable;
             c.send(&json!({"execute": "job-complete", "arguments": {"id": "m"}}));
             let until = match kill {
-                Kill::Completing(us) => {
+                Kill::Completing(_, us) => {
                     std::thread::sleep(Duration::from_micros(us));
                     None
                 }
-                Kill::Pivoting(us) => Some(("pending", us)),
+                Kill::Pivoting(_, us) => Some(("pending", us)),
                 _ => Some(("BLOCK_JOB_COMPLETED", 0)),
             };
             if let Some((name, us)) = until {
@@ -468,6 +579,64 @@ fn count(s: &[Slot]) -> usize {
     s.iter().filter(|&&x| x == Slot::Written).count()
 }
 
+/// What a kill left of an image file the daemon creates as qemu's `bdrv_img_create` does
+/// (`create_image` in the daemon: the snapshot's overlay, drive-mirror's target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Created {
+    /// No file.
+    Absent,
+    /// A file of this many bytes without a qcow2 header.
+    Unformatted(u64),
+    /// A qcow2 image of virtual size 0: not grown to its size yet.
+    Empty,
+    /// The qcow2 image of [`SIZE`].
+    Complete,
+}
+
+/// What is left of `path` after a kill while the daemon created it (see the module doc),
+/// checked: the steps of the creation are no file, an empty file, imago's refcount block
+/// and table (at most three clusters, the header not written yet), a qcow2 image of size 0
+/// (then grown); every qcow2 image among them is clean for `qemu-img check` and names
+/// `backing`. Once the command `replied`, only the complete image.
+fn created(path: &Path, backing: Option<&Path>, replied: bool, ctx: &str) -> Created {
+    let f = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                !replied,
+                "{ctx}: the command replied, and there is no {path:?}"
+            );
+            return Created::Absent;
+        }
+        r => r.unwrap(),
+    };
+    let len = f.metadata().unwrap().len();
+    let mut magic = [0; 4];
+    if len < 4 || f.read_exact_at(&mut magic, 0).is_err() || magic != *b"QFI\xfb" {
+        assert!(
+            !replied,
+            "{ctx}: the command replied, and {path:?} is no qcow2"
+        );
+        assert!(
+            len <= 3 * 65536,
+            "{ctx}: {path:?} has {len} bytes, and no qcow2 header"
+        );
+        return Created::Unformatted(len);
+    }
+    check_leaks_only(path, ctx);
+    let info = image_info(path);
+    assert_eq!(
+        info["backing-filename"],
+        json!(backing.map(path_str)),
+        "{ctx}: {info}"
+    );
+    let size = info["virtual-size"].as_u64().unwrap();
+    match size {
+        SIZE => Created::Complete,
+        0 if !replied => Created::Empty,
+        _ => panic!("{ctx}: {path:?} is of virtual size {size}: {info}"),
+    }
+}
+
 /// Judges the images after a kill (see the module doc); says what it found.
 fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ctx: &str) -> String {
     check_leaks_only(&w.src, ctx);
@@ -495,8 +664,35 @@ fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ct
                 count(&dst)
             )
         }
-        Kill::Completing(_) | Kill::Pivoting(_) | Kill::Completed => {
+        Kill::Creating(_) => {
+            holds_all(&src, acks.durable, "source", ctx);
+            let target = created(&w.target, None, before.replied, ctx);
+            let in_target = if target == Created::Complete {
+                let tctx = format!("{ctx}: target");
+                count(&slots(&w.flat(&w.target), pristine, acks, true, &tctx))
+            } else {
+                0
+            };
+            format!(
+                "target {target:?}, {} writes in the source, {in_target} in the target",
+                count(&src)
+            )
+        }
+        Kill::Completing(m, _) | Kill::Pivoting(m, _) | Kill::Completed(m) => {
             check_leaks_only(&w.target, ctx);
+            if m.creates_target() {
+                let info = image_info(&w.target);
+                assert_eq!(info["virtual-size"], SIZE, "{ctx}: the target: {info}");
+                // Read below through this backing (sync top): the target holds only what
+                // the source's own layer did.
+                let backing = w.dir.join("base.qcow2");
+                let backing = (m == Mirror::DriveTop).then(|| path_str(&backing));
+                assert_eq!(
+                    info["backing-filename"],
+                    json!(backing),
+                    "{ctx}: the target: {info}"
+                );
+            }
             holds_all(&src, before.durable_at_command, "source", ctx);
             let partial = !before.completed;
             let tctx = format!("{ctx}: target");
@@ -521,21 +717,8 @@ fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ct
         }
         Kill::Snapshotting(_) | Kill::Snapshotted(_) => {
             holds_all(&src, before.durable_at_command, "source", ctx);
-            let is_qcow2 = std::fs::read(&w.overlay)
-                .map(|b| b.len() >= 104 && b[..4] == *b"QFI\xfb")
-                .unwrap_or(false);
-            let info = output(
-                "qemu-img",
-                &["info", "--output=json", "-f", "qcow2", path_str(&w.overlay)],
-            );
-            let complete = is_qcow2 && info.status.success();
-            if before.replied || complete {
-                assert!(complete, "{ctx}: the overlay is not a qcow2 image");
-                check_leaks_only(&w.overlay, ctx);
-                let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-                assert_eq!(info["backing-filename"], path_str(&w.src), "{ctx}: {info}");
-                assert_eq!(info["virtual-size"], SIZE, "{ctx}: {info}");
-            }
+            let overlay = created(&w.overlay, Some(&w.src), before.replied, ctx);
+            let complete = overlay == Created::Complete;
             let chain = if complete {
                 let octx = format!("{ctx}: overlay");
                 slots(&w.flat(&w.overlay), pristine, acks, false, &octx)
@@ -555,12 +738,7 @@ fn verify(w: &Work, pristine: &[u8], kill: Kill, acks: Acks, before: &Before, ct
                 );
             }
             format!(
-                "overlay {}, {} writes in the source, {} in the chain",
-                if complete {
-                    "complete"
-                } else {
-                    "absent or incomplete"
-                },
+                "overlay {overlay:?}, {} writes in the source, {} in the chain",
                 count(&src),
                 count(&chain)
             )
@@ -582,7 +760,7 @@ fn kill_9_during_mirror_and_snapshot_keeps_every_durable_write_and_clean_images(
         let t = Instant::now();
         let kill = kill_point(iter, &mut rng);
         let ctx = format!("seed {seed:#x} iteration {iter} ({kill:?})");
-        let w = Work::new(&pristine_dir, dir.path().join(format!("it{iter}")));
+        let w = Work::new(&pristine_dir, dir.path().join(format!("it{iter}")), kill);
         let (acks, before, at) = run_and_kill(&w, kill, &mut rng);
         let found = verify(&w, &pristine, kill, acks, &before, &ctx);
         eprintln!(

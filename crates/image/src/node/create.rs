@@ -8,7 +8,11 @@
 //! two header settings it has no option for (`version: v2`, `lazy-refcounts`) are then
 //! patched into the first cluster with sluice's header encoder, in one write and an
 //! `fdatasync`, before anyone opens the image. The checks run first, in qemu's order and
-//! with its messages, so that a refused request leaves the file as it was.
+//! with its messages, so that a refused request leaves the file as it was. imago's header
+//! writes are held back until its refcount blocks are written (`storage::HeaderLast`), so
+//! that a crash while an image is made (kill -9 while `drive-mirror` or
+//! `blockdev-snapshot-sync` creates one) leaves a file without a header or a clean image,
+//! never a header naming an L1 table whose refcount is still 0.
 //!
 //! **Resizing.** imago's resize needs exclusive access to its image object, which other
 //! nodes share (a backing node's object is read by the nodes above it). So a resize, like
@@ -33,6 +37,7 @@ use super::{Layer, Node, Qcow2Info, Storage, View};
 use crate::error::ImageError;
 use crate::header::HeaderError;
 use crate::options::Driver;
+use crate::storage::HeaderLast;
 
 /// How much of a new image is allocated up front (QAPI's `PreallocMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -185,6 +190,30 @@ pub fn create_file(path: &Path, size: u64, prealloc: Prealloc) -> Result<(), Str
     f.sync_all().map_err(|e| fail("sync", e))
 }
 
+/// Writes a new qcow2 image of `o` into the empty `storage` with imago's builder, its header
+/// held back until what it names is counted ([`HeaderLast`]): a crash meanwhile leaves no
+/// image, or one of size 0 (clean for `qemu-img check`, at most with leaked clusters).
+fn create_qcow2(storage: Storage, o: &Qcow2Create) -> std::io::Result<()> {
+    // imago's `full` writes the data; `falloc` allocates it.
+    let mode = match o.preallocation {
+        Prealloc::Off => PreallocateMode::None,
+        Prealloc::Metadata => PreallocateMode::FormatAllocate,
+        Prealloc::Falloc => PreallocateMode::FullAllocate,
+        Prealloc::Full => PreallocateMode::WriteData,
+    };
+    let storage: Storage = Arc::new(HeaderLast::new(storage, o.cluster_size));
+    let mut b = Qcow2::<Storage, Arc<Layer>>::create_builder(storage)
+        .size(o.size)
+        .preallocate(mode)
+        .cluster_size(o.cluster_size as usize)
+        .refcount_width(o.refcount_bits as usize);
+    if let Some(bf) = &o.backing_file {
+        let fmt = o.backing_fmt.clone().unwrap_or_default();
+        b = b.backing(bf.clone(), fmt);
+    }
+    b.create()
+}
+
 impl Node {
     /// Formats this `file` node's image as qcow2 (`blockdev-create driver=qcow2`), after
     /// [`Qcow2Create::check`]. Whatever the file held is lost.
@@ -203,26 +232,9 @@ impl Node {
         let io_err = |e: std::io::Error| format!("Could not format '{}': {e}", path.display());
         let _g = self.io.write();
         let fs = self.file_state();
-        let storage: Storage = self.storage().clone();
-        // imago's `full` writes the data; `falloc` allocates it.
-        let mode = match o.preallocation {
-            Prealloc::Off => PreallocateMode::None,
-            Prealloc::Metadata => PreallocateMode::FormatAllocate,
-            Prealloc::Falloc => PreallocateMode::FullAllocate,
-            Prealloc::Full => PreallocateMode::WriteData,
-        };
         // Start from an empty file, as qemu does (it truncates the file to 0 first).
         fs.os.set_len(0).map_err(io_err)?;
-        let mut b = Qcow2::<Storage, Arc<Layer>>::create_builder(storage.clone())
-            .size(o.size)
-            .preallocate(mode)
-            .cluster_size(o.cluster_size as usize)
-            .refcount_width(o.refcount_bits as usize);
-        if let Some(bf) = &o.backing_file {
-            let fmt = o.backing_fmt.clone().unwrap_or_default();
-            b = b.backing(bf.clone(), fmt);
-        }
-        b.create().map_err(io_err)?;
+        create_qcow2(self.storage().clone(), o).map_err(io_err)?;
         if o.version < 3 || o.lazy_refcounts || o.backing_fmt.is_none() {
             let mut h = read_header(self).map_err(|e| e.to_string())?;
             if o.lazy_refcounts {
@@ -340,6 +352,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn qcow2_create_check_refuses_as_qemu() {
@@ -388,5 +401,157 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&p).unwrap().blocks() * 512 >= 1 << 20);
         assert!(create_file(&p, 1, Prealloc::Metadata).is_err());
+    }
+
+    /// A file that stops changing after `left` more writes (zeroes, discards, resizes), as
+    /// if the process had been killed: what reached it stays, nothing later does.
+    #[derive(Debug)]
+    struct Killed {
+        inner: Storage,
+        left: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Killed {
+        fn change(&self) -> std::io::Result<()> {
+            use std::sync::atomic::Ordering;
+            self.left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .map(|_| ())
+                .map_err(|_| std::io::Error::other("killed"))
+        }
+    }
+
+    impl std::fmt::Display for Killed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.inner.fmt(f)
+        }
+    }
+
+    impl imago::Storage for Killed {
+        crate::storage::forward_storage_geometry!();
+
+        unsafe fn pure_readv(
+            &self,
+            bufv: imago::io_buffers::IoVectorMut<'_>,
+            offset: u64,
+        ) -> std::io::Result<()> {
+            // SAFETY: the caller's alignment guarantee is passed on unchanged.
+            unsafe { self.inner.pure_readv(bufv, offset) }
+        }
+
+        unsafe fn pure_writev(
+            &self,
+            bufv: imago::io_buffers::IoVector<'_>,
+            offset: u64,
+        ) -> std::io::Result<()> {
+            self.change()?;
+            // SAFETY: the caller's alignment guarantee is passed on unchanged.
+            unsafe { self.inner.pure_writev(bufv, offset) }
+        }
+
+        unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> std::io::Result<()> {
+            self.change()?;
+            // SAFETY: the caller's alignment guarantee is passed on unchanged.
+            unsafe { self.inner.pure_write_zeroes(offset, length) }
+        }
+
+        unsafe fn pure_discard(&self, offset: u64, length: u64) -> std::io::Result<()> {
+            self.change()?;
+            // SAFETY: the caller's alignment guarantee is passed on unchanged.
+            unsafe { self.inner.pure_discard(offset, length) }
+        }
+
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+
+        unsafe fn invalidate_cache(&self) -> std::io::Result<()> {
+            // SAFETY: the caller's guarantee is passed on.
+            unsafe { self.inner.invalidate_cache() }
+        }
+
+        fn get_storage_helper(&self) -> &imago::storage::drivers::CommonStorageHelper {
+            self.inner.get_storage_helper()
+        }
+
+        fn resize(
+            &self,
+            new_size: u64,
+            prealloc_mode: imago::storage::PreallocateMode,
+        ) -> std::io::Result<()> {
+            self.change()?;
+            self.inner.resize(new_size, prealloc_mode)
+        }
+    }
+
+    /// A kill at every point of a qcow2 creation (with and without a backing, 64 KiB and
+    /// 512-byte clusters, preallocated metadata) leaves no image or one `qemu-img check`
+    /// finds clean (leaks allowed): imago alone wrote the L1 pointer into the header before
+    /// the new L1 table's refcount.
+    #[test]
+    fn format_qcow2_killed_at_any_write_leaves_no_image_or_a_clean_one() {
+        use crate::node::test_support::{create, no_nodes, run};
+        let dir = tempfile::tempdir().unwrap();
+        create(dir.path(), "b.qcow2", &["-f", "qcow2"], Some("16M"));
+        let p = dir.path().join("new.qcow2");
+        for (cluster_size, backing, preallocation) in [
+            (65536, None, Prealloc::Off),
+            (65536, Some("b.qcow2"), Prealloc::Off),
+            (512, None, Prealloc::Off),
+            (65536, None, Prealloc::Metadata),
+        ] {
+            let o = Qcow2Create {
+                size: 16 << 20,
+                cluster_size,
+                preallocation,
+                backing_file: backing.map(String::from),
+                backing_fmt: backing.map(|_| "qcow2".to_string()),
+                ..Qcow2Create::default()
+            };
+            let mut states = std::collections::BTreeSet::new();
+            for k in 0.. {
+                create_file(&p, 0, Prealloc::Off).unwrap();
+                let file =
+                    crate::open_node(&crate::BlockdevOptions::file(&p, false), &no_nodes).unwrap();
+                let killed: Storage = Arc::new(Killed {
+                    inner: file.storage().clone(),
+                    left: k.into(),
+                });
+                let done = create_qcow2(killed, &o).is_ok();
+                drop(file);
+                let bytes = std::fs::read(&p).unwrap();
+                let ctx = format!("{o:?}, kill {k}");
+                if bytes.starts_with(b"QFI\xfb") {
+                    let out = std::process::Command::new("qemu-img")
+                        .args(["check", "--output=json", p.to_str().unwrap()])
+                        .output()
+                        .unwrap();
+                    let code = out.status.code();
+                    assert!(
+                        code == Some(0) || code == Some(3),
+                        "{ctx}: qemu-img check exit {code:?}: {}",
+                        String::from_utf8_lossy(&out.stdout)
+                    );
+                    let info: serde_json::Value = serde_json::from_str(&run(
+                        "qemu-img",
+                        &["info", "-U", "--output=json", p.to_str().unwrap()],
+                    ))
+                    .unwrap();
+                    states.insert(format!("qcow2 of {}", info["virtual-size"]));
+                } else {
+                    assert!(!done, "{ctx}: created, and no qcow2 header");
+                    states.insert("no header".to_string());
+                }
+                if done {
+                    assert!(states.contains("qcow2 of 16777216"), "{ctx}: {states:?}");
+                    break;
+                }
+            }
+            assert!(states.contains("no header"), "{states:?}");
+        }
     }
 }
