@@ -103,6 +103,10 @@ pub struct ImageLock {
     active: bool,
 }
 
+/// How long a lock conflict is looked at again before it is reported (see
+/// `ImageLock::test_conflicts`).
+pub const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl ImageLock {
     pub fn new(path: &Path, locking: Locking) -> ImageLock {
         ImageLock {
@@ -255,7 +259,34 @@ impl ImageLock {
     /// Err when another open file description of the image holds a byte that conflicts
     /// with `used` (its "shared" byte: someone refuses to share it) or with `unshared`
     /// (its permission byte: someone uses what we refuse to share): qemu's check.
+    ///
+    /// A conflict is looked at again for up to [`CONFLICT_GRACE`] before it is reported: a
+    /// process this one has just spawned (a `--run` command, a hosted nbdkit plugin that
+    /// forks, a test's qemu-img) holds copies of all of this process's descriptors until it
+    /// execs, and with them the locks of an image this process has just closed, so reopening
+    /// it at once could fail on its own earlier lock. A real holder still conflicts, a few
+    /// milliseconds later. (The image tests, which spawn qemu-img on many threads while
+    /// others reopen images, failed about one run in thirty without it.)
     fn test_conflicts(&self, file: &File, used: Perms, unshared: Perms) -> Result<(), ImageError> {
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            match self.test_conflicts_once(file, used, unshared) {
+                Err(ImageError::Locked { .. }) if start.elapsed() < CONFLICT_GRACE => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn test_conflicts_once(
+        &self,
+        file: &File,
+        used: Perms,
+        unshared: Perms,
+    ) -> Result<(), ImageError> {
         for (i, _) in used.bits() {
             if ofd_test(file, SHARED_BASE + i as i64).map_err(|e| self.io(e))? {
                 return Err(ImageError::Locked {

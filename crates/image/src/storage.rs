@@ -270,6 +270,18 @@ impl HeaderLast {
         Ok(())
     }
 
+    /// A flush or sync (`persist`): when header writes are held, what they depend on is
+    /// made durable first, then they are written and made durable too, so that the header
+    /// reaches the disk after its refcounts across a power cut as well as a kill.
+    fn write_out(&self, persist: impl Fn(&Self) -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut held = self.held.lock();
+        if !held.is_empty() {
+            persist(self)?;
+            self.write_held(&mut held)?;
+        }
+        persist(self)
+    }
+
     fn write_held(
         &self,
         held: &mut Vec<(u64, imago::io_buffers::IoBuffer)>,
@@ -342,13 +354,11 @@ impl Storage for HeaderLast {
     }
 
     fn flush(&self) -> std::io::Result<()> {
-        self.write_held(&mut self.held.lock())?;
-        self.inner.flush()
+        self.write_out(|s| s.inner.flush())
     }
 
     fn sync(&self) -> std::io::Result<()> {
-        self.write_held(&mut self.held.lock())?;
-        self.inner.sync()
+        self.write_out(|s| s.inner.sync())
     }
 
     fn settle_writes(&self) -> std::io::Result<()> {

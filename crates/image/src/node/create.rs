@@ -492,18 +492,52 @@ mod tests {
     /// 512-byte clusters, preallocated metadata) leaves no image or one `qemu-img check`
     /// finds clean (leaks allowed): imago alone wrote the L1 pointer into the header before
     /// the new L1 table's refcount.
+    /// `qemu-img check` (exit status, JSON) and `qemu-img info -U` (JSON) of each of `files`,
+    /// all run by one shell: this process spawns one child, not two per file. A child holds
+    /// copies of this process's descriptors until it execs, and with them the image locks
+    /// that other tests of this binary take, drop and take again; hundreds of spawns made
+    /// those tests fail now and then with "failed to get write lock".
+    fn qemu_img_check_all(files: &[PathBuf]) -> Vec<(Option<i32>, String, serde_json::Value)> {
+        let script = "for f; do qemu-img check --output=json \"$f\" >\"$f.check\"; \
+                      echo $? >\"$f.code\"; qemu-img info -U --output=json \"$f\" >\"$f.info\"; done";
+        let st = std::process::Command::new("sh")
+            .args(["-c", script, "sh"])
+            .args(files)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img info failed: {st}");
+        let read = |f: &PathBuf, ext: &str| {
+            std::fs::read_to_string(format!("{}.{ext}", f.display())).unwrap()
+        };
+        files
+            .iter()
+            .map(|f| {
+                let code = read(f, "code").trim().parse().ok();
+                let info = serde_json::from_str(&read(f, "info")).unwrap();
+                (code, read(f, "check"), info)
+            })
+            .collect()
+    }
+
+    /// A kill at every point of a qcow2 creation (with and without a backing, 64 KiB and
+    /// 512-byte clusters, preallocated metadata) leaves no image or one `qemu-img check`
+    /// finds clean (leaks allowed): imago alone wrote the L1 pointer into the header before
+    /// the new L1 table's refcount.
     #[test]
     fn format_qcow2_killed_at_any_write_leaves_no_image_or_a_clean_one() {
-        use crate::node::test_support::{create, no_nodes, run};
+        use crate::node::test_support::{create, no_nodes};
         let dir = tempfile::tempdir().unwrap();
         create(dir.path(), "b.qcow2", &["-f", "qcow2"], Some("16M"));
         let p = dir.path().join("new.qcow2");
-        for (cluster_size, backing, preallocation) in [
+        for (n, (cluster_size, backing, preallocation)) in [
             (65536, None, Prealloc::Off),
             (65536, Some("b.qcow2"), Prealloc::Off),
             (512, None, Prealloc::Off),
             (65536, None, Prealloc::Metadata),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let o = Qcow2Create {
                 size: 16 << 20,
                 cluster_size,
@@ -512,11 +546,19 @@ mod tests {
                 backing_fmt: backing.map(|_| "qcow2".to_string()),
                 ..Qcow2Create::default()
             };
-            let mut states = std::collections::BTreeSet::new();
+            // Every kill point in turn until the creation completes; what each left with a
+            // qcow2 header is kept (beside the backing, whose name is relative) for qemu-img.
+            let mut headed = Vec::new();
+            let mut headless = 0;
             for k in 0.. {
                 create_file(&p, 0, Prealloc::Off).unwrap();
-                let file =
-                    crate::open_node(&crate::BlockdevOptions::file(&p, false), &no_nodes).unwrap();
+                // No image lock: a child another test spawns holds a copy of the last
+                // iteration's descriptor, and so its lock, until it execs.
+                let opts = crate::BlockdevOptions {
+                    locking: crate::Locking::Off,
+                    ..crate::BlockdevOptions::file(&p, false)
+                };
+                let file = crate::open_node(&opts, &no_nodes).unwrap();
                 let killed: Storage = Arc::new(Killed {
                     inner: file.storage().clone(),
                     left: k.into(),
@@ -524,34 +566,36 @@ mod tests {
                 let done = create_qcow2(killed, &o).is_ok();
                 drop(file);
                 let bytes = std::fs::read(&p).unwrap();
-                let ctx = format!("{o:?}, kill {k}");
                 if bytes.starts_with(b"QFI\xfb") {
-                    let out = std::process::Command::new("qemu-img")
-                        .args(["check", "--output=json", p.to_str().unwrap()])
-                        .output()
-                        .unwrap();
-                    let code = out.status.code();
-                    assert!(
-                        code == Some(0) || code == Some(3),
-                        "{ctx}: qemu-img check exit {code:?}: {}",
-                        String::from_utf8_lossy(&out.stdout)
-                    );
-                    let info: serde_json::Value = serde_json::from_str(&run(
-                        "qemu-img",
-                        &["info", "-U", "--output=json", p.to_str().unwrap()],
-                    ))
-                    .unwrap();
-                    states.insert(format!("qcow2 of {}", info["virtual-size"]));
+                    let kept = dir.path().join(format!("c{n}-k{k}.qcow2"));
+                    std::fs::write(&kept, &bytes).unwrap();
+                    headed.push((k, kept));
                 } else {
-                    assert!(!done, "{ctx}: created, and no qcow2 header");
-                    states.insert("no header".to_string());
+                    assert!(!done, "{o:?}, kill {k}: created, and no qcow2 header");
+                    headless += 1;
                 }
                 if done {
-                    assert!(states.contains("qcow2 of 16777216"), "{ctx}: {states:?}");
                     break;
                 }
             }
-            assert!(states.contains("no header"), "{states:?}");
+            assert!(
+                headless > 0,
+                "{o:?}: no kill left the image without a header"
+            );
+            let files: Vec<PathBuf> = headed.iter().map(|(_, f)| f.clone()).collect();
+            let results = qemu_img_check_all(&files);
+            for ((k, _), (code, out, _)) in headed.iter().zip(&results) {
+                assert!(
+                    *code == Some(0) || *code == Some(3),
+                    "{o:?}, kill {k}: qemu-img check exit {code:?}: {out}"
+                );
+            }
+            // The completed creation (the last kept) is the full image.
+            let sizes: Vec<_> = results
+                .iter()
+                .map(|r| r.2["virtual-size"].clone())
+                .collect();
+            assert_eq!(sizes.last().unwrap(), 16 << 20, "{o:?}: {sizes:?}");
         }
     }
 }
