@@ -213,6 +213,15 @@ pub fn location(block: u64, block_size: c_int, offset: u64) -> Option<u64> {
         .checked_add(offset)
 }
 
+/// The byte length and the offset below of a block transfer (`count` as in
+/// [`transfer_size`]), or `None` when either overflows.
+fn span(channel: &IoChannel, p: &Private, block: u64, count: c_int) -> Option<(usize, u64)> {
+    Some((
+        transfer_size(channel.block_size, count)?,
+        location(block, channel.block_size, p.offset)?,
+    ))
+}
+
 /// A number as C's `strtoull(arg, &end, 0)` reads it when all of `arg` must be used:
 /// decimal, `0x` hex or `0` octal.
 pub fn parse_c_number(arg: &str) -> Option<u64> {
@@ -345,10 +354,7 @@ unsafe extern "C" fn io_read_blk64(
     // SAFETY: libext2fs passes a channel io_open made.
     unsafe {
         with_channel(ch, "read", |channel, p| {
-            let (Some(size), Some(off)) = (
-                transfer_size(channel.block_size, count),
-                location(block, channel.block_size, p.offset),
-            ) else {
+            let Some((size, off)) = span(channel, p, block, count) else {
                 return sys::ET_INVALID_ARGUMENT;
             };
             p.stats.bytes_read += size as u64;
@@ -378,10 +384,7 @@ unsafe extern "C" fn io_write_blk64(
     // SAFETY: libext2fs passes a channel io_open made.
     unsafe {
         with_channel(ch, "write", |channel, p| {
-            let (Some(size), Some(off)) = (
-                transfer_size(channel.block_size, count),
-                location(block, channel.block_size, p.offset),
-            ) else {
+            let Some((size, off)) = span(channel, p, block, count) else {
                 return sys::ET_INVALID_ARGUMENT;
             };
             p.stats.bytes_written += size as u64;
