@@ -15,7 +15,7 @@
 # SECONDS). --skip leaves a target out. All targets are built before any runs, so the timed
 # runs do not share the cores with the compiler.
 #
-# CI (scripts/test.sh) runs every target but daemon/qmp_dispatch for 20 s, two at a time:
+# CI (scripts/test.sh) runs every target but daemon/qmp_dispatch for 10 s, two at a time:
 # about 4 minutes here, most of it the build. qmp_dispatch's build takes the whole server
 # with it (OpenSSL from source, with the sanitizer flags), 4 more minutes, so CI runs only
 # its seeds (crates/daemon/tests/fuzz_seeds.rs); run it here by hand.

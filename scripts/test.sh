@@ -36,6 +36,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --release
 
-# Every fuzz target but the daemon's for 20 s, two at a time (see scripts/fuzz.sh).
-scripts/fuzz.sh --jobs 2 --skip qmp_dispatch 20
+# Every fuzz target but the daemon's for 10 s, two at a time (see scripts/fuzz.sh).
+scripts/fuzz.sh --jobs 2 --skip qmp_dispatch 10
 python3 bench/plot.py --self-test
