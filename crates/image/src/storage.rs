@@ -14,14 +14,16 @@
 //! the next flush, which imago performs after writing back both caches. A crash before that
 //! flush leaves the new L2 table and its data unreferenced: leaked clusters, which
 //! `qemu-img check` reports as leaks, not errors. Reads of the L1 range (imago only reads it
-//! at open) first write out what is held back. Images with internal snapshots, where imago
+//! at open) first write out what is held back. The range follows the table when a resize
+//! moves it (`OrderedFile::defer_l1_writes`). Images with internal snapshots, where imago
 //! may free an old L2 table right after replacing its L1 entry, are not opened writable
 //! (see `node/open.rs`), so a held-back entry never points to a freed table.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
@@ -34,8 +36,11 @@ use sluice_block::WriteThreshold;
 #[derive(Debug)]
 pub struct OrderedFile {
     inner: imago::file::File,
-    /// The L1 table's byte range, set once a writable qcow2 node uses this file.
-    l1: OnceLock<Range<u64>>,
+    /// The L1 table's byte range (`l1_start..l1_end`, none while `l1_end` is 0), set when a
+    /// writable qcow2 node opens this file and moved when a resize moves the table. Read on
+    /// every request, changed only while the node holds its I/O off.
+    l1_start: AtomicU64,
+    l1_end: AtomicU64,
     /// L1 entries written by imago but not yet to the file, by file offset.
     pending: Mutex<BTreeMap<u64, [u8; 8]>>,
     /// The file node's write threshold: every write and zero of the file passes here,
@@ -48,7 +53,8 @@ impl OrderedFile {
     pub fn new(inner: imago::file::File) -> OrderedFile {
         OrderedFile {
             inner,
-            l1: OnceLock::new(),
+            l1_start: AtomicU64::new(0),
+            l1_end: AtomicU64::new(0),
             pending: Mutex::new(BTreeMap::new()),
             threshold: Arc::default(),
         }
@@ -59,9 +65,22 @@ impl OrderedFile {
         &self.threshold
     }
 
-    /// Starts holding back writes to `range` (the L1 table of the qcow2 image in this file).
-    pub fn defer_l1_writes(&self, range: Range<u64>) {
-        let _ = self.l1.set(range);
+    /// Holds back writes to `range` (the L1 table of the qcow2 image in this file) from now
+    /// on, instead of the range before: at open, and again after a resize moved the table
+    /// (imago's grow writes a new table elsewhere and frees the old one). What is held back
+    /// for the range before is written out first. The caller holds the node's I/O off.
+    pub fn defer_l1_writes(&self, range: Range<u64>) -> std::io::Result<()> {
+        self.write_pending()?;
+        self.l1_end.store(0, Ordering::Release);
+        self.l1_start.store(range.start, Ordering::Relaxed);
+        self.l1_end.store(range.end, Ordering::Release);
+        Ok(())
+    }
+
+    /// The L1 range whose writes are held back, if any.
+    fn l1(&self) -> Option<Range<u64>> {
+        let end = self.l1_end.load(Ordering::Acquire);
+        (end != 0).then(|| self.l1_start.load(Ordering::Relaxed)..end)
     }
 
     /// Writes out the held-back L1 entries, in file order.
@@ -78,7 +97,7 @@ impl OrderedFile {
     }
 
     fn in_l1(&self, offset: u64, len: u64) -> Option<bool> {
-        let l1 = self.l1.get()?;
+        let l1 = self.l1()?;
         let end = offset.checked_add(len)?;
         if end <= l1.start || offset >= l1.end {
             return Some(false);
@@ -134,8 +153,7 @@ impl Storage for OrderedFile {
 
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> std::io::Result<()> {
         let overlaps = self
-            .l1
-            .get()
+            .l1()
             .is_some_and(|l1| offset < l1.end && offset.saturating_add(bufv.len()) > l1.start);
         if overlaps && !self.pending.lock().is_empty() {
             self.write_pending()?;
@@ -159,7 +177,7 @@ impl Storage for OrderedFile {
             Some(false) | None => {
                 // A write over part of the table (never done by imago for in-range L1
                 // indices) supersedes what is held back for it.
-                if let Some(l1) = self.l1.get() {
+                if let Some(l1) = self.l1() {
                     let end = offset + bufv.len();
                     if offset < l1.end && end > l1.start {
                         self.pending

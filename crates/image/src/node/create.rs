@@ -20,6 +20,9 @@
 //! object over the same file: flush, open, resize, flush, and swap the new view in. The
 //! `file` node below a format node is refreshed the same way, so that both report the
 //! new file length. Callers refuse nodes that others use (the daemon's permission rules).
+//! A qcow2 grow moves the L1 table to a new cluster, so the resizing object works through
+//! `HeaderLast` (the header's new L1 pointer reaches the file after the new table's
+//! refcount), and the file's `OrderedFile` then holds back L1 writes where the table now is.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -284,7 +287,17 @@ impl Node {
             let _g = self.io.write();
             self.flush_locked()
                 .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
-            let mut layer = self.fresh_layer()?;
+            let qcow2 = self.driver == Driver::Qcow2;
+            let mut layer = if qcow2 {
+                // imago's grow writes the L1 table into a new cluster and the header's pointer
+                // to it at once, the new cluster's refcount still in its cache: the header is
+                // held back until that refcount is written, as when an image is created.
+                let cluster_size = read_header(self.format_file())?.cluster_size();
+                let held: Storage = Arc::new(HeaderLast::new(self.storage().clone(), cluster_size));
+                self.qcow2_layer(held)?
+            } else {
+                self.fresh_layer()?
+            };
             let old = layer.size();
             if new_size > old {
                 // The new range reads as zeroes, never as backing data.
@@ -299,6 +312,18 @@ impl Node {
             }
             layer.flush().map_err(io_err)?;
             layer.sync().map_err(io_err)?;
+            if qcow2 {
+                // The node's object works on the file itself again, and the L1 entries it
+                // writes are held back where the table now is.
+                drop(layer);
+                layer = self.fresh_layer()?;
+                let h = read_header(self.format_file())?;
+                let l1 = h.l1_table_offset..h.l1_table_offset + u64::from(h.l1_size) * 8;
+                self.file_state()
+                    .ordered
+                    .defer_l1_writes(l1)
+                    .map_err(io_err)?;
+            }
             self.swap_layer(layer)?;
         }
         if let Some(f) = &self.file {
@@ -312,20 +337,28 @@ impl Node {
         let path = &self.filename;
         let writable = !self.is_read_only();
         match self.driver {
-            Driver::Qcow2 => {
-                let mut q =
-                    Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), writable)
-                        .map_err(|e| ImageError::open(path, e))?;
-                q.set_data_file(None);
-                q.set_backing(self.backing().map(|b| b.view().layer.clone()));
-                Ok(FormatAccess::new(q))
-            }
+            Driver::Qcow2 => self.qcow2_layer(self.storage().clone()),
             Driver::Raw | Driver::File | Driver::Blkdebug | Driver::Plugin => {
                 let r = Raw::open_image(self.layer_storage().clone(), writable)
                     .map_err(|e| ImageError::open(path, e))?;
                 Ok(FormatAccess::new(r))
             }
         }
+    }
+
+    /// A new imago object over this (qcow2) node's image through `storage`, with the current
+    /// backing.
+    fn qcow2_layer(&self, storage: Storage) -> Result<Layer, ImageError> {
+        let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(storage, !self.is_read_only())
+            .map_err(|e| ImageError::open(&self.filename, e))?;
+        q.set_data_file(None);
+        q.set_backing(self.backing().map(|b| b.view().layer.clone()));
+        Ok(FormatAccess::new(q))
+    }
+
+    /// The file node under this format node.
+    fn format_file(&self) -> &Node {
+        self.file.as_ref().expect("format nodes have a file")
     }
 
     /// Installs `layer` as this node's imago object, with the header read again (the
@@ -492,6 +525,48 @@ mod tests {
     /// 512-byte clusters, preallocated metadata) leaves no image or one `qemu-img check`
     /// finds clean (leaks allowed): imago alone wrote the L1 pointer into the header before
     /// the new L1 table's refcount.
+    /// A grow moves the L1 table (imago writes a bigger one elsewhere): afterwards the L1
+    /// entry of a new L2 table is still held back until the flush, now in the new table, and
+    /// the image is clean for `qemu-img check` at the end. Before, the range stayed the old
+    /// table's, so such an entry reached the file before the new table's refcount.
+    #[test]
+    fn resize_moves_the_held_back_l1_range_with_the_table() {
+        use crate::header::Qcow2Header;
+        use crate::node::test_support::{create, open_json, qcow2_opts, run};
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "a.qcow2", &["-f", "qcow2"], Some("1G"));
+        let header = || Qcow2Header::parse(&std::fs::read(&p).unwrap()[..4096]).unwrap();
+        let entry = |at: u64| {
+            let mut e = [0u8; 8];
+            std::fs::File::open(&p)
+                .unwrap()
+                .read_exact_at(&mut e, at)
+                .unwrap();
+            e
+        };
+        let node = open_json(qcow2_opts(&p, false)).unwrap();
+        let before = header().l1_table_offset;
+        node.resize(8 << 30).unwrap();
+        let h = header();
+        assert_ne!(h.l1_table_offset, before, "the grow moved the L1 table");
+        assert!(h.l1_size >= 16, "{}", h.l1_size);
+        // The grown range got its L2 tables in the resize (it reads as zeroes, never as
+        // backing data); the old first GiB had none: a write there hooks in a new L2 table
+        // through L1 entry 0 (512 MiB per entry at 64 KiB clusters).
+        let at = h.l1_table_offset;
+        assert_eq!(entry(at), [0; 8]);
+        node.write(&[7u8; 4096], 0).unwrap();
+        assert_eq!(
+            entry(at),
+            [0; 8],
+            "the new L1 entry reached the file before the flush"
+        );
+        node.flush().unwrap();
+        assert_ne!(entry(at), [0; 8], "the flush wrote the L1 entry");
+        drop(node);
+        run("qemu-img", &["check", p.to_str().unwrap()]);
+    }
+
     /// `qemu-img check` (exit status, JSON) and `qemu-img info -U` (JSON) of each of `files`,
     /// all run by one shell: this process spawns one child, not two per file. A child holds
     /// copies of this process's descriptors until it execs, and with them the image locks

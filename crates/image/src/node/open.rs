@@ -511,7 +511,9 @@ fn open_qcow2_node(
     if !read_only {
         // See storage.rs: L1 entries reach the file only after the refcounts they rely on.
         let l1 = header.l1_table_offset..header.l1_table_offset + u64::from(header.l1_size) * 8;
-        fs.ordered.defer_l1_writes(l1);
+        fs.ordered
+            .defer_l1_writes(l1)
+            .map_err(|e| ImageError::open(&path, e))?;
     }
     let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(file.storage().clone(), !read_only)
         .map_err(|e| ImageError::open(&path, e))?;

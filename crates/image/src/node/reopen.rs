@@ -303,7 +303,10 @@ impl Node {
                     // See storage.rs: L1 entries reach the file after their refcounts.
                     let l1 = header.l1_table_offset
                         ..header.l1_table_offset + u64::from(header.l1_size) * 8;
-                    self.file_state().ordered.defer_l1_writes(l1);
+                    self.file_state()
+                        .ordered
+                        .defer_l1_writes(l1)
+                        .map_err(open_err)?;
                 }
                 let mut q =
                     Qcow2::<Storage, Arc<Layer>>::open_image(self.storage().clone(), !read_only)
