@@ -297,6 +297,11 @@ impl Qcow2Header {
         1 << self.cluster_bits
     }
 
+    /// The L1 table's bytes in the file (its `l1_size` entries of 8 bytes).
+    pub fn l1_range(&self) -> std::ops::Range<u64> {
+        self.l1_table_offset..self.l1_table_offset + u64::from(self.l1_size) * 8
+    }
+
     /// The backing format from its header extension, if present.
     pub fn backing_format(&self) -> Option<&str> {
         self.extensions

@@ -287,21 +287,22 @@ impl Node {
             let _g = self.io.write();
             self.flush_locked()
                 .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
-            let qcow2 = self.driver == Driver::Qcow2;
-            let mut layer = if qcow2 {
+            // A qcow2 node's cluster size (its view holds the header).
+            let qcow2 = self.view().qcow2.as_ref().map(|q| q.header.cluster_size());
+            let mut layer = match qcow2 {
                 // imago's grow writes the L1 table into a new cluster and the header's pointer
                 // to it at once, the new cluster's refcount still in its cache: the header is
                 // held back until that refcount is written, as when an image is created.
-                let cluster_size = read_header(self.format_file())?.cluster_size();
-                let held: Storage = Arc::new(HeaderLast::new(self.storage().clone(), cluster_size));
-                self.qcow2_layer(held)?
-            } else {
-                self.fresh_layer()?
+                Some(cluster_size) => self.qcow2_layer(Arc::new(HeaderLast::new(
+                    self.storage().clone(),
+                    cluster_size,
+                )))?,
+                None => self.fresh_layer()?,
             };
             let old = layer.size();
             if new_size > old {
                 // The new range reads as zeroes, never as backing data.
-                let mode = if self.driver == Driver::Qcow2 {
+                let mode = if qcow2.is_some() {
                     PreallocateMode::Zero
                 } else {
                     PreallocateMode::None
@@ -312,19 +313,20 @@ impl Node {
             }
             layer.flush().map_err(io_err)?;
             layer.sync().map_err(io_err)?;
-            if qcow2 {
-                // The node's object works on the file itself again, and the L1 entries it
-                // writes are held back where the table now is.
+            if qcow2.is_some() {
+                // The node's object works on the file itself again.
                 drop(layer);
                 layer = self.fresh_layer()?;
-                let h = read_header(self.format_file())?;
-                let l1 = h.l1_table_offset..h.l1_table_offset + u64::from(h.l1_size) * 8;
-                self.file_state()
-                    .ordered
-                    .defer_l1_writes(l1)
-                    .map_err(io_err)?;
             }
             self.swap_layer(layer)?;
+            if let Some(q) = &self.view().qcow2 {
+                // The L1 entries it writes are held back where the table now is (the view
+                // has the header as the resize left it).
+                self.file_state()
+                    .ordered
+                    .defer_l1_writes(q.header.l1_range())
+                    .map_err(io_err)?;
+            }
         }
         if let Some(f) = &self.file {
             f.refresh_layer()?;
@@ -366,7 +368,7 @@ impl Node {
     fn swap_layer(&self, layer: Layer) -> Result<(), ImageError> {
         let qcow2 = match self.driver {
             Driver::Qcow2 => Some(Qcow2Info {
-                header: read_header(self.file.as_ref().expect("format nodes have a file"))?,
+                header: read_header(self.format_file())?,
             }),
             _ => None,
         };

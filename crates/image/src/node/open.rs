@@ -368,7 +368,7 @@ pub(super) fn check_refcounts(file: &Node, h: &Qcow2Header) -> Result<(), ImageE
             h.refcount_table_offset
         )));
     }
-    let l1_range = h.l1_table_offset..h.l1_table_offset + u64::from(h.l1_size) * 8;
+    let l1_range = h.l1_range();
     let mut rt = vec![0u8; rt_len as usize];
     file.storage()
         .read(&mut rt[..], h.refcount_table_offset)
@@ -510,9 +510,8 @@ fn open_qcow2_node(
     let fs = file.file_state();
     if !read_only {
         // See storage.rs: L1 entries reach the file only after the refcounts they rely on.
-        let l1 = header.l1_table_offset..header.l1_table_offset + u64::from(header.l1_size) * 8;
         fs.ordered
-            .defer_l1_writes(l1)
+            .defer_l1_writes(header.l1_range())
             .map_err(|e| ImageError::open(&path, e))?;
     }
     let mut q = Qcow2::<Storage, Arc<Layer>>::open_image(file.storage().clone(), !read_only)

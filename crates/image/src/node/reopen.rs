@@ -301,11 +301,9 @@ impl Node {
                 if !read_only {
                     check_refcounts(file, &header)?;
                     // See storage.rs: L1 entries reach the file after their refcounts.
-                    let l1 = header.l1_table_offset
-                        ..header.l1_table_offset + u64::from(header.l1_size) * 8;
                     self.file_state()
                         .ordered
-                        .defer_l1_writes(l1)
+                        .defer_l1_writes(header.l1_range())
                         .map_err(open_err)?;
                 }
                 let mut q =
