@@ -111,8 +111,7 @@ fn open(params: &[ConfigArg], inner: Arc<dyn Plugin>, _: &FilterEnv) -> Result<A
             }
         };
     // Loaded now, so that a machine without libext2fs fails at start, not at each client.
-    let api =
-        sys::api().map_err(|e| BlockError::new(Errno(libc::ELIBACC), format!("ext2: {e}")))?;
+    let api = api()?;
     tracing::debug!("ext2: using libext2fs {}", api.version());
     Ok(over(Ext2 { file }, inner))
 }
@@ -140,6 +139,11 @@ impl Conn {
         self.below.take_error();
         fs
     }
+}
+
+/// libext2fs, loaded on first use; a machine without it gets ELIBACC and why.
+fn api() -> Result<&'static Api> {
+    sys::api().map_err(|e| BlockError::new(Errno(libc::ELIBACC), format!("ext2: {e}")))
 }
 
 impl Filter for Ext2 {
@@ -175,8 +179,7 @@ impl Filter for Ext2 {
         }
     }
     fn open(&self, next: &Arc<dyn Plugin>, ctx: &OpenContext<'_>) -> Result<(Conn, Next)> {
-        let api =
-            sys::api().map_err(|e| BlockError::new(Errno(libc::ELIBACC), format!("ext2: {e}")))?;
+        let api = api()?;
         let below_ctx = OpenContext {
             export_name: if self.file.is_some() {
                 ctx.export_name
