@@ -6,7 +6,7 @@
 //! Also: writes during the copy phase, soft cancel (block-job-cancel without force while
 //! ready: completes without pivot), forced cancel, and job-complete while paused (standby).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! export changes, so its job also reports `paused` then `running` there; sluice has no
 //! drain and sends neither. Those pairs are dropped from qsd's events before comparing.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -6,7 +6,7 @@
 //!
 //! `sluice serve image ... bitmap=NAME` against qemu-nbd's `-B` is in `serve_bitmaps.rs`.
 
-mod support;
+use crate::support;
 
 use serde_json::{json, Value};
 use support::image::{qemu_img, qemu_io as qemu_io_image};

@@ -8,7 +8,7 @@
 //! qcow2 node, whose marks depend on where each implementation puts its metadata; and trims,
 //! which qsd drops unmarked on nodes added without `discard=unmap`.
 
-mod support;
+use crate::support;
 
 use serde_json::{json, Value};
 use support::image::qemu_img;

@@ -2,7 +2,7 @@
 //! with libnbd's tools, startup errors, `--pidfile`, `--daemonize`, signals, `--compat`, and
 //! `sluice-plugin` nodes backed by built-in, nbdkit C and nbdkit Python plugins.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

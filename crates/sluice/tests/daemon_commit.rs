@@ -3,7 +3,7 @@
 //! qemu-img info/check/compare; and the refusals (bad job id, unknown or non-root device, arguments
 //! that conflict or name nodes outside the chain).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

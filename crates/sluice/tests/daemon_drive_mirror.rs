@@ -7,7 +7,7 @@
 //! compare). Where sluice differs from qsd on purpose (`docs/compat/drive-mirror.md`) the
 //! test checks sluice alone.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -13,7 +13,7 @@
 //! read is compared as "failed" (qsd drops the NBD connection after a failed read, with the
 //! client seeing EIO; sluice answers the request with the error and keeps the connection).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

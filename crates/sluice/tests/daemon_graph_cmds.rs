@@ -10,7 +10,7 @@
 //! `#auto` before comparing; everything else must be equal. Known difference, not
 //! compared: the order of members inside an event's `data` (qsd's follows a hash table).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

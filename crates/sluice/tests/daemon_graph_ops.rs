@@ -4,7 +4,7 @@
 //! shrink of raw and qcow2, and qsd's refusals). Images are compared with qemu-img (info,
 //! check, compare), not with remembered values.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

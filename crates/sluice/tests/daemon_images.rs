@@ -6,7 +6,7 @@
 //!
 //! Images are made at test time with qemu-img and qemu-io (see `support/image.rs`).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -6,7 +6,7 @@
 //! `sluice_daemon::jobs` with a scripted job, and on real throttled streams (plus a stream
 //! under NBD client writes) in `daemon_jobs_live.rs`.
 
-mod support;
+use crate::support;
 
 use serde_json::{json, Value};
 use support::image::{image_info, qemu_img, qemu_img_check, three_layers};

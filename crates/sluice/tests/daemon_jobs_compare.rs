@@ -31,7 +31,7 @@
 //! = the device itself (qsd runs an empty job, sluice refuses), and query-block (sluice does
 //! not have it).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! qemu-storage-daemon's (see the reference transcript); images are judged with qemu-img
 //! check/info/compare. Timing bounds are generous: the machine may be slow and busy.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

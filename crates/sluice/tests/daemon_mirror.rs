@@ -6,7 +6,7 @@
 //! (no pivot, BLOCK_JOB_COMPLETED), and the refusals, compared with qemu-storage-daemon's
 //! classes, messages and event sequences.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

@@ -56,7 +56,7 @@
 //! (`SLUICE_MIRROR_CRASH_SEED` overrides the seed, `SLUICE_MIRROR_CRASH_ITERS` the number of
 //! iterations; every line printed names both).
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;

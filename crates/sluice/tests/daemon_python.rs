@@ -2,7 +2,7 @@
 //! client negotiates, runs every command, gets QEMU's error classes and messages, and
 //! receives events — what a management tool written against qemu-storage-daemon would do.
 
-mod support;
+use crate::support;
 
 use serde_json::{json, Value};
 use support::path_str;

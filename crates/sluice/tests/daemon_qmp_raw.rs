@@ -4,7 +4,7 @@
 //! Every hostile-input test ends by checking that the same monitor (when it is still open)
 //! and another monitor still work and that the daemon did not panic.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::time::Duration;

@@ -9,7 +9,7 @@
 //! emulator does; qemu-storage-daemon has no such event), so SHUTDOWN is left out of the
 //! comparison.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

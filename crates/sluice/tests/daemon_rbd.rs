@@ -9,7 +9,7 @@
 //! schema and block/rbd.c rather than a live qsd. librbd's own view (python3-rbd) is the
 //! oracle for the bytes.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@
 //! the reference for the data is a model of the writes, `rbd export` of the image, and
 //! `qemu-img compare` of the overlay against it.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -15,7 +15,7 @@
 //! Names qsd makes up for implicit nodes (`#blockNNN`) become `#auto`, the daemon's
 //! directory `DIR`.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! in the overlay, and the chain equals a model of all writes. The export moves to the
 //! overlay as in qsd. The refusals are compared with qsd's messages.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -21,7 +21,7 @@
 //! (`SLUICE_STREAM_CRASH_SEED` overrides the seed, `SLUICE_STREAM_CRASH_ITERS` the number
 //! of iterations; every line printed names the seed and iteration).
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -10,7 +10,7 @@
 //! check), a malformed `keys.psk` is refused by `object-add` (qsd accepts it), and OpenSSL's
 //! reason replaces GnuTLS's for a malformed certificate.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

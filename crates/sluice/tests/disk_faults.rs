@@ -7,7 +7,7 @@
 //! server keeps serving, a qcow2 image stays consistent (`qemu-img check`), and once the
 //! filesystem grows (`mount -o remount,size=`) the same writes succeed without a restart.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

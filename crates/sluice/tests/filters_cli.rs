@@ -6,7 +6,7 @@
 //! libnbd's `connect_command`, `nbdcopy -- [ nbdkit ... ]`, `--run` variables, `-o`, `--no-sr`,
 //! `--mask-handshake`, `-u`/`-g`; and virt-v2v's filter stack over C, Python and file plugins.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

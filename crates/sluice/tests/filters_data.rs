@@ -5,7 +5,7 @@
 //! of the asked delay or rate; cow and cache must not write to the file below (or only as
 //! their mode says).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! reports no errors, at most leaked clusters, and everything flushed before the kill reads
 //! back.
 
-mod support;
+use crate::support;
 
 use support::image::{qemu_img_check, qemu_io};
 use support::{path_str, Server};

@@ -2,7 +2,7 @@
 //! panic), or, for damage found only on the request path, EIO for that request while the
 //! server keeps serving and the image is not written.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::FileExt;
 

@@ -6,7 +6,7 @@
 //! clusters, compressed clusters (read, and overwritten with copy-on-write), zero clusters
 //! and unaligned ranges.
 
-mod support;
+use crate::support;
 
 use support::image::{
     nbdinfo_map, one_layer, qemu_img, qemu_img_check, qemu_io, three_layers, two_layers, v2_alone,

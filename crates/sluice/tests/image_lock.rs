@@ -2,7 +2,7 @@
 //! sluice are refused (qemu's OFD lock convention, so each side sees the other), and the
 //! image is free again once sluice exits, even by kill -9.
 
-mod support;
+use crate::support;
 
 use support::image::{one_layer, qemu_img_check};
 use support::{output, path_str, Server};

@@ -4,7 +4,7 @@
 //! replies; qemu-img (qemu 10) negotiates extended headers, which sluice offers, so both
 //! reply shapes are covered.
 
-mod support;
+use crate::support;
 
 use support::image::{
     data_zero_runs, nbdinfo_map, one_layer, qemu_img_map, three_layers, two_layers, v2_alone,

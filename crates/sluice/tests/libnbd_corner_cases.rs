@@ -9,7 +9,7 @@
 //! cannot send options it does not know; both are covered with raw bytes in
 //! `raw_protocol.rs`.
 
-mod support;
+use crate::support;
 
 use support::Server;
 

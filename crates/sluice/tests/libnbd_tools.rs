@@ -6,7 +6,7 @@
 //! and many requests in flight. Where nbdkit has the same plugin, the bytes and maps must be
 //! the same as nbdkit's, since users switch between the two by changing one word.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -6,7 +6,7 @@
 //!
 //! Silent and slow clients are raw sockets: real clients never stall on purpose.
 
-mod support;
+use crate::support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -9,7 +9,7 @@
 //! the system `cc` against Debian's nbdkit headers. Where nbdkit is the reference, the same
 //! `.so` is also run under nbdkit and the outputs compared.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

@@ -4,7 +4,7 @@
 //! metrics`, a real Prometheus server scraping it), and `--log-format=json`'s operator
 //! events with secrets redacted.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::path::Path;

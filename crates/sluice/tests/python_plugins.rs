@@ -22,7 +22,7 @@
 //!
 //! Tests marked `#[ignore = "bug: ..."]` pin down known differences that are bugs.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

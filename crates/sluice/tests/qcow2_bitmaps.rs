@@ -9,7 +9,7 @@
 //! `persistent: true` on a read-only qcow2 node, where qsd accepts it and loses it at close;
 //! it accepts it on a raw node, which qsd refuses (`tests/raw_bitmaps.rs`).
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -7,7 +7,7 @@
 //! fresh qemu-io processes (new NBD connections) to read back, so data must have reached the
 //! server, not a client cache.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

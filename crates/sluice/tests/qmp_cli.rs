@@ -9,7 +9,7 @@
 //! Streams are throttled with `speed=` so that they last about two seconds: long enough for
 //! several redraws, short enough for the file to run in well under a minute.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

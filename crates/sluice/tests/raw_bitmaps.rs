@@ -8,7 +8,7 @@
 //! Deliberate difference, asserted here: qsd answers `persistent: true` on a raw node with
 //! "Can't store persistent bitmaps to NODE: Operation not supported"; sluice keeps it.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

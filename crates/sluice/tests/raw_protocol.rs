@@ -3,7 +3,7 @@
 //! clients never exercise. Every test also checks that the server survives (it keeps serving
 //! other clients) and never panicked.
 
-mod support;
+use crate::support;
 
 use std::io::Read;
 

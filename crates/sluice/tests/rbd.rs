@@ -5,7 +5,7 @@
 //! librbd's own view of the image (python3-rbd, `rbd export`) is the oracle: what the
 //! clients wrote must be what any other RBD client reads. Every test uses its own image.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! thread model; connection threads kept warm between clients are really reused and never
 //! carry one client's state into the next.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //!   that starts all dirty, where qsd answers "Bitmap already exists"; the refusal of an
 //!   inconsistent bitmap carries qsd's message followed by that way back.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

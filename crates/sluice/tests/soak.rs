@@ -4,7 +4,7 @@
 //! QMP monitor churn). It fails on any client error, verify failure, dead or panicked
 //! server. The long run (`--minutes 10`, 64 clients) is by hand; see bench/README.md.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

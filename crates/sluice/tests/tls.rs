@@ -5,7 +5,7 @@
 //! checked with raw bytes; and every client scenario is run against `nbdkit --tls=...` too,
 //! comparing outcomes.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

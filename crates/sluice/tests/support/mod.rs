@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: start the real `sluice` binary, wait until it
 //! serves, run the real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh/libnbd) and
-//! stop the server. Every test file includes this module with `mod support;`.
+//! stop the server. The test binary's root (`integration.rs`) declares it; each test module `use`s
+//! `crate::support`.
 #![allow(dead_code)]
 
 use std::io::Read;
