@@ -126,8 +126,9 @@ pub struct NbdServer {
     own_contexts: Vec<(String, Arc<dyn ExportContext>)>,
     shutting_down: AtomicBool,
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, Live>>,
-    idle: Condvar,
+    /// Live connections, apart from the server so that a connection's thread can let go of
+    /// the server before it reports the connection gone (see [`Conns::forget`]).
+    conns: Arc<Conns>,
     /// Connection threads, kept warm between clients.
     threads: pool::ThreadPool,
     /// Connection slots when `max_connections` is set (see the module doc).
@@ -135,6 +136,51 @@ pub struct NbdServer {
     /// Connections ended without a session (see [`ConnStats::refused`]).
     refused: AtomicU64,
     tls_failed: AtomicU64,
+}
+
+/// The live connections and the wake-up for [`NbdServer::wait_idle`].
+#[derive(Default)]
+struct Conns {
+    live: Mutex<HashMap<u64, Live>>,
+    idle: Condvar,
+}
+
+impl Conns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connection `id` is gone. A connection's thread calls this only after dropping its
+    /// reference to the server: once [`NbdServer::wait_idle`] returns, the caller's reference
+    /// is the last, so dropping it closes the exports (and saves what they save at close,
+    /// such as `serve image`'s bitmaps) on the caller's thread before the process exits,
+    /// never on a connection thread that exit cuts short.
+    fn forget(&self, id: u64) {
+        let mut live = self.lock();
+        live.remove(&id);
+        if live.is_empty() {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Shuts the sockets of clients negotiating past their deadline; returns how many.
+    fn cut_slow_handshakes(&self, now: Instant) -> usize {
+        let mut live = self.lock();
+        let mut n = 0;
+        for (id, l) in live.iter_mut() {
+            if l.deadline.is_some_and(|d| d <= now) {
+                l.deadline = None;
+                tracing::info!(
+                    conn = id,
+                    "client {} did not finish negotiating in time: disconnected",
+                    l.peer
+                );
+                let _ = l.stream.shutdown(Shutdown::Both);
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 /// A live connection, as shutdown and [`NbdServer::disconnect_export`] see it.
@@ -191,15 +237,16 @@ impl NbdServer {
             own_contexts,
             shutting_down: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
-            live: Mutex::new(HashMap::new()),
-            idle: Condvar::new(),
+            conns: Arc::default(),
             threads: pool::ThreadPool::new(),
             slots,
             refused: AtomicU64::new(0),
             tls_failed: AtomicU64::new(0),
         });
         if let Some(limit) = timeout {
-            let weak = Arc::downgrade(&server);
+            // The connections only, not the server: a watchdog holding the server for a
+            // moment could make its thread the one that closes the exports (Conns::forget).
+            let weak = Arc::downgrade(&server.conns);
             if let Err(e) = std::thread::Builder::new()
                 .name("nbd-handshake-watchdog".into())
                 .spawn(move || watchdog(&weak, limit))
@@ -213,7 +260,7 @@ impl NbdServer {
     /// Connection figures for `/metrics`.
     pub fn connection_stats(&self) -> ConnStats {
         ConnStats {
-            open: self.live.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            open: self.conns.lock().len() as u64,
             total: self.next_id.load(Ordering::Relaxed) - 1,
             refused: self.refused.load(Ordering::Relaxed),
             tls_failed: self.tls_failed.load(Ordering::Relaxed),
@@ -292,7 +339,7 @@ impl NbdServer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         match stream.try_clone() {
             Ok(c) => {
-                self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                self.conns.lock().insert(
                     id,
                     Live {
                         stream: c,
@@ -309,26 +356,20 @@ impl NbdServer {
             }
         }
         let server = self.clone();
+        let conns = self.conns.clone();
         let r = self.threads.spawn(
             format!("nbd-conn-{id}"),
             Box::new(move || {
                 server.run_connection(id, stream);
-                server.forget(id);
+                drop(server);
                 drop(slot);
+                conns.forget(id);
             }),
         );
         if let Err(e) = r {
             tracing::warn!("connection refused: cannot start thread: {e}");
             self.refused.fetch_add(1, Ordering::Relaxed);
-            self.forget(id);
-        }
-    }
-
-    fn forget(&self, id: u64) {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        live.remove(&id);
-        if live.is_empty() {
-            self.idle.notify_all();
+            self.conns.forget(id);
         }
     }
 
@@ -337,7 +378,7 @@ impl NbdServer {
         let Some(limit) = self.config.handshake_timeout else {
             return;
         };
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = self.conns.lock();
         if let Some(l) = live.get_mut(&id) {
             l.deadline = Some(Instant::now() + limit);
         }
@@ -345,29 +386,10 @@ impl NbdServer {
 
     /// Stops connection `id`'s handshake clock: it negotiated in time.
     fn stop_clock(&self, id: u64) {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = self.conns.lock();
         if let Some(l) = live.get_mut(&id) {
             l.deadline = None;
         }
-    }
-
-    /// Shuts the sockets of clients negotiating past their deadline; returns how many.
-    fn cut_slow_handshakes(&self, now: Instant) -> usize {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let mut n = 0;
-        for (id, l) in live.iter_mut() {
-            if l.deadline.is_some_and(|d| d <= now) {
-                l.deadline = None;
-                tracing::info!(
-                    conn = id,
-                    "client {} did not finish negotiating in time: disconnected",
-                    l.peer
-                );
-                let _ = l.stream.shutdown(Shutdown::Both);
-                n += 1;
-            }
-        }
-        n
     }
 
     fn run_connection(self: &Arc<Self>, id: u64, stream: Stream) {
@@ -501,7 +523,7 @@ impl NbdServer {
     /// table meanwhile (removed while this client negotiated), the connection is closed at
     /// once, as [`NbdServer::disconnect_export`] would have.
     fn attach(&self, id: u64, name: &str, named: &Arc<NamedExport>) {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = self.conns.lock();
         let Some(l) = live.get_mut(&id) else { return };
         l.export = Some(name.to_string());
         let listed = match &self.exports {
@@ -518,7 +540,7 @@ impl NbdServer {
     /// requests it is running finish and reply, and then closes its socket. Returns how many
     /// connections were told to close.
     pub fn disconnect_export(&self, name: &str) -> usize {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.conns.lock();
         let mut n = 0;
         for l in live.values() {
             if l.export.as_deref() == Some(name) {
@@ -538,7 +560,7 @@ impl NbdServer {
     /// after their current request.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.conns.lock();
         for l in live.values() {
             let _ = l.stream.shutdown(Shutdown::Read);
         }
@@ -547,8 +569,9 @@ impl NbdServer {
     /// Blocks until every connection has finished (after [`NbdServer::begin_shutdown`]), or
     /// the timeout passes. Returns true if all finished.
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.conns.lock();
         let (live, _) = self
+            .conns
             .idle
             .wait_timeout_while(live, timeout, |l| !l.is_empty())
             .unwrap_or_else(|e| e.into_inner());
@@ -557,14 +580,41 @@ impl NbdServer {
 }
 
 /// The handshake watchdog of one server (see the module doc): runs until the server is gone.
-fn watchdog(server: &Weak<NbdServer>, limit: Duration) {
+fn watchdog(conns: &Weak<Conns>, limit: Duration) {
     // A tenth of the limit, between 20 ms and 250 ms: a cut comes at most that late.
     let tick = (limit / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
     loop {
         std::thread::sleep(tick);
-        let Some(server) = server.upgrade() else {
+        let Some(conns) = conns.upgrade() else {
             return;
         };
-        server.cut_slow_handshakes(Instant::now());
+        conns.cut_slow_handshakes(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_block::plugins::MemoryPlugin;
+
+    /// `serve` drops its server right after `wait_idle`, expecting that to close the exports
+    /// (and save what they save at close) before the process exits. So once `wait_idle`
+    /// returns, no connection thread may still hold the server. Without Conns::forget's
+    /// order, a connection thread held it for a moment after reporting itself gone.
+    #[test]
+    fn wait_idle_returns_once_no_connection_holds_the_server() {
+        let config = ServerConfig {
+            handshake_timeout: None,
+            ..ServerConfig::default()
+        };
+        for _ in 0..500 {
+            let plugin: Arc<dyn Plugin> = Arc::new(MemoryPlugin::new(1 << 20));
+            let server = NbdServer::new(Arc::new(Backend::new(plugin)), config.clone());
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            server.clone().spawn_connection(Stream::unix(ours));
+            drop(theirs);
+            assert!(server.wait_idle(Duration::from_secs(10)));
+            assert_eq!(Arc::strong_count(&server), 1);
+        }
     }
 }
