@@ -268,6 +268,21 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Adds one reference to each cluster of `range` (byte offsets, cluster-aligned), each
+    /// already in use: a hold on them while someone else (imago) might free them.
+    pub fn pin(&mut self, io: &dyn Io, range: Range<u64>) -> Res<()> {
+        let first = range.start >> self.cluster_bits;
+        let end = range.end.div_ceil(self.cluster_size());
+        for c in first..end {
+            let r = self.get(io, c)?;
+            if r == 0 {
+                return Err(RefcountError::AlreadyFree { cluster: c });
+            }
+            self.set(io, c, r + 1)?;
+        }
+        Ok(())
+    }
+
     /// Writes the changed refcount blocks, then the table entries that point to new blocks,
     /// and syncs.
     pub fn commit(&mut self, io: &dyn Io) -> Res<()> {

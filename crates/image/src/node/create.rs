@@ -20,9 +20,14 @@
 //! object over the same file: flush, open, resize, flush, and swap the new view in. The
 //! `file` node below a format node is refreshed the same way, so that both report the
 //! new file length. Callers refuse nodes that others use (the daemon's permission rules).
-//! A qcow2 grow moves the L1 table to a new cluster, so the resizing object works through
-//! `HeaderLast` (the header's new L1 pointer reaches the file after the new table's
-//! refcount), and the file's `OrderedFile` then holds back L1 writes where the table now is.
+//! A qcow2 grow moves the L1 table to a new cluster, frees the old one and may put an L2
+//! table there at once, all before the new header is written. So the old table's clusters
+//! are pinned first (one more reference in the refcount block, durable: imago's free then
+//! leaves them in use), the resizing object works through `HeaderLast` (the header's new L1
+//! pointer reaches the file after the new table's refcount), and the pin is dropped once
+//! the new header is durable ([`resize_qcow2`]): a kill at any write leaves the old image
+//! or the new one, with leaked clusters at most. The file's `OrderedFile` then holds back L1
+//! writes where the table now is.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -40,6 +45,8 @@ use super::{Layer, Node, Qcow2Info, Storage, View};
 use crate::error::ImageError;
 use crate::header::HeaderError;
 use crate::options::Driver;
+use crate::qcow2_bitmaps;
+use crate::refcounts::{Io, RefcountError, Refcounts};
 use crate::storage::HeaderLast;
 
 /// How much of a new image is allocated up front (QAPI's `PreallocMode`).
@@ -196,6 +203,86 @@ pub fn create_file(path: &Path, size: u64, prealloc: Prealloc) -> Result<(), Str
 /// Writes a new qcow2 image of `o` into the empty `storage` with imago's builder, its header
 /// held back until what it names is counted ([`HeaderLast`]): a crash meanwhile leaves no
 /// image, or one of size 0 (clean for `qemu-img check`, at most with leaked clusters).
+/// The storage imago writes a qcow2 image's metadata through while it creates or resizes
+/// one: both write the header's pointer to a newly placed L1 table at once, the new
+/// cluster's refcount still in imago's cache, so the header is held back until that
+/// refcount is written ([`HeaderLast`]).
+fn header_last(storage: Storage, cluster_size: u64) -> Storage {
+    Arc::new(HeaderLast::new(storage, cluster_size))
+}
+
+/// A qcow2 image's L1 table clusters, from its header.
+fn l1_clusters(h: &crate::header::Qcow2Header) -> std::ops::Range<u64> {
+    let cs = 1u64 << h.cluster_bits;
+    let r = h.l1_range();
+    r.start..r.start + (r.end - r.start).div_ceil(cs) * cs
+}
+
+fn refcounts_of(io: &dyn Io, h: &crate::header::Qcow2Header) -> Result<Refcounts, RefcountError> {
+    Refcounts::load(
+        io,
+        h.cluster_bits,
+        h.refcount_order,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+    )
+}
+
+/// Resizes the qcow2 image in `io` (the same file as `storage`) to `new_size` through a
+/// new imago object over `storage` that `open` makes, in an order a crash at any write
+/// leaves consistent (see the module doc): the current L1 table's clusters are pinned
+/// (one more reference, durable) so that imago's grow, which frees the table it replaces,
+/// cannot reuse them while the header on disk still names them; imago works through
+/// [`header_last`]; once its new header is durable the pin is dropped. A crash between
+/// leaks the pinned clusters at most.
+fn resize_qcow2(
+    io: &dyn Io,
+    storage: Storage,
+    open: impl FnOnce(Storage) -> std::io::Result<Layer>,
+    new_size: u64,
+) -> std::io::Result<()> {
+    let rc_err = |e: RefcountError| std::io::Error::other(e.to_string());
+    let before =
+        qcow2_bitmaps::read_header(io).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let pinned = l1_clusters(&before);
+    if !pinned.is_empty() {
+        let mut rc = refcounts_of(io, &before).map_err(rc_err)?;
+        rc.pin(io, pinned.clone()).map_err(rc_err)?;
+        rc.commit(io).map_err(rc_err)?;
+    }
+    let cluster_size = 1u64 << before.cluster_bits;
+    let mut layer = open(header_last(storage, cluster_size))?;
+    resize_layer(&mut layer, new_size, true)?;
+    drop(layer);
+    if !pinned.is_empty() {
+        // The header now on disk (imago may have grown the refcount table too).
+        let after =
+            qcow2_bitmaps::read_header(io).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut rc = refcounts_of(io, &after).map_err(rc_err)?;
+        rc.free(io, pinned).map_err(rc_err)?;
+        rc.commit(io).map_err(rc_err)?;
+    }
+    Ok(())
+}
+
+/// Grows or shrinks `layer` to `new_size` and makes it durable. A grown range reads as
+/// zeroes, never as backing data: a qcow2 layer allocates it zeroed.
+fn resize_layer(layer: &mut Layer, new_size: u64, qcow2: bool) -> std::io::Result<()> {
+    let old = layer.size();
+    if new_size > old {
+        let mode = if qcow2 {
+            PreallocateMode::Zero
+        } else {
+            PreallocateMode::None
+        };
+        layer.resize_grow(new_size, mode)?;
+    } else if new_size < old {
+        layer.resize_shrink(new_size)?;
+    }
+    layer.flush()?;
+    layer.sync()
+}
+
 fn create_qcow2(storage: Storage, o: &Qcow2Create) -> std::io::Result<()> {
     // imago's `full` writes the data; `falloc` allocates it.
     let mode = match o.preallocation {
@@ -204,8 +291,7 @@ fn create_qcow2(storage: Storage, o: &Qcow2Create) -> std::io::Result<()> {
         Prealloc::Falloc => PreallocateMode::FullAllocate,
         Prealloc::Full => PreallocateMode::WriteData,
     };
-    let storage: Storage = Arc::new(HeaderLast::new(storage, o.cluster_size));
-    let mut b = Qcow2::<Storage, Arc<Layer>>::create_builder(storage)
+    let mut b = Qcow2::<Storage, Arc<Layer>>::create_builder(header_last(storage, o.cluster_size))
         .size(o.size)
         .preallocate(mode)
         .cluster_size(o.cluster_size as usize)
@@ -287,37 +373,25 @@ impl Node {
             let _g = self.io.write();
             self.flush_locked()
                 .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
-            // A qcow2 node's cluster size (its view holds the header).
-            let qcow2 = self.view().qcow2.as_ref().map(|q| q.header.cluster_size());
-            let mut layer = match qcow2 {
-                // imago's grow writes the L1 table into a new cluster and the header's pointer
-                // to it at once, the new cluster's refcount still in its cache: the header is
-                // held back until that refcount is written, as when an image is created.
-                Some(cluster_size) => self.qcow2_layer(Arc::new(HeaderLast::new(
-                    self.storage().clone(),
-                    cluster_size,
-                )))?,
-                None => self.fresh_layer()?,
-            };
-            let old = layer.size();
-            if new_size > old {
-                // The new range reads as zeroes, never as backing data.
-                let mode = if qcow2.is_some() {
-                    PreallocateMode::Zero
-                } else {
-                    PreallocateMode::None
+            let layer = if self.driver == Driver::Qcow2 {
+                let open = |storage| {
+                    self.qcow2_layer(storage)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
                 };
-                layer.resize_grow(new_size, mode).map_err(io_err)?;
-            } else if new_size < old {
-                layer.resize_shrink(new_size).map_err(io_err)?;
-            }
-            layer.flush().map_err(io_err)?;
-            layer.sync().map_err(io_err)?;
-            if qcow2.is_some() {
+                resize_qcow2(
+                    &self.file_state().os,
+                    self.storage().clone(),
+                    open,
+                    new_size,
+                )
+                .map_err(io_err)?;
                 // The node's object works on the file itself again.
-                drop(layer);
-                layer = self.fresh_layer()?;
-            }
+                self.fresh_layer()?
+            } else {
+                let mut layer = self.fresh_layer()?;
+                resize_layer(&mut layer, new_size, false).map_err(io_err)?;
+                layer
+            };
             self.swap_layer(layer)?;
             if let Some(q) = &self.view().qcow2 {
                 // The L1 entries it writes are held back where the table now is (the view
@@ -567,6 +641,116 @@ mod tests {
         assert_ne!(entry(at), [0; 8], "the flush wrote the L1 entry");
         drop(node);
         run("qemu-img", &["check", p.to_str().unwrap()]);
+    }
+
+    /// The image file under a [`Killed`] storage, for the refcount code: its writes count
+    /// against the same kill point.
+    struct KilledIo {
+        file: std::fs::File,
+        killed: Arc<Killed>,
+    }
+
+    impl Io for KilledIo {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            Io::read_at(&self.file, buf, offset)
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.killed.change()?;
+            Io::write_at(&self.file, buf, offset)
+        }
+
+        fn file_len(&self) -> std::io::Result<u64> {
+            Io::file_len(&self.file)
+        }
+
+        fn sync(&self) -> std::io::Result<()> {
+            Io::sync(&self.file)
+        }
+    }
+
+    /// A kill at every point of a qcow2 grow as `block_resize` runs it ([`resize_qcow2`]),
+    /// at 64 KiB and 512-byte clusters, leaves an image `qemu-img check` finds clean (leaks
+    /// allowed), of the old size or the new one, with the data written before it, and the
+    /// grown range reading as zeroes. imago frees the L1 table it replaces and at once puts
+    /// an L2 table there; with only the header held back, a kill after that left the header
+    /// naming the old table, now zeroes: every mapping was gone.
+    #[test]
+    fn qcow2_grow_killed_at_any_write_leaves_a_clean_image() {
+        use crate::node::test_support::{create, no_nodes, run};
+        let dir = tempfile::tempdir().unwrap();
+        for (n, cluster, grow_to) in [(0, "65536", 8u64 << 30), (1, "512", 20 << 20)] {
+            let base = create(
+                dir.path(),
+                &format!("base{n}.qcow2"),
+                &["-f", "qcow2", "-o", &format!("cluster_size={cluster}")],
+                Some("16M"),
+            );
+            run(
+                "qemu-io",
+                &["-c", "write -P 5 1M 64k", base.to_str().unwrap()],
+            );
+            let pristine = std::fs::read(&base).unwrap();
+            let p = dir.path().join(format!("grow{n}.qcow2"));
+            let mut kept = Vec::new();
+            for k in 0.. {
+                std::fs::write(&p, &pristine).unwrap();
+                // No image lock, as in the creation test above.
+                let opts = crate::BlockdevOptions {
+                    locking: crate::Locking::Off,
+                    ..crate::BlockdevOptions::file(&p, false)
+                };
+                let file = crate::open_node(&opts, &no_nodes).unwrap();
+                let killed = Arc::new(Killed {
+                    inner: file.storage().clone(),
+                    left: k.into(),
+                });
+                let io = KilledIo {
+                    file: file.file_state().os.try_clone().unwrap(),
+                    killed: killed.clone(),
+                };
+                let open =
+                    |s| Qcow2::<Storage, Arc<Layer>>::open_image(s, true).map(FormatAccess::new);
+                let done = resize_qcow2(&io, killed, open, grow_to).is_ok();
+                drop(io);
+                drop(file);
+                let copy = dir.path().join(format!("g{n}-k{k}.qcow2"));
+                std::fs::copy(&p, &copy).unwrap();
+                kept.push((k, copy));
+                if done {
+                    break;
+                }
+            }
+            assert!(
+                kept.len() > 3,
+                "cluster {cluster}: the grow took {} writes",
+                kept.len()
+            );
+            let files: Vec<PathBuf> = kept.iter().map(|(_, f)| f.clone()).collect();
+            let results = qemu_img_check_all(&files);
+            for ((k, f), (code, out, info)) in kept.iter().zip(&results) {
+                assert!(
+                    *code == Some(0) || *code == Some(3),
+                    "cluster {cluster}, kill {k}: qemu-img check exit {code:?}: {out}"
+                );
+                let size = info["virtual-size"].as_u64().unwrap();
+                assert!(
+                    size == 16 << 20 || size == grow_to,
+                    "cluster {cluster}, kill {k}: size {size}"
+                );
+                let tail = format!("read -P 0 {} 64k", size - 65536);
+                let f = f.to_str().unwrap();
+                run(
+                    "qemu-io",
+                    &["-f", "qcow2", "-c", "read -P 5 1M 64k", "-c", &tail, f],
+                );
+            }
+            let (code, _, last) = results.last().unwrap();
+            assert_eq!(
+                (*code, last["virtual-size"].as_u64()),
+                (Some(0), Some(grow_to))
+            );
+        }
     }
 
     /// `qemu-img check` (exit status, JSON) and `qemu-img info -U` (JSON) of each of `files`,
