@@ -253,24 +253,17 @@ impl Refcounts {
 
     /// Drops one reference to each cluster of `range` (byte offsets, cluster-aligned).
     pub fn free(&mut self, io: &dyn Io, range: Range<u64>) -> Res<()> {
-        let first = range.start >> self.cluster_bits;
-        let end = range.end.div_ceil(self.cluster_size());
-        for c in first..end {
-            let r = self.get(io, c)?;
-            if r == 0 {
-                return Err(RefcountError::AlreadyFree { cluster: c });
-            }
-            self.set(io, c, r - 1)?;
-            if r == 1 {
-                self.hint = self.hint.min(c);
-            }
-        }
-        Ok(())
+        self.reference_each(io, range, false)
     }
 
     /// Adds one reference to each cluster of `range` (byte offsets, cluster-aligned), each
     /// already in use: a hold on them while someone else (imago) might free them.
     pub fn pin(&mut self, io: &dyn Io, range: Range<u64>) -> Res<()> {
+        self.reference_each(io, range, true)
+    }
+
+    /// One reference more (`add`) or less to each cluster of `range`, all in use.
+    fn reference_each(&mut self, io: &dyn Io, range: Range<u64>, add: bool) -> Res<()> {
         let first = range.start >> self.cluster_bits;
         let end = range.end.div_ceil(self.cluster_size());
         for c in first..end {
@@ -278,7 +271,11 @@ impl Refcounts {
             if r == 0 {
                 return Err(RefcountError::AlreadyFree { cluster: c });
             }
-            self.set(io, c, r + 1)?;
+            let new = if add { r + 1 } else { r - 1 };
+            self.set(io, c, new)?;
+            if new == 0 {
+                self.hint = self.hint.min(c);
+            }
         }
         Ok(())
     }
