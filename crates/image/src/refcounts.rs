@@ -422,6 +422,23 @@ mod tests {
     }
 
     #[test]
+    fn pin_keeps_a_freed_cluster_in_use_until_the_pin_is_freed() {
+        let io = small_image();
+        let mut r = Refcounts::load(&io, 9, 4, 512, 1).unwrap();
+        assert_eq!(r.alloc(&io, 1).unwrap(), 3 * 512);
+        r.pin(&io, 3 * 512..4 * 512).unwrap();
+        // Someone else's free leaves it in use: the next allocation goes past it.
+        r.free(&io, 3 * 512..4 * 512).unwrap();
+        assert_eq!(r.alloc(&io, 1).unwrap(), 4 * 512);
+        r.free(&io, 3 * 512..4 * 512).unwrap();
+        assert_eq!(r.get(&io, 3).unwrap(), 0);
+        assert!(matches!(
+            r.pin(&io, 5 * 512..6 * 512),
+            Err(RefcountError::AlreadyFree { cluster: 5 })
+        ));
+    }
+
+    #[test]
     fn alloc_past_the_first_block_makes_a_block_that_counts_itself() {
         let io = small_image();
         let mut r = Refcounts::load(&io, 9, 4, 512, 1).unwrap();
