@@ -20,10 +20,12 @@
 //!
 //! Taken after sluice's final flush at save, as a file's, any request that changes the
 //! contents afterwards, by anyone, through this device moves the counters, and the bitmaps
-//! load inconsistent. What it does **not** see: writes through *another* device over the
-//! same storage (a partition's parent disk, a device-mapper device stacked on it, the file
-//! behind a loop device, the LVM volume's physical volume) are counted on that other device
-//! only. After a reboot, clean or not, the boot id differs and the bitmaps load
+//! load inconsistent, and so do writes through a device stacked on top of it (a device-mapper
+//! or loop device over it), which reach it as requests of their own. What it does **not**
+//! see: writes that reach the same storage beside or below it, through another device (a
+//! partition's parent disk, the physical volume under an LVM volume, another device-mapper
+//! mapping of the same extents, the file behind a loop device, another host on shared
+//! storage), are counted on that device only. After a reboot, clean or not, the boot id differs and the bitmaps load
 //! inconsistent: a reboot costs a full backup, never a stale incremental one.
 //!
 //! If the kernel does not account the device's I/O (its queue's `iostats` is 0), the
