@@ -64,7 +64,7 @@
 //! The version says which identity a file holds; a file of a version this code does not know
 //! is refused ([`SidecarError::Version`]).
 //!
-//! **Writing** ([`write`]) is atomic: a temporary file beside it (`IMAGE.bitmaps.tmp`, or
+//! **Writing** ([`write()`]) is atomic: a temporary file beside it (`IMAGE.bitmaps.tmp`, or
 //! `PATH.tmp` for `bitmap-file=PATH`),
 //! written, fsynced, renamed over the old one, and the directory fsynced, so a crash leaves
 //! the old file or the new one. When and what is written is `node/persist.rs`'s.
