@@ -477,6 +477,20 @@ def sidecar_file(in_use, size, bitmaps):
     return out + struct.pack(">I", zlib.crc32(out))
 
 
+def sidecar_device_file(in_use, size, bitmaps):
+    """A version-2 sidecar file (a block device's identity), from the same table."""
+    import zlib
+    out = b"SLUICEBM" + struct.pack(">II", 2, 1 if in_use else 0)
+    out += struct.pack(">QQ4xI", size, (7 << 8) | 3, len(bitmaps))
+    out += struct.pack(">Q", 13) + bytes.fromhex("7e69070c61b443c8b4029f377cfa3da7")
+    out += struct.pack(">QQQQ", 3, 2056, 1, 128) + bytes(32)
+    for name, gbits, enabled, inconsistent, bits in bitmaps:
+        flags = (1 if enabled else 0) | (2 if inconsistent else 0)
+        name = name.encode()
+        out += struct.pack(">HHB3xQ", len(name), flags, gbits, len(bits)) + name + bits
+    return out + struct.pack(">I", zlib.crc32(out))
+
+
 def sidecar_seeds():
     clear("image", "sidecar")
     size = 1 << 20  # 16 bits at 64 KiB: 2 bytes
@@ -489,6 +503,10 @@ def sidecar_seeds():
         ("daily", 16, True, False, b""),
         ("old", 9, False, True, b""),
     ]), "in-use")
+    put("image", "sidecar", sidecar_device_file(False, size, [
+        ("daily", 16, True, False, bytes([0b101, 0x80])),
+        ("old", 9, True, True, b""),
+    ]), "device")
 
 
 # --- tar archives made by GNU tar, ddrescue map files ----------------------------------------

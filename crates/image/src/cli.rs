@@ -16,6 +16,8 @@
 //! backing layer's bitmaps are loaded then, read-only), and checked as qemu-nbd checks it:
 //! an unknown name or an inconsistent bitmap refuses the start. [`open_image_export`] returns
 //! the bitmaps held busy; the server wraps them as contexts (it owns the NBD side).
+//! `bitmap-file=PATH` is the raw driver's `bitmap-file` option: where a raw image keeps its
+//! bitmaps instead of `IMAGE.bitmaps`, and the only place a raw block device can keep them.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -41,7 +43,8 @@ pub const HELP: &str = "[file=]<FILENAME>     The disk image to serve.\n\
                         backing=none          Serve the top layer alone (no backing).\n\
                         readonly=true         Open the image read-only.\n\
                         locking=auto|on|off   qemu-compatible image locking (default auto).\n\
-                        bitmap=<NAME>         Offer its persistent bitmap NAME (or its backing chain's) as qemu:dirty-bitmap:NAME (qemu-nbd's -B; repeatable).";
+                        bitmap=<NAME>         Offer its persistent bitmap NAME (or its backing chain's) as qemu:dirty-bitmap:NAME (qemu-nbd's -B; repeatable).\n\
+                        bitmap-file=<FILE>    Where a raw image keeps its persistent bitmaps (default IMAGE.bitmaps; needed for a block device).";
 
 /// What the user said about backing files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +64,8 @@ struct ImageArgs {
     locking: Locking,
     /// `bitmap=`: persistent bitmaps to serve, in command-line order, without repeats.
     bitmaps: Vec<String>,
+    /// `bitmap-file=`: the raw image's sidecar file.
+    bitmap_file: Option<PathBuf>,
 }
 
 fn invalid(msg: impl Into<String>) -> ImageError {
@@ -74,6 +79,7 @@ fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
     let mut readonly = None;
     let mut locking = Locking::Auto;
     let mut bitmaps: Vec<String> = Vec::new();
+    let mut bitmap_file = None;
     for arg in args {
         let key = arg.key.as_deref().unwrap_or(MAGIC_KEY);
         let value = arg.value.as_str();
@@ -128,6 +134,14 @@ fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
                     bitmaps.push(value.to_string());
                 }
             }
+            "bitmap-file" => {
+                if value.is_empty() {
+                    return Err(invalid("bitmap-file= needs a file name"));
+                }
+                if bitmap_file.replace(PathBuf::from(value)).is_some() {
+                    return Err(invalid("bitmap-file= given twice"));
+                }
+            }
             _ => {
                 return Err(invalid(format!(
                     "unknown parameter '{key}' (see `--help` for this plugin's parameters)"
@@ -144,6 +158,7 @@ fn parse_args(args: &[ConfigArg]) -> Result<ImageArgs, ImageError> {
         readonly,
         locking,
         bitmaps,
+        bitmap_file,
     })
 }
 
@@ -205,6 +220,11 @@ fn build_options(a: &ImageArgs, read_only: bool) -> Result<BlockdevOptions, Imag
     if top_format == Format::Raw && a.backing.iter().any(|b| *b != BackingArg::None) {
         return Err(invalid("backing= only applies to qcow2 images"));
     }
+    if top_format != Format::Raw && a.bitmap_file.is_some() {
+        return Err(invalid(
+            "bitmap-file= only applies to raw images (a qcow2 image keeps its bitmaps inside)",
+        ));
+    }
     // Layers from the top: (format, path); then what the bottom does with its header.
     let mut layers = vec![(top_format, a.file.clone())];
     let mut seen = vec![file_id(&a.file)?];
@@ -257,7 +277,9 @@ fn build_options(a: &ImageArgs, read_only: bool) -> Result<BlockdevOptions, Imag
         }
         below = Some(o);
     }
-    Ok(below.expect("at least the top layer"))
+    let mut top = below.expect("at least the top layer");
+    top.bitmap_file.clone_from(&a.bitmap_file);
+    Ok(top)
 }
 
 fn file_id(path: &Path) -> Result<(u64, u64), ImageError> {
@@ -387,6 +409,33 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "image: bitmap= needs the name of a persistent bitmap"
+        );
+    }
+
+    #[test]
+    fn bitmap_file_is_the_raw_top_layers_and_refused_for_qcow2() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.raw");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let img = img.to_str().unwrap();
+        let a = parse_args(&args(&[img, "format=raw", "bitmap-file=/var/lib/b"])).unwrap();
+        assert_eq!(a.bitmap_file.as_deref(), Some(Path::new("/var/lib/b")));
+        let o = build_options(&a, false).unwrap();
+        assert_eq!(o.bitmap_file.as_deref(), Some(Path::new("/var/lib/b")));
+        let err = |w: &[&str]| parse_args(&args(w)).unwrap_err().to_string();
+        assert_eq!(
+            err(&[img, "bitmap-file="]),
+            "image: bitmap-file= needs a file name"
+        );
+        assert_eq!(
+            err(&[img, "bitmap-file=a", "bitmap-file=b"]),
+            "image: bitmap-file= given twice"
+        );
+        let q = parse_args(&args(&[img, "format=qcow2", "bitmap-file=/b"])).unwrap();
+        assert_eq!(
+            build_options(&q, false).unwrap_err().to_string(),
+            "image: bitmap-file= only applies to raw images (a qcow2 image keeps its bitmaps \
+             inside)"
         );
     }
 

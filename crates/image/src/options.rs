@@ -90,6 +90,10 @@ pub struct BlockdevOptions {
     pub file: Option<ChildRef>,
     /// `backing` (driver `qcow2`).
     pub backing: BackingRef,
+    /// `bitmap-file` (driver `raw`, a sluice extension): the sidecar file that keeps the
+    /// node's persistent bitmaps, instead of `IMAGE.bitmaps`; a raw node over a block
+    /// device keeps them only with one (see `crate::sidecar`).
+    pub bitmap_file: Option<PathBuf>,
 }
 
 impl BlockdevOptions {
@@ -103,6 +107,7 @@ impl BlockdevOptions {
             locking: Locking::Auto,
             file: None,
             backing: BackingRef::None,
+            bitmap_file: None,
         }
     }
 
@@ -118,6 +123,7 @@ impl BlockdevOptions {
                 path, read_only,
             )))),
             backing: BackingRef::FromHeader,
+            bitmap_file: None,
         }
     }
 
@@ -148,6 +154,7 @@ impl BlockdevOptions {
             locking: Locking::Auto,
             file: None,
             backing: BackingRef::FromHeader,
+            bitmap_file: None,
         };
         for (key, value) in obj {
             match (key.as_str(), driver) {
@@ -166,6 +173,7 @@ impl BlockdevOptions {
                     })?;
                 }
                 ("file", Driver::Raw | Driver::Qcow2) => o.file = Some(child(key, value)?),
+                ("bitmap-file", Driver::Raw) => o.bitmap_file = Some(string(key, value)?.into()),
                 ("backing", Driver::Qcow2) => {
                     o.backing = match value {
                         Value::Null => BackingRef::None,
@@ -247,6 +255,27 @@ mod tests {
             BlockdevOptions::from_json(&json!({"driver": "qcow2", "file": "f", "backing": null}))
                 .unwrap();
         assert_eq!(null.backing, BackingRef::None);
+    }
+
+    #[test]
+    fn from_json_bitmap_file_is_a_raw_option() {
+        let o = BlockdevOptions::from_json(
+            &json!({"driver": "raw", "file": "f", "bitmap-file": "/var/lib/d.bitmaps"}),
+        )
+        .unwrap();
+        assert_eq!(
+            o.bitmap_file.as_deref(),
+            Some("/var/lib/d.bitmaps".as_ref())
+        );
+        let msg = |v: Value| BlockdevOptions::from_json(&v).unwrap_err().to_string();
+        assert_eq!(
+            msg(json!({"driver": "qcow2", "file": "f", "bitmap-file": "/b"})),
+            "Parameter 'bitmap-file' is unexpected"
+        );
+        assert_eq!(
+            msg(json!({"driver": "raw", "file": "f", "bitmap-file": 1})),
+            "Invalid parameter type for 'bitmap-file', expected: string"
+        );
     }
 
     #[test]

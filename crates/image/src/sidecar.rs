@@ -14,21 +14,39 @@
 //! its mtime back (`touch -r`, a restore that keeps times) defeats the check; nothing short
 //! of reading the whole disk could catch it.
 //!
-//! **Format, version 1.** Big-endian integers, no padding:
+//! A raw node over a **block device** (an LVM volume, a loop device) has no mtime that writes
+//! keep and no directory that survives a reboot (`/dev` is a tmpfs), so it keeps its bitmaps
+//! only in a file its `bitmap-file` option names, and its identity is the kernel's account
+//! of the device instead (`sidecar/device.rs` has what it is made of, and what it does and
+//! does not catch): the device number, size, `diskseq`, the boot id, and the device's write
+//! and discard counters. That identity is stored in format version 2; regular files keep
+//! version 1, so an older sluice still reads their files.
+//!
+//! **Format.** Big-endian integers, no padding. The header, version 1 (a regular file's
+//! identity) in the first columns, version 2 (a block device's) in the last:
+//!
+//! | offset | size | version 1 | version 2 |
+//! |---|---|---|---|
+//! | 0 | 8 | magic `SLUICEBM` | the same |
+//! | 8 | 4 | version, 1 | version, 2 |
+//! | 12 | 4 | flags: bit 0 [`FLAG_IN_USE`] (a writer has the image open); other bits 0 | the same |
+//! | 16 | 8 | image size in bytes at save | device size in bytes at save |
+//! | 24 | 8 | image mtime, seconds (signed) | device number (`st_rdev`) |
+//! | 32 | 4 | image mtime, nanoseconds (below 10^9) | reserved, 0 |
+//! | 36 | 4 | number of bitmaps (at most [`MAX_BITMAPS`]) | the same |
+//! | 40 | 8 | image `st_dev` | the disk's `diskseq` (0: the kernel has none) |
+//! | 48 | 8 | image `st_ino` | boot id, first 8 of its 16 bytes |
+//! | 56 | 8 | reserved, 0 | boot id, last 8 bytes |
+//! | 64 | 8 | (the bitmaps start here) | write I/Os (field 5 of the device's `stat`) |
+//! | 72 | 8 | | write sectors (field 7) |
+//! | 80 | 8 | | discard I/Os (field 12; 0 on kernels before 4.18) |
+//! | 88 | 8 | | discard sectors (field 14; likewise) |
+//! | 96 | 32 | | reserved, 0 |
+//!
+//! Then, from offset 64 (version 1) or 128 (version 2), the same in both versions:
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 8 | magic `SLUICEBM` |
-//! | 8 | 4 | version, 1 |
-//! | 12 | 4 | flags: bit 0 [`FLAG_IN_USE`] (a writer has the image open); other bits 0 |
-//! | 16 | 8 | image size in bytes at save |
-//! | 24 | 8 | image mtime, seconds (signed) |
-//! | 32 | 4 | image mtime, nanoseconds (below 10^9) |
-//! | 36 | 4 | number of bitmaps (at most [`MAX_BITMAPS`]) |
-//! | 40 | 8 | image `st_dev` |
-//! | 48 | 8 | image `st_ino` |
-//! | 56 | 8 | reserved, 0 |
-//! | 64 | | the bitmaps, each: |
 //! | +0 | 2 | name length, 1..=1023 bytes |
 //! | +2 | 2 | flags: bit 0 [`ENTRY_ENABLED`] (records writes, qcow2's `auto`), bit 1 [`ENTRY_INCONSISTENT`]; other bits 0 |
 //! | +4 | 1 | log2 of the granularity, 9..=31 |
@@ -43,19 +61,31 @@
 //! [`SidecarError::Checksum`], and [`salvage`] still reads the names from it, so that the
 //! node can show them inconsistent. The decoder never allocates more than the file's size.
 //!
-//! **Writing** ([`write`]) is atomic: a temporary file beside it (`IMAGE.bitmaps.tmp`),
+//! The version says which identity a file holds; a file of a version this code does not know
+//! is refused ([`SidecarError::Version`]).
+//!
+//! **Writing** ([`write()`]) is atomic: a temporary file beside it (`IMAGE.bitmaps.tmp`, or
+//! `PATH.tmp` for `bitmap-file=PATH`),
 //! written, fsynced, renamed over the old one, and the directory fsynced, so a crash leaves
 //! the old file or the new one. When and what is written is `node/persist.rs`'s.
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+pub mod device;
+
+pub use device::{DeviceIdentity, WriteCounters};
 
 /// The file's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"SLUICEBM";
-/// The version this code reads and writes.
-pub const VERSION: u32 = 1;
+/// The newest version this code reads and writes.
+pub const VERSION: u32 = VERSION_DEVICE;
+/// The version of a file that records a regular file's identity.
+pub const VERSION_FILE: u32 = 1;
+/// The version of a file that records a block device's identity.
+pub const VERSION_DEVICE: u32 = 2;
 /// Header flag: a writer had the image open (every bitmap is inconsistent).
 pub const FLAG_IN_USE: u32 = 1 << 0;
 /// Entry flag: the bitmap records writes.
@@ -72,7 +102,8 @@ pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// The most bytes of bits one bitmap may take (qcow2's `BME_MAX_PHYS_SIZE`).
 pub const MAX_BITS_LEN: u64 = 0x2000_0000;
 
-const HEADER_LEN: usize = 64;
+const HEADER_LEN_FILE: usize = 64;
+const HEADER_LEN_DEVICE: usize = 128;
 const ENTRY_LEN: usize = 16;
 const CHECKSUM_LEN: usize = 4;
 
@@ -84,7 +115,7 @@ pub enum SidecarError {
     Io(#[from] std::io::Error),
     #[error("not a sluice bitmap file (bad magic)")]
     BadMagic,
-    #[error("version {0} (this sluice reads version {VERSION}; a newer sluice wrote it?)")]
+    #[error("version {0} (this sluice reads versions 1 to {VERSION}; a newer sluice wrote it?)")]
     Version(u32),
     #[error("truncated: the file has {len} bytes, its contents need {needed}")]
     Truncated { len: usize, needed: usize },
@@ -94,9 +125,9 @@ pub enum SidecarError {
     Checksum { stored: u32, computed: u32 },
 }
 
-/// What identifies the image a sidecar describes (see the module doc).
+/// What identifies a regular image file (format version 1; see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Identity {
+pub struct FileIdentity {
     pub size: u64,
     pub mtime_sec: i64,
     pub mtime_nsec: u32,
@@ -104,17 +135,90 @@ pub struct Identity {
     pub ino: u64,
 }
 
+impl FileIdentity {
+    /// Which part of `now` differs from `self` (the saved identity), or None.
+    fn differs(&self, now: &FileIdentity) -> Option<&'static str> {
+        if self.dev != now.dev || self.ino != now.ino {
+            Some("its device or inode differs: it is another file")
+        } else if self.size != now.size {
+            Some("its size differs")
+        } else if (self.mtime_sec, self.mtime_nsec) != (now.mtime_sec, now.mtime_nsec) {
+            Some("its modification time differs")
+        } else {
+            None
+        }
+    }
+}
+
+/// What identifies the image a sidecar describes: a regular file's or a block device's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// A regular file (format version 1).
+    File(FileIdentity),
+    /// A block device (format version 2; see [`device`]).
+    Device(DeviceIdentity),
+}
+
+impl Default for Identity {
+    fn default() -> Identity {
+        Identity::File(FileIdentity::default())
+    }
+}
+
 impl Identity {
-    /// The identity of an open image file.
+    /// The identity of an open image: a regular file's from its metadata, a block device's
+    /// from the kernel (see [`device`]; fails if the kernel does not account its I/O).
     pub fn of(file: &File) -> std::io::Result<Identity> {
         let m = file.metadata()?;
-        Ok(Identity {
+        if m.file_type().is_block_device() {
+            return Ok(Identity::Device(DeviceIdentity::of(file, m.rdev())?));
+        }
+        Ok(Identity::File(FileIdentity {
             size: m.size(),
             mtime_sec: m.mtime(),
             mtime_nsec: m.mtime_nsec() as u32,
             dev: m.dev(),
             ino: m.ino(),
-        })
+        }))
+    }
+
+    /// The image's size when the identity was taken.
+    pub fn size(&self) -> u64 {
+        match self {
+            Identity::File(f) => f.size,
+            Identity::Device(d) => d.size,
+        }
+    }
+
+    /// Why `now` is not the image `self` (a saved identity) describes, or None when it is:
+    /// one line naming the part that differs, for the log.
+    pub fn differs(&self, now: &Identity) -> Option<String> {
+        match (self, now) {
+            (Identity::File(a), Identity::File(b)) => a.differs(b).map(|part| {
+                format!(
+                    "the image was written, resized or replaced since sluice saved its \
+                     bitmaps ({part})"
+                )
+            }),
+            (Identity::Device(a), Identity::Device(b)) => a.differs(b),
+            (Identity::File(_), Identity::Device(_)) => Some(
+                "the bitmap file was saved for a regular image file, and the image is a \
+                 block device now"
+                    .into(),
+            ),
+            (Identity::Device(_), Identity::File(_)) => Some(
+                "the bitmap file was saved for a block device, and the image is a regular \
+                 file now"
+                    .into(),
+            ),
+        }
+    }
+
+    fn version(&self) -> u32 {
+        match self {
+            Identity::File(_) => VERSION_FILE,
+            Identity::Device(_) => VERSION_DEVICE,
+        }
     }
 }
 
@@ -192,7 +296,11 @@ pub fn crc32(data: &[u8]) -> u32 {
 
 /// Encodes a sidecar (see the module doc for the layout).
 pub fn encode(s: &Sidecar) -> Vec<u8> {
-    let len = HEADER_LEN
+    let header_len = match s.identity {
+        Identity::File(_) => HEADER_LEN_FILE,
+        Identity::Device(_) => HEADER_LEN_DEVICE,
+    };
+    let len = header_len
         + s.bitmaps
             .iter()
             .map(|e| ENTRY_LEN + e.name.len() + e.bits.len())
@@ -200,16 +308,38 @@ pub fn encode(s: &Sidecar) -> Vec<u8> {
         + CHECKSUM_LEN;
     let mut b = Vec::with_capacity(len);
     b.extend_from_slice(&MAGIC);
-    b.extend_from_slice(&VERSION.to_be_bytes());
+    b.extend_from_slice(&s.identity.version().to_be_bytes());
     b.extend_from_slice(&(if s.in_use { FLAG_IN_USE } else { 0 }).to_be_bytes());
-    let id = &s.identity;
-    b.extend_from_slice(&id.size.to_be_bytes());
-    b.extend_from_slice(&id.mtime_sec.to_be_bytes());
-    b.extend_from_slice(&id.mtime_nsec.to_be_bytes());
-    b.extend_from_slice(&(s.bitmaps.len() as u32).to_be_bytes());
-    b.extend_from_slice(&id.dev.to_be_bytes());
-    b.extend_from_slice(&id.ino.to_be_bytes());
-    b.extend_from_slice(&[0; 8]);
+    let count = (s.bitmaps.len() as u32).to_be_bytes();
+    match &s.identity {
+        Identity::File(id) => {
+            b.extend_from_slice(&id.size.to_be_bytes());
+            b.extend_from_slice(&id.mtime_sec.to_be_bytes());
+            b.extend_from_slice(&id.mtime_nsec.to_be_bytes());
+            b.extend_from_slice(&count);
+            b.extend_from_slice(&id.dev.to_be_bytes());
+            b.extend_from_slice(&id.ino.to_be_bytes());
+            b.extend_from_slice(&[0; 8]);
+        }
+        Identity::Device(id) => {
+            b.extend_from_slice(&id.size.to_be_bytes());
+            b.extend_from_slice(&id.rdev.to_be_bytes());
+            b.extend_from_slice(&[0; 4]);
+            b.extend_from_slice(&count);
+            b.extend_from_slice(&id.diskseq.to_be_bytes());
+            b.extend_from_slice(&id.boot_id);
+            let c = &id.counters;
+            for v in [
+                c.write_ios,
+                c.write_sectors,
+                c.discard_ios,
+                c.discard_sectors,
+            ] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+            b.extend_from_slice(&[0; 32]);
+        }
+    }
     for e in &s.bitmaps {
         let mut flags: u16 = 0;
         if e.enabled {
@@ -256,33 +386,55 @@ fn parse(data: &[u8]) -> Result<(Sidecar, usize), SidecarError> {
     }
     need(12)?;
     let version = u32::from_be_bytes(be(data, 8));
-    if version != VERSION {
-        return Err(SidecarError::Version(version));
-    }
-    need(HEADER_LEN)?;
+    let header_len = match version {
+        VERSION_FILE => HEADER_LEN_FILE,
+        VERSION_DEVICE => HEADER_LEN_DEVICE,
+        v => return Err(SidecarError::Version(v)),
+    };
+    need(header_len)?;
     let flags = u32::from_be_bytes(be(data, 12));
     if flags & !FLAG_IN_USE != 0 {
         return corrupt(format!("unknown header flags {flags:#x}"));
     }
     let in_use = flags & FLAG_IN_USE != 0;
-    let identity = Identity {
-        size: u64::from_be_bytes(be(data, 16)),
-        mtime_sec: i64::from_be_bytes(be(data, 24)),
-        mtime_nsec: u32::from_be_bytes(be(data, 32)),
-        dev: u64::from_be_bytes(be(data, 40)),
-        ino: u64::from_be_bytes(be(data, 48)),
+    let u64_at = |at: usize| u64::from_be_bytes(be(data, at));
+    let identity = if version == VERSION_FILE {
+        let id = FileIdentity {
+            size: u64_at(16),
+            mtime_sec: i64::from_be_bytes(be(data, 24)),
+            mtime_nsec: u32::from_be_bytes(be(data, 32)),
+            dev: u64_at(40),
+            ino: u64_at(48),
+        };
+        if id.mtime_nsec >= 1_000_000_000 {
+            return corrupt(format!("mtime nanoseconds {}", id.mtime_nsec));
+        }
+        if data[56..64] != [0; 8] {
+            return corrupt("the header's reserved field is not zero");
+        }
+        Identity::File(id)
+    } else {
+        if data[32..36] != [0; 4] || data[96..128] != [0; 32] {
+            return corrupt("the header's reserved field is not zero");
+        }
+        Identity::Device(DeviceIdentity {
+            size: u64_at(16),
+            rdev: u64_at(24),
+            diskseq: u64_at(40),
+            boot_id: be(data, 48),
+            counters: WriteCounters {
+                write_ios: u64_at(64),
+                write_sectors: u64_at(72),
+                discard_ios: u64_at(80),
+                discard_sectors: u64_at(88),
+            },
+        })
     };
-    if identity.mtime_nsec >= 1_000_000_000 {
-        return corrupt(format!("mtime nanoseconds {}", identity.mtime_nsec));
-    }
     let count = u32::from_be_bytes(be(data, 36)) as usize;
     if count > MAX_BITMAPS {
         return corrupt(format!("{count} bitmaps (the limit is {MAX_BITMAPS})"));
     }
-    if data[56..64] != [0; 8] {
-        return corrupt("the header's reserved field is not zero");
-    }
-    let mut at = HEADER_LEN;
+    let mut at = header_len;
     let mut bitmaps: Vec<Entry> = Vec::new();
     for i in 0..count {
         need(at + ENTRY_LEN)?;
@@ -308,7 +460,7 @@ fn parse(data: &[u8]) -> Result<(Sidecar, usize), SidecarError> {
         let want = if in_use || inconsistent {
             0
         } else {
-            bits_len(identity.size, granularity)
+            bits_len(identity.size(), granularity)
         };
         if stored_len != want {
             return corrupt(format!(
@@ -448,13 +600,13 @@ mod tests {
     fn sample() -> Sidecar {
         Sidecar {
             in_use: false,
-            identity: Identity {
+            identity: Identity::File(FileIdentity {
                 size: 1 << 20,
                 mtime_sec: 1_700_000_000,
                 mtime_nsec: 123_456_789,
                 dev: 0x803,
                 ino: 42,
-            },
+            }),
             bitmaps: vec![
                 Entry {
                     name: "daily".into(),
@@ -516,14 +668,136 @@ mod tests {
         assert_eq!(decode(&encode(&empty)).unwrap(), empty);
     }
 
+    /// The [`sample`]'s bitmaps over a block device's identity.
+    fn device_sample() -> Sidecar {
+        Sidecar {
+            identity: Identity::Device(DeviceIdentity {
+                size: 1 << 20,
+                rdev: 0x700 + 3,
+                diskseq: 13,
+                boot_id: *b"0123456789abcdef",
+                counters: WriteCounters {
+                    write_ios: 3,
+                    write_sectors: 2056,
+                    discard_ios: 1,
+                    discard_sectors: 128,
+                },
+            }),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn version_2_holds_a_block_devices_identity_and_round_trips() {
+        let s = device_sample();
+        let b = encode(&s);
+        assert_eq!(&b[8..12], &2u32.to_be_bytes());
+        assert_eq!(b.len(), 128 + (16 + 5 + 2) + (16 + 3) + (16 + 3 + 1) + 4);
+        assert_eq!(&b[24..32], &0x703u64.to_be_bytes());
+        assert_eq!(&b[48..64], b"0123456789abcdef");
+        assert_eq!(&b[72..80], &2056u64.to_be_bytes());
+        assert_eq!(&b[88..96], &128u64.to_be_bytes());
+        assert_eq!(decode(&b).unwrap(), s);
+        assert_eq!(encode(&decode(&b).unwrap()), b);
+        // A regular file's identity stays version 1, as older sluices wrote and read it.
+        assert_eq!(&encode(&sample())[8..12], &1u32.to_be_bytes());
+        // Reserved header bytes of version 2.
+        for at in [32, 100, 127] {
+            let mut b = encode(&s);
+            b[at] = 1;
+            let n = b.len() - 4;
+            let c = crc32(&b[..n]);
+            b[n..].copy_from_slice(&c.to_be_bytes());
+            assert_eq!(
+                decode(&b).unwrap_err().to_string(),
+                "corrupt: the header's reserved field is not zero"
+            );
+        }
+        // Truncated in the longer header.
+        assert_eq!(
+            decode(&b[..100]).unwrap_err().to_string(),
+            "truncated: the file has 100 bytes, its contents need 128"
+        );
+    }
+
+    /// A version-1 file written byte by byte from the table of the format before version 2
+    /// existed: this sluice still reads it, with the identity it recorded.
+    #[test]
+    fn version_1_file_from_before_version_2_still_loads() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"SLUICEBM");
+        b.extend_from_slice(&1u32.to_be_bytes()); // version
+        b.extend_from_slice(&0u32.to_be_bytes()); // flags
+        b.extend_from_slice(&(1u64 << 20).to_be_bytes()); // size
+        b.extend_from_slice(&1_700_000_000i64.to_be_bytes()); // mtime s
+        b.extend_from_slice(&5u32.to_be_bytes()); // mtime ns
+        b.extend_from_slice(&1u32.to_be_bytes()); // bitmaps
+        b.extend_from_slice(&0x803u64.to_be_bytes()); // st_dev
+        b.extend_from_slice(&42u64.to_be_bytes()); // st_ino
+        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(&1u16.to_be_bytes()); // name length
+        b.extend_from_slice(&1u16.to_be_bytes()); // enabled
+        b.extend_from_slice(&[16, 0, 0, 0]); // 64 KiB
+        b.extend_from_slice(&2u64.to_be_bytes());
+        b.extend_from_slice(b"b");
+        b.extend_from_slice(&[0x02, 0x00]);
+        let crc = crc32(&b);
+        b.extend_from_slice(&crc.to_be_bytes());
+        let s = decode(&b).unwrap();
+        assert_eq!(
+            s.identity,
+            Identity::File(FileIdentity {
+                size: 1 << 20,
+                mtime_sec: 1_700_000_000,
+                mtime_nsec: 5,
+                dev: 0x803,
+                ino: 42
+            })
+        );
+        assert_eq!(s.bitmaps.len(), 1);
+        assert_eq!(s.bitmaps[0].bits, [2, 0]);
+        assert_eq!(encode(&s), b);
+    }
+
+    #[test]
+    fn identity_differs_names_the_part() {
+        let Identity::File(f) = sample().identity else {
+            unreachable!()
+        };
+        let file = Identity::File(f);
+        assert_eq!(file.differs(&file), None);
+        let later = Identity::File(FileIdentity { mtime_nsec: 6, ..f });
+        assert_eq!(
+            file.differs(&later).unwrap(),
+            "the image was written, resized or replaced since sluice saved its bitmaps (its \
+             modification time differs)"
+        );
+        let other = Identity::File(FileIdentity { ino: 43, ..f });
+        assert!(file
+            .differs(&other)
+            .unwrap()
+            .ends_with("(its device or inode differs: it is another file)"));
+        let dev = device_sample().identity;
+        assert!(file
+            .differs(&dev)
+            .unwrap()
+            .starts_with("the bitmap file was saved for a regular image file"));
+        assert!(dev
+            .differs(&file)
+            .unwrap()
+            .starts_with("the bitmap file was saved for a block device"));
+    }
+
     #[test]
     fn decode_bad_magic_or_version_is_refused() {
         let mut b = encode(&sample());
-        b[8..12].copy_from_slice(&2u32.to_be_bytes());
+        b[8..12].copy_from_slice(&3u32.to_be_bytes());
         assert_eq!(
             decode(&b).unwrap_err().to_string(),
-            "version 2 (this sluice reads version 1; a newer sluice wrote it?)"
+            "version 3 (this sluice reads versions 1 to 2; a newer sluice wrote it?)"
         );
+        b[8..12].copy_from_slice(&0u32.to_be_bytes());
+        assert!(matches!(decode(&b), Err(SidecarError::Version(0))));
         b[0] = b'X';
         assert!(matches!(decode(&b), Err(SidecarError::BadMagic)));
         assert!(matches!(decode(b"SLUI"), Err(SidecarError::BadMagic)));

@@ -46,6 +46,7 @@ fn sidecar_seeds_decode() {
         ("empty", vec![]),
         ("two", vec!["daily", "old"]),
         ("in-use", vec!["daily", "old"]),
+        ("device", vec!["daily", "old"]),
     ] {
         let data = std::fs::read(dir.join(name)).unwrap();
         let s = sluice_image::sidecar::decode(&data).unwrap_or_else(|e| panic!("{name}: {e}"));

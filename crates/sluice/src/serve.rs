@@ -48,7 +48,8 @@ Examples:
                                    log every request (filters: --filter=NAME --help)
 
 Built-in plugins: memory (size=), file (file= or dir=), null (size=), pattern (size=),
-image (raw or qcow2: file= format= backing= readonly= locking= bitmap=),
+image (raw or qcow2: file= format= backing= readonly= locking= bitmap=
+bitmap-file=),
 rbd ([pool/]image[@snap] pool= namespace= snapshot= conf= id= keyring= key= timeout=
 ceph.OPTION=; see `sluice serve --dump-plugin rbd` for the librbd it loads).
 `python SCRIPT` runs nbdkit Python plugin scripts (API_VERSION 1 and 2); a script can

@@ -5,6 +5,10 @@
 //! qemu and every other tool write raw images without knowing of that file, it loads them
 //! *inconsistent* (never stale) when the image was not closed by sluice or changed since.
 //!
+//! A raw node over a block device keeps them in the file its `bitmap-file` option names, with
+//! the kernel's account of the device (its write and discard counters, diskseq, boot id) as
+//! the identity that tells whether anything else wrote it.
+//!
 //! Deliberate difference, asserted here: qsd answers `persistent: true` on a raw node with
 //! "Can't store persistent bitmaps to NODE: Operation not supported"; sluice keeps it.
 
@@ -47,9 +51,15 @@ fn sidecar(image: &Path) -> PathBuf {
     image.with_file_name(name)
 }
 
-/// The sidecar's header flag `in_use` (byte 15, bit 0: see `crates/image/src/sidecar.rs`).
+/// The header flag `in_use` of the sidecar beside `image`.
 fn sidecar_in_use(image: &Path) -> bool {
-    let b = std::fs::read(sidecar(image)).unwrap();
+    sidecar_in_use_at(&sidecar(image))
+}
+
+/// The header flag `in_use` of the sidecar at `side` (byte 15, bit 0: see
+/// `crates/image/src/sidecar.rs`).
+fn sidecar_in_use_at(side: &Path) -> bool {
+    let b = std::fs::read(side).unwrap();
     assert_eq!(&b[..8], b"SLUICEBM");
     b[15] & 1 == 1
 }
@@ -131,6 +141,74 @@ fn checkpoint(dir: &Path) -> PathBuf {
     disk
 }
 
+/// An incremental `blockdev-backup` of `node` from `bitmap` into a new qcow2 image in `dir`
+/// (returned), asserting that it copied the [`DIRTY`] blocks.
+fn incremental_backup(q: &mut Qmp, dir: &Path, node: &str, bitmap: &str) -> PathBuf {
+    let inc = dir.join("inc.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&inc), "64M"]);
+    ok(
+        q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "inc", "file": support::qmp::file(&inc, false)}),
+    );
+    let msgs = run_until(
+        q,
+        json!({"execute": "blockdev-backup", "arguments": {"job-id": "inc", "device": node,
+            "target": "inc", "sync": "incremental", "bitmap": bitmap}}),
+        "null",
+    );
+    let done = msgs
+        .iter()
+        .find(|m| m["event"] == "BLOCK_JOB_COMPLETED")
+        .unwrap_or_else(|| panic!("{msgs:?}"));
+    assert_eq!(done["data"].get("error"), None, "{done}");
+    assert_eq!(done["data"]["offset"], json!(5 * 65536), "{done}");
+    inc
+}
+
+/// Exactly the [`DIRTY`] blocks are in `inc`, and `full` with `inc` over it is `disk` (a
+/// raw image file or block device).
+fn assert_full_plus_incremental_is(inc: &Path, full: &Path, disk: &Path) {
+    let map: Value = serde_json::from_str(&support::image::qemu_img_map(path_str(inc))).unwrap();
+    let own: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(own, DIRTY, "{map}");
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(full),
+        "-F",
+        "raw",
+        path_str(inc),
+    ]);
+    let cmp = support::output(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            path_str(inc),
+            path_str(disk),
+        ],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
+
 #[test]
 fn raw_bitmap_survives_a_restart_and_drives_an_incremental_backup() {
     let dir = tempfile::tempdir().unwrap();
@@ -165,67 +243,10 @@ fn raw_bitmap_survives_a_restart_and_drives_an_incremental_backup() {
     assert_eq!(exported_dirty_runs(&mut q, &d, "disk", "b0"), DIRTY);
 
     // The incremental backup copies what the bitmap says, and clears it.
-    let inc = dir.path().join("inc.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&inc), "64M"]);
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "inc", "file": support::qmp::file(&inc, false)}),
-    );
-    let msgs = run_until(
-        &mut q,
-        json!({"execute": "blockdev-backup", "arguments": {"job-id": "inc", "device": "disk",
-            "target": "inc", "sync": "incremental", "bitmap": "b0"}}),
-        "null",
-    );
-    let done = msgs
-        .iter()
-        .find(|m| m["event"] == "BLOCK_JOB_COMPLETED")
-        .unwrap_or_else(|| panic!("{msgs:?}"));
-    assert_eq!(done["data"].get("error"), None, "{done}");
-    assert_eq!(done["data"]["offset"], json!(5 * 65536), "{done}");
+    let inc = incremental_backup(&mut q, dir.path(), "disk", "b0");
     assert_eq!(node_bitmaps(&mut q, "disk")[0].1, 0);
     quit(d, q);
-
-    // Exactly the dirty blocks were copied, and full + incremental is the disk.
-    let map: Value = serde_json::from_str(&support::image::qemu_img_map(path_str(&inc))).unwrap();
-    let own: Vec<(u64, u64)> = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["depth"] == 0 && e["present"] == true)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(own, DIRTY, "{map}");
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        path_str(&full),
-        "-F",
-        "raw",
-        path_str(&inc),
-    ]);
-    let cmp = support::output(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            path_str(&inc),
-            path_str(&disk),
-        ],
-    );
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_full_plus_incremental_is(&inc, &full, &disk);
     // The cleared bitmap was saved: a third run finds it clean and consistent.
     assert_eq!(
         bitmaps_seen_by_a_new_daemon(&disk),
@@ -445,4 +466,377 @@ fn serve_image_offers_a_raw_images_bitmap_as_qemu_nbd_offers_a_qcow2_ones() {
     );
     // A read-only serve leaves the sidecar as it was.
     assert!(std::fs::read(sidecar(&disk)).unwrap() == saved);
+}
+
+// --- Raw nodes over a block device: the sidecar its `bitmap-file` names -------------------
+//
+// A loop device is the real block device here (an LVM volume is one too, but there is no
+// device-mapper on the test machines). The identity of a device is the kernel's account of
+// it (`crates/image/src/sidecar/device.rs`): device number, size, diskseq, boot id, and its
+// write and discard counters.
+
+/// A loop device over a file of its own, detached when dropped (also when the test panics).
+/// Tests run in parallel, with other tests' loop devices: each takes a free one
+/// (`losetup -f --show`) and detaches exactly its own.
+struct LoopDevice {
+    dev: PathBuf,
+    backing: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(backing: &Path) -> LoopDevice {
+        LoopDevice {
+            dev: LoopDevice::free_device_over(backing),
+            backing: backing.to_owned(),
+        }
+    }
+
+    fn free_device_over(backing: &Path) -> PathBuf {
+        let dev = support::run("losetup", &["-f", "--show", path_str(backing)]);
+        PathBuf::from(dev.trim())
+    }
+
+    /// Detaches the device and attaches its file again (the kernel gives the disk a new
+    /// diskseq, and maybe another device). Not by assigning a new `LoopDevice`: dropping
+    /// the old one would detach its device again, which another test may have taken by
+    /// then.
+    fn reattach(&mut self) {
+        support::run("losetup", &["-d", path_str(&self.dev)]);
+        self.dev = LoopDevice::free_device_over(&self.backing);
+    }
+
+    /// The device number, as `MAJ:MIN`.
+    fn maj_min(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&self.dev).unwrap().rdev();
+        format!("{}:{}", libc::major(rdev), libc::minor(rdev))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = support::output("losetup", &["-d", path_str(&self.dev)]);
+    }
+}
+
+/// A node's bitmaps, as [`node_bitmaps`] lists them.
+type Shown = Vec<(String, u64, u64, bool, bool, bool)>;
+
+/// The sidecar's format version (bytes 8..12).
+fn sidecar_version(side: &Path) -> u32 {
+    let b = std::fs::read(side).unwrap();
+    u32::from_be_bytes(b[8..12].try_into().unwrap())
+}
+
+fn add_raw_device(q: &mut Qmp, node: &str, dev: &LoopDevice, side: &Path, read_only: bool) {
+    ok(
+        q,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": node, "read-only": read_only,
+               "bitmap-file": path_str(side), "file": support::qmp::file(&dev.dev, read_only)}),
+    );
+}
+
+/// The bitmaps a new daemon finds on `dev` with `side`, opened read-only as node `disk`,
+/// and its log.
+fn device_bitmaps_seen_by_a_new_daemon(dev: &LoopDevice, side: &Path) -> (Shown, String) {
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", dev, side, true);
+    let shown = node_bitmaps(&mut q, "disk");
+    (shown, d.stderr())
+}
+
+/// A checkpoint on a block device: a loop device over `disk.raw`, persistent bitmap `b` in
+/// `side` (`DIR/disk.bitmaps`, saved by a first run), [`WRITES`] recorded in it.
+fn device_checkpoint(dir: &Path) -> (LoopDevice, PathBuf) {
+    let dev = LoopDevice::attach(&raw_disk(dir, "disk.raw"));
+    let side = dir.join("disk.bitmaps");
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", &dev, &side, false);
+    add_bitmap(&mut q, "disk", "b");
+    start_nbd(&mut q, &d);
+    write_through_export(&mut q, &d, "disk", &WRITES);
+    quit(d, q);
+    assert_eq!(sidecar_version(&side), 2);
+    (dev, side)
+}
+
+/// Bitmap `b` as `query-named-block-nodes` shows it inconsistent.
+fn inconsistent_b() -> Shown {
+    vec![("b".to_string(), 0, 65536, false, true, true)]
+}
+
+/// Replaces the inconsistent bitmap `b` (it starts all dirty) and saves it: the device is
+/// back at a consistent checkpoint.
+fn replace_b(dev: &LoopDevice, side: &Path) {
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", dev, side, false);
+    assert_eq!(node_bitmaps(&mut q, "disk"), inconsistent_b());
+    add_bitmap(&mut q, "disk", "b");
+    quit(d, q);
+    let all_dirty = vec![("b".to_string(), MIB_64, 65536, true, true, false)];
+    assert_eq!(device_bitmaps_seen_by_a_new_daemon(dev, side).0, all_dirty);
+}
+
+#[test]
+fn block_device_bitmap_survives_a_restart_and_drives_an_incremental_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = raw_disk(dir.path(), "disk.raw");
+    let full = dir.path().join("full.raw");
+    std::fs::copy(&file, &full).unwrap();
+    let dev = LoopDevice::attach(&file);
+    let side = dir.path().join("state").join("disk.bitmaps");
+    std::fs::create_dir(side.parent().unwrap()).unwrap();
+
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", &dev, &side, false);
+    add_bitmap(&mut q, "disk", "b0");
+    start_nbd(&mut q, &d);
+    write_through_export(&mut q, &d, "disk", &WRITES);
+    let shown = node_bitmaps(&mut q, "disk");
+    assert_eq!(
+        shown,
+        [("b0".to_string(), 5 * 65536, 65536, true, true, false)]
+    );
+    // The node is shown as qsd shows a raw node: bitmap-file is not part of its name.
+    let node = support::qmp::named_node(&mut q, "disk");
+    assert_eq!(
+        node["image"]["filename"],
+        json!(path_str(&dev.dev)),
+        "{node}"
+    );
+    quit(d, q);
+    assert!(!sidecar_in_use_at(&side));
+    assert_eq!(sidecar_version(&side), 2);
+    // Nothing beside the device: /dev is a tmpfs.
+    assert!(!sidecar(&dev.dev).exists());
+
+    // Restarted: the same bitmap, consistent, the same dirty blocks.
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", &dev, &side, false);
+    assert_eq!(node_bitmaps(&mut q, "disk"), shown);
+    assert!(sidecar_in_use_at(&side));
+    assert!(!d.stderr().contains("inconsistent"), "{}", d.stderr());
+    start_nbd(&mut q, &d);
+    assert_eq!(exported_dirty_runs(&mut q, &d, "disk", "b0"), DIRTY);
+    let inc = incremental_backup(&mut q, dir.path(), "disk", "b0");
+    quit(d, q);
+    assert_full_plus_incremental_is(&inc, &full, &dev.dev);
+    // The cleared bitmap was saved: a third run finds it clean and consistent.
+    let (seen, log) = device_bitmaps_seen_by_a_new_daemon(&dev, &side);
+    assert_eq!(
+        seen,
+        [("b0".to_string(), 0, 65536, true, true, false)],
+        "{log}"
+    );
+}
+
+#[test]
+fn block_device_written_or_discarded_behind_sluice_loads_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, side) = device_checkpoint(dir.path());
+    let (seen, log) = device_bitmaps_seen_by_a_new_daemon(&dev, &side);
+    assert!(!seen[0].5, "{log}");
+    let said = |log: &str, what: &str| {
+        let want = format!(
+            "the device was {what} by another program since sluice saved its bitmaps (its \
+             counters in /sys/dev/block/{}/stat moved); its bitmaps (in {}) are loaded \
+             inconsistent",
+            dev.maj_min(),
+            side.display()
+        );
+        assert!(log.contains(&want), "{want}\n{log}");
+    };
+
+    // One 4 KiB write, past sluice, through the device.
+    support::run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", dev.dev.display()),
+            "bs=4096",
+            "count=1",
+            "seek=2000",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let (seen, log) = device_bitmaps_seen_by_a_new_daemon(&dev, &side);
+    assert_eq!(seen, inconsistent_b(), "{log}");
+    said(&log, "written");
+
+    // Back at a checkpoint, then a discard of 64 KiB.
+    replace_b(&dev, &side);
+    support::run(
+        "blkdiscard",
+        &["-o", "1048576", "-l", "65536", path_str(&dev.dev)],
+    );
+    let (seen, log) = device_bitmaps_seen_by_a_new_daemon(&dev, &side);
+    assert_eq!(seen, inconsistent_b(), "{log}");
+    said(&log, "discarded");
+}
+
+#[test]
+fn block_device_attached_again_loads_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut dev, side) = device_checkpoint(dir.path());
+    let before = dev.maj_min();
+    dev.reattach();
+    eprintln!("attached again as {} (was {before})", dev.maj_min());
+    let (seen, log) = device_bitmaps_seen_by_a_new_daemon(&dev, &side);
+    assert_eq!(seen, inconsistent_b(), "{log}");
+    // The same device number gets a new diskseq; a free device of another number is
+    // another device.
+    let why = if dev.maj_min() == before {
+        "the device was attached again or its media changed since sluice saved its bitmaps \
+         (its diskseq was "
+            .to_string()
+    } else {
+        format!(
+            "the bitmap file was saved for device {before}, the image is device {}",
+            dev.maj_min()
+        )
+    };
+    assert!(log.contains(&why), "{why}\n{log}");
+}
+
+#[test]
+fn kill_9_while_a_block_device_is_writable_leaves_its_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, side) = device_checkpoint(dir.path());
+    let mut d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", &dev, &side, false);
+    assert!(sidecar_in_use_at(&side));
+    start_nbd(&mut q, &d);
+    write_through_export(&mut q, &d, "disk", &["write -P 5 40M 4k"]);
+    support::crash::kill_9(&mut d, &mut q);
+    assert!(sidecar_in_use_at(&side));
+    let (seen, log) = device_bitmaps_seen_by_a_new_daemon(&dev, &side);
+    assert_eq!(seen, inconsistent_b(), "{log}");
+    assert!(log.contains("did not close it (a crash, kill -9)"), "{log}");
+}
+
+#[test]
+fn block_device_without_bitmap_file_refuses_persistent_bitmaps_serve_image_keeps_them_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = LoopDevice::attach(&raw_disk(dir.path(), "disk.raw"));
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw(&mut q, "disk", &dev.dev, false);
+    let r = q.exec(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "p", "persistent": true}),
+    );
+    assert_eq!(
+        Qmp::error(&r),
+        (
+            "GenericError".to_string(),
+            format!(
+                "Can't make bitmap 'p' persistent in 'disk': a raw image over a block device \
+                 keeps its bitmaps in the file its bitmap-file option names ({} has none: add \
+                 bitmap-file=PATH, on a file system that outlives a reboot)",
+                dev.dev.display()
+            )
+        )
+    );
+    // A bitmap that is not persistent needs no file.
+    ok(
+        &mut q,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "t"}),
+    );
+    quit(d, q);
+
+    // `serve image` with bitmap-file: the bitmap a daemon added, writes recorded, saved at
+    // exit, offered by a second, read-only serve.
+    let side = dir.path().join("disk.bitmaps");
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    add_raw_device(&mut q, "disk", &dev, &side, false);
+    add_bitmap(&mut q, "disk", "b");
+    quit(d, q);
+    let bitmap_file = format!("bitmap-file={}", side.display());
+    let args = [
+        "image",
+        path_str(&dev.dev),
+        "format=raw",
+        &bitmap_file,
+        "bitmap=b",
+    ];
+    let mut s = Server::start(&args);
+    assert!(sidecar_in_use_at(&side));
+    support::qemu_io(&s.uri(), &["write -P 3 20M 128k", "write -P 4 63M 4k"]);
+    assert!(s.stop().success(), "{}", s.stderr());
+    assert!(!sidecar_in_use_at(&side), "{}", s.stderr());
+    let saved = std::fs::read(&side).unwrap();
+    let mut ro = vec!["-r"];
+    ro.extend_from_slice(&args);
+    let s = Server::start(&ro);
+    let map = nbdinfo_map(&s.uri(), "qemu:dirty-bitmap:b");
+    drop(s);
+    assert_eq!(dirty_runs(&map), [(20 << 20, 131072), (63 << 20, 65536)]);
+    assert!(std::fs::read(&side).unwrap() == saved);
+    // Without bitmap-file the device has no bitmaps at all.
+    let (code, err) = serve_fails(&["-r", "image", path_str(&dev.dev), "format=raw", "bitmap=b"]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        message_lines(&err),
+        [format!(
+            "sluice: image: Bitmap 'b' is not found ({} has no persistent bitmaps)",
+            dev.dev.display()
+        )],
+        "{err}"
+    );
+}
+
+#[test]
+fn bitmap_file_of_a_regular_image_replaces_the_file_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path(), "disk.raw");
+    let side = dir.path().join("elsewhere.bm");
+    let d = QmpDaemon::sluice(&[]);
+    let mut q = d.connect_negotiated();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disk", "bitmap-file": path_str(&side),
+               "file": support::qmp::file(&disk, false)}),
+    );
+    add_bitmap(&mut q, "disk", "b");
+    quit(d, q);
+    assert!(side.exists() && !sidecar(&disk).exists());
+    // A regular file's identity: version 1, as before block devices had theirs.
+    assert_eq!(sidecar_version(&side), 1);
+    let (code, err) = serve_fails(&[
+        "-r",
+        "image",
+        path_str(&disk),
+        "format=raw",
+        "bitmap=b",
+        "bitmap-file=/nonexistent/x",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        message_lines(&err)[0].ends_with("has no persistent bitmaps)"),
+        "{err}"
+    );
+    let s = Server::start(&[
+        "-r",
+        "image",
+        path_str(&disk),
+        "format=raw",
+        "bitmap=b",
+        &format!("bitmap-file={}", side.display()),
+    ]);
+    assert_eq!(
+        dirty_runs(&nbdinfo_map(&s.uri(), "qemu:dirty-bitmap:b")),
+        []
+    );
 }

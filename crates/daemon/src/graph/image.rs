@@ -19,7 +19,7 @@
 
 use std::any::Any;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -84,7 +84,8 @@ impl NodeDriver for ImageDriver {
                     ));
                 }
                 let file = self.file_child(ctx, &r.file, Driver::Raw)?;
-                let o = format_options(Driver::Raw, name, read_only, file, BackingRef::None);
+                let mut o = format_options(Driver::Raw, name, read_only, file, BackingRef::None);
+                o.bitmap_file = r.bitmap_file.as_ref().map(PathBuf::from);
                 let node = open_with_graph(ctx, &o, None)?;
                 Ok(opened(node, None))
             }
@@ -323,6 +324,7 @@ fn format_options(
         locking: Locking::Auto,
         file: Some(ChildRef::Node(file)),
         backing,
+        bitmap_file: None,
     }
 }
 

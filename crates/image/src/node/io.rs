@@ -580,7 +580,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = create(dir.path(), "r.raw", &["-f", "raw"], Some("1M"));
         let file = open_file_node("f".into(), &raw, false, Locking::Auto).unwrap();
-        let node = open_raw_node("r".into(), file, false, true).unwrap();
+        let node = open_raw_node("r".into(), file, false, true, None).unwrap();
         let err = node.write(b"QFI\xfb\0\0\0\x03", 0).unwrap_err();
         assert_eq!(err.errno, Errno::EPERM);
         node.write(b"QFI", 0).unwrap();

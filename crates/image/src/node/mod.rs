@@ -166,6 +166,9 @@ pub struct Node {
     /// The format was probed and found raw: like qemu, refuse writes that would make block 0
     /// probe as qcow2.
     probed_raw: bool,
+    /// A raw node's `bitmap-file` (absolute): where its sidecar is, instead of beside the
+    /// image (see `raw_bitmaps.rs`).
+    bitmap_file: Option<PathBuf>,
     /// qemu's `metadata_preallocation` guess for this qcow2 node, made at the first block
     /// status (see [`Node::metadata_preallocated`]).
     prealloc_guess: std::sync::OnceLock<bool>,
@@ -208,6 +211,7 @@ impl Node {
         base: Base,
         view: View,
         probed_raw: bool,
+        bitmap_file: Option<PathBuf>,
     ) -> Arc<Node> {
         let (filename, file, file_state, debug, device) = match base {
             Base::Own(path, state) => (path, None, Some(state), None, None),
@@ -226,6 +230,7 @@ impl Node {
             device,
             view: RwLock::new(Arc::new(view)),
             probed_raw,
+            bitmap_file,
             prealloc_guess: std::sync::OnceLock::new(),
             io: RwLock::new(()),
             tracking: Tracking::default(),

@@ -104,7 +104,13 @@ fn open_with_chain(
                 )));
             }
             if opts.driver == Driver::Raw {
-                open_raw_node(name, file, opts.read_only, probed)
+                let bitmap_file = match &opts.bitmap_file {
+                    // Absolute, so that the log and errors name the file a later open
+                    // (from another directory) would take.
+                    Some(p) => Some(std::path::absolute(p).map_err(|e| ImageError::open(p, e))?),
+                    None => None,
+                };
+                open_raw_node(name, file, opts.read_only, probed, bitmap_file)
             } else {
                 open_qcow2_node(name, file, opts.read_only, &opts.backing, resolve, chain)
             }
@@ -159,6 +165,7 @@ pub(super) fn open_file_node(
         Base::Own(path.to_owned(), state),
         View::new(None, None, FormatAccess::new(raw)),
         false,
+        None,
     ))
 }
 
@@ -203,6 +210,7 @@ pub fn open_blkdebug_node(
         Base::Debug(file, parts),
         View::new(None, None, FormatAccess::new(raw)),
         false,
+        None,
     ))
 }
 
@@ -233,6 +241,7 @@ pub(super) fn open_raw_node(
     file: Arc<Node>,
     read_only: bool,
     probed: bool,
+    bitmap_file: Option<PathBuf>,
 ) -> Result<Arc<Node>, ImageError> {
     let raw = Raw::open_image(file.storage().clone(), !read_only)
         .map_err(|e| ImageError::open(&file.filename, e))?;
@@ -243,6 +252,7 @@ pub(super) fn open_raw_node(
         Base::Child(file),
         View::new(None, None, FormatAccess::new(raw)),
         probed,
+        bitmap_file,
     ))
 }
 
@@ -525,6 +535,7 @@ fn open_qcow2_node(
         Base::Child(file),
         View::new(backing, Some(Qcow2Info { header }), FormatAccess::new(q)),
         false,
+        None,
     ))
 }
 
@@ -587,6 +598,7 @@ fn open_backing_from_header(
             ..BlockdevOptions::file(&backing_path, true)
         }))),
         backing: BackingRef::FromHeader,
+        bitmap_file: None,
     };
     let no_nodes = |_: &str| None;
     let r = open_with_chain(&opts, &no_nodes, chain, probed && format == Format::Raw);

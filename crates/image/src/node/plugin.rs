@@ -198,6 +198,7 @@ pub fn open_plugin_node(
         Base::Device(path, parts),
         View::new(None, None, FormatAccess::new(raw)),
         false,
+        None,
     ))
 }
 

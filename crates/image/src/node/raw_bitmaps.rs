@@ -2,18 +2,23 @@
 //! (`crate::sidecar` has the format and why the file records the image's identity).
 //!
 //! The life cycle is qcow2's (`persist.rs`), with the sidecar for the bitmaps directory:
+//! - **Where**: the node's `bitmap-file` option when given, else `IMAGE.bitmaps` beside a
+//!   regular image file. A block device has no directory that survives a reboot (`/dev` is
+//!   a tmpfs), so a raw node over one keeps bitmaps only with `bitmap-file`.
 //! - **Load** ([`Node::load_bitmaps`]): every bitmap of the sidecar is loaded; all of them
 //!   *inconsistent* when the file says a writer had the image open (`in_use`), when the
-//!   image's size, mtime, device or inode differ from what the file recorded (another
-//!   program changed or replaced the image), or when its checksum fails (the names are
-//!   salvaged). A file that does not parse at all (bad magic, a newer version, truncated)
-//!   fails the open with what is wrong: guessing would hide it. A writable node then
+//!   image's identity differs from what the file recorded (a file's size, mtime, device or
+//!   inode; a block device's number, size, diskseq, boot id or write counters: another
+//!   program changed or replaced the image, see `crate::sidecar`), or when its checksum
+//!   fails (the names are salvaged); one log line says which. A file that does not parse
+//!   at all (bad magic, a newer version, truncated) fails the open with what is wrong:
+//!   guessing would hide it. So does a block device whose identity cannot be taken (the
+//!   kernel does not count its I/O). A writable node then
 //!   rewrites the file with `in_use` set (and no bits), durably, before it takes a request,
 //!   so a crash from here on leaves the bitmaps detectably inconsistent.
-//! - **Add**: `persistent: true` is accepted on a writable raw node over a regular file whose
-//!   directory takes the file ([`Node::can_store_bitmap`] tries). A block device has no
-//!   directory that survives a reboot (`/dev` is a tmpfs) nor an mtime that writes keep,
-//!   so it is refused.
+//! - **Add**: `persistent: true` is accepted on a writable raw node with a sidecar location
+//!   (above) whose directory takes the file ([`Node::can_store_bitmap`] tries). A block
+//!   device without `bitmap-file` is refused with a message naming the option.
 //! - **Save** ([`Node::store_bitmaps`], at `blockdev-del`, at exit and from `Drop`): with
 //!   every request held off, the image is flushed, *then* its identity taken (so sluice's
 //!   own writes do not make its own file look stale), then the file written atomically
@@ -22,8 +27,8 @@
 //!   `block-dirty-bitmap-remove` of a persistent bitmap takes effect here, at close (a crash
 //!   before then brings it back inconsistent, not stale).
 //!
-//! **Timestamps.** The identity check relies on a later write giving the image another
-//! mtime. Timestamps come from the kernel's coarse clock (a tick, 1-10 ms) and some file
+//! **Timestamps** (regular files only). The identity check relies on a later write giving
+//! the image another mtime. Timestamps come from the kernel's coarse clock (a tick, 1-10 ms) and some file
 //! systems keep whole seconds, so a write in the same tick as sluice's last one would keep
 //! the mtime sluice recorded. Saving therefore waits, before it lets the image go (the image
 //! lock keeps other writers out until then), until the coarse clock has passed the recorded
@@ -32,7 +37,9 @@
 //!
 //! **One keeper per image.** Two writable raw nodes of one process may share a file node
 //! (qemu's lock bytes do not separate them); only the first keeps the sidecar. The other
-//! loads nothing and refuses persistent bitmaps, instead of both writing the file.
+//! loads nothing and refuses persistent bitmaps, instead of both writing the file. A
+//! block device is one image whatever node in `/dev` opened it (its device number), and
+//! two images of one process naming the same `bitmap-file` are refused at the second open.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -44,33 +51,62 @@ use super::Node;
 use crate::bitmaps::Bitmap;
 use crate::dirty::DirtyMap;
 use crate::error::ImageError;
-use crate::sidecar::{self, Entry, Identity, Sidecar, SidecarError};
+use crate::sidecar::{self, Entry, FileIdentity, Identity, Sidecar, SidecarError};
 
 /// A writable raw node's sidecar (see the module doc).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Kept {
     path: PathBuf,
-    /// The image's (device, inode): this node's claim in [`KEPT`].
-    key: (u64, u64),
+    /// The image: this node's claim in [`KEPT`].
+    key: ImageKey,
     /// A sidecar existed at open (it is rewritten or removed at close).
     on_disk: bool,
 }
 
-/// The images whose sidecar a node of this process keeps, by (device, inode).
-static KEPT: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
-
-fn claim(key: (u64, u64)) -> bool {
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    if kept.contains(&key) {
-        return false;
-    }
-    kept.push(key);
-    true
+/// What makes two nodes' images the same image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageKey {
+    /// A regular file: (device, inode).
+    File(u64, u64),
+    /// A block device, by its number (two nodes in `/dev` may name one device).
+    Device(u64),
 }
 
-fn release(key: (u64, u64)) {
+impl ImageKey {
+    fn of(id: &Identity) -> ImageKey {
+        match id {
+            Identity::File(f) => ImageKey::File(f.dev, f.ino),
+            Identity::Device(d) => ImageKey::Device(d.rdev),
+        }
+    }
+}
+
+/// The images whose sidecar a node of this process keeps, and where.
+static KEPT: std::sync::Mutex<Vec<(ImageKey, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// Why a node cannot keep the sidecar at `path` of the image `key`.
+enum Taken {
+    /// Another node keeps this image's sidecar.
+    Image,
+    /// Another image's node keeps its sidecar in this file.
+    File,
+}
+
+fn claim(key: ImageKey, path: &Path) -> Result<(), Taken> {
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    kept.retain(|k| *k != key);
+    if kept.iter().any(|(k, _)| *k == key) {
+        return Err(Taken::Image);
+    }
+    if kept.iter().any(|(_, p)| p == path) {
+        return Err(Taken::File);
+    }
+    kept.push((key, path.to_owned()));
+    Ok(())
+}
+
+fn release(key: ImageKey) {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    kept.retain(|(k, _)| *k != key);
 }
 
 /// The coarse real-time clock the kernel stamps files with, in nanoseconds.
@@ -89,7 +125,7 @@ fn coarse_now() -> i128 {
 
 /// Waits until a write would stamp the image with an mtime other than `id`'s (see the
 /// module doc): at most the granularity and a few ticks.
-fn settle_mtime(id: &Identity) {
+fn settle_mtime(id: &FileIdentity) {
     let mtime = i128::from(id.mtime_sec) * 1_000_000_000 + i128::from(id.mtime_nsec);
     let granularity: i128 = if id.mtime_nsec == 0 { 1_000_000_000 } else { 1 };
     let until = mtime + granularity;
@@ -117,9 +153,16 @@ impl Node {
     }
 
     /// The sidecar file that keeps this raw node's persistent bitmaps, or None (not a raw
-    /// node, or its image cannot be resolved).
+    /// node, a block device without `bitmap-file`, or its image cannot be resolved).
     pub fn sidecar_path(&self) -> Option<PathBuf> {
-        (self.driver == crate::options::Driver::Raw)
+        if self.driver != crate::options::Driver::Raw {
+            return None;
+        }
+        if let Some(p) = &self.bitmap_file {
+            return Some(p.clone());
+        }
+        let regular = std::fs::metadata(&self.filename).is_ok_and(|m| m.is_file());
+        regular
             .then(|| sidecar::path_for(&self.filename).ok())
             .flatten()
     }
@@ -130,21 +173,37 @@ impl Node {
         let meta = os
             .metadata()
             .map_err(|e| ImageError::open(&self.filename, e))?;
-        if !meta.is_file() {
-            return Ok(Persist::NotLoaded);
-        }
-        let path =
-            sidecar::path_for(&self.filename).map_err(|e| ImageError::open(&self.filename, e))?;
-        let now = Identity::of(os).map_err(|e| ImageError::open(&self.filename, e))?;
-        let key = (now.dev, now.ino);
-        if !self.is_read_only() && !claim(key) {
-            tracing::warn!(
-                "{}: another node of this process keeps the bitmaps of this image; node \
-                 '{}' neither loads nor saves them",
-                self.filename.display(),
-                self.name
-            );
-            return Ok(Persist::Elsewhere);
+        let path = match &self.bitmap_file {
+            Some(p) => p.clone(),
+            None if meta.is_file() => sidecar::path_for(&self.filename)
+                .map_err(|e| ImageError::open(&self.filename, e))?,
+            // A block device without `bitmap-file`: nowhere to keep them.
+            None => return Ok(Persist::NotLoaded),
+        };
+        let now = Identity::of(os).map_err(|e| self.sidecar_error(&path, SidecarError::Io(e)))?;
+        let key = ImageKey::of(&now);
+        if !self.is_read_only() {
+            match claim(key, &path) {
+                Ok(()) => {}
+                Err(Taken::Image) => {
+                    tracing::warn!(
+                        "{}: another node of this process keeps the bitmaps of this image; \
+                         node '{}' neither loads nor saves them",
+                        self.filename.display(),
+                        self.name
+                    );
+                    return Ok(Persist::Elsewhere);
+                }
+                Err(Taken::File) => {
+                    return Err(self.sidecar_error(
+                        &path,
+                        SidecarError::Io(std::io::Error::other(
+                            "another image's node of this process keeps its bitmaps in that \
+                             file: give each image a bitmap-file of its own",
+                        )),
+                    ))
+                }
+            }
         }
         let loaded = self.read_sidecar(&path, &now);
         let entries = match loaded {
@@ -239,13 +298,14 @@ impl Node {
             }
         };
         let why = if s.in_use {
-            Some("sluice had the image open read-write and did not close it (a crash, kill -9)")
-        } else if s.identity != *now {
-            Some("the image was written, resized or replaced since sluice saved its bitmaps")
+            Some(
+                "sluice had the image open read-write and did not close it (a crash, kill -9)"
+                    .to_string(),
+            )
         } else {
-            None
+            s.identity.differs(now)
         };
-        if let (Some(why), false) = (why, s.bitmaps.is_empty()) {
+        if let (Some(why), false) = (&why, s.bitmaps.is_empty()) {
             tracing::warn!(
                 "{image}: {why}; its bitmaps (in {}) are loaded inconsistent",
                 path.display()
@@ -278,13 +338,15 @@ impl Node {
                 ))
             }
             Persist::Stored => return Err("the node is closed".into()),
-            _ => {
+            _ if self.sidecar_path().is_none() => {
                 return Err(format!(
-                    "a raw image keeps its bitmaps in a sidecar file, which needs a regular \
-                     image file ({} is not one)",
+                    "a raw image over a block device keeps its bitmaps in the file its \
+                     bitmap-file option names ({} has none: add bitmap-file=PATH, on a file \
+                     system that outlives a reboot)",
                     self.filename.display()
                 ))
             }
+            _ => return Err("the node's persistent bitmaps were not loaded".into()),
         };
         let count = self
             .bitmaps()
@@ -348,7 +410,9 @@ impl Node {
                     })
                     .collect(),
             };
-            settle_mtime(&identity);
+            if let Identity::File(f) = &identity {
+                settle_mtime(f);
+            }
             sidecar::write(&kept.path, &s, mode).map_err(|e| self.sidecar_error(&kept.path, e))
         })?;
         Ok(true)
@@ -485,7 +549,8 @@ mod tests {
         node.load_bitmaps().unwrap();
         // A second writable raw node over the same file node does not keep the sidecar.
         let file = node.file_child().unwrap().clone();
-        let other = super::super::open::open_raw_node("o".into(), file, false, false).unwrap();
+        let other =
+            super::super::open::open_raw_node("o".into(), file, false, false, None).unwrap();
         other.load_bitmaps().unwrap();
         assert!(other.bitmaps().is_empty());
         assert!(other
@@ -501,16 +566,16 @@ mod tests {
     #[test]
     fn settle_mtime_returns_once_the_clock_passed_the_stamp() {
         let now = coarse_now();
-        let id = Identity {
+        let id = FileIdentity {
             mtime_sec: (now / 1_000_000_000) as i64,
             mtime_nsec: (now % 1_000_000_000) as u32 | 1,
-            ..Identity::default()
+            ..FileIdentity::default()
         };
         settle_mtime(&id);
         let m = i128::from(id.mtime_sec) * 1_000_000_000 + i128::from(id.mtime_nsec);
         assert!(coarse_now() > m);
         // A stamp far in the future is not waited for (the wait is bounded).
-        let future = Identity {
+        let future = FileIdentity {
             mtime_sec: id.mtime_sec + 3600,
             ..id
         };
