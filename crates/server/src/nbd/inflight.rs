@@ -52,6 +52,8 @@ struct State {
     /// Completions not yet answered: (slot, buffer, result).
     done: VecDeque<(usize, Vec<u8>, Result<(), BlockError>)>,
     sender_waiting: bool,
+    /// Requests armed and not yet answered (submitted, or about to be).
+    in_flight: usize,
     /// No request will be submitted any more: the workers are gone.
     input_over: bool,
     /// Asynchronous submission is off (the reply sender could not be started).
@@ -86,6 +88,7 @@ impl Flight {
                 free: (0..limit).rev().collect(),
                 done: VecDeque::with_capacity(limit),
                 sender_waiting: false,
+                in_flight: 0,
                 input_over: false,
                 disabled: false,
             }),
@@ -124,12 +127,16 @@ impl Flight {
     /// Records the request about to be submitted in `slot` (before submitting: its
     /// completion may come before the submission returns).
     pub fn arm(&self, slot: usize, req: RequestHeader, begun: u64) {
-        lock(&self.state).slots[slot].request = Some((req, begun));
+        let mut s = lock(&self.state);
+        s.slots[slot].request = Some((req, begun));
+        s.in_flight += 1;
     }
 
     /// The request of `slot` was not submitted after all.
     pub fn disarm(&self, slot: usize) {
-        lock(&self.state).slots[slot].request = None;
+        let mut s = lock(&self.state);
+        s.slots[slot].request = None;
+        s.in_flight -= 1;
     }
 
     /// The next finished request, waiting for one; None once input is over and nothing is in
@@ -150,7 +157,7 @@ impl Flight {
                     result,
                 });
             }
-            if s.input_over && s.free.len() == s.slots.len() {
+            if s.input_over && s.in_flight == 0 {
                 return None;
             }
             s.sender_waiting = true;
@@ -164,6 +171,7 @@ impl Flight {
         let mut s = lock(&self.state);
         s.slots[slot].buf = buf;
         s.free.push(slot);
+        s.in_flight -= 1;
         drop(s);
         self.free_cv.notify_one();
     }
@@ -280,6 +288,14 @@ mod tests {
         assert!(!sender.is_finished(), "a request is still in flight");
         f.complete(a.slot, Vec::new(), Ok(()));
         assert_eq!(sender.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_slot_reserved_but_never_submitted_does_not_hold_the_sender() {
+        let f = Flight::new(2);
+        let _kept = f.reserve().unwrap();
+        f.end_of_input();
+        assert!(f.next_finished().is_none());
     }
 
     #[test]

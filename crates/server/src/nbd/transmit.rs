@@ -433,6 +433,8 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
             {
                 let w = lock(&conn.workers);
                 if w.closing {
+                    drop(w);
+                    release(conn, slot);
                     return;
                 }
                 // Poll only while no other worker runs a request: it needs the core more.
