@@ -26,6 +26,10 @@ bound its ratio is at most (rbd bench side CPU per request) / (sluice side CPU
 per request); the "bound" column is that ratio with sluice's own share taken
 out (the server charged only what librbd costs rbd bench): the best any server
 could reach there, given librbd, the cluster and an NBD client.
+
+--sluice-base PATH runs a second sluice binary (an older build) on every row
+right after the first, so that new and base are measured interleaved in one
+run; the tables then get a "base" column (and base CPU per request).
 """
 
 import argparse
@@ -139,6 +143,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sluice", required=True, help="sluice binary")
+    ap.add_argument("--sluice-base", metavar="PATH",
+                    help="a second sluice binary (e.g. a build of main), run on every row "
+                         "right after --sluice, reported beside it")
     ap.add_argument("--conf", help="ceph.conf of an existing cluster (default: start one)")
     ap.add_argument("--pool", default="rbd")
     ap.add_argument("--size", default="512M", help="image size (default 512M)")
@@ -172,7 +179,10 @@ def main():
         run(["rbd", "-c", conf, "create", "--size", f"{size // MiB}M", spec])
         # Fill the image once, so that reads read data rather than holes.
         rbd_bench(conf, spec, "write", "seq", 4 * MiB, 16, size)
-        results = {r[0]: ([], []) for r in rows}
+        results = {r[0]: ([], [], []) for r in rows}
+        sides = [("sluice", args.sluice)]
+        if args.sluice_base:
+            sides.append(("base", args.sluice_base))
         # Per row: lists of CPU µs per request, keyed by part.
         cpu = {r[0]: {} for r in rows}
         meter = CpuMeter(cluster_dir)
@@ -187,31 +197,43 @@ def main():
                 c0, k0 = children_cpu(), meter.cluster()
                 ours = rbd_bench(conf, spec, io_type, pattern, bsize, depth, total)
                 c1, k1 = children_cpu(), meter.cluster()
-                srv = Server(args.sluice, conf, spec, workdir, args.threads)
-                try:
-                    s0, k2 = proc_cpu(srv.p.pid), meter.cluster()
-                    theirs = fio(srv.uri, rw, bsize, depth, total, size)
-                    s1, c2, k3 = proc_cpu(srv.p.pid), children_cpu(), meter.cluster()
-                finally:
-                    srv.stop()
                 results[name][0].append(ours)
-                results[name][1].append(theirs)
                 note(name, "rbd", c1 - c0, ops)
-                note(name, "fio", c2 - c1, ops)
-                note(name, "sluice", s1 - s0, ops)
                 if meter.pids:
                     note(name, "cluster-rbd", k1 - k0, ops)
-                    note(name, "cluster-sluice", k3 - k2, ops)
-                print(f"round {rnd + 1} {name}: rbd bench {ours:.0f}/s, sluice {theirs:.0f}/s",
-                      file=sys.stderr)
+                said = f"round {rnd + 1} {name}: rbd bench {ours:.0f}/s"
+                for i, (side, binary) in enumerate(sides):
+                    c1 = children_cpu()
+                    srv = Server(binary, conf, spec, workdir, args.threads)
+                    try:
+                        s0, k2 = proc_cpu(srv.p.pid), meter.cluster()
+                        theirs = fio(srv.uri, rw, bsize, depth, total, size)
+                        s1, c2, k3 = proc_cpu(srv.p.pid), children_cpu(), meter.cluster()
+                    finally:
+                        srv.stop()
+                    results[name][1 + i].append(theirs)
+                    pre = "" if side == "sluice" else "base-"
+                    note(name, pre + "fio", c2 - c1, ops)
+                    note(name, pre + "sluice", s1 - s0, ops)
+                    if meter.pids:
+                        note(name, pre + "cluster-sluice", k3 - k2, ops)
+                    said += f", {side} {theirs:.0f}/s"
+                print(said, file=sys.stderr)
+        base = args.sluice_base is not None
         lines = ["# sluice rbd bench: sluice serve rbd (fio) vs rbd bench on the same image", "",
-                 "| row | metric | rbd bench | sluice | sluice/rbd |", "|---|---|---:|---:|---:|"]
+                 "| row | metric | rbd bench | sluice | sluice/rbd |"
+                 + (" base | base/rbd |" if base else ""),
+                 "|---|---|---:|---:|---:|" + ("---:|---:|" if base else "")]
         for name, io_type, pattern, bsize, depth, rw in rows:
             a = statistics.median(results[name][0])
             b = statistics.median(results[name][1])
             unit = "MiB/s" if bsize >= MiB else "IOPS"
             scale = bsize / MiB if bsize >= MiB else 1
-            lines.append(f"| {name} | {unit} | {a * scale:.0f} | {b * scale:.0f} | {b / a:.2f} |")
+            line = f"| {name} | {unit} | {a * scale:.0f} | {b * scale:.0f} | {b / a:.2f} |"
+            if base:
+                c = statistics.median(results[name][2])
+                line += f" {c * scale:.0f} | {c / a:.2f} |"
+            lines.append(line)
         md = "\n".join(lines) + "\n"
         print("\n" + md)
         lines = ["CPU µs per request (medians): the cluster's daemons during each side, the "
@@ -219,7 +241,9 @@ def main():
                  "seconds per second of wall time, out of "
                  f"{os.cpu_count()} cores.", "",
                  "| row | cluster (rbd) | rbd bench | load | cluster (sluice) | fio | sluice "
-                 "| load | CPU ratio | bound |", "|---|" + "---:|" * 9]
+                 "| load | CPU ratio | bound |"
+                 + (" cluster (base) | fio (base) | base | load (base) |" if base else ""),
+                 "|---|" + "---:|" * (13 if base else 9)]
         for name, io_type, pattern, bsize, depth, rw in rows:
             m = {k: statistics.median(v) for k, v in cpu[name].items()}
             a_iops = statistics.median(results[name][0])
@@ -230,9 +254,16 @@ def main():
             best_b = k_s + m["fio"] + min(m["sluice"], m["rbd"])
             load_a = side_a * a_iops / 1e6
             load_b = side_b * b_iops / 1e6
-            lines.append(f"| {name} | {k_r:.0f} | {m['rbd']:.0f} | {load_a:.2f} | {k_s:.0f} "
-                         f"| {m['fio']:.0f} | {m['sluice']:.0f} | {load_b:.2f} "
-                         f"| {side_a / side_b:.2f} | {side_a / best_b:.2f} |")
+            line = (f"| {name} | {k_r:.0f} | {m['rbd']:.0f} | {load_a:.2f} | {k_s:.0f} "
+                    f"| {m['fio']:.0f} | {m['sluice']:.0f} | {load_b:.2f} "
+                    f"| {side_a / side_b:.2f} | {side_a / best_b:.2f} |")
+            if base:
+                c_iops = statistics.median(results[name][2])
+                k_b = m.get("base-cluster-sluice", 0.0)
+                load_c = (k_b + m["base-fio"] + m["base-sluice"]) * c_iops / 1e6
+                line += (f" {k_b:.0f} | {m['base-fio']:.0f} | {m['base-sluice']:.0f} "
+                         f"| {load_c:.2f} |")
+            lines.append(line)
         print("\n".join(lines) + "\n")
         if args.plot:
             plot.save(md, args.plot)

@@ -13,7 +13,10 @@
 //!   ENOTSUP, as nbdkit does;
 //! - cache: *Native* calls the plugin, *Emulate* reads and discards;
 //! - extents: a plugin without extents reports everything as data; an answer with no extent or
-//!   one that breaks the ordering rules fails the request with EINVAL, never the server.
+//!   one that breaks the ordering rules fails the request with EINVAL, never the server;
+//! - asynchronous submission ([`Export::submit`], see [`crate::aio`]): only a request that
+//!   passes all of the above and needs nothing after the plugin's call (no emulated FUA, no
+//!   zero by writes), on a parallel export; anything else is declined to the synchronous path.
 //!
 //! Thread models are enforced here too: a lock shared by the whole plugin for
 //! SerializeConnections/SerializeAllRequests, one per handle for SerializeRequests, none for
@@ -24,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_proto::nbd::consts as nbd;
 
+use crate::aio::{AioKind, AioRequest, AioSink, Declined};
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support, ThreadModel};
@@ -336,6 +340,57 @@ impl Export {
         Ok(())
     }
 
+    /// True if some requests of this export may be submitted asynchronously
+    /// ([`Export::submit`]): the handle offers it and no lock of the thread model is held
+    /// around plugin calls.
+    pub fn is_async(&self) -> bool {
+        self.lock.is_none() && self.handle.aio().is_some()
+    }
+
+    /// Submits `req` asynchronously if this export may (see [`crate::aio`]): every check the
+    /// synchronous method makes passes, the request needs nothing from this policy after the
+    /// plugin's call (no emulated FUA, no zero by writes) and the plugin takes it. Anything
+    /// else is declined with [`Declined::Sync`] and must run through the synchronous method,
+    /// which then gives the same answer as before (an error included). `req.flags` are the
+    /// client's (FUA, MAY_TRIM, FAST_ZERO).
+    pub fn submit(
+        &self,
+        req: &AioRequest,
+        buf: Vec<u8>,
+        sink: &Arc<dyn AioSink>,
+        tag: usize,
+    ) -> std::result::Result<(), Declined> {
+        let Some(aio) = self.handle.aio().filter(|_| self.lock.is_none()) else {
+            return Err(Declined::Sync(buf));
+        };
+        if !self.may_submit(req) || !aio.can_submit(req) {
+            return Err(Declined::Sync(buf));
+        }
+        aio.submit(req, buf, sink, tag)
+    }
+
+    /// True if `req` passes the synchronous path's checks and needs only the plugin's call.
+    fn may_submit(&self, req: &AioRequest) -> bool {
+        let caps = &self.caps;
+        let fua = req.flags.contains(Flags::FUA);
+        let writes =
+            || self.check_write("", req.flags).is_ok() && (!fua || caps.fua == Support::Native);
+        match req.kind {
+            AioKind::Flush => caps.flush,
+            AioKind::Read => self.check_range("", req.count, req.offset).is_ok(),
+            AioKind::Write => self.check_range("", req.count, req.offset).is_ok() && writes(),
+            AioKind::Trim => {
+                self.check_range("", req.count, req.offset).is_ok() && writes() && caps.trim
+            }
+            AioKind::Zero => {
+                self.check_range("", req.count, req.offset).is_ok()
+                    && writes()
+                    && caps.zero == Support::Native
+                    && (!req.flags.contains(Flags::FAST_ZERO) || caps.fast_zero)
+            }
+        }
+    }
+
     /// NBD_CMD_CACHE: prefetch a range.
     pub fn cache(&self, count: u64, offset: u64) -> Result<()> {
         self.check_range("cache", count, offset)?;
@@ -493,6 +548,8 @@ mod tests {
         cache: Support,
         extents: bool,
         zero_fails_enotsup: bool,
+        /// Offers asynchronous submission (answered at once, from the submitting thread).
+        aio: bool,
         log: Arc<Mutex<Vec<String>>>,
     }
 
@@ -505,6 +562,7 @@ mod tests {
                 cache: Support::Native,
                 extents: true,
                 zero_fails_enotsup: false,
+                aio: false,
                 log: Arc::default(),
             }
         }
@@ -594,6 +652,9 @@ mod tests {
             self.log(format!("cache {count} {offset} {:#x}", flags.0));
             Ok(())
         }
+        fn aio(&self) -> Option<&dyn crate::aio::AioHandle> {
+            self.cfg.aio.then_some(self as &dyn crate::aio::AioHandle)
+        }
         fn extents(&self, count: u64, offset: u64, _f: Flags, e: &mut Extents) -> Result<()> {
             e.add(offset, count / 2, 0)?;
             e.add(
@@ -602,6 +663,126 @@ mod tests {
                 EXTENT_HOLE | EXTENT_ZERO,
             )
         }
+    }
+
+    impl crate::aio::AioHandle for RecHandle {
+        fn can_submit(&self, _req: &AioRequest) -> bool {
+            true
+        }
+        fn submit(
+            &self,
+            req: &AioRequest,
+            buf: Vec<u8>,
+            sink: &Arc<dyn AioSink>,
+            tag: usize,
+        ) -> std::result::Result<(), Declined> {
+            self.log(format!(
+                "submit {:?} {} {} {:#x}",
+                req.kind, req.count, req.offset, req.flags.0
+            ));
+            sink.complete(tag, buf, Ok(()));
+            Ok(())
+        }
+    }
+
+    /// Counts completions.
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<usize>>);
+
+    impl AioSink for Sink {
+        fn complete(&self, tag: usize, _buf: Vec<u8>, result: Result<()>) {
+            assert!(result.is_ok());
+            self.0.lock().unwrap().push(tag);
+        }
+    }
+
+    fn aio(kind: AioKind, count: u64, offset: u64, flags: Flags) -> AioRequest {
+        AioRequest {
+            kind,
+            offset,
+            count,
+            at: 0,
+            flags,
+        }
+    }
+
+    /// True if `e` took `req` asynchronously, false if it declined it to the synchronous path.
+    fn submitted(e: &Export, req: AioRequest) -> bool {
+        let sink: Arc<dyn AioSink> = Arc::new(Sink::default());
+        match e.submit(&req, vec![0; req.count as usize], &sink, 7) {
+            Ok(()) => true,
+            Err(Declined::Sync(buf)) => {
+                assert_eq!(buf.len(), req.count as usize, "the buffer comes back");
+                false
+            }
+            Err(Declined::Failed(_, err)) => panic!("submission failed: {err}"),
+        }
+    }
+
+    #[test]
+    fn submit_takes_requests_that_need_only_the_plugin() {
+        let (e, log) = open(
+            Recorder {
+                aio: true,
+                ..Recorder::default()
+            },
+            false,
+        );
+        assert!(e.is_async());
+        assert!(submitted(&e, aio(AioKind::Read, 512, 0, Flags::NONE)));
+        assert!(submitted(&e, aio(AioKind::Write, 512, 512, Flags::FUA)));
+        assert!(submitted(&e, aio(AioKind::Flush, 0, 0, Flags::NONE)));
+        assert!(submitted(&e, aio(AioKind::Trim, 512, 0, Flags::FUA)));
+        let zero = Flags::MAY_TRIM | Flags::FAST_ZERO;
+        assert!(submitted(&e, aio(AioKind::Zero, 512, 0, zero)));
+        assert_eq!(
+            calls(&log),
+            [
+                "submit Read 512 0 0x0",
+                "submit Write 512 512 0x2",
+                "submit Flush 0 0 0x0",
+                "submit Trim 512 0 0x2",
+                "submit Zero 512 0 0x9"
+            ]
+        );
+    }
+
+    #[test]
+    fn submit_declines_what_the_policy_must_check_or_finish() {
+        let (e, log) = open(
+            Recorder {
+                aio: true,
+                fua: Support::Emulate,
+                zero: Support::Emulate,
+                fast_zero: false,
+                ..Recorder::default()
+            },
+            false,
+        );
+        let size = e.size();
+        // Emulated FUA needs a flush after the write; zero by writes; a range error.
+        assert!(!submitted(&e, aio(AioKind::Write, 512, 0, Flags::FUA)));
+        assert!(!submitted(&e, aio(AioKind::Zero, 512, 0, Flags::MAY_TRIM)));
+        assert!(!submitted(&e, aio(AioKind::Read, 512, size, Flags::NONE)));
+        assert!(!submitted(&e, aio(AioKind::Read, 0, 0, Flags::NONE)));
+        assert!(submitted(&e, aio(AioKind::Write, 512, 0, Flags::NONE)));
+        assert_eq!(calls(&log), ["submit Write 512 0 0x0"]);
+        // Read-only: writes go the synchronous way, which refuses them.
+        let (ro, log) = open(
+            Recorder {
+                aio: true,
+                ..Recorder::default()
+            },
+            true,
+        );
+        assert!(!submitted(&ro, aio(AioKind::Write, 512, 0, Flags::NONE)));
+        assert!(!submitted(&ro, aio(AioKind::Trim, 512, 0, Flags::NONE)));
+        assert!(submitted(&ro, aio(AioKind::Read, 512, 0, Flags::NONE)));
+        assert_eq!(calls(&log), ["submit Read 512 0 0x0"]);
+        // A handle without the capability.
+        let (sync, _) = open(Recorder::default(), false);
+        assert!(!sync.is_async());
+        assert!(!submitted(&sync, aio(AioKind::Read, 512, 0, Flags::NONE)));
     }
 
     fn open(cfg: Recorder, readonly: bool) -> (Export, Arc<Mutex<Vec<String>>>) {

@@ -76,6 +76,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
+use crate::aio::AioHandle;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 use crate::plugin::{
@@ -426,6 +427,14 @@ impl Handle for Next {
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.with(|h| h.cache(count, offset, flags))
     }
+    fn aio(&self) -> Option<&dyn AioHandle> {
+        // Only a fixed layer below can lend its submission out: a reopenable one may be
+        // swapped, and its lock is not held across an asynchronous request.
+        match &self.slot {
+            Slot::Fixed(h) => h.aio(),
+            Slot::Reopenable(_) => None,
+        }
+    }
     fn extents(&self, count: u64, offset: u64, flags: Flags, extents: &mut Extents) -> Result<()> {
         self.with(|h| h.extents(count, offset, flags, extents))
     }
@@ -584,6 +593,11 @@ impl<F: Filter> Handle for FilterHandle<F> {
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.filter
             .cache(&self.conn, &self.next, count, offset, flags)
+    }
+    fn aio(&self) -> Option<&dyn AioHandle> {
+        // A filter sees every call; a request submitted to the layer below would pass it by.
+        // A filtered stack therefore runs every request synchronously, through the filter.
+        None
     }
     fn extents(&self, count: u64, offset: u64, flags: Flags, extents: &mut Extents) -> Result<()> {
         self.filter

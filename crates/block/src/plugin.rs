@@ -12,6 +12,7 @@
 //! that a [`ThreadModel::Parallel`] plugin can serve several requests of one handle at once;
 //! the server serialises calls for the stricter thread models.
 
+use crate::aio::AioHandle;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 
@@ -340,6 +341,12 @@ pub trait Handle: Send + Sync {
     fn cache(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
         Ok(())
     }
+    /// The handle's asynchronous submission, if its backend completes requests by callback
+    /// (see [`crate::aio`]); `None`, the default, keeps every request on the methods above.
+    fn aio(&self) -> Option<&dyn AioHandle> {
+        None
+    }
+
     /// Adds extents describing `[offset, offset+count)` to `extents` (at least one).
     fn extents(&self, count: u64, offset: u64, _flags: Flags, extents: &mut Extents) -> Result<()> {
         extents.add(offset, count, 0)

@@ -11,12 +11,23 @@
 //! **Thread model.** librbd's image handle is thread-safe: any number of threads may submit
 //! requests on it at once, which is how qemu and rbd-nbd use it. So one [`Image`] is shared
 //! (`Arc`) by every connection of an export and no lock of ours is held around I/O. Every
-//! data request is submitted with `rbd_aio_*` and a completion; the calling thread (one of
-//! the server's per-connection workers) then waits for that completion only, while librbd's
-//! own threads carry the request to the OSDs. Requests from all workers of all connections
-//! are thus in flight together. Requests that librbd limits in size (discard and write-zeroes
-//! return an `int` in places) are split into pieces of at most [`MAX_CHUNK`] bytes, all
-//! submitted before the first is waited for.
+//! data request is submitted with `rbd_aio_*` and a completion, in one of two ways:
+//! - [`Image::submit`] returns at once. The buffer moves into the request (so the caller
+//!   cannot touch or free it while librbd uses it) and librbd's completion callback, on one
+//!   of librbd's threads, hands it back with the result to the caller's `done`, then
+//!   releases the completion. The callback catches panics (nothing unwinds into C) and must
+//!   not block: the NBD server's sink only queues the reply for its sender thread. No thread
+//!   waits per request; this is the path of the NBD server's reads, writes, flushes, trims
+//!   and zeroes (see `sluice_block::aio`).
+//! - The synchronous methods ([`Image::read`], [`Image::write`], ...) wait for their
+//!   completion (`rbd_aio_wait_for_complete`), for callers that need the answer at once (the
+//!   daemon's jobs, filters, what needs a flush after it). Requests that librbd limits in
+//!   size (discard and write-zeroes return an `int` in places) are split into pieces of at
+//!   most [`MAX_CHUNK`] bytes, all submitted before the first is waited for.
+//!
+//! Either way librbd's own threads carry the requests to the OSDs, and requests of all
+//! connections are in flight together. Closing the image (`rbd_close`) waits for requests in
+//! flight; the server closes its handle only after the last completion was answered.
 //!
 //! **Durability.** With librbd's default cache policy (`writearound`) a write completes once
 //! it is sent (after the client's first flush: until then librbd writes through, Ceph's
@@ -47,7 +58,9 @@
 //! comes back. Never two writers at once: the old one is fenced before the new one writes.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_block::Errno;
@@ -156,7 +169,8 @@ pub struct Image {
     _io: IoCtx,
     _cluster: Cluster,
     api: &'static Api,
-    spec: String,
+    /// `pool/image[@snap]`, for messages; shared with requests in flight, whose errors name it.
+    spec: Arc<str>,
     writable: bool,
     object_size: u64,
     features: u64,
@@ -238,6 +252,86 @@ impl Drop for Completion {
     }
 }
 
+/// One librbd request for [`Image::submit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AioOp {
+    /// Read `len` bytes into the buffer at `at`.
+    Read { at: usize, len: usize },
+    /// Write `len` bytes of the buffer from `at`; `fua` only where it is native.
+    Write { at: usize, len: usize, fua: bool },
+    /// Make every completed write durable.
+    Flush,
+    /// Discard (advisory) `len` bytes.
+    Discard { len: u64 },
+    /// Zero `len` bytes, exactly; `thick` keeps them allocated.
+    WriteZeroes { len: u64, thick: bool },
+}
+
+/// A request submitted by [`Image::submit`], owned by librbd's completion (its argument)
+/// until the callback takes it back.
+struct Pending<F> {
+    buf: Vec<u8>,
+    done: F,
+    api: &'static Api,
+    op: &'static str,
+    offset: u64,
+    len: u64,
+    spec: Arc<str>,
+    /// A read's length: librbd clips reads at the image's end, and a short one is an error.
+    expect: Option<usize>,
+}
+
+/// librbd's completion callback for [`Image::submit`]: hands the buffer and the result to
+/// the request's `done`, then releases the completion. Nothing unwinds into librbd: a panic
+/// is caught and logged (its request then has no answer).
+unsafe extern "C" fn on_complete<F>(c: CompletionT, arg: *mut c_void)
+where
+    F: FnOnce(Vec<u8>, Result<(), RbdError>) + Send + 'static,
+{
+    // SAFETY: `arg` is the Box<Pending<F>> leaked by Image::submit for this completion;
+    // librbd calls back once, so it is taken back once.
+    let pending = unsafe { Box::from_raw(arg.cast::<Pending<F>>()) };
+    let api = pending.api;
+    let caught = catch_unwind(AssertUnwindSafe(move || {
+        // SAFETY: `c` is the completion being completed: its return value is set.
+        let rv = unsafe { (api.rbd_aio_get_return_value)(c) };
+        let Pending {
+            buf,
+            done,
+            op,
+            offset,
+            len,
+            spec,
+            expect,
+            ..
+        } = *pending;
+        let errno = if rv < 0 {
+            Some(Errno(-rv as i32))
+        } else {
+            // A short read: the image shrank under us (as in Image::read).
+            expect.filter(|&n| n != rv as usize).map(|_| Errno::EIO)
+        };
+        let result = match errno {
+            None => Ok(()),
+            Some(errno) => Err(RbdError::Io {
+                op,
+                spec: spec.to_string(),
+                offset,
+                len,
+                errno,
+            }),
+        };
+        done(buf, result);
+    }));
+    // SAFETY: released once; librbd keeps the completion alive until this callback returns.
+    unsafe { (api.rbd_aio_release)(c) };
+    if caught.is_err() {
+        let _ = catch_unwind(|| {
+            tracing::error!("rbd: a completion callback panicked: its request is not answered")
+        });
+    }
+}
+
 impl Image {
     /// Connects to the cluster and opens the image described by `opts`, read-only if
     /// `readonly` or a snapshot is asked for. Fails within the configured timeout when the
@@ -259,7 +353,7 @@ impl Image {
             // SAFETY: `io.raw` is live; librados copies the namespace.
             unsafe { (api.rados_ioctx_set_namespace)(io.raw, ns.as_ptr()) };
         }
-        let spec = opts.spec();
+        let spec: Arc<str> = opts.spec().into();
         let (raw, writable) = open_image(api, &io, opts, readonly || opts.snapshot.is_some())?;
         let mut image = Image {
             raw,
@@ -324,7 +418,7 @@ impl Image {
             let owners = self.lock_owners().unwrap_or_default();
             if r == -libc::EROFS || r == -libc::EBUSY || !owners.is_empty() {
                 return Err(RbdError::Locked {
-                    spec: self.spec.clone(),
+                    spec: self.spec.to_string(),
                     owners: if owners.is_empty() {
                         "holder unknown".to_string()
                     } else {
@@ -473,7 +567,7 @@ impl Image {
     fn io_error(&self, op: &'static str, offset: u64, len: u64, errno: Errno) -> RbdError {
         RbdError::Io {
             op,
-            spec: self.spec.clone(),
+            spec: self.spec.to_string(),
             offset,
             len,
             errno,
@@ -623,6 +717,120 @@ impl Image {
             unsafe { (self.api.rbd_aio_flush)(self.raw, c) }
         })
         .map(|_| ())
+    }
+
+    /// Submits `op` at `offset` and returns at once: librbd carries it out on its own
+    /// threads and `done` gets `buf` back with the result, called once on one of librbd's
+    /// threads (see "Thread model" in the module doc). A read fills `buf[at..at+len]`, a
+    /// write sends it. If the submission itself fails, `done` is not called and the buffer
+    /// comes back with the error.
+    ///
+    /// Only what one librbd request does is taken: a FUA write when FUA is native
+    /// ([`Image::native_fua`]), zeroes and discards of at most [`MAX_CHUNK`] bytes without
+    /// FUA. Anything else is refused with EINVAL: the synchronous methods do it.
+    pub fn submit<F>(
+        &self,
+        op: AioOp,
+        offset: u64,
+        buf: Vec<u8>,
+        done: F,
+    ) -> Result<(), (Vec<u8>, RbdError)>
+    where
+        F: FnOnce(Vec<u8>, Result<(), RbdError>) + Send + 'static,
+    {
+        let (name, len, data) = match op {
+            AioOp::Read { at, len } | AioOp::Write { at, len, .. } => {
+                let name = if matches!(op, AioOp::Read { .. }) {
+                    "read"
+                } else {
+                    "write"
+                };
+                if at.checked_add(len).is_none_or(|end| end > buf.len()) {
+                    let e = self.io_error(name, offset, len as u64, Errno::EINVAL);
+                    return Err((buf, e));
+                }
+                (name, len as u64, Some(at))
+            }
+            AioOp::Flush => ("flush", 0, None),
+            AioOp::Discard { len } => ("discard", len, None),
+            AioOp::WriteZeroes { len, .. } => ("write zeroes", len, None),
+        };
+        let refused = match op {
+            AioOp::Write { fua, .. } => fua && !self.native_fua,
+            AioOp::Discard { len } | AioOp::WriteZeroes { len, .. } => len > MAX_CHUNK,
+            AioOp::Read { .. } | AioOp::Flush => false,
+        };
+        if refused {
+            return Err((buf, self.io_error(name, offset, len, Errno::EINVAL)));
+        }
+        let mut pending = Box::new(Pending {
+            buf,
+            done,
+            api: self.api,
+            op: name,
+            offset,
+            len,
+            spec: self.spec.clone(),
+            expect: matches!(op, AioOp::Read { .. }).then_some(len as usize),
+        });
+        // The data pointer is into the Vec's heap block, which neither moving the Box nor
+        // handing the Box to librbd moves.
+        let p = data.map_or(ptr::null_mut(), |at| {
+            // SAFETY: `at + len <= buf.len()` was checked above.
+            unsafe { pending.buf.as_mut_ptr().add(at) }.cast::<c_char>()
+        });
+        let arg = Box::into_raw(pending).cast::<c_void>();
+        // Reclaims the box of a request that was never submitted.
+        let unsubmitted = |errno: Errno| {
+            // SAFETY: `arg` came from Box::into_raw above and librbd holds no copy of it
+            // (the completion was not created, or released before any submission).
+            let pending = unsafe { Box::from_raw(arg.cast::<Pending<F>>()) };
+            let e = self.io_error(name, offset, len, errno);
+            Err((pending.buf, e))
+        };
+        let mut c = ptr::null_mut();
+        // SAFETY: `on_complete::<F>` matches rbd_callback_t and expects exactly this `arg`.
+        let r =
+            unsafe { (self.api.rbd_aio_create_completion)(arg, Some(on_complete::<F>), &mut c) };
+        if r < 0 {
+            return unsubmitted(errno_of(r));
+        }
+        // SAFETY: `c` is a fresh completion; the buffer (`p`, `len` bytes for read and write)
+        // is owned by the pending request, which only the completion callback frees, after
+        // librbd is done with it.
+        let r = unsafe {
+            match op {
+                AioOp::Read { len, .. } => (self.api.rbd_aio_read2)(self.raw, offset, len, p, c, 0),
+                AioOp::Write { len, fua, .. } => {
+                    let flags = if fua { sys::OP_FLAG_FADVISE_FUA } else { 0 };
+                    (self.api.rbd_aio_write2)(self.raw, offset, len, p, c, flags)
+                }
+                AioOp::Flush => (self.api.rbd_aio_flush)(self.raw, c),
+                AioOp::Discard { len } => (self.api.rbd_aio_discard)(self.raw, offset, len, c),
+                AioOp::WriteZeroes { len, thick } => {
+                    let zero_flags = if thick {
+                        sys::WRITE_ZEROES_FLAG_THICK_PROVISION
+                    } else {
+                        0
+                    };
+                    (self.api.rbd_aio_write_zeroes)(
+                        self.raw,
+                        offset,
+                        len as usize,
+                        c,
+                        zero_flags,
+                        0,
+                    )
+                }
+            }
+        };
+        if r < 0 {
+            // SAFETY: the request was refused, so the callback will never run; the
+            // completion is released once.
+            unsafe { (self.api.rbd_aio_release)(c) };
+            return unsubmitted(errno_of(r));
+        }
+        Ok(())
     }
 
     /// The allocated ranges within `[offset, offset+len)` as librbd reports them (parents
@@ -825,5 +1033,71 @@ fn open_image(
             ))
         }
         Err(r) => Err(RbdError::image(&spec, "open", r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pending request as Image::submit makes it, of a read of 4096 bytes at 8192.
+    fn pending<F>(done: F, expect: Option<usize>) -> Pending<F> {
+        Pending {
+            buf: vec![1, 2, 3],
+            done,
+            api: sys::api().expect("librbd is installed"),
+            op: "read",
+            offset: 8192,
+            len: 4096,
+            spec: "rbd/x".into(),
+            expect,
+        }
+    }
+
+    /// Runs the completion callback as librbd would, on a completion that was created but
+    /// never submitted (its return value is 0), which the callback then releases.
+    fn complete_by_hand<F>(p: Pending<F>)
+    where
+        F: FnOnce(Vec<u8>, Result<(), RbdError>) + Send + 'static,
+    {
+        let api = p.api;
+        let mut c = ptr::null_mut();
+        // SAFETY: creates a completion without callback, released by on_complete below.
+        let r = unsafe { (api.rbd_aio_create_completion)(ptr::null_mut(), None, &mut c) };
+        assert_eq!(r, 0);
+        let arg = Box::into_raw(Box::new(p)).cast::<c_void>();
+        // SAFETY: `arg` is a Box<Pending<F>> taken back once by the callback; `c` is live.
+        unsafe { on_complete::<F>(c, arg) };
+    }
+
+    #[test]
+    fn completion_callback_catches_a_panic_of_its_done() {
+        complete_by_hand(pending(|_, _| panic!("a sink that panics"), None));
+        // Reaching this line is the test: an unwind out of an extern "C" fn aborts.
+    }
+
+    #[test]
+    fn completion_callback_hands_back_the_buffer_and_a_short_read_is_eio() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        complete_by_hand(pending(
+            move |buf, r| tx.send((buf, r)).unwrap(),
+            Some(4096),
+        ));
+        let (buf, r) = rx.recv().unwrap();
+        assert_eq!(buf, [1, 2, 3]);
+        let e = r.unwrap_err();
+        assert_eq!(e.errno(), Errno::EIO);
+        assert!(
+            e.to_string()
+                .starts_with("rbd: read at offset 8192 length 4096 of rbd/x: "),
+            "{e}"
+        );
+        // A request that is not a read completes with its return value (0): success.
+        let (tx, rx) = std::sync::mpsc::channel();
+        complete_by_hand(pending(
+            move |_, r: Result<(), RbdError>| tx.send(r.is_ok()).unwrap(),
+            None,
+        ));
+        assert!(rx.recv().unwrap());
     }
 }

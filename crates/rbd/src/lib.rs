@@ -4,7 +4,7 @@
 //! - [`options`]: which image and how to reach its cluster ([`RbdOptions`]), typed, and
 //!   parsed from `sluice serve rbd` parameters;
 //! - [`image`]: the connection sequence and one open [`Image`] with the requests a block
-//!   server makes (asynchronous librbd requests, waited for by the caller);
+//!   server makes (asynchronous librbd requests, answered by callback or waited for);
 //! - [`plugin`]: [`RbdPlugin`], the image as a `sluice_block` [`Plugin`] with NBD's
 //!   semantics mapped once (FUA, zero, trim, block status, multi-conn); a daemon driver
 //!   wraps it by building [`RbdOptions`] from its own options and calling

@@ -11,6 +11,10 @@
 //! How NBD maps onto librbd, decided here once:
 //! - **Thread model** parallel: any number of requests of any connection run at once on the
 //!   shared image (see [`crate::image`] for why that is safe and how waiting works).
+//! - **Asynchronous** ([`sluice_block::AioHandle`]): read, write (with native FUA), flush,
+//!   and trim and zero without FUA are one `rbd_aio_*` request each, answered from librbd's
+//!   callback with no thread waiting. A zero or trim with FUA (a flush after it), a range
+//!   over [`MAX_CHUNK`], and block status run synchronously.
 //! - **FUA** native (the write carries `LIBRADOS_OP_FLAG_FADVISE_FUA`) unless the image's
 //!   effective cache policy is `writeback`, where the server emulates it with a flush.
 //! - **Flush** `rbd_aio_flush`. **Trim** `rbd_aio_discard`: advisory, as NBD allows; librbd
@@ -38,11 +42,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sluice_block::extents::{EXTENT_HOLE, EXTENT_ZERO};
 use sluice_block::plugins::{ConfigArg, ConfigError};
 use sluice_block::{
-    BlockError, Errno, Extents, Flags, Handle, OpenContext, Plugin, Result, Support,
+    AioHandle, AioKind, AioRequest, AioSink, BlockError, Declined, Errno, Extents, Flags, Handle,
+    OpenContext, Plugin, Result, Support,
 };
 
 use crate::error::RbdError;
-use crate::image::{DiffExtent, Image};
+use crate::image::{AioOp, DiffExtent, Image, MAX_CHUNK};
 use crate::options::RbdOptions;
 
 /// The plugin's name, as in `sluice serve rbd`.
@@ -222,6 +227,10 @@ impl Handle for RbdHandle {
             .write_zeroes(offset, count, thick, flags.contains(Flags::FUA))?)
     }
 
+    fn aio(&self) -> Option<&dyn AioHandle> {
+        Some(self)
+    }
+
     fn extents(&self, count: u64, offset: u64, _flags: Flags, extents: &mut Extents) -> Result<()> {
         let cap = MAX_STATUS_OBJECTS.saturating_mul(self.image.object_size().max(4096));
         let end = offset
@@ -232,6 +241,60 @@ impl Handle for RbdHandle {
         }
         let allocated = self.image.allocated(offset, end - offset)?;
         fill_extents(offset, end, &allocated, extents)
+    }
+}
+
+/// Read, write (FUA included where native), flush, and trim and zero without FUA go out as
+/// one `rbd_aio_*` request each and are answered from its completion. What needs a second
+/// request (a flush after a zero or trim with FUA, pieces of a range over [`MAX_CHUNK`]) or
+/// fails before librbd (thick zero with FAST_ZERO) runs synchronously, as does block status
+/// (`rbd_diff_iterate2` has no asynchronous form).
+impl AioHandle for RbdHandle {
+    fn can_submit(&self, req: &AioRequest) -> bool {
+        let fua = req.flags.contains(Flags::FUA);
+        match req.kind {
+            AioKind::Read | AioKind::Flush => true,
+            AioKind::Write => !fua || self.image.native_fua(),
+            AioKind::Trim => !fua && req.count <= MAX_CHUNK,
+            AioKind::Zero => {
+                let thick = !req.flags.contains(Flags::MAY_TRIM);
+                !fua && req.count <= MAX_CHUNK && !(thick && req.flags.contains(Flags::FAST_ZERO))
+            }
+        }
+    }
+
+    fn submit(
+        &self,
+        req: &AioRequest,
+        buf: Vec<u8>,
+        sink: &Arc<dyn AioSink>,
+        tag: usize,
+    ) -> std::result::Result<(), Declined> {
+        if !self.can_submit(req) {
+            return Err(Declined::Sync(buf));
+        }
+        let len = req.count as usize;
+        let op = match req.kind {
+            AioKind::Read => AioOp::Read { at: req.at, len },
+            AioKind::Write => AioOp::Write {
+                at: req.at,
+                len,
+                fua: req.flags.contains(Flags::FUA),
+            },
+            AioKind::Flush => AioOp::Flush,
+            AioKind::Trim => AioOp::Discard { len: req.count },
+            AioKind::Zero => AioOp::WriteZeroes {
+                len: req.count,
+                thick: !req.flags.contains(Flags::MAY_TRIM),
+            },
+        };
+        let sink = sink.clone();
+        let done = move |buf, r: std::result::Result<(), RbdError>| {
+            sink.complete(tag, buf, r.map_err(BlockError::from));
+        };
+        self.image
+            .submit(op, req.offset, buf, done)
+            .map_err(|(buf, e)| Declined::Failed(buf, e.into()))
     }
 }
 

@@ -658,3 +658,239 @@ fn rbd_daemonized_server_serves_and_stops_on_sigterm() {
     );
     assert_eq!(&c.read_image("rbd/bg")[..65536], &[0x5a; 65536][..]);
 }
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
+}
+
+/// 32 random 4 KiB requests always in flight on one connection, reads for a while and then
+/// writes; prints how many of each completed.
+const QUEUE_DEPTH_32: &str = r#"
+import random, time
+h = nbd.NBD()
+h.connect_uri(uri)
+SIZE = h.get_size()
+QD, B = 32, 4096
+SECS = float(os.environ["SECS"])
+rnd = random.Random(32)
+data = os.urandom(B)
+
+def drive(kind):
+    n = 0
+    inflight = set()
+    end = time.time() + SECS
+    while inflight or time.time() < end:
+        while len(inflight) < QD and time.time() < end:
+            off = rnd.randrange(SIZE // B) * B
+            if kind == "read":
+                inflight.add(h.aio_pread(nbd.Buffer(B), off))
+            else:
+                inflight.add(h.aio_pwrite(data, off))
+        h.poll(1000)
+        done = {c for c in inflight if h.aio_command_completed(c)}
+        inflight -= done
+        n += len(done)
+    return n
+
+print("reads=%d writes=%d" % (drive("read"), drive("write")))
+"#;
+
+#[test]
+fn rbd_qd32_reads_and_writes_park_no_worker_thread_per_request() {
+    let c = ceph::shared();
+    c.create_image("qd32", 32 * MIB);
+    let server = serve(c, "rbd/qd32", &[]);
+    let pid = server.pid();
+    // The connection's thread and any worker it starts are named nbd-conn-ID. A worker that
+    // waited for each request's completion needed one thread per request in flight, up to
+    // the 16 of `-t`; submitting asynchronously needs the connection's thread alone.
+    let idle = threads_named(pid, "nbd-conn");
+    let (counts, most) = std::thread::scope(|s| {
+        let client = s.spawn(|| python(&server, QUEUE_DEPTH_32, &[("SECS", "3".into())]));
+        let mut most = 0;
+        while !client.is_finished() {
+            most = most.max(threads_named(pid, "nbd-conn"));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (client.join().unwrap(), most)
+    });
+    let n: Vec<u64> = counts
+        .split_whitespace()
+        .map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap())
+        .collect();
+    eprintln!("nbd-conn threads: {idle} before the client, at most {most} at depth 32; {counts}");
+    assert!(n[0] > 200 && n[1] > 200, "too few requests ran: {counts}");
+    assert!(
+        most <= idle + 3,
+        "{most} nbd-conn threads at queue depth 32 ({idle} before the client; {counts}): \
+         a thread is parked per request in flight"
+    );
+    server.assert_no_panic();
+}
+
+/// Up to 48 requests in flight at all times on one connection (reads, writes with and
+/// without FUA, zeroes with and without holes, fast zeroes, trims, flushes), on ranges that
+/// do not overlap while in flight, checked against a model as each read completes. Prints
+/// how many of each ran and how many completed before one submitted earlier.
+const SLIDING_WINDOW: &str = r#"
+import random
+SIZE = int(os.environ["SIZE"])
+OPS = int(os.environ["OPS"])
+rnd = random.Random(int(os.environ["SEED"]))
+h = nbd.NBD()
+h.connect_uri(uri)
+model = bytearray(SIZE)
+maybe = bytearray(SIZE)   # 1: trimmed, reads as the model's byte or as zero
+counts = {}
+inflight = {}   # cookie -> (seq, op, off, n, buf)
+order = []
+
+def check(off, got):
+    for i in range(len(got)):
+        j = off + i
+        if got[i] != model[j]:
+            if maybe[j] and got[i] == 0:
+                model[j] = 0
+            else:
+                sys.exit("byte %d: read %d, expected %d (trimmed: %d)" % (j, got[i], model[j], maybe[j]))
+    maybe[off:off + len(got)] = bytes(len(got))
+
+def free(off, n):
+    return all(off + n <= o or o + m <= off for (_, op, o, m, _) in inflight.values() if op != "flush")
+
+seq = 0
+while seq < OPS or inflight:
+    while seq < OPS and len(inflight) < 48:
+        k = rnd.random()
+        n = rnd.randint(1, 4096) if k < 0.5 else rnd.randint(4096, 65536) if k < 0.9 else rnd.randint(65536, 1 << 20)
+        off = rnd.randrange(0, SIZE - n)
+        if not free(off, n):
+            continue
+        op = rnd.choices(["write", "read", "zero", "trim", "flush"], [8, 8, 3, 2, 1])[0]
+        buf = None
+        if op == "write":
+            data = bytes([rnd.randrange(1, 256)]) * n if rnd.random() < 0.5 else os.urandom(n)
+            fua = rnd.random() < 0.25
+            c = h.aio_pwrite(data, off, flags=nbd.CMD_FLAG_FUA if fua else 0)
+            model[off:off + n] = data
+            maybe[off:off + n] = bytes(n)
+            if fua:
+                op = "write_fua"
+        elif op == "read":
+            buf = nbd.Buffer(n)
+            c = h.aio_pread(buf, off)
+        elif op == "zero":
+            f = rnd.choice([0, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FAST_ZERO])
+            c = h.aio_zero(n, off, flags=f)
+            model[off:off + n] = bytes(n)
+            maybe[off:off + n] = bytes(n)
+        elif op == "trim":
+            c = h.aio_trim(n, off)
+            maybe[off:off + n] = b"\x01" * n
+        else:
+            c = h.aio_flush()
+        counts[op] = counts.get(op, 0) + 1
+        inflight[c] = (seq, op, off, n, buf)
+        seq += 1
+    h.poll(10000)
+    for c in list(inflight):
+        if h.aio_command_completed(c):
+            s, op, off, n, buf = inflight.pop(c)
+            order.append(s)
+            if op == "read":
+                check(off, buf.to_bytearray())
+
+late = sum(1 for i in range(1, len(order)) if order[i] < order[i - 1])
+h.flush()
+for off in range(0, SIZE, 1 << 20):
+    check(off, h.pread(min(1 << 20, SIZE - off), off))
+open(os.environ["MODEL"], "wb").write(model)
+print(" ".join("%s=%d" % kv for kv in sorted(counts.items())), "out_of_order=%d" % late)
+"#;
+
+#[test]
+fn rbd_48_requests_in_flight_complete_out_of_order_and_match_a_model_and_librbd() {
+    let c = ceph::shared();
+    c.rbd(&[
+        "create",
+        "--size",
+        "16M",
+        "--object-size",
+        "1M",
+        "rbd/window",
+    ]);
+    let server = serve(c, "rbd/window", &[]);
+    let model_path = server.dir.path().join("model.bin");
+    let counts = python(
+        &server,
+        SLIDING_WINDOW,
+        &[
+            ("SIZE", (16 * MIB).to_string()),
+            ("OPS", "4000".to_string()),
+            ("SEED", "4848".to_string()),
+            ("MODEL", path_str(&model_path).to_string()),
+        ],
+    );
+    for op in ["read", "write", "write_fua", "zero", "trim", "flush"] {
+        assert!(counts.contains(&format!("{op}=")), "no {op} in {counts}");
+    }
+    assert!(
+        !counts.contains("out_of_order=0"),
+        "every reply came in submission order: {counts}"
+    );
+    let model = std::fs::read(&model_path).unwrap();
+    server.assert_no_panic();
+    drop(server);
+    assert_same_bytes(&c.read_image("rbd/window"), &model, "python3-rbd vs model");
+}
+
+/// Clients that vanish with reads and writes in flight, one after another, while another
+/// client keeps writing and reading back its own range.
+const VANISHING_CLIENTS: &str = r#"
+import subprocess
+CHILD = '''
+import nbd, os, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for i in range(32):
+    h.aio_pread(nbd.Buffer(1 << 20), (i % 8) << 20)
+    h.aio_pwrite(os.urandom(65536), (8 << 20) + i * 65536)
+time.sleep(0.002 * int(sys.argv[2]))
+os._exit(0)
+'''
+h = nbd.NBD()
+h.connect_uri(uri)
+for round in range(12):
+    child = subprocess.Popen([sys.executable, "-c", CHILD, uri, str(round % 4)])
+    data = os.urandom(65536)
+    off = (12 << 20) + round * 65536
+    h.pwrite(data, off, flags=nbd.CMD_FLAG_FUA)
+    assert h.pread(65536, off) == data, "round %d" % round
+    assert child.wait() == 0
+h.flush()
+print("ok")
+"#;
+
+#[test]
+fn rbd_clients_vanishing_with_requests_in_flight_leave_the_server_serving_others() {
+    let c = ceph::shared();
+    c.create_image("vanish", 16 * MIB);
+    let mut server = serve(c, "rbd/vanish", &[]);
+    let out = python(&server, VANISHING_CLIENTS, &[]);
+    assert_eq!(out.trim(), "ok");
+    server.assert_serving("");
+    qemu_io(
+        &server.uri(),
+        &["write -P 0x3c 0 64K", "read -P 0x3c 0 64K"],
+    );
+    server.assert_no_panic();
+}

@@ -28,6 +28,7 @@
 //! server stops accepting and further clients wait in the listen backlog until one leaves,
 //! which is what qsd does (it stops watching the listener), rather than being refused.
 
+mod inflight;
 mod negotiate;
 mod pool;
 mod spare;

@@ -71,6 +71,13 @@ impl Drop for Recycled {
     }
 }
 
+impl From<Vec<u8>> for Recycled {
+    /// A buffer that goes to this thread's spares when dropped.
+    fn from(b: Vec<u8>) -> Recycled {
+        Recycled(b)
+    }
+}
+
 impl Default for Recycled {
     /// No buffer yet (nothing to give back).
     fn default() -> Recycled {

@@ -15,6 +15,22 @@
 //! single `write` with no copy; in steady state the request path allocates nothing. Socket
 //! input is buffered so that small pipelined requests cost one `read` for many headers.
 //!
+//! **Asynchronous exports.** When the export can submit requests asynchronously
+//! ([`Export::is_async`]: an RBD image, whose librbd completes requests by callback) no
+//! worker waits for a request to finish. A worker first takes one of the connection's N slots
+//! ([`super::inflight`]; N bounds the requests in flight, as N workers did), reads a request
+//! and, if [`Export::submit`] takes it (read, write, flush, trim, zero, as the export
+//! decides), hands its buffer over with the request and goes back to reading; the slot's
+//! spare buffer becomes the worker's. The backend's callback only queues the completion; one
+//! reply sender thread per connection ([`reply_sender`]) counts it in the statistics and
+//! writes its reply, exactly the bytes the synchronous path writes, in one `write` under the
+//! writer lock, and gives the buffer back to the slot. A request the export declines (block
+//! status, FUA that needs a flush after it, a failed check) runs synchronously in the worker as
+//! before, so its error and reply are unchanged. Replies of both kinds go out in completion
+//! order. At the end of input the connection waits until the sender has answered the last
+//! request in flight (the backend's callback still holds the sender's queue, never a buffer
+//! of a finished connection), then closes the handle.
+//!
 //! Lengths are checked before anything is read into memory: a payload larger than the
 //! advertised maximum is refused (and skipped from the socket, or the connection closed if it
 //! is absurd), never allocated.
@@ -30,9 +46,11 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sluice_block::plugin::Flags;
+use sluice_block::plugin::{Flags, Support};
 use sluice_block::stats::{now_ns, Op, Outcome};
-use sluice_block::{BlockError, BlockStats, Errno, Export, ThreadModel};
+use sluice_block::{
+    AioKind, AioRequest, AioSink, BlockError, BlockStats, Declined, Errno, Export, ThreadModel,
+};
 use sluice_proto::nbd::command::{check_request, command_name, takes_payload, CommandError};
 use sluice_proto::nbd::consts::{
     NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
@@ -41,6 +59,7 @@ use sluice_proto::nbd::consts::{
 use sluice_proto::nbd::reply::MAX_READ_HEADER_LEN;
 use sluice_proto::nbd::{decode_request, MetaContext, ReplyForm, RequestHeader};
 
+use super::inflight::{Finished, Flight, Reservation};
 use super::negotiate::Session;
 use super::spare::{self, Recycled};
 use super::spin::Spinner;
@@ -246,6 +265,9 @@ struct Conn<'a> {
     batch: bool,
     /// The plugin may block: start a spare worker whenever all are busy.
     blocking: bool,
+    /// The export submits requests asynchronously: they are answered by the reply sender
+    /// (see [`reply_sender`]), in flight in at most `max_workers` slots.
+    flight: Option<Async>,
     /// Large reads of holes may be answered from block status without a pread: false when a
     /// layer of the stack must see every read ([`sluice_block::Plugin::must_see_every_read`]).
     hole_shortcut: bool,
@@ -256,6 +278,12 @@ struct Conn<'a> {
     reader: Mutex<Reader>,
     writer: Mutex<Stream>,
     workers: Mutex<Workers>,
+}
+
+/// A connection's asynchronous requests: their slots, and the same as the backend's sink.
+struct Async {
+    flight: Arc<Flight>,
+    sink: Arc<dyn AioSink>,
 }
 
 impl Conn<'_> {
@@ -310,6 +338,13 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
                 .map(|(_, c)| (*id, Answer::Export(c.clone()))),
         })
         .collect();
+    let flight = (!batch && export.is_async()).then(|| {
+        let flight = Arc::new(Flight::new(max_workers));
+        Async {
+            sink: flight.clone(),
+            flight,
+        }
+    });
     let conn = Conn {
         server,
         id,
@@ -318,7 +353,10 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         form: negotiated.reply_form(),
         contexts,
         batch,
-        blocking: backend.plugin().may_block(),
+        // Requests that go asynchronous do not hold a worker; the rest (block status) get a
+        // spare worker only when the client has sent more, as for plugins that do not block.
+        blocking: backend.plugin().may_block() && flight.is_none(),
+        flight,
         hole_shortcut: !backend.plugin().must_see_every_read(),
         hole_misses: AtomicU32::new(0),
         hole_skips: AtomicU32::new(0),
@@ -345,10 +383,35 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     };
     if conn.batch {
         batch_worker(&conn);
+    } else if let Some(a) = &conn.flight {
+        std::thread::scope(|outer| {
+            let sender = std::thread::Builder::new()
+                .name(format!("nbd-reply-{}", conn.id))
+                .spawn_scoped(outer, || reply_sender(&conn, &a.flight));
+            if let Err(e) = sender {
+                tracing::warn!(conn = id, "cannot start a reply thread: {e}");
+                a.flight.disable();
+            }
+            // However the workers end, the sender is told, so that it ends (and this scope
+            // with it) once the last request in flight is answered.
+            struct InputOver<'f>(&'f Flight);
+            impl Drop for InputOver<'_> {
+                fn drop(&mut self) {
+                    self.0.end_of_input();
+                }
+            }
+            let _over = InputOver(&a.flight);
+            std::thread::scope(|scope| worker(&conn, scope));
+        });
+        // Nothing is in flight any more: the slots' buffers go to this (pooled) thread.
+        for b in a.flight.take_buffers() {
+            drop(spare::Recycled::from(b));
+        }
     } else {
         std::thread::scope(|scope| worker(&conn, scope));
     }
-    // Workers are gone: dropping `conn` closes the plugin handle.
+    // Workers (and the reply sender) are gone, and so is every request in flight: dropping
+    // `conn` closes the plugin handle.
 }
 
 /// A parsed request ready to run, with its payload (for writes) in the worker's buffer.
@@ -362,11 +425,16 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
     let mut buf = spare::take(HEADROOM + 64 * 1024);
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
     loop {
+        // An asynchronous export: a slot first, so that requests in flight stay bounded and a
+        // worker that must wait for one holds no request meanwhile.
+        let mut slot = conn.flight.as_ref().and_then(|a| a.flight.reserve());
         let (next, backlog) = {
             let mut reader = lock(&conn.reader);
             {
                 let w = lock(&conn.workers);
                 if w.closing {
+                    drop(w);
+                    release(conn, slot);
                     return;
                 }
                 // Poll only while no other worker runs a request: it needs the core more.
@@ -380,10 +448,28 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
                         tracing::info!(conn = conn.id, "closing connection: {why}");
                         let _ = reader.stream.shutdown(Shutdown::Both);
                     }
+                    release(conn, slot);
                     return;
                 }
             }
         };
+        // A request that will most likely go asynchronous holds this worker only while it is
+        // submitted: it neither counts as busy nor calls for a spare worker.
+        let brief = slot.is_some() && matches!(&next, Next::Request(r) if may_go_async(conn, r));
+        if brief {
+            hdr.clear();
+            let reply_at = match next {
+                Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr, &mut slot),
+                Next::Refused(..) => unreachable!("a refused request is not brief"),
+            };
+            release(conn, slot);
+            if let Ran::Reply(reply_at) = reply_at {
+                if !send_reply(conn, &mut buf, &hdr, reply_at) {
+                    return;
+                }
+            }
+            continue;
+        }
         {
             let mut w = lock(&conn.workers);
             w.busy += 1;
@@ -406,27 +492,111 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
         }
         hdr.clear();
         let reply_at = match next {
-            Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
-            Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
+            Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr, &mut slot),
+            Next::Refused(req, err) => Ran::Reply(refuse(conn, &req, &err, &mut hdr)),
         };
-        let ok = {
-            let mut out = lock(&conn.writer);
-            match reply_at {
-                Some(len) => {
-                    let start = HEADROOM - hdr.len();
-                    buf[start..HEADROOM].copy_from_slice(&hdr);
-                    out.write_all(&buf[start..HEADROOM + len])
-                }
-                None => out.write_all(&hdr),
-            }
+        release(conn, slot);
+        let ok = match reply_at {
+            Ran::Reply(reply_at) => write_reply(conn, &mut buf, &hdr, reply_at),
+            Ran::InFlight => Ok(()),
         };
         lock(&conn.workers).busy -= 1;
         if let Err(e) = ok {
-            tracing::info!(conn = conn.id, "closing connection: cannot send reply: {e}");
-            lock(&conn.workers).closing = true;
-            let _ = lock(&conn.writer).shutdown(Shutdown::Both);
+            reply_failed(conn, &e);
             return;
         }
+    }
+}
+
+/// Writes one reply: `hdr`, followed by `len` bytes at `buf[HEADROOM..]` for Some(len) (the
+/// header is put just before them, so the reply leaves in one `write`).
+fn write_reply(conn: &Conn, buf: &mut [u8], hdr: &[u8], data: Option<usize>) -> io::Result<()> {
+    let mut out = lock(&conn.writer);
+    match data {
+        Some(len) => {
+            let start = HEADROOM - hdr.len();
+            buf[start..HEADROOM].copy_from_slice(hdr);
+            out.write_all(&buf[start..HEADROOM + len])
+        }
+        None => out.write_all(hdr),
+    }
+}
+
+/// [`write_reply`]; false (after closing the connection) if it could not be sent.
+fn send_reply(conn: &Conn, buf: &mut [u8], hdr: &[u8], data: Option<usize>) -> bool {
+    match write_reply(conn, buf, hdr, data) {
+        Ok(()) => true,
+        Err(e) => {
+            reply_failed(conn, &e);
+            false
+        }
+    }
+}
+
+/// A reply could not be sent: the connection is closed (its reader sees the end of input).
+fn reply_failed(conn: &Conn, e: &io::Error) {
+    tracing::info!(conn = conn.id, "closing connection: cannot send reply: {e}");
+    lock(&conn.workers).closing = true;
+    let _ = lock(&conn.writer).shutdown(Shutdown::Both);
+}
+
+/// Gives back a slot the worker did not submit a request in.
+fn release(conn: &Conn, slot: Option<Reservation>) {
+    if let (Some(a), Some(r)) = (&conn.flight, slot) {
+        a.flight.release(r);
+    }
+}
+
+/// True if `req` will most likely be submitted asynchronously, so that the worker is not
+/// held by it. Only a scheduling hint (whether it really goes is [`Export::submit`]'s
+/// decision): FUA on a trim or zero, or emulated FUA on a write, usually needs a flush after
+/// it, which runs synchronously.
+fn may_go_async(conn: &Conn, req: &RequestHeader) -> bool {
+    match req.kind {
+        NBD_CMD_READ | NBD_CMD_FLUSH => true,
+        NBD_CMD_WRITE => !req.fua() || conn.export.caps().fua == Support::Native,
+        NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => !req.fua(),
+        _ => false,
+    }
+}
+
+/// Answers a connection's asynchronous requests as they finish, in completion order: counts
+/// each in the statistics, logs a failure, and writes its reply under the writer lock, from
+/// the buffer the request came back with (a read's data is already after the header room).
+/// Runs until the workers are gone and the last request in flight is answered; after a
+/// failed write it keeps collecting completions (their buffers and slots) without writing.
+fn reply_sender(conn: &Conn, flight: &Flight) {
+    let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
+    let mut broken = false;
+    while let Some(Finished {
+        slot,
+        req,
+        begun,
+        mut buf,
+        result,
+    }) = flight.next_finished()
+    {
+        account(conn, &req, begun, result.as_ref().map(|_| ()));
+        hdr.clear();
+        let data = match result {
+            Ok(()) if req.kind == NBD_CMD_READ => {
+                conn.form.read_data(&mut hdr, &req);
+                Some(req.length as usize)
+            }
+            Ok(()) => {
+                success_reply(conn, &req, &mut hdr);
+                None
+            }
+            Err(err) => {
+                log_failure(conn, &req, &err);
+                error_reply(conn, &req, &err, &mut hdr);
+                None
+            }
+        };
+        if !broken {
+            broken = !send_reply(conn, &mut buf, &hdr, data);
+        }
+        flight.finish(slot, buf);
     }
 }
 
@@ -477,7 +647,10 @@ fn batch_worker(conn: &Conn) {
             }
         }
         let data = match next {
-            Next::Request(req) => execute(conn, &req, &mut buf, &mut hdr),
+            Next::Request(req) => match execute(conn, &req, &mut buf, &mut hdr, &mut None) {
+                Ran::Reply(data) => data,
+                Ran::InFlight => unreachable!("the batch worker submits nothing"),
+            },
             Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
         };
         match data {
@@ -662,24 +835,71 @@ fn next_request(conn: &Conn, reader: &mut Reader, buf: &mut Vec<u8>) -> Result<N
     Ok(Next::Request(req))
 }
 
-/// Runs one request. Returns Some(data length) when the reply is `hdr` followed by that many
-/// bytes at `buf[HEADROOM..]`, None when the reply is `hdr` alone.
+/// What became of a request.
+enum Ran {
+    /// Done: Some(data length) when the reply is `hdr` followed by that many bytes at
+    /// `buf[HEADROOM..]`, None when the reply is `hdr` alone.
+    Reply(Option<usize>),
+    /// Submitted asynchronously in the worker's slot, with the worker's buffer: the reply
+    /// sender counts and answers it.
+    InFlight,
+}
+
+/// Runs one request, asynchronously if it can go so in `slot` (which it then takes).
 fn execute(
     conn: &Conn,
     req: &RequestHeader,
     buf: &mut Vec<u8>,
     hdr: &mut Vec<u8>,
-) -> Option<usize> {
+    slot: &mut Option<Reservation>,
+) -> Ran {
     let begun = begin(conn, req);
-    let r = run_request(conn, req, buf, hdr);
+    let r = run_request(conn, req, buf, hdr, begun, slot);
+    if let Ok(Ran::InFlight) = r {
+        return Ran::InFlight;
+    }
     account(conn, req, begun, r.as_ref().map(|_| ()));
     match r {
-        Ok(data) => data,
+        Ok(ran) => ran,
         Err(err) => {
             log_failure(conn, req, &err);
             hdr.clear();
             error_reply(conn, req, &err, hdr);
-            None
+            Ran::Reply(None)
+        }
+    }
+}
+
+/// Submits `aio` (the request `req`, begun at `begun`) in `slot` with the worker's buffer,
+/// which is swapped for the slot's spare. Ok(false): the export declined, run it
+/// synchronously (nothing changed); Err: the submission failed, that is the request's result.
+fn try_submit(
+    conn: &Conn,
+    req: &RequestHeader,
+    aio: AioRequest,
+    buf: &mut Vec<u8>,
+    begun: u64,
+    slot: &mut Option<Reservation>,
+) -> Result<bool, BlockError> {
+    let (Some(a), Some(r)) = (&conn.flight, slot.as_mut()) else {
+        return Ok(false);
+    };
+    a.flight.arm(r.slot, *req, begun);
+    let data = std::mem::replace(buf, std::mem::take(&mut r.buf));
+    match conn.export.submit(&aio, data, &a.sink, r.slot) {
+        Ok(()) => {
+            // The slot is the request's now, until the sender has answered it.
+            *slot = None;
+            Ok(true)
+        }
+        Err(declined) => {
+            a.flight.disarm(r.slot);
+            let (data, err) = match declined {
+                Declined::Sync(data) => (data, None),
+                Declined::Failed(data, err) => (data, Some(err)),
+            };
+            r.buf = std::mem::replace(buf, data);
+            err.map_or(Ok(false), Err)
         }
     }
 }
@@ -739,8 +959,18 @@ fn run_request(
     req: &RequestHeader,
     buf: &mut Vec<u8>,
     hdr: &mut Vec<u8>,
-) -> Result<Option<usize>, BlockError> {
+    begun: u64,
+    slot: &mut Option<Reservation>,
+) -> Result<Ran, BlockError> {
     check_flags(conn, req)?;
+    // The request as an asynchronous one, tried where the synchronous call would be made.
+    let aio = |kind, flags| AioRequest {
+        kind,
+        offset: req.offset,
+        count: req.length,
+        at: HEADROOM,
+        flags,
+    };
     let einval = |msg: String| BlockError::new(Errno::EINVAL, msg);
     let mut flags = Flags::NONE;
     if req.fua() {
@@ -759,27 +989,46 @@ fn run_request(
             let len = req.length as usize;
             if conn.form.can_reply_hole() && read_is_hole(conn, req)? {
                 conn.form.read_hole(hdr, req);
-                return Ok(None);
+                return Ok(Ran::Reply(None));
             }
             if buf.len() < HEADROOM + len {
                 buf.resize(HEADROOM + len, 0);
             }
+            if try_submit(conn, req, aio(AioKind::Read, flags), buf, begun, slot)? {
+                return Ok(Ran::InFlight);
+            }
             export.read(&mut buf[HEADROOM..HEADROOM + len], req.offset)?;
             conn.form.read_data(hdr, req);
-            return Ok(Some(len));
+            return Ok(Ran::Reply(Some(len)));
         }
         NBD_CMD_WRITE => {
+            if try_submit(conn, req, aio(AioKind::Write, flags), buf, begun, slot)? {
+                return Ok(Ran::InFlight);
+            }
             let len = req.length as usize;
             export.write(&buf[HEADROOM..HEADROOM + len], req.offset, flags)?;
         }
-        NBD_CMD_FLUSH => export.flush()?,
-        NBD_CMD_TRIM => export.trim(req.length, req.offset, flags)?,
+        NBD_CMD_FLUSH => {
+            if try_submit(conn, req, aio(AioKind::Flush, flags), buf, begun, slot)? {
+                return Ok(Ran::InFlight);
+            }
+            export.flush()?
+        }
+        NBD_CMD_TRIM => {
+            if try_submit(conn, req, aio(AioKind::Trim, flags), buf, begun, slot)? {
+                return Ok(Ran::InFlight);
+            }
+            export.trim(req.length, req.offset, flags)?
+        }
         NBD_CMD_WRITE_ZEROES => {
             if !req.no_hole() {
                 flags = flags | Flags::MAY_TRIM;
             }
             if req.fast_zero() {
                 flags = flags | Flags::FAST_ZERO;
+            }
+            if try_submit(conn, req, aio(AioKind::Zero, flags), buf, begun, slot)? {
+                return Ok(Ran::InFlight);
             }
             export.zero(req.length, req.offset, flags)?;
         }
@@ -813,12 +1062,12 @@ fn run_request(
                 let extents = ext.as_slice().iter().map(|e| (e.length, e.kind));
                 conn.form.block_status(hdr, req, *id, extents, last);
             }
-            return Ok(None);
+            return Ok(Ran::Reply(None));
         }
         _ => unreachable!("check_request() accepted an unknown command"),
     }
     success_reply(conn, req, hdr);
-    Ok(None)
+    Ok(Ran::Reply(None))
 }
 
 /// The protocol's checks on a request ([`check_request`]), as a block error to answer.
