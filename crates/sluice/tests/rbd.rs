@@ -357,35 +357,38 @@ open(os.environ["MODEL"], "wb").write(model)
 print(" ".join("%s=%d" % kv for kv in sorted(counts.items())))
 "#;
 
-#[test]
-fn rbd_random_ops_on_two_connections_match_a_model_and_librbd() {
-    let c = ceph::shared();
-    c.rbd(&[
-        "create",
-        "--size",
-        "16M",
-        "--object-size",
-        "1M",
-        "rbd/random",
-    ]);
-    let server = serve(c, "rbd/random", &[]);
+/// Runs `script` (python3-libnbd, with SIZE, OPS, SEED and MODEL in its environment)
+/// against `sluice serve rbd` on a new 16 MiB image `rbd/NAME` of 1 MiB objects; the image
+/// must then hold what the script's model holds, as python3-rbd reads it. Returns the
+/// script's output (its operation counts).
+fn run_model(c: &Cluster, name: &str, script: &str, ops: u32, seed: u32) -> String {
+    let spec = format!("rbd/{name}");
+    c.rbd(&["create", "--size", "16M", "--object-size", "1M", &spec]);
+    let server = serve(c, &spec, &[]);
     let model_path = server.dir.path().join("model.bin");
     let counts = python(
         &server,
-        RANDOM_OPS,
+        script,
         &[
             ("SIZE", (16 * MIB).to_string()),
-            ("OPS", "3000".to_string()),
-            ("SEED", "1717".to_string()),
+            ("OPS", ops.to_string()),
+            ("SEED", seed.to_string()),
             ("MODEL", path_str(&model_path).to_string()),
         ],
     );
+    let model = std::fs::read(&model_path).unwrap();
+    server.assert_no_panic();
+    drop(server);
+    assert_same_bytes(&c.read_image(&spec), &model, "python3-rbd vs model");
+    counts
+}
+
+#[test]
+fn rbd_random_ops_on_two_connections_match_a_model_and_librbd() {
+    let counts = run_model(ceph::shared(), "random", RANDOM_OPS, 3000, 1717);
     for op in ["read", "write", "zero", "trim", "flush"] {
         assert!(counts.contains(&format!("{op}=")), "no {op} in {counts}");
     }
-    let model = std::fs::read(&model_path).unwrap();
-    drop(server);
-    assert_same_bytes(&c.read_image("rbd/random"), &model, "python3-rbd vs model");
 }
 
 #[test]
@@ -819,27 +822,7 @@ print(" ".join("%s=%d" % kv for kv in sorted(counts.items())), "out_of_order=%d"
 
 #[test]
 fn rbd_48_requests_in_flight_complete_out_of_order_and_match_a_model_and_librbd() {
-    let c = ceph::shared();
-    c.rbd(&[
-        "create",
-        "--size",
-        "16M",
-        "--object-size",
-        "1M",
-        "rbd/window",
-    ]);
-    let server = serve(c, "rbd/window", &[]);
-    let model_path = server.dir.path().join("model.bin");
-    let counts = python(
-        &server,
-        SLIDING_WINDOW,
-        &[
-            ("SIZE", (16 * MIB).to_string()),
-            ("OPS", "4000".to_string()),
-            ("SEED", "4848".to_string()),
-            ("MODEL", path_str(&model_path).to_string()),
-        ],
-    );
+    let counts = run_model(ceph::shared(), "window", SLIDING_WINDOW, 4000, 4848);
     for op in ["read", "write", "write_fua", "zero", "trim", "flush"] {
         assert!(counts.contains(&format!("{op}=")), "no {op} in {counts}");
     }
@@ -847,10 +830,6 @@ fn rbd_48_requests_in_flight_complete_out_of_order_and_match_a_model_and_librbd(
         !counts.contains("out_of_order=0"),
         "every reply came in submission order: {counts}"
     );
-    let model = std::fs::read(&model_path).unwrap();
-    server.assert_no_panic();
-    drop(server);
-    assert_same_bytes(&c.read_image("rbd/window"), &model, "python3-rbd vs model");
 }
 
 /// Clients that vanish with reads and writes in flight, one after another, while another
