@@ -740,6 +740,83 @@ fn rbd_qd32_reads_and_writes_park_no_worker_thread_per_request() {
     server.assert_no_panic();
 }
 
+/// One 4 KiB request at a time, writes and reads of what was written (checked), for SECS;
+/// prints how many ran, then stays connected a second so that the server's threads of this
+/// connection can still be looked at.
+const QUEUE_DEPTH_1: &str = r#"
+import random, time
+h = nbd.NBD()
+h.connect_uri(uri)
+SIZE = h.get_size()
+B = 4096
+rnd = random.Random(1)
+written = {}
+n = 0
+end = time.time() + float(os.environ["SECS"])
+while time.time() < end:
+    off = rnd.randrange(SIZE // B) * B
+    data = rnd.randbytes(B)
+    h.pwrite(data, off)
+    written[off] = data
+    back = rnd.choice(list(written)) if len(written) < 64 else off
+    if h.pread(B, back) != written[back]:
+        sys.exit("read at %d differs from what was written" % back)
+    n += 2
+print("requests=%d" % n, flush=True)
+time.sleep(1)
+"#;
+
+/// Context switches so far of the threads whose name starts with `prefix`.
+fn thread_switches(pid: i32, prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|st| {
+            st.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// At queue depth 1 librbd's callback answers each request itself (the reply sender thread
+/// is not woken per request): the reply sender of the connection (nbd-reply-ID) switches
+/// far fewer times than requests ran, where handing every completion to it costs at least one
+/// switch per request. The data read back is checked.
+#[test]
+fn rbd_qd1_replies_are_sent_by_the_completion_without_waking_the_reply_thread() {
+    let c = ceph::shared();
+    c.create_image("qd1", 16 * MIB);
+    let server = serve(c, "rbd/qd1", &[]);
+    let pid = server.pid();
+    let (out, switches) = std::thread::scope(|s| {
+        let client = s.spawn(|| python(&server, QUEUE_DEPTH_1, &[("SECS", "2".into())]));
+        // The thread goes with the connection: keep the last count seen while it lives.
+        let mut last = 0;
+        while !client.is_finished() {
+            last = last.max(thread_switches(pid, "nbd-reply"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (client.join().unwrap(), last)
+    });
+    let n: u64 = out.trim().trim_start_matches("requests=").parse().unwrap();
+    eprintln!("{n} requests at depth 1; the reply thread switched {switches} times");
+    assert!(n > 500, "too few requests ran: {out}");
+    assert!(
+        switches < n / 4,
+        "the reply thread switched {switches} times for {n} requests: completions are \
+         handed to it instead of answered by the callback"
+    );
+    server.assert_no_panic();
+}
+
 /// Up to 48 requests in flight at all times on one connection (reads, writes with and
 /// without FUA, zeroes with and without holes, fast zeroes, trims, flushes), on ranges that
 /// do not overlap while in flight, checked against a model as each read completes. Prints

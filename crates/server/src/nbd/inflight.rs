@@ -11,13 +11,16 @@
 //! spare again once the reply is sent. Buffers therefore rotate between slots and workers,
 //! and in steady state nothing is allocated.
 //!
-//! The backend's callback ([`AioSink::complete`]) only queues the completion and wakes the
-//! sender if it sleeps: it runs on the backend's own thread (librbd's), which must never wait
-//! for a client's socket, or one slow reader would stall every image request of the process.
-//! One lock guards all of this; it is held for a few instructions at a time, never across I/O.
+//! The backend's callback ([`AioSink::complete`]) runs on the backend's own thread (librbd's),
+//! which must never wait for a client's socket, or one slow reader would stall every image
+//! request of the process. It answers a successful request itself when that costs no waiting
+//! ([`Direct`]: the writer lock is free and the socket takes the whole reply at once), which
+//! saves a thread wake-up per request; otherwise it queues the completion and wakes the
+//! sender if it sleeps. One lock guards the slots and the queue; it is held for a few
+//! instructions at a time, never across I/O.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
 use sluice_block::{AioSink, BlockError};
 use sluice_proto::nbd::RequestHeader;
@@ -60,9 +63,19 @@ struct State {
     disabled: bool,
 }
 
+/// A way to answer a finished request on the backend's thread without waiting.
+pub(super) trait Direct: Send + Sync {
+    /// Sends the successful reply of `req` (begun at `begun`; a read's data in `buf` after
+    /// the header room) and counts it, if that can be done at once without waiting for
+    /// anyone. True if it was sent; false if nothing was sent (the sender will answer it).
+    fn try_reply(&self, req: &RequestHeader, begun: u64, buf: &mut [u8]) -> bool;
+}
+
 /// The in-flight requests of one connection; the backend's completion sink.
 pub(super) struct Flight {
     state: Mutex<State>,
+    /// Set once, before the first submission, if replies may be sent by the callback.
+    direct: OnceLock<Box<dyn Direct>>,
     /// The reply sender waits here for completions and for the end of input.
     done_cv: Condvar,
     /// Workers wait here for a free slot.
@@ -92,9 +105,16 @@ impl Flight {
                 input_over: false,
                 disabled: false,
             }),
+            direct: OnceLock::new(),
             done_cv: Condvar::new(),
             free_cv: Condvar::new(),
         }
+    }
+
+    /// Lets the backend's callback answer successful requests itself through `d` (call
+    /// before the first submission; a second call is ignored).
+    pub fn set_direct(&self, d: Box<dyn Direct>) {
+        let _ = self.direct.set(d);
     }
 
     /// Waits for a free slot and takes it; None if asynchronous submission is off.
@@ -169,11 +189,17 @@ impl Flight {
     /// The reply of `slot` is sent: its buffer becomes the slot's spare and the slot is free.
     pub fn finish(&self, slot: usize, buf: Vec<u8>) {
         let mut s = lock(&self.state);
-        s.slots[slot].buf = buf;
+        s.slots[slot] = Slot { request: None, buf };
         s.free.push(slot);
         s.in_flight -= 1;
+        // The last request may be answered by the callback, not the sender: wake the sender
+        // if it waits for the end.
+        let last = s.input_over && s.in_flight == 0 && s.sender_waiting;
         drop(s);
         self.free_cv.notify_one();
+        if last {
+            self.done_cv.notify_one();
+        }
     }
 
     /// No request will be submitted any more: the sender ends once the last is answered.
@@ -200,7 +226,19 @@ impl Flight {
 }
 
 impl AioSink for Flight {
-    fn complete(&self, tag: usize, buf: Vec<u8>, result: Result<(), BlockError>) {
+    fn complete(&self, tag: usize, mut buf: Vec<u8>, result: Result<(), BlockError>) {
+        if let (Ok(()), Some(d)) = (&result, self.direct.get()) {
+            // Only when the sender has nothing queued: it stays the one that answers a burst.
+            let s = lock(&self.state);
+            let ready = s.done.is_empty().then(|| s.slots[tag].request).flatten();
+            drop(s);
+            if let Some((req, begun)) = ready {
+                if d.try_reply(&req, begun, &mut buf) {
+                    self.finish(tag, buf);
+                    return;
+                }
+            }
+        }
         let mut s = lock(&self.state);
         // At most one completion per slot is queued, and the queue has room for every slot.
         s.done.push_back((tag, buf, result));
@@ -296,6 +334,81 @@ mod tests {
         let _kept = f.reserve().unwrap();
         f.end_of_input();
         assert!(f.next_finished().is_none());
+    }
+
+    /// Answers (counting what it sent) while `accept` is true.
+    struct Replies {
+        accept: std::sync::atomic::AtomicBool,
+        sent: Mutex<Vec<u64>>,
+    }
+
+    impl Direct for Arc<Replies> {
+        fn try_reply(&self, req: &RequestHeader, _begun: u64, _buf: &mut [u8]) -> bool {
+            let ok = self.accept.load(std::sync::atomic::Ordering::SeqCst);
+            if ok {
+                self.sent.lock().unwrap().push(req.cookie);
+            }
+            ok
+        }
+    }
+
+    fn with_direct(limit: usize, accept: bool) -> (Arc<Flight>, Arc<Replies>) {
+        let f = Arc::new(Flight::new(limit));
+        let r = Arc::new(Replies {
+            accept: accept.into(),
+            sent: Mutex::new(Vec::new()),
+        });
+        f.set_direct(Box::new(r.clone()));
+        (f, r)
+    }
+
+    #[test]
+    fn a_reply_sent_by_the_callback_frees_its_slot_and_queues_nothing() {
+        let (f, r) = with_direct(1, true);
+        let a = f.reserve().unwrap();
+        f.arm(a.slot, req(5), 0);
+        f.complete(a.slot, vec![9; 8], Ok(()));
+        assert_eq!(*r.sent.lock().unwrap(), vec![5]);
+        // The slot is free again, with the request's buffer as its spare.
+        let b = f.reserve().unwrap();
+        assert_eq!((b.slot, b.buf[0]), (a.slot, 9));
+        f.release(b);
+        f.end_of_input();
+        assert!(f.next_finished().is_none(), "nothing was queued");
+    }
+
+    #[test]
+    fn declined_replies_and_failures_go_to_the_sender() {
+        let (f, r) = with_direct(2, false);
+        let a = f.reserve().unwrap();
+        let b = f.reserve().unwrap();
+        f.arm(a.slot, req(1), 0);
+        f.arm(b.slot, req(2), 0);
+        f.complete(a.slot, Vec::new(), Ok(()));
+        r.accept.store(true, std::sync::atomic::Ordering::SeqCst);
+        f.complete(b.slot, Vec::new(), Err(BlockError::errno(Errno::EIO)));
+        assert!(r.sent.lock().unwrap().is_empty());
+        let x = f.next_finished().unwrap();
+        let y = f.next_finished().unwrap();
+        assert_eq!((x.req.cookie, y.req.cookie), (1, 2));
+        assert!(y.result.is_err());
+    }
+
+    #[test]
+    fn the_sender_ends_when_the_callback_answers_the_last_request() {
+        let (f, _r) = with_direct(1, true);
+        let a = f.reserve().unwrap();
+        f.arm(a.slot, req(3), 0);
+        f.end_of_input();
+        let f2 = f.clone();
+        let sender = std::thread::spawn(move || f2.next_finished().is_none());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!sender.is_finished(), "a request is still in flight");
+        f.complete(a.slot, Vec::new(), Ok(()));
+        assert!(
+            sender.join().unwrap(),
+            "the sender ends, having answered nothing"
+        );
     }
 
     #[test]
