@@ -389,6 +389,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     } else if let Some(a) = &conn.flight {
         if !stream_is_tls && lock(&conn.writer).is_unix() {
             a.flight.set_direct(Box::new(Replier {
+                max: direct_max(&lock(&conn.writer)),
                 writer: conn.writer.clone(),
                 form: conn.form,
                 stats: conn.stats.clone(),
@@ -610,10 +611,31 @@ fn reply_sender(conn: &Conn, flight: &Flight) {
     }
 }
 
-/// Largest reply the backend's callback sends itself. A Unix stream socket queues a message
-/// up to about half its send buffer (at least 32 KiB here) as one piece, so a non-blocking
-/// send of one this size either takes all of it or nothing.
+/// Largest reply the backend's callback sends itself. Linux queues a message on a Unix stream
+/// socket in one piece when it is at most half the send buffer less 64 bytes and at most
+/// 32 KiB plus a page's head room, so a non-blocking send of one this size either takes all
+/// of it or nothing. [`direct_max`] lowers it for a socket with a small send buffer.
 const DIRECT_MAX: usize = 32 * 1024;
+
+/// [`DIRECT_MAX`], or less if the socket's send buffer is small (`net.core.wmem_default`).
+fn direct_max(stream: &Stream) -> usize {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_SNDBUF on our open socket writes one int.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || v <= 0 {
+        return 0;
+    }
+    DIRECT_MAX.min((v as usize / 2).saturating_sub(128))
+}
 
 /// Answers an asynchronous request on the backend's thread (librbd's callback), for a
 /// connection on a plain Unix socket, when that costs no waiting: the writer lock is free
@@ -626,6 +648,8 @@ const DIRECT_MAX: usize = 32 * 1024;
 /// or a declined one would be counted twice.
 struct Replier {
     writer: Arc<Mutex<Stream>>,
+    /// Largest reply sent here ([`direct_max`]).
+    max: usize,
     form: ReplyForm,
     stats: Vec<Arc<BlockStats>>,
 }
@@ -646,7 +670,7 @@ impl Direct for Replier {
                 self.form.success(hdr, req);
                 0
             };
-            if hdr.len() + data > DIRECT_MAX || HEADROOM + data > buf.len() {
+            if hdr.len() + data > self.max || HEADROOM + data > buf.len() {
                 return false;
             }
             let Ok(mut out) = self.writer.try_lock() else {
@@ -1206,4 +1230,65 @@ fn success_reply(conn: &Conn, req: &RequestHeader, hdr: &mut Vec<u8>) {
 fn error_reply(conn: &Conn, req: &RequestHeader, err: &BlockError, hdr: &mut Vec<u8>) {
     let code = err.nbd_error(req.fast_zero(), req.df());
     conn.form.error(hdr, req, code, &err.message);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Non-blocking sends of `len` bytes into `s` until the socket is full: the byte counts
+    /// each send took.
+    fn fill(s: &UnixStream, len: usize) -> Vec<isize> {
+        let data = vec![7u8; len];
+        let mut took = Vec::new();
+        loop {
+            // SAFETY: a send from a live buffer on an open socket.
+            let n = unsafe {
+                libc::send(
+                    s.as_raw_fd(),
+                    data.as_ptr().cast(),
+                    len,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 || took.len() > 100_000 {
+                return took;
+            }
+            took.push(n);
+        }
+    }
+
+    /// What the callback's replies rely on: a non-blocking send of at most [`direct_max`]
+    /// bytes on a Unix socket takes all of it or nothing, with the default send buffer and a
+    /// small one, until the socket is full.
+    #[test]
+    fn a_reply_of_direct_max_bytes_is_sent_whole_or_not_at_all() {
+        for sndbuf in [None, Some(4096), Some(20_000)] {
+            let (a, _b) = UnixStream::pair().unwrap();
+            if let Some(v) = sndbuf {
+                let v: libc::c_int = v;
+                // SAFETY: SO_SNDBUF on an open socket, from one int.
+                let r = unsafe {
+                    libc::setsockopt(
+                        a.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDBUF,
+                        (&v as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(r, 0);
+            }
+            let stream = Stream::unix(a.try_clone().unwrap());
+            let max = direct_max(&stream);
+            assert!(max > 0 && max <= DIRECT_MAX, "{sndbuf:?}: {max}");
+            let took = fill(&a, max);
+            assert!(!took.is_empty(), "{sndbuf:?}: nothing was sent");
+            assert!(
+                took.iter().all(|&n| n == max as isize),
+                "{sndbuf:?}: a send of {max} bytes was cut: {took:?}"
+            );
+        }
+    }
 }
