@@ -24,7 +24,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 use crate::filter::{Filter, Next};
-use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support};
+use crate::plugin::{BlockSize, FileRange, Flags, Handle, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::cow::Switch;
@@ -480,6 +480,27 @@ impl Filter for Cache {
             |blk, at, piece| self.read_part(c, next, blk, at, piece),
             |blk, run| self.read_blocks(c, next, blk, run),
         )
+    }
+    /// Where [`Cache::pread`] would read all of the range from one place: the plugin, for a
+    /// range not in the cache (unless cache-on-read must fill it), or the cache file, for one
+    /// cached in every block. Only without `cache-max-size`: a reclaim punches blocks out of
+    /// the file (which can zero pages still on their way to a client) and reads must mark
+    /// blocks recently used, so with a limit every read goes through `pread`.
+    fn file_range<'a>(
+        &'a self,
+        _: &'a Conn,
+        next: &'a Next,
+        count: u64,
+        off: u64,
+    ) -> Option<FileRange<'a>> {
+        if self.limits.is_some() {
+            return None;
+        }
+        match self.overlay.uniform(off, count)? {
+            NOT_CACHED if !self.on_read.on() => next.file_range(count, off),
+            NOT_CACHED => None,
+            _ => Some(self.overlay.file_range(off)),
+        }
     }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, f: Flags) -> Result<()> {
         let (f, flush) = self.fua(c, f);

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::{Extents, EXTENT_HOLE, EXTENT_ZERO};
 use crate::filter::{Filter, Next};
-use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support};
+use crate::plugin::{BlockSize, FileRange, Flags, Handle, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::lower::{extents_full, read_and_discard};
@@ -306,6 +306,22 @@ impl Filter for Cow {
             |blk, at, piece| self.read_part(c, next, blk, at, piece),
             |blk, run| self.read_blocks(c, next, blk, run),
         )
+    }
+    /// Where [`Cow::pread`] would read all of the range from one place: the plugin, for a
+    /// range no client has changed (unless cow-on-read must copy it), or the overlay file,
+    /// for one written in every block. Trimmed blocks (zeroes) and mixed ranges are read.
+    fn file_range<'a>(
+        &'a self,
+        _: &'a Conn,
+        next: &'a Next,
+        count: u64,
+        off: u64,
+    ) -> Option<FileRange<'a>> {
+        match self.overlay.uniform(off, count)? {
+            ABSENT if !self.on_read.on() => next.file_range(count, off),
+            PRESENT => Some(self.overlay.file_range(off)),
+            _ => None,
+        }
     }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, _: Flags) -> Result<()> {
         let bs = self.bs() as usize;
