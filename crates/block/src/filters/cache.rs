@@ -659,6 +659,22 @@ mod tests {
     }
 
     #[test]
+    fn cache_file_range_is_the_cache_file_only_for_whole_hits_without_a_size_limit() {
+        let (e, _, _) = setup(&[]);
+        let at = |e: &crate::Export, count, off| e.with_file_range(count, off, |r| r.offset);
+        e.write(&[3u8; 131072], 0, Flags::NONE).unwrap();
+        assert_eq!(at(&e, 131072, 0), Some(0));
+        assert_eq!(at(&e, 5000, 70_000), Some(70_000));
+        assert_eq!(at(&e, 131073, 0), None, "one byte of a block not cached");
+        // A miss is the memory plugin's, which has no file.
+        assert_eq!(at(&e, 4096, 200_000), None);
+        // With cache-max-size, a reclaim may punch a block out under a spliced read.
+        let (e, _, _) = setup(&[("cache-max-size", "1M")]);
+        e.write(&[3u8; 131072], 0, Flags::NONE).unwrap();
+        assert_eq!(at(&e, 131072, 0), None);
+    }
+
+    #[test]
     fn cache_writeback_holds_writes_until_flush() {
         let (e, mem, log) = setup(&[]);
         e.write(&[3u8; 100_000], 10, Flags::NONE).unwrap();

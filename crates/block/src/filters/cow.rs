@@ -492,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn cow_file_range_is_the_overlay_only_where_every_block_was_written() {
+        // The pattern plugin has no file: only ranges wholly in the overlay have one.
+        let pat: Arc<dyn Plugin> = Arc::new(PatternPlugin::new(1 << 20));
+        let (e, _) = cow_over(pat, &[]);
+        let at = |count, off| e.with_file_range(count, off, |r| r.offset);
+        e.write(&[1u8; 131072], 65536, Flags::NONE).unwrap();
+        e.write(&[2u8; 10], 300_000, Flags::NONE).unwrap();
+        assert_eq!(at(131072, 65536), Some(65536));
+        assert_eq!(at(1000, 70_000), Some(70_000));
+        // Block 4 holds the partial write (read-modify-write made it whole).
+        assert_eq!(at(65536, 262_144), Some(262_144));
+        assert_eq!(at(131073, 65536), None, "one byte into an untouched block");
+        assert_eq!(at(4096, 0), None, "untouched: the plugin's (no file)");
+        e.trim(65536, 65536, Flags::NONE).unwrap();
+        assert_eq!(at(4096, 65536), None, "trimmed blocks read as zeroes");
+    }
+
+    #[test]
     fn cow_writes_land_in_the_overlay_and_never_below() {
         let pat: Arc<dyn Plugin> = Arc::new(PatternPlugin::new((1 << 20) + 100));
         let (e, writes) = cow_over(pat.clone(), &[]);

@@ -46,6 +46,8 @@ pub(super) struct Pipe {
     cap: usize,
     /// Bytes in the pipe now (0 between requests).
     held: usize,
+    /// Bytes that should have left the pipe could not be taken out: close it.
+    broken: bool,
 }
 
 thread_local! {
@@ -53,7 +55,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's pipe, creating it first if needed; None if no pipe can be made
-/// (the caller then reads as before). A pipe that `f` leaves holding bytes is closed.
+/// (the caller then reads as before). A pipe that `f` marked broken is closed.
 pub(super) fn with_pipe<R>(f: impl FnOnce(&mut Pipe) -> R) -> Option<R> {
     PIPE.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -68,7 +70,7 @@ pub(super) fn with_pipe<R>(f: impl FnOnce(&mut Pipe) -> R) -> Option<R> {
         }
         let pipe = slot.as_mut()?;
         let r = f(pipe);
-        if pipe.held != 0 {
+        if pipe.broken {
             *slot = None;
         }
         Some(r)
@@ -122,6 +124,7 @@ impl Pipe {
             write,
             cap: size as usize,
             held: 0,
+            broken: false,
         })
     }
 
@@ -265,8 +268,10 @@ pub(super) fn start(
             return Some(filled.n);
         }
         // Bytes of a range that came up short are thrown away; if even that fails, the pipe
-        // is closed by with_pipe, since it still holds them.
-        let _ = p.discard(scratch);
+        // is closed (by with_pipe), since it still holds them.
+        if p.discard(scratch).is_err() {
+            p.broken = true;
+        }
         None
     })
     .flatten()
