@@ -3,10 +3,11 @@
 //! and not through those that change bytes; and splice is really what sends them.
 //!
 //! The servers run under `strace -f -e trace=splice`, so each test also sees whether reads
-//! were spliced, and from how many files (a cow or cache read comes from the plugin's file or
-//! from the overlay's). Reads are made with libnbd, with structured replies and without, and
-//! with qemu-io; they cover a read larger than the 1 MiB pipe, unaligned reads and reads that
-//! end at the (unaligned) end of the export.
+//! were spliced, and from which files (a cow or cache read comes from the plugin's file or
+//! from the overlay's). Reads are made with libnbd 1.14, with structured replies and without,
+//! and with qemu-io (qemu 10 negotiates extended headers, so its replies are the extended
+//! OFFSET_DATA chunk); they cover a read larger than the 1 MiB pipe, unaligned reads and reads
+//! that end at the (unaligned) end of the export.
 
 use crate::support;
 

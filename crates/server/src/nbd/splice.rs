@@ -20,6 +20,9 @@
 //! Each thread owns one pipe ([`with_pipe`]), created on its first spliced read and sized to
 //! [`PIPE_SIZE`] if the system allows (otherwise the default 64 KiB, in more pieces). It is
 //! empty between requests; a pipe left holding bytes after an error is closed, never reused.
+//! It costs two descriptors per worker thread of a connection that has spliced a read, until
+//! the connection ends ([`close_pipe`]); when no pipe can be made (out of descriptors), reads
+//! go the old way.
 //! Only plain Unix and TCP sockets splice: a TLS session must encrypt the bytes in memory.
 //!
 //! Pages in a pipe or a socket buffer are references, not copies (as with `sendfile(2)`): a
@@ -75,6 +78,12 @@ pub(super) fn with_pipe<R>(f: impl FnOnce(&mut Pipe) -> R) -> Option<R> {
         }
         Some(r)
     })
+}
+
+/// Closes this thread's pipe, if it has one (a connection thread at the end of its
+/// connection: threads are kept for the next client, their pipes need not be).
+pub(super) fn close_pipe() {
+    PIPE.with(|cell| *cell.borrow_mut() = None);
 }
 
 /// Closes this thread's pipe if it holds bytes (after a reply that could not be finished).

@@ -420,6 +420,10 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     } else {
         std::thread::scope(|scope| worker(&conn, scope));
     }
+    // This thread waits for the next client with no pipe of this one's.
+    if conn.splice {
+        splice::close_pipe();
+    }
     // Workers (and the reply sender) are gone, and so is every request in flight: dropping
     // `conn` closes the plugin handle.
 }
