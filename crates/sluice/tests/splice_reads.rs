@@ -52,19 +52,27 @@ impl Traced {
         self.server.uri()
     }
 
-    /// Stops sluice (strace's child) and returns strace's splice lines.
+    /// Sends `signal` to sluice, strace's only child (strace then exits with it).
+    fn signal_sluice(&self, signal: i32) {
+        let Some(strace) = self.server.child.as_ref() else {
+            return;
+        };
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", strace.id()))
+            .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            // SAFETY: signalling the sluice process this test started (strace's child).
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// Stops sluice and returns strace's splice lines.
     fn finish(mut self) -> Vec<String> {
-        let strace = self.server.child.take().unwrap();
-        let sluice = std::fs::read_to_string(format!(
-            "/proc/{}/task/{}/children",
-            strace.id(),
-            strace.id()
-        ))
-        .unwrap();
-        let pid: i32 = sluice.split_whitespace().next().unwrap().parse().unwrap();
-        // SAFETY: signalling the sluice process this test started (strace's only child).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let mut strace = strace;
+        self.signal_sluice(libc::SIGTERM);
+        let mut strace = self.server.child.take().unwrap();
         support::wait_timeout(&mut strace, Duration::from_secs(30)).expect("strace exits");
         let mut lines = Vec::new();
         for e in std::fs::read_dir(self.logs.path()).unwrap() {
@@ -76,6 +84,14 @@ impl Traced {
             );
         }
         lines
+    }
+}
+
+impl Drop for Traced {
+    /// A test that fails before [`Traced::finish`] must not leave sluice running: killing
+    /// strace (what [`Server`]'s drop does) would only detach it.
+    fn drop(&mut self) {
+        self.signal_sluice(libc::SIGKILL);
     }
 }
 
