@@ -231,6 +231,14 @@ SERVERS = {
     "nbdkit-cache": dict(
         cmd=lambda c, s, f: ["nbdkit", "-f", "-U", s, "--filter=cache", "file", f],
         backing="raw", default=False),
+    # The same filters in the --sluice-base build (a regression check of the filter rows).
+    "base-cow": dict(
+        cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "--filter=cow", "file", f],
+        backing="raw", base=True, default=False),
+    "base-cache": dict(
+        cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "--filter=cache", "file",
+                             f],
+        backing="raw", base=True, default=False),
 }
 
 # Ratio columns (numerator, denominator), shown when both are selected.
@@ -248,6 +256,8 @@ RATIOS = [
     ("sluice-memory-metrics", "sluice-memory"),
     ("sluice-cow", "nbdkit-cow"),
     ("sluice-cache", "nbdkit-cache"),
+    ("sluice-cow", "base-cow"),
+    ("sluice-cache", "base-cache"),
 ]
 
 BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}

@@ -30,7 +30,9 @@ use sluice_proto::nbd::consts as nbd;
 use crate::aio::{AioKind, AioRequest, AioSink, Declined};
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
-use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support, ThreadModel};
+use crate::plugin::{
+    BlockSize, FileRange, Flags, Handle, OpenContext, Plugin, Support, ThreadModel,
+};
 use crate::stats::BlockStats;
 
 /// Size of the chunks in which zeroes are written when a plugin cannot zero natively.
@@ -240,6 +242,22 @@ impl Export {
         self.check_range("read", buf.len() as u64, offset)?;
         let _g = self.guard();
         self.handle.pread(buf, offset, Flags::NONE)
+    }
+
+    /// If the handle says where the bytes of `[offset, offset+count)` lie in a file
+    /// ([`Handle::file_range`]), runs `read` on that range, under the thread model's lock as
+    /// [`Export::read`] would hold it, and returns its result; `None` (nothing was run) when
+    /// the range is not one a read may be made of, or the handle has no file for it. The
+    /// caller then reads with [`Export::read`], whose answer (data or error) is the request's.
+    pub fn with_file_range<R>(
+        &self,
+        count: u64,
+        offset: u64,
+        read: impl FnOnce(FileRange<'_>) -> R,
+    ) -> Option<R> {
+        self.check_range("read", count, offset).ok()?;
+        let _g = self.guard();
+        self.handle.file_range(count, offset).map(read)
     }
 
     /// Writes `buf` at `offset`; `flags` may hold FUA.

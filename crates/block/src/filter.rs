@@ -73,6 +73,12 @@
 //! A filter that moves offsets must override every ranged method: `pread`, `pwrite`, `trim`,
 //! `zero`, `cache`, `extents` and `allocation_depth`; one that changes the size overrides
 //! `get_size`. Forwarding is the safe default only for what the filter does not change.
+//!
+//! One method is the exception: [`Filter::file_range`] (where a read's bytes lie in a file, so
+//! that the server can splice them to the socket) answers `None` unless a filter says
+//! otherwise, because a read answered from a file never reaches the filter's `pread`: a
+//! filter that forgot to turn it off would be passed by, unseen. Filters that only change
+//! capabilities forward it; cow and cache answer it from their own state.
 
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -80,7 +86,7 @@ use crate::aio::AioHandle;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 use crate::plugin::{
-    BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, Plugin, Support,
+    BlockSize, ConnectionInfo, ExportEntry, FileRange, Flags, Handle, OpenContext, Plugin, Support,
     ThreadModel,
 };
 
@@ -283,6 +289,21 @@ pub trait Filter: Send + Sync + 'static {
     ) -> Result<()> {
         next.allocation_depth(count, offset, out)
     }
+    /// Where the bytes of `[offset, offset+count)` are stored in a file
+    /// ([`Handle::file_range`]). **The one method that does not forward by default**: a read
+    /// answered from a file range never reaches [`Filter::pread`], so a filter that changes,
+    /// moves, counts, logs, delays or fails reads would be passed by. A filter whose `pread`
+    /// is the layer below's, and that need not see reads, forwards it (`next.file_range`); a
+    /// filter that keeps data in a file of its own may answer with that file.
+    fn file_range<'a>(
+        &'a self,
+        _conn: &'a Self::Conn,
+        _next: &'a Next,
+        _count: u64,
+        _offset: u64,
+    ) -> Option<FileRange<'a>> {
+        None
+    }
 }
 
 /// The layer below one connection of a filter. It is a [`Handle`]: call it as the plugin.
@@ -432,6 +453,14 @@ impl Handle for Next {
         // swapped, and its lock is not held across an asynchronous request.
         match &self.slot {
             Slot::Fixed(h) => h.aio(),
+            Slot::Reopenable(_) => None,
+        }
+    }
+    fn file_range(&self, count: u64, offset: u64) -> Option<FileRange<'_>> {
+        // As for aio: a reopenable layer's handle may be swapped (and closed) while the
+        // caller still reads the file.
+        match &self.slot {
+            Slot::Fixed(h) => h.file_range(count, offset),
             Slot::Reopenable(_) => None,
         }
     }
@@ -598,6 +627,10 @@ impl<F: Filter> Handle for FilterHandle<F> {
         // A filter sees every call; a request submitted to the layer below would pass it by.
         // A filtered stack therefore runs every request synchronously, through the filter.
         None
+    }
+    fn file_range(&self, count: u64, offset: u64) -> Option<FileRange<'_>> {
+        self.filter
+            .file_range(&self.conn, &self.next, count, offset)
     }
     fn extents(&self, count: u64, offset: u64, flags: Flags, extents: &mut Extents) -> Result<()> {
         self.filter

@@ -30,8 +30,8 @@ pub use export::{Backend, Caps, Export};
 pub use extents::{Extent, Extents};
 pub use filter::{Filter, Filtered, Next, Stack};
 pub use plugin::{
-    BlockSize, ConnectionInfo, ExportEntry, Flags, Handle, OpenContext, PeerCreds, Plugin, Support,
-    ThreadModel,
+    BlockSize, ConnectionInfo, ExportEntry, FileRange, Flags, Handle, OpenContext, PeerCreds,
+    Plugin, Support, ThreadModel,
 };
 pub use stats::BlockStats;
 pub use threshold::WriteThreshold;

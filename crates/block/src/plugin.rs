@@ -12,6 +12,8 @@
 //! that a [`ThreadModel::Parallel`] plugin can serve several requests of one handle at once;
 //! the server serialises calls for the stricter thread models.
 
+use std::os::fd::BorrowedFd;
+
 use crate::aio::AioHandle;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
@@ -268,6 +270,15 @@ pub trait Plugin: Send + Sync + 'static {
     }
 }
 
+/// Where the bytes of a range of an export are stored: the same number of bytes at `offset`
+/// of the open regular file `fd` ([`Handle::file_range`]). The server may then send them
+/// with `splice(2)` from the page cache, without reading them into memory.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRange<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub offset: u64,
+}
+
 /// A per-connection handle. Capability queries are asked once per connection and cached by
 /// the server. Data methods are only called for capabilities the handle reported.
 pub trait Handle: Send + Sync {
@@ -344,6 +355,21 @@ pub trait Handle: Send + Sync {
     /// The handle's asynchronous submission, if its backend completes requests by callback
     /// (see [`crate::aio`]); `None`, the default, keeps every request on the methods above.
     fn aio(&self) -> Option<&dyn AioHandle> {
+        None
+    }
+
+    /// `Some` if the bytes [`Handle::pread`] would read from `[offset, offset+count)` are,
+    /// right now, the bytes at [`FileRange::offset`] of a regular file (what reading the file
+    /// with `pread(2)` returns), and reading them there instead of through `pread` skips
+    /// nothing this layer must do (count, log, delay, translate, cache, evict). The range is
+    /// inside the export. The default, `None`, sends every read through [`Handle::pread`].
+    ///
+    /// The server reads the file under the same thread-model lock as a pread, but the kernel
+    /// may send pages as they are when the reply leaves (as `sendfile(2)` does): so a layer
+    /// answers only for a file whose bytes in the range change only by writes of clients
+    /// (which race with the read anyway), never by its own housekeeping (a cache reclaiming
+    /// blocks, for example).
+    fn file_range(&self, _count: u64, _offset: u64) -> Option<FileRange<'_>> {
         None
     }
 

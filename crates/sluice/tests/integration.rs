@@ -63,4 +63,5 @@ mod rbd;
 mod request_path;
 mod serve_bitmaps;
 mod soak;
+mod splice_reads;
 mod tls;

@@ -24,7 +24,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::Extents;
 use crate::filter::{Filter, Next};
-use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support};
+use crate::plugin::{BlockSize, FileRange, Flags, Handle, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::cow::Switch;
@@ -481,6 +481,27 @@ impl Filter for Cache {
             |blk, run| self.read_blocks(c, next, blk, run),
         )
     }
+    /// Where [`Cache::pread`] would read all of the range from one place: the plugin, for a
+    /// range not in the cache (unless cache-on-read must fill it), or the cache file, for one
+    /// cached in every block. Only without `cache-max-size`: a reclaim punches blocks out of
+    /// the file (which can zero pages still on their way to a client) and reads must mark
+    /// blocks recently used, so with a limit every read goes through `pread`.
+    fn file_range<'a>(
+        &'a self,
+        _: &'a Conn,
+        next: &'a Next,
+        count: u64,
+        off: u64,
+    ) -> Option<FileRange<'a>> {
+        if self.limits.is_some() {
+            return None;
+        }
+        match self.overlay.uniform(off, count)? {
+            NOT_CACHED if !self.on_read.on() => next.file_range(count, off),
+            NOT_CACHED => None,
+            _ => Some(self.overlay.file_range(off)),
+        }
+    }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, f: Flags) -> Result<()> {
         let (f, flush) = self.fua(c, f);
         let bs = self.bs() as usize;
@@ -635,6 +656,22 @@ mod tests {
 
     fn take(log: &Mutex<Vec<String>>) -> Vec<String> {
         std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[test]
+    fn cache_file_range_is_the_cache_file_only_for_whole_hits_without_a_size_limit() {
+        let (e, _, _) = setup(&[]);
+        let at = |e: &crate::Export, count, off| e.with_file_range(count, off, |r| r.offset);
+        e.write(&[3u8; 131072], 0, Flags::NONE).unwrap();
+        assert_eq!(at(&e, 131072, 0), Some(0));
+        assert_eq!(at(&e, 5000, 70_000), Some(70_000));
+        assert_eq!(at(&e, 131073, 0), None, "one byte of a block not cached");
+        // A miss is the memory plugin's, which has no file.
+        assert_eq!(at(&e, 4096, 200_000), None);
+        // With cache-max-size, a reclaim may punch a block out under a spliced read.
+        let (e, _, _) = setup(&[("cache-max-size", "1M")]);
+        e.write(&[3u8; 131072], 0, Flags::NONE).unwrap();
+        assert_eq!(at(&e, 131072, 0), None);
     }
 
     #[test]

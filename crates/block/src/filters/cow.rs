@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::error::{BlockError, Errno, Result};
 use crate::extents::{Extents, EXTENT_HOLE, EXTENT_ZERO};
 use crate::filter::{Filter, Next};
-use crate::plugin::{BlockSize, Flags, Handle, OpenContext, Plugin, Support};
+use crate::plugin::{BlockSize, FileRange, Flags, Handle, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::lower::{extents_full, read_and_discard};
@@ -307,6 +307,22 @@ impl Filter for Cow {
             |blk, run| self.read_blocks(c, next, blk, run),
         )
     }
+    /// Where [`Cow::pread`] would read all of the range from one place: the plugin, for a
+    /// range no client has changed (unless cow-on-read must copy it), or the overlay file,
+    /// for one written in every block. Trimmed blocks (zeroes) and mixed ranges are read.
+    fn file_range<'a>(
+        &'a self,
+        _: &'a Conn,
+        next: &'a Next,
+        count: u64,
+        off: u64,
+    ) -> Option<FileRange<'a>> {
+        match self.overlay.uniform(off, count)? {
+            ABSENT if !self.on_read.on() => next.file_range(count, off),
+            PRESENT => Some(self.overlay.file_range(off)),
+            _ => None,
+        }
+    }
     fn pwrite(&self, c: &Conn, next: &Next, buf: &[u8], off: u64, _: Flags) -> Result<()> {
         let bs = self.bs() as usize;
         self.split(
@@ -473,6 +489,24 @@ mod tests {
         let writes = Arc::new(AtomicUsize::new(0));
         let p = Arc::new(NoWrites(inner, writes.clone()));
         (export(filter("cow", kv, p), false), writes)
+    }
+
+    #[test]
+    fn cow_file_range_is_the_overlay_only_where_every_block_was_written() {
+        // The pattern plugin has no file: only ranges wholly in the overlay have one.
+        let pat: Arc<dyn Plugin> = Arc::new(PatternPlugin::new(1 << 20));
+        let (e, _) = cow_over(pat, &[]);
+        let at = |count, off| e.with_file_range(count, off, |r| r.offset);
+        e.write(&[1u8; 131072], 65536, Flags::NONE).unwrap();
+        e.write(&[2u8; 10], 300_000, Flags::NONE).unwrap();
+        assert_eq!(at(131072, 65536), Some(65536));
+        assert_eq!(at(1000, 70_000), Some(70_000));
+        // Block 4 holds the partial write (read-modify-write made it whole).
+        assert_eq!(at(65536, 262_144), Some(262_144));
+        assert_eq!(at(131073, 65536), None, "one byte into an untouched block");
+        assert_eq!(at(4096, 0), None, "untouched: the plugin's (no file)");
+        e.trim(65536, 65536, Flags::NONE).unwrap();
+        assert_eq!(at(4096, 65536), None, "trimmed blocks read as zeroes");
     }
 
     #[test]

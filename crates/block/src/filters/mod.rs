@@ -244,6 +244,94 @@ pub(crate) fn parse_u32(filter: &str, key: &str, value: &str) -> Result<u32> {
 mod tests {
     use super::*;
 
+    /// A 1 MiB disk of zeroes whose handles say their bytes are at the same offset of an
+    /// open file (any file: only the answer is looked at).
+    struct Filed(Arc<std::fs::File>);
+    struct FiledHandle(Arc<std::fs::File>);
+    impl Plugin for Filed {
+        fn name(&self) -> &str {
+            "filed"
+        }
+        fn open(&self, _: &crate::plugin::OpenContext<'_>) -> Result<Box<dyn crate::Handle>> {
+            Ok(Box::new(FiledHandle(self.0.clone())))
+        }
+    }
+    impl crate::Handle for FiledHandle {
+        fn get_size(&self) -> Result<u64> {
+            Ok(1 << 20)
+        }
+        fn pread(&self, buf: &mut [u8], _: u64, _: crate::plugin::Flags) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn file_range(&self, _: u64, offset: u64) -> Option<crate::plugin::FileRange<'_>> {
+            use std::os::fd::AsFd;
+            Some(crate::plugin::FileRange {
+                fd: self.0.as_fd(),
+                offset,
+            })
+        }
+    }
+
+    /// The file offset the stack `top` would read `[offset, offset+count)` from, if any.
+    fn spliced_from(top: Arc<dyn Plugin>, count: u64, offset: u64) -> Option<u64> {
+        test_support::export(top, false).with_file_range(count, offset, |r| r.offset)
+    }
+
+    #[test]
+    fn file_range_is_forwarded_only_by_filters_that_leave_reads_alone() {
+        let file = Arc::new(std::fs::File::open("/dev/null").unwrap());
+        let mut forwarding = Vec::new();
+        for spec in all() {
+            // Filters that need parameters or a format below cannot open over a blank disk;
+            // the byte-changing ones among them are checked with parameters below.
+            let Ok(top) = test_support::try_filter(spec.name, &[], Arc::new(Filed(file.clone())))
+            else {
+                continue;
+            };
+            let Ok(export) =
+                crate::Export::open(&crate::Backend::new(top), &test_support::ctx(false))
+            else {
+                continue;
+            };
+            if export.with_file_range(4096, 8192, |r| r.offset).is_some() {
+                forwarding.push(spec.name);
+            }
+        }
+        assert_eq!(
+            forwarding,
+            [
+                "cache",
+                "cow",
+                "nocache",
+                "noextents",
+                "nofilter",
+                "noparallel",
+                "nozero",
+                "protect"
+            ]
+        );
+        let filed = || -> Arc<dyn Plugin> { Arc::new(Filed(file.clone())) };
+        assert_eq!(spliced_from(filed(), 4096, 8192), Some(8192));
+        let nofilter3 = (0..3).fold(filed(), |p, _| test_support::filter("nofilter", &[], p));
+        assert_eq!(spliced_from(nofilter3, 4096, 8192), Some(8192));
+        for (name, kv) in [
+            ("offset", &[("offset", "4096")][..]),
+            ("offset", &[("offset", "0"), ("range", "65536")][..]),
+            ("truncate", &[("truncate", "65536")][..]),
+            ("swab", &[][..]),
+            ("error", &[("error-rate", "0")][..]),
+            ("log", &[("logfile", "/dev/null")][..]),
+            ("stats", &[("statsfile", "/dev/null")][..]),
+        ] {
+            let top = test_support::filter(name, kv, filed());
+            assert_eq!(spliced_from(top, 4096, 8192), None, "{name} {kv:?}");
+        }
+        // A pass-through layer over a byte-changing one forwards its None.
+        let top = test_support::filter("nofilter", &[], test_support::filter("swab", &[], filed()));
+        assert_eq!(spliced_from(top, 4096, 8192), None);
+    }
+
     #[test]
     fn find_every_registered_name() {
         for s in all() {

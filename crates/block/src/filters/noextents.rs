@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::extents::Extents;
 use crate::filter::{Filter, Next};
-use crate::plugin::{Flags, OpenContext, Plugin};
+use crate::plugin::{FileRange, Flags, Handle, OpenContext, Plugin};
 use crate::plugins::ConfigArg;
 
 use super::{each_param, over, FilterEnv, FilterSpec};
@@ -59,6 +59,16 @@ impl Filter for NoExtents {
         out: &mut Extents,
     ) -> Result<()> {
         out.add(off, n, 1)
+    }
+    /// Reads pass through unchanged, so their bytes lie where the layer below says.
+    fn file_range<'a>(
+        &'a self,
+        _: &'a Self::Conn,
+        next: &'a Next,
+        count: u64,
+        offset: u64,
+    ) -> Option<FileRange<'a>> {
+        next.file_range(count, offset)
     }
 }
 

@@ -21,12 +21,14 @@
 //! is no deadlock.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use crate::error::{BlockError, Errno, Result};
+use crate::plugin::FileRange;
 
 const BUSY: u8 = 0x80;
 /// The cache filter's "recently used" bit (its clock hand clears it).
@@ -144,6 +146,24 @@ impl Overlay {
         let s = self.state(blk);
         let n = (1..max).take_while(|&i| self.state(blk + i) == s).count() as u64 + 1;
         (s, n)
+    }
+
+    /// The state shared by every block that `[off, off+count)` touches, or None if they
+    /// differ (or the range is empty).
+    pub fn uniform(&self, off: u64, count: u64) -> Option<u8> {
+        let end = off.checked_add(count).filter(|_| count > 0)?;
+        let (first, last) = (off / self.blksize, (end - 1) / self.blksize);
+        let (state, n) = self.run(first, last - first + 1);
+        (n == last - first + 1).then_some(state)
+    }
+
+    /// Where the file keeps the bytes at disk offset `off`: block `b` lives at
+    /// `b * blksize`, so at the same offset.
+    pub fn file_range(&self, off: u64) -> FileRange<'_> {
+        FileRange {
+            fd: self.file.as_fd(),
+            offset: off,
+        }
     }
 
     /// Marks `blk` recently used (cache LRU).

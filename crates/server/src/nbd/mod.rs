@@ -33,6 +33,7 @@ mod negotiate;
 mod pool;
 mod spare;
 mod spin;
+mod splice;
 mod transmit;
 
 pub use exports::{ExportContext, ExportTable, NamedExport};

@@ -65,6 +65,7 @@ use super::inflight::{Direct, Finished, Flight, Reservation};
 use super::negotiate::Session;
 use super::spare::{self, Recycled};
 use super::spin::Spinner;
+use super::splice;
 use super::{ExportContext, NbdServer};
 use crate::stream::Stream;
 
@@ -82,6 +83,9 @@ const HOLE_CHECK_MIN: u64 = 64 * 1024;
 /// finding a hole makes it check every read again.
 const HOLE_MISS_LIMIT: u32 = 8;
 const HOLE_RECHECK_EVERY: u32 = 32;
+/// Reads at least this long are spliced from a file when the export can place them in one
+/// (see [`super::splice`]); shorter ones cost fewer system calls read and written.
+const SPLICE_MIN: u64 = 32 * 1024;
 /// A write payload at least this large makes the next socket read small ([`Reader::fill_limit`]).
 const LARGE_PAYLOAD: u64 = 64 * 1024;
 /// The socket read size after a large payload: a header and a little more.
@@ -276,6 +280,9 @@ struct Conn<'a> {
     /// Hole checks in a row that found data, and reads since checking was thinned out.
     hole_misses: AtomicU32,
     hole_skips: AtomicU32,
+    /// Read replies may be spliced from a file ([`super::splice`]): a plain socket, a worker
+    /// per request (neither the batch worker nor the asynchronous reply sender splice).
+    splice: bool,
     max_workers: usize,
     reader: Mutex<Reader>,
     /// Shared with the backend's callback when it may answer requests itself ([`Replier`]).
@@ -313,6 +320,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         leftover,
     } = session;
     let stream_is_tls = stream.is_tls();
+    let stream_splices = matches!(stream, Stream::Unix(_) | Stream::Tcp(_));
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -348,6 +356,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             flight,
         }
     });
+    let splice = stream_splices && !batch && flight.is_none();
     let conn = Conn {
         server,
         id,
@@ -363,6 +372,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         hole_shortcut: !backend.plugin().must_see_every_read(),
         hole_misses: AtomicU32::new(0),
         hole_skips: AtomicU32::new(0),
+        splice,
         max_workers,
         reader: Mutex::new(Reader {
             stream,
@@ -421,6 +431,10 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     } else {
         std::thread::scope(|scope| worker(&conn, scope));
     }
+    // This thread waits for the next client with no pipe of this one's.
+    if conn.splice {
+        splice::close_pipe();
+    }
     // Workers (and the reply sender) are gone, and so is every request in flight: dropping
     // `conn` closes the plugin handle.
 }
@@ -474,10 +488,9 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
                 Next::Refused(..) => unreachable!("a refused request is not brief"),
             };
             release(conn, slot);
-            if let Ran::Reply(reply_at) = reply_at {
-                if !send_reply(conn, &mut buf, &hdr, reply_at) {
-                    return;
-                }
+            if let Err(e) = send_ran(conn, &mut buf, &hdr, reply_at) {
+                reply_failed(conn, &e);
+                return;
             }
             continue;
         }
@@ -507,10 +520,7 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
             Next::Refused(req, err) => Ran::Reply(refuse(conn, &req, &err, &mut hdr)),
         };
         release(conn, slot);
-        let ok = match reply_at {
-            Ran::Reply(reply_at) => write_reply(conn, &mut buf, &hdr, reply_at),
-            Ran::InFlight => Ok(()),
-        };
+        let ok = send_ran(conn, &mut buf, &hdr, reply_at);
         lock(&conn.workers).busy -= 1;
         if let Err(e) = ok {
             reply_failed(conn, &e);
@@ -531,6 +541,68 @@ fn write_reply(conn: &Conn, buf: &mut [u8], hdr: &[u8], data: Option<usize>) -> 
         }
         None => out.write_all(hdr),
     }
+}
+
+/// Sends what a request's run left to send: its reply, a spliced read's reply, or nothing
+/// (the request is in flight).
+fn send_ran(conn: &Conn, buf: &mut [u8], hdr: &[u8], ran: Ran) -> io::Result<()> {
+    match ran {
+        Ran::Reply(data) => write_reply(conn, buf, hdr, data),
+        Ran::Spliced { offset, length } => {
+            let r = write_spliced(conn, buf, hdr, offset, length);
+            if r.is_err() {
+                splice::forget_pipe();
+            }
+            r
+        }
+        Ran::InFlight => Ok(()),
+    }
+}
+
+/// Writes a read reply whose first data is in this thread's pipe ([`splice::start`]):
+/// `hdr`, then the pipe, then the rest of `[offset, offset+length)` spliced piece by piece,
+/// or read into `buf[HEADROOM..]` where the file cannot give it. An error here leaves the
+/// reply unfinished: the caller closes the connection.
+fn write_spliced(
+    conn: &Conn,
+    buf: &mut [u8],
+    hdr: &[u8],
+    offset: u64,
+    length: u64,
+) -> io::Result<()> {
+    let mut out = lock(&conn.writer);
+    let sock = out.as_raw_fd();
+    splice::with_pipe(|p| {
+        splice::send_header(sock, hdr)?;
+        let mut done = p.held() as u64;
+        loop {
+            p.send(sock, done < length)?;
+            if done == length {
+                return Ok(());
+            }
+            let (at, rest) = (offset + done, length - done);
+            let filled = conn.export.with_file_range(rest, at, |r| {
+                p.fill(r.fd, r.offset, usize::try_from(rest).unwrap_or(usize::MAX))
+            });
+            match filled {
+                // Bytes from the start of the rest: sent at the top of the loop.
+                Some(f) if f.n > 0 => done += f.n as u64,
+                _ => {
+                    // The file cannot give the rest now: read it as the plain path does.
+                    let n = rest as usize;
+                    let data = &mut buf[HEADROOM..HEADROOM + n];
+                    conn.export.read(data, at).map_err(|e| {
+                        io::Error::other(format!(
+                            "read at {at} failed after its reply began (the data cannot be \
+                             replaced by an error now): {e}"
+                        ))
+                    })?;
+                    return out.write_all(data);
+                }
+            }
+        }
+    })
+    .unwrap_or_else(|| Err(io::Error::other("the splice pipe is gone")))
 }
 
 /// [`write_reply`]; false (after closing the connection) if it could not be sent.
@@ -762,6 +834,7 @@ fn batch_worker(conn: &Conn) {
             Next::Request(req) => match execute(conn, &req, &mut buf, &mut hdr, &mut None) {
                 Ran::Reply(data) => data,
                 Ran::InFlight => unreachable!("the batch worker submits nothing"),
+                Ran::Spliced { .. } => unreachable!("the batch worker splices nothing"),
             },
             Next::Refused(req, err) => refuse(conn, &req, &err, &mut hdr),
         };
@@ -957,6 +1030,9 @@ enum Ran {
     /// Done: Some(data length) when the reply is `hdr` followed by that many bytes at
     /// `buf[HEADROOM..]`, None when the reply is `hdr` alone.
     Reply(Option<usize>),
+    /// A read whose reply is `hdr` followed by `length` bytes at `offset`, the first of
+    /// which are already in this thread's splice pipe ([`splice::start`]).
+    Spliced { offset: u64, length: u64 },
     /// Submitted asynchronously in the worker's slot, with the worker's buffer: the reply
     /// sender counts and answers it.
     InFlight,
@@ -1110,6 +1186,16 @@ fn run_request(
             }
             if buf.len() < HEADROOM + len {
                 buf.resize(HEADROOM + len, 0);
+            }
+            if conn.splice && req.length >= SPLICE_MIN {
+                let scratch = &mut buf[HEADROOM..];
+                if splice::start(export, req.offset, req.length, scratch).is_some() {
+                    conn.form.read_data(hdr, req);
+                    return Ok(Ran::Spliced {
+                        offset: req.offset,
+                        length: req.length,
+                    });
+                }
             }
             if try_submit(conn, req, aio(AioKind::Read, flags), buf, begun, slot)? {
                 return Ok(Ran::InFlight);
