@@ -289,20 +289,28 @@ pub trait Filter: Send + Sync + 'static {
     ) -> Result<()> {
         next.allocation_depth(count, offset, out)
     }
+    /// True for a filter whose `pread` is the layer below's and that need not see reads: its
+    /// [`Filter::file_range`] then forwards. False by default (see there).
+    const READS_PASS_THROUGH: bool = false;
     /// Where the bytes of `[offset, offset+count)` are stored in a file
     /// ([`Handle::file_range`]). **The one method that does not forward by default**: a read
     /// answered from a file range never reaches [`Filter::pread`], so a filter that changes,
     /// moves, counts, logs, delays or fails reads would be passed by. A filter whose `pread`
-    /// is the layer below's, and that need not see reads, forwards it (`next.file_range`); a
-    /// filter that keeps data in a file of its own may answer with that file.
+    /// is the layer below's, and that need not see reads, sets
+    /// [`Filter::READS_PASS_THROUGH`]; a filter that keeps data in a file of its own may
+    /// answer with that file.
     fn file_range<'a>(
         &'a self,
         _conn: &'a Self::Conn,
-        _next: &'a Next,
-        _count: u64,
-        _offset: u64,
+        next: &'a Next,
+        count: u64,
+        offset: u64,
     ) -> Option<FileRange<'a>> {
-        None
+        if Self::READS_PASS_THROUGH {
+            next.file_range(count, offset)
+        } else {
+            None
+        }
     }
 }
 

@@ -664,15 +664,38 @@ fn rbd_daemonized_server_serves_and_stops_on_sigterm() {
 
 /// Threads of process `pid` whose name starts with `prefix`.
 fn threads_named(pid: i32, prefix: &str) -> usize {
+    tasks_named(pid, prefix).len()
+}
+
+/// The `/proc` directories of the threads of `pid` whose name starts with `prefix`.
+fn tasks_named(pid: i32, prefix: &str) -> Vec<std::path::PathBuf> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return Vec::new();
     };
     tasks
         .filter_map(Result::ok)
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
-        .count()
+        .map(|t| t.path())
+        .filter(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .collect()
+}
+
+/// Runs `script` (as [`python`]) while sampling `sample` every 10 ms: its output, and the
+/// largest sample seen while it ran.
+fn python_sampling(
+    server: &Server,
+    script: &str,
+    env: &[(&str, String)],
+    sample: impl Fn() -> u64,
+) -> (String, u64) {
+    std::thread::scope(|s| {
+        let client = s.spawn(|| python(server, script, env));
+        let mut most = 0;
+        while !client.is_finished() {
+            most = most.max(sample());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (client.join().unwrap(), most)
+    })
 }
 
 /// 32 random 4 KiB requests always in flight on one connection, reads for a while and then
@@ -717,15 +740,10 @@ fn rbd_qd32_reads_and_writes_park_no_worker_thread_per_request() {
     // waited for each request's completion needed one thread per request in flight, up to
     // the 16 of `-t`; submitting asynchronously needs the connection's thread alone.
     let idle = threads_named(pid, "nbd-conn");
-    let (counts, most) = std::thread::scope(|s| {
-        let client = s.spawn(|| python(&server, QUEUE_DEPTH_32, &[("SECS", "3".into())]));
-        let mut most = 0;
-        while !client.is_finished() {
-            most = most.max(threads_named(pid, "nbd-conn"));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (client.join().unwrap(), most)
+    let (counts, most) = python_sampling(&server, QUEUE_DEPTH_32, &[("SECS", "3".into())], || {
+        threads_named(pid, "nbd-conn") as u64
     });
+    let most = most as usize;
     let n: Vec<u64> = counts
         .split_whitespace()
         .map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap())
@@ -768,15 +786,9 @@ time.sleep(1)
 
 /// Context switches so far of the threads whose name starts with `prefix`.
 fn thread_switches(pid: i32, prefix: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+    tasks_named(pid, prefix)
+        .into_iter()
+        .filter_map(|t| std::fs::read_to_string(t.join("status")).ok())
         .flat_map(|st| {
             st.lines()
                 .filter(|l| l.contains("ctxt_switches:"))
@@ -796,15 +808,9 @@ fn rbd_qd1_replies_are_sent_by_the_completion_without_waking_the_reply_thread() 
     c.create_image("qd1", 16 * MIB);
     let server = serve(c, "rbd/qd1", &[]);
     let pid = server.pid();
-    let (out, switches) = std::thread::scope(|s| {
-        let client = s.spawn(|| python(&server, QUEUE_DEPTH_1, &[("SECS", "2".into())]));
-        // The thread goes with the connection: keep the last count seen while it lives.
-        let mut last = 0;
-        while !client.is_finished() {
-            last = last.max(thread_switches(pid, "nbd-reply"));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (client.join().unwrap(), last)
+    // The thread goes with the connection: the largest count seen is its last.
+    let (out, switches) = python_sampling(&server, QUEUE_DEPTH_1, &[("SECS", "2".into())], || {
+        thread_switches(pid, "nbd-reply")
     });
     let n: u64 = out.trim().trim_start_matches("requests=").parse().unwrap();
     eprintln!("{n} requests at depth 1; the reply thread switched {switches} times");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::filter::{Filter, Next};
-use crate::plugin::{FileRange, Flags, Handle, OpenContext, Plugin, Support};
+use crate::plugin::{Flags, OpenContext, Plugin, Support};
 use crate::plugins::ConfigArg;
 
 use super::{bad, each_param, over, FilterEnv, FilterSpec};
@@ -63,15 +63,7 @@ impl Filter for NoCache {
         Ok(())
     }
     /// Reads pass through unchanged, so their bytes lie where the layer below says.
-    fn file_range<'a>(
-        &'a self,
-        _: &'a Self::Conn,
-        next: &'a Next,
-        count: u64,
-        offset: u64,
-    ) -> Option<FileRange<'a>> {
-        next.file_range(count, offset)
-    }
+    const READS_PASS_THROUGH: bool = true;
 }
 
 #[cfg(test)]

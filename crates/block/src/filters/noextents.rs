@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::extents::Extents;
 use crate::filter::{Filter, Next};
-use crate::plugin::{FileRange, Flags, Handle, OpenContext, Plugin};
+use crate::plugin::{Flags, OpenContext, Plugin};
 use crate::plugins::ConfigArg;
 
 use super::{each_param, over, FilterEnv, FilterSpec};
@@ -61,15 +61,7 @@ impl Filter for NoExtents {
         out.add(off, n, 1)
     }
     /// Reads pass through unchanged, so their bytes lie where the layer below says.
-    fn file_range<'a>(
-        &'a self,
-        _: &'a Self::Conn,
-        next: &'a Next,
-        count: u64,
-        offset: u64,
-    ) -> Option<FileRange<'a>> {
-        next.file_range(count, offset)
-    }
+    const READS_PASS_THROUGH: bool = true;
 }
 
 #[cfg(test)]

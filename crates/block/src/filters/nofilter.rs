@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::filter::{Filter, Next};
-use crate::plugin::{FileRange, Handle, OpenContext, Plugin};
+use crate::plugin::{OpenContext, Plugin};
 use crate::plugins::ConfigArg;
 
 use super::{each_param, over, FilterEnv, FilterSpec};
@@ -33,15 +33,7 @@ impl Filter for NoFilter {
         Ok(((), Next::open(next, ctx)?))
     }
     /// Reads pass through unchanged, so their bytes lie where the layer below says.
-    fn file_range<'a>(
-        &'a self,
-        _: &'a Self::Conn,
-        next: &'a Next,
-        count: u64,
-        offset: u64,
-    ) -> Option<FileRange<'a>> {
-        next.file_range(count, offset)
-    }
+    const READS_PASS_THROUGH: bool = true;
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::filter::{Filter, Next};
-use crate::plugin::{FileRange, Handle, OpenContext, Plugin, ThreadModel};
+use crate::plugin::{OpenContext, Plugin, ThreadModel};
 use crate::plugins::ConfigArg;
 
 use super::{bad, each_param, over, FilterEnv, FilterSpec};
@@ -59,15 +59,7 @@ impl Filter for NoParallel {
         Ok(self.model != ThreadModel::SerializeConnections && crate::Handle::can_multi_conn(next)?)
     }
     /// Reads pass through unchanged, so their bytes lie where the layer below says.
-    fn file_range<'a>(
-        &'a self,
-        _: &'a Self::Conn,
-        next: &'a Next,
-        count: u64,
-        offset: u64,
-    ) -> Option<FileRange<'a>> {
-        next.file_range(count, offset)
-    }
+    const READS_PASS_THROUGH: bool = true;
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::error::{BlockError, Errno, Result};
 use crate::filter::{Filter, Next};
-use crate::plugin::{FileRange, Flags, Handle, OpenContext, Plugin};
+use crate::plugin::{Flags, Handle, OpenContext, Plugin};
 use crate::plugins::ConfigArg;
 
 use super::{bad, each_param, over, parse_u64, FilterEnv, FilterSpec};
@@ -151,15 +151,7 @@ impl Filter for Protect {
         next.zero(n, off, f)
     }
     /// Reads pass through unchanged, so their bytes lie where the layer below says.
-    fn file_range<'a>(
-        &'a self,
-        _: &'a Self::Conn,
-        next: &'a Next,
-        count: u64,
-        offset: u64,
-    ) -> Option<FileRange<'a>> {
-        next.file_range(count, offset)
-    }
+    const READS_PASS_THROUGH: bool = true;
 }
 
 #[cfg(test)]

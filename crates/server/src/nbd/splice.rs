@@ -208,40 +208,42 @@ impl Pipe {
     /// `more` says the reply goes on after it.
     pub fn send(&mut self, sock: RawFd, more: bool) -> io::Result<()> {
         let flags = libc::SPLICE_F_MOVE | if more { libc::SPLICE_F_MORE } else { 0 };
-        while self.held > 0 {
+        let read = self.read.as_raw_fd();
+        self.drain(io::ErrorKind::WriteZero, |held| {
             // SAFETY: both descriptors are open for the call; no user memory is passed.
-            let r = unsafe {
+            unsafe {
                 libc::splice(
-                    self.read.as_raw_fd(),
+                    read,
                     std::ptr::null_mut(),
                     sock,
                     std::ptr::null_mut(),
-                    self.held,
+                    held,
                     flags,
                 )
-            };
-            match r {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n if n > 0 => self.held -= n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
             }
-        }
-        Ok(())
+        })
     }
 
     /// Empties the pipe by reading it into `scratch` (bytes that will not be sent).
     pub fn discard(&mut self, scratch: &mut [u8]) -> io::Result<()> {
-        while self.held > 0 {
-            let n = self.held.min(scratch.len());
+        let read = self.read.as_raw_fd();
+        self.drain(io::ErrorKind::UnexpectedEof, |held| {
+            let n = held.min(scratch.len());
             // SAFETY: `scratch` is valid for writes of `n <= scratch.len()` bytes.
-            let r = unsafe { libc::read(self.read.as_raw_fd(), scratch.as_mut_ptr().cast(), n) };
-            match r {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            unsafe { libc::read(read, scratch.as_mut_ptr().cast(), n) }
+        })
+    }
+
+    /// Takes the pipe's bytes out with `step` (given how many it holds; returns what a
+    /// `read`-like call returns) until it is empty; a step that moves nothing is `zero`.
+    fn drain(
+        &mut self,
+        zero: io::ErrorKind,
+        mut step: impl FnMut(usize) -> isize,
+    ) -> io::Result<()> {
+        while self.held > 0 {
+            match step(self.held) {
+                0 => return Err(zero.into()),
                 n if n > 0 => self.held -= n as usize,
                 _ => {
                     let e = io::Error::last_os_error();
