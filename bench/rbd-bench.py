@@ -28,11 +28,14 @@ out (the server charged only what librbd costs rbd bench): the best any server
 could reach there, given librbd, the cluster and an NBD client.
 
 --sluice-base PATH runs a second sluice binary (an older build) on every row
-right after the first, so that new and base are measured interleaved in one
-run; the tables then get a "base" column (and base CPU per request).
+too, so that new and base are measured interleaved in one run; the tables
+then get a "base" column (and base CPU per request).  The sides' order changes
+every round through all their permutations (6 with a base: use --rounds 6),
+and each side starts once the cluster's daemons are nearly idle.
 """
 
 import argparse
+import itertools
 import os
 import re
 import resource
@@ -145,7 +148,7 @@ def main():
     ap.add_argument("--sluice", required=True, help="sluice binary")
     ap.add_argument("--sluice-base", metavar="PATH",
                     help="a second sluice binary (e.g. a build of main), run on every row "
-                         "right after --sluice, reported beside it")
+                         "in the same rounds as --sluice, reported beside it")
     ap.add_argument("--conf", help="ceph.conf of an existing cluster (default: start one)")
     ap.add_argument("--pool", default="rbd")
     ap.add_argument("--size", default="512M", help="image size (default 512M)")
@@ -190,35 +193,70 @@ def main():
         def note(row, part, seconds, ops):
             cpu[row].setdefault(part, []).append(seconds / ops * 1e6)
 
+        def settle():
+            """Waits (up to 5 s) until the cluster's daemons are nearly idle: the OSD goes on
+            working for a while after a write-heavy side ends, and that tail would otherwise
+            be charged to whichever side runs next."""
+            if not meter.pids:
+                time.sleep(0.5)
+                return
+            deadline = time.monotonic() + 5
+            last = meter.cluster()
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                now = meter.cluster()
+                if now - last < 0.2 * 0.1:  # under a tenth of a core over 0.2 s
+                    return
+                last = now
+
+        def measure_rbd(name, io_type, pattern, bsize, depth, total, ops):
+            c0, k0 = children_cpu(), meter.cluster()
+            ours = rbd_bench(conf, spec, io_type, pattern, bsize, depth, total)
+            c1, k1 = children_cpu(), meter.cluster()
+            results[name][0].append(ours)
+            note(name, "rbd", c1 - c0, ops)
+            if meter.pids:
+                note(name, "cluster-rbd", k1 - k0, ops)
+            return f"rbd bench {ours:.0f}/s"
+
+        def measure_sluice(i, side, binary, name, rw, bsize, depth, total, ops):
+            c1 = children_cpu()
+            srv = Server(binary, conf, spec, workdir, args.threads)
+            try:
+                s0, k2 = proc_cpu(srv.p.pid), meter.cluster()
+                theirs = fio(srv.uri, rw, bsize, depth, total, size)
+                s1, c2, k3 = proc_cpu(srv.p.pid), children_cpu(), meter.cluster()
+            finally:
+                srv.stop()
+            results[name][1 + i].append(theirs)
+            pre = "" if side == "sluice" else "base-"
+            note(name, pre + "fio", c2 - c1, ops)
+            note(name, pre + "sluice", s1 - s0, ops)
+            if meter.pids:
+                note(name, pre + "cluster-sluice", k3 - k2, ops)
+            return f"{side} {theirs:.0f}/s"
+
+        # Within a row the sides run one after the other, in an order that changes each
+        # round through every permutation of them: with a fixed order, the side that came
+        # right after `rbd bench` was measured 10-40% lower on the write rows than the same
+        # binary in the next position, and a plain rotation still puts one side after
+        # `rbd bench` more often than another.
+        orders = list(itertools.permutations(range(1 + len(sides))))
         for rnd in range(args.rounds):
             for name, io_type, pattern, bsize, depth, rw in rows:
                 total = size if pattern == "seq" else rand_total // (4 if depth == 1 else 1)
                 ops = total // bsize
-                c0, k0 = children_cpu(), meter.cluster()
-                ours = rbd_bench(conf, spec, io_type, pattern, bsize, depth, total)
-                c1, k1 = children_cpu(), meter.cluster()
-                results[name][0].append(ours)
-                note(name, "rbd", c1 - c0, ops)
-                if meter.pids:
-                    note(name, "cluster-rbd", k1 - k0, ops)
-                said = f"round {rnd + 1} {name}: rbd bench {ours:.0f}/s"
-                for i, (side, binary) in enumerate(sides):
-                    c1 = children_cpu()
-                    srv = Server(binary, conf, spec, workdir, args.threads)
-                    try:
-                        s0, k2 = proc_cpu(srv.p.pid), meter.cluster()
-                        theirs = fio(srv.uri, rw, bsize, depth, total, size)
-                        s1, c2, k3 = proc_cpu(srv.p.pid), children_cpu(), meter.cluster()
-                    finally:
-                        srv.stop()
-                    results[name][1 + i].append(theirs)
-                    pre = "" if side == "sluice" else "base-"
-                    note(name, pre + "fio", c2 - c1, ops)
-                    note(name, pre + "sluice", s1 - s0, ops)
-                    if meter.pids:
-                        note(name, pre + "cluster-sluice", k3 - k2, ops)
-                    said += f", {side} {theirs:.0f}/s"
-                print(said, file=sys.stderr)
+                said = []
+                for j in orders[rnd % len(orders)]:
+                    settle()
+                    if j == 0:
+                        said.append(measure_rbd(name, io_type, pattern, bsize, depth,
+                                                total, ops))
+                    else:
+                        side, binary = sides[j - 1]
+                        said.append(measure_sluice(j - 1, side, binary, name, rw, bsize,
+                                                   depth, total, ops))
+                print(f"round {rnd + 1} {name}: " + ", ".join(said), file=sys.stderr)
         base = args.sluice_base is not None
         lines = ["# sluice rbd bench: sluice serve rbd (fio) vs rbd bench on the same image", "",
                  "| row | metric | rbd bench | sluice | sluice/rbd |"
