@@ -168,3 +168,40 @@ fn pool_many_sequential_clients_bounded_threads_each_sees_its_own_export() {
         "{after} threads after 40 sequential clients ({before} before): idle threads not capped"
     );
 }
+
+/// The busy-poller's reads in a strace log: the non-blocking `recvfrom` calls (the blocking
+/// path reads with no flags).
+fn polls(lines: &[String]) -> usize {
+    lines.iter().filter(|l| l.contains("MSG_DONTWAIT")).count()
+}
+
+/// Busy-polling is on by default (50 µs) and off with `SLUICE_SPIN_US=0`: under strace, a
+/// client's one-at-a-time requests are read by the poller's non-blocking reads in the first
+/// case only. The data stays right either way.
+#[test]
+fn spin_is_on_by_default_and_off_with_zero() {
+    let run = |env: &str| {
+        let s = support::strace::Traced::start("recvfrom", &[env], &["memory", "size=16M"]);
+        let script = r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+for i in range(50):
+    h.pwrite(bytes([i]) * 4096, i * 4096)
+    assert h.pread(4096, i * 4096) == bytes([i]) * 4096
+print("ok")
+"#;
+        let out = support::nbdsh(&s.uri(), script);
+        assert_eq!(out.trim(), "ok", "nbdsh said: {out}");
+        polls(&s.finish("recvfrom"))
+    };
+    let default = run("SLUICE_SPIN_US");
+    assert!(
+        default >= 50,
+        "by default the server should poll before blocking: {default} polls in 100 requests"
+    );
+    assert_eq!(
+        run("SLUICE_SPIN_US=0"),
+        0,
+        "SLUICE_SPIN_US=0 turns polling off"
+    );
+}

@@ -13,87 +13,12 @@ use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use support::{path_str, random_bytes, run, sluice_bin, Server, PYTHON};
+use support::strace::Traced;
+use support::{path_str, random_bytes, run, PYTHON};
 
 /// The export: 5 MiB and a bit, so that its end is not block-aligned.
 const SIZE: usize = 5 * 1024 * 1024 + 12_345;
-
-/// `sluice serve -f -U SOCK ARGS...` under `strace -ff -e trace=splice -o LOG`: one log
-/// per thread (`LOG.TID`), so that no call is split over two lines.
-struct Traced {
-    server: Server,
-    logs: tempfile::TempDir,
-}
-
-impl Traced {
-    fn start(args: &[&str]) -> Traced {
-        let logs = tempfile::tempdir().unwrap();
-        let log = logs.path().join("strace");
-        let leading = [
-            "-ff",
-            "-qq",
-            "-e",
-            "trace=splice",
-            "-o",
-            path_str(&log),
-            sluice_bin(),
-            "serve",
-            "-f",
-            "-U",
-        ];
-        let server = Server::try_start_program("strace", &leading, args)
-            .unwrap_or_else(|e| panic!("sluice {args:?} under strace did not start: {e}"));
-        Traced { server, logs }
-    }
-
-    fn uri(&self) -> String {
-        self.server.uri()
-    }
-
-    /// Sends `signal` to sluice, strace's only child (strace then exits with it).
-    fn signal_sluice(&self, signal: i32) {
-        let Some(strace) = self.server.child.as_ref() else {
-            return;
-        };
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", strace.id()))
-            .unwrap_or_default();
-        if let Some(pid) = children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-        {
-            // SAFETY: signalling the sluice process this test started (strace's child).
-            unsafe { libc::kill(pid, signal) };
-        }
-    }
-
-    /// Stops sluice and returns strace's splice lines.
-    fn finish(mut self) -> Vec<String> {
-        self.signal_sluice(libc::SIGTERM);
-        let mut strace = self.server.child.take().unwrap();
-        support::wait_timeout(&mut strace, Duration::from_secs(30)).expect("strace exits");
-        let mut lines = Vec::new();
-        for e in std::fs::read_dir(self.logs.path()).unwrap() {
-            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-            lines.extend(
-                text.lines()
-                    .filter(|l| l.starts_with("splice("))
-                    .map(str::to_owned),
-            );
-        }
-        lines
-    }
-}
-
-impl Drop for Traced {
-    /// A test that fails before [`Traced::finish`] must not leave sluice running: killing
-    /// strace (what [`Server`]'s drop does) would only detach it.
-    fn drop(&mut self) {
-        self.signal_sluice(libc::SIGKILL);
-    }
-}
 
 /// The descriptors that file-to-pipe splices at one of `offsets` read from (a file splice
 /// names its offset: `splice(FD, [OFFSET], ...)`; a pipe-to-socket one has `NULL` there).
@@ -199,7 +124,7 @@ print("ok")
 fn splice_file_reads_are_the_files_bytes_in_both_reply_forms() {
     let dir = tempfile::tempdir().unwrap();
     let img = pattern_file(dir.path());
-    let s = Traced::start(&["file", path_str(&img)]);
+    let s = Traced::start("splice", &[], &["file", path_str(&img)]);
     write_then_compare(&s.uri(), &img, &[], &[]);
     // qemu-io (structured replies) reads the same bytes back.
     let out = run(
@@ -224,7 +149,7 @@ fn splice_file_reads_are_the_files_bytes_in_both_reply_forms() {
         ],
     );
     assert!(out.contains("read 196608/196608"), "{out}");
-    let lines = s.finish();
+    let lines = s.finish("splice");
     // Every read of 32 KiB or more went out spliced: twice the six large ranges, and qemu-io's.
     let large: u64 = ranges()
         .iter()
@@ -239,7 +164,7 @@ fn splice_cow_reads_come_from_the_plugin_and_the_overlay_and_match() {
     let dir = tempfile::tempdir().unwrap();
     let img = pattern_file(dir.path());
     let before = std::fs::read(&img).unwrap();
-    let s = Traced::start(&["--filter=cow", "file", path_str(&img)]);
+    let s = Traced::start("splice", &[], &["--filter=cow", "file", path_str(&img)]);
     // Whole blocks (the 1 MiB read at 1 MiB + 7 is then mixed), a partial block, and the
     // last (partial) block of the export.
     let writes = [
@@ -265,7 +190,7 @@ fn splice_cow_reads_come_from_the_plugin_and_the_overlay_and_match() {
         ],
     );
     assert!(out.contains("read 1114112/1114112"), "{out}");
-    let lines = s.finish();
+    let lines = s.finish("splice");
     assert_eq!(
         std::fs::read(&img).unwrap(),
         before,
@@ -282,12 +207,12 @@ fn splice_cow_reads_come_from_the_plugin_and_the_overlay_and_match() {
 fn splice_cache_reads_of_hits_and_misses_match() {
     let dir = tempfile::tempdir().unwrap();
     let img = pattern_file(dir.path());
-    let s = Traced::start(&["--filter=cache", "file", path_str(&img)]);
+    let s = Traced::start("splice", &[], &["--filter=cache", "file", path_str(&img)]);
     // Writeback: the written blocks are in the cache file, dirty, and read from there.
     let writes = [(1_048_576, 0xab, 65_536), (3 * 1_048_576, 0x22, 1_048_576)];
     let hits = [(3 * 1_048_576, 1_048_576), (3 * 1_048_576 + 9, 700_001)];
     write_then_compare(&s.uri(), &img, &writes, &hits);
-    let lines = s.finish();
+    let lines = s.finish("splice");
     assert_two_sources(
         &lines,
         &[12_345, 65_536],
@@ -305,16 +230,20 @@ fn splice_is_not_used_under_a_filter_that_moves_offsets() {
     let mut data = vec![0x77u8; 4096];
     data.extend_from_slice(&bytes);
     std::fs::write(&shifted, &data).unwrap();
-    let s = Traced::start(&["--filter=offset", "file", path_str(&shifted), "offset=4096"]);
+    let s = Traced::start(
+        "splice",
+        &[],
+        &["--filter=offset", "file", path_str(&shifted), "offset=4096"],
+    );
     write_then_compare(&s.uri(), &img, &[], &[]);
-    assert_eq!(s.finish(), Vec::<String>::new());
+    assert_eq!(s.finish("splice"), Vec::<String>::new());
 }
 
 #[test]
 fn splice_read_past_a_shrunken_file_gets_the_same_error_and_the_connection_lives() {
     let dir = tempfile::tempdir().unwrap();
     let img = pattern_file(dir.path());
-    let s = Traced::start(&["file", path_str(&img)]);
+    let s = Traced::start("splice", &[], &["file", path_str(&img)]);
     // The export keeps its size; the file loses its last 50,000 bytes under it. The read of
     // the end is spliced partly, comes up short, and is read again with pread, whose EIO
     // is the reply, as before; the next read on the connection is answered.
@@ -338,7 +267,7 @@ print("alive")
         end = SIZE - 100_000,
     );
     assert_eq!(run(PYTHON, &["-c", &script]), "read failed EIO\nalive\n");
-    let lines = s.finish();
+    let lines = s.finish("splice");
     assert!(
         lines
             .iter()

@@ -79,7 +79,8 @@ pub struct ServerConfig {
     pub handshake_flags: u16,
     /// Speak the oldstyle protocol (nbdkit's `-o`): the default export, no options.
     pub oldstyle: bool,
-    /// Busy-poll the socket this long before a blocking read (`SLUICE_SPIN_US`; None = off).
+    /// Busy-poll the socket this long before a blocking read (`SLUICE_SPIN_US`, 50 µs unless
+    /// set; None = off).
     pub spin: Option<std::time::Duration>,
     /// Longest time a client may take to negotiate, TLS handshake included, before it is
     /// disconnected (qsd's `handshake-max-seconds`, qemu-nbd's `--handshake-limit`; both

@@ -197,6 +197,7 @@ pub mod crash;
 pub mod image;
 pub mod live;
 pub mod raw;
+pub mod strace;
 pub mod tls;
 
 impl Server {
