@@ -132,6 +132,12 @@ impl Stream {
         }
     }
 
+    /// True for a Unix or TCP socket read and written directly: not a TLS session, not a
+    /// pipe pair (what `recv(2)` and `send(2)` on [`AsRawFd::as_raw_fd`] may be used on).
+    pub fn is_plain_socket(&self) -> bool {
+        matches!(self, Stream::Unix(_) | Stream::Tcp(_))
+    }
+
     /// True once the connection runs over TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))

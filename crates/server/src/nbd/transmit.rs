@@ -320,7 +320,9 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         leftover,
     } = session;
     let stream_is_tls = stream.is_tls();
-    let stream_splices = matches!(stream, Stream::Unix(_) | Stream::Tcp(_));
+    // The poller reads with recv(2) and splice writes to the descriptor: a plain socket only
+    // (not a TLS session, not `-s` on pipes).
+    let plain_socket = stream.is_plain_socket();
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -356,7 +358,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             flight,
         }
     });
-    let splice = stream_splices && !batch && flight.is_none();
+    let splice = plain_socket && !batch && flight.is_none();
     let conn = Conn {
         server,
         id,
@@ -383,7 +385,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
             spin: server
                 .config()
                 .spin
-                .filter(|_| !stream_is_tls)
+                .filter(|_| plain_socket)
                 .map(Spinner::new),
             may_spin: true,
         }),
