@@ -319,10 +319,11 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         negotiated,
         leftover,
     } = session;
-    let stream_is_tls = stream.is_tls();
     // The poller reads with recv(2) and splice writes to the descriptor: a plain socket only
-    // (not a TLS session, not `-s` on pipes).
+    // (not a TLS session, not `-s` on pipes). The callback's direct replies rely on a Unix
+    // socket's all-or-nothing sends ([`DIRECT_MAX`]).
     let plain_socket = stream.is_plain_socket();
+    let plain_unix = matches!(stream, Stream::Unix(_));
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -399,7 +400,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
     if conn.batch {
         batch_worker(&conn);
     } else if let Some(a) = &conn.flight {
-        if !stream_is_tls && lock(&conn.writer).is_unix() {
+        if plain_unix {
             a.flight.set_direct(Box::new(Replier {
                 max: direct_max(&lock(&conn.writer)),
                 writer: conn.writer.clone(),
@@ -661,7 +662,7 @@ fn reply_sender(conn: &Conn, flight: &Flight) {
         result,
     }) = flight.next_finished()
     {
-        account(conn, &req, begun, result.as_ref().map(|_| ()));
+        record(&conn.stats, &req, begun, result.as_ref().map(|_| ()));
         hdr.clear();
         let data = match result {
             Ok(()) if req.kind == NBD_CMD_READ => {
@@ -917,7 +918,7 @@ fn small_read(
 ) -> Result<(), BlockError> {
     let begun = begin(conn, req);
     let r = check_flags(conn, req).and_then(|()| conn.export.read(dst, req.offset));
-    account(conn, req, begun, r.as_ref().map(|_| ()));
+    record(&conn.stats, req, begun, r.as_ref().map(|_| ()));
     r?;
     conn.form.read_data(hdr, req);
     Ok(())
@@ -948,12 +949,8 @@ fn begin(conn: &Conn, req: &RequestHeader) -> u64 {
     now_ns()
 }
 
-/// A request has finished: counted with its outcome and time in every statistics.
-fn account(conn: &Conn, req: &RequestHeader, begun: u64, r: Result<(), &BlockError>) {
-    record(&conn.stats, req, begun, r);
-}
-
-/// [`account`], into the given statistics.
+/// A request has finished: counted with its outcome and time in every statistics (the
+/// connection's, `conn.stats`).
 fn record(stats: &[Arc<BlockStats>], req: &RequestHeader, begun: u64, r: Result<(), &BlockError>) {
     let Some(op) = op_of(req.kind) else { return };
     let done = now_ns();
@@ -970,7 +967,7 @@ fn record(stats: &[Arc<BlockStats>], req: &RequestHeader, begun: u64, r: Result<
 /// A request refused before running (its payload already skipped): counted, then answered.
 fn refuse(conn: &Conn, req: &RequestHeader, err: &BlockError, hdr: &mut Vec<u8>) -> Option<usize> {
     let begun = begin(conn, req);
-    account(conn, req, begun, Err(err));
+    record(&conn.stats, req, begun, Err(err));
     error_reply(conn, req, err, hdr);
     None
 }
@@ -1053,7 +1050,7 @@ fn execute(
     if let Ok(Ran::InFlight) = r {
         return Ran::InFlight;
     }
-    account(conn, req, begun, r.as_ref().map(|_| ()));
+    record(&conn.stats, req, begun, r.as_ref().map(|_| ()));
     match r {
         Ok(ran) => ran,
         Err(err) => {
