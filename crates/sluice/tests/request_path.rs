@@ -8,7 +8,7 @@ use crate::support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sluice_proto::nbd::consts::{NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE};
+use sluice_proto::nbd::consts::{NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_C_FIXED_NEWSTYLE};
 use sluice_proto::nbd::request::encode_request;
 use sluice_proto::nbd::RequestHeader;
 use support::raw::RawClient;
@@ -166,6 +166,54 @@ fn pool_many_sequential_clients_bounded_threads_each_sees_its_own_export() {
     assert!(
         after <= before + 8,
         "{after} threads after 40 sequential clients ({before} before): idle threads not capped"
+    );
+}
+
+/// A write's payload that arrives a moment after its header (libnbd sends them in two
+/// writes) is polled for too: under strace, each payload is read by the poller's
+/// non-blocking `recvfrom`, not by a blocking read after the thread went to sleep.
+#[test]
+fn spin_polls_for_a_write_payload_sent_after_its_header() {
+    // A 1 ms budget: strace slows each poll, and the payload comes 300 µs after the header.
+    let s = support::strace::Traced::start(
+        "recvfrom",
+        &["SLUICE_SPIN_US=1000"],
+        &["memory", "size=1M"],
+    );
+    let server = &s.server;
+    let (mut c, _) = RawClient::handshake(server, false, false);
+    let writes = 20;
+    for i in 0..writes {
+        let data = vec![i as u8 + 1; 4096];
+        let mut req = Vec::new();
+        let header = RequestHeader {
+            flags: 0,
+            kind: NBD_CMD_WRITE,
+            cookie: i,
+            offset: i * 4096,
+            length: 4096,
+        };
+        encode_request(&mut req, &header, false);
+        c.send(&req);
+        std::thread::sleep(Duration::from_micros(300));
+        c.send(&data);
+        assert_eq!(c.simple_error(i), 0, "write {i}");
+    }
+    for i in 0..writes {
+        assert_eq!(
+            c.simple_read(100 + i, i * 4096, 4096),
+            vec![i as u8 + 1; 4096]
+        );
+    }
+    drop(c);
+    let payloads = s
+        .finish("recvfrom")
+        .iter()
+        .filter(|l| l.contains("MSG_DONTWAIT") && l.ends_with("= 4096"))
+        .count();
+    assert!(
+        payloads >= writes as usize / 2,
+        "{payloads} of {writes} payloads sent after their header were read by the poller"
     );
 }
 

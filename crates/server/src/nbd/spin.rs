@@ -5,7 +5,10 @@
 //! this machine kind the wake-up alone (scheduler, IPI, cache refill) is a large part of a
 //! 4 KiB round trip. Polling the socket with non-blocking `recv` for a short budget first
 //! catches the next request while the thread is still running. This is what `SO_BUSY_POLL`
-//! does for NIC queues, which a Unix socket has not, so it is done here.
+//! does for NIC queues, which a Unix socket has not, so it is done here. A small write
+//! payload that comes after its header (libnbd sends the two in separate writes) is polled
+//! for the same way: without it, QD1 4 KiB writes to `memory` went at 24.5k IOPS against
+//! reads' 40k, and with it at 39.5k.
 //!
 //! On by default, for [`DEFAULT_BUDGET`] (50 µs; `SLUICE_SPIN_US=N` sets another budget in
 //! microseconds, `SLUICE_SPIN_US=0` turns it off). QEMU's IOThreads poll the same way by

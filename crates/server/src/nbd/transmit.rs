@@ -110,6 +110,17 @@ struct Reader {
     may_spin: bool,
 }
 
+/// Polls `fd` into `buf` with `spin` when `allowed` ([`Spinner::poll`]); None when the caller
+/// should block in `read`.
+fn poll(
+    spin: &mut Option<Spinner>,
+    allowed: bool,
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> Option<io::Result<usize>> {
+    spin.as_mut().filter(|_| allowed)?.poll(fd, buf)
+}
+
 /// Why a connection's input ended.
 enum InputEnd {
     /// Clean end (EOF between requests, NBD_CMD_DISC, or server shutdown).
@@ -144,17 +155,21 @@ impl Reader {
             self.start = 0;
         }
         let stop = (self.end + self.fill_limit).min(self.buf.len());
-        if self.start == self.end && self.may_spin {
-            if let Some(spin) = &mut self.spin {
-                match spin.poll(self.stream.as_raw_fd(), &mut self.buf[self.end..stop]) {
-                    Some(Ok(0)) => return Ok(false),
-                    Some(Ok(n)) => {
-                        self.end += n;
-                        return Ok(true);
-                    }
-                    Some(Err(e)) => return Err(e),
-                    None => {}
+        if self.start == self.end {
+            let fd = self.stream.as_raw_fd();
+            match poll(
+                &mut self.spin,
+                self.may_spin,
+                fd,
+                &mut self.buf[self.end..stop],
+            ) {
+                Some(Ok(0)) => return Ok(false),
+                Some(Ok(n)) => {
+                    self.end += n;
+                    return Ok(true);
                 }
+                Some(Err(e)) => return Err(e),
+                None => {}
             }
         }
         loop {
@@ -202,6 +217,25 @@ impl Reader {
         self.start += have;
         let mut got = have;
         while got < dst.len() {
+            // A client may send the header and the payload in two writes (libnbd does): the
+            // header then comes alone, and the payload a few microseconds later. A small
+            // payload is polled for as a header is, or a QD1 write would sleep and be woken
+            // between the two; a large one takes long enough that waking costs little.
+            let fd = self.stream.as_raw_fd();
+            let small = (dst.len() - got) as u64 <= LARGE_PAYLOAD;
+            if let Some(polled) = poll(&mut self.spin, self.may_spin && small, fd, &mut dst[got..])
+            {
+                match polled {
+                    Ok(0) => {
+                        return Err(InputEnd::Broken(
+                            "client disconnected in the middle of a write payload".into(),
+                        ))
+                    }
+                    Ok(n) => got += n,
+                    Err(e) => return Err(InputEnd::Broken(format!("read error: {e}"))),
+                }
+                continue;
+            }
             match self.stream.read(&mut dst[got..]) {
                 Ok(0) => {
                     return Err(InputEnd::Broken(
