@@ -8,7 +8,9 @@ use crate::support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sluice_proto::nbd::consts::{NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_C_FIXED_NEWSTYLE};
+use sluice_proto::nbd::consts::{
+    NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_C_FIXED_NEWSTYLE,
+};
 use sluice_proto::nbd::request::encode_request;
 use sluice_proto::nbd::RequestHeader;
 use support::raw::RawClient;
@@ -167,6 +169,49 @@ fn pool_many_sequential_clients_bounded_threads_each_sees_its_own_export() {
         after <= before + 8,
         "{after} threads after 40 sequential clients ({before} before): idle threads not capped"
     );
+}
+
+/// A connection's first wait does not poll: a client that connects, negotiates and
+/// disconnects (a health check, `nbdinfo`) costs no polling, while one that goes on sending
+/// requests one at a time is polled for from its second request on.
+#[test]
+fn spin_not_for_a_connections_first_request() {
+    let s = support::strace::Traced::start(
+        "recvfrom",
+        &["SLUICE_SPIN_US=1000"],
+        &["memory", "size=1M"],
+    );
+    let disc = |c: &mut RawClient| {
+        let mut req = Vec::new();
+        let header = RequestHeader {
+            flags: 0,
+            kind: NBD_CMD_DISC,
+            cookie: 9,
+            offset: 0,
+            length: 0,
+        };
+        encode_request(&mut req, &header, false);
+        c.send(&req);
+        c.expect_closed();
+    };
+    for _ in 0..10 {
+        let (mut c, _) = RawClient::handshake(&s.server, false, false);
+        std::thread::sleep(Duration::from_millis(2));
+        disc(&mut c);
+    }
+    let cycles = polls(&s.server_lines_so_far("recvfrom"));
+    // One client that goes on: its later requests are polled for.
+    let (mut c, _) = RawClient::handshake(&s.server, false, false);
+    for i in 0..10 {
+        assert_eq!(c.simple_read(i, 0, 512), vec![0u8; 512]);
+    }
+    disc(&mut c);
+    let all = polls(&s.finish("recvfrom"));
+    assert_eq!(
+        cycles, 0,
+        "the poller ran for connections that only negotiated"
+    );
+    assert!(all >= 5, "{all} polls for 10 requests sent one at a time");
 }
 
 /// A write's payload that arrives a moment after its header (libnbd sends them in two

@@ -79,11 +79,16 @@ pub(crate) struct Spinner {
 }
 
 impl Spinner {
+    /// A connection's spinner. Its first wait (for the first request after the handshake)
+    /// does not poll: a client that connects for one request or none (nbdinfo, `qemu-img
+    /// info`, a health check) gains nothing from it, and the poller would take the core that
+    /// client's next handshake needs (a python3-libnbd connect loop made 15% fewer
+    /// connections a second with it, at 1.4x the server CPU per connection).
     pub(crate) fn new(budget: Duration) -> Spinner {
         Spinner {
             budget,
             misses: 0,
-            paused: 0,
+            paused: 1,
         }
     }
 
@@ -144,11 +149,29 @@ mod tests {
         );
     }
 
+    /// A spinner past its connection's first wait.
+    fn polling(budget: Duration) -> Spinner {
+        Spinner {
+            paused: 0,
+            ..Spinner::new(budget)
+        }
+    }
+
+    #[test]
+    fn spinner_first_wait_does_not_poll() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut s = Spinner::new(Duration::from_micros(50));
+        let mut buf = [0u8; 16];
+        assert!(s.poll(b.as_raw_fd(), &mut buf).is_none());
+        a.write_all(b"x").unwrap();
+        assert_eq!(s.poll(b.as_raw_fd(), &mut buf).unwrap().unwrap(), 1);
+    }
+
     #[test]
     fn spinner_input_already_there_is_read() {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(b"hello").unwrap();
-        let mut s = Spinner::new(Duration::from_micros(50));
+        let mut s = polling(Duration::from_micros(50));
         let mut buf = [0u8; 16];
         let n = s.poll(b.as_raw_fd(), &mut buf).unwrap().unwrap();
         assert_eq!(&buf[..n], b"hello");
@@ -158,7 +181,7 @@ mod tests {
     fn spinner_end_of_input_is_reported() {
         let (a, b) = UnixStream::pair().unwrap();
         drop(a);
-        let mut s = Spinner::new(Duration::from_micros(50));
+        let mut s = polling(Duration::from_micros(50));
         let mut buf = [0u8; 16];
         assert_eq!(s.poll(b.as_raw_fd(), &mut buf).unwrap().unwrap(), 0);
     }
@@ -166,7 +189,7 @@ mod tests {
     #[test]
     fn spinner_idle_peer_pauses_polling_after_misses() {
         let (_a, b) = UnixStream::pair().unwrap();
-        let mut s = Spinner::new(Duration::from_micros(20));
+        let mut s = polling(Duration::from_micros(20));
         let mut buf = [0u8; 16];
         for _ in 0..MISS_LIMIT {
             assert!(s.poll(b.as_raw_fd(), &mut buf).is_none());

@@ -55,6 +55,12 @@ impl Traced {
         self.signal_sluice(libc::SIGTERM);
         let mut strace = self.server.child.take().unwrap();
         wait_timeout(&mut strace, Duration::from_secs(30)).expect("strace exits");
+        self.server_lines_so_far(name)
+    }
+
+    /// strace's whole lines of the call `name` logged so far, sluice still running (a call
+    /// in progress may be missing).
+    pub fn server_lines_so_far(&self, name: &str) -> Vec<String> {
         let prefix = format!("{name}(");
         let mut lines = Vec::new();
         for e in std::fs::read_dir(self.logs.path()).unwrap() {
