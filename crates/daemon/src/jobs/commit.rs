@@ -37,7 +37,7 @@ use crate::graph::image::{close_writer, image_node, qmp_error};
 use crate::graph::layers::{self, layer_in_chain};
 use crate::jobs::active_commit::ActiveCommitDriver;
 use crate::jobs::mirror_engine::{start_tracked, Initial, MirrorEngine};
-use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError, COPY_CHUNK};
+use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError, Writeback, COPY_CHUNK};
 use crate::state::{Daemon, State};
 use crate::{ErrorClass, QmpError};
 
@@ -124,7 +124,15 @@ fn base_writer(
 impl JobDriver<State> for CommitDriver {
     fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         let size = self.size;
-        ctx.copy_in_chunks(size, |offset, n| self.commit_range(offset, n))
+        // The base's writer is flushed at the end: its writeback starts as the job copies.
+        let writeback = Writeback::default();
+        ctx.copy_in_chunks(size, |offset, n| {
+            let copied = self.commit_range(offset, n)?;
+            if let Some(w) = &self.writer {
+                writeback.copied(w, copied);
+            }
+            Ok(copied)
+        })
     }
 
     /// Closes the base's writer, then switches the overlay's backing to the base, in its

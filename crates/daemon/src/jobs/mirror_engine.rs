@@ -46,7 +46,7 @@ use sluice_image::DirtyMap;
 use crate::generated::{BlockdevOnError, IoOperationType};
 use crate::jobs::{
     copy_run, with_workers, Completion, CopyError, ErrorAction, Job, JobCtx, JobDriver, JobParams,
-    WorkError, Workers, IN_FLIGHT,
+    WorkError, Workers, Writeback, IN_FLIGHT,
 };
 use crate::state::{Daemon, State};
 use crate::QmpError;
@@ -93,6 +93,8 @@ pub struct MirrorEngine {
     completed: bool,
     /// The copy mode and `actively-synced` (see the module doc).
     pub active: Arc<ActiveSync>,
+    /// Starts the target's writeback as the job copies (it is flushed before READY).
+    writeback: Writeback,
 }
 
 /// A mirror's copy mode and QEMU's `actively_synced` (see the module doc), shared by the
@@ -145,6 +147,7 @@ impl MirrorEngine {
             same_size: false,
             completed: false,
             active: Arc::default(),
+            writeback: Writeback::default(),
         }
     }
 
@@ -240,6 +243,7 @@ impl MirrorEngine {
         if copied > 0 {
             ctx.progress(copied);
             ctx.set_remaining(self.dirty.dirty_bytes());
+            self.writeback.copied(&self.target, copied);
         }
         if let Some(side) = failed {
             let (policy, op, e) = match side {

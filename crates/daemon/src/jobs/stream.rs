@@ -34,7 +34,7 @@ use crate::generated::{BlockStreamArgs, BlockdevOnError, JobType};
 use crate::graph::image::{image_node, qmp_error};
 use crate::graph::layers::layer_in_chain;
 use crate::graph::not_found;
-use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError};
+use crate::jobs::{Job, JobCtx, JobDriver, JobParams, WorkError, Writeback};
 use crate::state::{Daemon, State};
 use crate::QmpError;
 
@@ -65,10 +65,13 @@ impl JobDriver<State> for StreamDriver {
     fn run(&mut self, ctx: &mut JobCtx<'_, State>) -> Result<(), WorkError> {
         let base = self.base.as_ref().map(|(_, n)| &**n);
         let top = self.top.as_ref().map(|(_, n)| n);
+        // The top is flushed every FLUSH_EVERY: its writeback starts as the job copies.
+        let writeback = Writeback::default();
         ctx.copy_in_chunks(self.size, |offset, n| match top {
             None => Ok(0),
             Some(top) => {
                 let copied = top.stream_range(offset, n, base)?;
+                writeback.copied(top, copied);
                 if (offset + n) % FLUSH_EVERY == 0 {
                     top.flush()?;
                 }

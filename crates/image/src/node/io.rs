@@ -29,6 +29,7 @@
 //! was probed refuses, as in qemu, writes that would make its block 0 probe as qcow2.
 
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -414,6 +415,26 @@ impl Node {
                 std::io::Error::other(e.to_string()),
             )
         })
+    }
+
+    /// Starts writing back what the node's file has dirty in the page cache, without
+    /// waiting for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file). A
+    /// block job that flushes its target at the end calls this as it copies (see
+    /// `sluice_daemon::jobs::Writeback`): the kernel's own writeback starts only past
+    /// `dirty_background_ratio` (gigabytes on a large host), so otherwise the disk stays idle
+    /// while the job copies and the final flush writes everything. A hint: it makes nothing
+    /// durable (only a flush does) and its failure changes nothing. Nodes without a file of
+    /// their own at the bottom (plugin nodes) ignore it.
+    pub fn start_writeback(&self) {
+        let _ = self.look(|n, _| {
+            if let Some(fs) = n.file_state_if_any() {
+                // SAFETY: a plain system call on the node's open descriptor.
+                unsafe {
+                    libc::sync_file_range(fs.os.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                };
+            }
+            Ok(())
+        });
     }
 
     /// NBD_CMD_CACHE: asks the kernel to read ahead the file ranges that hold the data.

@@ -24,6 +24,8 @@ pub struct QmpDaemon {
     /// The monitor socket.
     pub qmp: PathBuf,
     stderr_path: PathBuf,
+    /// The child is strace, and the daemon its child ([`QmpDaemon::sluice_traced`]).
+    traced: bool,
 }
 
 impl QmpDaemon {
@@ -35,6 +37,23 @@ impl QmpDaemon {
         let mut cmd = Command::new(sluice_bin());
         cmd.arg("daemon").arg("--qmp").arg(&qmp);
         Self::start(cmd, dir, qmp, args)
+    }
+
+    /// [`QmpDaemon::sluice`] under `strace -f -qq -e trace=CALLS -o LOG`, for tests of the
+    /// system calls a job makes. `quit` ends both; a drop kills sluice, then strace.
+    pub fn sluice_traced(calls: &str, log: &Path, args: &[&str]) -> QmpDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let qmp = dir.path().join("qmp.sock");
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-e", &format!("trace={calls}"), "-o"])
+            .arg(log)
+            .arg(sluice_bin())
+            .arg("daemon")
+            .arg("--qmp")
+            .arg(&qmp);
+        let mut d = Self::start(cmd, dir, qmp, args);
+        d.traced = true;
+        d
     }
 
     /// qemu-storage-daemon with the same kind of monitor, for comparisons.
@@ -68,6 +87,7 @@ impl QmpDaemon {
             dir,
             qmp,
             stderr_path,
+            traced: false,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -148,6 +168,10 @@ impl QmpDaemon {
 impl Drop for QmpDaemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.traced {
+                // Killing strace would only detach it from the daemon.
+                super::strace::signal_traced(c.id(), libc::SIGKILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

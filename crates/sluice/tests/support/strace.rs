@@ -35,18 +35,8 @@ impl Traced {
 
     /// Sends `signal` to sluice, strace's only child (strace then exits with it).
     fn signal_sluice(&self, signal: i32) {
-        let Some(strace) = self.server.child.as_ref() else {
-            return;
-        };
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", strace.id()))
-            .unwrap_or_default();
-        if let Some(pid) = children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-        {
-            // SAFETY: signalling the sluice process this test started (strace's child).
-            unsafe { libc::kill(pid, signal) };
+        if let Some(strace) = self.server.child.as_ref() {
+            signal_traced(strace.id(), signal);
         }
     }
 
@@ -80,5 +70,20 @@ impl Drop for Traced {
     /// strace (what [`Server`]'s drop does) would only detach it.
     fn drop(&mut self) {
         self.signal_sluice(libc::SIGKILL);
+    }
+}
+
+/// Sends `signal` to the process that the strace `strace_pid` started (its first child).
+pub fn signal_traced(strace_pid: u32, signal: i32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children"))
+            .unwrap_or_default();
+    if let Some(pid) = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+    {
+        // SAFETY: signalling a process this test started (strace's child).
+        unsafe { libc::kill(pid, signal) };
     }
 }
