@@ -210,6 +210,10 @@ class Qmp:
 # Daemons
 # ---------------------------------------------------------------------------
 
+# The pseudo-daemon that measures a row's Floor (floor_copy), in the rotation with the
+# daemons of the rows that have one.
+FLOOR = "floor"
+
 DAEMONS = {
     "sluice": lambda ctx, sock: [ctx.sluice, "daemon", "--qmp", sock],
     "qsd": lambda ctx, sock: ["qemu-storage-daemon", "--chardev",
@@ -372,11 +376,15 @@ class Row:
     returns the record's figures. `metrics` are the table's lines for the row."""
 
     def __init__(self, name, chain, setup, job, copied, check, what, flow=None,
-                 metrics=None):
+                 metrics=None, floor=False):
         self.name, self.chain, self.setup, self.job = name, chain, setup, job
         self.copied, self.check, self.what = copied, check, what
         self.flow = flow
         self.metrics = metrics or ["MiB/s", "CPU s"]
+        # Measure the Floor (see floor_copy) for this row: a job that leaves what it
+        # copied durable (mirror flushes its target before it completes, sluice's commit
+        # its base).
+        self.floor = floor
 
 
 ROWS = [
@@ -392,7 +400,8 @@ ROWS = [
         ("block-commit", {"job-id": "c0", "device": "top", "top-node": "mid",
                           "base-node": "base"}),
         lambda size: size // 2, check_backing_base,
-        "block-commit of mid into base, same chain as stream-3 (moves half the size)"),
+        "block-commit of mid into base, same chain as stream-3 (moves half the size)",
+        floor=True),
 ]
 
 
@@ -657,7 +666,7 @@ ROWS += [
     Row("mirror-idle", "chain2", None, None, lambda size: size, check_target_equals_top,
         "blockdev-mirror sync=full of top (chain2) into a new qcow2: READY, job-complete, "
         "COMPLETED", flow=mirror_flow(False),
-        metrics=["READY s", "done s", "MiB/s", "CPU s"]),
+        metrics=["READY s", "done s", "MiB/s", "CPU s"], floor=True),
     Row("mirror-busy", "chain2", None, None, lambda size: size, check_target_clean,
         "the same while fio (nbd engine, 4K randwrite, QD8) writes through top's export",
         flow=mirror_flow(True), metrics=["READY s", "done s", "MiB/s", "CPU s", "fio IOPS"]),
@@ -711,9 +720,59 @@ def job_flow(ctx, row, proc, qmp, rundir):
             "secs": secs}
 
 
+SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_uint]
+
+
+def sync_file_range(fd, offset, nbytes, flags):
+    """sync_file_range(2) (Python's os module has no binding)."""
+    if _libc.sync_file_range(fd, offset, nbytes, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def floor_copy(ctx, row, rundir):
+    """The Floor of a row: this machine copying the bytes the job copies from a warm file
+    (the run's fresh base.qcow2) into a new file in the same directory with
+    copy_file_range(2) (no trip through user space) in 16 MiB pieces, starting the
+    writeback of each (sync_file_range SYNC_FILE_RANGE_WRITE, so the disk writes while the
+    copy goes on), then fdatasync: what any daemon's job that leaves its copy durable must
+    pay for the page cache and the disk. "copy s" is the copy alone."""
+    n = row.copied(ctx.size)
+    src = os.open(os.path.join(rundir, "base.qcow2"), os.O_RDONLY)
+    dst = os.open(os.path.join(rundir, "floor.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                  0o644)
+    try:
+        have = os.fstat(src).st_size
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            got = os.copy_file_range(src, dst, min(n - done, 16 * MiB), done % have, done)
+            if got <= 0:
+                raise BenchError(f"copy_file_range returned {got} at {done}")
+            done += got
+            sync_file_range(dst, 0, 0, SYNC_FILE_RANGE_WRITE)
+        copied = time.perf_counter() - t0
+        os.fdatasync(dst)
+        secs = time.perf_counter() - t0
+    finally:
+        os.close(src)
+        os.close(dst)
+    return {"copy s": copied, "done s": secs, "secs": secs, "MiB/s": n / MiB / secs,
+            "CPU s": 0.0}
+
+
 def measure(ctx, row, name, rnd):
     rundir = os.path.join(ctx.work, f"run-{row.name}-{name}-{rnd}")
     fresh_copy(ctx, row, rundir)
+    if name == FLOOR:
+        try:
+            return floor_copy(ctx, row, rundir)
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+            os.sync()
     proc = qmp = None
     try:
         proc, qmp, log = start_daemon(ctx, name, rundir)
@@ -810,10 +869,31 @@ def report(ctx, results):
                 a, b = med["sluice"], med["qsd"]
                 cells.append(f"{a / b:.2f}" if a is not None and b else "-")
             lines.append("| " + " | ".join(cells) + " |")
-        for n in names:
+        for n in names + [FLOOR]:
             for r in results.get(row.name, {}).get(n, []):
                 if "error" in r:
                     errs.append(f"- {row.name} / {n} round {r['round'] + 1}: {r['error']}")
+    floors = [r for r in ctx.rows if results.get(r.name, {}).get(FLOOR)]
+    if floors:
+        lines += ["", "## Floor", "",
+                  "The same bytes copied by this machine from a warm file into a new one "
+                  "(copy_file_range in 16 MiB pieces, no user-space copy, the writeback of "
+                  "each started at once with sync_file_range), then fdatasync: about the "
+                  "best a job that leaves its copy durable can do. Medians; each daemon's `done s` as a "
+                  "multiple of the floor's (commit: its seconds to COMPLETED).", "",
+                  "| row | copy s | copy + fdatasync s | "
+                  + " | ".join(f"{n} / floor" for n in names) + " |",
+                  "|---|---:|---:|" + "---:|" * len(names)]
+        for row in floors:
+            def med(n, key):
+                vals = [r[key] for r in results[row.name].get(n, []) if key in r]
+                return statistics.median(vals) if vals else None
+            f = med(FLOOR, "secs")
+            cells = [row.name, f"{med(FLOOR, 'copy s'):.2f}", f"{f:.2f}"]
+            for n in names:
+                d = med(n, "secs")
+                cells.append(f"{d / f:.2f}" if d is not None and f else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Rows:"] + [f"- {r.name}: {r.what}" for r in ctx.rows]
     if errs:
         lines += ["", "Errors:"] + errs
@@ -850,12 +930,18 @@ def parse_args(argv):
     ap.add_argument("--check-all", action="store_true",
                     help="check every run's result (default: round 1 only)")
     ap.add_argument("--job-timeout", type=float, default=600.0)
-    ap.add_argument("--busy-iops", type=int, default=0,
-                    help="cap fio's writes in mirror-busy at this many IOPS (default: no "
-                    "cap), so that both daemons get the same write load")
+    ap.add_argument("--busy-iops", type=int, default=8000,
+                    help="cap fio's writes in mirror-busy at this many IOPS (default 8000; "
+                    "0: no cap), so that both daemons get the same write load (uncapped, "
+                    "a daemon that serves writes faster gets more to copy again: on a fast "
+                    "machine sluice then served ~40k IOPS and its background mirror never "
+                    "got to READY)")
     ap.add_argument("--libnbd-python", default="/usr/bin/python3",
                     help="a python that imports libnbd (pull-read row)")
     ap.add_argument("--start-timeout", type=float, default=30.0)
+    ap.add_argument("--no-floor", action="store_true",
+                    help="leave out the Floor (the same bytes copied with copy_file_range "
+                    "and fdatasync) of the rows that have one")
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -894,8 +980,9 @@ def bench(ctx):
     results = ctx.results
     for rnd in range(ctx.rounds):
         for row in ctx.rows:
-            k = rnd % len(ctx.daemons)
-            for n in ctx.daemons[k:] + ctx.daemons[:k]:
+            sides = ctx.daemons + ([FLOOR] if row.floor and not ctx.no_floor else [])
+            k = rnd % len(sides)
+            for n in sides[k:] + sides[:k]:
                 rec = {"round": rnd}
                 try:
                     rec.update(measure(ctx, row, n, rnd))
