@@ -487,7 +487,8 @@ def mirror_flow(busy):
             fio = start_fio(ctx, rt, export_top(rt))
         c0, t0 = cpu_ticks(rt.proc.pid), time.perf_counter()
         rt.qmp.execute("blockdev-mirror", {"job-id": "m0", "device": "top",
-                                           "target": "dst", "sync": "full"})
+                                           "target": "dst", "sync": "full",
+                                           "copy-mode": ctx.copy_mode})
         wait_job_event(ctx, rt, {"BLOCK_JOB_READY"})
         ready = time.perf_counter() - t0
         rt.qmp.execute("job-complete", {"id": "m0"})
@@ -936,6 +937,9 @@ def parse_args(argv):
                     "a daemon that serves writes faster gets more to copy again: on a fast "
                     "machine sluice then served ~40k IOPS and its background mirror never "
                     "got to READY)")
+    ap.add_argument("--copy-mode", default="background",
+                    choices=["background", "write-blocking"],
+                    help="blockdev-mirror's copy-mode in the mirror rows (default background)")
     ap.add_argument("--libnbd-python", default="/usr/bin/python3",
                     help="a python that imports libnbd (pull-read row)")
     ap.add_argument("--start-timeout", type=float, default=30.0)

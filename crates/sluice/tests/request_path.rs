@@ -22,6 +22,20 @@ fn spinning_server(args: &[&str]) -> Server {
     Server::try_start_program("env", &leading, args).expect("sluice with SLUICE_SPIN_US starts")
 }
 
+/// A compact request header (no payload), as bytes.
+fn request(kind: u16, cookie: u64, offset: u64, length: u64) -> Vec<u8> {
+    let mut req = Vec::new();
+    let header = RequestHeader {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        length,
+    };
+    encode_request(&mut req, &header, false);
+    req
+}
+
 /// The server's thread ids.
 fn tids(server: &Server) -> BTreeSet<u32> {
     std::fs::read_dir(format!("/proc/{}/task", server.pid()))
@@ -93,15 +107,7 @@ fn spin_header_split_across_pauses_is_assembled() {
     let (mut c, _) = RawClient::handshake(&server, false, false);
     let data = random_bytes(4096, 3);
     assert_eq!(c.simple_write(1, 8192, &data), 0);
-    let mut req = Vec::new();
-    let header = RequestHeader {
-        flags: 0,
-        kind: NBD_CMD_READ,
-        cookie: 2,
-        offset: 8192,
-        length: 4096,
-    };
-    encode_request(&mut req, &header, false);
+    let req = request(NBD_CMD_READ, 2, 8192, 4096);
     for piece in req.chunks(7) {
         c.send(piece);
         std::thread::sleep(Duration::from_millis(3));
@@ -182,16 +188,7 @@ fn spin_not_for_a_connections_first_request() {
         &["memory", "size=1M"],
     );
     let disc = |c: &mut RawClient| {
-        let mut req = Vec::new();
-        let header = RequestHeader {
-            flags: 0,
-            kind: NBD_CMD_DISC,
-            cookie: 9,
-            offset: 0,
-            length: 0,
-        };
-        encode_request(&mut req, &header, false);
-        c.send(&req);
+        c.send(&request(NBD_CMD_DISC, 9, 0, 0));
         c.expect_closed();
     };
     for _ in 0..10 {
@@ -230,16 +227,7 @@ fn spin_polls_for_a_write_payload_sent_after_its_header() {
     let writes = 20;
     for i in 0..writes {
         let data = vec![i as u8 + 1; 4096];
-        let mut req = Vec::new();
-        let header = RequestHeader {
-            flags: 0,
-            kind: NBD_CMD_WRITE,
-            cookie: i,
-            offset: i * 4096,
-            length: 4096,
-        };
-        encode_request(&mut req, &header, false);
-        c.send(&req);
+        c.send(&request(NBD_CMD_WRITE, i, i * 4096, 4096));
         std::thread::sleep(Duration::from_micros(300));
         c.send(&data);
         assert_eq!(c.simple_error(i), 0, "write {i}");
