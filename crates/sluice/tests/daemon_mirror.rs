@@ -478,3 +478,73 @@ fn mirror_and_commit_start_the_targets_writeback_as_they_copy() {
     qemu_io("qcow2", path_str(&p("dst")), &["read -P 0x5a 0 64M"]);
     qemu_io("qcow2", path_str(&p("base")), &["read -P 0x6b 0 64M"]);
 }
+
+/// copy-mode write-blocking converges however fast the client writes: each change is
+/// copied to the target before it completes and is not left dirty, so only the background
+/// pass has to finish (here rate-limited to 4 MiB/s, 2 s for 8 MiB). A client writing 4 KiB
+/// all over the image without pause would keep a mirror that re-copies written ranges
+/// from ever being READY. After READY, more writes, then the pivot: the target equals
+/// everything the client wrote (qemu-img compare with a model).
+#[test]
+fn mirror_write_blocking_gets_ready_under_a_client_that_never_stops_writing() {
+    let (dir, p) = images();
+    let expected = dir.path().join("expected.raw");
+    flatten(&p("top"), &expected);
+    let mut model = std::fs::read(&expected).unwrap();
+    let d = QmpDaemon::sluice(&[]);
+    let mut c = d.connect_negotiated();
+    let uri = setup(&mut c, &d, &p);
+    let mut client = Client::connect(&uri);
+    let mut write = |client: &mut Client, i: u64| {
+        let off = (i * 7919 * 4096 + i * 13) % (8 * MIB - 4096);
+        let byte = (i % 250) as u8 + 1;
+        client.op("w", off, 4096, byte);
+        model[off as usize..off as usize + 4096].fill(byte);
+    };
+    ok(
+        &mut c,
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "top", "target": "full", "sync": "full",
+               "copy-mode": "write-blocking", "speed": 4 * MIB}),
+    );
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    let ready = loop {
+        write(&mut client, i);
+        i += 1;
+        if i % 8 == 0 {
+            if let Some(line) = c.try_read_line(std::time::Duration::from_millis(1)) {
+                if line.contains("BLOCK_JOB_READY") {
+                    break true;
+                }
+            }
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            break false;
+        }
+    };
+    assert!(
+        ready,
+        "no BLOCK_JOB_READY in 30 s of a write-blocking mirror under {i} client writes"
+    );
+    assert!(
+        i >= 200,
+        "only {i} writes before READY: the test's load is too light"
+    );
+    for j in i..i + 200 {
+        write(&mut client, j);
+    }
+    let got = run_names(
+        &mut c,
+        json!({"execute": "job-complete", "arguments": {"id": "m0"}}),
+        "null",
+    );
+    assert_eq!(got, COMPLETED_AFTER_REPLY);
+    client.op("f", 0, 0, 0);
+    client.close();
+    quit(c, d);
+    std::fs::write(&expected, &model).unwrap();
+    let (code, out) = qemu_img_check(&p("full"));
+    assert_eq!(code, 0, "{out}");
+    assert_same(&p("full"), &expected);
+}

@@ -105,6 +105,50 @@ pub struct ActiveSync {
     write_blocking: AtomicBool,
     /// QEMU's `actively_synced`.
     synced: Arc<AtomicBool>,
+    /// The ranges being copied into the target, by the background copy or a write-blocking
+    /// copy of a client's change (see [`WriteBlocking`]).
+    copying: CopyLocks,
+}
+
+/// Ranges held while they are copied into the target: a copy of a range waits until no
+/// overlapping one is in progress. Each copy reads the source while it holds its range, so
+/// of two copies of the same bytes the later one carries the newer data.
+#[derive(Debug, Default)]
+struct CopyLocks {
+    held: std::sync::Mutex<Vec<(u64, u64)>>,
+    freed: std::sync::Condvar,
+}
+
+/// A range of [`CopyLocks`], let go when dropped.
+struct CopyGuard<'a> {
+    locks: &'a CopyLocks,
+    range: (u64, u64),
+}
+
+impl CopyLocks {
+    fn lock(&self, offset: u64, len: u64) -> CopyGuard<'_> {
+        let overlaps = |&(o, l): &(u64, u64)| o < offset + len && offset < o + l;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while held.iter().any(overlaps) {
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.push((offset, len));
+        CopyGuard {
+            locks: self,
+            range: (offset, len),
+        }
+    }
+}
+
+impl Drop for CopyGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|&r| r == self.range) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.locks.freed.notify_all();
+    }
 }
 
 impl ActiveSync {
@@ -195,8 +239,10 @@ impl MirrorEngine {
         Ok(())
     }
 
-    /// Copies one range from the source into the target.
+    /// Copies one range from the source into the target (holding it against a
+    /// write-blocking copy of the same bytes).
     fn copy(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+        let _held = self.active.copying.lock(offset, len);
         copy_run(
             |b, o| self.source.1.read(b, o),
             &self.target,
@@ -390,10 +436,13 @@ pub fn start_tracked(
 }
 
 /// QEMU's `write-blocking` copy mode: each change of the source is copied to the target
-/// before it completes (see `sluice_image::node::gate`). The range also stays marked in
-/// the job's dirty map, so the background copy goes over it again; that costs a second
-/// copy of actively written ranges and keeps the target right when a background copy of
-/// the same range read the old data first.
+/// before it completes (see `sluice_image::node::gate`), and, once copied, is not marked
+/// in the job's dirty map: the background copy then only has to finish its own pass, so
+/// the job gets to READY however fast clients write (in background mode a client that
+/// dirties ranges faster than they are copied keeps it from ever getting there). The copy
+/// reads the source and writes the target holding its range in [`CopyLocks`], as the
+/// background copy does: a background copy that read the range before the change either
+/// finished before this copy starts or starts after it ends, and reads the change then.
 #[derive(Debug)]
 struct WriteBlocking {
     target: Arc<sluice_image::Node>,
@@ -408,6 +457,7 @@ impl sluice_image::AfterWrite for WriteBlocking {
         read: &dyn Fn(&mut [u8], u64) -> sluice_block::Result<()>,
     ) -> sluice_block::Result<()> {
         let mut buf = vec![0u8; len as usize];
+        let _held = self.active.copying.lock(offset, len);
         let r = read(&mut buf, offset).and_then(|()| {
             if buf.iter().all(|&b| b == 0) {
                 self.target.zero(len, offset, true, false)

@@ -20,11 +20,14 @@
 //! atomic load); a file node's is checked below it, in its storage, where the writes of the
 //! format node above arrive too.
 //!
-//! A write-blocking mirror hangs a fourth, [`AfterWrite`]: after a change ran (and was
-//! marked dirty), with the gate still held, the hook copies the range to the mirror's
-//! target before the request completes. The range stays marked, so a background copy of
-//! the same range that read the old data before the change is copied again: the target
-//! ends right whichever finishes last.
+//! A write-blocking mirror hangs a fourth, [`AfterWrite`]: after a change ran, with the
+//! gate still held, the hook copies the range to the mirror's target before the request
+//! completes. When it succeeds the range is not marked dirty: the target has it (QEMU's
+//! active mirror resets its bitmap there too), so a guest that writes faster than the
+//! background copy runs cannot keep the mirror from converging. The hook serializes its
+//! copy with the mirror's background copies of overlapping ranges, and both read the
+//! source when they copy, so the one that copies last copies the newest data. A failed
+//! copy marks the range, so the background copy goes over it again.
 //!
 //! The same place marks the node's named dirty bitmaps ([`crate::bitmaps`]), so that they
 //! see every change an NBD client, a job or an active commit's writer makes.
@@ -72,8 +75,9 @@ pub trait BeforeWrite: Send + Sync + std::fmt::Debug {
 /// A mirror's write-blocking copy (QEMU's active mirror), hung on its source.
 pub trait AfterWrite: Send + Sync + std::fmt::Debug {
     /// Called after a request changed `[offset, offset+len)` and before it completes, with
-    /// the node's gate held; `read(buf, at)` reads what the node holds now. An error fails
-    /// the request (the node has the change, the copy does not; the range stays dirty).
+    /// the node's gate held; `read(buf, at)` reads what the node holds now. Ok: the copy
+    /// has the range, which is not marked in the tracking dirty map. An error fails the
+    /// request (the node has the change, the copy does not) and the range is marked.
     fn after_write(
         &self,
         offset: u64,
@@ -159,15 +163,17 @@ impl Node {
             hook.before_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))?;
         }
         let mut r = op(self, Changing(()));
-        if let Some(dirty) = &state.dirty {
-            dirty.mark(offset, len);
-        }
+        // A write-blocking mirror's copy of the change, when it succeeds, stands for the
+        // mark (see the module doc).
+        let mut copied = false;
         if let (Ok(_), Some(hook)) = (&r, &state.after_write) {
-            if let Err(e) =
-                hook.after_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at))
-            {
-                r = Err(e);
+            match hook.after_write(offset, len, &|buf, at| self.read_body(Reading(()), buf, at)) {
+                Ok(()) => copied = true,
+                Err(e) => r = Err(e),
             }
+        }
+        if let (Some(dirty), false) = (&state.dirty, copied) {
+            dirty.mark(offset, len);
         }
         if let Some(bitmaps) = self.bitmaps.get() {
             bitmaps.mark(offset, len);
@@ -411,8 +417,9 @@ mod tests {
         assert_eq!(hook.0.lock().len(), 1);
     }
 
-    /// Write-blocking: the hook sees each change after it ran, reading the new data; its
-    /// error fails the request; once removed it sees nothing.
+    /// Write-blocking: the hook sees each change after it ran, reading the new data; a
+    /// change it copied is not marked dirty, one it failed is (and the request fails); once
+    /// removed it sees nothing and changes are marked again.
     #[test]
     fn after_write_sees_new_data_and_its_error_fails_the_write() {
         #[derive(Debug, Default)]
@@ -436,13 +443,23 @@ mod tests {
         let (_dir, c) = chain3();
         let top = open_json(qcow2_opts(&c, false)).unwrap();
         let hook = Arc::new(Copied::default());
+        let dirty = Arc::new(DirtyMap::new(top.size(), 65536));
+        top.track_writes(Some(dirty.clone()));
         top.set_after_write(Some(hook.clone()));
         top.write(&[9; 4096], 70_000).unwrap();
         assert_eq!(hook.0.lock()[0], (70_000, vec![9; 4096]));
+        assert!(dirty.is_clean(), "a change the hook copied is not dirty");
         assert_eq!(top.write(&[8; 10], 0).unwrap_err().errno, Errno::EIO);
+        assert_eq!(
+            dirty.dirty_bytes(),
+            65536,
+            "a change the hook failed is dirty"
+        );
         top.set_after_write(None);
-        top.write(&[7; 10], 0).unwrap();
+        top.write(&[7; 10], 200_000).unwrap();
         assert_eq!(hook.0.lock().len(), 1);
+        assert_eq!(dirty.dirty_bytes(), 2 * 65536);
+        top.track_writes(None);
     }
 
     /// Named bitmaps are marked by every change, also one made through an active commit's
