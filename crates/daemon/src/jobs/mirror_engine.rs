@@ -113,6 +113,14 @@ pub struct ActiveSync {
 /// Ranges held while they are copied into the target: a copy of a range waits until no
 /// overlapping one is in progress. Each copy reads the source while it holds its range, so
 /// of two copies of the same bytes the later one carries the newer data.
+///
+/// Locks (as in `backup.rs`): a write-blocking copy waits here inside the source's gate
+/// (shared), and a background copy, holding its range, reads the source through that gate
+/// (shared). That is safe while nothing waits for the gate exclusively during the copy: the
+/// hook is installed once, before any hook can wait (`block-job-change` to the mode already
+/// set changes nothing), and the pivot and [`MirrorEngine::stop_tracking`] run after the
+/// job's copy threads have ended. Backup's `Copier` keeps its in-flight runs the same way,
+/// but under the lock of its own `todo` map, so the two do not share the type.
 #[derive(Debug, Default)]
 struct CopyLocks {
     held: std::sync::Mutex<Vec<(u64, u64)>>,

@@ -110,15 +110,27 @@ struct Reader {
     may_spin: bool,
 }
 
-/// Polls `fd` into `buf` with `spin` when `allowed` ([`Spinner::poll`]); None when the caller
-/// should block in `read`.
-fn poll(
+/// Reads into `buf` from `stream`: first polling with `spin` when `allowed`
+/// ([`Spinner::poll`]), then, if nothing came within its budget, blocking in `read`.
+fn poll_or_read(
     spin: &mut Option<Spinner>,
     allowed: bool,
-    fd: std::os::fd::RawFd,
+    stream: &mut Stream,
     buf: &mut [u8],
-) -> Option<io::Result<usize>> {
-    spin.as_mut().filter(|_| allowed)?.poll(fd, buf)
+) -> io::Result<usize> {
+    if let Some(polled) = spin
+        .as_mut()
+        .filter(|_| allowed)
+        .and_then(|s| s.poll(stream.as_raw_fd(), buf))
+    {
+        return polled;
+    }
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
 }
 
 /// Why a connection's input ended.
@@ -155,34 +167,16 @@ impl Reader {
             self.start = 0;
         }
         let stop = (self.end + self.fill_limit).min(self.buf.len());
-        if self.start == self.end {
-            let fd = self.stream.as_raw_fd();
-            match poll(
-                &mut self.spin,
-                self.may_spin,
-                fd,
-                &mut self.buf[self.end..stop],
-            ) {
-                Some(Ok(0)) => return Ok(false),
-                Some(Ok(n)) => {
-                    self.end += n;
-                    return Ok(true);
-                }
-                Some(Err(e)) => return Err(e),
-                None => {}
-            }
-        }
-        loop {
-            match self.stream.read(&mut self.buf[self.end..stop]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.end += n;
-                    return Ok(true);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        // Poll only between requests (nothing buffered), not inside a header.
+        let poll = self.start == self.end && self.may_spin;
+        let n = poll_or_read(
+            &mut self.spin,
+            poll,
+            &mut self.stream,
+            &mut self.buf[self.end..stop],
+        )?;
+        self.end += n;
+        Ok(n > 0)
     }
 
     /// The next request header, or why input ended.
@@ -221,29 +215,15 @@ impl Reader {
             // header then comes alone, and the payload a few microseconds later. A small
             // payload is polled for as a header is, or a QD1 write would sleep and be woken
             // between the two; a large one takes long enough that waking costs little.
-            let fd = self.stream.as_raw_fd();
             let small = (dst.len() - got) as u64 <= LARGE_PAYLOAD;
-            if let Some(polled) = poll(&mut self.spin, self.may_spin && small, fd, &mut dst[got..])
-            {
-                match polled {
-                    Ok(0) => {
-                        return Err(InputEnd::Broken(
-                            "client disconnected in the middle of a write payload".into(),
-                        ))
-                    }
-                    Ok(n) => got += n,
-                    Err(e) => return Err(InputEnd::Broken(format!("read error: {e}"))),
-                }
-                continue;
-            }
-            match self.stream.read(&mut dst[got..]) {
+            let poll = self.may_spin && small;
+            match poll_or_read(&mut self.spin, poll, &mut self.stream, &mut dst[got..]) {
                 Ok(0) => {
                     return Err(InputEnd::Broken(
                         "client disconnected in the middle of a write payload".into(),
                     ))
                 }
                 Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(InputEnd::Broken(format!("read error: {e}"))),
             }
         }
