@@ -622,8 +622,10 @@ def pull_flow(ctx, rt):
     setup = time.perf_counter() - t0
     sock = rt.path("nbd.sock")
     k0 = os.times()
-    out = run([ctx.libnbd_python, "-c", PULL_READER, f"nbd+unix:///backup-vm?socket={sock}",
-               "qemu:dirty-bitmap:backup-vm"])
+    uri = f"nbd+unix:///backup-vm?socket={sock}"
+    reader = ([ctx.pull_reader_bin] if ctx.pull_reader_bin
+              else [ctx.libnbd_python, "-c", PULL_READER])
+    out = run(reader + [uri, "qemu:dirty-bitmap:backup-vm"])
     secs, c1, k1 = time.perf_counter() - t0, cpu_ticks(rt.proc.pid), os.times()
     # The client's own CPU (Python, libnbd): where it is close to `read s`, the row is
     # bound by the client and says little about the daemon.
@@ -678,7 +680,7 @@ ROWS += [
         flow=backup_flow(True)),
     Row("pull-read", "dirty2", None, None, dirty_bytes, no_check,
         "pull mode: scratch over the live node, transaction with blockdev-backup sync=none, "
-        "export with the bitmap; libnbd reads the dirty extents (QD8)", flow=pull_flow,
+        "export with the bitmap; a libnbd client reads the dirty extents (QD8)", flow=pull_flow,
         metrics=["setup s", "read s", "MiB/s", "CPU s", "client CPU s"]),
 ]
 
@@ -847,7 +849,11 @@ def report(ctx, results):
               "pull-read: bytes read / read s); CPU s = daemon utime+stime over that span "
               "(pull-read: setup and read; client CPU s = the libnbd reader's own, "
               "from its start to its exit). sluice/qsd above 1 is better for MiB/s and "
-              "IOPS, below 1 for seconds.",
+              "IOPS, below 1 for seconds."
+              + (" pull-read's reader: "
+                 + ("C (bench/pull-reader.c)." if getattr(ctx, "pull_reader_bin", None)
+                    else "Python (python3-libnbd).")
+                 if any(r.name == "pull-read" for r in ctx.rows) else ""),
               "", "| row | metric | " + " | ".join(names)
               + (" | sluice/qsd |" if ratio else " |"),
               "|---|---|" + "---:|" * (len(names) + ratio)]
@@ -942,6 +948,11 @@ def parse_args(argv):
                     help="blockdev-mirror's copy-mode in the mirror rows (default background)")
     ap.add_argument("--libnbd-python", default="/usr/bin/python3",
                     help="a python that imports libnbd (pull-read row)")
+    ap.add_argument("--pull-reader", default="auto", choices=["auto", "c", "python"],
+                    help="the pull-read row's client: c (bench/pull-reader.c, built with cc "
+                    "and libnbd-dev), python (python3-libnbd; its interpreter is as busy as "
+                    "the whole read, so the row then measures the client), auto (c when it "
+                    "builds, else python; the default)")
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--no-floor", action="store_true",
                     help="leave out the Floor (the same bytes copied with copy_file_range "
@@ -965,7 +976,26 @@ def parse_args(argv):
     return a
 
 
+def build_pull_reader(ctx):
+    """Sets ctx.pull_reader_bin: the C reader built into the work dir, or None for the
+    Python one (--pull-reader python, or auto when cc or libnbd-dev is missing)."""
+    ctx.pull_reader_bin = None
+    if ctx.pull_reader == "python" or not any(r.name == "pull-read" for r in ctx.rows):
+        return
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pull-reader.c")
+    out = os.path.join(ctx.work, "pull-reader")
+    p = subprocess.run(["cc", "-O2", "-o", out, src, "-lnbd"], capture_output=True,
+                       text=True)
+    if p.returncode == 0:
+        ctx.pull_reader_bin = out
+    elif ctx.pull_reader == "c":
+        raise BenchError(f"cannot build {src} (needs cc and libnbd-dev): {p.stderr.strip()}")
+    else:
+        note(f"pull-read: the C reader did not build (cc, libnbd-dev?); using Python")
+
+
 def bench(ctx):
+    build_pull_reader(ctx)
     ctx.templates = {}
     for chain in dict.fromkeys(r.chain for r in ctx.rows):
         d = os.path.join(ctx.work, f"template-{chain}-{human(ctx.size)}")

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs;
 # python3-matplotlib draws the benchmarks' --plot under /usr/bin/python3 (bench/plot.py);
 # e2fsprogs (mke2fs, debugfs, e2fsck) makes and checks the ext2 filter's filesystems.
-debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd fio qemu-utils gcc
+debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd libnbd-dev fio qemu-utils gcc
       libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib cryptsetup-bin
       xz-utils e2fsprogs)
 missing=()
