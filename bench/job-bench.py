@@ -216,6 +216,8 @@ FLOOR = "floor"
 
 DAEMONS = {
     "sluice": lambda ctx, sock: [ctx.sluice, "daemon", "--qmp", sock],
+    # Another sluice build (--sluice-base), for A/B runs of a change.
+    "base": lambda ctx, sock: [ctx.sluice_base, "daemon", "--qmp", sock],
     "qsd": lambda ctx, sock: ["qemu-storage-daemon", "--chardev",
                               f"socket,id=m,path={sock},server=on,wait=off",
                               "--monitor", "chardev=m"],
@@ -837,7 +839,8 @@ METRICS = {
 
 def report(ctx, results):
     names = ctx.daemons
-    ratio = "sluice" in names and "qsd" in names
+    # Ratio columns: sluice against each other daemon that ran.
+    peers = [n for n in ("qsd", "base") if "sluice" in names and n in names]
     lines = [f"# sluice job bench: {human(ctx.size)} chains, {ctx.rounds} rounds",
              "",
              f"{ctx.started} · {platform.node()} · {os.cpu_count()} CPUs · kernel "
@@ -848,15 +851,15 @@ def report(ctx, results):
               "command to BLOCK_JOB_COMPLETED (mirror: to COMPLETED after job-complete; "
               "pull-read: bytes read / read s); CPU s = daemon utime+stime over that span "
               "(pull-read: setup and read; client CPU s = the libnbd reader's own, "
-              "from its start to its exit). sluice/qsd above 1 is better for MiB/s and "
+              "from its start to its exit). sluice/X above 1 is better for MiB/s and "
               "IOPS, below 1 for seconds."
               + (" pull-read's reader: "
                  + ("C (bench/pull-reader.c)." if getattr(ctx, "pull_reader_bin", None)
                     else "Python (python3-libnbd).")
                  if any(r.name == "pull-read" for r in ctx.rows) else ""),
-              "", "| row | metric | " + " | ".join(names)
-              + (" | sluice/qsd |" if ratio else " |"),
-              "|---|---|" + "---:|" * (len(names) + ratio)]
+              "", "| row | metric | " + " | ".join(names + [f"sluice/{p}" for p in peers])
+              + " |",
+              "|---|---|" + "---:|" * (len(names) + len(peers))]
     errs = []
     for row in ctx.rows:
         for key in row.metrics:
@@ -872,8 +875,8 @@ def report(ctx, results):
                 else:
                     cells.append(fmt(med[n]) + ("" if len(vals) == len(rs)
                                                 else f" ({len(vals)}/{len(rs)})"))
-            if ratio:
-                a, b = med["sluice"], med["qsd"]
+            for p in peers:
+                a, b = med["sluice"], med[p]
                 cells.append(f"{a / b:.2f}" if a is not None and b else "-")
             lines.append("| " + " | ".join(cells) + " |")
         for n in names + [FLOOR]:
@@ -931,7 +934,9 @@ def parse_args(argv):
     ap.add_argument("--size", type=parse_size, default=GiB, help="virtual size (1G)")
     ap.add_argument("--only", help="comma-separated rows: "
                     + ",".join(r.name for r in ROWS))
-    ap.add_argument("--daemons", default="sluice,qsd", help="sluice,qsd")
+    ap.add_argument("--daemons", default="sluice,qsd",
+                    help="sluice,qsd (and base: the --sluice-base build)")
+    ap.add_argument("--sluice-base", help="another sluice binary, the `base` daemon")
     ap.add_argument("--workdir", help="work dir (kept; templates reused). Default: temp")
     ap.add_argument("--out", help="write results.json and results.md here")
     ap.add_argument("--check-all", action="store_true",
@@ -973,6 +978,10 @@ def parse_args(argv):
     a.sluice = os.path.abspath(a.sluice)
     if "sluice" in a.daemons and not os.access(a.sluice, os.X_OK):
         ap.error(f"{a.sluice} is not an executable file (build it or pass --sluice)")
+    if "base" in a.daemons:
+        if not a.sluice_base or not os.access(a.sluice_base, os.X_OK):
+            ap.error("the base daemon needs --sluice-base PATH (an executable)")
+        a.sluice_base = os.path.abspath(a.sluice_base)
     return a
 
 
