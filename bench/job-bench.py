@@ -698,6 +698,8 @@ def fresh_copy(ctx, row, rundir):
     # so that the job's writes need not evict pages (reclaim is charged to the writer).
     for n in ctx.templates[row.chain][1]:
         drop_cache(os.path.join(tdir, n))
+        if ctx.cold:
+            drop_cache(os.path.join(rundir, n))
 
 
 def drop_cache(path):
@@ -841,7 +843,8 @@ def report(ctx, results):
     names = ctx.daemons
     # Ratio columns: sluice against each other daemon that ran.
     peers = [n for n in ("qsd", "base") if "sluice" in names and n in names]
-    lines = [f"# sluice job bench: {human(ctx.size)} chains, {ctx.rounds} rounds",
+    lines = [f"# sluice job bench: {human(ctx.size)} chains, {ctx.rounds} rounds"
+             + (", cold source" if ctx.cold else ""),
              "",
              f"{ctx.started} · {platform.node()} · {os.cpu_count()} CPUs · kernel "
              f"{platform.release()} · load {ctx.load0} -> {ctx.load1}"]
@@ -958,6 +961,9 @@ def parse_args(argv):
                     "and libnbd-dev), python (python3-libnbd; its interpreter is as busy as "
                     "the whole read, so the row then measures the client), auto (c when it "
                     "builds, else python; the default)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop each run's copy of the chain from the page cache too, so the "
+                    "job reads its source from the disk (default: the copy stays warm)")
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--no-floor", action="store_true",
                     help="leave out the Floor (the same bytes copied with copy_file_range "

@@ -7,7 +7,8 @@
 //! needs from the source. Before any change to the source runs, the hook claims the part of
 //! `todo` it touches and copies that old data into the target; the job's thread claims the
 //! rest, up to [`IN_FLIGHT`] chunks at a time, and copies them at once on scoped threads
-//! (QEMU's block-copy also keeps several copies in flight). A range leaves `todo` under the
+//! (QEMU's block-copy also keeps several copies in flight) once copies wait for a disk,
+//! and on its own thread while they do not ([`Workers`]). A range leaves `todo` under the
 //! copier's lock, so one of them only copies it; the hook copies under the lock, and the
 //! job's copies run outside it but are listed in `copying` until they are in the target: a
 //! write to a range the job is copying waits until that copy is done (a failed one goes

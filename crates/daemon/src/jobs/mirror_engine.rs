@@ -25,11 +25,12 @@
 //! and copies them at once, each on its own thread (QEMU's mirror keeps up to 16 copies in
 //! flight): while clients write, the runs are small and scattered, and one copy at a time
 //! could not clean the map faster than the writes dirty it, so READY came late or not at
-//! all. Each run is read through the source: a run that reads as zeroes is written as a
-//! zero request (which keeps a sparse target sparse, as QEMU's mirror does with block
-//! status), anything else as data. A failed read goes to the on-source-error policy, a
-//! failed write to on-target-error; ranges skipped under `ignore` stay dirty, so the pivot
-//! copies them or fails.
+//! all. (Copies that do not wait for a disk are copied on the job's thread alone, which is
+//! as fast with less CPU: see [`Workers`].) Each run is read through the source: a run
+//! that reads as zeroes is written as a zero request (which keeps a sparse target sparse,
+//! as QEMU's mirror does with block status), anything else as data. A failed read goes to
+//! the on-source-error policy, a failed write to on-target-error; ranges skipped under
+//! `ignore` stay dirty, so the pivot copies them or fails.
 //!
 //! [`ActiveSync`] is QEMU's `actively_synced` (what `query-block-jobs` reports of a mirror):
 //! set when the job, in copy mode `write-blocking`, is ready and finds nothing dirty (from

@@ -615,8 +615,17 @@ fn jobs_using_node_sees_only_live_jobs() {
 fn scripted_copy(
     threads: &Mutex<std::collections::HashSet<std::thread::ThreadId>>,
 ) -> impl Fn(u64, u64, &mut Vec<u8>) -> Result<(), CopyError> + Sync + '_ {
+    waiting_copy(threads, Duration::ZERO)
+}
+
+/// [`scripted_copy`] that sleeps `wait` in every copy, as a copy that waits for a disk.
+fn waiting_copy(
+    threads: &Mutex<std::collections::HashSet<std::thread::ThreadId>>,
+    wait: Duration,
+) -> impl Fn(u64, u64, &mut Vec<u8>) -> Result<(), CopyError> + Sync + '_ {
     move |offset, len, buf| {
         threads.lock().unwrap().insert(std::thread::current().id());
+        std::thread::sleep(wait);
         assert_ne!(offset, 13, "scripted panic");
         buf.clear();
         buf.resize(len as usize, offset as u8);
@@ -633,18 +642,54 @@ fn scripted_copy(
 #[test]
 fn workers_copy_a_batch_at_once_and_answer_in_order() {
     let threads = Mutex::new(Default::default());
-    let copy = scripted_copy(&threads);
+    // Copies that wait: after the first batch (alone), the workers copy.
+    let copy = waiting_copy(&threads, Duration::from_millis(2));
+    let batch = [(1, 8), (2, 8), (3, 8), (4, 8)];
     let results = with_workers(4, copy, |w| {
         let mut all = Vec::new();
-        for batch in [&[(1, 8), (2, 8), (3, 8), (4, 8)][..], &[(5, 8)], &[]] {
+        for batch in [&batch[..], &batch, &[(5, 8)], &[]] {
             all.extend(w.copy(batch).into_iter().map(|r| r.is_ok()));
         }
         all
     });
-    assert_eq!(results, [true, true, false, true, true]);
+    assert_eq!(
+        results,
+        [true, true, false, true, true, true, false, true, true]
+    );
     // The workers took part (a batch of 4 on 4 threads), and were started once.
     let n = threads.lock().unwrap().len();
     assert!((2..=4).contains(&n), "{n} threads");
+}
+
+/// Batches are copied on the calling thread alone until a batch's copies wait; then on the
+/// workers, with a batch copied alone again after 32 batches, then 64 if copies still wait.
+#[test]
+fn workers_copy_alone_until_the_copies_wait() {
+    let threads = Mutex::new(Default::default());
+    let copy = waiting_copy(&threads, Duration::from_millis(1));
+    let batch = [(1, 8), (2, 8), (4, 8)];
+    let alone: Vec<usize> = with_workers(3, copy, |w| {
+        (1..=100)
+            .filter(|_| {
+                threads.lock().unwrap().clear();
+                w.copy(&batch);
+                threads.lock().unwrap().len() == 1
+            })
+            .collect()
+    });
+    assert_eq!(
+        alone,
+        [
+            1,
+            1 + PROBE_FIRST as usize + 1,
+            1 + 3 * PROBE_FIRST as usize + 2
+        ]
+    );
+    // Copies that only spend CPU: the first batch is copied alone (no worker wakes up).
+    let threads = Mutex::new(Default::default());
+    let copy = scripted_copy(&threads);
+    with_workers(3, copy, |w| w.copy(&batch));
+    assert_eq!(threads.lock().unwrap().len(), 1);
 }
 
 #[test]
