@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 # parted and sgdisk make the partition tables the partition filter's tests read; prometheus
 # (and its promtool) scrapes and checks the --metrics endpoint in tests/observe.rs;
 # python3-matplotlib draws the benchmarks' --plot under /usr/bin/python3 (bench/plot.py);
+# libnbd-dev builds job-bench's C pull-mode reader (bench/pull-reader.c);
 # e2fsprogs (mke2fs, debugfs, e2fsck) makes and checks the ext2 filter's filesystems.
-debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd libnbd-dev fio qemu-utils gcc
-      libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib cryptsetup-bin
-      xz-utils e2fsprogs)
+debs=(nbdkit nbdkit-plugin-dev nbdkit-plugin-python libnbd-bin python3-libnbd libnbd-dev fio
+      qemu-utils gcc libpython3.11-dev gnutls-bin parted gdisk prometheus python3-matplotlib
+      cryptsetup-bin xz-utils e2fsprogs)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
