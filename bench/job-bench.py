@@ -637,7 +637,8 @@ def pull_flow(ctx, rt):
         raise BenchError(f"pull read {got}, expected {dirty_bytes(ctx.size)} bytes of 0x77")
     rt.qmp.execute("job-cancel", {"id": "backup-vm"})
     wait_job_event(ctx, rt, {"BLOCK_JOB_CANCELLED"})
-    return {"setup s": setup, "read s": got["secs"], "secs": secs,
+    extra = {"status s": got["status_secs"]} if "status_secs" in got else {}
+    return {**extra, "setup s": setup, "read s": got["secs"], "secs": secs,
             "MiB/s": got["bytes"] / MiB / got["secs"], "CPU s": (c1 - c0) / CLK_TCK,
             "client CPU s": client}
 
@@ -683,7 +684,7 @@ ROWS += [
     Row("pull-read", "dirty2", None, None, dirty_bytes, no_check,
         "pull mode: scratch over the live node, transaction with blockdev-backup sync=none, "
         "export with the bitmap; a libnbd client reads the dirty extents (QD8)", flow=pull_flow,
-        metrics=["setup s", "read s", "MiB/s", "CPU s", "client CPU s"]),
+        metrics=["setup s", "read s", "status s", "MiB/s", "CPU s", "client CPU s"]),
 ]
 
 
@@ -834,6 +835,7 @@ METRICS = {
     "done s": (False, lambda v: f"{v:.2f}"),
     "setup s": (False, lambda v: f"{v:.3f}"),
     "read s": (False, lambda v: f"{v:.3f}"),
+    "status s": (False, lambda v: f"{v:.3f}"),
     "client CPU s": (False, lambda v: f"{v:.3f}"),
     "fio IOPS": (True, lambda v: f"{v:.0f}"),
 }

@@ -117,6 +117,7 @@ int main(int argc, char **argv)
     }
   }
 
+  double t_status = now() - t0;
   struct slot slots[QD];
   for (int i = 0; i < QD; i++) {
     slots[i].buf = malloc(MAX_REQ);
@@ -165,6 +166,6 @@ int main(int argc, char **argv)
   if (nbd_shutdown(h, 0) == -1) die("shutdown");
   nbd_close(h);
   printf("{\"extents\": %zu, \"bytes\": %" PRIu64 ", \"bad\": %" PRIu64
-         ", \"secs\": %.6f}\n", ndirty, total, bad, secs);
+         ", \"secs\": %.6f, \"status_secs\": %.6f}\n", ndirty, total, bad, secs, t_status);
   return 0;
 }
