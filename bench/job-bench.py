@@ -629,8 +629,8 @@ def pull_flow(ctx, rt):
               else [ctx.libnbd_python, "-c", PULL_READER])
     out = run(reader + [uri, "qemu:dirty-bitmap:backup-vm"])
     secs, c1, k1 = time.perf_counter() - t0, cpu_ticks(rt.proc.pid), os.times()
-    # The client's own CPU (Python, libnbd): where it is close to `read s`, the row is
-    # bound by the client and says little about the daemon.
+    # The reader's own CPU: where it is close to `read s`, the row is bound by the client
+    # and says little about the daemon (as with the Python reader).
     client = (k1.children_user + k1.children_system) - (k0.children_user + k0.children_system)
     got = json.loads(out)
     if got["bad"] or got["bytes"] != dirty_bytes(ctx.size):
@@ -1001,14 +1001,18 @@ def build_pull_reader(ctx):
         return
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pull-reader.c")
     out = os.path.join(ctx.work, "pull-reader")
-    p = subprocess.run(["cc", "-O2", "-o", out, src, "-lnbd"], capture_output=True,
-                       text=True)
-    if p.returncode == 0:
+    try:
+        p = subprocess.run(["cc", "-O2", "-o", out, src, "-lnbd"], capture_output=True,
+                           text=True)
+        why = p.stderr.strip() if p.returncode else None
+    except OSError as e:  # no cc at all
+        why = str(e)
+    if why is None:
         ctx.pull_reader_bin = out
     elif ctx.pull_reader == "c":
-        raise BenchError(f"cannot build {src} (needs cc and libnbd-dev): {p.stderr.strip()}")
+        raise BenchError(f"cannot build {src} (needs cc and libnbd-dev): {why}")
     else:
-        note(f"pull-read: the C reader did not build (cc, libnbd-dev?); using Python")
+        note("pull-read: the C reader did not build (cc, libnbd-dev?); using Python")
 
 
 def bench(ctx):
