@@ -5,8 +5,8 @@
  * Connects to URI asking for meta context CONTEXT (qemu:dirty-bitmap:NAME), collects
  * the dirty extents from block status, then reads them with aio_pread, 8 requests in
  * flight and at most 4 MiB each, and checks every byte read is 0x77.  Prints one JSON
- * line: {"extents": N, "bytes": N, "bad": N, "secs": S}, secs from connect to the last
- * read.  It does what job-bench's Python reader does, with a client cheap enough that
+ * line: {"extents": N, "bytes": N, "bad": N, "secs": S, "status_secs": S}, secs from
+ * connect to the last read, status_secs from connect to the end of block status.  It does what job-bench's Python reader does, with a client cheap enough that
  * the row measures the servers rather than the interpreter (the Python reader spends
  * as much CPU as the whole read takes).  Built by job-bench.py with `cc -O2 -lnbd`
  * (libnbd-dev); without it the bench falls back to the Python reader.
