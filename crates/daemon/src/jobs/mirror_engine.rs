@@ -465,20 +465,14 @@ impl sluice_image::AfterWrite for WriteBlocking {
         len: u64,
         read: &dyn Fn(&mut [u8], u64) -> sluice_block::Result<()>,
     ) -> sluice_block::Result<()> {
-        let mut buf = vec![0u8; len as usize];
         let _held = self.active.copying.lock(offset, len);
-        let r = read(&mut buf, offset).and_then(|()| {
-            if buf.iter().all(|&b| b == 0) {
-                self.target.zero(len, offset, true, false)
-            } else {
-                self.target.write(&buf, offset)
-            }
-        });
-        if r.is_err() {
+        let r = copy_run(read, &self.target, offset, len, &mut Vec::new());
+        if let Err(CopyError::Source(e) | CopyError::Target(e)) = r {
             // The target lacks this write: no longer in sync (block/mirror.c).
             self.active.synced.store(false, Ordering::Release);
+            return Err(e);
         }
-        r
+        Ok(())
     }
 }
 
