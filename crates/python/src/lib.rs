@@ -14,7 +14,8 @@
 //!
 //! One interpreter per process, started on first [`load`] and never finalised. The GIL is
 //! held only while Python runs: every call into the script takes it on the calling thread
-//! (`Python::attach`) and drops it on return, and everything else — logging the traceback of
+//! (`interp::attach`, which keeps the thread's Python thread state from one call to the next)
+//! and drops it on return, and everything else — logging the traceback of
 //! a failed request, waiting in `nbdkit.nanosleep`, the shutdown hook — runs with it released.
 //! No Rust lock is held while Python runs (per-call state is thread-local, the per-handle
 //! `can_zero` cache is an atomic), so a script that blocks cannot wedge the server's locks,

@@ -137,7 +137,7 @@ fn register(path: &Path) -> Result<Shared, LoadError> {
         source,
     })?;
     let display = path.to_string_lossy().into_owned();
-    let (module, api_version) = Python::attach(|py| -> Result<_, LoadError> {
+    let (module, api_version) = interp::attach(|py| -> Result<_, LoadError> {
         let _scope = Scope::enter(Frame::default());
         let module = interp::run_script(py, path, &source)?;
         for callback in ["open", "get_size", "pread"] {
@@ -223,7 +223,7 @@ impl Shared {
         body: impl for<'py> FnOnce(Python<'py>, &Bound<'py, PyModule>) -> PyResult<R>,
     ) -> Result<R> {
         let _scope = Scope::enter(frame);
-        let r = Python::attach(|py| {
+        let r = interp::attach(|py| {
             body(py, self.module(py)).map_err(|e| interp::describe(py, &e, &self.display))
         });
         r.map_err(|f| self.request_error(op, f))
@@ -246,7 +246,7 @@ impl Shared {
         args: impl for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyTuple>>,
     ) -> Result<Option<Py<PyAny>>, LoadError> {
         let _scope = Scope::enter(Frame::default());
-        Python::attach(|py| {
+        interp::attach(|py| {
             let run = || -> PyResult<Option<Py<PyAny>>> {
                 let Some(f) = function(self.module(py), callback)? else {
                     return Ok(None);
@@ -285,7 +285,7 @@ impl Shared {
                 });
             };
             let has_config =
-                Python::attach(|py| function(self.module(py), "config").ok().flatten().is_some());
+                interp::attach(|py| function(self.module(py), "config").ok().flatten().is_some());
             if !has_config {
                 return Err(LoadError::NoConfig {
                     path: self.path.clone(),
@@ -305,7 +305,7 @@ impl Shared {
         let Some(r) = self.lifecycle_call("thread_model", |py| Ok(PyTuple::empty(py)))? else {
             return Ok(ThreadModel::SerializeAllRequests);
         };
-        Python::attach(|py| {
+        interp::attach(|py| {
             let r = r.bind(py);
             r.extract::<i32>()
                 .ok()
@@ -323,7 +323,7 @@ impl Shared {
     /// Runs the script's `dump_plugin()`, returning what it printed.
     fn run_dump_plugin(&self) -> Result<String, LoadError> {
         let _scope = Scope::enter(Frame::default());
-        Python::attach(|py| {
+        interp::attach(|py| {
             let run = || -> PyResult<String> {
                 let Some(f) = function(self.module(py), "dump_plugin")? else {
                     return Ok(String::new());

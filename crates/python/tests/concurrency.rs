@@ -132,3 +132,26 @@ fn disconnect_is_recorded_on_the_handles_connection() {
     h.pwrite(b"x", 0, Flags::NONE).unwrap();
     assert_eq!(conn.disconnect_requested(), Some(true));
 }
+
+/// The `calls` count thread_state.py keeps in a `threading.local` for the calling thread.
+fn calls_on_this_thread(h: &dyn sluice_block::Handle) -> u32 {
+    let bytes = read(h, 0, 16);
+    String::from_utf8(bytes).unwrap().trim_end().parse().unwrap()
+}
+
+/// A thread keeps its Python thread state between callbacks (it is created once per thread,
+/// not per request), so a `threading.local` lives as in any Python thread; another thread
+/// has its own.
+#[test]
+fn a_thread_keeps_its_python_thread_state_between_calls() {
+    let p = load("thread_state.py", &[]);
+    let h = p.open(&support::ctx("")).unwrap();
+    let got: Vec<u32> = (0..3).map(|_| calls_on_this_thread(&*h)).collect();
+    assert_eq!(got, [1, 2, 3]);
+    std::thread::scope(|s| {
+        let h = &h;
+        let other = s.spawn(move || [calls_on_this_thread(&**h), calls_on_this_thread(&**h)]);
+        assert_eq!(other.join().unwrap(), [1, 2]);
+    });
+    assert_eq!(calls_on_this_thread(&*h), 4);
+}
