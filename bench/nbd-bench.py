@@ -33,6 +33,7 @@ import plot  # bench/plot.py: --plot
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LIBNBD_PYTHON = "/usr/bin/python3"
+RAMDISK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ramdisk.py")
 
 
 class BenchError(Exception):
@@ -239,6 +240,32 @@ SERVERS = {
         cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "--filter=cache", "file",
                              f],
         backing="raw", base=True, default=False),
+    # --hosted: nbdkit's own plugins run by sluice and by nbdkit, on the same request path
+    # as the built-ins: nbdkit's C memory plugin (the .so nbdkit-memory is) and a Python
+    # RAM disk (bench/ramdisk.py, what nbdkit's Python example does).
+    "sluice-memory-so": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, nbdkit_plugin("memory"),
+                             str(c.size)],
+        backing=None, sluice=True, default=False),
+    "sluice-python": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "python", RAMDISK,
+                             f"size={c.size}"],
+        backing=None, sluice=True, default=False),
+    "nbdkit-python": dict(
+        cmd=lambda c, s, f: ["nbdkit", "-f", "-U", s, "python", RAMDISK, f"size={c.size}"],
+        backing=None, default=False),
+    # --tcp: the file servers on TCP loopback (127.0.0.1) instead of a Unix socket; for
+    # these, cmd's second argument is the port.
+    "sluice-file-tcp": dict(
+        cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-i", "127.0.0.1", "-p", s, "file", f],
+        backing="raw", sluice=True, default=False, tcp=True),
+    "nbdkit-file-tcp": dict(
+        cmd=lambda c, s, f: ["nbdkit", "-f", "-i", "127.0.0.1", "-p", s, "file", f],
+        backing="raw", default=False, tcp=True),
+    "qemu-nbd-raw-tcp": dict(
+        cmd=lambda c, s, f: ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1",
+                             "-p", s, f],
+        backing="raw", default=False, tcp=True),
 }
 
 # Ratio columns (numerator, denominator), shown when both are selected.
@@ -258,6 +285,11 @@ RATIOS = [
     ("sluice-cache", "nbdkit-cache"),
     ("sluice-cow", "base-cow"),
     ("sluice-cache", "base-cache"),
+    ("sluice-memory-so", "nbdkit-memory"),
+    ("sluice-memory-so", "sluice-memory"),
+    ("sluice-python", "nbdkit-python"),
+    ("sluice-file-tcp", "nbdkit-file-tcp"),
+    ("sluice-file-tcp", "qemu-nbd-raw-tcp"),
 ]
 
 BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}
@@ -278,6 +310,14 @@ FILTER_ROWS = ["seq-read", "randread-qd32", "randwrite-qd32"]
 # --metrics: metrics on vs off (#18's target: within 3% on these rows).
 METRICS_SERVERS = ["sluice-memory", "sluice-memory-metrics"]
 METRICS_ROWS = ["seq-read", "randread-qd32"]
+# --hosted: nbdkit's plugins hosted by sluice against nbdkit (issue #14's rows).
+HOSTED_SERVERS = ["sluice-memory-so", "nbdkit-memory", "sluice-memory", "sluice-python",
+                  "nbdkit-python"]
+HOSTED_ROWS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32"]
+# --tcp: the file servers over TCP loopback.
+TCP_SERVERS = ["sluice-file-tcp", "nbdkit-file-tcp", "qemu-nbd-raw-tcp"]
+TCP_ROWS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32", "seq-read",
+            "seq-write"]
 # Backings that may be shared by several concurrently running servers.
 # A qcow2 file open read-write in two servers at once is not safe.
 SHAREABLE = {"raw"}
@@ -317,6 +357,23 @@ def read_log(path):
 
 def unix_uri(sock):
     return f"nbd+unix:///?socket={sock}"
+
+
+def nbdkit_plugin(name):
+    """The path of nbdkit's plugin NAME (nbdkit-NAME-plugin.so in nbdkit's plugindir)."""
+    try:
+        out = subprocess.run(["nbdkit", "--dump-config"], capture_output=True, text=True,
+                             check=True).stdout
+        d = next(x.split("=", 1)[1] for x in out.splitlines() if x.startswith("plugindir="))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        d = "/usr/lib/x86_64-linux-gnu/nbdkit/plugins"
+    return os.path.join(d, f"nbdkit-{name}-plugin.so")
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tls_uri(ctx, sock):
@@ -778,7 +835,11 @@ def start_server(ctx, srv):
         os.unlink(srv.sock)
     except FileNotFoundError:
         pass
-    argv = srv.spec["cmd"](ctx, srv.sock, srv.export)
+    listen = srv.sock
+    if srv.spec.get("tcp"):
+        listen = str(free_tcp_port())
+        srv.uri = f"nbd://127.0.0.1:{listen}/"
+    argv = srv.spec["cmd"](ctx, listen, srv.export)
     srv.argv = argv
     note(f"starting {srv.name}: {' '.join(argv)}")
     try:
@@ -793,7 +854,7 @@ def start_server(ctx, srv):
     while True:
         if not srv.check_alive():
             return
-        if os.path.exists(srv.sock):
+        if srv.spec.get("tcp") or os.path.exists(srv.sock):
             try:
                 out, _, _ = run(["nbdinfo", "--size", srv.uri], timeout=10)
                 got = int(out.strip())
@@ -994,6 +1055,14 @@ def parse_args(argv):
                     help="filter comparison: servers " + ",".join(FILTER_SERVERS)
                     + ", rows " + ",".join(FILTER_ROWS)
                     + " (unless --servers / --only say otherwise)")
+    ap.add_argument("--hosted", action="store_true",
+                    help="nbdkit's plugins hosted by sluice vs run by nbdkit: servers "
+                    + ",".join(HOSTED_SERVERS) + ", rows " + ",".join(HOSTED_ROWS)
+                    + " (unless --servers / --only say otherwise)")
+    ap.add_argument("--tcp", action="store_true",
+                    help="the file servers over TCP loopback: servers "
+                    + ",".join(TCP_SERVERS) + ", rows " + ",".join(TCP_ROWS)
+                    + " (unless --servers / --only say otherwise)")
     ap.add_argument("--spinner", action="store_true",
                     help="keep one core busy (a busy loop) while measuring: the loaded case")
     ap.add_argument("--no-floor", action="store_true",
@@ -1013,6 +1082,12 @@ def parse_args(argv):
     if a.metrics:
         a.servers = a.servers or ",".join(METRICS_SERVERS)
         a.only = a.only or ",".join(METRICS_ROWS)
+    if a.hosted:
+        a.servers = a.servers or ",".join(HOSTED_SERVERS)
+        a.only = a.only or ",".join(HOSTED_ROWS)
+    if a.tcp:
+        a.servers = a.servers or ",".join(TCP_SERVERS)
+        a.only = a.only or ",".join(TCP_ROWS)
     dflt = (512 * MiB, 1, 2) if a.quick else (4 * GiB, 3, 5)
     a.size = a.size if a.size is not None else dflt[0]
     a.rounds = a.rounds if a.rounds is not None else dflt[1]
