@@ -29,13 +29,24 @@ could reach there, given librbd, the cluster and an NBD client.
 
 --sluice-base PATH runs a second sluice binary (an older build) on every row
 too, so that new and base are measured interleaved in one run; the tables
-then get a "base" column (and base CPU per request).  The sides' order changes
-every round through all their permutations (6 with a base: use --rounds 6),
-and each side starts once the cluster's daemons are nearly idle.
+then get a "base" column (and base CPU per request).
+
+qemu-nbd with QEMU's rbd driver is the peer (issue #17: sluice at 1.3x it).
+By default (--qemu-nbd auto) scripts/qemu-rbd.sh unpacks one into
+~/.cache/sluice/qemu-rbd (Debian's qemu-block-extra and the qemu-utils of the
+same version: the machine's own qemu-nbd is a newer build that cannot load
+that module); when that fails the run goes on without it.  qemu-nbd serves
+the image with the legacy `rbd:POOL/IMAGE:conf=...` name, its default cache
+mode (writeback: librbd's cache on, as sluice has it) and the same
+rbd_cache_writethrough_until_flush=false.
+
+The sides' order changes every round (a balanced Latin square: over one cycle
+every side runs once in every position and right after every other side; a
+cycle is 2 rounds for rbd bench and sluice, 6 with one more side, 4 with two
+more), and each side starts once the cluster's daemons are nearly idle.
 """
 
 import argparse
-import itertools
 import os
 import re
 import resource
@@ -121,25 +132,69 @@ def fio(uri, rw, size, depth, total, image_size):
 
 
 class Server:
-    def __init__(self, sluice, conf, spec, workdir, threads):
-        self.sock = os.path.join(workdir, "rbd.sock")
-        self.log = open(os.path.join(workdir, "sluice.log"), "w")
-        self.p = subprocess.Popen([sluice, "serve", "-f", "-t", str(threads), "-U", self.sock,
-                                   "rbd", spec, f"conf={conf}",
-                                   "ceph.rbd_cache_writethrough_until_flush=false"], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=self.log,
-                                  start_new_session=True)
+    """An NBD server process serving the image on a Unix socket, stopped with SIGTERM (the
+    image is closed, which flushes and releases its exclusive lock)."""
+
+    def __init__(self, argv, workdir, name, env=None):
+        self.sock = os.path.join(workdir, f"{name}.sock")
+        self.log = open(os.path.join(workdir, f"{name}.log"), "w")
+        argv = [a.replace("@SOCK@", self.sock) for a in argv]
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=self.log, start_new_session=True, env=env)
         self.uri = f"nbd+unix:///?socket={self.sock}"
         deadline = time.time() + 60
         while not os.path.exists(self.sock):
             if self.p.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"sluice did not start: see {self.log.name}")
+                raise SystemExit(f"{name} did not start: see {self.log.name}")
             time.sleep(0.05)
 
     def stop(self):
-        # SIGTERM: the image is closed, which flushes and releases its lock.
         self.p.send_signal(signal.SIGTERM)
         self.p.wait(timeout=60)
+
+
+def sluice_argv(binary, conf, spec, threads):
+    return [binary, "serve", "-f", "-t", str(threads), "-U", "@SOCK@", "rbd", spec,
+            f"conf={conf}", "ceph.rbd_cache_writethrough_until_flush=false"]
+
+
+def qemu_nbd_argv(binary, conf, spec):
+    # -t: persistent (qemu-nbd otherwise exits when its first client leaves).
+    return [binary, "-t", "-f", "raw", "-k", "@SOCK@",
+            f"rbd:{spec}:conf={conf}:rbd_cache_writethrough_until_flush=false"]
+
+
+def find_qemu_nbd(choice):
+    """The qemu-nbd to run (a path), or None: --qemu-nbd none, or auto and it cannot be had."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "sluice", "qemu-rbd")
+    p = subprocess.run(["bash", os.path.join(HERE, "..", "scripts", "qemu-rbd.sh"), cache],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"no qemu-nbd with the rbd driver (scripts/qemu-rbd.sh: {p.stderr.strip()}); "
+              "going on without it", file=sys.stderr)
+        return None
+    return p.stdout.strip()
+
+
+def balanced_orders(n):
+    """A balanced Latin square of n sides (Williams' design): each order is a round's;
+    over the whole list every side takes every position once and follows every other side
+    once (for odd n the list is doubled with its rows reversed)."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[(x + r) % n for x in first] for r in range(n)]
+    if n % 2:
+        orders += [list(reversed(o)) for o in orders]
+    return orders
 
 
 def main():
@@ -149,6 +204,9 @@ def main():
     ap.add_argument("--sluice-base", metavar="PATH",
                     help="a second sluice binary (e.g. a build of main), run on every row "
                          "in the same rounds as --sluice, reported beside it")
+    ap.add_argument("--qemu-nbd", default="auto", metavar="auto|none|PATH",
+                    help="the peer: a qemu-nbd with the rbd driver (default auto: unpacked by "
+                         "scripts/qemu-rbd.sh, skipped when that fails)")
     ap.add_argument("--conf", help="ceph.conf of an existing cluster (default: start one)")
     ap.add_argument("--pool", default="rbd")
     ap.add_argument("--size", default="512M", help="image size (default 512M)")
@@ -169,6 +227,7 @@ def main():
     size = parse_size(args.size)
     rand_total = parse_size(args.rand_total)
     rows = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
+    qemu_nbd = find_qemu_nbd(args.qemu_nbd)
     workdir = tempfile.mkdtemp(prefix="rbd-bench-")
     cluster_dir = None
     try:
@@ -182,16 +241,21 @@ def main():
         run(["rbd", "-c", conf, "create", "--size", f"{size // MiB}M", spec])
         # Fill the image once, so that reads read data rather than holes.
         rbd_bench(conf, spec, "write", "seq", 4 * MiB, 16, size)
-        results = {r[0]: ([], [], []) for r in rows}
-        sides = [("sluice", args.sluice)]
+        # The NBD servers, each driven by fio: (name, argv).
+        servers = [("sluice", sluice_argv(args.sluice, conf, spec, args.threads))]
         if args.sluice_base:
-            sides.append(("base", args.sluice_base))
-        # Per row: lists of CPU µs per request, keyed by part.
+            servers.append(("base", sluice_argv(args.sluice_base, conf, spec, args.threads)))
+        if qemu_nbd:
+            servers.append(("qemu-nbd", qemu_nbd_argv(qemu_nbd, conf, spec)))
+        names = ["rbd bench"] + [n for n, _ in servers]
+        # Per row and side: requests per second, one per round.
+        results = {r[0]: {n: [] for n in names} for r in rows}
+        # Per row and (side, part): CPU µs per request, one per round.
         cpu = {r[0]: {} for r in rows}
         meter = CpuMeter(cluster_dir)
 
-        def note(row, part, seconds, ops):
-            cpu[row].setdefault(part, []).append(seconds / ops * 1e6)
+        def note(row, side, part, seconds, ops):
+            cpu[row].setdefault((side, part), []).append(seconds / ops * 1e6)
 
         def settle():
             """Waits (up to 5 s) until the cluster's daemons are nearly idle: the OSD goes on
@@ -213,35 +277,32 @@ def main():
             c0, k0 = children_cpu(), meter.cluster()
             ours = rbd_bench(conf, spec, io_type, pattern, bsize, depth, total)
             c1, k1 = children_cpu(), meter.cluster()
-            results[name][0].append(ours)
-            note(name, "rbd", c1 - c0, ops)
+            results[name]["rbd bench"].append(ours)
+            note(name, "rbd bench", "client", c1 - c0, ops)
             if meter.pids:
-                note(name, "cluster-rbd", k1 - k0, ops)
+                note(name, "rbd bench", "cluster", k1 - k0, ops)
             return f"rbd bench {ours:.0f}/s"
 
-        def measure_sluice(i, side, binary, name, rw, bsize, depth, total, ops):
+        def measure_server(side, argv, name, rw, bsize, depth, total, ops):
             c1 = children_cpu()
-            srv = Server(binary, conf, spec, workdir, args.threads)
+            srv = Server(argv, workdir, side.replace(" ", "-"))
             try:
                 s0, k2 = proc_cpu(srv.p.pid), meter.cluster()
                 theirs = fio(srv.uri, rw, bsize, depth, total, size)
                 s1, c2, k3 = proc_cpu(srv.p.pid), children_cpu(), meter.cluster()
             finally:
                 srv.stop()
-            results[name][1 + i].append(theirs)
-            pre = "" if side == "sluice" else "base-"
-            note(name, pre + "fio", c2 - c1, ops)
-            note(name, pre + "sluice", s1 - s0, ops)
+            results[name][side].append(theirs)
+            note(name, side, "client", c2 - c1, ops)
+            note(name, side, "server", s1 - s0, ops)
             if meter.pids:
-                note(name, pre + "cluster-sluice", k3 - k2, ops)
+                note(name, side, "cluster", k3 - k2, ops)
             return f"{side} {theirs:.0f}/s"
 
         # Within a row the sides run one after the other, in an order that changes each
-        # round through every permutation of them: with a fixed order, the side that came
-        # right after `rbd bench` was measured 10-40% lower on the write rows than the same
-        # binary in the next position, and a plain rotation still puts one side after
-        # `rbd bench` more often than another.
-        orders = list(itertools.permutations(range(1 + len(sides))))
+        # round: with a fixed order, the side that came right after `rbd bench` was measured
+        # 10-40% lower on the write rows than the same binary in the next position.
+        orders = balanced_orders(len(names))
         for rnd in range(args.rounds):
             for name, io_type, pattern, bsize, depth, rw in rows:
                 total = size if pattern == "seq" else rand_total // (4 if depth == 1 else 1)
@@ -253,55 +314,53 @@ def main():
                         said.append(measure_rbd(name, io_type, pattern, bsize, depth,
                                                 total, ops))
                     else:
-                        side, binary = sides[j - 1]
-                        said.append(measure_sluice(j - 1, side, binary, name, rw, bsize,
-                                                   depth, total, ops))
+                        side, argv = servers[j - 1]
+                        said.append(measure_server(side, argv, name, rw, bsize, depth,
+                                                   total, ops))
                 print(f"round {rnd + 1} {name}: " + ", ".join(said), file=sys.stderr)
-        base = args.sluice_base is not None
-        lines = ["# sluice rbd bench: sluice serve rbd (fio) vs rbd bench on the same image", "",
-                 "| row | metric | rbd bench | sluice | sluice/rbd |"
-                 + (" base | base/rbd |" if base else ""),
-                 "|---|---|---:|---:|---:|" + ("---:|---:|" if base else "")]
+        others = names[1:]
+        peer = "qemu-nbd" if qemu_nbd else None
+        head = "| row | metric | rbd bench |" + "".join(f" {n} | {n}/rbd |" for n in others)
+        head += " sluice/qemu-nbd |" if peer else ""
+        lines = ["# sluice rbd bench: NBD servers of an RBD image (fio) vs rbd bench on it", "",
+                 head, "|---|---|---:|" + "---:|---:|" * len(others) + ("---:|" if peer else "")]
         for name, io_type, pattern, bsize, depth, rw in rows:
-            a = statistics.median(results[name][0])
-            b = statistics.median(results[name][1])
+            med = {n: statistics.median(results[name][n]) for n in names}
             unit = "MiB/s" if bsize >= MiB else "IOPS"
             scale = bsize / MiB if bsize >= MiB else 1
-            line = f"| {name} | {unit} | {a * scale:.0f} | {b * scale:.0f} | {b / a:.2f} |"
-            if base:
-                c = statistics.median(results[name][2])
-                line += f" {c * scale:.0f} | {c / a:.2f} |"
+            a = med["rbd bench"]
+            line = f"| {name} | {unit} | {a * scale:.0f} |"
+            for n in others:
+                line += f" {med[n] * scale:.0f} | {med[n] / a:.2f} |"
+            if peer:
+                line += f" {med['sluice'] / med[peer]:.2f} |"
             lines.append(line)
         md = "\n".join(lines) + "\n"
         print("\n" + md)
-        lines = ["CPU µs per request (medians): the cluster's daemons during each side, the "
-                 "client (rbd bench / fio), the sluice server; load on each side = CPU "
-                 "seconds per second of wall time, out of "
-                 f"{os.cpu_count()} cores.", "",
-                 "| row | cluster (rbd) | rbd bench | load | cluster (sluice) | fio | sluice "
-                 "| load | CPU ratio | bound |"
-                 + (" cluster (base) | fio (base) | base | load (base) |" if base else ""),
-                 "|---|" + "---:|" * (13 if base else 9)]
+        lines = ["CPU µs per request (medians): the cluster's daemons while the side ran, its "
+                 "client (rbd bench, or fio) and its NBD server; load = CPU seconds per second "
+                 f"of wall time, out of {os.cpu_count()} cores; CPU ratio = rbd bench's CPU per "
+                 "request / the side's; bound = that ratio with the server charged only what "
+                 "librbd costs rbd bench (the most any server could reach on a CPU-bound row).",
+                 "", "| row | side | cluster | client | server | load | CPU ratio | bound |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
         for name, io_type, pattern, bsize, depth, rw in rows:
             m = {k: statistics.median(v) for k, v in cpu[name].items()}
-            a_iops = statistics.median(results[name][0])
-            b_iops = statistics.median(results[name][1])
-            k_r, k_s = m.get("cluster-rbd", 0.0), m.get("cluster-sluice", 0.0)
-            side_a = k_r + m["rbd"]
-            side_b = k_s + m["fio"] + m["sluice"]
-            best_b = k_s + m["fio"] + min(m["sluice"], m["rbd"])
-            load_a = side_a * a_iops / 1e6
-            load_b = side_b * b_iops / 1e6
-            line = (f"| {name} | {k_r:.0f} | {m['rbd']:.0f} | {load_a:.2f} | {k_s:.0f} "
-                    f"| {m['fio']:.0f} | {m['sluice']:.0f} | {load_b:.2f} "
-                    f"| {side_a / side_b:.2f} | {side_a / best_b:.2f} |")
-            if base:
-                c_iops = statistics.median(results[name][2])
-                k_b = m.get("base-cluster-sluice", 0.0)
-                load_c = (k_b + m["base-fio"] + m["base-sluice"]) * c_iops / 1e6
-                line += (f" {k_b:.0f} | {m['base-fio']:.0f} | {m['base-sluice']:.0f} "
-                         f"| {load_c:.2f} |")
-            lines.append(line)
+            rbd_client = m[("rbd bench", "client")]
+            side_a = m.get(("rbd bench", "cluster"), 0.0) + rbd_client
+            for n in names:
+                k = m.get((n, "cluster"), 0.0)
+                client = m[(n, "client")]
+                srv = m.get((n, "server"))
+                total = k + client + (srv or 0.0)
+                load = total * statistics.median(results[name][n]) / 1e6
+                if srv is None:
+                    lines.append(f"| {name} | {n} | {k:.0f} | {client:.0f} | - | {load:.2f} "
+                                 "| 1.00 | 1.00 |")
+                    continue
+                best = k + client + min(srv, rbd_client)
+                lines.append(f"| {name} | {n} | {k:.0f} | {client:.0f} | {srv:.0f} "
+                             f"| {load:.2f} | {side_a / total:.2f} | {side_a / best:.2f} |")
         print("\n".join(lines) + "\n")
         if args.plot:
             plot.save(md, args.plot)
