@@ -47,6 +47,7 @@ mod image_errors;
 mod image_io;
 mod image_lock;
 mod image_map;
+mod inline_reads;
 mod libnbd_corner_cases;
 mod libnbd_tools;
 mod limits;

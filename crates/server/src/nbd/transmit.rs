@@ -10,6 +10,14 @@
 //! more (input buffered or waiting in the socket), so that a client with one request in
 //! flight is served by one thread with no lock hand-offs.
 //!
+//! **Pipelined reads from the page cache** are answered by the worker that read them, with
+//! the reader lock still held and no other worker involved ([`inline_read`]): while another
+//! request is buffered behind the one just read (the client sent several at once), a read
+//! shorter than [`INLINE_READ_MAX`] whose bytes lie in a file ([`Export::with_file_range`], as
+//! for splicing) is read with `preadv2(RWF_NOWAIT)`, which fails instead of waiting for a
+//! disk, and its reply is gathered with the next ones into one write. A read that is not
+//! all cached, or that came alone, runs as any request does.
+//!
 //! Each worker owns one buffer, laid out as `[reply header room | data]`: a read is done
 //! into the data part and its reply header written just before it, so the reply leaves in a
 //! single `write` with no copy; in steady state the request path allocates nothing. Socket
@@ -149,6 +157,12 @@ impl Reader {
     /// True if a whole request header is buffered (so reading it will not block).
     fn has_buffered_request(&self, extended: bool) -> bool {
         !matches!(decode_request(self.buffered(), extended), Ok(None))
+    }
+
+    /// True if the next request is wholly buffered and is a read (it carries no payload, so
+    /// reading it will not block).
+    fn has_buffered_read(&self, extended: bool) -> bool {
+        matches!(decode_request(self.buffered(), extended), Ok(Some((h, _))) if h.kind == NBD_CMD_READ)
     }
 
     /// True if more client input is already here: buffered, or waiting in the socket.
@@ -297,6 +311,8 @@ struct Conn<'a> {
     /// Read replies may be spliced from a file ([`super::splice`]): a plain socket, a worker
     /// per request (neither the batch worker nor the asynchronous reply sender splice).
     splice: bool,
+    /// Small reads are tried from the page cache on the reading thread ([`inline_read`]).
+    inline_reads: bool,
     max_workers: usize,
     reader: Mutex<Reader>,
     /// Shared with the backend's callback when it may answer requests itself ([`Replier`]).
@@ -374,6 +390,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         }
     });
     let splice = plain_socket && !batch && flight.is_none();
+    let inline_reads = !batch && flight.is_none();
     let conn = Conn {
         server,
         id,
@@ -390,6 +407,7 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         hole_misses: AtomicU32::new(0),
         hole_skips: AtomicU32::new(0),
         splice,
+        inline_reads,
         max_workers,
         reader: Mutex::new(Reader {
             stream,
@@ -466,6 +484,10 @@ enum Next {
 fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>) {
     let mut buf = spare::take(HEADROOM + 64 * 1024);
     let mut hdr: Vec<u8> = Vec::with_capacity(HEADROOM);
+    // Replies of reads answered inline, gathered for one write.
+    let mut out = Gather::default();
+    let mut inline = InlineTries::default();
+    let extended = conn.form.is_extended();
     loop {
         // An asynchronous export: a slot first, so that requests in flight stay bounded and a
         // worker that must wait for one holds no request meanwhile.
@@ -482,7 +504,44 @@ fn worker<'s, 'a: 's>(conn: &'s Conn<'a>, scope: &'s std::thread::Scope<'s, '_>)
                 // Poll only while no other worker runs a request: it needs the core more.
                 reader.may_spin = w.busy == 0;
             }
-            match next_request(conn, &mut reader, &mut buf) {
+            // Pipelined reads answered from the page cache keep this worker on the reader,
+            // with no hand-off to another worker; their replies go out together once no
+            // further read is buffered (and always before this worker could wait for input or
+            // run anything else). Only while requests come in batches (another one buffered
+            // behind this one, or replies already gathered): a read that came alone runs as
+            // before, so that at queue depth 1 the next request is polled for by another
+            // worker while this one answers (one thread that answers and then polls was
+            // slower: 0.81x on a Unix socket, 0.63x on TCP, 4 KiB random reads at QD1).
+            let next = loop {
+                let n = next_request(conn, &mut reader, &mut buf);
+                if let Ok(Next::Request(req)) = &n {
+                    let batch = !out.is_empty() || reader.has_buffered_request(extended);
+                    if batch
+                        && inline.due(conn)
+                        && inline_read(conn, req, &mut out, &mut hdr, &mut inline)
+                    {
+                        if out.used < COALESCE_MAX && reader.has_buffered_read(extended) {
+                            continue;
+                        }
+                        if let Err(e) = send_gathered(conn, &mut out) {
+                            drop(reader);
+                            reply_failed(conn, &e);
+                            release(conn, slot);
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                // Replies to the requests before the end still go out.
+                if let Err(e) = send_gathered(conn, &mut out) {
+                    drop(reader);
+                    reply_failed(conn, &e);
+                    release(conn, slot);
+                    return;
+                }
+                break n;
+            };
+            match next {
                 Ok(n) => (n, conn.may_grow() && reader.has_more_input()),
                 Err(end) => {
                     lock(&conn.workers).closing = true;
@@ -936,6 +995,108 @@ fn small_read(
     r?;
     conn.form.read_data(hdr, req);
     Ok(())
+}
+
+/// Reads shorter than this are tried inline ([`inline_read`]); longer ones are spliced or
+/// read by a worker.
+const INLINE_READ_MAX: u64 = SPLICE_MIN;
+
+/// When to try reads inline: every read while they succeed; after [`INLINE_MISS_LIMIT`]
+/// misses in a row (an export with no file beneath, or data not in the page cache), only
+/// every [`INLINE_RETRY_EVERY`]th read, so that such exports pay for almost no tries.
+#[derive(Default)]
+struct InlineTries {
+    misses: u32,
+    skipped: u32,
+}
+
+const INLINE_MISS_LIMIT: u32 = 8;
+const INLINE_RETRY_EVERY: u32 = 32;
+
+impl InlineTries {
+    fn due(&mut self, conn: &Conn) -> bool {
+        if !conn.inline_reads {
+            return false;
+        }
+        if self.misses < INLINE_MISS_LIMIT {
+            return true;
+        }
+        self.skipped = self.skipped.wrapping_add(1);
+        self.skipped.is_multiple_of(INLINE_RETRY_EVERY)
+    }
+}
+
+/// Answers a small read on the thread that read it, if its bytes lie in a file
+/// ([`Export::with_file_range`], as for splicing) and are all in the page cache: one
+/// `preadv2(RWF_NOWAIT)`, which fails rather than wait for a disk. Its reply (header and data)
+/// is appended to `out`, and the request is counted in the statistics as usual. False, with
+/// nothing sent or counted, when the read must run as usual (another request, no file, not
+/// cached, short at the end of the file, a flag the protocol refuses).
+fn inline_read(
+    conn: &Conn,
+    req: &RequestHeader,
+    out: &mut Gather,
+    hdr: &mut Vec<u8>,
+    tries: &mut InlineTries,
+) -> bool {
+    if req.kind != NBD_CMD_READ
+        || req.length == 0
+        || req.length >= INLINE_READ_MAX
+        || check_flags(conn, req).is_err()
+    {
+        return false;
+    }
+    let begun = now_ns();
+    let len = req.length as usize;
+    let head = conn.form.read_header_len();
+    let base = out.used;
+    let slot = out.slot(head + len);
+    let read = conn
+        .export
+        .with_file_range(req.length, req.offset, |r| {
+            read_cached(r.fd.as_raw_fd(), &mut slot[head..], r.offset)
+        })
+        .unwrap_or(false);
+    if !read {
+        out.used = base;
+        tries.misses = tries.misses.saturating_add(1);
+        return false;
+    }
+    tries.misses = 0;
+    hdr.clear();
+    conn.form.read_data(hdr, req);
+    slot[..head].copy_from_slice(hdr);
+    for s in &conn.stats {
+        s.start();
+    }
+    record(&conn.stats, req, begun, Ok(()));
+    true
+}
+
+/// Fills `dst` from `fd` at `offset` only if the page cache holds all of it: true when the
+/// whole range was read without waiting.
+fn read_cached(fd: std::os::fd::RawFd, dst: &mut [u8], offset: u64) -> bool {
+    let Ok(at) = libc::off_t::try_from(offset) else {
+        return false;
+    };
+    let iov = libc::iovec {
+        iov_base: dst.as_mut_ptr().cast(),
+        iov_len: dst.len(),
+    };
+    // SAFETY: `iov` describes `dst`, valid for writes of its length for the call; `fd` is
+    // borrowed from the export for the call.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, at, libc::RWF_NOWAIT) };
+    usize::try_from(n).is_ok_and(|n| n == dst.len())
+}
+
+/// Writes the gathered replies, if any.
+fn send_gathered(conn: &Conn, out: &mut Gather) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = lock(&conn.writer).write_all(out.as_slice());
+    out.clear();
+    r
 }
 
 /// What a request counts as in the statistics (DISC and unknown commands are not counted).

@@ -1,0 +1,184 @@
+//! Small pipelined reads answered on the thread that read them (`transmit::inline_read`): from
+//! a file whose pages are cached, one `preadv2(RWF_NOWAIT)` each, no hand-off to another
+//! worker, and their replies sent together; from pages that are not cached, the non-blocking
+//! read fails and the read runs as before, as does a read that comes alone. The bytes are the
+//! file's either way, also right after a write through the server.
+//!
+//! The servers run under `strace -f`, so each test also sees which calls served the reads.
+
+use crate::support;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use sluice_proto::nbd::consts::{NBD_CMD_READ, NBD_OK};
+use sluice_proto::nbd::request::encode_request;
+use sluice_proto::nbd::RequestHeader;
+use support::raw::RawClient;
+use support::strace::Traced;
+use support::{path_str, random_bytes};
+
+const BLOCK: usize = 4096;
+const BLOCKS: usize = 64;
+
+/// A file of random bytes, written here (so its pages are in the page cache).
+fn image() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    let data = random_bytes(BLOCK * BLOCKS, 0x1a11);
+    std::fs::write(&path, &data).unwrap();
+    (dir, path, data)
+}
+
+/// `n` 4 KiB read requests for blocks 0, 2, 4, ..., cookie = block, in one buffer.
+fn reads(n: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let b = (2 * i) % BLOCKS;
+        let h = RequestHeader {
+            flags: 0,
+            kind: NBD_CMD_READ,
+            cookie: b as u64,
+            offset: (b * BLOCK) as u64,
+            length: BLOCK as u64,
+        };
+        encode_request(&mut v, &h, false);
+    }
+    v
+}
+
+/// The return value of a strace line (`call(...) = N`), if it is a number.
+fn returned(line: &str) -> Option<i64> {
+    line.rsplit_once(" = ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn pipelined_reads_of_cached_pages_are_answered_inline_and_sent_together() {
+    let (_dir, path, data) = image();
+    let s = Traced::start(
+        "preadv2,pread64,write,sendto",
+        &[],
+        &["file", path_str(&path)],
+    );
+    let (mut c, _) = RawClient::handshake(&s.server, false, false);
+    // 32 reads in one write: the server reads all their headers at once.
+    let n = 32;
+    c.send(&reads(n));
+    for _ in 0..n {
+        let (error, cookie) = match c.read_reply() {
+            support::raw::Reply::Simple { error, cookie } => (error, cookie),
+            r => panic!("expected a simple reply, got {r:?}"),
+        };
+        assert_eq!(error, NBD_OK, "read of block {cookie}");
+        let b = cookie as usize;
+        assert!(
+            c.read_n(BLOCK) == data[b * BLOCK..(b + 1) * BLOCK],
+            "block {b} differs from the file"
+        );
+    }
+    drop(c);
+    let nowait = s.server_lines_so_far("preadv2");
+    let plain = s.server_lines_so_far("pread64");
+    let mut writes = s.server_lines_so_far("write");
+    let sent = s.finish("sendto");
+    writes.extend(sent);
+    let inline = nowait
+        .iter()
+        .filter(|l| l.contains("RWF_NOWAIT") && returned(l) == Some(BLOCK as i64))
+        .count();
+    assert_eq!(inline, n, "reads answered inline: {nowait:?}");
+    // (The dynamic loader's own pread64 calls of a few hundred bytes are not reads.)
+    let usual: Vec<&String> = plain
+        .iter()
+        .filter(|l| returned(l) == Some(BLOCK as i64))
+        .collect();
+    assert!(usual.is_empty(), "reads that ran the usual way: {usual:?}");
+    // 32 replies of 4 KiB + 16 bytes: a few writes (64 KiB each at most), not 32.
+    let reply = (BLOCK + 16) as i64;
+    let reply_writes: Vec<i64> = writes
+        .iter()
+        .filter_map(|l| returned(l))
+        .filter(|&r| r >= reply)
+        .collect();
+    assert_eq!(
+        reply_writes.iter().sum::<i64>(),
+        n as i64 * reply,
+        "reply writes: {reply_writes:?}"
+    );
+    assert!(
+        reply_writes.len() <= 4,
+        "32 replies took {} writes: {reply_writes:?}",
+        reply_writes.len()
+    );
+}
+
+/// Sends reads of `blocks` (cookie = block) in one write and checks each reply against `data`.
+fn read_together(c: &mut RawClient, blocks: &[usize], data: &[u8]) {
+    let mut v = Vec::new();
+    for &b in blocks {
+        let h = RequestHeader {
+            flags: 0,
+            kind: NBD_CMD_READ,
+            cookie: b as u64,
+            offset: (b * BLOCK) as u64,
+            length: BLOCK as u64,
+        };
+        encode_request(&mut v, &h, false);
+    }
+    c.send(&v);
+    for _ in blocks {
+        let cookie = match c.read_reply() {
+            support::raw::Reply::Simple { error, cookie } if error == NBD_OK => cookie,
+            r => panic!("expected a successful simple reply, got {r:?}"),
+        };
+        let b = cookie as usize;
+        assert!(
+            c.read_n(BLOCK) == data[b * BLOCK..(b + 1) * BLOCK],
+            "block {b} differs"
+        );
+    }
+}
+
+#[test]
+fn reads_of_pages_not_cached_run_as_before_and_see_writes() {
+    let (_dir, path, mut data) = image();
+    let s = Traced::start("preadv2,pread64", &[], &["file", path_str(&path)]);
+    let (mut c, _) = RawClient::handshake(&s.server, false, false);
+    // Two reads sent together, of cached pages: both inline.
+    read_together(&mut c, &[5, 6], &data);
+    // Written through the server, then read inline: the new bytes.
+    let new = random_bytes(BLOCK, 7);
+    assert_eq!(c.simple_write(2, 9 * BLOCK as u64, &new), NBD_OK);
+    data[9 * BLOCK..10 * BLOCK].copy_from_slice(&new);
+    read_together(&mut c, &[9, 10], &data);
+    // Dropped from the page cache (clean pages: synced first): the non-blocking read fails
+    // and the reads are made as before, with the same bytes.
+    let f = File::open(&path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: advice on an open descriptor; no memory is involved.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    read_together(&mut c, &[20, 9], &data);
+    // A read that comes alone (queue depth 1) runs as before, with no try.
+    assert!(c.simple_read(3, 30 * BLOCK as u64, BLOCK as u32) == data[30 * BLOCK..31 * BLOCK]);
+    drop(c);
+    let nowait = s.server_lines_so_far("preadv2");
+    let plain = s.finish("pread64");
+    let answered = |l: &&String| returned(l) == Some(BLOCK as i64);
+    assert_eq!(
+        nowait.iter().filter(answered).count(),
+        4,
+        "reads answered inline: {nowait:?}"
+    );
+    let eagain = nowait.iter().filter(|l| l.contains("EAGAIN")).count();
+    assert!(
+        (1..=2).contains(&eagain),
+        "non-blocking reads of uncached pages: {nowait:?}"
+    );
+    assert_eq!(plain.iter().filter(answered).count(), 3, "{plain:?}");
+}
