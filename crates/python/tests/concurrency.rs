@@ -136,7 +136,11 @@ fn disconnect_is_recorded_on_the_handles_connection() {
 /// The `calls` count thread_state.py keeps in a `threading.local` for the calling thread.
 fn calls_on_this_thread(h: &dyn sluice_block::Handle) -> u32 {
     let bytes = read(h, 0, 16);
-    String::from_utf8(bytes).unwrap().trim_end().parse().unwrap()
+    String::from_utf8(bytes)
+        .unwrap()
+        .trim_end()
+        .parse()
+        .unwrap()
 }
 
 /// A thread keeps its Python thread state between callbacks (it is created once per thread,
