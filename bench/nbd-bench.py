@@ -262,6 +262,10 @@ SERVERS = {
     "nbdkit-file-tcp": dict(
         cmd=lambda c, s, f: ["nbdkit", "-f", "-i", "127.0.0.1", "-p", s, "file", f],
         backing="raw", default=False, tcp=True),
+    "base-file-tcp": dict(
+        cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-i", "127.0.0.1", "-p", s, "file",
+                             f],
+        backing="raw", base=True, default=False, tcp=True),
     "qemu-nbd-raw-tcp": dict(
         cmd=lambda c, s, f: ["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1",
                              "-p", s, f],
@@ -290,6 +294,7 @@ RATIOS = [
     ("sluice-python", "nbdkit-python"),
     ("sluice-file-tcp", "nbdkit-file-tcp"),
     ("sluice-file-tcp", "qemu-nbd-raw-tcp"),
+    ("sluice-file-tcp", "base-file-tcp"),
 ]
 
 BACKING_EXT = {"raw": "raw", "qcow2": "qcow2"}
@@ -1115,7 +1120,9 @@ def parse_args(argv):
     if a.sluice_base:
         a.sluice_base = os.path.abspath(a.sluice_base)
         if not a.servers:
-            a.server_names += [n for n, s in SERVERS.items() if s.get("base")]
+            # The base build of each sluice server in the run.
+            a.server_names += [n for n, s in SERVERS.items() if s.get("base")
+                               and "sluice-" + n[len("base-"):] in a.server_names]
     return a
 
 
