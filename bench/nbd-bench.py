@@ -251,6 +251,10 @@ SERVERS = {
         cmd=lambda c, s, f: [c.sluice, "serve", "-f", "-U", s, "python", RAMDISK,
                              f"size={c.size}"],
         backing=None, sluice=True, default=False),
+    "base-python": dict(
+        cmd=lambda c, s, f: [c.sluice_base, "serve", "-f", "-U", s, "python", RAMDISK,
+                             f"size={c.size}"],
+        backing=None, base=True, default=False),
     "nbdkit-python": dict(
         cmd=lambda c, s, f: ["nbdkit", "-f", "-U", s, "python", RAMDISK, f"size={c.size}"],
         backing=None, default=False),
@@ -292,6 +296,7 @@ RATIOS = [
     ("sluice-memory-so", "nbdkit-memory"),
     ("sluice-memory-so", "sluice-memory"),
     ("sluice-python", "nbdkit-python"),
+    ("sluice-python", "base-python"),
     ("sluice-file-tcp", "nbdkit-file-tcp"),
     ("sluice-file-tcp", "qemu-nbd-raw-tcp"),
     ("sluice-file-tcp", "base-file-tcp"),
