@@ -328,6 +328,16 @@ HOSTED_ROWS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32
 TCP_SERVERS = ["sluice-file-tcp", "nbdkit-file-tcp", "qemu-nbd-raw-tcp"]
 TCP_ROWS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32", "seq-read",
             "seq-write"]
+# The flags that select a comparison: --FLAG -> (what it is, its servers, its rows).
+PRESETS = {
+    "qcow2": ("qcow2 comparison", QCOW2_SERVERS, QCOW2_ROWS),
+    "tls": ("TLS comparison (PSK, TLS required)", TLS_SERVERS, TLS_ROWS),
+    "metrics": ("metrics on vs off", METRICS_SERVERS, METRICS_ROWS),
+    "filters": ("filter comparison", FILTER_SERVERS, FILTER_ROWS),
+    "hosted": ("nbdkit's plugins hosted by sluice vs run by nbdkit", HOSTED_SERVERS,
+               HOSTED_ROWS),
+    "tcp": ("the file servers over TCP loopback", TCP_SERVERS, TCP_ROWS),
+}
 # Backings that may be shared by several concurrently running servers.
 # A qcow2 file open read-write in two servers at once is not safe.
 SHAREABLE = {"raw"}
@@ -1049,30 +1059,10 @@ def parse_args(argv):
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--libnbd-python", default=LIBNBD_PYTHON,
                     help="python with the nbd module (connections row)")
-    ap.add_argument("--qcow2", action="store_true",
-                    help="qcow2 comparison: servers " + ",".join(QCOW2_SERVERS)
-                    + ", rows " + ",".join(QCOW2_ROWS)
-                    + " (unless --servers / --only say otherwise)")
-    ap.add_argument("--tls", action="store_true",
-                    help="TLS comparison (PSK, TLS required): servers "
-                    + ",".join(TLS_SERVERS) + ", rows " + ",".join(TLS_ROWS)
-                    + " (unless --servers / --only say otherwise)")
-    ap.add_argument("--metrics", action="store_true",
-                    help="metrics on vs off: servers " + ",".join(METRICS_SERVERS)
-                    + ", rows " + ",".join(METRICS_ROWS)
-                    + " (unless --servers / --only say otherwise)")
-    ap.add_argument("--filters", action="store_true",
-                    help="filter comparison: servers " + ",".join(FILTER_SERVERS)
-                    + ", rows " + ",".join(FILTER_ROWS)
-                    + " (unless --servers / --only say otherwise)")
-    ap.add_argument("--hosted", action="store_true",
-                    help="nbdkit's plugins hosted by sluice vs run by nbdkit: servers "
-                    + ",".join(HOSTED_SERVERS) + ", rows " + ",".join(HOSTED_ROWS)
-                    + " (unless --servers / --only say otherwise)")
-    ap.add_argument("--tcp", action="store_true",
-                    help="the file servers over TCP loopback: servers "
-                    + ",".join(TCP_SERVERS) + ", rows " + ",".join(TCP_ROWS)
-                    + " (unless --servers / --only say otherwise)")
+    for flag, (what, servers, rows) in PRESETS.items():
+        ap.add_argument(f"--{flag}", action="store_true",
+                        help=f"{what}: servers {','.join(servers)}, rows {','.join(rows)} "
+                        "(unless --servers / --only say otherwise)")
     ap.add_argument("--spinner", action="store_true",
                     help="keep one core busy (a busy loop) while measuring: the loaded case")
     ap.add_argument("--no-floor", action="store_true",
@@ -1080,24 +1070,10 @@ def parse_args(argv):
                          "Unix socket pair, bench/floor.c, measured every round)")
     ap.add_argument("--list", action="store_true", help="list rows and servers")
     a = ap.parse_args(argv)
-    if a.qcow2:
-        a.servers = a.servers or ",".join(QCOW2_SERVERS)
-        a.only = a.only or ",".join(QCOW2_ROWS)
-    if a.tls:
-        a.servers = a.servers or ",".join(TLS_SERVERS)
-        a.only = a.only or ",".join(TLS_ROWS)
-    if a.filters:
-        a.servers = a.servers or ",".join(FILTER_SERVERS)
-        a.only = a.only or ",".join(FILTER_ROWS)
-    if a.metrics:
-        a.servers = a.servers or ",".join(METRICS_SERVERS)
-        a.only = a.only or ",".join(METRICS_ROWS)
-    if a.hosted:
-        a.servers = a.servers or ",".join(HOSTED_SERVERS)
-        a.only = a.only or ",".join(HOSTED_ROWS)
-    if a.tcp:
-        a.servers = a.servers or ",".join(TCP_SERVERS)
-        a.only = a.only or ",".join(TCP_ROWS)
+    for flag, (_, servers, rows) in PRESETS.items():
+        if getattr(a, flag):
+            a.servers = a.servers or ",".join(servers)
+            a.only = a.only or ",".join(rows)
     dflt = (512 * MiB, 1, 2) if a.quick else (4 * GiB, 3, 5)
     a.size = a.size if a.size is not None else dflt[0]
     a.rounds = a.rounds if a.rounds is not None else dflt[1]

@@ -30,11 +30,10 @@ fn image() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     (dir, path, data)
 }
 
-/// `n` 4 KiB read requests for blocks 0, 2, 4, ..., cookie = block, in one buffer.
-fn reads(n: usize) -> Vec<u8> {
+/// 4 KiB read requests of `blocks` (cookie = block), in one buffer.
+fn reads(blocks: &[usize]) -> Vec<u8> {
     let mut v = Vec::new();
-    for i in 0..n {
-        let b = (2 * i) % BLOCKS;
+    for &b in blocks {
         let h = RequestHeader {
             flags: 0,
             kind: NBD_CMD_READ,
@@ -45,6 +44,22 @@ fn reads(n: usize) -> Vec<u8> {
         encode_request(&mut v, &h, false);
     }
     v
+}
+
+/// Sends reads of `blocks` in one write and checks each reply against `data`.
+fn read_together(c: &mut RawClient, blocks: &[usize], data: &[u8]) {
+    c.send(&reads(blocks));
+    for _ in blocks {
+        let cookie = match c.read_reply() {
+            support::raw::Reply::Simple { error, cookie } if error == NBD_OK => cookie,
+            r => panic!("expected a successful simple reply, got {r:?}"),
+        };
+        let b = cookie as usize;
+        assert!(
+            c.read_n(BLOCK) == data[b * BLOCK..(b + 1) * BLOCK],
+            "block {b} differs from the file"
+        );
+    }
 }
 
 /// The return value of a strace line (`call(...) = N`), if it is a number.
@@ -68,19 +83,8 @@ fn pipelined_reads_of_cached_pages_are_answered_inline_and_sent_together() {
     let (mut c, _) = RawClient::handshake(&s.server, false, false);
     // 32 reads in one write: the server reads all their headers at once.
     let n = 32;
-    c.send(&reads(n));
-    for _ in 0..n {
-        let (error, cookie) = match c.read_reply() {
-            support::raw::Reply::Simple { error, cookie } => (error, cookie),
-            r => panic!("expected a simple reply, got {r:?}"),
-        };
-        assert_eq!(error, NBD_OK, "read of block {cookie}");
-        let b = cookie as usize;
-        assert!(
-            c.read_n(BLOCK) == data[b * BLOCK..(b + 1) * BLOCK],
-            "block {b} differs from the file"
-        );
-    }
+    let blocks: Vec<usize> = (0..n).map(|i| 2 * i).collect();
+    read_together(&mut c, &blocks, &data);
     drop(c);
     let nowait = s.server_lines_so_far("preadv2");
     let plain = s.server_lines_so_far("pread64");
@@ -115,33 +119,6 @@ fn pipelined_reads_of_cached_pages_are_answered_inline_and_sent_together() {
         "32 replies took {} writes: {reply_writes:?}",
         reply_writes.len()
     );
-}
-
-/// Sends reads of `blocks` (cookie = block) in one write and checks each reply against `data`.
-fn read_together(c: &mut RawClient, blocks: &[usize], data: &[u8]) {
-    let mut v = Vec::new();
-    for &b in blocks {
-        let h = RequestHeader {
-            flags: 0,
-            kind: NBD_CMD_READ,
-            cookie: b as u64,
-            offset: (b * BLOCK) as u64,
-            length: BLOCK as u64,
-        };
-        encode_request(&mut v, &h, false);
-    }
-    c.send(&v);
-    for _ in blocks {
-        let cookie = match c.read_reply() {
-            support::raw::Reply::Simple { error, cookie } if error == NBD_OK => cookie,
-            r => panic!("expected a successful simple reply, got {r:?}"),
-        };
-        let b = cookie as usize;
-        assert!(
-            c.read_n(BLOCK) == data[b * BLOCK..(b + 1) * BLOCK],
-            "block {b} differs"
-        );
-    }
 }
 
 #[test]
