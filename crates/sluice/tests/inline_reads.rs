@@ -159,3 +159,26 @@ fn reads_of_pages_not_cached_run_as_before_and_see_writes() {
     );
     assert_eq!(plain.iter().filter(answered).count(), 3, "{plain:?}");
 }
+
+/// Under a serializing thread model (the noparallel filter, which passes file ranges on) no
+/// read is tried inline: the try would wait for the export's lock while holding the reader.
+#[test]
+fn no_inline_reads_when_requests_are_serialized() {
+    let (_dir, path, data) = image();
+    let s = Traced::start(
+        "preadv2,pread64",
+        &[],
+        &["--filter=noparallel", "file", path_str(&path)],
+    );
+    let (mut c, _) = RawClient::handshake(&s.server, false, false);
+    read_together(&mut c, &[1, 3, 5, 7], &data);
+    drop(c);
+    let nowait = s.server_lines_so_far("preadv2");
+    let plain = s.finish("pread64");
+    assert!(nowait.is_empty(), "reads tried inline: {nowait:?}");
+    let usual = plain
+        .iter()
+        .filter(|l| returned(l) == Some(BLOCK as i64))
+        .count();
+    assert_eq!(usual, 4, "{plain:?}");
+}

@@ -390,7 +390,10 @@ pub(super) fn run(server: &Arc<NbdServer>, id: u64, session: Session) {
         }
     });
     let splice = plain_socket && !batch && flight.is_none();
-    let inline_reads = !batch && flight.is_none();
+    // Only where requests run in parallel: under a serializing thread model the try would
+    // wait for the export's lock, held by whatever request runs, with the reader held too.
+    let inline_reads =
+        !batch && flight.is_none() && backend.thread_model() >= ThreadModel::Parallel;
     let conn = Conn {
         server,
         id,
