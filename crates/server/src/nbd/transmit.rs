@@ -11,7 +11,8 @@
 //! flight is served by one thread with no lock hand-offs.
 //!
 //! **Pipelined reads from the page cache** are answered by the worker that read them, with
-//! the reader lock still held and no other worker involved ([`inline_read`]): while another
+//! the reader lock still held and no other worker involved ([`inline_read`]), on exports
+//! whose requests run in parallel (so that the try takes no lock): while another
 //! request is buffered behind the one just read (the client sent several at once), a read
 //! shorter than [`INLINE_READ_MAX`] whose bytes lie in a file ([`Export::with_file_range`], as
 //! for splicing) is read with `preadv2(RWF_NOWAIT)`, which fails instead of waiting for a
