@@ -15,7 +15,7 @@ use sluice_proto::nbd::consts::{NBD_CMD_READ, NBD_OK};
 use sluice_proto::nbd::request::encode_request;
 use sluice_proto::nbd::RequestHeader;
 use support::raw::RawClient;
-use support::strace::Traced;
+use support::strace::{returned, Traced};
 use support::{path_str, random_bytes};
 
 const BLOCK: usize = 4096;
@@ -62,14 +62,13 @@ fn read_together(c: &mut RawClient, blocks: &[usize], data: &[u8]) {
     }
 }
 
-/// The return value of a strace line (`call(...) = N`), if it is a number.
-fn returned(line: &str) -> Option<i64> {
-    line.rsplit_once(" = ")?
-        .1
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// How many of strace's `lines` are calls that returned a whole block (the reads; the
+/// dynamic loader's own `pread64` calls at start-up are a few hundred bytes).
+fn block_reads<'a>(lines: impl IntoIterator<Item = &'a String>) -> usize {
+    lines
+        .into_iter()
+        .filter(|l| returned(l) == Some(BLOCK as i64))
+        .count()
 }
 
 #[test]
@@ -91,17 +90,13 @@ fn pipelined_reads_of_cached_pages_are_answered_inline_and_sent_together() {
     let mut writes = s.server_lines_so_far("write");
     let sent = s.finish("sendto");
     writes.extend(sent);
-    let inline = nowait
-        .iter()
-        .filter(|l| l.contains("RWF_NOWAIT") && returned(l) == Some(BLOCK as i64))
-        .count();
+    let inline = block_reads(nowait.iter().filter(|l| l.contains("RWF_NOWAIT")));
     assert_eq!(inline, n, "reads answered inline: {nowait:?}");
-    // (The dynamic loader's own pread64 calls of a few hundred bytes are not reads.)
-    let usual: Vec<&String> = plain
-        .iter()
-        .filter(|l| returned(l) == Some(BLOCK as i64))
-        .collect();
-    assert!(usual.is_empty(), "reads that ran the usual way: {usual:?}");
+    assert_eq!(
+        block_reads(&plain),
+        0,
+        "reads that ran the usual way: {plain:?}"
+    );
     // 32 replies of 4 KiB + 16 bytes: a few writes (64 KiB each at most), not 32.
     let reply = (BLOCK + 16) as i64;
     let reply_writes: Vec<i64> = writes
@@ -146,18 +141,13 @@ fn reads_of_pages_not_cached_run_as_before_and_see_writes() {
     drop(c);
     let nowait = s.server_lines_so_far("preadv2");
     let plain = s.finish("pread64");
-    let answered = |l: &&String| returned(l) == Some(BLOCK as i64);
-    assert_eq!(
-        nowait.iter().filter(answered).count(),
-        4,
-        "reads answered inline: {nowait:?}"
-    );
+    assert_eq!(block_reads(&nowait), 4, "reads answered inline: {nowait:?}");
     let eagain = nowait.iter().filter(|l| l.contains("EAGAIN")).count();
     assert!(
         (1..=2).contains(&eagain),
         "non-blocking reads of uncached pages: {nowait:?}"
     );
-    assert_eq!(plain.iter().filter(answered).count(), 3, "{plain:?}");
+    assert_eq!(block_reads(&plain), 3, "{plain:?}");
 }
 
 /// Under a serializing thread model (the noparallel filter, which passes file ranges on) no
@@ -176,9 +166,5 @@ fn no_inline_reads_when_requests_are_serialized() {
     let nowait = s.server_lines_so_far("preadv2");
     let plain = s.finish("pread64");
     assert!(nowait.is_empty(), "reads tried inline: {nowait:?}");
-    let usual = plain
-        .iter()
-        .filter(|l| returned(l) == Some(BLOCK as i64))
-        .count();
-    assert_eq!(usual, 4, "{plain:?}");
+    assert_eq!(block_reads(&plain), 4, "{plain:?}");
 }

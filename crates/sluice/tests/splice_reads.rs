@@ -14,7 +14,7 @@ use crate::support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use support::strace::Traced;
+use support::strace::{returned, Traced};
 use support::{path_str, random_bytes, run, PYTHON};
 
 /// The export: 5 MiB and a bit, so that its end is not block-aligned.
@@ -56,7 +56,7 @@ fn spliced_out(lines: &[String]) -> u64 {
     lines
         .iter()
         .filter(|l| l.contains(", NULL, ") && !l.contains("SPLICE_F_NONBLOCK"))
-        .filter_map(|l| l.rsplit_once(" = ")?.1.trim().parse::<u64>().ok())
+        .filter_map(|l| u64::try_from(returned(l)?).ok())
         .sum()
 }
 

@@ -73,6 +73,16 @@ impl Drop for Traced {
     }
 }
 
+/// The return value of a strace line (`call(...) = N`), if it is a number.
+pub fn returned(line: &str) -> Option<i64> {
+    line.rsplit_once(" = ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Sends `signal` to the process that the strace `strace_pid` started (its first child).
 pub fn signal_traced(strace_pid: u32, signal: i32) {
     let children =
